@@ -1,0 +1,1 @@
+"""Command-line verbs: the only place that prints, reads argv or exits."""

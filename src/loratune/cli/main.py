@@ -1,0 +1,61 @@
+"""`loratune VERB ...`: dispatch to one module per verb.
+
+Each verb module exposes `add_parser(subparsers)` (registers its sub-command) and
+`run(args) -> int` (the exit code). Modules are imported lazily so `loratune --help` stays fast
+and a missing optional extra (e.g. `serve`) only affects its own verb.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+VERBS = {
+    "train": "Fine-tune a LoRA adapter from a YAML config and/or --key value flags.",
+    "data": "Inspect how training data is rendered, masked and packed.",
+    "generate": "Generate text with the base model or an adapter.",
+    "chat": "Chat interactively with the base model or an adapter.",
+    "eval": "Loss and perplexity on a data file, base vs adapter.",
+    "merge": "Merge an adapter into its base and write a standard HF model directory.",
+    "inspect": "Show an adapter's ranks, targets and size, and whether vLLM/LoRAX accept it.",
+    "serve": "Serve one base model and many adapters behind an OpenAI-compatible API.",
+}
+
+
+def _load_verb(name: str):
+    return importlib.import_module(f"loratune.cli.{name}")
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """Build the top-level parser; only the verb named in argv is imported."""
+    parser = argparse.ArgumentParser(prog="loratune", description="LoRA fine-tuning, PEFT-compatible.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for verb, help_text in VERBS.items():
+        if verb == chosen:
+            _load_verb(verb).add_parser(sub)
+        else:
+            sub.add_parser(verb, help=help_text, add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one verb and return its exit code (2 for usage and input errors)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    if args.verb is None:
+        parser.print_help()
+        return 2
+    return int(_load_verb(args.verb).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
