@@ -1,0 +1,1 @@
+"""Fast kernels for training, each with its plain reference beside it."""

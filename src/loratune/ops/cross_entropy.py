@@ -1,0 +1,87 @@
+"""Cross-entropy summed over rows, computed chunk by chunk over the vocabulary projection.
+
+`chunked_cross_entropy_sum` is the fast path: it never holds the full (N, V) logits. Each chunk's
+logits are formed, reduced to a loss, turned into the gradient for the hidden rows right away, and
+freed, so the autograd graph keeps only an (N, D) gradient instead of (N, V) logits.
+`cross_entropy_sum_reference` is the plain version it is tested against.
+
+Dtype contract (same as the reference): logits are produced by the head in the head's dtype (a bf16
+head gives bf16 logits), then cast to fp32 for log-softmax; the loss is accumulated in fp32.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+# Rows per chunk are chosen so one chunk's fp32 logits stay near this many bytes.
+CHUNK_BYTES = 32 * 2**20
+
+
+def cross_entropy_sum_reference(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+    """Return sum_i CE(hidden[i] @ weight.T + bias, targets[i]) in fp32; hidden (N, D), weight (V, D)."""
+    logits = F.linear(hidden.to(weight.dtype), weight, bias)  # (N, V)
+    return F.cross_entropy(logits.float(), targets, reduction="sum")
+
+
+def chunked_cross_entropy_sum(
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int | None = None
+) -> Tensor:
+    """Return the same fp32 scalar as `cross_entropy_sum_reference` without materialising (N, V).
+
+    Every target must be a valid class index (drop ignored rows before calling).
+    Gradients flow to hidden, weight and bias, each only if it requires grad.
+    """
+    if chunk_rows is None:
+        chunk_rows = max(1, CHUNK_BYTES // (4 * weight.shape[0]))
+    return _ChunkedCrossEntropySum.apply(hidden, weight, bias, targets, chunk_rows)
+
+
+class _ChunkedCrossEntropySum(torch.autograd.Function):
+    """Loss and its input gradients in one pass over the chunks; backward only rescales them.
+
+    Computing the gradient in forward costs nothing extra when a backward follows (the usual case in
+    training) and lets each chunk's logits be freed at once. In no-grad use it is skipped.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        n_rows = hidden.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
+        grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        for start in range(0, n_rows, chunk_rows):
+            stop = min(start + chunk_rows, n_rows)
+            h = hidden[start:stop].to(weight.dtype)  # (C, D)
+            t = targets[start:stop]  # (C,)
+            logits = F.linear(h, weight, bias).float()  # (C, V), fp32
+            lse = torch.logsumexp(logits, dim=-1)  # (C,)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if not (need_h or need_w or need_b):
+                continue
+            # d loss / d logits = softmax(logits) - onehot(target), built in place in `logits`.
+            probs = logits.sub_(lse[:, None]).exp_()
+            probs[torch.arange(stop - start, device=probs.device), t] -= 1.0
+            d = probs.to(weight.dtype)  # (C, V): the reference casts this grad back to the head dtype
+            if need_h:
+                grad_h[start:stop] = (d @ weight).to(hidden.dtype)
+            if need_w:
+                grad_w += (d.t() @ h).float()
+            if need_b:
+                grad_b += d.float().sum(0)
+        ctx.save_for_backward(*(g for g in (grad_h, grad_w, grad_b) if g is not None))
+        ctx.has = (need_h, need_w, need_b)
+        ctx.dtypes = (weight.dtype, None if bias is None else bias.dtype)
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = iter(ctx.saved_tensors)
+        need_h, need_w, need_b = ctx.has
+        grad_h = next(saved) * grad_out.to(ctx.saved_tensors[0].dtype) if need_h else None
+        grad_w = (next(saved) * grad_out).to(ctx.dtypes[0]) if need_w else None
+        grad_b = (next(saved) * grad_out).to(ctx.dtypes[1]) if need_b else None
+        return grad_h, grad_w, grad_b, None, None

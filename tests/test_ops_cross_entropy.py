@@ -1,0 +1,83 @@
+"""chunked_cross_entropy_sum against the full-logits reference: values and gradients."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from loratune.ops.cross_entropy import chunked_cross_entropy_sum, cross_entropy_sum_reference
+
+TOL = {
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.bfloat16: dict(rtol=2e-2, atol=5e-2),
+}
+
+
+def make_inputs(n, d, v, dtype, bias, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, d, generator=g).to(dtype).requires_grad_()
+    weight = (torch.randn(v, d, generator=g) / d**0.5).to(dtype).requires_grad_()
+    b = torch.randn(v, generator=g).to(dtype).requires_grad_() if bias else None
+    targets = torch.randint(0, v, (n,), generator=g)
+    return hidden, weight, b, targets
+
+
+def run(fn, hidden, weight, bias, targets, **kw):
+    tensors = [t for t in (hidden, weight, bias) if t is not None]
+    for t in tensors:
+        t.grad = None
+    loss = fn(hidden, weight, bias, targets, **kw)
+    (loss * 3.0).backward()  # a non-unit upstream gradient
+    return loss.detach(), [t.grad.clone() for t in tensors]
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    n=st.integers(0, 40), d=st.integers(1, 24), v=st.integers(2, 70),
+    chunk=st.integers(1, 50), bias=st.booleans(),
+)
+def test_chunked_equals_reference_fp32(n, d, v, chunk, bias):
+    inputs = make_inputs(n, d, v, torch.float32, bias)
+    ref_loss, ref_grads = run(cross_entropy_sum_reference, *inputs)
+    loss, grads = run(chunked_cross_entropy_sum, *inputs, chunk_rows=chunk)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, **TOL[torch.float32])
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("chunk", [1, 7, None])
+def test_chunked_equals_reference_bf16(chunk):
+    inputs = make_inputs(33, 16, 50, torch.bfloat16, bias=False)
+    ref_loss, ref_grads = run(cross_entropy_sum_reference, *inputs)
+    loss, grads = run(chunked_cross_entropy_sum, *inputs, chunk_rows=chunk)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ref_loss, **TOL[torch.bfloat16])
+    for g, rg in zip(grads, ref_grads):
+        assert g.dtype == torch.bfloat16
+        torch.testing.assert_close(g, rg, **TOL[torch.bfloat16])
+
+
+def test_frozen_weight_gets_no_grad_and_no_grad_mode_works():
+    hidden, weight, _, targets = make_inputs(10, 8, 30, torch.float32, bias=False)
+    weight.requires_grad_(False)
+    loss = chunked_cross_entropy_sum(hidden, weight, None, targets, chunk_rows=4)
+    loss.backward()
+    assert weight.grad is None and hidden.grad is not None
+    with torch.no_grad():
+        again = chunked_cross_entropy_sum(hidden, weight, None, targets, chunk_rows=4)
+    torch.testing.assert_close(again, loss.detach())
+
+
+@pytest.mark.gpu
+def test_chunked_equals_reference_cuda():
+    inputs = [t.detach().cuda().requires_grad_() if t.is_floating_point() else t.cuda()
+              for t in make_inputs(300, 64, 1000, torch.bfloat16, bias=False)]
+    inputs.insert(2, None)
+    ref_loss, ref_grads = run(cross_entropy_sum_reference, *inputs)
+    loss, grads = run(chunked_cross_entropy_sum, *inputs, chunk_rows=64)
+    torch.testing.assert_close(loss, ref_loss, **TOL[torch.bfloat16])
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, **TOL[torch.bfloat16])
