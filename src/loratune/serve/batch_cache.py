@@ -1,0 +1,83 @@
+"""The KV cache of the running batch, kept left-padded so rows of any length decode together.
+
+Every row is prefilled alone (batch of one, no padding, so its prefill is exactly a single run) and
+then joins the batch: its keys/values are padded on the left with zeros to the batch length L (or the
+batch is padded to the newcomer's length), and `mask` marks the real positions. Padded positions are
+masked out of attention, so each row attends to exactly its own tokens; position ids are tracked per
+row by the engine. Rows leave by index; columns that are padding in every remaining row are trimmed.
+
+Invariant: every cache layer holds keys/values of shape (N, H, L, D) and `mask` is (N, L).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+
+class BatchCache:
+    """Keys/values and attention mask of the running batch."""
+
+    def __init__(self) -> None:
+        self.cache: DynamicCache | None = None
+        self.mask: Tensor | None = None  # (N, L) long, 1 = real token
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[0]
+
+    @property
+    def length(self) -> int:
+        return 0 if self.mask is None else self.mask.shape[1]
+
+    def add_row(self, row_cache: DynamicCache) -> None:
+        """Append a freshly prefilled single-row cache as the last row."""
+        check_cache(row_cache)
+        t = row_cache.layers[0].keys.shape[2]
+        row_mask = torch.ones(1, t, dtype=torch.long)
+        if self.cache is None:
+            self.cache, self.mask = row_cache, row_mask
+            return
+        length = max(t, self.length)
+        for layer, new in zip(self.cache.layers, row_cache.layers):
+            layer.keys = torch.cat([_pad_left(layer.keys, length), _pad_left(new.keys, length)])
+            layer.values = torch.cat([_pad_left(layer.values, length), _pad_left(new.values, length)])
+        self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(row_mask, length, dim=1)])
+
+    def step_mask(self) -> Tensor:
+        """Return the attention mask (N, L + 1) for a decode step, and keep it as the new mask."""
+        self.mask = torch.cat([self.mask, self.mask.new_ones(self.rows, 1)], dim=1)
+        return self.mask
+
+    def keep_rows(self, indices: list[int]) -> None:
+        """Keep only these rows (in this order) and trim columns that are padding in all of them."""
+        if not indices:
+            self.cache, self.mask = None, None
+            return
+        index = torch.tensor(indices, dtype=torch.long)
+        mask = self.mask.index_select(0, index)
+        start = int((mask.sum(0) > 0).long().argmax())  # first column some row uses
+        self.mask = mask[:, start:]
+        for layer in self.cache.layers:
+            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
+            layer.values = layer.values.index_select(0, index)[:, :, start:]
+
+
+def check_cache(cache: DynamicCache) -> None:
+    """Refuse cache layouts the batch cannot pad and merge (sliding windows, quantized caches)."""
+    for layer in cache.layers:
+        if type(layer).__name__ != "DynamicLayer" or layer.keys is None or layer.keys.dim() != 4:
+            raise NotImplementedError(
+                f"cache layer {type(layer).__name__} is not supported by the server's batch cache; "
+                "models with sliding-window or hybrid caches cannot be served yet"
+            )
+
+
+def _pad_left(t: Tensor, length: int, dim: int = 2) -> Tensor:
+    missing = length - t.shape[dim]
+    if missing == 0:
+        return t
+    shape = list(t.shape)
+    shape[dim] = missing
+    return torch.cat([t.new_zeros(shape), t], dim=dim)

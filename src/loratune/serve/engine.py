@@ -1,0 +1,333 @@
+"""The engine: one thread that owns the model and runs continuous batching with a KV cache.
+
+HTTP handlers never touch the model. They `submit` a `GenerationRequest` (a bounded queue; full ->
+`QueueFullError`) and receive events through the request's `sink` callback, called from the engine
+thread: ("token", id) for every sampled token (EOS included), then ("finish", reason) with reason
+"stop" (EOS), "length" (max_tokens or the context), or ("error", message). Adapter installs and
+removals are commands the engine runs between decode steps (`call`), so they never race a forward.
+
+Each loop iteration: run commands, drop cancelled rows, admit waiting requests (each prefilled
+alone, then merged into the batch cache), and run one decode step for every running row. Rows of
+different adapters share the step through `lora_rows.set_rows`. Greedy rows (temperature 0) take
+the argmax, which is what `generate(do_sample=False)` takes, so their tokens equal a single run's.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures
+import inspect
+import itertools
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from .batch_cache import BatchCache
+from .lora_rows import ensure_row_lora, set_rows
+from .registry import PreparedAdapter
+
+log = logging.getLogger(__name__)
+
+
+class QueueFullError(Exception):
+    """The waiting queue is at its bound; the client should retry later (HTTP 429)."""
+
+
+class EngineStoppedError(Exception):
+    """The engine thread is not running (HTTP 503)."""
+
+
+@dataclass
+class SamplingParams:
+    """How one request samples: temperature 0 is greedy; seed makes sampling repeatable."""
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class GenerationRequest:
+    """One generation: prompt token ids, the adapter (None = base) and where events go."""
+
+    prompt_ids: list[int]
+    adapter_id: int | None
+    params: SamplingParams
+    sink: Callable[[str, object], None]
+    cancelled: bool = False
+    request_id: int = field(default_factory=itertools.count().__next__)
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    last_token: int
+    position: int          # position id of last_token
+    generated: int         # tokens sampled so far
+    generator: torch.Generator | None
+
+
+class Engine:
+    """Owns the model on one thread; batches requests for any mix of adapters."""
+
+    def __init__(self, model: nn.Module, *, eos_token_ids: set[int], context_length: int,
+                 max_batch_size: int = 16, max_queue: int = 64):
+        self.model = model.eval()
+        self.eos_token_ids = set(eos_token_ids)
+        self.context_length = context_length
+        self.max_batch_size = max_batch_size
+        self.max_queue = max_queue
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[GenerationRequest] = collections.deque()
+        self._commands: collections.deque = collections.deque()
+        self._users: collections.Counter[int] = collections.Counter()
+        self._doomed: set[int] = set()      # adapters unloaded but still used by requests
+        self._rows: list[_Row] = []
+        self._batch = BatchCache()
+        self._planned: tuple | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.decode_steps = 0
+        self.decoded_tokens = 0
+
+    # ----- called from any thread --------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="loratune-engine", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def running(self) -> int:
+        return len(self._rows)
+
+    def submit(self, request: GenerationRequest) -> None:
+        """Queue a request. Raises QueueFullError or EngineStoppedError."""
+        with self._lock:
+            if not self.alive:
+                raise EngineStoppedError("the engine is not running")
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
+            if request.adapter_id is not None:
+                self._users[request.adapter_id] += 1
+            self._waiting.append(request)
+            self._lock.notify_all()
+
+    def call(self, fn: Callable[[], object]) -> concurrent.futures.Future:
+        """Run fn on the engine thread between decode steps; the future holds its result."""
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        with self._lock:
+            if not self.alive:
+                raise EngineStoppedError("the engine is not running")
+            self._commands.append((fn, future))
+            self._lock.notify_all()
+        return future
+
+    def install_adapter(self, adapter_id: int, adapter: PreparedAdapter) -> concurrent.futures.Future:
+        return self.call(lambda: self._install(adapter_id, adapter))
+
+    def remove_adapter(self, adapter_id: int) -> concurrent.futures.Future:
+        """Remove an adapter's weights now, or once the requests already using it finish."""
+        return self.call(lambda: self._remove(adapter_id))
+
+    # ----- the engine thread -------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        while True:
+            with self._lock:
+                while not (self._stop or self._waiting or self._commands or self._rows):
+                    self._lock.wait()
+                if self._stop:
+                    break
+                commands = list(self._commands)
+                self._commands.clear()
+            for fn, future in commands:
+                try:
+                    future.set_result(fn())
+                except Exception as exc:  # reported to the caller, never fatal to the loop
+                    future.set_exception(exc)
+            self._drop_cancelled()
+            self._admit()
+            if self._rows:
+                self._decode_step()
+        for row in self._rows:
+            self._emit(row.request, "error", "the server is shutting down")
+        for request in self._waiting:
+            self._emit(request, "error", "the server is shutting down")
+
+    def _install(self, adapter_id: int, adapter: PreparedAdapter) -> None:
+        for module_name, weights in adapter.layers.items():
+            ensure_row_lora(self.model, module_name).add_adapter(adapter_id, weights)
+        self._planned = None
+
+    def _remove(self, adapter_id: int) -> None:
+        with self._lock:
+            in_use = self._users[adapter_id] > 0
+        if in_use:
+            self._doomed.add(adapter_id)
+            return
+        from .lora_rows import RowLoraLinear
+
+        for module in self.model.modules():
+            if isinstance(module, RowLoraLinear):
+                module.remove_adapter(adapter_id)
+        self._planned = None
+
+    def _release(self, request: GenerationRequest) -> None:
+        adapter_id = request.adapter_id
+        if adapter_id is None:
+            return
+        with self._lock:
+            self._users[adapter_id] -= 1
+            unused = self._users[adapter_id] <= 0
+            if unused:
+                del self._users[adapter_id]
+        if unused and adapter_id in self._doomed:
+            self._doomed.discard(adapter_id)
+            self._remove(adapter_id)
+
+    def _emit(self, request: GenerationRequest, kind: str, value: object) -> None:
+        try:
+            request.sink(kind, value)
+        except Exception:  # the client's loop is gone: treat as a disconnect
+            request.cancelled = True
+
+    def _drop_cancelled(self) -> None:
+        with self._lock:
+            dropped = [r for r in self._waiting if r.cancelled]
+            if dropped:
+                self._waiting = collections.deque(r for r in self._waiting if not r.cancelled)
+        for request in dropped:
+            self._release(request)
+        self._finish_rows([i for i, row in enumerate(self._rows) if row.request.cancelled])
+
+    def _finish_rows(self, finished: list[int]) -> None:
+        if not finished:
+            return
+        gone = set(finished)
+        for i in finished:
+            self._release(self._rows[i].request)
+        keep = [i for i in range(len(self._rows)) if i not in gone]
+        self._rows = [self._rows[i] for i in keep]
+        self._batch.keep_rows(keep)
+
+    def _admit(self) -> None:
+        while len(self._rows) < self.max_batch_size:
+            with self._lock:
+                if not self._waiting:
+                    return
+                request = self._waiting.popleft()
+            if request.cancelled:
+                self._release(request)
+                continue
+            try:
+                self._prefill(request)
+            except Exception as exc:
+                log.exception("prefill failed for request %s", request.request_id)
+                self._emit(request, "error", f"generation failed: {exc}")
+                self._release(request)
+
+    def _plan(self, adapter_ids: tuple) -> None:
+        if adapter_ids != self._planned:
+            set_rows(self.model, adapter_ids)
+            self._planned = adapter_ids
+
+    def _forward(self, **kwargs) -> tuple[Tensor, object]:
+        if self._keep_logits:
+            kwargs["logits_to_keep"] = 1
+        out = self.model(use_cache=True, **kwargs)
+        return out.logits[:, -1, :].float(), out.cache  # (N, V)
+
+    def _prefill(self, request: GenerationRequest) -> None:
+        params = request.params
+        generator = None
+        if params.temperature > 0:
+            generator = torch.Generator()
+            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
+        self._plan((request.adapter_id,))
+        ids = torch.tensor([request.prompt_ids], dtype=torch.long)
+        logits, cache = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids))
+        row = _Row(request, last_token=-1, position=len(request.prompt_ids) - 1, generated=0, generator=generator)
+        if self._accept(row, logits[0]):
+            self._batch.add_row(cache)
+            self._rows.append(row)
+        else:
+            self._release(request)
+
+    def _decode_step(self) -> None:
+        rows = self._rows
+        self._plan(tuple(r.request.adapter_id for r in rows))
+        ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long)        # (N, 1)
+        positions = torch.tensor([[r.position] for r in rows], dtype=torch.long)    # (N, 1)
+        try:
+            logits, _ = self._forward(input_ids=ids, position_ids=positions,
+                                      attention_mask=self._batch.step_mask(), cache=self._batch.cache)
+        except Exception as exc:
+            log.exception("decode step failed; failing the %d running requests", len(rows))
+            for row in rows:
+                self._emit(row.request, "error", f"generation failed: {exc}")
+            self._finish_rows(list(range(len(rows))))
+            return
+        self.decode_steps += 1
+        self.decoded_tokens += len(rows)
+        finished = [i for i, row in enumerate(rows) if not self._accept(row, logits[i])]
+        self._finish_rows(finished)
+
+    def _accept(self, row: _Row, logits: Tensor) -> bool:
+        """Sample the row's next token and emit it; return False when the row is finished."""
+        token = sample(logits, row.request.params, row.generator)
+        row.last_token, row.position, row.generated = token, row.position + 1, row.generated + 1
+        request = row.request
+        self._emit(request, "token", token)
+        if token in self.eos_token_ids:
+            reason = "stop"
+        elif row.generated >= request.params.max_tokens or row.position + 1 >= self.context_length:
+            reason = "length"
+        else:
+            return not request.cancelled
+        self._emit(request, "finish", reason)
+        return False
+
+
+def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
+    """Pick the next token from (V,) logits: argmax when greedy, else temperature + top-p."""
+    if params.temperature <= 0 or generator is None:
+        return int(logits.argmax())
+    probs = torch.softmax(logits / params.temperature, dim=-1)
+    if params.top_p < 1.0:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def wait_until_idle(engine: Engine, timeout: float = 10.0) -> bool:
+    """Return True once the engine has no waiting or running requests (used by tests and benches)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if engine.queue_depth == 0 and engine.running == 0:
+            return True
+        time.sleep(0.01)
+    return False
