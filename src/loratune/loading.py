@@ -1,0 +1,226 @@
+"""Load a frozen base model and its tokenizer from a preset, a local directory or a hub id.
+
+`name_or_path` is resolved in this order:
+  1. `preset:<name>`: a model that ships inside the package (src/loratune/presets/<name>/): a
+     config plus tokenizer files; the weights are drawn from the config with the preset's seed, so
+     every load returns the same model and nothing is downloaded.
+  2. an existing local directory in Hugging Face format (config.json, weights, tokenizer files).
+  3. anything else that is a valid hub id ("org/name"); this needs network access.
+Everything that fails because of the user's input raises `ConfigError` naming the value and a hint.
+
+The base model is returned frozen (requires_grad False everywhere) and in eval mode. Quantization
+is delegated to `loratune.quant.quantize_model`; this module only decides the dtype.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from loratune.errors import ConfigError, LoratuneError
+
+logger = logging.getLogger(__name__)
+
+PRESET_PREFIX = "preset:"
+PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+DEFAULT_MODEL = "preset:tiny-llama"
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+
+def list_presets() -> list[str]:
+    """Return the names of the presets that ship with the package, as `preset:<name>`."""
+    return sorted(f"{PRESET_PREFIX}{p.name}" for p in PRESETS_DIR.iterdir() if (p / "preset.json").is_file())
+
+
+def preset_dir(name: str) -> Path:
+    """Return the directory of a `preset:<name>` preset.
+
+    Raises:
+        ConfigError: the preset does not exist (the message lists the ones that do).
+    """
+    path = PRESETS_DIR / name.removeprefix(PRESET_PREFIX)
+    if not (path / "preset.json").is_file():
+        raise ConfigError(f"unknown preset {name!r}; available presets: {', '.join(list_presets())}")
+    return path
+
+
+def _resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
+    """Classify `name_or_path` as ("preset", dir), ("local", dir) or ("hub", id)."""
+    name = str(name_or_path)
+    if name.startswith(PRESET_PREFIX):
+        return "preset", str(preset_dir(name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
+            raise ConfigError(f"model directory {name!r} has no config.json or tokenizer files; "
+                              "expected a Hugging Face model directory (save_pretrained output)")
+        return "local", str(path)
+    if path.exists():
+        raise ConfigError(f"model path {name!r} is a file; expected a Hugging Face model directory, "
+                          "a hub id like 'org/name', or a preset like 'preset:tiny-llama'")
+    if _looks_like_hub_id(name):
+        return "hub", name
+    raise ConfigError(f"model {name!r} is not a local directory, a hub id ('org/name') or a preset; "
+                      f"available presets: {', '.join(list_presets())}")
+
+
+def _looks_like_hub_id(name: str) -> bool:
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _hub_error(name: str, exc: Exception) -> ConfigError:
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    hint = ("HF_HUB_OFFLINE is set, so nothing is downloaded; pass a local directory or a preset"
+            if offline else "check the id and your network, or pass a local directory")
+    return ConfigError(f"cannot load {name!r} from the Hugging Face hub: {exc}; {hint}")
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_supported(device: str | torch.device) -> bool:
+    """Return whether `device` computes in bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return _cpu_has_bf16()
+    return False
+
+
+def resolve_dtype(spec: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """Turn "auto" | "bfloat16" | "float32" | "float16" (or a torch.dtype) into a torch.dtype.
+
+    "auto" is bf16 where `bf16_supported(device)`, else fp32.
+    """
+    if isinstance(spec, torch.dtype):
+        return spec
+    if spec == "auto":
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    if spec not in _DTYPES:
+        raise ConfigError(f"dtype {spec!r} is not one of: auto, bfloat16, float32, float16")
+    return _DTYPES[spec]
+
+
+def load_tokenizer(
+    name_or_path: str | os.PathLike, *, revision: str | None = None, trust_remote_code: bool = False
+) -> PreTrainedTokenizerBase:
+    """Load the tokenizer of a preset, local directory or hub id; give it a pad token if it has none.
+
+    The pad token, when missing, is the EOS token (padding is always masked out of the loss and
+    the attention, so reusing EOS is safe and keeps the vocabulary unchanged).
+    """
+    kind, where = _resolve(name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as exc:
+        if kind == "hub":
+            raise _hub_error(where, exc) from exc
+        raise ConfigError(f"cannot load a tokenizer from {str(name_or_path)!r}: {exc}") from exc
+    if tokenizer.pad_token is None:
+        fallback = tokenizer.eos_token or tokenizer.unk_token
+        if fallback is None:
+            raise ConfigError(f"tokenizer of {str(name_or_path)!r} has no pad, eos or unk token to pad with")
+        tokenizer.pad_token = fallback
+    return tokenizer
+
+
+def load_base_model(
+    name_or_path: str | os.PathLike,
+    *,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
+    trust_remote_code: bool = False,
+    attn_implementation: str | None = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    bnb_4bit_quant_type: str = "nf4",
+    bnb_4bit_compute_dtype: str = "bfloat16",
+    bnb_4bit_use_double_quant: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM frozen (requires_grad False), in eval mode, on `device`.
+
+    With `load_in_4bit` / `load_in_8bit` the linear layers are replaced by
+    `loratune.quant.quantize_model` after loading in `dtype`.
+    """
+    if load_in_4bit and load_in_8bit:
+        raise ConfigError("load_in_4bit and load_in_8bit are both set; pick one")
+    torch_dtype = resolve_dtype(dtype, device)
+    kind, where = _resolve(name_or_path)
+    if kind == "preset":
+        model = _build_preset_model(Path(where), torch_dtype, attn_implementation)
+        model.config._name_or_path = model.name_or_path = str(name_or_path)  # not the install path
+    else:
+        kwargs = {"dtype": torch_dtype, "revision": revision, "trust_remote_code": trust_remote_code}
+        if attn_implementation is not None:
+            kwargs["attn_implementation"] = attn_implementation
+        try:
+            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
+        except (OSError, ValueError) as exc:
+            if kind == "hub":
+                raise _hub_error(where, exc) from exc
+            raise ConfigError(f"cannot load a model from {str(name_or_path)!r}: {exc}") from exc
+    model = model.to(device)
+    if load_in_4bit or load_in_8bit:
+        model = _quantize(model, bits=4 if load_in_4bit else 8, quant_type=bnb_4bit_quant_type,
+                          compute_dtype=bnb_4bit_compute_dtype, double_quant=bnb_4bit_use_double_quant)
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def _build_preset_model(path: Path, dtype: torch.dtype, attn_implementation: str | None) -> PreTrainedModel:
+    """Draw the preset's weights in fp32 from its seed (same weights every call), then cast to `dtype`."""
+    seed = json.loads((path / "preset.json").read_text())["seed"]
+    config = AutoConfig.from_pretrained(path)
+    kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
+    with torch.random.fork_rng(devices=[]):  # leave the caller's RNG stream untouched
+        torch.manual_seed(seed)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32, **kwargs)
+    return model.to(dtype)
+
+
+def _quantize(model: PreTrainedModel, **kwargs) -> PreTrainedModel:
+    try:
+        from loratune.quant import quantize_model
+    except ImportError as exc:
+        raise LoratuneError(f"4/8-bit loading needs loratune.quant.quantize_model, which is not available ({exc})") from exc
+    return quantize_model(model, **kwargs)
+
+
+def save_preset_as_hf_dir(name: str, out_dir: str | os.PathLike, *, dtype: str | torch.dtype = "float32") -> Path:
+    """Write a preset as an ordinary Hugging Face directory (weights + tokenizer); return its path.
+
+    The result loads with `AutoModelForCausalLM.from_pretrained`, so tests and users can exercise
+    the local-directory path without a download.
+    """
+    out = Path(out_dir)
+    load_base_model(name, dtype=dtype).save_pretrained(out)
+    load_tokenizer(name).save_pretrained(out)
+    return out

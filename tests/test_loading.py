@@ -1,0 +1,169 @@
+"""Tests for loratune.loading: presets, local directories, dtype choice, error messages."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import pytest
+import torch
+from transformers import AutoConfig
+
+from factories import tiny_model
+from loratune.errors import ConfigError, LoratuneError
+from loratune.loading import (
+    DEFAULT_MODEL,
+    PRESETS_DIR,
+    bf16_supported,
+    list_presets,
+    load_base_model,
+    load_tokenizer,
+    resolve_dtype,
+    save_preset_as_hf_dir,
+)
+
+
+def _same_weights(a, b) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+@pytest.fixture(scope="module")
+def preset_fp32():
+    return load_base_model(DEFAULT_MODEL, dtype="float32")
+
+
+def test_default_preset_is_listed_and_small():
+    assert DEFAULT_MODEL in list_presets()
+    shipped = sum(p.stat().st_size for p in PRESETS_DIR.rglob("*") if p.is_file())
+    assert shipped < 1_000_000
+
+
+def test_preset_weights_are_deterministic_and_leave_global_rng_alone(preset_fp32):
+    torch.manual_seed(123)
+    expected_next = torch.rand(3)
+    torch.manual_seed(123)
+    again = load_base_model(DEFAULT_MODEL, dtype="float32")
+    assert torch.equal(torch.rand(3), expected_next)
+    assert _same_weights(preset_fp32, again)
+
+
+def test_preset_is_llama_with_large_init_and_named_by_preset(preset_fp32):
+    cfg = preset_fp32.config
+    assert cfg.model_type == "llama" and cfg.initializer_range == pytest.approx(0.2)
+    assert cfg.name_or_path == DEFAULT_MODEL
+    # the large init shows in the weights: std of a projection is ~0.2, not ~0.02
+    std = preset_fp32.model.layers[0].self_attn.q_proj.weight.std().item()
+    assert 0.15 < std < 0.25
+
+
+def test_base_model_is_frozen_and_in_eval_mode(preset_fp32):
+    assert not any(p.requires_grad for p in preset_fp32.parameters())
+    assert not preset_fp32.training
+
+
+def test_bf16_preset_is_the_fp32_preset_cast(preset_fp32):
+    bf16 = load_base_model(DEFAULT_MODEL, dtype="bfloat16")
+    assert bf16.dtype == torch.bfloat16
+    for (name, a), (_, b) in zip(preset_fp32.state_dict().items(), bf16.state_dict().items()):
+        assert torch.equal(a.to(torch.bfloat16), b), name
+
+
+def test_resolve_dtype():
+    assert resolve_dtype("float32", "cpu") == torch.float32
+    assert resolve_dtype("bf16", "cpu") == torch.bfloat16
+    assert resolve_dtype("float16", "cpu") == torch.float16
+    assert resolve_dtype(torch.float64, "cpu") == torch.float64
+    expected = torch.bfloat16 if bf16_supported("cpu") else torch.float32
+    assert resolve_dtype("auto", "cpu") == expected
+    with pytest.raises(ConfigError, match="'int8' is not one of"):
+        resolve_dtype("int8", "cpu")
+
+
+def test_preset_tokenizer_has_special_tokens_and_chat_template():
+    tok = load_tokenizer(DEFAULT_MODEL)
+    assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "<s>", "<|im_end|>")
+    assert tok("hi")["input_ids"][0] == tok.bos_token_id  # adds BOS like Llama
+    msgs = [{"role": "user", "content": "What is 2 + 3?"}]
+    prompt = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert prompt == "<s><|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(tok("What is 2 + 3?", add_special_tokens=False)["input_ids"]) == "What is 2 + 3?"
+    assert len(tok) <= AutoConfig.from_pretrained(PRESETS_DIR / "tiny-llama").vocab_size
+
+
+def test_local_dir_written_from_preset_loads_back(tmp_path, preset_fp32):
+    out = save_preset_as_hf_dir(DEFAULT_MODEL, tmp_path / "tiny")
+    assert (out / "config.json").is_file() and (out / "model.safetensors").is_file()
+    assert _same_weights(load_base_model(out, dtype="float32"), preset_fp32)
+    tok = load_tokenizer(out)
+    assert tok.chat_template == load_tokenizer(DEFAULT_MODEL).chat_template
+
+
+def test_local_dir_from_factory_model_and_missing_pad_token(tmp_path):
+    model = tiny_model("llama", seed=3)
+    model.save_pretrained(tmp_path)
+    tok = load_tokenizer(DEFAULT_MODEL)
+    tok.pad_token = None
+    tok.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "tokenizer_config.json").read_text())
+    assert cfg.get("pad_token") is None
+    loaded = load_base_model(tmp_path, dtype="float32", device="cpu")
+    assert _same_weights(loaded, model)
+    assert not any(p.requires_grad for p in loaded.parameters())
+    assert load_tokenizer(tmp_path).pad_token == "<|im_end|>"  # falls back to EOS
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("preset:nope", "unknown preset 'preset:nope'; available presets: preset:tiny-llama"),
+        ("./no/such/dir", "is not a local directory, a hub id"),
+        ("a/b/c", "is not a local directory, a hub id"),
+    ],
+)
+def test_bad_model_names_raise_config_error(name, expected):
+    with pytest.raises(ConfigError, match=expected.replace("(", r"\(").replace(")", r"\)")):
+        load_base_model(name)
+    with pytest.raises(ConfigError):
+        load_tokenizer(name)
+
+
+def test_file_and_empty_dir_are_rejected(tmp_path):
+    (tmp_path / "weights.bin").write_bytes(b"")
+    with pytest.raises(ConfigError, match="is a file"):
+        load_base_model(tmp_path / "weights.bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="has no config.json"):
+        load_base_model(tmp_path / "empty")
+
+
+def test_hub_id_offline_is_a_config_error():
+    # conftest sets HF_HUB_OFFLINE=1: nothing is downloaded, the message says why
+    with pytest.raises(ConfigError, match="cannot load 'loratune-tests/not-cached' from the Hugging Face hub"):
+        load_tokenizer("loratune-tests/not-cached")
+
+
+def test_quantized_loading_needs_one_mode_and_the_quant_package(monkeypatch):
+    with pytest.raises(ConfigError, match="pick one"):
+        load_base_model(DEFAULT_MODEL, load_in_4bit=True, load_in_8bit=True)
+    monkeypatch.setitem(sys.modules, "loratune.quant", None)  # import fails like a missing module
+    with pytest.raises(LoratuneError, match="quantize_model"):
+        load_base_model(DEFAULT_MODEL, load_in_4bit=True)
+
+
+def test_quantized_loading_calls_quantize_model(monkeypatch):
+    calls = []
+
+    class FakeQuant:
+        @staticmethod
+        def quantize_model(model, **kwargs):
+            calls.append(kwargs)
+            return model
+
+    monkeypatch.setitem(sys.modules, "loratune.quant", FakeQuant)
+    load_base_model(DEFAULT_MODEL, load_in_8bit=True)
+    load_base_model(DEFAULT_MODEL, load_in_4bit=True, bnb_4bit_use_double_quant=True)
+    assert calls == [
+        {"bits": 8, "quant_type": "nf4", "compute_dtype": "bfloat16", "double_quant": False},
+        {"bits": 4, "quant_type": "nf4", "compute_dtype": "bfloat16", "double_quant": True},
+    ]
