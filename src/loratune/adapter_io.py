@@ -1,0 +1,207 @@
+"""Adapters on disk, in PEFT's exact format.
+
+A directory holds `adapter_config.json`, `adapter_model.safetensors` and a short README.md
+model card. Tensor keys are the wrapped model's parameter paths under `base_model.model.`, with
+the adapter name removed: `...q_proj.lora_A.weight`, `...embed_tokens.lora_embedding_A`,
+`...q_proj.lora_magnitude_vector` (DoRA), `...lm_head.weight` (modules_to_save) and biases
+(`bias="all"|"lora_only"`). A non-default adapter name saves into a sub-folder of that name.
+
+Loading is strict: the file's keys must equal the keys the model expects for that config, both
+ways, with matching shapes; every discrepancy is named. `adapter_model.bin` is read only with
+`torch.load(weights_only=True)`; writing is safetensors only.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .atomic import atomic_directory
+from .config import CONFIG_NAME, LoraConfig
+from .errors import AdapterError
+from .layers import LoraLayer, ModulesToSave
+
+logger = logging.getLogger(__name__)
+
+SAFETENSORS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_DORA_SUFFIX = "lora_magnitude_vector.weight"
+
+
+def adapter_param_map(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, nn.Parameter]:
+    """Map each PEFT file key of one adapter to the live parameter it loads into / saves from.
+
+    `model` is the wrapped (injected) model, i.e. `LoraModel.model`.
+    """
+    out: dict[str, nn.Parameter] = {}
+    for path, module in model.named_modules():
+        if isinstance(module, (LoraLayer, ModulesToSave)):
+            for key, param in module.adapter_parameters(adapter_name).items():
+                if key.endswith(_DORA_SUFFIX):
+                    key = key[: -len(".weight")]
+                out[f"{PREFIX}{path}.{key}"] = param
+            if bias == "lora_only" and isinstance(module, LoraLayer):
+                b = getattr(module.base_layer, "bias", None)
+                if isinstance(b, nn.Parameter) and module.adapter_parameters(adapter_name):
+                    out[f"{PREFIX}{path}.base_layer.bias"] = b
+    if bias == "all":
+        for name, param in model.named_parameters():
+            if name.endswith("bias") and not _is_adapter_param(name):
+                out[f"{PREFIX}{name}"] = param
+    return out
+
+
+def _is_adapter_param(name: str) -> bool:
+    parts = name.split(".")
+    return any(p.startswith("lora_") or p == "modules_to_save" for p in parts)
+
+
+def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:
+    """Return one adapter's tensors in PEFT's key layout (contiguous CPU copies)."""
+    return {
+        key: param.detach().to("cpu", copy=True).contiguous()
+        for key, param in adapter_param_map(model, adapter_name, bias).items()
+    }
+
+
+# ----- writing ------------------------------------------------------------------------------------
+
+
+def save_adapter(directory: str, config: LoraConfig, tensors: dict[str, Tensor]) -> None:
+    """Write an adapter directory atomically: config, safetensors weights and a model card."""
+    with atomic_directory(directory) as tmp:
+        save_file(tensors, os.path.join(tmp, SAFETENSORS_NAME), metadata={"format": "pt"})
+        config.save_json(os.path.join(tmp, CONFIG_NAME))
+        with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
+            fh.write(model_card(config, tensors))
+
+
+def model_card(config: LoraConfig, tensors: dict[str, Tensor]) -> str:
+    """A short README.md for the hub: what this adapter is and how to load it."""
+    base = config.base_model_name_or_path or "unknown"
+    n_params = sum(t.numel() for t in tensors.values())
+    targets = config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules or [])
+    return (
+        "---\n"
+        f"base_model: {base}\n"
+        "library_name: peft\n"
+        "tags:\n- lora\n- loratune\n"
+        "---\n\n"
+        "# LoRA adapter\n\n"
+        f"A LoRA adapter for `{base}` (r={config.r}, lora_alpha={config.lora_alpha}, "
+        f"{n_params:,} parameters) on: {targets}.\n\n"
+        "Saved in PEFT's format; load it with either library:\n\n"
+        "```python\n"
+        "from loratune import PeftModel  # or: from peft import PeftModel\n"
+        "model = PeftModel.from_pretrained(base_model, \"path/to/this/adapter\")\n"
+        "```\n"
+    )
+
+
+# ----- reading ------------------------------------------------------------------------------------
+
+
+def resolve_adapter_file(path: str, filename: str, *, subfolder: str | None = None,
+                         revision: str | None = None) -> str | None:
+    """Return a local path to `filename` of an adapter (local directory or hub repo), or None."""
+    path = os.fspath(path)
+    local_dir = os.path.join(path, subfolder) if subfolder else path
+    if os.path.isdir(path):
+        candidate = os.path.join(local_dir, filename)
+        return candidate if os.path.isfile(candidate) else None
+    if os.path.exists(path) or path.count("/") > 1 or path.startswith((".", "~")):
+        raise AdapterError(f"{path}: not an adapter directory")
+    try:
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            return hf_hub_download(path, filename, subfolder=subfolder, revision=revision)
+        except EntryNotFoundError:
+            return None
+    except AdapterError:
+        raise
+    except Exception as err:  # offline, unknown repo, auth: all mean "cannot get this adapter"
+        raise AdapterError(f"{path}: no such local directory, and it could not be fetched from the hub ({type(err).__name__})") from None
+
+
+def read_adapter(path: str, *, subfolder: str | None = None, revision: str | None = None,
+                 safetensors_only: bool = False) -> tuple[LoraConfig, dict[str, Tensor]]:
+    """Read and validate an adapter directory: (config, tensors keyed as in the file).
+
+    Raises:
+        AdapterError: missing/corrupt files or keys outside PEFT's `base_model.model.` layout.
+        UnsupportedFeatureError: the config switches on a feature loratune does not support.
+    """
+    config_file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder, revision=revision)
+    if config_file is None:
+        raise AdapterError(f"{path}: no {CONFIG_NAME} (is this a LoRA adapter directory?)")
+    config = LoraConfig.from_json_file(config_file)
+    weights = resolve_adapter_file(path, SAFETENSORS_NAME, subfolder=subfolder, revision=revision)
+    if weights is not None:
+        try:
+            tensors = load_file(weights)
+        except (SafetensorError, OSError, ValueError) as err:
+            raise AdapterError(f"{weights}: not a readable safetensors file ({err})") from None
+    else:
+        bin_file = None if safetensors_only else resolve_adapter_file(path, BIN_NAME, subfolder=subfolder, revision=revision)
+        if bin_file is None:
+            only = " (only safetensors is accepted here)" if safetensors_only else ""
+            raise AdapterError(f"{path}: no {SAFETENSORS_NAME}{only}")
+        try:
+            tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
+        except Exception as err:
+            raise AdapterError(f"{bin_file}: cannot be read safely with torch.load(weights_only=True): {err}") from None
+        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+            raise AdapterError(f"{bin_file}: expected a dict of tensors")
+    return config, _normalise_keys(tensors, source=weights or path)
+
+
+def _normalise_keys(tensors: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:
+    bad = [k for k in tensors if not k.startswith(PREFIX)]
+    if bad:
+        raise AdapterError(f"{source}: tensor keys must start with {PREFIX!r} (PEFT layout); got e.g. {bad[0]!r}")
+    # Older PEFT files store DoRA magnitudes with a trailing ".weight"; accept both spellings.
+    return {(k[: -len(".weight")] if k.endswith(_DORA_SUFFIX) else k): v for k, v in tensors.items()}
+
+
+def load_adapter_tensors(model: nn.Module, adapter_name: str, bias: str, tensors: dict[str, Tensor],
+                         *, source: str) -> None:
+    """Copy file tensors into the injected adapter, checking key sets both ways and every shape.
+
+    Raises:
+        AdapterError: naming missing, unexpected and misshapen tensors (nothing is copied then).
+    """
+    expected = adapter_param_map(model, adapter_name, bias)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    misshapen = [
+        f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in sorted(set(expected) & set(tensors)) if tuple(tensors[k].shape) != tuple(expected[k].shape)
+    ]
+    problems = []
+    for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)):
+        if items:
+            shown = "\n    ".join(items[:8]) + (f"\n    ... and {len(items) - 8} more" if len(items) > 8 else "")
+            problems.append(f"{len(items)} {label} tensor(s):\n    {shown}")
+    if problems:
+        raise AdapterError(f"{source}: adapter does not fit the model:\n  " + "\n  ".join(problems))
+    with torch.no_grad():
+        for key, param in expected.items():
+            param.copy_(tensors[key].to(param.dtype))
+
+
+def describe_adapter_dir(path: str) -> dict:
+    """Config and tensor summary of an adapter directory, without a model (for inspection)."""
+    config, tensors = read_adapter(path)
+    return {
+        "config": config.to_dict(),
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
+        "num_parameters": sum(v.numel() for v in tensors.values()),
+    }

@@ -1,0 +1,238 @@
+"""`LoraConfig` and `TaskType`: PEFT's field names and defaults for every feature loratune supports.
+
+The user's config object is never mutated: `get_peft_model` validates it and keeps its own copy,
+with `target_modules` resolved (e.g. "all-linear" expanded to real module names).
+`to_dict()` / `from_dict()` speak PEFT's `adapter_config.json`: a config written by a newer PEFT
+loads with a warning for unknown fields, and one that switches on a feature we cannot honour is
+refused by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import logging
+import math
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import AdapterError, ConfigError, UnsupportedFeatureError
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "adapter_config.json"
+INIT_METHODS = (True, False, "gaussian", "pissa", "olora")
+BIAS_MODES = ("none", "all", "lora_only")
+
+
+class TaskType(str, enum.Enum):
+    """The model head an adapter is trained for (PEFT's names)."""
+
+    CAUSAL_LM = "CAUSAL_LM"
+    SEQ_CLS = "SEQ_CLS"
+    SEQ_2_SEQ_LM = "SEQ_2_SEQ_LM"
+    TOKEN_CLS = "TOKEN_CLS"
+    QUESTION_ANS = "QUESTION_ANS"
+    FEATURE_EXTRACTION = "FEATURE_EXTRACTION"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+# PEFT LoraConfig fields we do not implement. Loading accepts them only at these "off" values;
+# anything else is a feature we would silently get wrong, so it is refused by name.
+UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
+    "loftq_config": ({}, None),
+    "megatron_config": (None,),
+    "trainable_token_indices": (None, [], {}),
+    "eva_config": (None,),
+    "corda_config": (None,),
+    "lora_ga_config": (None,),
+    "velora_config": (None,),
+    "alora_invocation_tokens": (None, []),
+    "use_qalora": (False, None),
+    "monteclora_config": (None,),
+    "layer_replication": (None, []),
+    "lora_bias": (False, None),
+    "target_parameters": (None, []),
+    "use_bdlora": (None, False),
+    "arrow_config": (None,),
+    "kasa_config": (None,),
+}
+# PEFT fields that carry no behaviour for us; read and dropped silently.
+IGNORED_FIELDS = {
+    "peft_type", "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
+    "ensure_weight_tying", "runtime_config", "use_dora_on_embeddings",
+}
+
+
+@dataclass
+class LoraConfig:
+    """Configuration of one LoRA adapter; field names, meanings and defaults are PEFT's.
+
+    scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+    """
+
+    r: int = 8
+    """Rank of the update (the inner dimension R of B @ A)."""
+    lora_alpha: float = 8
+    """Numerator of the scaling factor."""
+    lora_dropout: float = 0.0
+    """Dropout applied to the layer input on the LoRA branch only."""
+    target_modules: list[str] | str | None = None
+    """Module names or dotted suffixes, a full-match regex string, "all-linear", or None for the
+    architecture's defaults."""
+    exclude_modules: list[str] | str | None = None
+    """Names/suffixes or a full-match regex of modules never adapted."""
+    bias: str = "none"
+    """Which biases train and are saved: "none", "all" or "lora_only" (biases of adapted layers)."""
+    fan_in_fan_out: bool = False
+    """The base stores weights as (in, out) (GPT-2's Conv1D); detected automatically."""
+    modules_to_save: list[str] | None = None
+    """Extra modules (e.g. a classifier head) trained in full and saved with the adapter."""
+    layers_to_transform: list[int] | int | None = None
+    """Only adapt these layer indices."""
+    layers_pattern: list[str] | str | None = None
+    """Name of the layer list (e.g. "layers", "h") that layers_to_transform indexes."""
+    rank_pattern: dict[str, int] = field(default_factory=dict)
+    """Per-module rank overrides: {name or regex suffix: r}."""
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+    """Per-module lora_alpha overrides: {name or regex suffix: alpha}."""
+    init_lora_weights: bool | str = True
+    """True (A kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), False (random B; tests),
+    "pissa" / "pissa_niter_N" (principal singular vectors) or "olora" (QR); the last two rewrite
+    the base weights."""
+    use_rslora: bool = False
+    """Rank-stabilised scaling lora_alpha / sqrt(r)."""
+    use_dora: bool = False
+    """Weight-decomposed LoRA (magnitude vector per output row); Linear layers only."""
+    task_type: TaskType | str | None = None
+    """The model head: CAUSAL_LM, SEQ_CLS, ..."""
+    base_model_name_or_path: str | None = None
+    """Where the base model comes from; filled in when saving."""
+    revision: str | None = None
+    """Revision of the base model."""
+    inference_mode: bool = False
+    """Adapter weights are frozen (loaded for inference)."""
+    peft_type: str = "LORA"
+    """Always "LORA"."""
+
+    def __post_init__(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems, source="LoraConfig")
+        if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
+            self.task_type = TaskType(self.task_type)
+        if isinstance(self.target_modules, (set, tuple)):
+            self.target_modules = sorted(self.target_modules)
+        if isinstance(self.modules_to_save, (set, tuple)):
+            self.modules_to_save = list(self.modules_to_save)
+
+    def problems(self) -> list[str]:
+        """Return every problem with this config (empty when valid)."""
+        out = []
+        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
+            out.append(f"r must be a positive integer, got {self.r!r}")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
+            out.append(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
+            out.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.bias not in BIAS_MODES:
+            out.append(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        init = self.init_lora_weights
+        if init not in INIT_METHODS and not (isinstance(init, str) and init.startswith("pissa_niter_")):
+            hint = " (loftq, eva and corda are not supported)" if isinstance(init, str) else ""
+            out.append(f"init_lora_weights must be one of {INIT_METHODS} or 'pissa_niter_N', got {init!r}{hint}")
+        if self.task_type is not None and str(self.task_type) not in TaskType._value2member_map_:
+            out.append(f"task_type must be one of {[t.value for t in TaskType]}, got {self.task_type!r}")
+        if self.peft_type not in ("LORA", None):
+            out.append(f"peft_type must be 'LORA', got {self.peft_type!r}")
+        if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
+            out.append("layers_to_transform cannot be used when target_modules is a regex string")
+        if self.layers_pattern and self.layers_to_transform is None:
+            out.append("layers_pattern is only used together with layers_to_transform")
+        for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
+            if not isinstance(pattern, dict):
+                out.append(f"{name} must be a dict of module pattern -> value, got {pattern!r}")
+        for key, value in (self.rank_pattern or {}).items():
+            if not isinstance(value, int) or value <= 0:
+                out.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+        return out
+
+    def scaling_for(self, r: int, lora_alpha: float) -> float:
+        """The factor applied to B @ A for a module of rank r."""
+        return lora_alpha / math.sqrt(r) if self.use_rslora else lora_alpha / r
+
+    # ----- PEFT's adapter_config.json -----------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        """Return a JSON-ready dict in PEFT's adapter_config.json layout."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        d["task_type"] = None if self.task_type is None else str(self.task_type)
+        d["peft_type"] = "LORA"
+        if isinstance(d["target_modules"], (set, tuple)):
+            d["target_modules"] = sorted(d["target_modules"])
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], *, source: str = "adapter config") -> LoraConfig:
+        """Build a config from PEFT's JSON layout, warning on unknown fields.
+
+        Raises:
+            UnsupportedFeatureError: a PEFT feature loratune does not implement is switched on.
+            ConfigError: a field has a bad value.
+        """
+        if data.get("peft_type", "LORA") != "LORA":
+            raise UnsupportedFeatureError(
+                f"{source}: peft_type {data.get('peft_type')!r} is not supported; loratune reads LoRA adapters only"
+            )
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs, unknown, refused = {}, [], []
+        for key, value in data.items():
+            if key in known:
+                kwargs[key] = value
+            elif key in UNSUPPORTED_FIELDS:
+                if not any(value == off for off in UNSUPPORTED_FIELDS[key]):
+                    refused.append(f"{key}={value!r}")
+            elif key not in IGNORED_FIELDS:
+                unknown.append(key)
+        if refused:
+            raise UnsupportedFeatureError(
+                f"{source}: uses PEFT features loratune does not support: {', '.join(refused)}"
+            )
+        if unknown:
+            logger.warning("%s: ignoring fields unknown to loratune (newer PEFT?): %s", source, ", ".join(sorted(unknown)))
+        try:
+            return cls(**kwargs)
+        except ConfigError as err:
+            raise ConfigError(err.problems, source=source) from None
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, subfolder: str | None = None, revision: str | None = None) -> LoraConfig:
+        """Read `adapter_config.json` from a local adapter directory or a hub repository."""
+        from .adapter_io import resolve_adapter_file
+
+        config_file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder, revision=revision)
+        if config_file is None:
+            raise AdapterError(f"{path}: no {CONFIG_NAME} found (is this a LoRA adapter directory?)")
+        return cls.from_json_file(config_file)
+
+    @classmethod
+    def from_json_file(cls, config_file: str) -> LoraConfig:
+        """Read and validate one adapter_config.json file."""
+        try:
+            with open(config_file, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except json.JSONDecodeError as err:
+            raise AdapterError(f"{config_file}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        if not isinstance(data, dict):
+            raise AdapterError(f"{config_file}: expected a JSON object, got {type(data).__name__}")
+        return cls.from_dict(data, source=os.fspath(config_file))
+
+    def save_json(self, path: str) -> None:
+        """Write this config as adapter_config.json at `path` (not atomic; callers write to temp)."""
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
+            fh.write("\n")

@@ -1,0 +1,214 @@
+"""Resolve `target_modules` to real module names and inject LoRA layers into a model.
+
+Matching follows PEFT exactly, so a config means the same thing in both libraries:
+- a string is a regex that must match the whole module name (`re.fullmatch`);
+- a list matches a module whose name equals an entry or ends with "." + entry;
+- "all-linear" means every Linear/Conv1D except the output head, expanded to the set of their
+  last name components (what PEFT writes into the saved config);
+- None means the architecture's defaults (DEFAULT_TARGET_MODULES, keyed by `config.model_type`).
+Unlike PEFT, every list entry must match something: a typo raises with names that look close.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import replace
+
+from torch import nn
+
+from .config import LoraConfig, TaskType
+from .errors import ConfigError, TargetNotFoundError
+from .layers import LoraLayer, LoraLinear, ModulesToSave, build_lora_layer, is_linear_like
+
+ALL_LINEAR = "all-linear"
+DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
+
+# PEFT's per-architecture defaults (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
+DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "gemma3_text": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_bigcode": ["c_attn"],
+    "gpt_neo": ["q_proj", "v_proj"],
+    "gpt_neox": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "stablelm": ["q_proj", "v_proj"],
+    "starcoder2": ["q_proj", "v_proj"],
+    "olmo": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "t5": ["q", "v"],
+}
+SEQ_CLS_HEADS = ("classifier", "score")
+
+
+def matches(patterns: list[str] | str | None, name: str) -> bool:
+    """PEFT's matching rule for target_modules / exclude_modules / modules_to_save entries."""
+    if patterns is None:
+        return False
+    if isinstance(patterns, str):
+        return re.fullmatch(patterns, name) is not None
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
+    """The index that follows the layer-list name in a module path (model.layers.3.mlp -> 3)."""
+    patterns = layers_pattern or DEFAULT_LAYER_PATTERNS
+    patterns = [patterns] if isinstance(patterns, str) else patterns
+    for pattern in patterns:
+        found = re.match(rf"(.*\.)?{re.escape(pattern)}\.(\d+)\.", name)
+        if found:
+            return int(found.group(2))
+    return None
+
+
+def pattern_value(patterns: dict, name: str, default):
+    """Look up a rank/alpha override: exact name first, then a regex on the name's suffix."""
+    if name in patterns:
+        return patterns[name]
+    for key, value in patterns.items():
+        if re.match(rf"(.*\.)?({key})$", name):
+            return value
+    return default
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of modules that produce the logits (never part of "all-linear")."""
+    names = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    head = get_out() if callable(get_out) else None
+    for name, module in model.named_modules():
+        if module is head or name.split(".")[-1] in ("lm_head", "embed_out"):
+            names.add(name)
+    return names
+
+
+def expand_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | str:
+    """Turn None / "all-linear" into explicit names; other values are returned unchanged."""
+    target = config.target_modules
+    if isinstance(target, str) and target.lower() == ALL_LINEAR:
+        heads = output_head_names(model)
+        return sorted({
+            name.split(".")[-1] for name, module in model.named_modules()
+            if (is_linear_like(module) or isinstance(module, LoraLinear))
+            and name not in heads and not _inside_wrapper(name)
+        })
+    if target is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type not in DEFAULT_TARGET_MODULES:
+            raise ConfigError(
+                f"target_modules is None and there are no default targets for model_type {model_type!r}; "
+                f"pass target_modules (e.g. 'all-linear' or a list of module names)"
+            )
+        return list(DEFAULT_TARGET_MODULES[model_type])
+    return target
+
+
+def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
+    """Return a validated copy of `config` with explicit target_modules (the user's is untouched)."""
+    extra_to_save = []
+    if config.task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
+        names = {n.split(".")[-1] for n, _ in model.named_modules()}
+        extra_to_save = [h for h in SEQ_CLS_HEADS if h in names and h not in (config.modules_to_save or [])]
+    modules_to_save = list(config.modules_to_save or []) + extra_to_save or None
+    return replace(config, target_modules=expand_target_modules(model, config), modules_to_save=modules_to_save)
+
+
+def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules `config` adapts (config.target_modules must be resolved).
+
+    Raises:
+        TargetNotFoundError: an entry (or the regex) matches no module; close names are listed.
+    """
+    names = [n for n, m in model.named_modules() if n and not _inside_wrapper(n)]
+    target = config.target_modules
+    matched = [n for n in names if matches(target, n) and not matches(config.exclude_modules, n)]
+    entries = [target] if isinstance(target, str) else list(target)
+    for entry in entries:
+        if not any(matches([entry] if not isinstance(target, str) else entry, n) for n in names):
+            raise TargetNotFoundError(_not_found_message(entry, names))
+    if config.layers_to_transform is not None:
+        wanted = config.layers_to_transform
+        wanted = {wanted} if isinstance(wanted, int) else set(wanted)
+        matched = [n for n in matched if layer_index(n, config.layers_pattern) in wanted]
+    if not matched:
+        raise TargetNotFoundError(
+            f"target_modules {target!r} matched modules, but exclude_modules/layers_to_transform removed them all"
+        )
+    return matched
+
+
+def _inside_wrapper(name: str) -> bool:
+    """True for the internals of an injected layer (base_layer, lora_A...), never targets."""
+    parts = name.split(".")
+    return any(p in ("base_layer", "lora_A", "lora_B", "original_module", "modules_to_save",
+                     "lora_dropout", "lora_magnitude_vector") for p in parts)
+
+
+def _not_found_message(entry: str, names: list[str]) -> str:
+    suffixes = sorted({n.split(".")[-1] for n in names})
+    close = difflib.get_close_matches(entry, suffixes, n=5, cutoff=0.5)
+    close += [n for n in difflib.get_close_matches(entry, names, n=3, cutoff=0.5) if n not in close]
+    hint = ", ".join(repr(c) for c in close) if close else ", ".join(repr(s) for s in suffixes[:12])
+    label = "modules that look close" if close else "some module names"
+    return f"no module matches target_modules entry {entry!r}; {label}: {hint}"
+
+
+def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
+    """Wrap every target of `config` (resolved) with a LoRA layer holding `adapter_name`.
+
+    Layers already wrapped by another adapter get the new adapter added beside the old one.
+    Returns the adapted module names.
+    """
+    targets = find_targets(model, config)
+    for name in targets:
+        module = model.get_submodule(name)
+        if not isinstance(module, LoraLayer):
+            module = build_lora_layer(module, name)
+            _set_submodule(model, name, module)
+        module.update_layer(
+            adapter_name,
+            r=pattern_value(config.rank_pattern, name, config.r),
+            lora_alpha=pattern_value(config.alpha_pattern, name, config.lora_alpha),
+            lora_dropout=config.lora_dropout,
+            init_lora_weights=config.init_lora_weights,
+            use_rslora=config.use_rslora,
+            use_dora=config.use_dora,
+        )
+    for name in find_modules_to_save(model, config):
+        module = model.get_submodule(name)
+        if not isinstance(module, ModulesToSave):
+            module = ModulesToSave(module)
+            _set_submodule(model, name, module)
+        module.update_layer(adapter_name)
+    return targets
+
+
+def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Names of the modules trained in full for this adapter."""
+    if not config.modules_to_save:
+        return []
+    names = [n for n, _ in model.named_modules() if n and not _inside_wrapper(n)]
+    found = [n for n in names if matches(config.modules_to_save, n)]
+    missing = [e for e in config.modules_to_save if not any(matches([e], n) for n in found)]
+    if missing:
+        raise TargetNotFoundError(_not_found_message(missing[0], names).replace("target_modules", "modules_to_save"))
+    return found
+
+
+def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, module)

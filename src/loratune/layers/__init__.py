@@ -1,0 +1,41 @@
+"""Injected layers: LoRA wrappers around frozen base modules, and full copies for modules_to_save."""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import UnsupportedFeatureError
+from .base import BASE_ADAPTER, LoraLayer
+from .conv import LoraConv
+from .embedding import LoraEmbedding
+from .linear import DoraMagnitude, LoraLinear
+from .modules_to_save import ModulesToSave
+
+__all__ = [
+    "BASE_ADAPTER", "DoraMagnitude", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear",
+    "ModulesToSave", "build_lora_layer", "is_linear_like",
+]
+
+
+def is_linear_like(module: nn.Module) -> bool:
+    """True for modules LoRA treats as a linear map: Linear, Conv1D, quantized linears."""
+    return isinstance(module, (nn.Linear, Conv1D)) or bool(getattr(module, "is_quantized", False))
+
+
+def build_lora_layer(module: nn.Module, name: str) -> LoraLayer:
+    """Wrap a base module in the matching LoRA layer.
+
+    Raises:
+        UnsupportedFeatureError: the module type cannot carry LoRA; the module is named.
+    """
+    if is_linear_like(module):
+        return LoraLinear(module)
+    if isinstance(module, nn.Embedding):
+        return LoraEmbedding(module)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return LoraConv(module)
+    raise UnsupportedFeatureError(
+        f"target module {name!r} is a {type(module).__name__}; LoRA supports nn.Linear, Conv1D, "
+        "nn.Embedding, nn.Conv1d, nn.Conv2d and quantized linear layers"
+    )

@@ -1,0 +1,123 @@
+"""Combining adapters: `add_weighted_adapter` and the NaN/Inf check behind `safe_merge`.
+
+Weighted combinations follow PEFT's definitions, so a combined adapter means the same in both:
+- "cat":    A = concat_i(w_i * s_i * A_i) along R, B = concat_i(B_i) along R; exact:
+            B @ A = sum_i w_i * s_i * B_i @ A_i (with weights 1 it equals all adapters active).
+- "linear": A = sum_i sign * sqrt(|w_i s_i|) A_i, B = sum_i sqrt(|w_i s_i|) B_i; needs equal ranks;
+            not exact (cross terms), as in PEFT.
+- "svd":    delta = sum_i w_i * s_i * B_i @ A_i, truncated to rank `svd_rank` (default: the
+            largest rank) by SVD: B = U S, A = V^T.
+The new adapter has scaling 1 (lora_alpha = r per module); weights and scalings live in A and B.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+from torch import Tensor
+
+from .errors import ConfigError, MergeError, UnsupportedFeatureError
+from .layers import LoraEmbedding, LoraLayer
+
+COMBINATIONS = ("svd", "cat", "linear")
+
+
+def check_finite_merge(layer: LoraLayer, adapter_names: list[str]) -> None:
+    """Raise MergeError if merging these adapters would put NaN/Inf into the layer's weight."""
+    weight = layer._merge_target().detach().float()
+    for name in adapter_names:
+        if name in layer.r and name not in layer.merged_adapters:
+            weight = layer.merged_weight(name, weight)
+    if not torch.isfinite(weight).all():
+        raise MergeError(f"merging {adapter_names} would write NaN/Inf into {layer._describe()}; nothing was merged")
+
+
+def _get_AB(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
+    if isinstance(layer, LoraEmbedding):
+        return layer.lora_embedding_A[name], layer.lora_embedding_B[name]
+    return layer.lora_A[name].weight, layer.lora_B[name].weight
+
+
+def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapter_name: str,
+                         combination_type: str = "svd", svd_rank: int | None = None) -> None:
+    """Create `adapter_name` on `model` (a LoraModel) from a weighted combination of adapters."""
+    problems = []
+    if combination_type not in COMBINATIONS:
+        problems.append(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
+    missing = [a for a in adapters if a not in model.peft_config]
+    if missing:
+        problems.append(f"unknown adapter(s) {missing}; loaded: {sorted(model.peft_config)}")
+    if len(weights) != len(adapters) or not adapters:
+        problems.append(f"need one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+    if adapter_name in model.peft_config:
+        problems.append(f"adapter {adapter_name!r} already exists")
+    if problems:
+        raise ConfigError(problems, source="add_weighted_adapter")
+    if any(model.peft_config[a].use_dora for a in adapters):
+        raise UnsupportedFeatureError("add_weighted_adapter does not support DoRA adapters")
+
+    layers = [(path, m) for path, m in model.model.named_modules()
+              if isinstance(m, LoraLayer) and any(a in m.r for a in adapters)]
+    ranks = {path: _combined_rank(path, m, adapters, combination_type, svd_rank) for path, m in layers}
+    first = model.peft_config[adapters[0]]
+    r = max(ranks.values())
+    config = replace(
+        first, r=r, lora_alpha=r, use_rslora=False, use_dora=False, init_lora_weights=True,
+        target_modules=sorted({path.split(".")[-1] for path, _ in layers}),
+        rank_pattern={p: k for p, k in ranks.items() if k != r},
+        alpha_pattern={p: k for p, k in ranks.items() if k != r},
+        modules_to_save=None, layers_to_transform=None, layers_pattern=None, exclude_modules=None,
+    )
+    for path, layer in layers:
+        layer.update_layer(adapter_name, r=ranks[path], lora_alpha=ranks[path], lora_dropout=first.lora_dropout,
+                           init_lora_weights=True, use_rslora=False, use_dora=False)
+        A, B = _combine(layer, adapters, weights, combination_type, ranks[path])
+        new_A, new_B = _get_AB(layer, adapter_name)
+        with torch.no_grad():
+            new_A.copy_(A.reshape(new_A.shape))
+            new_B.copy_(B.reshape(new_B.shape))
+    model.peft_config[adapter_name] = config
+    model._apply_active()
+
+
+def _combined_rank(path: str, layer: LoraLayer, adapters: list[str], combination_type: str,
+                   svd_rank: int | None) -> int:
+    present = [layer.r[a] for a in adapters if a in layer.r]
+    if combination_type == "cat":
+        return sum(present)
+    if combination_type == "linear":
+        if len(set(present)) != 1 or len(present) != len(adapters):
+            raise ConfigError(f"combination_type='linear' needs every adapter on {path} with one rank; got {present}")
+        return present[0]
+    return svd_rank or max(present)
+
+
+def _combine(layer: LoraLayer, adapters: list[str], weights: list[float], combination_type: str,
+             rank: int) -> tuple[Tensor, Tensor]:
+    """Return the new (A, B) for one layer, flattened to (R, -1) and (-1, R)."""
+    pairs = []
+    for name, w in zip(adapters, weights):
+        if name in layer.r:
+            A, B = _get_AB(layer, name)
+            pairs.append((A.detach().float().reshape(A.shape[0], -1),
+                          B.detach().float().reshape(B.shape[0], -1), w * layer.scaling[name]))
+    if combination_type == "cat":
+        return torch.cat([ws * A for A, _, ws in pairs], 0), torch.cat([B for _, B, _ in pairs], 1)
+    if combination_type == "linear":
+        A = sum(math.copysign(math.sqrt(abs(ws)), ws) * A for A, _, ws in pairs)
+        B = sum(math.sqrt(abs(ws)) * B for _, B, ws in pairs)
+        return A, B
+    delta = sum(ws * (B @ A) for A, B, ws in pairs)  # (out, in*k) or (dim, vocab)
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    k = min(rank, S.numel())
+    return _pad_rank(Vh[:k], U[:, :k] * S[:k], rank)
+
+
+def _pad_rank(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:
+    if A.shape[0] == rank:
+        return A, B
+    A = torch.cat([A, A.new_zeros(rank - A.shape[0], A.shape[1])], 0)
+    B = torch.cat([B, B.new_zeros(B.shape[0], rank - B.shape[1])], 1)
+    return A, B

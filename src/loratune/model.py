@@ -1,0 +1,317 @@
+"""`LoraModel` (alias `PeftModel`): a model with LoRA adapters injected, PEFT's API on top.
+
+It wraps the user's model in place (its targets become LoRA layers) and forwards every unknown
+attribute, `forward` and `generate` to it. No hidden state changes: `eval()` does not merge,
+`forward()` does not unmerge, a mixed-batch call always clears its routing, and loading never
+skips keys.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import replace
+
+import torch
+from torch import Tensor, nn
+
+from . import adapter_io, merge
+from .config import LoraConfig
+from .errors import AdapterError, ConfigError, MergeError
+from .inject import inject_adapter, resolve_config
+from .layers import BASE_ADAPTER, LoraLayer, LoraLinear, ModulesToSave
+
+logger = logging.getLogger(__name__)
+
+_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class LoraModel(nn.Module):
+    """A frozen base model plus named LoRA adapters; the active ones (summed) apply by default."""
+
+    def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
+        super().__init__()
+        self.model = model
+        self.peft_config: dict[str, LoraConfig] = {}
+        self._active: list[str] = []
+        for param in model.parameters():
+            param.requires_grad_(False)
+        self.add_adapter(adapter_name, peft_config)
+        self.set_adapter(adapter_name)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ----- PEFT-compatible accessors -------------------------------------------------------------
+
+    @property
+    def base_model(self) -> LoraModel:
+        """PEFT's `peft_model.base_model`; `.base_model.model` is the wrapped model."""
+        return self
+
+    def get_base_model(self) -> nn.Module:
+        return self.model
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active[0] if len(self._active) == 1 else list(self._active)
+
+    @property
+    def peft_type(self) -> str:
+        return "LORA"
+
+    def _layers(self) -> Iterator[LoraLayer | ModulesToSave]:
+        for module in self.model.modules():
+            if isinstance(module, (LoraLayer, ModulesToSave)):
+                yield module
+
+    # ----- adapters ------------------------------------------------------------------------------
+
+    def add_adapter(self, adapter_name: str, peft_config: LoraConfig) -> None:
+        """Inject a new, inactive adapter (`set_adapter` activates it)."""
+        if not isinstance(peft_config, LoraConfig):
+            raise ConfigError(f"expected a loratune LoraConfig, got {type(peft_config).__name__}")
+        if not _ADAPTER_NAME.match(adapter_name) or adapter_name == BASE_ADAPTER:
+            raise ConfigError(f"adapter name {adapter_name!r} must match [A-Za-z0-9_-]+ and not be {BASE_ADAPTER!r}")
+        if adapter_name in self.peft_config:
+            raise ConfigError(f"an adapter named {adapter_name!r} already exists; delete_adapter() it first")
+        if any(layer.merged for layer in self._layers() if isinstance(layer, LoraLayer)):
+            raise MergeError("cannot add an adapter while adapters are merged; call unmerge_adapter() first")
+        config = resolve_config(self.model, peft_config)
+        try:
+            targets = inject_adapter(self.model, config, adapter_name)
+        except Exception:
+            self._remove_adapter_weights(adapter_name)
+            raise
+        if any(isinstance(self.model.get_submodule(t), LoraLinear) and self.model.get_submodule(t).fan_in_fan_out
+               for t in targets):
+            config = replace(config, fan_in_fan_out=True)  # what PEFT writes for Conv1D bases
+        if config.base_model_name_or_path is None:
+            name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
+            config = replace(config, base_model_name_or_path=name_or_path)
+        self.peft_config[adapter_name] = config
+        self._apply_active()
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        """Make these adapters active (a list sums them); only active adapters are trainable."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ConfigError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}")
+        self._active = names
+        self._apply_active()
+
+    def _apply_active(self) -> None:
+        trainable = any(not self.peft_config[n].inference_mode for n in self._active)
+        for layer in self._layers():
+            layer.set_active(self._active, trainable)
+        for name, param in self.model.named_parameters():
+            if name.endswith("bias") and "lora_" not in name and "modules_to_save" not in name:
+                param.requires_grad_(trainable and self._bias_trains(name))
+
+    def _bias_trains(self, param_name: str) -> bool:
+        modes = {self.peft_config[n].bias for n in self._active}
+        return "all" in modes or ("lora_only" in modes and ".base_layer." in param_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter's weights; if it was active, the remaining active ones stay."""
+        if adapter_name not in self.peft_config:
+            raise ConfigError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(self.peft_config)}")
+        self._remove_adapter_weights(adapter_name)
+        del self.peft_config[adapter_name]
+        self._active = [n for n in self._active if n != adapter_name]
+        self._apply_active()
+
+    def _remove_adapter_weights(self, adapter_name: str) -> None:
+        for layer in self._layers():
+            layer.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Run the plain base model inside the block; state is restored even if it raises."""
+        layers = list(self._layers())
+        if any(isinstance(layer, LoraLayer) and layer.merged for layer in layers):
+            raise MergeError("adapters are merged into the base weights; call unmerge_adapter() before disable_adapter()")
+        previous = [layer.disable_adapters for layer in layers]
+        for layer in layers:
+            layer.disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer, flag in zip(layers, previous):
+                layer.disable_adapters = flag
+
+    # ----- running -------------------------------------------------------------------------------
+
+    def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None:
+            return self.model(*args, **kwargs)
+        with self._mixed_batch(adapter_names, args, kwargs):
+            return self.model(*args, **kwargs)
+
+    def generate(self, *args, adapter_names: list[str] | None = None, **kwargs):
+        if adapter_names is None:
+            return self.model.generate(*args, **kwargs)
+        with self._mixed_batch(adapter_names, args, kwargs):
+            return self.model.generate(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def _mixed_batch(self, adapter_names: list[str], args, kwargs) -> Iterator[None]:
+        """Route rows to adapters for one call: one group of row indices per distinct name."""
+        names = list(adapter_names)
+        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise ConfigError(f"adapter_names has unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}")
+        inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
+        if isinstance(inputs, Tensor) and inputs.shape[0] != len(names):
+            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {inputs.shape[0]} rows")
+        layers = list(self._layers())
+        if any(isinstance(layer, LoraLayer) and layer.merged for layer in layers):
+            raise MergeError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
+        device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
+        groups = []
+        for name in dict.fromkeys(names):
+            rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long, device=device)
+            groups.append((name, rows))
+        for layer in layers:
+            layer.batch_groups = groups
+        try:
+            yield
+        finally:
+            for layer in layers:
+                layer.batch_groups = None
+
+    # ----- merging -------------------------------------------------------------------------------
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, *, safe_merge: bool = False) -> None:
+        """Add the (active) adapters into the base weights; forward then skips them."""
+        names = self._merge_names(adapter_names)
+        for layer in self._layers():
+            if isinstance(layer, LoraLayer):
+                layer.merge(names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        """Subtract every merged adapter from the base weights."""
+        for layer in self._layers():
+            if isinstance(layer, LoraLayer):
+                layer.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
+                         adapter_names: list[str] | None = None) -> nn.Module:
+        """Merge the active adapters and return the plain model (LoRA layers removed)."""
+        if safe_merge:  # check every layer before touching any weight
+            names = self._merge_names(adapter_names)
+            for layer in self._layers():
+                if isinstance(layer, LoraLayer):
+                    merge.check_finite_merge(layer, names)
+        self.merge_adapter(adapter_names, safe_merge=safe_merge)
+        return self._unload(keep_saved_copies=True)
+
+    def unload(self) -> nn.Module:
+        """Return the plain model with LoRA layers removed, without merging."""
+        return self._unload(keep_saved_copies=False)
+
+    def _merge_names(self, adapter_names: list[str] | None) -> list[str]:
+        names = list(adapter_names) if adapter_names is not None else list(self._active)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ConfigError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}")
+        return names
+
+    def _unload(self, keep_saved_copies: bool) -> nn.Module:
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, LoraLayer):
+                replacement = module.base_layer
+            elif isinstance(module, ModulesToSave):
+                replacement = module.original_module
+                if keep_saved_copies and module.active_adapters:
+                    replacement = module.modules_to_save[module.active_adapters[0]]
+            else:
+                continue
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, replacement)
+        return self.model
+
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
+                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
+        """Create `adapter_name` as a weighted combination of existing adapters (see merge.py)."""
+        merge.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+
+    # ----- parameters ----------------------------------------------------------------------------
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) parameter counts; quantized weights count their logical elements."""
+        trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.model.parameters())
+        total += sum(int(getattr(m, "num_weight_elements", 0)) for m in self.model.modules()
+                     if getattr(m, "is_quantized", False))
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+
+    # ----- files ---------------------------------------------------------------------------------
+
+    def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
+                        safe_serialization: bool = True, **kwargs) -> None:
+        """Write each adapter in PEFT's format; non-default names go to a sub-folder."""
+        if not safe_serialization:
+            logger.warning("loratune writes safetensors only; ignoring safe_serialization=False")
+        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        for name in names:
+            config = replace(self.peft_config[name], inference_mode=True)
+            tensors = adapter_io.adapter_state_dict(self.model, name, config.bias)
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            adapter_io.save_adapter(directory, config, tensors)
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
+                        is_trainable: bool = False, config: LoraConfig | None = None,
+                        subfolder: str | None = None, revision: str | None = None, **kwargs) -> LoraModel:
+        """Wrap `model` and load a saved adapter into it (strictly: every tensor must fit)."""
+        file_config, tensors = adapter_io.read_adapter(model_id, subfolder=subfolder, revision=revision)
+        config = replace(config or file_config, inference_mode=not is_trainable)
+        # Injection must not re-run data-dependent inits (PiSSA/OLoRA rewrite the base weights).
+        self = cls(model, replace(config, init_lora_weights=True), adapter_name)
+        self.peft_config[adapter_name] = replace(self.peft_config[adapter_name], init_lora_weights=config.init_lora_weights)
+        adapter_io.load_adapter_tensors(self.model, adapter_name, config.bias, tensors, source=str(model_id))
+        self._apply_active()
+        return self
+
+    def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
+                     subfolder: str | None = None, revision: str | None = None, **kwargs) -> None:
+        """Load a saved adapter under a new name (inactive); on any error the model is unchanged."""
+        file_config, tensors = adapter_io.read_adapter(model_id, subfolder=subfolder, revision=revision)
+        config = replace(file_config, inference_mode=not is_trainable)
+        self.add_adapter(adapter_name, replace(config, init_lora_weights=True))
+        try:
+            adapter_io.load_adapter_tensors(self.model, adapter_name, config.bias, tensors, source=str(model_id))
+        except AdapterError:
+            self.delete_adapter(adapter_name)
+            raise
+        self.peft_config[adapter_name] = replace(self.peft_config[adapter_name],
+                                                 init_lora_weights=config.init_lora_weights)
+        self._apply_active()
+
+
+PeftModel = LoraModel
+PeftModelForCausalLM = LoraModel
+
+
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs) -> LoraModel:
+    """Inject a LoRA adapter into `model` (in place) and return the wrapping LoraModel."""
+    return LoraModel(model, peft_config, adapter_name)
