@@ -32,6 +32,9 @@ SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 _DORA_SUFFIX = "lora_magnitude_vector.weight"
+# PEFT also saves the full base weight of adapted embedding layers (vocabulary may be resized);
+# such a file is valid, so these keys are accepted (and loaded) when present, never required.
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head", "wte", "embed_in", "embed_out", "word_embeddings")
 
 
 def adapter_param_map(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, nn.Parameter]:
@@ -180,6 +183,8 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, bias: str, tensors
     """
     expected = adapter_param_map(model, adapter_name, bias)
     missing = sorted(set(expected) - set(tensors))
+    optional = _embedding_base_weights(model)
+    expected.update({k: v for k, v in optional.items() if k in tensors})
     unexpected = sorted(set(tensors) - set(expected))
     misshapen = [
         f"{k}: file {tuple(tensors[k].shape)} vs model {tuple(expected[k].shape)}"
@@ -195,6 +200,14 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, bias: str, tensors
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key].to(param.dtype))
+
+
+def _embedding_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {
+        f"{PREFIX}{path}.base_layer.weight": module.base_layer.weight
+        for path, module in model.named_modules()
+        if isinstance(module, LoraLayer) and path.split(".")[-1] in EMBEDDING_LAYER_NAMES
+    }
 
 
 def describe_adapter_dir(path: str) -> dict:
