@@ -1,0 +1,191 @@
+"""`run`: the whole training job from a config to an adapter on disk, callable from Python.
+
+    from loratune.train import run
+    result = run("examples/quickstart.yaml", max_steps=20)
+    print(result.adapter_dir, result.metrics_path)
+
+It loads the tokenizer, data and frozen base, injects the adapter, calls `loop.fit`, and on the
+main process writes the final adapter (PEFT format), `train_config.yaml`, `metrics.jsonl` and
+`loss.png` into `output_dir`. The CLI (`loratune train`) is a thin wrapper around it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+
+from loratune.train import checkpoint as ckpt
+from loratune.train.config import TrainConfig, build_config, read_yaml
+from loratune.train.distributed import DistEnv, barrier, init_distributed, shutdown_distributed
+from loratune.train.metrics import PLOT_FILE, MetricsLog, plot_losses
+
+logger = logging.getLogger(__name__)
+CONFIG_FILE = "train_config.yaml"
+
+
+@dataclass
+class TrainResult:
+    """Where the outputs are and how the run went (numbers are global, over all processes)."""
+
+    output_dir: str
+    adapter_dir: str | None
+    metrics_path: str
+    plot_path: str | None
+    config_path: str
+    step: int
+    total_steps: int
+    interrupted: bool
+    last_checkpoint: str | None
+    train_tokens: int
+    runtime_s: float
+    first_loss: float | None
+    final_loss: float | None
+    eval_loss: float | None
+    sample: dict[str, str] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
+    """Build a TrainConfig from a TrainConfig, a dict of flat keys, or a YAML path, plus overrides."""
+    if isinstance(config, TrainConfig):
+        return config.replace(**overrides) if overrides else config
+    if config is None:
+        return build_config(dict(overrides))
+    if isinstance(config, dict):
+        return build_config({**config, **overrides})
+    path = os.fspath(config)
+    return build_config({**read_yaml(path), **overrides}, source=path)
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    """The resolved config as YAML (flat keys), as written to train_config.yaml."""
+    return yaml.safe_dump(cfg.to_flat_dict(), sort_keys=False, default_flow_style=None)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def run(config: TrainConfig | dict | str | os.PathLike | None = None, **overrides: Any) -> TrainResult:
+    """Train an adapter as `config` says; flat-key overrides win over the config.
+
+    Raises:
+        ConfigError: invalid keys or values (all listed at once).
+        DataError: a malformed data row (file and line named).
+        TrainingDivergedError: NaN/Inf loss; the last good checkpoint is kept.
+    """
+    cfg = resolve_config(config, overrides)
+    env = init_distributed()
+    try:
+        return _run(cfg, env)
+    finally:
+        shutdown_distributed(env)
+
+
+def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
+    from loratune.data import build_datasets
+    from loratune.loading import load_base_model, load_tokenizer
+    from loratune.train.loop import fit
+
+    torch.set_flush_denormal(True)  # denormals in tiny LoRA grads cost ~100x per op on x86
+    out = cfg.loop.output_dir
+    if env.is_main:
+        os.makedirs(out, exist_ok=True)
+        ckpt.remove_incomplete(out)
+    barrier(env)
+    resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
+    seed_everything(cfg.loop.seed)
+
+    tokenizer = load_tokenizer(cfg.model.model_name_or_path)
+    datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed)
+    model = build_model(cfg, env)
+    config_yaml = config_to_yaml(cfg)
+    metrics = MetricsLog(out, enabled=env.is_main, tensorboard=cfg.loop.report_to == "tensorboard",
+                         resume_step=_checkpoint_step(resume_path))
+    try:
+        outcome = fit(model, tokenizer, datasets, cfg, env, resume_path=resume_path, metrics=metrics,
+                      config_yaml=config_yaml)
+    finally:
+        metrics.close()
+        if env.is_main:
+            plot_losses(metrics.records, os.path.join(out, PLOT_FILE))
+
+    adapter_dir, sample = None, None
+    if env.is_main:
+        with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as fh:
+            fh.write(config_yaml)
+        if not outcome.interrupted:
+            model.save_pretrained(out)
+            adapter_dir = out
+            sample = before_after_sample(model, tokenizer, datasets)
+    barrier(env)
+    losses = [r["loss"] for r in metrics.records if isinstance(r.get("loss"), float)]
+    plot = os.path.join(out, PLOT_FILE)
+    return TrainResult(
+        output_dir=out, adapter_dir=adapter_dir, metrics_path=metrics.path,
+        plot_path=plot if os.path.exists(plot) else None, config_path=os.path.join(out, CONFIG_FILE),
+        step=outcome.step, total_steps=outcome.total_steps, interrupted=outcome.interrupted,
+        last_checkpoint=outcome.last_checkpoint, train_tokens=outcome.train_tokens, runtime_s=outcome.runtime_s,
+        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
+        eval_loss=outcome.eval_loss, sample=sample, history=outcome.history,
+    )
+
+
+def build_model(cfg: TrainConfig, env: DistEnv):
+    """Load the frozen base (bf16 where supported) and inject a fresh fp32 LoRA adapter."""
+    from loratune import LoraConfig, get_peft_model
+    from loratune.loading import load_base_model
+
+    m, lo = cfg.model, cfg.lora
+    base = load_base_model(
+        m.model_name_or_path, dtype="auto" if m.bf16 else "float32", device=env.device,
+        load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit, bnb_4bit_quant_type=m.bnb_4bit_quant_type,
+        bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype, bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
+    )
+    if m.gradient_checkpointing:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    lora_config = LoraConfig(
+        r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
+        target_modules=list(lo.target_modules) if isinstance(lo.target_modules, (list, tuple)) else lo.target_modules,
+        use_rslora=lo.use_rslora, use_dora=lo.use_dora,
+        modules_to_save=list(lo.modules_to_save) if lo.modules_to_save else None,
+        task_type="CAUSAL_LM", base_model_name_or_path=m.model_name_or_path,
+    )
+    model = get_peft_model(base, lora_config)
+    with torch.no_grad():
+        for _, p in model.named_parameters():
+            if p.requires_grad and p.dtype != torch.float32:
+                p.data = p.data.float()  # fp32 master weights whatever the base dtype
+    return model
+
+
+def before_after_sample(model, tokenizer, datasets) -> dict[str, str] | None:
+    """Generate for one example prompt with the adapter disabled (before) and enabled (after)."""
+    from loratune.train.sampling import generate_text, prompt_ids
+
+    source = datasets.eval if datasets.eval is not None and len(datasets.eval) else datasets.train
+    if source is None or not len(source):
+        return None
+    ids = prompt_ids(source[0])
+    with model.disable_adapter():
+        before = generate_text(model, tokenizer, ids)
+    after = generate_text(model, tokenizer, ids)
+    return {"prompt": tokenizer.decode(ids, skip_special_tokens=False), "before": before, "after": after}
+
+
+def _checkpoint_step(path: str | None) -> int | None:
+    if path is None:
+        return None
+    with open(os.path.join(path, ckpt.INFO_FILE), encoding="utf-8") as fh:
+        return int(json.load(fh)["step"])

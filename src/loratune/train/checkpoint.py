@@ -1,0 +1,148 @@
+"""Checkpoints: `output_dir/checkpoint-<step>/`, written atomically, the newest K kept.
+
+A checkpoint holds the adapter in PEFT format (so any checkpoint can be loaded or served as is),
+`training_state.pt` (trainable weights, optimizer, scheduler, RNG states of every rank, data
+position), `trainer_state.json` (the same position, human-readable) and `train_config.yaml`.
+It is assembled in a hidden temp directory and renamed into place, so a directory named
+`checkpoint-<step>` is always complete; a crash mid-write leaves only a temp directory, which
+resume ignores and the next run deletes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import re
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+from loratune.atomic import atomic_directory
+from loratune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+PREFIX = "checkpoint-"
+STATE_FILE = "training_state.pt"
+INFO_FILE = "trainer_state.json"
+CONFIG_FILE = "train_config.yaml"
+_NAME = re.compile(rf"^{PREFIX}(\d+)$")
+
+
+def rng_state() -> dict[str, Any]:
+    """Capture the python, numpy and torch (CPU and CUDA) generators of this process."""
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), pos, has_gauss, cached),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore generators captured by `rng_state`."""
+    random.setstate(_as_tuples(state["python"]))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuples(value: Any) -> Any:
+    # random.setstate needs tuples; a weights_only round trip may hand back lists.
+    return tuple(_as_tuples(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def save_checkpoint(
+    output_dir: str,
+    step: int,
+    *,
+    write_adapter: Callable[[str], None],
+    state: dict[str, Any],
+    info: dict[str, Any],
+    config_yaml: str,
+    save_total_limit: int | None,
+) -> str:
+    """Write checkpoint-<step>/ atomically, then delete the oldest beyond `save_total_limit`.
+
+    `write_adapter(dir)` saves the adapter in PEFT format into `dir`. Returns the final path.
+    """
+    final = os.path.join(output_dir, f"{PREFIX}{step}")
+    with atomic_directory(final) as tmp:  # hidden ".checkpoint-<step>.tmp-*" sibling, renamed when complete
+        write_adapter(tmp)
+        torch.save(state, os.path.join(tmp, STATE_FILE))
+        with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as fh:
+            json.dump(info, fh, indent=2)
+        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
+            fh.write(config_yaml)
+    rotate_checkpoints(output_dir, save_total_limit)
+    logger.info("saved %s", final)
+    return final
+
+
+def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
+    """Return [(step, path)] of complete checkpoints, oldest first."""
+    if not os.path.isdir(output_dir):
+        return []
+    found = []
+    for name in os.listdir(output_dir):
+        match = _NAME.match(name)
+        path = os.path.join(output_dir, name)
+        if match and os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, INFO_FILE)):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def rotate_checkpoints(output_dir: str, limit: int | None) -> None:
+    """Delete the oldest checkpoints so that at most `limit` remain."""
+    if limit is None:
+        return
+    for _, path in list_checkpoints(output_dir)[:-limit]:
+        shutil.rmtree(path, ignore_errors=True)
+        logger.debug("deleted old checkpoint %s", path)
+
+
+def remove_incomplete(output_dir: str) -> None:
+    """Delete temp directories left by a run that died while writing a checkpoint."""
+    if not os.path.isdir(output_dir):
+        return
+    for name in os.listdir(output_dir):
+        if name.startswith(f".{PREFIX}") and ".tmp-" in name:
+            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
+            logger.info("removed incomplete checkpoint %s", name)
+
+
+def resolve_resume(resume: bool | str, output_dir: str) -> str | None:
+    """Turn `resume_from_checkpoint` (true / false / a path) into a checkpoint path or None.
+
+    Raises:
+        ConfigError: a path that is not a complete checkpoint.
+    """
+    if resume is False:
+        return None
+    if resume is True:
+        found = list_checkpoints(output_dir)
+        if not found:
+            logger.warning("resume_from_checkpoint: no checkpoint in %s; starting from scratch", output_dir)
+            return None
+        return found[-1][1]
+    path = os.fspath(resume)
+    if not (os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, INFO_FILE))):
+        raise ConfigError(
+            f"resume_from_checkpoint: {path!r} is not a complete checkpoint (needs {STATE_FILE} and {INFO_FILE})"
+        )
+    return path
+
+
+def load_training_state(path: str) -> dict[str, Any]:
+    """Load `training_state.pt` from a checkpoint directory (tensors and plain containers only)."""
+    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)

@@ -1,0 +1,387 @@
+"""The training configuration: one frozen dataclass per concern, addressed by flat keys.
+
+Users write flat keys (TRL / HF `TrainingArguments` / PEFT names) in YAML or as `--key value`
+flags; `build_config` maps each key to the section that owns it, coerces the value by the field's
+type (YAML `1e-4` is a string to PyYAML, "true" from a flag is a bool), and reports every problem
+at once as a `ConfigError`. Every default lives here, next to the one-line help that feeds
+`loratune train --help`. The data section is `loratune.data.DataConfig`, owned by the data package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from loratune.data import DataConfig
+from loratune.errors import ConfigError
+
+SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+TRUE_WORDS = ("true", "yes", "on", "1")
+FALSE_WORDS = ("false", "no", "off", "0")
+NONE_WORDS = ("none", "null", "~")
+
+
+def _help(text: str, **extra) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    """Which base model to load, and how."""
+
+    model_name_or_path: str = field(
+        default="preset:tiny-llama",
+        metadata=_help("local HF model directory, hub id, or preset:NAME (a built-in random model)"),
+    )
+    bf16: bool = field(
+        default=True,
+        metadata=_help("keep the frozen base in bf16 where the device supports it (LoRA weights stay fp32)"),
+    )
+    gradient_checkpointing: bool = field(
+        default=False, metadata=_help("recompute activations in backward to save memory")
+    )
+    load_in_4bit: bool = field(default=False, metadata=_help("quantize the frozen base to 4 bits (QLoRA)"))
+    load_in_8bit: bool = field(default=False, metadata=_help("quantize the frozen base to 8 bits"))
+    bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("4-bit data type: nf4 or fp4"))
+    bnb_4bit_compute_dtype: str = field(
+        default="bfloat16", metadata=_help("dtype of the 4-bit matmuls: bfloat16, float16 or float32")
+    )
+    bnb_4bit_use_double_quant: bool = field(
+        default=False, metadata=_help("quantize the 4-bit scales too (saves ~0.4 bit/parameter)")
+    )
+
+
+@dataclass(frozen=True)
+class LoraArgs:
+    """The adapter: PEFT `LoraConfig` names and current-practice defaults."""
+
+    r: int = field(default=16, metadata=_help("rank of the update B @ A"))
+    lora_alpha: float = field(default=32, metadata=_help("scaling numerator: scaling = lora_alpha / r"))
+    lora_dropout: float = field(default=0.05, metadata=_help("dropout on the LoRA branch input"))
+    target_modules: str | list[str] = field(
+        default="all-linear",
+        metadata=_help('"all-linear", a list of module names/suffixes (q_proj,v_proj) or a full-match regex'),
+    )
+    use_rslora: bool = field(default=False, metadata=_help("rank-stabilised scaling lora_alpha / sqrt(r)"))
+    use_dora: bool = field(default=False, metadata=_help("weight-decomposed LoRA (DoRA)"))
+    modules_to_save: list[str] | None = field(
+        default=None, metadata=_help("extra modules trained in full and saved with the adapter")
+    )
+
+
+@dataclass(frozen=True)
+class OptimArgs:
+    """AdamW on the LoRA parameters, with warmup and a decaying schedule."""
+
+    learning_rate: float = field(default=2e-4, metadata=_help("peak learning rate"))
+    lr_scheduler_type: str = field(
+        default="cosine", metadata=_help(f"learning-rate schedule after warmup: {', '.join(SCHEDULERS)}",
+                                         choices=SCHEDULERS)
+    )
+    warmup_ratio: float = field(default=0.03, metadata=_help("fraction of steps with linear warmup"))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay"))
+    max_grad_norm: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0: off)"))
+    per_device_train_batch_size: int = field(
+        default=8, metadata=_help("examples per micro-batch per process (unpacked); packed rows hold this many rows' worth of tokens")
+    )
+    gradient_accumulation_steps: int = field(
+        default=1, metadata=_help("micro-batches per optimizer step (loss normalised by trained tokens)")
+    )
+
+
+@dataclass(frozen=True)
+class LoopArgs:
+    """How long to train, what to write, and where."""
+
+    output_dir: str = field(default="outputs/lora", metadata=_help("where the adapter, checkpoints and logs go"))
+    num_train_epochs: float = field(default=3.0, metadata=_help("passes over the training data"))
+    max_steps: int = field(default=-1, metadata=_help("optimizer steps to run; overrides num_train_epochs when > 0"))
+    logging_steps: int = field(default=10, metadata=_help("log loss, learning rate and tokens/s every N steps"))
+    eval_steps: int = field(default=0, metadata=_help("evaluate every N steps and at the end (0: only at the end)"))
+    save_steps: int = field(default=500, metadata=_help("write checkpoint-<step>/ every N steps (0: never)"))
+    save_total_limit: int | None = field(default=2, metadata=_help("keep only the newest N checkpoints"))
+    seed: int = field(default=42, metadata=_help("seed for adapter init, data order and dropout"))
+    resume_from_checkpoint: bool | str = field(
+        default=False, metadata=_help("true: continue from the newest checkpoint in output_dir; or a checkpoint path")
+    )
+    report_to: str = field(default="none", metadata=_help("extra metric sink: none or tensorboard",
+                                                          choices=("none", "tensorboard")))
+    disable_tqdm: bool = field(default=False, metadata=_help("hide the progress bar"))
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelArgs, "lora": LoraArgs, "data": DataConfig, "optim": OptimArgs, "loop": LoopArgs,
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything a training run needs; build it with `build_config`, read it as sections."""
+
+    model: ModelArgs
+    lora: LoraArgs
+    data: DataConfig
+    optim: OptimArgs
+    loop: LoopArgs
+
+    def to_flat_dict(self) -> dict[str, Any]:
+        """Return {flat key: value}, the form written to train_config.yaml."""
+        out: dict[str, Any] = {}
+        for name in SECTIONS:
+            section = getattr(self, name)
+            for f in dataclasses.fields(section):
+                value = getattr(section, f.name)
+                out[f.name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    def replace(self, **flat: Any) -> TrainConfig:
+        """Return a copy with some flat keys changed (validated like any config)."""
+        return build_config({**self.to_flat_dict(), **flat})
+
+
+def key_owners() -> dict[str, tuple[str, dataclasses.Field]]:
+    """Map every flat key to (section name, dataclass field)."""
+    owners: dict[str, tuple[str, dataclasses.Field]] = {}
+    for name, cls in SECTIONS.items():
+        for f in dataclasses.fields(cls):
+            if f.name in owners:  # two sections claiming a key is our bug, not the user's
+                raise AssertionError(f"config key {f.name!r} defined in {owners[f.name][0]} and {name}")
+            owners[f.name] = (name, f)
+    return owners
+
+
+def field_types(cls: type) -> dict[str, Any]:
+    """Resolve a dataclass's (possibly string) annotations to real types."""
+    return typing.get_type_hints(cls)
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Read a YAML mapping of flat keys; raise ConfigError naming the file on any problem."""
+    path = os.fspath(path)
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        raise ConfigError(f"invalid YAML{where}: {getattr(exc, 'problem', exc)}", source=path) from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"expected a mapping of key: value, got {type(data).__name__}", source=path)
+    return data
+
+
+def build_config(raw: dict[str, Any], *, source: str | None = None) -> TrainConfig:
+    """Validate flat keys, coerce values by field type, and build the frozen TrainConfig.
+
+    Raises:
+        ConfigError: listing every unknown key (with close matches), every value of the wrong
+            type, and every out-of-range value, all at once.
+    """
+    owners = key_owners()
+    problems: list[str] = []
+    per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
+    hints = {name: field_types(cls) for name, cls in SECTIONS.items()}
+    for key, value in raw.items():
+        if key not in owners:
+            problems.append(unknown_key_message(str(key), owners))
+            continue
+        section, f = owners[key]
+        try:
+            per_section[section][key] = coerce(value, hints[section][key], f.metadata.get("choices"))
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
+    sections: dict[str, Any] = {}
+    for name, cls in SECTIONS.items():
+        try:
+            sections[name] = cls(**per_section[name])
+        except ConfigError as exc:
+            problems.extend(exc.problems)
+        except (TypeError, ValueError) as exc:
+            problems.append(str(exc))
+    if not problems:
+        problems.extend(range_problems(sections))
+    if problems:
+        raise ConfigError(problems, source=source)
+    return TrainConfig(**sections)
+
+
+def unknown_key_message(key: str, owners: dict, *, as_flag: bool = False) -> str:
+    """Say that a key (or --flag) is unknown, suggest close ones, and list all valid keys."""
+    show = (lambda k: f"--{k}") if as_flag else repr
+    close = difflib.get_close_matches(key, list(owners), n=3, cutoff=0.6)
+    hint = f"; did you mean {' or '.join(show(c) for c in close)}?" if close else "."
+    return f"unknown {'flag' if as_flag else 'key'} {show(key)}{hint} Valid keys: {', '.join(sorted(owners))}"
+
+
+def range_problems(s: dict[str, Any]) -> list[str]:
+    """Return every value that has the right type but an impossible value."""
+    m, lo, op, lp = s["model"], s["lora"], s["optim"], s["loop"]
+    checks = [
+        (lo.r > 0, f"r must be > 0, got {lo.r}"),
+        (lo.lora_alpha > 0, f"lora_alpha must be > 0, got {lo.lora_alpha}"),
+        (0 <= lo.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {lo.lora_dropout}"),
+        (op.learning_rate > 0, f"learning_rate must be > 0, got {op.learning_rate}"),
+        (0 <= op.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {op.warmup_ratio}"),
+        (op.weight_decay >= 0, f"weight_decay must be >= 0, got {op.weight_decay}"),
+        (op.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {op.max_grad_norm}"),
+        (op.per_device_train_batch_size >= 1,
+         f"per_device_train_batch_size must be >= 1, got {op.per_device_train_batch_size}"),
+        (op.gradient_accumulation_steps >= 1,
+         f"gradient_accumulation_steps must be >= 1, got {op.gradient_accumulation_steps}"),
+        (lp.max_steps == -1 or lp.max_steps > 0, f"max_steps must be > 0 or -1 (use epochs), got {lp.max_steps}"),
+        (lp.num_train_epochs > 0, f"num_train_epochs must be > 0, got {lp.num_train_epochs}"),
+        (lp.logging_steps >= 1, f"logging_steps must be >= 1, got {lp.logging_steps}"),
+        (lp.eval_steps >= 0, f"eval_steps must be >= 0, got {lp.eval_steps}"),
+        (lp.save_steps >= 0, f"save_steps must be >= 0, got {lp.save_steps}"),
+        (lp.save_total_limit is None or lp.save_total_limit >= 1,
+         f"save_total_limit must be >= 1 or null, got {lp.save_total_limit}"),
+        (not (m.load_in_4bit and m.load_in_8bit), "load_in_4bit and load_in_8bit are mutually exclusive"),
+        (bool(lp.output_dir), "output_dir must not be empty"),
+    ]
+    return [msg for ok, msg in checks if not ok]
+
+
+def coerce(value: Any, tp: Any, choices: tuple | None = None) -> Any:
+    """Convert a YAML or command-line value to the field type `tp`; raise ValueError if impossible."""
+    out = _coerce(value, tp)
+    if choices is not None and out not in choices:
+        raise ValueError(f"expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return out
+
+
+def _coerce(value: Any, tp: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return _coerce_union(value, typing.get_args(tp))
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value in allowed:
+            return value
+        raise ValueError(f"expected one of {', '.join(map(repr, allowed))}, got {value!r}")
+    if origin in (list, tuple):
+        (inner, *_) = typing.get_args(tp) or (str,)
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"expected a list, got {value!r}")
+        items = [_coerce(v, inner) for v in value]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        return _coerce_dict(value, typing.get_args(tp))
+    if tp is Any:
+        return value
+    return _coerce_scalar(value, tp)
+
+
+def _coerce_union(value: Any, options: tuple) -> Any:
+    if type(None) in options and (value is None or (isinstance(value, str) and value.lower() in NONE_WORDS)):
+        return None
+    rest = [o for o in options if o is not type(None)]
+    # Try the most specific reading first: bool before str, list before str (a comma means a list).
+    order = sorted(rest, key=lambda o: {bool: 0, int: 1, float: 2}.get(o, 3 if typing.get_origin(o) else 4))
+    if isinstance(value, str) and "," not in value:
+        order = [o for o in order if typing.get_origin(o) not in (list, tuple)] + \
+                [o for o in order if typing.get_origin(o) in (list, tuple)]
+    errors = []
+    for option in order:
+        try:
+            return _coerce(value, option)
+        except ValueError as exc:
+            errors.append(str(exc))
+    names = " or ".join(_type_name(o) for o in options)
+    raise ValueError(f"expected {names}, got {value!r}")
+
+
+def _coerce_scalar(value: Any, tp: type) -> Any:
+    if value is None:
+        raise ValueError(f"expected {_type_name(tp)}, got null")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+        if isinstance(value, str) and value.strip().lower() in TRUE_WORDS + FALSE_WORDS:
+            return value.strip().lower() in TRUE_WORDS
+        raise ValueError(f"expected a boolean (true/false), got {value!r}")
+    if tp is int:
+        if isinstance(value, bool):
+            raise ValueError(f"expected an integer, got {value!r}")
+        if isinstance(value, int):
+            return value
+        try:
+            number = float(value) if isinstance(value, (str, float)) else None
+        except ValueError:
+            number = None
+        if number is not None and number.is_integer():
+            return int(number)
+        raise ValueError(f"expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, bool):
+            raise ValueError(f"expected a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected a number, got {value!r}") from None
+    if tp is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ValueError(f"expected a string, got {value!r}")
+    if isinstance(value, tp):
+        return value
+    raise ValueError(f"expected {_type_name(tp)}, got {value!r}")
+
+
+def _coerce_dict(value: Any, args: tuple) -> dict:
+    key_tp, val_tp = args or (str, Any)
+    if isinstance(value, str):  # from a flag: "a=b,c=d"
+        pairs = [p.split("=", 1) for p in value.split(",") if p.strip()]
+        if any(len(p) != 2 for p in pairs):
+            raise ValueError(f"expected key=value pairs separated by commas, got {value!r}")
+        value = {k.strip(): v.strip() for k, v in pairs}
+    if not isinstance(value, dict):
+        raise ValueError(f"expected a mapping, got {value!r}")
+    return {_coerce(k, key_tp): _coerce(v, val_tp) for k, v in value.items()}
+
+
+def _type_name(tp: Any) -> str:
+    if tp is type(None):
+        return "null"
+    if typing.get_origin(tp) in (list, tuple):
+        return "a list"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def describe_keys() -> list[tuple[str, list[tuple[str, str, Any, str]]]]:
+    """Return [(section, [(key, type name, default, help)])] for `--help`."""
+    out = []
+    for name, cls in SECTIONS.items():
+        hints = field_types(cls)
+        rows = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else (
+                f.default_factory() if f.default_factory is not dataclasses.MISSING else None)
+            rows.append((f.name, _flag_type(hints[f.name]), default, f.metadata.get("help", "")))
+        out.append((name, rows))
+    return out
+
+
+def _flag_type(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return "|".join(_flag_type(a) for a in typing.get_args(tp))
+    if origin in (list, tuple):
+        return "list"
+    if origin is Literal:
+        return "|".join(map(str, typing.get_args(tp)))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")

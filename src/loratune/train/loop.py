@@ -1,0 +1,323 @@
+"""The training loop: `fit` reads top to bottom, one optimizer step per iteration.
+
+Loss normalisation: every micro-batch backpropagates its *sum* of token losses; once a step's
+micro-batches are done, the gradients are multiplied by world_size / N, where N is the number of
+trained tokens in the whole step over all ranks (DDP already averaged over ranks, hence the
+world_size). So a step's gradient is that of the mean loss per trained token, however the tokens
+are split into micro-batches and processes; a run with gradient accumulation, or under torchrun,
+follows the same trajectory as one big batch.
+
+Data position: the batch plan of an epoch is a pure function of (seed, epoch, rank), so a
+checkpoint only stores (epoch, batch_index) and resume re-plans and skips.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from loratune.data import collate, plan_batches
+from loratune.errors import LoratuneError
+from loratune.train import checkpoint as ckpt
+from loratune.train.config import TrainConfig
+from loratune.train.distributed import DistEnv, all_reduce_min, all_reduce_sum, broadcast_flag, gather_objects
+from loratune.train.loss import token_loss_sum
+from loratune.train.metrics import MetricsLog
+from loratune.train.optim import build_optimizer, build_scheduler, trainable_parameters, warmup_steps_for
+from loratune.train.sampling import sample_generations
+
+logger = logging.getLogger(__name__)
+EVAL_SAMPLES = 2
+
+
+class TrainingDivergedError(LoratuneError, RuntimeError):
+    """The loss or gradient became NaN/Inf; the run stopped without applying that step."""
+
+
+@dataclass
+class Position:
+    """Where training stands: optimizer steps done, and the next micro-batch of which epoch."""
+
+    step: int = 0
+    epoch: int = 0
+    batch_index: int = 0
+
+
+@dataclass
+class FitOutcome:
+    """What `fit` hands back to `run`."""
+
+    step: int
+    total_steps: int
+    interrupted: bool
+    last_checkpoint: str | None
+    train_tokens: int
+    runtime_s: float
+    eval_loss: float | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+class _LossModule(nn.Module):
+    """Wraps the model so DDP sees one forward that returns (token loss sum, n tokens).
+
+    token_loss_sum may call the decoder body and LM head separately; going through this module
+    keeps DDP's gradient hooks in charge whatever it does inside.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: dict[str, torch.Tensor]):
+        return token_loss_sum(self.model, batch)
+
+
+def fit(
+    model: nn.Module,
+    tokenizer,
+    datasets,
+    cfg: TrainConfig,
+    env: DistEnv,
+    *,
+    resume_path: str | None,
+    metrics: MetricsLog,
+    config_yaml: str,
+) -> FitOutcome:
+    """Train the trainable parameters of `model` on `datasets.train`; return where it stopped.
+
+    Raises:
+        TrainingDivergedError: a NaN/Inf loss or gradient; the step is not applied and the last
+            good checkpoint is left in place.
+    """
+    op, lp, dc = cfg.optim, cfg.loop, cfg.data
+    train_set, eval_set = datasets.train, datasets.eval
+    lengths = [len(ex["input_ids"]) for ex in train_set]
+
+    def plan(epoch: int) -> list[list[int]]:
+        batches = plan_batches(lengths, op.per_device_train_batch_size, dc.max_seq_length, dc.packing,
+                               lp.seed, epoch, env.world_size, env.rank)
+        return batches[: all_reduce_min(len(batches), env)]  # every rank runs the same number of steps
+
+    steps_per_epoch = math.ceil(len(plan(0)) / op.gradient_accumulation_steps)
+    if steps_per_epoch == 0:
+        raise LoratuneError("the training set yields no batch; add data or lower per_device_train_batch_size")
+    total_steps = lp.max_steps if lp.max_steps > 0 else math.ceil(lp.num_train_epochs * steps_per_epoch)
+
+    optimizer = build_optimizer(model, op.learning_rate, op.weight_decay)
+    scheduler = build_scheduler(optimizer, op.lr_scheduler_type, warmup_steps_for(total_steps, op.warmup_ratio),
+                                total_steps)
+    pos = Position()
+    if resume_path is not None:
+        pos = _restore(resume_path, model, optimizer, scheduler, env)
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, pos.step, pos.epoch,
+                    pos.batch_index)
+    params = [p for _, p in trainable_parameters(model)]
+    runner = _LossModule(model)
+    if env.enabled:
+        runner = nn.parallel.DistributedDataParallel(
+            runner, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False
+        )
+    model.train()
+
+    stop = _InterruptFlag()
+    bar = tqdm(total=total_steps, initial=pos.step, disable=not env.is_main or lp.disable_tqdm,
+               desc="training", unit="step", dynamic_ncols=True)
+    window: list[float] = []
+    window_tokens, window_start = 0, time.perf_counter()
+    started, seen_tokens, last_ckpt, eval_loss = time.perf_counter(), 0, resume_path, None
+    batches = plan(pos.epoch)
+    with stop.installed():
+        while pos.step < total_steps:
+            if pos.batch_index >= len(batches):  # next epoch
+                pos.epoch, pos.batch_index = pos.epoch + 1, 0
+                batches = plan(pos.epoch)
+                continue
+            group = batches[pos.batch_index: pos.batch_index + op.gradient_accumulation_steps]
+            loss_sum, n_trained, n_input = _accumulate(runner, train_set, group, dc, tokenizer, env)
+            loss_sum, n_trained, n_input = all_reduce_sum([loss_sum, n_trained, n_input], env)
+            loss = loss_sum / max(n_trained, 1)
+            if n_trained > 0:
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None], env.world_size / n_trained)
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(
+                params, op.max_grad_norm if op.max_grad_norm > 0 else float("inf"), foreach=True))
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                optimizer.zero_grad(set_to_none=True)
+                bar.close()
+                metrics.write({"step": pos.step + 1, "loss": str(loss), "grad_norm": str(grad_norm), "diverged": True})
+                what = "loss" if not math.isfinite(loss) else "gradient norm"
+                keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+                raise TrainingDivergedError(
+                    f"{what} became {loss if what == 'loss' else grad_norm} at step {pos.step + 1}; stopped without "
+                    f"applying that step; {keep}. Try a lower learning_rate or max_grad_norm, then resume with "
+                    f"--resume_from_checkpoint true."
+                )
+            lr = scheduler.get_last_lr()[0]
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            pos.step, pos.batch_index = pos.step + 1, pos.batch_index + len(group)
+            seen_tokens += int(n_input)
+            window.append(loss)
+            window_tokens += int(n_input)
+
+            now = time.perf_counter()
+            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+            epoch_float = pos.epoch + pos.batch_index / max(len(batches), 1)
+            if pos.step % lp.logging_steps == 0 or pos.step == total_steps:
+                metrics.write({"step": pos.step, "loss": sum(window) / len(window), "learning_rate": lr,
+                               "tokens_per_s": tokens_per_s, "epoch": round(epoch_float, 4), "grad_norm": grad_norm})
+                window, window_tokens, window_start = [], 0, now
+            if eval_set is not None and len(eval_set) and (
+                (lp.eval_steps and pos.step % lp.eval_steps == 0) or pos.step == total_steps
+            ):
+                eval_loss = _evaluate_and_log(model, tokenizer, eval_set, cfg, env, metrics, pos.step)
+                window_start = time.perf_counter()  # eval time is not training throughput
+            interrupted = broadcast_flag(stop.requested, env)
+            if (lp.save_steps and pos.step % lp.save_steps == 0 and pos.step < total_steps) or interrupted:
+                last_ckpt = _save(model, optimizer, scheduler, pos, cfg, env, config_yaml)
+            if interrupted:
+                logger.warning("interrupted: saved %s; resume with --resume_from_checkpoint true", last_ckpt)
+                break
+    bar.close()
+    return FitOutcome(step=pos.step, total_steps=total_steps, interrupted=pos.step < total_steps,
+                      last_checkpoint=last_ckpt, train_tokens=seen_tokens,
+                      runtime_s=time.perf_counter() - started, eval_loss=eval_loss, history=list(metrics.records))
+
+
+def _accumulate(runner: nn.Module, train_set, group: list[list[int]], dc, tokenizer, env: DistEnv):
+    """Forward/backward each micro-batch of one step; return (loss sum, trained tokens, input tokens).
+
+    Gradients hold the un-normalised sum; DDP syncs only on the last micro-batch.
+    """
+    loss_sum, n_trained, n_input = 0.0, 0, 0
+    for i, indices in enumerate(group):
+        batch = collate([train_set[j] for j in indices], packing=dc.packing, pad_token_id=tokenizer.pad_token_id,
+                        max_seq_length=dc.max_seq_length)
+        batch = {k: v.to(env.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        last = i == len(group) - 1
+        sync = contextlib.nullcontext() if last or not env.enabled else runner.no_sync()
+        with sync:
+            micro_loss, micro_tokens = runner(batch)
+            micro_loss.backward()
+        loss_sum += float(micro_loss.detach())
+        n_trained += int(micro_tokens)
+        mask = batch.get("attention_mask")
+        n_input += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+    return loss_sum, n_trained, n_input
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, tokenizer, eval_set, cfg: TrainConfig, env: DistEnv) -> float:
+    """Mean next-token loss per trained token over the eval set (all ranks together)."""
+    op, dc = cfg.optim, cfg.data
+    lengths = [len(ex["input_ids"]) for ex in eval_set]
+    batches = plan_batches(lengths, op.per_device_train_batch_size, dc.max_seq_length, dc.packing,
+                           cfg.loop.seed, 0, env.world_size, env.rank)
+    was_training = model.training
+    model.eval()
+    loss_sum, n_tokens = 0.0, 0
+    try:
+        for indices in batches:
+            batch = collate([eval_set[j] for j in indices], packing=dc.packing, pad_token_id=tokenizer.pad_token_id,
+                            max_seq_length=dc.max_seq_length)
+            batch = {k: v.to(env.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+            part, count = token_loss_sum(model, batch)
+            loss_sum, n_tokens = loss_sum + float(part), n_tokens + int(count)
+    finally:
+        model.train(was_training)
+    loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], env)
+    return loss_sum / max(n_tokens, 1)
+
+
+def _evaluate_and_log(model, tokenizer, eval_set, cfg, env, metrics: MetricsLog, step: int) -> float:
+    eval_loss = evaluate(model, tokenizer, eval_set, cfg, env)
+    record: dict[str, Any] = {"step": step, "eval_loss": eval_loss,
+                              "perplexity": math.exp(eval_loss) if eval_loss < 700 else float("inf")}
+    if env.is_main:
+        samples = sample_generations(model, tokenizer, [eval_set[i] for i in range(min(EVAL_SAMPLES, len(eval_set)))])
+        record["samples"] = samples
+        for s in samples:
+            logger.info("sample @ step %d: %r -> %r", step, s["prompt"], s["completion"])
+    metrics.write(record)
+    logger.info("step %d: eval_loss %.4f, perplexity %.2f", step, eval_loss, record["perplexity"])
+    return eval_loss
+
+
+def _save(model, optimizer, scheduler, pos: Position, cfg: TrainConfig, env: DistEnv, config_yaml: str) -> str:
+    """Write checkpoint-<step>; every rank calls this (RNG states are gathered), the main one writes."""
+    rngs = gather_objects(ckpt.rng_state(), env)
+    path = None
+    if env.is_main:
+        state = {
+            "trainable": {n: p.detach().cpu() for n, p in trainable_parameters(model)},
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "rng": rngs,
+            "position": {"step": pos.step, "epoch": pos.epoch, "batch_index": pos.batch_index},
+            "world_size": env.world_size,
+        }
+        info = {**state["position"], "world_size": env.world_size, "learning_rate": scheduler.get_last_lr()[0]}
+        path = ckpt.save_checkpoint(cfg.loop.output_dir, pos.step, write_adapter=model.save_pretrained, state=state,
+                                    info=info, config_yaml=config_yaml, save_total_limit=cfg.loop.save_total_limit)
+    return gather_objects(path, env)[0]
+
+
+def _restore(path: str, model, optimizer, scheduler, env: DistEnv) -> Position:
+    """Load weights, optimizer, scheduler, RNG and data position from a checkpoint."""
+    state = ckpt.load_training_state(path)
+    params = dict(trainable_parameters(model))
+    saved = state["trainable"]
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or extra:
+        raise LoratuneError(f"checkpoint {path} does not fit this model/config: missing {missing[:5]}, "
+                            f"unexpected {extra[:5]}")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name])
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if state["world_size"] != env.world_size:
+        logger.warning("checkpoint was written by %d processes, resuming with %d: data order will differ",
+                       state["world_size"], env.world_size)
+    rngs = state["rng"]
+    ckpt.set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
+    return Position(**state["position"])
+
+
+class _InterruptFlag:
+    """Turns the first Ctrl-C into a request to stop at the end of the current step.
+
+    A second Ctrl-C interrupts immediately (the default behaviour is restored after the first).
+    """
+
+    def __init__(self):
+        self.requested = False
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self._previous)
+        logger.warning("Ctrl-C: finishing this step and saving a checkpoint (press again to abort)")
+
+    @contextlib.contextmanager
+    def installed(self):
+        if threading.current_thread() is not threading.main_thread():
+            yield self
+            return
+        self._previous = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._handle)
+        try:
+            yield self
+        finally:
+            signal.signal(signal.SIGINT, self._previous)

@@ -1,0 +1,104 @@
+"""What a run records: `metrics.jsonl`, optional TensorBoard, and `loss.png` at the end.
+
+`metrics.jsonl` holds one JSON object per line: training records (step, loss, learning_rate,
+tokens_per_s, epoch, grad_norm) every `logging_steps`, and eval records (step, eval_loss,
+perplexity, samples). A resumed run appends to the same file, first dropping records past the
+checkpoint it resumes from, so the file always reads as one run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+PLOT_FILE = "loss.png"
+
+
+class MetricsLog:
+    """Append-only metrics sink for the main process (other ranks get `enabled=False`)."""
+
+    def __init__(self, output_dir: str, *, enabled: bool, tensorboard: bool, resume_step: int | None):
+        self.path = os.path.join(output_dir, METRICS_FILE)
+        self.enabled = enabled
+        self.records: list[dict[str, Any]] = []
+        self._tb = None
+        if not enabled:
+            return
+        self.records = _read_records(self.path, up_to=resume_step) if resume_step is not None else []
+        with open(self.path, "w", encoding="utf-8") as fh:  # rewrite: drop records past the checkpoint
+            for rec in self.records:
+                fh.write(json.dumps(rec) + "\n")
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._tb = SummaryWriter(log_dir=os.path.join(output_dir, "runs"))
+
+    def write(self, record: dict[str, Any]) -> None:
+        """Append one record (and mirror its numbers to TensorBoard)."""
+        if not self.enabled:
+            return
+        self.records.append(record)
+        with open(self.path, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record) + "\n")
+        if self._tb is not None:
+            prefix = "eval" if "eval_loss" in record else "train"
+            for key, value in record.items():
+                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                    self._tb.add_scalar(f"{prefix}/{key.removeprefix('eval_')}", value, record["step"])
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def _read_records(path: str, *, up_to: int) -> list[dict[str, Any]]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path, encoding="utf-8") as fh:
+        for line in fh:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a kill
+                continue
+            if rec.get("step", 0) <= up_to:
+                out.append(rec)
+    return out
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def plot_losses(records: list[dict[str, Any]], path: str) -> str | None:
+    """Draw train and eval loss against step into `path` (PNG); return the path or None if no data."""
+    train = [(r["step"], r["loss"]) for r in records if _finite(r.get("loss"))]
+    evals = [(r["step"], r["eval_loss"]) for r in records if _finite(r.get("eval_loss"))]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+    if evals:
+        ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

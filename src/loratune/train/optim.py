@@ -1,0 +1,72 @@
+"""AdamW over the trainable (LoRA) parameters and its learning-rate schedule.
+
+Only parameters with `requires_grad` reach the optimizer, so the frozen base carries no optimizer
+state. Trainable parameters are kept in fp32 (the master weights) even when the base is bf16.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+logger = logging.getLogger(__name__)
+
+
+def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """Return (name, parameter) for every parameter that trains, in a stable order."""
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float) -> torch.optim.AdamW:
+    """AdamW on the trainable parameters: fused where the device has a kernel, else foreach.
+
+    Weight decay skips 1-D parameters (biases, DoRA magnitudes), as is customary.
+    """
+    named = trainable_parameters(model)
+    if not named:
+        raise RuntimeError("the model has no trainable parameters; was the adapter injected?")
+    for name, p in named:
+        assert p.dtype == torch.float32, f"trainable parameter {name} is {p.dtype}, expected fp32 master weights"
+    decay = [p for _, p in named if p.ndim >= 2]
+    no_decay = [p for _, p in named if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": weight_decay}]
+    if no_decay:
+        groups.append({"params": no_decay, "weight_decay": 0.0})
+    device = named[0][1].device
+    try:
+        return torch.optim.AdamW(groups, lr=learning_rate, fused=True)
+    except (RuntimeError, TypeError) as exc:  # no fused kernel for this device/dtype
+        logger.debug("fused AdamW unavailable on %s (%s); using foreach", device, exc)
+        return torch.optim.AdamW(groups, lr=learning_rate, foreach=True)
+
+
+def lr_lambda(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warmup, then cosine/linear/constant.
+
+    Same shapes as transformers' get_cosine_schedule_with_warmup and friends.
+    """
+    if kind != "constant" and step < warmup_steps:
+        return step / max(1, warmup_steps)
+    if kind in ("constant", "constant_with_warmup"):
+        return 1.0
+    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    progress = min(max(progress, 0.0), 1.0)
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown lr_scheduler_type {kind!r}")
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int) -> LambdaLR:
+    """A LambdaLR over `lr_lambda`; its state_dict goes into every checkpoint."""
+    return LambdaLR(optimizer, lambda s: lr_lambda(s, kind=kind, warmup_steps=warmup_steps, total_steps=total_steps))
+
+
+def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
+    """Number of warmup steps for a ratio (rounded up, like transformers)."""
+    return math.ceil(total_steps * warmup_ratio)

@@ -1,0 +1,60 @@
+"""Sample generations shown during and after training: eval logs and the before/after demo.
+
+A prompt is taken from a tokenized example as the tokens before its first trained label, so it
+works for every data format (for plain `text`, where every token trains, the first few tokens).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from loratune.data import IGNORE_INDEX
+
+PROMPT_TOKENS_FOR_TEXT = 8
+
+
+def prompt_ids(example: dict) -> list[int]:
+    """Return the untrained prefix of a tokenized example (its prompt)."""
+    ids = [int(i) for i in example["input_ids"]]
+    labels = [int(i) for i in example["labels"]]
+    first = next((i for i, lab in enumerate(labels) if lab != IGNORE_INDEX), len(ids))
+    if first <= 1:  # nothing untrained but BOS: a plain-text example
+        first = min(PROMPT_TOKENS_FOR_TEXT, max(1, len(ids) // 2))
+    return ids[:first]
+
+
+@torch.no_grad()
+def generate_text(model: nn.Module, tokenizer, ids: list[int], *, max_new_tokens: int = 32) -> str:
+    """Greedy-decode a continuation of `ids` and return only the new text.
+
+    Puts the model in eval mode for the call and restores its previous mode.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        device = next(model.parameters()).device
+        input_ids = torch.tensor([ids], device=device)  # (1, T)
+        out = model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    finally:
+        model.train(was_training)
+    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
+
+
+def sample_generations(model: nn.Module, tokenizer, examples: list[dict], *, max_new_tokens: int = 32) -> list[dict]:
+    """Generate for each example's prompt: [{"prompt": str, "completion": str}]."""
+    out = []
+    for example in examples:
+        ids = prompt_ids(example)
+        out.append({
+            "prompt": tokenizer.decode(ids, skip_special_tokens=True),
+            "completion": generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens),
+        })
+    return out
