@@ -1,0 +1,247 @@
+"""FastAPI routes of the OpenAI-compatible server; handlers talk to the engine, never to the model.
+
+Routes: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming ending in `data: [DONE]`),
+vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, /health (no auth), /metrics (Prometheus),
+and the playground at /. Every error is OpenAI's envelope {"error": {message, type, param, code}}:
+400 bad JSON/schema/names/paths/context, 401 key, 404 model, 413 body or token limit, 429 full queue,
+503 engine down. Auth and the body size limit are an ASGI middleware so they apply before parsing.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from importlib import resources
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from . import protocol as p
+from .registry import RequestError
+from .state import Generation, ServerState
+
+log = logging.getLogger(__name__)
+
+
+def build_app(state: ServerState) -> FastAPI:
+    """Return the ASGI app serving this state's engine and adapters."""
+    app = FastAPI(title="loratune serve", docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.serving = state
+    app.add_middleware(GuardMiddleware, api_keys=state.settings.api_keys,
+                       max_body_bytes=state.settings.max_body_bytes)
+    _add_error_handlers(app)
+
+    @app.get("/health")
+    async def health():
+        if not state.engine.alive:
+            raise RequestError(503, "the engine is not running", type="server_error", code="engine_unavailable")
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground():
+        return HTMLResponse(resources.files("loratune.serve").joinpath("static/index.html").read_text())
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": _model_cards(state)}
+
+    @app.post("/v1/completions")
+    async def completions(body: p.CompletionRequest, request: Request):
+        body.check_supported()
+        adapter_id = state.adapter_id(body.model)
+        prompt_ids = _completion_prompt(state, body.prompt)
+        max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default here
+        params = state.sampling(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.seed)
+        gen = Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())
+        return await _respond(state, gen, body, "completions", chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: p.ChatRequest, request: Request):
+        body.check_supported()
+        adapter_id = state.adapter_id(body.model)
+        prompt_ids = _chat_prompt(state, body.messages)
+        max_tokens = body.max_completion_tokens or body.max_tokens
+        params = state.sampling(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.seed)
+        gen = Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())
+        return await _respond(state, gen, body, "chat", chat=True)
+
+    @app.post("/v1/load_lora_adapter")
+    async def load_lora_adapter(body: p.LoadLoraRequest):
+        if not body.lora_name or not body.lora_path:
+            raise RequestError(400, "Both 'lora_name' and 'lora_path' must be provided.",
+                               type="InvalidUserInput", code=400)
+        await state.load_adapter(body.lora_name, body.lora_path)
+        log.info("loaded adapter %r from %r", body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_lora_adapter(body: p.UnloadLoraRequest):
+        name = await state.unload_adapter(body.lora_name, body.lora_int_id)
+        log.info("unloaded adapter %r", name)
+        return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
+
+    return app
+
+
+def _model_cards(state: ServerState) -> list[dict]:
+    """vLLM's /v1/models cards: the base (parent None) then each adapter (parent = base)."""
+    def card(model_id, root, parent, created, max_len):
+        permission = {"id": p.new_id("modelperm"), "object": "model_permission", "created": created,
+                      "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
+                      "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
+                      "organization": "*", "group": None, "is_blocking": False}
+        return {"id": model_id, "object": "model", "created": created, "owned_by": "loratune", "root": root,
+                "parent": parent, "max_model_len": max_len, "permission": [permission]}
+
+    base = state.settings.base_name
+    cards = [card(base, state.settings.base_root or base, None, state.created, state.engine.context_length)]
+    cards += [card(e.name, e.path, base, e.created, None) for e in state.adapters.values()]
+    return cards
+
+
+def _completion_prompt(state: ServerState, prompt) -> list[int]:
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
+        vocab = len(state.tokenizer)
+        bad = [t for t in prompt if not 0 <= t < vocab]
+        if bad:
+            raise RequestError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
+                               param="prompt")
+        return list(prompt)
+    if isinstance(prompt, list):
+        if len(prompt) != 1:
+            raise RequestError(400, f"prompt holds {len(prompt)} prompts; send one prompt per request",
+                               param="prompt")
+        prompt = prompt[0]
+    return state.tokenizer(prompt)["input_ids"]
+
+
+def _chat_prompt(state: ServerState, messages: list[p.ChatMessage]) -> list[int]:
+    tokenizer = state.tokenizer
+    if not getattr(tokenizer, "chat_template", None):
+        raise RequestError(400, "the base model's tokenizer has no chat template; use /v1/completions",
+                           param="messages")
+    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    try:
+        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+    except Exception as exc:  # a template's own raise_exception(), e.g. roles out of order
+        raise RequestError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+async def _respond(state: ServerState, gen: Generation, body, endpoint: str, *, chat: bool):
+    rid = p.new_id("chatcmpl" if chat else "cmpl")
+    gen.submit()
+    if body.stream:
+        return StreamingResponse(_stream(state, gen, body, rid, endpoint, chat=chat),
+                                 media_type="text/event-stream")
+    try:
+        text = await gen.text()
+    except RequestError:
+        state.metrics.requests.labels(body.model, endpoint, "500").inc()
+        raise
+    finally:
+        gen.cancel()  # no-op when finished; frees the slot if this handler was cancelled
+    state.metrics.requests.labels(body.model, endpoint, "200").inc()
+    use = p.usage(gen.prompt_tokens, len(gen.tokens))
+    if chat:
+        return p.chat_body(rid, body.model, text, gen.finish_reason, use)
+    return p.completion_body(rid, body.model, text, gen.finish_reason, use)
+
+
+async def _stream(state: ServerState, gen: Generation, body, rid: str, endpoint: str, *, chat: bool):
+    def event(obj) -> str:
+        return f"data: {json.dumps(obj)}\n\n"
+
+    status = "200"
+    try:
+        if chat:
+            yield event(p.chat_chunk(rid, body.model, {"role": "assistant", "content": ""}, None))
+        async for delta in gen.deltas():
+            yield event(p.chat_chunk(rid, body.model, {"content": delta}, None) if chat
+                        else p.completion_body(rid, body.model, delta, None, None, chunk=True))
+        finish = gen.finish_reason
+        yield event(p.chat_chunk(rid, body.model, {}, finish) if chat
+                    else p.completion_body(rid, body.model, "", finish, None, chunk=True))
+        if body.include_usage():
+            use = p.usage(gen.prompt_tokens, len(gen.tokens))
+            yield event(p.chat_chunk(rid, body.model, {}, None, use=use, empty=True) if chat
+                        else {**p.completion_body(rid, body.model, "", None, use, chunk=True), "choices": []})
+        yield "data: [DONE]\n\n"
+    except RequestError as exc:
+        status = str(exc.status)
+        yield event(p.error_body(exc.message, exc.type, exc.code, exc.param))
+        yield "data: [DONE]\n\n"
+    except BaseException:
+        status = "499"  # the client went away
+        raise
+    finally:
+        gen.cancel()
+        state.metrics.requests.labels(body.model, endpoint, status).inc()
+
+
+def _add_error_handlers(app: FastAPI) -> None:
+    def reply(status: int, message: str, type: str, code=None, param=None) -> JSONResponse:
+        return JSONResponse(p.error_body(message, type, code, param), status_code=status)
+
+    @app.exception_handler(RequestError)
+    async def request_error(_, exc: RequestError):
+        return reply(exc.status, exc.message, exc.type, exc.code, exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_, exc: RequestValidationError):
+        errors = exc.errors()
+        if any(e.get("type") == "json_invalid" for e in errors):
+            return reply(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
+        parts, param = [], None
+        for e in errors[:5]:
+            loc = [str(x) for x in e.get("loc", ()) if x != "body"]
+            param = param or (loc[0] if loc else None)
+            parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+        return reply(400, "invalid request: " + "; ".join(parts), "invalid_request_error", "invalid_request", param)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        return reply(exc.status_code, str(exc.detail), kind, exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def internal_error(_, exc: Exception):
+        log.exception("unhandled error")
+        return reply(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
+
+
+class GuardMiddleware:
+    """Check the bearer key on /v1/* and the body size before any route parses the request."""
+
+    def __init__(self, app, *, api_keys: list[str], max_body_bytes: int):
+        self.app, self.api_keys, self.max_body_bytes = app, list(api_keys), max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope.get("headers") or [])
+        if self.api_keys and scope["path"].startswith("/v1/"):
+            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in self.api_keys):
+                return await _send_error(send, 401, "Invalid or missing API key: send 'Authorization: Bearer KEY'",
+                                         "authentication_error", "invalid_api_key")
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            return await _send_error(send, 413, f"the request body has {int(length)} bytes, over the limit of "
+                                     f"{self.max_body_bytes}", "invalid_request_error", "request_too_large")
+        return await self.app(scope, receive, send)
+
+
+async def _send_error(send, status: int, message: str, type: str, code: str) -> None:
+    body = json.dumps(p.error_body(message, type, code)).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
+

@@ -1,0 +1,77 @@
+"""Assemble a server: load the base and tokenizer, start the engine, load the startup adapters.
+
+`build_server` returns the ASGI app and its state; `serve_forever` runs it under uvicorn and stops
+the engine on exit. The CLI (`loratune serve`) and the tests both go through `build_server`.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from fastapi import FastAPI
+
+from loratune.loading import load_base_model, load_tokenizer
+
+from .api import build_app
+from .engine import Engine
+from .lora_rows import linear_shapes
+from .state import ServerState, ServeSettings
+
+log = logging.getLogger(__name__)
+
+
+def eos_ids(model, tokenizer) -> set[int]:
+    """The token ids that end a generation: the tokenizer's EOS plus the generation config's."""
+    ids = set()
+    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
+                  model.config.eos_token_id):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, (list, tuple)):
+            ids.update(int(v) for v in value)
+    return ids
+
+
+def build_server(model, tokenizer, settings: ServeSettings, *, adapters: dict[str, str] | None = None,
+                 max_batch_size: int = 16, max_queue: int = 64, context_length: int | None = None
+                 ) -> tuple[FastAPI, ServerState]:
+    """Start an engine on `model` (loaded, frozen) and return the app and its state.
+
+    Raises:
+        AdapterError / UnsupportedFeatureError: a startup adapter does not fit the base.
+    """
+    context = context_length or getattr(model.config, "max_position_embeddings", None) or 2048
+    engine = Engine(model, eos_token_ids=eos_ids(model, tokenizer), context_length=context,
+                    max_batch_size=max_batch_size, max_queue=max_queue)
+    dtype = next(model.parameters()).dtype
+    if not dtype.is_floating_point:
+        dtype = torch.float32
+    state = ServerState(engine, tokenizer, settings, linear_shapes(model), dtype)
+    engine.start()
+    try:
+        for name, path in (adapters or {}).items():
+            state.load_startup_adapter(name, path)
+            log.info("loaded adapter %r from %s", name, path)
+    except Exception:
+        engine.stop()
+        raise
+    return build_app(state), state
+
+
+def load_and_build(model_name_or_path: str, settings: ServeSettings, *, dtype: str = "auto", **kwargs
+                   ) -> tuple[FastAPI, ServerState]:
+    """Load the base model and tokenizer by name or path, then `build_server`."""
+    model = load_base_model(model_name_or_path, dtype=dtype)
+    tokenizer = load_tokenizer(model_name_or_path)
+    return build_server(model, tokenizer, settings, **kwargs)
+
+
+def serve_forever(app: FastAPI, state: ServerState, *, host: str, port: int, log_level: str = "info") -> None:
+    """Run uvicorn until interrupted, then stop the engine."""
+    import uvicorn
+
+    try:
+        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+    finally:
+        state.engine.stop()

@@ -1,0 +1,226 @@
+"""What the HTTP layer knows: settings, visible adapters, and streaming one generation from the engine.
+
+`ServerState` maps served model names to engine adapter ids. An adapter becomes visible only after
+it was read, validated and installed by the engine; unloading hides it at once, and the engine drops
+its weights when the requests already using it finish. `Generation` turns engine events (delivered
+from the engine thread onto this event loop) into text deltas, applying stop strings.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from loratune.errors import LoratuneError
+
+from .engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError, SamplingParams
+from .metrics import ServerMetrics
+from .registry import RequestError, check_adapter_name, prepare_adapter, resolve_adapter_path
+
+
+@dataclass
+class ServeSettings:
+    """Server-wide settings (the `loratune serve` flags)."""
+
+    base_name: str
+    """Model name of the base in requests and /v1/models (`--served-model-name`)."""
+    base_root: str = ""
+    """Where the base came from, shown as `root` in /v1/models."""
+    api_keys: list[str] = field(default_factory=list)
+    """Accepted bearer keys for /v1/*; empty = no auth."""
+    adapter_roots: list[Path] = field(default_factory=list)
+    """Directories runtime-loaded adapters must lie under; empty = runtime loading disabled."""
+    max_loaded: int = 32
+    """Most adapters loaded at once."""
+    max_request_tokens: int | None = None
+    """Largest prompt + max_tokens one request may ask for (413 above)."""
+    max_body_bytes: int = 1 << 20
+    """Largest request body (413 above)."""
+
+
+@dataclass
+class AdapterEntry:
+    name: str
+    path: str
+    adapter_id: int
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+class ServerState:
+    """Adapters by name, the tokenizer, the engine and metrics of one server."""
+
+    def __init__(self, engine: Engine, tokenizer, settings: ServeSettings,
+                 shapes: dict[str, tuple[int, int]], dtype: torch.dtype):
+        self.engine, self.tokenizer, self.settings = engine, tokenizer, settings
+        self.shapes, self.dtype = shapes, dtype
+        self.adapters: dict[str, AdapterEntry] = {}
+        self._loading: set[str] = set()
+        self._ids = itertools.count(1)
+        self.created = int(time.time())
+        self.metrics = ServerMetrics(queue_depth=lambda: engine.queue_depth, running=lambda: engine.running,
+                                     loaded_adapters=lambda: len(self.adapters))
+
+    # ----- adapters ----------------------------------------------------------------------------
+
+    def adapter_id(self, model: str) -> int | None:
+        """Return the engine adapter id for a request's `model` (None = base); 404 if unknown."""
+        if model == self.settings.base_name:
+            return None
+        entry = self.adapters.get(model)
+        if entry is None:
+            raise RequestError(404, f"The model `{model}` does not exist.", type="NotFoundError",
+                               code="model_not_found", param="model")
+        return entry.adapter_id
+
+    def load_startup_adapter(self, name: str, path: str) -> None:
+        """Load an adapter named on the command line (any path; the operator chose it). Blocks."""
+        check_adapter_name(name, base_name=self.settings.base_name)
+        if name in self.adapters:
+            raise LoratuneError(f"adapter name {name!r} is given twice")
+        prepared = prepare_adapter(name, Path(path).resolve(), self.shapes, self.dtype)
+        adapter_id = next(self._ids)
+        self.engine.install_adapter(adapter_id, prepared).result()
+        self.adapters[name] = AdapterEntry(name, prepared.path, adapter_id)
+
+    async def load_adapter(self, name: str, lora_path: str) -> None:
+        """Validate, read and install an adapter requested over HTTP; raises RequestError."""
+        if name in self.adapters or name in self._loading:
+            raise RequestError(400, f"The lora adapter '{name}' has already been loaded.",
+                               type="InvalidUserInput", code=400)
+        check_adapter_name(name, base_name=self.settings.base_name)
+        path = resolve_adapter_path(lora_path, self.settings.adapter_roots)
+        if not path.is_dir():
+            raise RequestError(404, f"Loading lora {name} failed: No adapter found for {lora_path}",
+                               type="NotFoundError", code=404)
+        if len(self.adapters) + len(self._loading) >= self.settings.max_loaded:
+            raise RequestError(400, f"cannot load {name!r}: {self.settings.max_loaded} adapters are loaded "
+                               "(--max-loaded); unload one first", type="BadRequestError", code=400)
+        self._loading.add(name)
+        try:
+            try:
+                prepared = await asyncio.to_thread(prepare_adapter, name, path, self.shapes, self.dtype)
+            except LoratuneError as exc:
+                raise RequestError(400, f"Loading lora {name} failed: {exc}", type="BadRequestError",
+                                   code=400) from None
+            adapter_id = next(self._ids)
+            await asyncio.wrap_future(self._engine_call(lambda: self.engine.install_adapter(adapter_id, prepared)))
+            self.adapters[name] = AdapterEntry(name, prepared.path, adapter_id)
+        finally:
+            self._loading.discard(name)
+
+    async def unload_adapter(self, name: str | None, adapter_id: int | None) -> str:
+        """Hide an adapter now and free its weights once unused; returns its name."""
+        if not name and adapter_id is None:
+            raise RequestError(400, "either 'lora_name' and 'lora_int_id' needs to be provided.",
+                               type="InvalidUserInput", code=400)
+        entry = self.adapters.get(name) if name else next(
+            (e for e in self.adapters.values() if e.adapter_id == adapter_id), None)
+        if entry is None:
+            raise RequestError(404, f"The lora adapter '{name}' cannot be found.", type="NotFoundError", code=404)
+        del self.adapters[entry.name]
+        await asyncio.wrap_future(self._engine_call(lambda: self.engine.remove_adapter(entry.adapter_id)))
+        return entry.name
+
+    def _engine_call(self, start):
+        try:
+            return start()
+        except EngineStoppedError as exc:
+            raise RequestError(503, str(exc), type="server_error", code="engine_unavailable") from None
+
+    # ----- requests ----------------------------------------------------------------------------
+
+    def sampling(self, prompt_len: int, max_tokens: int | None, temperature: float | None,
+                 top_p: float | None, seed: int | None) -> SamplingParams:
+        """Check the request's token budget and build its sampling parameters."""
+        if prompt_len == 0:
+            raise RequestError(400, "the prompt is empty", param="prompt")
+        context = self.engine.context_length
+        limit = self.settings.max_request_tokens
+        if max_tokens is None:  # as much as fits, like vLLM
+            max_tokens = max(1, min(context, limit or context) - prompt_len)
+        total = prompt_len + max_tokens
+        if total > context:
+            raise RequestError(400, f"This model's maximum context length is {context} tokens. However, you "
+                               f"requested {total} tokens ({prompt_len} in the prompt, {max_tokens} in the "
+                               "completion). Please reduce the length of the prompt or max_tokens.",
+                               param="max_tokens", code="context_length_exceeded")
+        if limit is not None and total > limit:
+            raise RequestError(413, f"the request needs {total} tokens ({prompt_len} prompt + {max_tokens} "
+                               f"max_tokens), over this server's limit of {limit} (--max-request-tokens)",
+                               param="max_tokens", code="request_too_large")
+        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
+                              top_p=1.0 if top_p is None else top_p, seed=seed)
+
+
+class Generation:
+    """One request in flight: submit it, then read text deltas until it finishes."""
+
+    def __init__(self, state: ServerState, model: str, adapter_id: int | None, prompt_ids: list[int],
+                 params: SamplingParams, stops: list[str]):
+        self.state, self.model, self.stops = state, model, stops
+        self.prompt_tokens = len(prompt_ids)
+        self.tokens: list[int] = []
+        self.finish_reason: str | None = None
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self._sent = ""
+        self._start = time.monotonic()
+        self.request = GenerationRequest(prompt_ids, adapter_id, params, self._sink)
+
+    def _sink(self, kind: str, value: object) -> None:  # engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, (kind, value))
+
+    def submit(self) -> None:
+        try:
+            self.state.engine.submit(self.request)
+        except QueueFullError as exc:
+            raise RequestError(429, str(exc), type="rate_limit_error", code="queue_full") from None
+        except EngineStoppedError as exc:
+            raise RequestError(503, str(exc), type="server_error", code="engine_unavailable") from None
+
+    def cancel(self) -> None:
+        self.request.cancelled = True
+
+    async def deltas(self):
+        """Yield text deltas; afterwards `finish_reason` and `tokens` are set."""
+        metrics = self.state.metrics
+        while True:
+            kind, value = await self._queue.get()
+            if kind == "error":
+                raise RequestError(500, str(value), type="server_error", code="generation_failed")
+            if kind == "token":
+                if not self.tokens:
+                    metrics.ttft.labels(self.model).observe(time.monotonic() - self._start)
+                self.tokens.append(value)
+            text = self.state.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            cut = self._find_stop(text)
+            if cut is not None:
+                text, self.finish_reason = text[:cut], "stop"
+                self.cancel()
+            elif kind == "finish":
+                self.finish_reason = str(value)
+            elif text.endswith("\ufffd"):
+                continue  # an incomplete UTF-8 sequence: wait for the next token
+            delta, self._sent = text[len(self._sent):], text
+            if delta:
+                yield delta
+            if self.finish_reason is not None:
+                metrics.latency.labels(self.model).observe(time.monotonic() - self._start)
+                metrics.tokens.labels(self.model).inc(len(self.tokens))
+                metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+                return
+
+    async def text(self) -> str:
+        return "".join([d async for d in self.deltas()])
+
+    def _find_stop(self, text: str) -> int | None:
+        if not self.stops:
+            return None
+        start = max(0, len(self._sent) - max(len(s) for s in self.stops))
+        hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
+        return min(hits) if hits else None
