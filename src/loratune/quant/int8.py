@@ -66,9 +66,9 @@ class Linear8bit(nn.Module):
         return storage_nbytes(self)
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype | None = None) -> Tensor:
-        """Return weight rows r0..r1 as (r1 - r0, in) in dtype (default compute_dtype)."""
-        dtype = dtype or self.compute_dtype
-        return self.qweight[r0:r1].to(dtype) * self.scale[r0:r1].to(dtype)[:, None]
+        """Return weight rows r0..r1 as (r1 - r0, in) in dtype (default compute_dtype), rounded once."""
+        rows = self.qweight[r0:r1].float() * self.scale[r0:r1, None]
+        return rows.to(dtype or self.compute_dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """Return the full weight (out, in) in dtype (default compute_dtype)."""

@@ -98,19 +98,18 @@ class Linear4bit(nn.Module):
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype | None = None) -> Tensor:
         """Return weight rows r0..r1 as (r1 - r0, in) in dtype (default compute_dtype).
 
-        r0 * in must fall on a block boundary (tiles from plan_tiles do). Computed in dtype:
-        code and absmax are rounded to it before the product (bf16: < 0.6% of a value, far below
-        the 4-bit step).
+        r0 * in must fall on a block boundary (tiles from plan_tiles do). Computed in fp32 and
+        rounded once to dtype, as bitsandbytes does.
         """
         dtype = dtype or self.compute_dtype
         n0, n1 = r0 * self.in_features, r1 * self.in_features
         assert n0 % self.blocksize == 0, "tile must start on a quantization block"
         b0, b1 = n0 // self.blocksize, math.ceil(n1 / self.blocksize)
         packed = self.qweight[b0 * self.blocksize // 2: b1 * self.blocksize // 2]
-        pairs = self.code.to(dtype)[self.nibble_pairs]                                # (256, 2)
+        pairs = self.code[self.nibble_pairs]                                         # (256, 2) fp32
         values = torch.index_select(pairs, 0, packed.int()).view(b1 - b0, self.blocksize)
-        values.mul_(self._absmax_blocks(b0, b1).to(dtype)[:, None])
-        return values.view(-1)[: n1 - n0].view(r1 - r0, self.in_features)
+        values.mul_(self._absmax_blocks(b0, b1)[:, None])
+        return values.view(-1)[: n1 - n0].view(r1 - r0, self.in_features).to(dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
         """Return the full weight (out, in) in dtype (default compute_dtype)."""
