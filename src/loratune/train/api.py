@@ -95,7 +95,7 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
 
 def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from loratune.data import build_datasets
-    from loratune.loading import load_base_model, load_tokenizer
+    from loratune.loading import load_tokenizer
     from loratune.train.loop import fit
 
     torch.set_flush_denormal(True)  # denormals in tiny LoRA grads cost ~100x per op on x86

@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from loratune.data import DataConfig
+from loratune.data.config import DataConfig
 from loratune.errors import ConfigError
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -209,8 +209,7 @@ def build_config(raw: dict[str, Any], *, source: str | None = None) -> TrainConf
             problems.extend(exc.problems)
         except (TypeError, ValueError) as exc:
             problems.append(str(exc))
-    if not problems:
-        problems.extend(range_problems(sections))
+    problems.extend(range_problems(sections))
     if problems:
         raise ConfigError(problems, source=source)
     return TrainConfig(**sections)
@@ -225,31 +224,43 @@ def unknown_key_message(key: str, owners: dict, *, as_flag: bool = False) -> str
 
 
 def range_problems(s: dict[str, Any]) -> list[str]:
-    """Return every value that has the right type but an impossible value."""
-    m, lo, op, lp = s["model"], s["lora"], s["optim"], s["loop"]
-    checks = [
-        (lo.r > 0, f"r must be > 0, got {lo.r}"),
-        (lo.lora_alpha > 0, f"lora_alpha must be > 0, got {lo.lora_alpha}"),
-        (0 <= lo.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {lo.lora_dropout}"),
-        (op.learning_rate > 0, f"learning_rate must be > 0, got {op.learning_rate}"),
-        (0 <= op.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {op.warmup_ratio}"),
-        (op.weight_decay >= 0, f"weight_decay must be >= 0, got {op.weight_decay}"),
-        (op.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {op.max_grad_norm}"),
-        (op.per_device_train_batch_size >= 1,
-         f"per_device_train_batch_size must be >= 1, got {op.per_device_train_batch_size}"),
-        (op.gradient_accumulation_steps >= 1,
-         f"gradient_accumulation_steps must be >= 1, got {op.gradient_accumulation_steps}"),
-        (lp.max_steps == -1 or lp.max_steps > 0, f"max_steps must be > 0 or -1 (use epochs), got {lp.max_steps}"),
-        (lp.num_train_epochs > 0, f"num_train_epochs must be > 0, got {lp.num_train_epochs}"),
-        (lp.logging_steps >= 1, f"logging_steps must be >= 1, got {lp.logging_steps}"),
-        (lp.eval_steps >= 0, f"eval_steps must be >= 0, got {lp.eval_steps}"),
-        (lp.save_steps >= 0, f"save_steps must be >= 0, got {lp.save_steps}"),
-        (lp.save_total_limit is None or lp.save_total_limit >= 1,
-         f"save_total_limit must be >= 1 or null, got {lp.save_total_limit}"),
-        (not (m.load_in_4bit and m.load_in_8bit), "load_in_4bit and load_in_8bit are mutually exclusive"),
-        (bool(lp.output_dir), "output_dir must not be empty"),
-    ]
-    return [msg for ok, msg in checks if not ok]
+    """Return every value that has the right type but an impossible value (sections that failed to
+    build are skipped; their problems are already reported)."""
+    checks: dict[str, list] = {
+        "data": lambda d: [
+            (d.train_file is not None or d.dataset_name is not None,
+             "no training data: set train_file (a .jsonl/.json/.csv/.parquet file) or dataset_name"),
+        ],
+        "model": lambda m: [
+            (not (m.load_in_4bit and m.load_in_8bit), "load_in_4bit and load_in_8bit are mutually exclusive"),
+        ],
+        "lora": lambda lo: [
+            (lo.r > 0, f"r must be > 0, got {lo.r}"),
+            (lo.lora_alpha > 0, f"lora_alpha must be > 0, got {lo.lora_alpha}"),
+            (0 <= lo.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {lo.lora_dropout}"),
+        ],
+        "optim": lambda op: [
+            (op.learning_rate > 0, f"learning_rate must be > 0, got {op.learning_rate}"),
+            (0 <= op.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {op.warmup_ratio}"),
+            (op.weight_decay >= 0, f"weight_decay must be >= 0, got {op.weight_decay}"),
+            (op.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {op.max_grad_norm}"),
+            (op.per_device_train_batch_size >= 1,
+             f"per_device_train_batch_size must be >= 1, got {op.per_device_train_batch_size}"),
+            (op.gradient_accumulation_steps >= 1,
+             f"gradient_accumulation_steps must be >= 1, got {op.gradient_accumulation_steps}"),
+        ],
+        "loop": lambda lp: [
+            (lp.max_steps == -1 or lp.max_steps > 0, f"max_steps must be > 0 or -1 (use epochs), got {lp.max_steps}"),
+            (lp.num_train_epochs > 0, f"num_train_epochs must be > 0, got {lp.num_train_epochs}"),
+            (lp.logging_steps >= 1, f"logging_steps must be >= 1, got {lp.logging_steps}"),
+            (lp.eval_steps >= 0, f"eval_steps must be >= 0, got {lp.eval_steps}"),
+            (lp.save_steps >= 0, f"save_steps must be >= 0, got {lp.save_steps}"),
+            (lp.save_total_limit is None or lp.save_total_limit >= 1,
+             f"save_total_limit must be >= 1 or null, got {lp.save_total_limit}"),
+            (bool(lp.output_dir), "output_dir must not be empty"),
+        ],
+    }
+    return [msg for name, check in checks.items() if name in s for ok, msg in check(s[name]) if not ok]
 
 
 def coerce(value: Any, tp: Any, choices: tuple | None = None) -> Any:

@@ -1,0 +1,123 @@
+"""Training config: flat keys -> frozen sections, coercion by field type, all problems at once."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import yaml
+
+from loratune.errors import ConfigError
+from loratune.train.config import SECTIONS, TrainConfig, build_config, describe_keys, key_owners, read_yaml
+
+DATA = {"train_file": "train.jsonl"}
+
+ISSUE_KEYS = (
+    "model_name_or_path train_file eval_file dataset_name output_dir max_seq_length packing completion_only_loss "
+    "r lora_alpha lora_dropout target_modules learning_rate lr_scheduler_type warmup_ratio num_train_epochs "
+    "max_steps per_device_train_batch_size gradient_accumulation_steps max_grad_norm weight_decay logging_steps "
+    "eval_steps save_steps save_total_limit seed bf16 gradient_checkpointing resume_from_checkpoint report_to "
+    "load_in_4bit load_in_8bit bnb_4bit_quant_type bnb_4bit_compute_dtype bnb_4bit_use_double_quant "
+    "use_rslora use_dora modules_to_save skip_bad_rows"
+).split()
+
+
+def test_every_documented_key_exists_and_has_help():
+    owners = key_owners()
+    assert set(ISSUE_KEYS) <= set(owners)
+    for _, rows in describe_keys():
+        for key, _, _, text in rows:
+            assert text, f"{key} has no help text"
+
+
+def test_defaults_follow_current_practice():
+    cfg = build_config(DATA)
+    assert (cfg.lora.r, cfg.lora.lora_alpha, cfg.lora.lora_dropout) == (16, 32, 0.05)
+    assert cfg.lora.target_modules == "all-linear"
+    assert cfg.optim.learning_rate == 2e-4
+    assert cfg.optim.lr_scheduler_type == "cosine"
+    assert cfg.optim.warmup_ratio == 0.03
+    assert cfg.model.model_name_or_path == "preset:tiny-llama"
+    assert cfg.data.packing is True
+
+
+def test_sections_are_frozen():
+    cfg = build_config(DATA)
+    for name in SECTIONS:
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(getattr(cfg, name), dataclasses.fields(getattr(cfg, name))[0].name, None)
+
+
+@pytest.mark.parametrize(
+    "key, raw, expected",
+    [
+        ("learning_rate", "1e-4", 1e-4),  # PyYAML reads 1e-4 as a string
+        ("learning_rate", 3, 3.0),
+        ("r", "8", 8),
+        ("max_steps", 20.0, 20),
+        ("packing", "false", False),
+        ("packing", "Yes", True),
+        ("bf16", 0, False),
+        ("target_modules", "q_proj,v_proj", ["q_proj", "v_proj"]),
+        ("target_modules", ["q_proj"], ["q_proj"]),
+        ("target_modules", "all-linear", "all-linear"),
+        ("resume_from_checkpoint", "true", True),
+        ("resume_from_checkpoint", "out/checkpoint-4", "out/checkpoint-4"),
+        ("save_total_limit", "null", None),
+        ("eval_file", None, None),
+        ("output_dir", 123, "123"),
+    ],
+)
+def test_values_are_coerced_by_field_type(key, raw, expected):
+    flat = build_config({**DATA, key: raw}).to_flat_dict()
+    assert flat[key] == expected and type(flat[key]) is type(expected)
+
+
+def test_unknown_key_is_named_with_a_close_match_and_the_valid_keys():
+    with pytest.raises(ConfigError) as err:
+        build_config({**DATA, "lerning_rate": 1e-4})
+    msg = str(err.value)
+    assert "'lerning_rate'" in msg and "did you mean 'learning_rate'" in msg
+    assert "Valid keys:" in msg and "gradient_accumulation_steps" in msg
+
+
+def test_all_problems_are_reported_at_once():
+    raw = {"lerning_rate": 1, "r": "abc", "packing": "maybe", "lora_dropout": 2, "max_steps": 0,
+           "lr_scheduler_type": "exponential"}
+    with pytest.raises(ConfigError) as err:
+        build_config(raw)
+    problems = err.value.problems
+    assert len(problems) == 7, problems
+    text = "\n".join(problems)
+    for needle in ("lerning_rate", "r: expected an integer", "packing: expected a boolean", "lora_dropout",
+                   "max_steps", "lr_scheduler_type", "no training data"):
+        assert needle in text
+
+
+def test_flat_dict_round_trips_through_yaml(tmp_path):
+    cfg = build_config({**DATA, "target_modules": ["q_proj", "v_proj"], "learning_rate": "5e-4"})
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_flat_dict()))
+    again = build_config(read_yaml(path))
+    assert again == cfg
+    assert isinstance(again, TrainConfig)
+
+
+def test_replace_validates():
+    cfg = build_config(DATA)
+    assert cfg.replace(r=4).lora.r == 4
+    with pytest.raises(ConfigError):
+        cfg.replace(r=0)
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("r: 8\nlearning_rate: [1\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml.*line"):
+        read_yaml(bad)
+    with pytest.raises(ConfigError, match="not found"):
+        read_yaml(tmp_path / "missing.yaml")
+    listy = tmp_path / "list.yaml"
+    listy.write_text("- r\n- 8\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        read_yaml(listy)
