@@ -1,0 +1,118 @@
+"""Deterministic batch plans and collation, padded or packed padding-free.
+
+`plan_batches` decides which examples go into each micro-batch from (seed, epoch) alone, so a
+resumed run, or another rank, computes the same plan without any saved state but its position.
+
+`collate` builds the tensors:
+  padded  input_ids / labels / attention_mask, each (B, T), right-padded to the longest example.
+  packed  input_ids / labels / position_ids, each (1, N): the examples laid end to end, position_ids
+          restarting at 0 for each example and no attention_mask. Transformers detects the restarts
+          (`masking_utils.find_packed_sequence_indices`) and makes attention block-diagonal
+          (checked for sdpa and eager), as long as the model is called with `use_cache=False`:
+          with a cache object the detection is skipped and attention crosses examples. Every example's first
+          label is IGNORE_INDEX, so no loss term crosses an example boundary either.
+          tests/test_data_batching.py checks both against per-example runs.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor
+
+from loratune.data.tokenize import IGNORE_INDEX
+
+
+def plan_batches(
+    lengths: Sequence[int],
+    batch_size: int,
+    max_seq_length: int,
+    packing: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    world_size: int = 1,
+    rank: int = 0,
+) -> list[list[int]]:
+    """Return this rank's micro-batches as lists of example indices, shuffled by (seed, epoch).
+
+    Unpacked: `batch_size` examples per micro-batch (the last one may be smaller). Packed: whole
+    examples, greedily in shuffled order, up to `batch_size * max_seq_length` tokens each. With
+    several ranks, micro-batch k of the global plan goes to rank k % world_size, and the trailing
+    micro-batches that cannot give every rank one more are dropped, so all ranks get the same count
+    of disjoint micro-batches. Micro-batches (r*W .. r*W+W-1) together are the global batch a
+    single process with W times the batch size would see (unpacked).
+    """
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"bad plan: batch_size={batch_size}, rank={rank}, world_size={world_size}")
+    order = list(range(len(lengths)))
+    random.Random(f"loratune-batches:{seed}:{epoch}").shuffle(order)
+    if packing:
+        batches = _pack(order, lengths, batch_size * max_seq_length)
+    else:
+        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    usable = len(batches) - len(batches) % world_size
+    return batches[rank:usable:world_size]
+
+
+def _pack(order: list[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+    batches, current, used = [], [], 0
+    for i in order:
+        n = min(lengths[i], budget)
+        if current and used + n > budget:
+            batches.append(current)
+            current, used = [], 0
+        current.append(i)
+        used += n
+    if current:
+        batches.append(current)
+    return batches
+
+
+def collate(
+    examples: Sequence[dict], *, packing: bool, pad_token_id: int, max_seq_length: int | None = None
+) -> dict[str, Tensor]:
+    """Stack examples into model inputs (see the module docstring for the two layouts).
+
+    Examples longer than `max_seq_length` (when given) are cut to it.
+    """
+    if not examples:
+        raise ValueError("collate needs at least one example")
+    if pad_token_id is None:
+        raise ValueError("collate needs a pad_token_id (loratune.loading.load_tokenizer always sets one)")
+    seqs = [_as_lists(ex, max_seq_length) for ex in examples]
+    if packing:
+        return _collate_packed(seqs)
+    return _collate_padded(seqs, pad_token_id)
+
+
+def _as_lists(ex: dict, max_len: int | None) -> tuple[list[int], list[int]]:
+    ids, labels = list(ex["input_ids"]), list(ex["labels"])
+    if max_len is not None:
+        ids, labels = ids[:max_len], labels[:max_len]
+    labels[0] = IGNORE_INDEX  # never predict an example's first token from whatever came before
+    return ids, labels
+
+
+def _collate_packed(seqs: list[tuple[list[int], list[int]]]) -> dict[str, Tensor]:
+    ids = [t for s, _ in seqs for t in s]
+    labels = [t for _, lab in seqs for t in lab]
+    positions = [p for s, _ in seqs for p in range(len(s))]
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),  # (1, N)
+        "labels": torch.tensor([labels], dtype=torch.long),  # (1, N)
+        "position_ids": torch.tensor([positions], dtype=torch.long),  # (1, N), 0 at each example start
+    }
+
+
+def _collate_padded(seqs: list[tuple[list[int], list[int]]], pad_token_id: int) -> dict[str, Tensor]:
+    width = max(len(s) for s, _ in seqs)
+    input_ids = torch.full((len(seqs), width), pad_token_id, dtype=torch.long)  # (B, T)
+    labels = torch.full((len(seqs), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, (s, lab) in enumerate(seqs):
+        input_ids[row, : len(s)] = torch.tensor(s)
+        labels[row, : len(s)] = torch.tensor(lab)
+        attention_mask[row, : len(s)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}

@@ -1,0 +1,199 @@
+"""`build_datasets`: from a DataConfig and a tokenizer to tokenized train/eval examples plus stats.
+
+An example is `{"input_ids": list[int], "labels": list[int]}` with UNSHIFTED labels (IGNORE_INDEX
+where no loss is taken). Bad rows never vanish silently: they either stop the build with one
+`DataError` listing up to MAX_LISTED_PROBLEMS of them by file and line, or, with `skip_bad_rows`,
+are dropped and counted in `DataStats.skipped`. Examples whose trained tokens were all cut off by
+truncation carry no signal; they are dropped and counted in `DataStats.dropped_untrained`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass, field
+
+from loratune.data.config import DataConfig
+from loratune.data.formats import Columns, RowError, detect_format, row_segments
+from loratune.data.sources import RawRows, Row, read_dataset, read_file
+from loratune.data.tokenize import IGNORE_INDEX, Encoded, SpecialTokens, encode_pretokenized, encode_segments
+from loratune.errors import ConfigError, DataError
+
+logger = logging.getLogger(__name__)
+
+MAX_LISTED_PROBLEMS = 10
+ENCODE_CHUNK = 512  # rows per tokenizer call: batched calls are much faster than one per row
+Example = dict[str, list[int]]
+
+
+@dataclass(frozen=True)
+class DataStats:
+    """What happened to one split's rows on the way to examples."""
+
+    source: str
+    format: str
+    rows: int  # rows read, bad ones included
+    examples: int  # examples kept
+    skipped: int  # bad rows dropped because skip_bad_rows is set
+    truncated: int  # examples cut to max_seq_length (kept)
+    dropped_untrained: int  # examples with no trained token left after truncation
+    tokens: int
+    trained_tokens: int
+    lengths: list[int] = field(repr=False)  # token count of each kept example
+
+    @property
+    def trained_share(self) -> float:
+        return self.trained_tokens / self.tokens if self.tokens else 0.0
+
+    def length_quantiles(self) -> dict[str, int]:
+        """min / p50 / p90 / p99 / max of the example lengths in tokens (all 0 when empty)."""
+        ordered = sorted(self.lengths) or [0]
+        pick = {"min": 0.0, "p50": 0.5, "p90": 0.9, "p99": 0.99, "max": 1.0}
+        return {k: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for k, q in pick.items()}
+
+
+@dataclass
+class DatasetBundle:
+    """Tokenized examples for training and (optionally) evaluation, with their stats."""
+
+    train: list[Example]
+    eval: list[Example] | None
+    stats: DataStats
+    eval_stats: DataStats | None = None
+
+
+def build_datasets(cfg: DataConfig, tokenizer, seed: int = 0) -> DatasetBundle:
+    """Read, validate and tokenize the train (and eval) data described by `cfg`.
+
+    `seed` only matters for `eval_samples` (which training rows are held out).
+
+    Raises:
+        ConfigError: no data source, a missing file, an undetectable format, no chat template.
+        DataError: malformed rows (listed by file and line) when skip_bad_rows is off, or no
+            usable row at all.
+    """
+    train_raw, eval_raw = read_sources(cfg, seed)
+    train, stats, _ = tokenize_rows(train_raw, cfg, tokenizer)
+    if eval_raw is None:
+        return DatasetBundle(train, None, stats)
+    evals, eval_stats, _ = tokenize_rows(eval_raw, cfg, tokenizer)
+    return DatasetBundle(train, evals, stats, eval_stats)
+
+
+def read_sources(cfg: DataConfig, seed: int = 0) -> tuple[RawRows, RawRows | None]:
+    """Read the raw train rows and eval rows (None without eval data), holding out `eval_samples`."""
+    if not cfg.has_source:
+        raise ConfigError("no training data: set train_file (a .jsonl/.json/.csv/.parquet file) or dataset_name")
+    train_raw, eval_raw = _read_train(cfg), _read_eval(cfg)
+    if cfg.eval_samples:
+        train_raw, eval_raw = _hold_out(train_raw, cfg.eval_samples, seed)
+    return train_raw, eval_raw
+
+
+def _read_train(cfg: DataConfig) -> RawRows:
+    if cfg.train_file:
+        return read_file(cfg.train_file, field_name="train_file")
+    return read_dataset(cfg.dataset_name, cfg.dataset_config_name, cfg.dataset_split)
+
+
+def _read_eval(cfg: DataConfig) -> RawRows | None:
+    if cfg.eval_file:
+        return read_file(cfg.eval_file, field_name="eval_file")
+    if cfg.eval_split:
+        return read_dataset(cfg.dataset_name, cfg.dataset_config_name, cfg.eval_split)
+    return None
+
+
+def _hold_out(raw: RawRows, n: int, seed: int) -> tuple[RawRows, RawRows]:
+    if n >= len(raw.rows):
+        raise ConfigError(f"eval_samples is {n} but {raw.name} has only {len(raw.rows)} rows")
+    order = list(range(len(raw.rows)))
+    random.Random(f"loratune-eval:{seed}").shuffle(order)
+    held = set(order[:n])
+    keep = [r for i, r in enumerate(raw.rows) if i not in held]
+    evals = [r for i, r in enumerate(raw.rows) if i in held]
+    return RawRows(raw.name, keep, raw.problems), RawRows(f"{raw.name} (held out)", evals, [])
+
+
+def tokenize_rows(raw: RawRows, cfg: DataConfig, tokenizer) -> tuple[list[Example], DataStats, list[str]]:
+    """Tokenize every row of one source; raise or skip bad rows as the config says.
+
+    Returns the examples, their stats, and where each kept example came from ("train.jsonl line 3").
+    """
+    columns = set().union(*(r.record.keys() for r in raw.rows)) if raw.rows else set()
+    cols = detect_format(columns, cfg) if raw.rows else Columns(cfg.dataset_format, {})
+    problems = list(raw.problems)
+    encoded: list[tuple[str, Encoded]] = []
+    special = SpecialTokens.of(tokenizer)
+    for start in range(0, len(raw.rows), ENCODE_CHUNK):
+        chunk = raw.rows[start : start + ENCODE_CHUNK]
+        encoded += _encode_chunk(chunk, cols, cfg, tokenizer, special, problems)
+    n_rows = len(raw.rows) + len(raw.problems)
+    _check_problems(raw.name, problems, n_rows, cfg.skip_bad_rows)
+    examples, wheres, lengths, truncated, dropped, trained = [], [], [], 0, 0, 0
+    for where, enc in encoded:
+        n_trained = sum(lab != IGNORE_INDEX for lab in enc.labels)
+        truncated += enc.truncated
+        if n_trained == 0:
+            dropped += 1
+            continue
+        examples.append({"input_ids": enc.input_ids, "labels": enc.labels})
+        wheres.append(where)
+        lengths.append(len(enc.input_ids))
+        trained += n_trained
+    if not examples:
+        raise DataError(f"{raw.name}: no usable example out of {n_rows} rows"
+                        + (f" ({dropped} lost every trained token to max_seq_length={cfg.max_seq_length})"
+                           if dropped else ""))
+    stats = DataStats(raw.name, cols.format, n_rows, len(examples), len(problems), truncated, dropped,
+                      sum(lengths), trained, lengths)
+    _log(stats)
+    return examples, stats, wheres
+
+
+def _encode_chunk(rows: list[Row], cols: Columns, cfg: DataConfig, tokenizer, special,
+                  problems: list[str]) -> list[tuple[str, Encoded]]:
+    """Encode the good rows of a chunk as (where, Encoded); append the bad ones to `problems`."""
+    if cols.format == "tokenized":
+        out = []
+        for row in rows:
+            try:
+                out.append((row.where, encode_pretokenized(row.record, max_seq_length=cfg.max_seq_length)))
+            except RowError as exc:
+                problems.append(f"{row.where}: {exc}")
+        return out
+    wheres, segments = [], []
+    for row in rows:
+        try:
+            segments.append(row_segments(row.record, cols, tokenizer, completion_only=cfg.completion_only_loss))
+            wheres.append(row.where)
+        except RowError as exc:
+            problems.append(f"{row.where}: {exc}")
+    if not segments:
+        return []
+    encoded = encode_segments(segments, tokenizer, special, completion_only=cfg.completion_only_loss,
+                              max_seq_length=cfg.max_seq_length)
+    return list(zip(wheres, encoded))
+
+
+def _check_problems(name: str, problems: list[str], n_rows: int, skip: bool) -> None:
+    if not problems:
+        return
+    if skip and len(problems) < n_rows:
+        listed = "; ".join(problems[:3])
+        logger.warning("%s: skipped %d bad row(s) of %d (skip_bad_rows): %s%s", name, len(problems), n_rows,
+                       listed, " ..." if len(problems) > 3 else "")
+        return
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    hint = "every row is bad" if skip else "fix them or set skip_bad_rows: true to skip them"
+    if len(problems) == 1:
+        raise DataError(f"{problems[0]} ({hint})")
+    raise DataError(f"{name}: {len(problems)} bad rows ({hint}):\n" + "\n".join(f"  - {p}" for p in shown) + more)
+
+
+def _log(stats: DataStats) -> None:
+    q = stats.length_quantiles()
+    logger.info("%s: %d examples (%s) from %d rows, %d skipped, %d truncated, %.0f%% of %d tokens trained, "
+                "length p50 %d max %d", stats.source, stats.examples, stats.format, stats.rows, stats.skipped,
+                stats.truncated, 100 * stats.trained_share, stats.tokens, q["p50"], q["max"])

@@ -1,0 +1,207 @@
+"""Detect a dataset's format from its columns and turn each row into text segments.
+
+A row becomes a list of `Segment(text, is_completion)`; concatenated, the segments are exactly the
+text the model sees, and the `is_completion` ones are what it learns to produce:
+
+  text               [text*]
+  prompt_completion  [prompt, completion*]
+  alpaca             [Alpaca prompt with instruction (+ input), output*]
+  messages           the tokenizer's chat template, split at each assistant turn (see `render_chat`)
+  sharegpt           `conversations` from/value turns mapped to roles, then as messages
+  tokenized          `input_ids` (+ optional `labels`) used as they are, no segments
+
+Chat masks are found by rendering prefixes: the text before assistant turn i is the template
+applied to messages[:i] with add_generation_prompt=True, and the turn ends where the template of
+messages[:i+1] ends. This needs no knowledge of the template, so any chat template works.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from loratune.errors import ConfigError
+
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
+)
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
+# Auto-detection order: the first format whose columns are all present wins.
+DETECT_ORDER = (
+    ("tokenized", {"input_ids": "input_ids"}),
+    ("messages", {"messages": "messages"}),
+    ("sharegpt", {"messages": "conversations"}),
+    ("prompt_completion", {"prompt": "prompt", "completion": "completion"}),
+    ("alpaca", {"instruction": "instruction", "output": "output"}),
+    ("text", {"text": "text"}),
+)
+
+
+class RowError(ValueError):
+    """A problem with one row; `build_datasets` prefixes it with the row's file and line."""
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    is_completion: bool
+
+
+@dataclass(frozen=True)
+class Columns:
+    """The detected format and which column plays each part ({"prompt": "question", ...})."""
+
+    format: str
+    names: dict[str, str]
+
+
+def detect_format(columns: set[str], cfg) -> Columns:
+    """Pick the row format from the column names and the config's column mapping.
+
+    Raises:
+        ConfigError: no known format fits; the message lists the columns and the mapping fields.
+    """
+    if cfg.text_column:
+        return Columns("text", {"text": cfg.text_column})
+    if cfg.prompt_column or cfg.completion_column:
+        return Columns("prompt_completion", {"prompt": cfg.prompt_column or "prompt",
+                                             "completion": cfg.completion_column or "completion"})
+    if cfg.messages_column:
+        fmt = cfg.dataset_format if cfg.dataset_format in ("messages", "sharegpt") else "messages"
+        return Columns(fmt, {"messages": cfg.messages_column})
+    if cfg.dataset_format != "auto":
+        return Columns(cfg.dataset_format, _default_names(cfg.dataset_format))
+    for fmt, names in DETECT_ORDER:
+        if set(names.values()) <= columns:
+            return Columns(fmt, dict(names))
+    raise ConfigError(
+        f"cannot tell the data format from the columns {sorted(columns)}; expected one of: text; "
+        "prompt + completion; messages; conversations; instruction + output (alpaca); input_ids. "
+        "Map your columns with text_column, prompt_column/completion_column or messages_column"
+    )
+
+
+def _default_names(fmt: str) -> dict[str, str]:
+    return next(names for f, names in DETECT_ORDER if f == fmt)
+
+
+def _string(record: dict[str, Any], column: str, *, allow_empty: bool = False) -> str:
+    if column not in record or record[column] is None:
+        raise RowError(f"missing field {column!r}")
+    value = record[column]
+    if not isinstance(value, str):
+        raise RowError(f"field {column!r} must be a string, got {type(value).__name__}")
+    if not allow_empty and not value.strip():
+        raise RowError(f"field {column!r} is empty")
+    return value
+
+
+def row_segments(record: dict[str, Any], cols: Columns, tokenizer, *, completion_only: bool = True) -> list[Segment]:
+    """Turn one row into segments (see the module docstring). Raises RowError for a bad row.
+
+    With `completion_only` False a conversation is one completion segment (every token trains),
+    so templates that are not prefix-stable still work.
+    """
+    names, fmt = cols.names, cols.format
+    if fmt == "text":
+        return [Segment(_string(record, names["text"]), True)]
+    if fmt == "prompt_completion":
+        prompt = _string(record, names["prompt"], allow_empty=True)
+        return [Segment(prompt, False), Segment(_string(record, names["completion"]), True)]
+    if fmt == "alpaca":
+        instruction = _string(record, names["instruction"])
+        extra = record.get("input")
+        if extra is not None and not isinstance(extra, str):
+            raise RowError(f"field 'input' must be a string, got {type(extra).__name__}")
+        template = ALPACA_PROMPT_WITH_INPUT if extra and extra.strip() else ALPACA_PROMPT
+        prompt = template.format(instruction=instruction, input=extra)
+        return [Segment(prompt, False), Segment(_string(record, names["output"]), True)]
+    if fmt in ("messages", "sharegpt"):
+        messages = _messages(record, names["messages"], sharegpt=fmt == "sharegpt")
+        if not completion_only:
+            _require_template(tokenizer)
+            return [Segment(_apply(tokenizer, messages, add_generation_prompt=False), True)]
+        return render_chat(messages, tokenizer)
+    raise AssertionError(f"row_segments called for format {fmt!r}")
+
+
+def _messages(record: dict[str, Any], column: str, *, sharegpt: bool) -> list[dict[str, str]]:
+    if column not in record or record[column] is None:
+        raise RowError(f"missing field {column!r}")
+    turns = record[column]
+    if not isinstance(turns, list):
+        raise RowError(f"field {column!r} must be a list of messages, got {type(turns).__name__}")
+    if not turns:
+        raise RowError(f"field {column!r} is an empty list")
+    role_key, content_key = ("from", "value") if sharegpt else ("role", "content")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict):
+            raise RowError(f"{column}[{i}] must be an object with {role_key!r} and {content_key!r}")
+        for key in (role_key, content_key):
+            if key not in turn or turn[key] is None:
+                raise RowError(f"{column}[{i}] has no {key!r}")
+            if not isinstance(turn[key], str):
+                raise RowError(f"{column}[{i}].{key} must be a string, got {type(turn[key]).__name__}")
+        role = turn[role_key]
+        if sharegpt:
+            if role not in SHAREGPT_ROLES:
+                raise RowError(f"{column}[{i}].from is {role!r}; expected one of {sorted(SHAREGPT_ROLES)}")
+            role = SHAREGPT_ROLES[role]
+        if role == "assistant" and not turn[content_key].strip():
+            raise RowError(f"{column}[{i}] is an empty assistant message")
+        messages.append({"role": role, "content": turn[content_key]})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise RowError(f"{column} has no assistant turn, so there is nothing to train on")
+    return messages
+
+
+def render_chat(messages: list[dict[str, str]], tokenizer) -> list[Segment]:
+    """Render with the tokenizer's chat template; every assistant turn becomes a completion segment.
+
+    Raises:
+        ConfigError: the tokenizer has no chat template.
+        RowError: the template fails on this row, or is not prefix-stable (rendering fewer messages
+            does not give a prefix of the full text), so turns cannot be located.
+    """
+    _require_template(tokenizer)
+    full = _apply(tokenizer, messages, add_generation_prompt=False)
+    segments, cursor = [], 0
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(_apply(tokenizer, messages[:i], add_generation_prompt=True, expect_prefix_of=full, turn=i))
+        end = len(_apply(tokenizer, messages[: i + 1], add_generation_prompt=False, expect_prefix_of=full, turn=i))
+        if start < cursor or end < start:
+            raise RowError(f"chat template is not prefix-stable at message {i}; cannot locate the assistant turn")
+        segments += [Segment(full[cursor:start], False), Segment(full[start:end], True)]
+        cursor = end
+    segments.append(Segment(full[cursor:], False))
+    return [s for s in segments if s.text]
+
+
+def _require_template(tokenizer) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("the data has messages but the tokenizer has no chat_template; use a chat model's "
+                          "tokenizer or give the data as prompt/completion")
+
+
+def _apply(tokenizer, messages, *, add_generation_prompt: bool, expect_prefix_of: str | None = None,
+           turn: int = 0) -> str:
+    try:
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja raises TemplateError and anything a template's own raise_exception() throws
+        raise RowError(f"chat template failed: {exc}") from exc
+    if expect_prefix_of is not None and not expect_prefix_of.startswith(text):
+        raise RowError(f"chat template is not prefix-stable at message {turn}: rendering the first messages "
+                       "does not give a prefix of the whole conversation, so turns cannot be located; "
+                       "set completion_only_loss: false to train on every token")
+    return text
