@@ -1,0 +1,68 @@
+"""Measure this machine's matrix-product peak: FLOP/s of large square matmuls, median of repeats.
+
+    python bench/peak.py [--size 2048] [--repeats 7] [--dtypes bf16,fp32] [--device cpu] [--json]
+
+The bf16 figure is the denominator of MFU in bench/train_speed.py. Uses the thread count torch
+starts with (all cores) unless --threads is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+
+
+def matmul_flops_per_s(dtype: torch.dtype, size: int = 2048, repeats: int = 7, device: str = "cpu") -> float:
+    """Return the median FLOP/s of `a @ b` for (size, size) operands of this dtype."""
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    out = torch.empty(size, size, device=device, dtype=dtype)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    for _ in range(2):  # warm-up: kernel selection, page faults
+        torch.mm(a, b, out=out)
+    sync()
+    inner = max(1, int(4e12 // (2 * size**3))) if device.startswith("cuda") else 1
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b, out=out)
+        sync()
+        times.append((time.perf_counter() - start) / inner)
+    return 2 * size**3 / statistics.median(times)
+
+
+def measure_peaks(dtypes=("bf16", "fp32"), size: int = 2048, repeats: int = 7, device: str = "cpu") -> dict:
+    """Return {"bf16": FLOP/s, ...} plus the threads and device used."""
+    result = {name: matmul_flops_per_s(DTYPES[name], size, repeats, device) for name in dtypes}
+    result.update(threads=torch.get_num_threads(), size=size, device=device)
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=2048)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--dtypes", default="bf16,fp32")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--json", action="store_true", help="print one JSON line")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    result = measure_peaks(args.dtypes.split(","), args.size, args.repeats, args.device)
+    if args.json:
+        print(json.dumps(result))
+        return
+    for name in args.dtypes.split(","):
+        print(f"{name}: {result[name] / 1e9:8.1f} GFLOP/s  ({args.size}^3 matmul, {result['threads']} threads)")
+
+
+if __name__ == "__main__":
+    main()
