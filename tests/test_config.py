@@ -1,0 +1,128 @@
+"""LoraConfig: PEFT's names and defaults, validation that reports every problem, and reading PEFT's
+adapter_config.json (unknown fields warn, unsupported features are refused by name)."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import logging
+
+import pytest
+
+from loratune import LoraConfig, TaskType
+from loratune.errors import AdapterError, ConfigError, LoratuneError, UnsupportedFeatureError
+
+
+def test_scaling_plain_and_rslora():
+    assert LoraConfig(r=4, lora_alpha=8).scaling_for(4, 8) == 2.0
+    assert LoraConfig(r=4, lora_alpha=8, use_rslora=True).scaling_for(4, 8) == 4.0
+
+
+def test_task_type_string_is_coerced():
+    cfg = LoraConfig(task_type="CAUSAL_LM")
+    assert cfg.task_type is TaskType.CAUSAL_LM and str(cfg.task_type) == "CAUSAL_LM"
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        LoraConfig(r=0, lora_dropout=1.5, bias="some", init_lora_weights="magic")
+    msg = str(err.value)
+    assert "4 problems" in msg
+    for field in ("r must", "lora_dropout", "bias", "init_lora_weights"):
+        assert field in msg
+
+
+def test_to_dict_is_peft_layout_and_round_trips():
+    cfg = LoraConfig(r=4, lora_alpha=16, target_modules=["q_proj", "v_proj"], use_rslora=True,
+                     rank_pattern={"q_proj": 2}, task_type=TaskType.CAUSAL_LM)
+    d = cfg.to_dict()
+    assert d["peft_type"] == "LORA" and d["task_type"] == "CAUSAL_LM"
+    json.dumps(d)  # JSON-ready
+    assert LoraConfig.from_dict(d) == cfg
+
+
+def test_target_modules_set_becomes_sorted_list():
+    assert LoraConfig(target_modules={"v_proj", "q_proj"}).target_modules == ["q_proj", "v_proj"]
+
+
+def test_unknown_fields_load_with_a_warning(caplog):
+    d = LoraConfig(r=4).to_dict() | {"some_future_field": 3, "another_one": "x"}
+    with caplog.at_level(logging.WARNING, logger="loratune"):
+        cfg = LoraConfig.from_dict(d, source="adapter_config.json")
+    assert cfg.r == 4
+    warned = " ".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+    assert "another_one" in warned and "some_future_field" in warned and "adapter_config.json" in warned
+
+
+def test_peft_fields_we_ignore_do_not_warn(caplog):
+    d = LoraConfig().to_dict() | {"peft_version": "0.99", "auto_mapping": None, "use_qalora": False,
+                                  "loftq_config": {}, "layer_replication": None}
+    with caplog.at_level(logging.WARNING, logger="loratune"):
+        LoraConfig.from_dict(d)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+@pytest.mark.parametrize("field,value", [
+    ("use_qalora", True), ("loftq_config", {"loftq_bits": 4}), ("layer_replication", [[0, 2]]),
+    ("lora_bias", True), ("trainable_token_indices", [1, 2]), ("init_lora_weights", "loftq"),
+    ("init_lora_weights", "eva"), ("init_lora_weights", "corda"),
+])
+def test_unsupported_features_are_refused_by_name(field, value):
+    d = LoraConfig().to_dict() | {field: value}
+    with pytest.raises(UnsupportedFeatureError, match=field) as err:
+        LoraConfig.from_dict(d, source="cfg.json")
+    assert str(value).split("'")[0][:4] in str(err.value) and "cfg.json" in str(err.value)
+
+
+def test_other_peft_types_are_refused():
+    with pytest.raises(UnsupportedFeatureError, match="IA3"):
+        LoraConfig.from_dict({"peft_type": "IA3", "r": 8})
+
+
+def test_bad_value_in_file_names_the_source():
+    with pytest.raises(ConfigError, match="cfg.json.*r must"):
+        LoraConfig.from_dict(LoraConfig().to_dict() | {"r": -1}, source="cfg.json")
+
+
+def test_json_file_errors_are_adapter_errors(tmp_path):
+    bad = tmp_path / "adapter_config.json"
+    bad.write_text("{not json")
+    with pytest.raises(AdapterError, match="line 1"):
+        LoraConfig.from_json_file(str(bad))
+    bad.write_text("[1, 2]")
+    with pytest.raises(AdapterError, match="JSON object"):
+        LoraConfig.from_json_file(str(bad))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="no adapter_config.json"):
+        LoraConfig.from_pretrained(str(tmp_path / "empty"))
+    with pytest.raises(AdapterError, match="not an adapter directory"):
+        LoraConfig.from_pretrained(str(tmp_path / "adapter_config.json"))
+
+
+def test_from_pretrained_reads_a_directory(tmp_path):
+    cfg = LoraConfig(r=2, target_modules=["q_proj"])
+    cfg.save_json(str(tmp_path / "adapter_config.json"))
+    assert LoraConfig.from_pretrained(str(tmp_path)) == cfg
+
+
+def test_errors_are_loratune_errors():
+    assert issubclass(ConfigError, LoratuneError) and issubclass(UnsupportedFeatureError, LoratuneError)
+
+
+def test_replace_validates_again():
+    with pytest.raises(ConfigError):
+        dataclasses.replace(LoraConfig(), r=0)
+
+
+def test_copy_compares_equal():
+    cfg = LoraConfig(target_modules=["a"], rank_pattern={"a": 2})
+    assert copy.deepcopy(cfg) == cfg
+
+
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(LoraConfig)])
+@pytest.mark.parametrize("_", [pytest.param(None, marks=pytest.mark.parity)])
+def test_defaults_equal_peft(field, _):
+    peft = pytest.importorskip("peft")
+    ours, theirs = getattr(LoraConfig(), field), getattr(peft.LoraConfig(), field)
+    assert ours == theirs or str(ours) == str(theirs)
