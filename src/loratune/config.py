@@ -191,7 +191,10 @@ class LoraConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         kwargs, unknown, refused = {}, [], []
         for key, value in data.items():
-            if key in known:
+            if key == "init_lora_weights" and isinstance(value, str) and value not in INIT_METHODS \
+                    and not value.startswith("pissa_niter_"):
+                refused.append(f"{key}={value!r}")  # PEFT's loftq, eva, corda, ...: other base weights
+            elif key in known:
                 kwargs[key] = value
             elif key in UNSUPPORTED_FIELDS:
                 if not any(value == off for off in UNSUPPORTED_FIELDS[key]):
