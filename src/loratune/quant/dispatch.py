@@ -8,6 +8,7 @@ quantized too (their weight is stored transposed) and come back as `Conv1D` when
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from types import SimpleNamespace
 
@@ -159,7 +160,8 @@ def dequantize_model(model: nn.Module, dtype=torch.bfloat16) -> nn.Module:
     """Replace every quantized layer by a plain nn.Linear (or Conv1D) holding its dequantized weight.
 
     In place; returns the model. The weights are what the quantized layers computed with, so an
-    adapter trained on the quantized base can then be merged (`merge_and_unload`) into them.
+    adapter trained on the quantized base can then be merged (`merge_and_unload`) into them. Works
+    on a bare model (then load the adapter) or on a LoraModel whose base layers are quantized.
     """
     dtype = resolve_dtype(dtype, "dtype")
     done: dict[int, nn.Module] = {}
@@ -169,5 +171,9 @@ def dequantize_model(model: nn.Module, dtype=torch.bfloat16) -> nn.Module:
                 if id(child) not in done:
                     done[id(child)] = _restore(child, dtype)
                 setattr(parent, child_name, done[id(child)])
+                if child_name == "base_layer" and hasattr(parent, "fan_in_fan_out"):
+                    # a LoRA layer around it: its merge orientation follows the restored layer
+                    with contextlib.suppress(AttributeError):
+                        parent.fan_in_fan_out = getattr(child, "from_conv1d", False)
     logger.info("dequantized %d layers to %s", len(done), dtype)
     return model

@@ -33,6 +33,7 @@ class Linear8bit(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.compute_dtype = in_features, out_features, compute_dtype
         self.tile_elements = TILE_ELEMENTS
+        self._tiles: tuple[int, tuple[tuple[int, int], ...]] = (0, ())
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
         if bias:
@@ -76,7 +77,10 @@ class Linear8bit(nn.Module):
 
     def tiles(self) -> tuple[tuple[int, int], ...]:
         """Output-row tiles forward and backward dequantize one at a time."""
-        return plan_tiles(self.out_features, self.in_features, tile_elements=self.tile_elements)
+        if self._tiles[0] != self.tile_elements:   # planned once per tile size
+            self._tiles = (self.tile_elements, plan_tiles(self.out_features, self.in_features,
+                                                          tile_elements=self.tile_elements))
+        return self._tiles[1]
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)                 # (N, in)

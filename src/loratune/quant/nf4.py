@@ -39,6 +39,7 @@ class Linear4bit(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.quant_type, self.compute_dtype, self.double_quant = quant_type, compute_dtype, double_quant
         self.tile_elements = TILE_ELEMENTS
+        self._tiles: tuple[int, tuple[tuple[int, int], ...]] = (0, ())
         nblocks = max(1, math.ceil(in_features * out_features / self.blocksize))
         u8 = dict(dtype=torch.uint8, device=device)
         f32 = dict(dtype=torch.float32, device=device)
@@ -117,9 +118,11 @@ class Linear4bit(nn.Module):
 
     def tiles(self) -> tuple[tuple[int, int], ...]:
         """Output-row tiles forward and backward dequantize one at a time."""
-        multiple = row_multiple_for_blocks(self.in_features, self.blocksize)
-        return plan_tiles(self.out_features, self.in_features, row_multiple=multiple,
-                          tile_elements=self.tile_elements)
+        if self._tiles[0] != self.tile_elements:   # planned once per tile size
+            multiple = row_multiple_for_blocks(self.in_features, self.blocksize)
+            self._tiles = (self.tile_elements, plan_tiles(self.out_features, self.in_features,
+                                                          row_multiple=multiple, tile_elements=self.tile_elements))
+        return self._tiles[1]
 
     def forward(self, x: Tensor) -> Tensor:
         x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)                 # (N, in)
