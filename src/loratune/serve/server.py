@@ -34,8 +34,8 @@ def eos_ids(model, tokenizer) -> set[int]:
 
 
 def build_server(model, tokenizer, settings: ServeSettings, *, adapters: dict[str, str] | None = None,
-                 max_batch_size: int = 16, max_queue: int = 64, context_length: int | None = None
-                 ) -> tuple[FastAPI, ServerState]:
+                 max_batch_size: int = 16, max_queue: int = 64, context_length: int | None = None,
+                 num_threads: int | None = None) -> tuple[FastAPI, ServerState]:
     """Start an engine on `model` (loaded, frozen) and return the app and its state.
 
     Raises:
@@ -43,7 +43,7 @@ def build_server(model, tokenizer, settings: ServeSettings, *, adapters: dict[st
     """
     context = context_length or getattr(model.config, "max_position_embeddings", None) or 2048
     engine = Engine(model, eos_token_ids=eos_ids(model, tokenizer), context_length=context,
-                    max_batch_size=max_batch_size, max_queue=max_queue)
+                    max_batch_size=max_batch_size, max_queue=max_queue, num_threads=num_threads)
     dtype = next(model.parameters()).dtype
     if not dtype.is_floating_point:
         dtype = torch.float32

@@ -206,7 +206,9 @@ class Generation:
                 self.finish_reason = str(value)
             elif text.endswith("\ufffd"):
                 continue  # an incomplete UTF-8 sequence: wait for the next token
-            delta, self._sent = text[len(self._sent):], text
+            else:
+                text = text[: len(text) - self._partial_stop(text)]  # may still grow into a stop string
+            delta, self._sent = text[len(self._sent):], max(text, self._sent, key=len)
             if delta:
                 yield delta
             if self.finish_reason is not None:
@@ -217,6 +219,13 @@ class Generation:
 
     async def text(self) -> str:
         return "".join([d async for d in self.deltas()])
+
+    def _partial_stop(self, text: str) -> int:
+        """Length of the longest suffix of text that is a proper prefix of a stop string."""
+        for k in range(min(len(text), max((len(s) for s in self.stops), default=1) - 1), 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stops):
+                return k
+        return 0
 
     def _find_stop(self, text: str) -> int | None:
         if not self.stops:

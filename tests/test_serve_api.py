@@ -1,0 +1,351 @@
+"""The HTTP server end to end: a real uvicorn on 127.0.0.1 driven by the official `openai` client."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from safetensors.torch import save_file
+
+from loratune.loading import load_base_model, load_tokenizer
+from loratune.serve.lora_rows import linear_shapes
+from loratune.serve.server import build_server
+from loratune.serve.state import ServeSettings
+
+KEY = "test-key"
+BASE = "tiny-base"
+
+
+def write_adapter(path: Path, model, *, r: int, targets: list[str], seed: int, scale: float = 0.1,
+                  lora_alpha: float = 16) -> Path:
+    """Write a PEFT-format adapter with random A and B for the given target suffixes."""
+    path.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    tensors = {}
+    for name, (in_f, out_f) in linear_shapes(model).items():
+        if name.rsplit(".", 1)[-1] in targets:
+            tensors[f"base_model.model.{name}.lora_A.weight"] = torch.randn(r, in_f, generator=g) * scale
+            tensors[f"base_model.model.{name}.lora_B.weight"] = torch.randn(out_f, r, generator=g) * scale
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": lora_alpha, "target_modules": targets,
+              "task_type": "CAUSAL_LM", "base_model_name_or_path": "preset:tiny-llama"}
+    (path / "adapter_config.json").write_text(json.dumps(config))
+    return path
+
+
+class LiveServer:
+    """A real uvicorn server on a free loopback port, running in a thread."""
+
+    def __init__(self, app, state):
+        self.app, self.state = app, state
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                    timeout_graceful_shutdown=2))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 20
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.01)
+
+    def client(self, key: str | None = KEY, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=key or "none", max_retries=0, **kwargs)
+
+    def post(self, path: str, payload=None, *, key: str | None = KEY, **kwargs) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.post(self.url + path, json=payload, headers=headers, timeout=30, **kwargs)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.state.engine.stop()
+
+
+def start_server(tmp: Path, **kwargs) -> LiveServer:
+    """Serve preset:tiny-llama with adapters a1 (r=4) and a2 (r=8) loaded; tmp/root is the adapter root."""
+    model = load_base_model("preset:tiny-llama", dtype="float32")
+    tokenizer = load_tokenizer("preset:tiny-llama")
+    root = tmp / "root"
+    write_adapter(root / "a1", model, r=4, targets=["q_proj", "v_proj"], seed=1)
+    write_adapter(root / "a2", model, r=8, targets=["q_proj", "o_proj", "down_proj"], seed=2)
+    write_adapter(root / "a3", model, r=2, targets=["up_proj"], seed=3)
+    settings = ServeSettings(base_name=BASE, base_root="preset:tiny-llama", api_keys=[KEY],
+                             adapter_roots=[root], max_request_tokens=kwargs.pop("max_request_tokens", 512),
+                             max_body_bytes=kwargs.pop("max_body_bytes", 64 * 1024))
+    app, state = build_server(model, tokenizer, settings, adapters={"a1": str(root / "a1"), "a2": str(root / "a2")},
+                              num_threads=1, **kwargs)
+    return LiveServer(app, state)
+
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    server = start_server(tmp_path_factory.mktemp("serve"))
+    yield server
+    server.stop()
+
+
+def complete(client, model, prompt="The capital of France is", max_tokens=12, **kwargs):
+    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, **kwargs)
+
+
+def expect_error(status: int, fn, *args, **kwargs) -> dict:
+    """Call fn, assert it fails with an openai APIStatusError of `status`, return the error body."""
+    with pytest.raises(openai.APIStatusError) as info:
+        fn(*args, **kwargs)
+    assert info.value.status_code == status, info.value
+    body = info.value.body
+    assert set(body) == {"message", "type", "param", "code"}, body
+    return body
+
+
+# ----- listing, completions, chat ---------------------------------------------------------------
+
+def test_models_lists_base_and_adapters_in_vllm_shape(live):
+    cards = {m.id: m.model_dump() for m in live.client().models.list().data}
+    assert set(cards) == {BASE, "a1", "a2"}
+    assert cards[BASE]["parent"] is None and cards[BASE]["root"] == "preset:tiny-llama"
+    assert cards[BASE]["max_model_len"] == 1024
+    for name in ("a1", "a2"):
+        assert cards[name]["parent"] == BASE
+        assert cards[name]["root"].endswith(f"/root/{name}")
+        assert cards[name]["object"] == "model" and cards[name]["permission"]
+
+
+def test_completions_for_base_and_two_adapters(live):
+    client = live.client()
+    texts = {}
+    for model in (BASE, "a1", "a2"):
+        r = complete(client, model)
+        assert r.model == model and r.object == "text_completion"
+        assert r.usage.completion_tokens == 12 and r.choices[0].finish_reason == "length"
+        assert r.usage.prompt_tokens == len(live.state.tokenizer("The capital of France is")["input_ids"])
+        texts[model] = r.choices[0].text
+        assert complete(client, model).choices[0].text == texts[model]  # greedy is deterministic
+    assert len(set(texts.values())) == 3, texts  # each adapter changes the output
+
+
+def test_completion_matches_direct_generate_of_the_base(live):
+    tokenizer = live.state.tokenizer
+    reference = load_base_model("preset:tiny-llama", dtype="float32")
+    ids = torch.tensor([tokenizer("Hello world")["input_ids"]])
+    out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
+                             do_sample=False)[0, ids.shape[1]:]
+    r = complete(live.client(), BASE, prompt="Hello world", max_tokens=10)
+    assert r.choices[0].text == tokenizer.decode(out, skip_special_tokens=True)
+
+
+def test_chat_for_base_and_adapters(live):
+    client = live.client()
+    contents = set()
+    for model in (BASE, "a1", "a2"):
+        r = client.chat.completions.create(model=model, messages=[{"role": "user", "content": "Hi there"}],
+                                           max_tokens=8, temperature=0)
+        assert r.object == "chat.completion" and r.choices[0].message.role == "assistant"
+        assert r.choices[0].finish_reason in ("stop", "length")
+        contents.add(r.choices[0].message.content)
+        template = live.state.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}],
+                                                            add_generation_prompt=True, tokenize=False)
+        assert r.usage.prompt_tokens == len(live.state.tokenizer(template, add_special_tokens=False)["input_ids"])
+    assert len(contents) == 3
+
+
+def test_streaming_completion_and_chat_equal_non_streaming(live):
+    client = live.client()
+    full = complete(client, "a1").choices[0].text
+    chunks = list(complete(client, "a1", stream=True, stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == full
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 12
+    messages = [{"role": "user", "content": "Tell me"}]
+    chat = client.chat.completions.create(model="a2", messages=messages, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(model="a2", messages=messages, max_tokens=10, temperature=0, stream=True)
+    deltas = [c.choices[0].delta for c in stream]
+    assert deltas[0].role == "assistant"
+    assert "".join(d.content or "" for d in deltas) == chat.choices[0].message.content
+
+
+def test_stream_ends_with_done(live):
+    payload = {"model": BASE, "prompt": "abc", "max_tokens": 4, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{live.url}/v1/completions", json=payload, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        assert r.headers["content-type"].startswith("text/event-stream")
+        events = [line for line in r.iter_lines() if line]
+    assert events[-1] == "data: [DONE]" and all(e.startswith("data: ") for e in events)
+
+
+def test_stop_strings_and_seeded_sampling(live):
+    client = live.client()
+    full = complete(client, BASE, max_tokens=16).choices[0].text
+    stop = full[5:8]
+    r = complete(client, BASE, max_tokens=16, stop=[stop])
+    assert r.choices[0].finish_reason == "stop" and r.choices[0].text == full[: full.index(stop)]
+    sampled = [client.completions.create(model="a1", prompt="x", max_tokens=10, temperature=1.0, seed=7)
+               .choices[0].text for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+# ----- runtime adapters ---------------------------------------------------------------------------
+
+def test_load_and_unload_adapter_at_runtime_vllm_payloads(live):
+    client = live.client()
+    path = str(live.state.settings.adapter_roots[0] / "a3")
+    before = complete(client, BASE).choices[0].text
+    r = live.post("/v1/load_lora_adapter", {"lora_name": "a3", "lora_path": path})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'a3' added successfully."
+    assert "a3" in {m.id for m in client.models.list().data}
+    assert complete(client, "a3").choices[0].text != before
+    again = live.post("/v1/load_lora_adapter", {"lora_name": "a3", "lora_path": path})
+    assert again.status_code == 400
+    assert again.json()["error"]["message"] == "The lora adapter 'a3' has already been loaded."
+    r = live.post("/v1/unload_lora_adapter", {"lora_name": "a3"})
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'a3' removed successfully."
+    assert "a3" not in {m.id for m in client.models.list().data}
+    expect_error(404, complete, client, "a3")
+    gone = live.post("/v1/unload_lora_adapter", {"lora_name": "a3"})
+    assert gone.status_code == 404 and gone.json()["error"]["message"] == "The lora adapter 'a3' cannot be found."
+    assert live.post("/v1/load_lora_adapter", {"lora_name": "a3"}).status_code == 400
+    assert live.post("/v1/unload_lora_adapter", {}).status_code == 400
+    # a relative path resolves under the adapter root
+    assert live.post("/v1/load_lora_adapter", {"lora_name": "a3b", "lora_path": "a3"}).status_code == 200
+    assert complete(client, "a3b").choices[0].text != before
+    assert live.post("/v1/unload_lora_adapter", {"lora_name": "a3b"}).status_code == 200
+
+
+def test_load_and_unload_while_requests_are_in_flight(live):
+    client = live.client()
+    expected = complete(client, "a2", max_tokens=40).choices[0].text
+    path = str(live.state.settings.adapter_roots[0] / "a3")
+    stream = complete(client, "a2", max_tokens=40, stream=True)
+    first = next(iter(stream)).choices[0].text
+    assert live.post("/v1/load_lora_adapter", {"lora_name": "a3c", "lora_path": path}).status_code == 200
+    assert live.post("/v1/unload_lora_adapter", {"lora_name": "a3c"}).status_code == 200
+    rest = "".join(c.choices[0].text for c in stream if c.choices)
+    assert first + rest == expected
+
+
+# ----- errors ---------------------------------------------------------------------------------------
+
+def test_auth_errors_and_open_health(live):
+    body = expect_error(401, live.client(key="wrong").models.list)
+    assert body["type"] == "authentication_error"
+    assert httpx.get(f"{live.url}/v1/models").status_code == 401
+    assert httpx.get(f"{live.url}/health").status_code == 200
+
+
+def test_unknown_model_404(live):
+    body = expect_error(404, complete, live.client(), "no-such-adapter")
+    assert "no-such-adapter" in body["message"] and body["param"] == "model"
+
+
+def test_malformed_json_and_schema_errors_400(live):
+    r = httpx.post(f"{live.url}/v1/completions", content=b"{not json", timeout=10,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+    r = live.post("/v1/completions", {"model": BASE})
+    assert r.status_code == 400 and "prompt" in r.json()["error"]["message"]
+    body = expect_error(400, complete, live.client(), BASE, max_tokens=0)
+    assert body["param"] == "max_tokens"
+    expect_error(400, live.client().completions.create, model=BASE, prompt="x", n=2)
+    expect_error(400, live.client().chat.completions.create, model=BASE, messages=[])
+
+
+def test_token_limits_400_and_413(live):
+    body = expect_error(400, complete, live.client(), BASE, max_tokens=5000)
+    assert body["code"] == "context_length_exceeded"
+    body = expect_error(413, complete, live.client(), BASE, max_tokens=600)  # over --max-request-tokens 512
+    assert body["code"] == "request_too_large"
+    r = live.post("/v1/completions", {"model": BASE, "prompt": "x" * 100_000, "max_tokens": 1})
+    assert r.status_code == 413 and "error" in r.json()
+
+
+def test_bad_adapter_names_and_paths_400(live):
+    root = live.state.settings.adapter_roots[0]
+    for name in ("bad name", "../a1", "a/b", "x" * 200, BASE):
+        r = live.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(root / "a3")})
+        assert r.status_code == 400, name
+        assert r.json()["error"]["param"] == "lora_name"
+    for path in ("/etc", str(root / ".." / "root2"), "../../etc", str(root) + "/../"):
+        r = live.post("/v1/load_lora_adapter", {"lora_name": "evil", "lora_path": path})
+        assert r.status_code == 400 and "outside the adapter roots" in r.json()["error"]["message"], path
+    r = live.post("/v1/load_lora_adapter", {"lora_name": "ghost", "lora_path": str(root / "missing")})
+    assert r.status_code == 404 and "No adapter found" in r.json()["error"]["message"]
+
+
+def test_corrupt_adapters_fail_their_load_and_the_server_keeps_serving(live):
+    root = live.state.settings.adapter_roots[0]
+    client = live.client()
+    before = complete(client, "a1").choices[0].text
+    truncated = write_adapter(root / "truncated", live.state.engine.model, r=4, targets=["q_proj"], seed=5)
+    data = (truncated / "adapter_model.safetensors").read_bytes()
+    (truncated / "adapter_model.safetensors").write_bytes(data[: len(data) // 2])
+    misshapen = write_adapter(root / "misshapen", live.state.engine.model, r=4, targets=["q_proj"], seed=5)
+    (misshapen / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8,
+                                                              "target_modules": ["q_proj", "k_proj"]}))
+    binary = root / "binary"
+    binary.mkdir()
+    (binary / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
+    (binary / "adapter_model.bin").write_bytes(b"pickle")
+    dora = write_adapter(root / "dora", live.state.engine.model, r=4, targets=["q_proj"], seed=5)
+    (dora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True,
+                                                         "target_modules": ["q_proj"]}))
+    expected = {"truncated": "not a readable safetensors file", "misshapen": "k_proj.lora_A.weight is missing",
+                "binary": "safetensors only", "dora": "use_dora"}
+    for name, needle in expected.items():
+        r = live.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(root / name)})
+        assert r.status_code == 400, (name, r.text)
+        assert needle in r.json()["error"]["message"], (name, r.text)
+    assert {m.id for m in client.models.list().data} == {BASE, "a1", "a2"}
+    assert complete(client, "a1").choices[0].text == before
+
+
+def test_disconnecting_stream_frees_its_slot(live, monkeypatch):
+    engine = live.state.engine
+    monkeypatch.setattr(engine, "eos_token_ids", set())  # so only the disconnect can end it early
+    payload = {"model": "a1", "prompt": "abc", "max_tokens": 500, "temperature": 0, "stream": True}
+    before = engine.decoded_tokens
+    with httpx.stream("POST", f"{live.url}/v1/completions", json=payload, timeout=30,
+                      headers={"Authorization": f"Bearer {KEY}"}) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert engine.running == 1
+    deadline = time.monotonic() + 10
+    while engine.running and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0 and engine.queue_depth == 0
+    assert engine.decoded_tokens - before < 499  # stopped well before max_tokens
+
+
+def test_metrics_report_requests_ttft_queue_and_adapters(live):
+    complete(live.client(), "a1", max_tokens=2)
+    text = httpx.get(f"{live.url}/metrics").text
+    assert 'loratune_requests_total{endpoint="completions",model="a1",status="200"}' in text
+    assert 'loratune_time_to_first_token_seconds_count{model="a1"}' in text
+    assert "loratune_queue_depth 0.0" in text and "loratune_loaded_adapters 2.0" in text
+
+
+def test_full_queue_429_and_stopped_engine_503(tmp_path):
+    server = start_server(tmp_path, max_batch_size=1, max_queue=1)
+    try:
+        client = server.client()
+        streams = [complete(client, "a1", max_tokens=500, stream=True) for _ in range(2)]
+        next(iter(streams[0]))  # one running, one waiting
+        body = expect_error(429, complete, client, BASE)
+        assert body["type"] == "rate_limit_error"
+        for s in streams:
+            s.close()
+        server.state.engine.stop()
+        expect_error(503, complete, client, BASE)
+        assert httpx.get(f"{server.url}/health").status_code == 503
+    finally:
+        server.stop()
