@@ -129,3 +129,15 @@ def test_fused_equals_reference_cuda(dtype):
     assert_close(y, ref_y, dtype)
     for got, want in zip(grads, ref_grads):
         assert_close(got, want, dtype)
+
+
+def test_reference_paths_switches_to_the_reference():
+    from loratune.ops import reference_paths
+
+    x, weight, b, lora_A, lora_B = make((4,), 8, 6, 2, torch.bfloat16, True, False)
+    lora_A.requires_grad_()
+    fused = lora_linear(x, weight, b, lora_A, lora_B, 1.0)
+    with reference_paths():
+        ref = lora_linear(x, weight, b, lora_A, lora_B, 1.0)
+    assert "LoraLinearFn" in type(fused.grad_fn).__name__
+    assert "LoraLinearFn" not in type(ref.grad_fn).__name__

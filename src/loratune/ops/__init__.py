@@ -1,1 +1,33 @@
-"""Fast kernels for training, each with its plain reference beside it."""
+"""Fast kernels for training, each with its plain reference beside it.
+
+  cross_entropy   chunked cross-entropy over the LM head (never holds the full logits)
+  lora_linear     fused LoRA linear autograd node for a frozen base
+  runtime         process-wide CPU settings the trainer applies (denormals, threads)
+
+`reference_paths()` switches every fast path in this package (and `loratune.train.loss`) to its
+reference for the duration of a `with` block, so a whole training run can be compared against the
+plain computation (bench/train_speed.py does this for its 20-step loss check).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Iterator
+
+_REFERENCE = contextvars.ContextVar("loratune_reference_paths", default=False)
+
+
+@contextlib.contextmanager
+def reference_paths() -> Iterator[None]:
+    """Run the plain reference of every fast path inside the block."""
+    token = _REFERENCE.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE.reset(token)
+
+
+def fast_paths_enabled() -> bool:
+    """False inside `reference_paths()`."""
+    return not _REFERENCE.get()

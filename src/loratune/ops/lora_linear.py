@@ -15,7 +15,8 @@ What the fused node does differently:
 - returns gradients for x, lora_A and lora_B only.
 
 Conditions (`lora_linear` checks them and falls back to the reference otherwise, so calling it is
-always correct): the base weight and bias do not require grad, and x has the base weight's dtype.
+always correct): the base weight and bias do not require grad, x has the base weight's dtype, and
+we are not inside `loratune.ops.reference_paths()`.
 Callers (LoraLinear.forward) use it for a single active, unmerged, non-DoRA adapter:
 
     y = lora_linear(x, base.weight, base.bias, lora_A.weight, lora_B.weight, scaling,
@@ -33,6 +34,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from loratune.ops import fast_paths_enabled
 
 
 def lora_linear_reference(
@@ -52,7 +55,7 @@ def lora_linear(
 ) -> Tensor:
     """Return the same y as `lora_linear_reference` through one fused autograd node (see module doc)."""
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    if not frozen or x.dtype != weight.dtype or (x_lora is not None and x_lora.dtype != x.dtype):
+    if not frozen or not fast_paths_enabled() or x.dtype != weight.dtype or (x_lora is not None and x_lora.dtype != x.dtype):
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, x_lora)
     return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, float(scaling), fan_in_fan_out, x_lora)
 

@@ -4,7 +4,8 @@
 and a chunked cross-entropy over the LM head (`loratune.ops.cross_entropy`), so the full
 (tokens x vocab) logits never exist and rows whose label is ignored are never projected.
 `token_loss_sum_reference` is the obvious version (full logits, shift, cross-entropy); the fast path
-falls back to it for heads it does not recognise (LoRA on the head, logit soft-capping, ...).
+falls back to it for heads it does not recognise (LoRA on the head, logit soft-capping, ...) and
+inside `loratune.ops.reference_paths()`.
 
 Batches (HF convention, labels UNSHIFTED, IGNORE_INDEX = -100) are either padded (B, T) with an
 attention_mask, or packed padding-free (1, N) with position_ids restarting per example and no
@@ -18,6 +19,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loratune.ops import fast_paths_enabled
 from loratune.ops.cross_entropy import chunked_cross_entropy_sum
 
 IGNORE_INDEX = -100
@@ -59,7 +61,7 @@ def _model_inputs(batch: dict[str, Tensor]) -> dict[str, Tensor]:
 
 def _body_and_head(model: nn.Module, batch: dict) -> tuple[nn.Module, nn.Linear] | None:
     """Find the decoder body and a plain Linear LM head, or None when the fast path does not apply."""
-    if batch.get("adapter_names") is not None:
+    if batch.get("adapter_names") is not None or not fast_paths_enabled():
         return None  # mixed-adapter batches go through LoraModel.forward
     hf = model.get_base_model() if hasattr(model, "get_base_model") else model
     get_decoder = getattr(hf, "get_decoder", None)
