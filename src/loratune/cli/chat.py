@@ -1,0 +1,68 @@
+"""`loratune chat`: talk to the base model or an adapter through the tokenizer's chat template.
+
+Reads one user message per line from stdin (so it can be scripted: `printf 'hi\\n/exit\\n' |
+loratune chat ...`). The whole conversation is the context of each answer. `/reset` forgets the
+history, `/exit` (or end of input) quits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from loratune.cli.generate import EXIT_USAGE, add_model_arguments, add_sampling_arguments, describe
+
+RESET, EXIT = "/reset", "/exit"
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    parser = sub.add_parser(
+        "chat", help="Chat interactively with the base model or an adapter.",
+        description=f"Chat with the base model or an adapter. One message per line; {RESET} clears the "
+                    f"history, {EXIT} or end of input quits.",
+        allow_abbrev=False,
+    )
+    add_model_arguments(parser)
+    parser.add_argument("--system", default=None, help="system prompt put before the conversation")
+    add_sampling_arguments(parser)
+    parser.set_defaults(max_new_tokens=256)
+    return parser
+
+
+def run(args) -> int:
+    from loratune.cli.generate import load_from_args, settings_from_args
+    from loratune.errors import LoratuneError
+    from loratune.generation import ChatSession, chat_ids
+
+    try:
+        settings = settings_from_args(args)
+        loaded = load_from_args(args)
+        chat_ids(loaded.tokenizer, [{"role": "user", "content": "probe"}])  # no template: fail before the loop
+    except LoratuneError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    session = ChatSession(loaded.model, loaded.tokenizer, settings, system=args.system)
+    interactive = sys.stdin.isatty()
+    print(f"Chatting with {describe(loaded)}. {RESET} clears the history, {EXIT} quits.")
+    while True:
+        if interactive:
+            print("you> ", end="", flush=True)
+        line = sys.stdin.readline()
+        if not line:  # end of input
+            break
+        text = line.strip()
+        if not text:
+            continue
+        if text == EXIT:
+            break
+        if text == RESET:
+            session.reset()
+            print("(history cleared)")
+            continue
+        try:
+            answer = session.reply(text)
+        except LoratuneError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
+        print(f"assistant> {answer}", flush=True)
+    return 0

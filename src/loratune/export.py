@@ -1,0 +1,170 @@
+"""Merge an adapter into its base and write a standard Hugging Face model directory, then prove it.
+
+`merge_to_directory` takes an adapter model loaded in float32 (`loratune.inference.load_model`;
+a quantized base computing in float32) and:
+  1. computes reference logits of the adapter model on a fixed probe batch;
+  2. for a quantized base (QLoRA), replaces the quantized layers by float32 ones holding exactly
+     the weights they computed with (`loratune.quant.dequantize_model`), since merging never
+     writes into quantized weights;
+  3. merges (`merge_and_unload`: W += scaling * B @ A) and checks the merged model's logits
+     against the reference: this is the PASS/FAIL check, in float32 so that only summation order
+     differs (TOLERANCE);
+  4. casts to the output dtype and writes config.json, model.safetensors, generation_config.json
+     and the tokenizer files into a temp directory, loads it back with plain
+     `AutoModelForCausalLM.from_pretrained`, checks the loaded weights are bitwise the ones
+     written, and measures the written model's logits against the reference (in bf16 this is the
+     rounding of every weight, reported, not judged: a random test model amplifies it a lot);
+  5. publishes the directory (rename) only when both checks pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from .atomic import atomic_directory
+from .errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+PROBE_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "def add(a, b):\n    return a + b  # LoRA merges W + s*B@A",
+)
+PROBE_LENGTH = 16
+# (atol, rtol): pass when max|merged - reference| <= atol + rtol * max|reference|, both in float32.
+TOLERANCE = (1e-4, 1e-4)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What was written and how close the merged model is to the adapter model."""
+
+    output_dir: str
+    dtype: str
+    files: list[str]
+    reference: str  # what the logits were compared against, in words
+    max_abs_diff: float  # merged (float32) vs adapter model: the PASS/FAIL number
+    tolerance: float
+    max_abs_logit: float
+    written_diff: float  # the written model, in its dtype, vs the adapter model
+    weights_identical: bool  # the reloaded directory holds exactly the merged weights
+    published: bool
+
+    @property
+    def passed(self) -> bool:
+        return self.max_abs_diff <= self.tolerance and self.weights_identical
+
+
+def probe_batch(tokenizer, vocab_size: int) -> Tensor:
+    """A fixed (B, T) batch: the probe texts tokenized, cut or filled to PROBE_LENGTH tokens."""
+    g = torch.Generator().manual_seed(0)
+    rows = []
+    for text in PROBE_TEXTS:
+        ids = list(tokenizer(text, add_special_tokens=True)["input_ids"])[:PROBE_LENGTH]
+        fill = torch.randint(0, vocab_size, (PROBE_LENGTH - len(ids),), generator=g).tolist()
+        rows.append(ids + fill)
+    rows.append(torch.randint(0, vocab_size, (PROBE_LENGTH,), generator=g).tolist())
+    return torch.tensor(rows, dtype=torch.long)  # (3, PROBE_LENGTH)
+
+
+@torch.no_grad()
+def logits_of(model: nn.Module, input_ids: Tensor) -> Tensor:
+    """fp32 logits (B, T, V) of a model on the probe batch."""
+    device = next(model.parameters()).device
+    out = model(input_ids=input_ids.to(device), use_cache=False)
+    return out.logits.float().cpu()
+
+
+def tolerance_for(reference: Tensor) -> float:
+    atol, rtol = TOLERANCE
+    return atol + rtol * float(reference.abs().max())
+
+
+def check_output_dir(output_dir: str, adapter_dir: str | None) -> None:
+    """Refuse to write into a non-empty directory or into the adapter itself.
+
+    Raises:
+        ConfigError: naming the directory.
+    """
+    if adapter_dir is not None and os.path.abspath(output_dir) == os.path.abspath(adapter_dir):
+        raise ConfigError(f"--output_dir {output_dir!r} is the adapter directory; choose a new directory")
+    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+        raise ConfigError(f"--output_dir {output_dir!r} already exists and is not empty; remove it or choose "
+                          "another directory (a merged model is never written over other files)")
+
+
+def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
+                       tolerance: float | None = None) -> MergeReport:
+    """Merge `loaded.model` (a float32 LoraModel) into its base, write `output_dir`, check the logits.
+
+    The model is consumed: it is merged and unloaded in place. The directory is published only
+    when the checks pass (`report.published`).
+
+    Raises:
+        ConfigError: bad dtype or output_dir, or no adapter; MergeError: NaN/Inf in a merged weight.
+    """
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if not hasattr(loaded.model, "merge_and_unload"):
+        raise ConfigError("merging needs an adapter (--adapter DIR)")
+    check_output_dir(output_dir, loaded.adapter_dir)
+    torch_dtype = DTYPES[dtype]
+    probe = probe_batch(loaded.tokenizer, loaded.model.get_base_model().config.vocab_size)
+    reference = logits_of(loaded.model, probe)
+    reference_name = "the adapter model" + (f" on its {loaded.quantized} base" if loaded.quantized else "")
+    merged = _merge(loaded)
+    diff = float((logits_of(merged, probe) - reference).abs().max())
+    tol = tolerance if tolerance is not None else tolerance_for(reference)
+    merged = merged.to(torch_dtype)
+    merged.config.dtype = torch_dtype
+    published = False
+    try:
+        with atomic_directory(output_dir) as tmp:
+            merged.save_pretrained(tmp)
+            loaded.tokenizer.save_pretrained(tmp)
+            files = sorted(os.listdir(tmp))
+            reloaded = _reload(tmp, torch_dtype)
+            identical = _same_weights(merged, reloaded)
+            written_diff = float((logits_of(reloaded, probe) - reference).abs().max())
+            if diff > tol or not identical:
+                raise _CheckFailed
+        published = True
+    except _CheckFailed:
+        pass
+    return MergeReport(output_dir, dtype, files, reference_name, diff, tol, float(reference.abs().max()),
+                       written_diff, identical, published)
+
+
+class _CheckFailed(Exception):
+    """Raised inside the atomic block so that nothing is published."""
+
+
+def _merge(loaded) -> nn.Module:
+    model = loaded.model
+    if loaded.quantized:
+        from .quant import dequantize_model
+
+        dequantize_model(model.get_base_model(), dtype=torch.float32)
+    return model.merge_and_unload(safe_merge=True).eval()
+
+
+def _reload(directory: str, torch_dtype: torch.dtype) -> nn.Module:
+    """Load the written directory the way users will."""
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).eval()
+
+
+def _same_weights(expected: nn.Module, loaded: nn.Module) -> bool:
+    want, got = expected.state_dict(), loaded.state_dict()
+    if set(want) != set(got):
+        logger.error("written model has different tensors: missing %s, extra %s",
+                     sorted(set(want) - set(got))[:5], sorted(set(got) - set(want))[:5])
+        return False
+    return all(torch.equal(want[k].cpu(), got[k].cpu()) for k in want)

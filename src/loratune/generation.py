@@ -1,0 +1,136 @@
+"""Text generation for the `generate` and `chat` verbs: prompts in, new text out.
+
+Greedy decoding is the default (temperature 0); a temperature > 0 samples, optionally with
+nucleus (top_p) filtering, from a seeded generator so a given seed always gives the same text.
+Prompts are either plain text (the tokenizer adds BOS as it normally does) or chat messages
+rendered with the tokenizer's own chat template (which writes its own BOS, so none is added).
+Nothing here prints; `ChatSession` keeps the conversation history for the interactive loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+from transformers import GenerationConfig
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    """How to decode: greedy when temperature is 0, else sampling."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.max_new_tokens < 1:
+            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if problems:
+            raise ConfigError(problems)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """Tokenize a plain-text prompt the way the tokenizer normally does (BOS included if it adds one)."""
+    if not prompt:
+        raise ConfigError("the prompt is empty")
+    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
+def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """Render messages with the chat template, ending with the assistant's turn header.
+
+    Raises:
+        ConfigError: the tokenizer has no chat template.
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError("this tokenizer has no chat_template, so chat prompts cannot be rendered; "
+                          "use a chat model's tokenizer or a plain --prompt")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
+    """EOS ids of the tokenizer and of the model's generation config (some models have several)."""
+    ids = []
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, configured):
+        for i in value if isinstance(value, (list, tuple)) else [value]:
+            if i is not None and i not in ids:
+                ids.append(int(i))
+    return ids
+
+
+@torch.no_grad()
+def generate_ids(model: nn.Module, tokenizer, ids: list[int], settings: GenerationSettings) -> list[int]:
+    """Return only the newly generated token ids for one prompt (stop tokens excluded)."""
+    device = next(model.parameters()).device
+    input_ids = torch.tensor([ids], device=device)  # (1, T)
+    stops = stop_token_ids(model, tokenizer)
+    config = GenerationConfig(
+        max_new_tokens=settings.max_new_tokens,
+        do_sample=not settings.greedy,
+        temperature=settings.temperature if not settings.greedy else None,
+        top_p=settings.top_p if not settings.greedy else None,
+        top_k=None,
+        eos_token_id=stops or None,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0],
+    )
+    with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+        if settings.seed is not None:
+            torch.manual_seed(settings.seed)
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+                             generation_config=config)
+    new = out[0, len(ids):].tolist()
+    while new and new[-1] in stops:
+        new.pop()
+    return new
+
+
+def generate_text(model: nn.Module, tokenizer, ids: list[int], settings: GenerationSettings) -> str:
+    """Decode the continuation of `ids` as text (special tokens dropped)."""
+    return tokenizer.decode(generate_ids(model, tokenizer, ids, settings), skip_special_tokens=True)
+
+
+@dataclass
+class ChatSession:
+    """A conversation: each user turn is answered with the whole history as context."""
+
+    model: nn.Module
+    tokenizer: object
+    settings: GenerationSettings
+    system: str | None = None
+    history: list[dict[str, str]] = field(default_factory=list)
+
+    def reset(self) -> None:
+        """Forget every turn (the system prompt stays)."""
+        self.history.clear()
+
+    def messages(self) -> list[dict[str, str]]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.history
+
+    def reply(self, user_text: str) -> str:
+        """Add the user's turn, generate the assistant's answer, remember both, return the answer."""
+        self.history.append({"role": "user", "content": user_text})
+        try:
+            answer = generate_text(self.model, self.tokenizer, chat_ids(self.tokenizer, self.messages()),
+                                   self.settings)
+        except BaseException:
+            self.history.pop()
+            raise
+        self.history.append({"role": "assistant", "content": answer})
+        return answer

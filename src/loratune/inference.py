@@ -1,0 +1,130 @@
+"""Load a frozen base model, optionally with a saved adapter on top, for generate/chat/eval/merge.
+
+The base defaults to the adapter's `base_model_name_or_path`, and the quantization settings
+(`load_in_4bit`, `load_in_8bit`, `bnb_4bit_*`) default to what the adapter was trained with: the
+`train_config.yaml` that `loratune train` writes next to the adapter. So `--adapter out/` alone
+reloads a QLoRA run exactly as it was trained. Explicit arguments always win.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+from torch import nn
+
+from .adapter_io import read_adapter
+from .config import LoraConfig
+from .errors import AdapterError, ConfigError
+
+logger = logging.getLogger(__name__)
+
+TRAIN_CONFIG_FILE = "train_config.yaml"
+QUANT_DEFAULTS: dict[str, Any] = {
+    "load_in_4bit": False,
+    "load_in_8bit": False,
+    "bnb_4bit_quant_type": "nf4",
+    "bnb_4bit_compute_dtype": "bfloat16",
+    "bnb_4bit_use_double_quant": False,
+}
+
+
+@dataclass
+class LoadedModel:
+    """A ready-to-run model: a LoraModel when an adapter was given, else the plain HF model."""
+
+    model: nn.Module
+    tokenizer: Any
+    base_name: str
+    adapter_dir: str | None = None
+    adapter_config: LoraConfig | None = None
+    quant: dict[str, Any] = field(default_factory=lambda: dict(QUANT_DEFAULTS))
+
+    @property
+    def quantized(self) -> str | None:
+        """"4-bit nf4" / "8-bit int8" when the base is quantized, else None."""
+        if self.quant["load_in_4bit"]:
+            return f"4-bit {self.quant['bnb_4bit_quant_type']}"
+        if self.quant["load_in_8bit"]:
+            return "8-bit int8"
+        return None
+
+
+def read_train_config(adapter_dir: str) -> dict[str, Any]:
+    """Return the flat keys of `train_config.yaml` beside an adapter ({} when there is none).
+
+    Raises:
+        ConfigError: the file exists but is not a YAML mapping.
+    """
+    path = os.path.join(adapter_dir, TRAIN_CONFIG_FILE)
+    if not os.path.isfile(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def resolve_quant(adapter_dir: str | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Quantization settings: defaults, then the adapter's train_config.yaml, then non-None overrides."""
+    quant = dict(QUANT_DEFAULTS)
+    if adapter_dir is not None:
+        trained = read_train_config(adapter_dir)
+        quant.update({k: trained[k] for k in QUANT_DEFAULTS if trained.get(k) is not None})
+    quant.update({k: v for k, v in (overrides or {}).items() if k in QUANT_DEFAULTS and v is not None})
+    if quant["load_in_4bit"] and quant["load_in_8bit"]:
+        raise ConfigError("load_in_4bit and load_in_8bit are both set; pick one")
+    return quant
+
+
+def resolve_base_name(model_name_or_path: str | None, adapter_config: LoraConfig | None,
+                      adapter_dir: str | None) -> str:
+    """The base model to load: the explicit argument, else the adapter config's base model.
+
+    Raises:
+        ConfigError: neither is known.
+    """
+    if model_name_or_path:
+        return model_name_or_path
+    if adapter_config is not None and adapter_config.base_model_name_or_path:
+        return adapter_config.base_model_name_or_path
+    if adapter_dir is not None:
+        raise ConfigError(f"{adapter_dir}: adapter_config.json has no base_model_name_or_path; "
+                          "pass --model_name_or_path")
+    raise ConfigError("no model given: pass --model_name_or_path, --adapter, or both")
+
+
+def load_model(model_name_or_path: str | None = None, adapter: str | None = None, *, dtype: str = "auto",
+               quant: dict[str, Any] | None = None, device: str = "cpu") -> LoadedModel:
+    """Load the tokenizer, the frozen base (quantized if asked) and, if given, the adapter on top.
+
+    Raises:
+        ConfigError: no base model, bad model path, bad quantization settings.
+        AdapterError: the adapter directory is missing, corrupt or does not fit the base.
+    """
+    from .loading import load_base_model, load_tokenizer
+    from .model import LoraModel
+
+    adapter_config = None
+    if adapter is not None:
+        if not os.path.isdir(adapter):
+            raise AdapterError(f"{adapter}: adapter directory does not exist")
+        adapter_config, _ = read_adapter(adapter)  # validate files before the (slow) base load
+    base_name = resolve_base_name(model_name_or_path, adapter_config, adapter)
+    settings = resolve_quant(adapter, quant)
+    tokenizer = load_tokenizer(base_name)
+    model = load_base_model(base_name, dtype=dtype, device=device, **settings)
+    if adapter is not None:
+        model = LoraModel.from_pretrained(model, adapter)
+        model.eval()
+    logger.debug("loaded %s%s", base_name, f" + adapter {adapter}" if adapter else "")
+    return LoadedModel(model, tokenizer, base_name, adapter, adapter_config, settings)

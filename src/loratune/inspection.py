@@ -1,0 +1,132 @@
+"""`summarize_adapter`: what an adapter directory holds, read from its files alone (no base model).
+
+Targets and ranks come from the tensors, not only the config: the rank of a module is the first
+dimension of its `lora_A` (or `lora_embedding_A`), so a `rank_pattern` shows up as it was saved.
+Tensor keys follow PEFT's layout: `base_model.model.<module path>.lora_A.weight`,
+`<path>.lora_embedding_A`, `<path>.lora_magnitude_vector` (DoRA); anything else is a full tensor
+saved with the adapter (modules_to_save, biases).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+
+from .adapter_io import PREFIX, read_adapter
+from .config import LoraConfig
+
+_LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
+_EMBED_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)$")
+_DORA_KEY = re.compile(r"^(?P<path>.+)\.lora_magnitude_vector$")
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    """One adapted module: its path in the model, rank, and whether it is an embedding."""
+
+    path: str
+    r: int
+    embedding: bool
+
+    @property
+    def name(self) -> str:
+        """The last component ("q_proj"), what target_modules usually names."""
+        return self.path.rsplit(".", 1)[-1]
+
+
+@dataclass(frozen=True)
+class AdapterSummary:
+    """Everything `loratune inspect` reports about one adapter directory."""
+
+    path: str
+    config: LoraConfig
+    modules: list[ModuleInfo]
+    num_parameters: int
+    dtypes: dict[str, int]  # dtype name -> number of tensors
+    size_bytes: int  # every file in the directory (not sub-folders of other adapters)
+    dora_modules: list[str] = field(default_factory=list)
+    extra_tensors: list[str] = field(default_factory=list)  # full tensors: modules_to_save, biases
+
+    @property
+    def ranks(self) -> dict[int, int]:
+        """rank -> number of modules with that rank."""
+        return dict(sorted(Counter(m.r for m in self.modules).items()))
+
+    @property
+    def max_rank(self) -> int:
+        return max((m.r for m in self.modules), default=self.config.r)
+
+    @property
+    def target_names(self) -> list[str]:
+        return sorted({m.name for m in self.modules})
+
+    def to_dict(self) -> dict:
+        c = self.config
+        return {
+            "path": self.path,
+            "base_model_name_or_path": c.base_model_name_or_path,
+            "r": c.r,
+            "lora_alpha": c.lora_alpha,
+            "ranks": {str(k): v for k, v in self.ranks.items()},
+            "rank_pattern": dict(c.rank_pattern),
+            "alpha_pattern": dict(c.alpha_pattern),
+            "target_modules": c.target_modules,
+            "targets": self.target_names,
+            "num_modules": len(self.modules),
+            "modules": {m.path: m.r for m in self.modules},
+            "num_parameters": self.num_parameters,
+            "size_bytes": self.size_bytes,
+            "dtypes": self.dtypes,
+            "use_dora": c.use_dora,
+            "use_rslora": c.use_rslora,
+            "bias": c.bias,
+            "modules_to_save": c.modules_to_save,
+            "extra_tensors": self.extra_tensors,
+            "task_type": None if c.task_type is None else str(c.task_type),
+        }
+
+
+def summarize_adapter(path: str) -> AdapterSummary:
+    """Read an adapter directory and describe it.
+
+    Raises:
+        AdapterError / UnsupportedFeatureError / ConfigError: as `read_adapter` (missing or corrupt files).
+    """
+    config, tensors = read_adapter(path)
+    modules: dict[str, ModuleInfo] = {}
+    dora, extra = [], []
+    for key, tensor in sorted(tensors.items()):
+        name = key.removeprefix(PREFIX)
+        if m := _LORA_KEY.match(name):
+            if m["kind"] == "lora_A":
+                modules[m["path"]] = ModuleInfo(m["path"], int(tensor.shape[0]), embedding=False)
+        elif m := _EMBED_KEY.match(name):
+            if m["kind"] == "lora_embedding_A":
+                modules[m["path"]] = ModuleInfo(m["path"], int(tensor.shape[0]), embedding=True)
+        elif m := _DORA_KEY.match(name):
+            dora.append(m["path"])
+        else:
+            extra.append(name)
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
+    return AdapterSummary(
+        path=path, config=config, modules=sorted(modules.values(), key=lambda m: m.path),
+        num_parameters=sum(t.numel() for t in tensors.values()), dtypes=dict(sorted(dtypes.items())),
+        size_bytes=_dir_size(path), dora_modules=dora, extra_tensors=extra,
+    )
+
+
+def _dir_size(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
+               if os.path.isfile(os.path.join(path, f)))
+
+
+def human_size(n: int) -> str:
+    """1536 -> '1.5 KiB'."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
