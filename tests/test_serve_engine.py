@@ -1,0 +1,150 @@
+"""The engine: mixed-adapter continuous batches give exactly the greedy tokens of single runs."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import pytest
+import torch
+
+from factories import tiny_batch, tiny_model
+from loratune import LoraConfig, LoraModel, get_peft_model
+from loratune.serve.engine import Engine, GenerationRequest, SamplingParams, wait_until_idle
+from loratune.serve.lora_rows import RowLoraLinear, linear_shapes
+from loratune.serve.registry import prepare_adapter
+
+EOS = 2
+TARGETS = {"llama": {"a1": (["q_proj", "v_proj"], 4), "a2": (["q_proj", "o_proj", "down_proj"], 8)},
+           "gpt2": {"a1": (["c_attn"], 4), "a2": (["c_attn", "c_fc"], 8)}}
+
+
+def save_adapters(base, arch: str, tmp_path) -> dict[str, str]:
+    """Save two random adapters (different ranks and targets) with the core library."""
+    paths = {}
+    for seed, (name, (targets, r)) in enumerate(TARGETS[arch].items(), start=10):
+        torch.manual_seed(seed)
+        config = LoraConfig(r=r, lora_alpha=2 * r, target_modules=targets, init_lora_weights=False)
+        get_peft_model(copy.deepcopy(base), config).save_pretrained(str(tmp_path / name))
+        paths[name] = str(tmp_path / name)
+    return paths
+
+
+def reference_tokens(base, path: str | None, prompt: list[int], max_tokens: int) -> list[int]:
+    """Greedy tokens of a plain single-adapter generate (the loratune core model)."""
+    model = copy.deepcopy(base) if path is None else LoraModel.from_pretrained(copy.deepcopy(base), path).eval()
+    ids = torch.tensor([prompt])
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
+                         do_sample=False, eos_token_id=EOS, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+def start_engine(base, paths: dict[str, str], **kwargs) -> tuple[Engine, dict[str, int]]:
+    engine = Engine(copy.deepcopy(base), eos_token_ids={EOS}, context_length=128, num_threads=1, **kwargs)
+    engine.start()
+    shapes = linear_shapes(engine.model)
+    ids = {}
+    for adapter_id, (name, path) in enumerate(paths.items(), start=1):
+        engine.install_adapter(adapter_id, prepare_adapter(name, path_of(path), shapes, torch.float32)).result()
+        ids[name] = adapter_id
+    return engine, ids
+
+
+def path_of(path: str):
+    from pathlib import Path
+
+    return Path(path)
+
+
+class Collector:
+    """A request's sink: gathers tokens; `on_token(n)` hooks let a test act mid-generation."""
+
+    def __init__(self):
+        self.tokens: list[int] = []
+        self.finish: str | None = None
+        self.done = threading.Event()
+        self.hooks: dict[int, callable] = {}
+
+    def __call__(self, kind, value):
+        if kind == "token":
+            self.tokens.append(value)
+            if len(self.tokens) in self.hooks:
+                self.hooks.pop(len(self.tokens))()
+        else:
+            self.finish = value
+            self.done.set()
+
+
+def request(prompt, adapter_id, max_tokens, **params):
+    sink = Collector()
+    params.setdefault("temperature", 0)
+    return GenerationRequest(list(prompt), adapter_id, SamplingParams(max_tokens=max_tokens, **params), sink), sink
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_mixed_continuous_batch_equals_single_adapter_runs(arch, tmp_path):
+    base = tiny_model(arch, seed=0)
+    paths = save_adapters(base, arch, tmp_path)
+    engine, ids = start_engine(base, paths, max_batch_size=4)
+    prompts = [tiny_batch(1, n, seed=n)[0].tolist() for n in (3, 7, 5, 9, 4, 6)]
+    plan = [(None, 10), ("a1", 14), ("a2", 6), ("a1", 12), (None, 8), ("a2", 15)]
+    try:
+        reqs = [request(p, ids.get(name), n) for p, (name, n) in zip(prompts, plan)]
+        # three start together; the rest join mid-decode (after token 3 of the first) and queue for slots
+        reqs[0][1].hooks[3] = lambda: [engine.submit(r) for r, _ in reqs[3:]]
+        for r, _ in reqs[:3]:
+            engine.submit(r)
+        assert all(sink.done.wait(30) for _, sink in reqs)
+        assert wait_until_idle(engine)
+    finally:
+        engine.stop()
+    for (_, sink), prompt, (name, n) in zip(reqs, prompts, plan):
+        expected = reference_tokens(base, paths.get(name), prompt, n)
+        assert sink.tokens == expected, (name, sink.tokens, expected)
+        assert sink.finish == ("stop" if expected[-1] == EOS else "length")
+    # not vacuous: each adapter changes the tokens of the same prompt
+    outputs = {name: reference_tokens(base, paths.get(name), prompts[1], 14) for name in (None, "a1", "a2")}
+    assert len({tuple(v) for v in outputs.values()}) == 3
+
+
+def test_unload_waits_for_requests_in_flight(tmp_path):
+    base = tiny_model("llama", seed=0)
+    paths = save_adapters(base, "llama", tmp_path)
+    engine, ids = start_engine(base, paths)
+    prompt = tiny_batch(1, 5, seed=3)[0].tolist()
+    try:
+        (req, sink) = request(prompt, ids["a1"], 20)
+        removed = []
+        sink.hooks[2] = lambda: removed.append(engine.remove_adapter(ids["a1"]))
+        engine.submit(req)
+        assert sink.done.wait(30)
+        removed[0].result(10)
+        assert wait_until_idle(engine)
+        engine.call(lambda: None).result(10)
+        layers = [m for m in engine.model.modules() if isinstance(m, RowLoraLinear)]
+        assert layers and all(ids["a1"] not in m.adapters for m in layers)
+        assert any(ids["a2"] in m.adapters for m in layers)
+    finally:
+        engine.stop()
+    assert sink.tokens == reference_tokens(base, paths["a1"], prompt, 20)
+
+
+def test_seeded_sampling_repeats_and_cancel_frees_the_slot(tmp_path):
+    base = tiny_model("llama", seed=0)
+    engine, _ = start_engine(base, {})
+    prompt = [5, 6, 7]
+    try:
+        runs = []
+        for _ in range(2):
+            req, sink = request(prompt, None, 12, temperature=0.9, top_p=0.8, seed=3)
+            engine.submit(req)
+            assert sink.done.wait(30)
+            runs.append(sink.tokens)
+        assert runs[0] == runs[1]
+        req, sink = request(prompt, None, 100, temperature=0)
+        sink.hooks[2] = lambda: setattr(req, "cancelled", True)
+        engine.submit(req)
+        assert wait_until_idle(engine)
+        assert len(sink.tokens) <= 3 and sink.finish is None
+    finally:
+        engine.stop()
