@@ -17,6 +17,8 @@ from torch import Tensor, nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import UnsupportedFeatureError
+from ..ops import fast_paths_enabled
+from ..ops.lora_linear import lora_linear
 from .base import LoraLayer
 from .init import init_from_base
 
@@ -123,8 +125,36 @@ class LoraLinear(LoraLayer):
     # ----- forward -------------------------------------------------------------------------------
 
     def forward(self, x: Tensor, *args, **kwargs) -> Tensor:
+        adapter_name = self._fused_adapter(args, kwargs)
+        if adapter_name is not None:
+            return self._fused_forward(x, adapter_name)
         y = self.base_layer(x, *args, **kwargs)  # (B, T, out)
         return self.routed_delta(x, y, self._adapter_delta)
+
+    def _fused_adapter(self, args, kwargs) -> str | None:
+        """The one adapter the fused op can compute alone, or None to take the reference path.
+
+        The fused op (loratune.ops.lora_linear) covers the training hot path: a plain Linear or
+        Conv1D base, exactly one active unmerged non-DoRA adapter, no mixed-batch routing.
+        Inside `loratune.ops.reference_paths()` the layer always takes its reference path.
+        """
+        if not fast_paths_enabled() or args or kwargs or self.disable_adapters or self.batch_groups is not None:
+            return None
+        if len(self.active_adapters) != 1 or self.merged_adapters or self.lora_magnitude_vector:
+            return None
+        if not isinstance(self.base_layer, (nn.Linear, Conv1D)) or self.base_layer._forward_hooks \
+                or self.base_layer._forward_pre_hooks:
+            return None
+        return self.active_adapters[0]
+
+    def _fused_forward(self, x: Tensor, adapter_name: str) -> Tensor:
+        dropout = self.lora_dropout[adapter_name]
+        x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and dropout.training else None
+        return lora_linear(
+            x, self.base_layer.weight, self.base_layer.bias, self.lora_A[adapter_name].weight,
+            self.lora_B[adapter_name].weight, self.scaling[adapter_name],
+            fan_in_fan_out=self.fan_in_fan_out, x_lora=x_lora,
+        )
 
     def _adapter_delta(self, x: Tensor, adapter_name: str) -> Tensor:
         """The adapter's additive contribution for input rows x (B', T, in) -> (B', T, out)."""
