@@ -1,0 +1,93 @@
+"""merge_to_directory: a plain HF directory whose logits equal the adapter model's, or nothing."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from loratune import export
+from loratune.errors import ConfigError
+from loratune.export import PROBE_LENGTH, logits_of, merge_to_directory, probe_batch
+from loratune.inference import load_model
+from test_inference import save_tiny_adapter, save_tiny_model_dir
+
+MERGED_FILES = ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                "tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    base = save_tiny_model_dir(root / "base")
+    return base, save_tiny_adapter(root / "adapter", base, scale=0.3)
+
+
+def test_probe_batch_is_fixed_and_in_vocab(dirs):
+    tok = AutoTokenizer.from_pretrained(dirs[0])
+    a, b = probe_batch(tok, 1024), probe_batch(tok, 1024)
+    assert torch.equal(a, b) and a.shape == (3, PROBE_LENGTH)
+    assert int(a.max()) < 1024 and int(a.min()) >= 0
+
+
+def test_float32_merge_writes_a_plain_hf_directory_with_equal_logits(dirs, tmp_path):
+    base, adapter = dirs
+    loaded = load_model(adapter=adapter, dtype="float32")
+    probe = probe_batch(loaded.tokenizer, 1024)
+    reference = logits_of(loaded.model, probe)
+    with loaded.model.disable_adapter():
+        assert (logits_of(loaded.model, probe) - reference).abs().max() > 1e-2  # the adapter matters
+    out = str(tmp_path / "merged")
+    report = merge_to_directory(loaded, out, dtype="float32")
+    assert report.passed and report.published and report.weights_identical
+    assert sorted(os.listdir(out)) == MERGED_FILES == report.files
+    plain = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no loratune
+    assert plain.dtype == torch.float32
+    assert not any("lora" in name for name, _ in plain.named_parameters())
+    torch.testing.assert_close(logits_of(plain, probe), reference, atol=report.tolerance, rtol=0)
+    assert report.max_abs_diff == report.written_diff  # float32: what was checked is what was written
+    assert AutoTokenizer.from_pretrained(out).chat_template
+
+
+def test_bfloat16_merge_and_qlora_merge(dirs, tmp_path):
+    base, adapter = dirs
+    report = merge_to_directory(load_model(adapter=adapter, dtype="float32"), str(tmp_path / "bf16"))
+    assert report.passed and report.dtype == "bfloat16"
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "bf16")).dtype == torch.bfloat16
+    quant = {"load_in_4bit": True, "bnb_4bit_compute_dtype": "float32"}
+    loaded = load_model(adapter=adapter, dtype="float32", quant=quant)
+    assert loaded.quantized == "4-bit nf4"
+    reference = logits_of(loaded.model, probe_batch(loaded.tokenizer, 1024))
+    report = merge_to_directory(loaded, str(tmp_path / "qlora"))
+    assert report.passed and "4-bit nf4" in report.reference
+    assert sorted(os.listdir(tmp_path / "qlora")) == MERGED_FILES
+    assert report.max_abs_logit == pytest.approx(float(reference.abs().max()))
+
+
+def test_a_wrong_merge_fails_and_writes_nothing(dirs, tmp_path, monkeypatch):
+    _, adapter = dirs
+    monkeypatch.setattr(export, "_merge", lambda loaded: loaded.model.unload())  # drops the adapter
+    out = tmp_path / "merged"
+    report = merge_to_directory(load_model(adapter=adapter, dtype="float32"), str(out), dtype="float32")
+    assert not report.passed and not report.published
+    assert report.max_abs_diff > report.tolerance
+    assert not out.exists() and os.listdir(tmp_path) == []  # no temp directory left behind either
+
+
+def test_output_dir_rules(dirs, tmp_path):
+    _, adapter = dirs
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(ConfigError, match="not empty"):
+        export.check_output_dir(str(tmp_path / "full"), adapter)
+    with pytest.raises(ConfigError, match="is the adapter directory"):
+        export.check_output_dir(adapter, adapter)
+    (tmp_path / "empty").mkdir()
+    export.check_output_dir(str(tmp_path / "empty"), adapter)
+    loaded = load_model(dirs[0], dtype="float32")
+    with pytest.raises(ConfigError, match="needs an adapter"):
+        merge_to_directory(loaded, str(tmp_path / "o"))
+    with pytest.raises(ConfigError, match="--dtype 'int4'"):
+        merge_to_directory(loaded, str(tmp_path / "o"), dtype="int4")
