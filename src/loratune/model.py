@@ -198,9 +198,12 @@ class LoraModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, *, safe_merge: bool = False) -> None:
         """Add the (active) adapters into the base weights; forward then skips them."""
         names = self._merge_names(adapter_names)
-        for layer in self._layers():
-            if isinstance(layer, LoraLayer):
-                layer.merge(names, safe_merge=safe_merge)
+        layers = [layer for layer in self._layers() if isinstance(layer, LoraLayer)]
+        if safe_merge:  # check every layer before touching any weight
+            for layer in layers:
+                merge.check_finite_merge(layer, names)
+        for layer in layers:
+            layer.merge(names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights."""
@@ -211,11 +214,6 @@ class LoraModel(nn.Module):
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
         """Merge the active adapters and return the plain model (LoRA layers removed)."""
-        if safe_merge:  # check every layer before touching any weight
-            names = self._merge_names(adapter_names)
-            for layer in self._layers():
-                if isinstance(layer, LoraLayer):
-                    merge.check_finite_merge(layer, names)
         self.merge_adapter(adapter_names, safe_merge=safe_merge)
         return self._unload(keep_saved_copies=True)
 
