@@ -1,0 +1,64 @@
+"""`loratune chat` driven through stdin: history, /reset, /exit, end of input."""
+
+from __future__ import annotations
+
+import io
+import sys
+
+import pytest
+
+from loratune.cli.main import main
+from loratune.generation import ChatSession
+from test_inference import save_tiny_adapter, save_tiny_model_dir
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("chat")
+    base = save_tiny_model_dir(root / "base")
+    return base, save_tiny_adapter(root / "adapter", base)
+
+
+def chat(monkeypatch, capsys, stdin: str, *args) -> tuple[int, str, str]:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+    code = main(["chat", "--max_new_tokens", "4", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_history_reset_and_exit(dirs, monkeypatch, capsys):
+    _, adapter = dirs
+    seen = []
+    original = ChatSession.reply
+
+    def spy(self, text):
+        seen.append([m["role"] for m in self.messages()])
+        return original(self, text)
+
+    monkeypatch.setattr(ChatSession, "reply", spy)
+    code, out, err = chat(monkeypatch, capsys, "hello\nmore\n/reset\nagain\n/exit\nnever read\n", "--adapter", adapter)
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("Chatting with ") and adapter in lines[0]
+    assert sum(line.startswith("assistant> ") for line in lines) == 3
+    assert "(history cleared)" in lines
+    assert seen == [[], ["user", "assistant"], []]  # history grows, then /reset empties it
+
+
+def test_end_of_input_quits_and_blank_lines_are_skipped(dirs, monkeypatch, capsys):
+    base, _ = dirs
+    code, out, _ = chat(monkeypatch, capsys, "\n\nhi\n", "--model_name_or_path", base, "--system", "Be brief.")
+    assert code == 0
+    assert sum(line.startswith("assistant> ") for line in out.splitlines()) == 1
+
+
+def test_missing_chat_template_is_reported_before_the_loop(dirs, tmp_path, monkeypatch, capsys):
+    import shutil
+
+    base, _ = dirs
+    plain = tmp_path / "plain"
+    shutil.copytree(base, plain)
+    (plain / "chat_template.jinja").unlink()
+    code, out, err = chat(monkeypatch, capsys, "hi\n", "--model_name_or_path", str(plain))
+    assert code == 2 and "chat_template" in err and "Traceback" not in err
+    assert out == ""

@@ -1,0 +1,85 @@
+"""`loratune merge` in-process: exact output folder, PASS line, plain transformers load, QLoRA."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from loratune.cli.main import main
+from loratune.export import logits_of, probe_batch
+from loratune.inference import load_model
+from test_inference import save_tiny_adapter, save_tiny_model_dir
+
+MERGED_FILES = ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
+                "tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.fixture(scope="module")
+def dirs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-merge")
+    base = save_tiny_model_dir(root / "base")
+    qlora = save_tiny_adapter(root / "qlora", base, scale=0.3, train_config="load_in_4bit: true\nbf16: true\n")
+    return base, save_tiny_adapter(root / "adapter", base, scale=0.3), qlora
+
+
+def test_merge_float32_passes_and_loads_in_plain_transformers(dirs, tmp_path, capsys):
+    base, adapter, _ = dirs
+    out = str(tmp_path / "merged")
+    assert main(["merge", "--adapter", adapter, "--output_dir", out, "--dtype", "float32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == f"Merging {base} + adapter {adapter} -> {out} (float32)"
+    assert lines[1].startswith("Logit check, merged vs the adapter model (float32): max abs diff ")
+    assert lines[1].endswith(": PASS")
+    assert sorted(os.listdir(out)) == MERGED_FILES
+    assert lines[2] == f"Wrote {out}: {', '.join(MERGED_FILES)}"
+    loaded = load_model(adapter=adapter, dtype="float32")
+    probe = probe_batch(loaded.tokenizer, 1024)
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits_of(merged, probe), logits_of(loaded.model, probe), atol=1e-3, rtol=0)
+
+
+def test_qlora_adapter_is_dequantized_and_written_in_bf16(dirs, tmp_path, capsys):
+    _, _, qlora = dirs
+    out = str(tmp_path / "merged")
+    assert main(["merge", "--adapter", qlora, "--output_dir", out, "--dtype", "float32"]) == 0
+    captured = capsys.readouterr()
+    assert "writing bfloat16, not float32" in captured.err
+    lines = captured.out.splitlines()
+    assert "(4-bit nf4)" in lines[0] and lines[0].endswith("(bfloat16)")
+    assert "vs the adapter model on its 4-bit nf4 base (float32)" in lines[1] and lines[1].endswith("PASS")
+    assert lines[2].startswith("Written bfloat16 model vs the adapter model on its 4-bit nf4 base: max abs diff ")
+    assert sorted(os.listdir(out)) == MERGED_FILES
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.dtype == torch.bfloat16
+    assert not any(getattr(m, "is_quantized", False) for m in merged.modules())
+
+
+def test_failed_check_exits_1_and_writes_nothing(dirs, tmp_path, capsys):
+    _, adapter, _ = dirs
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", adapter, "--output_dir", str(out), "--tolerance", "-1"]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.splitlines()[1].endswith(": FAIL")
+    assert "was not written" in captured.err
+    assert not out.exists()
+
+
+def test_bad_inputs_exit_2(dirs, tmp_path, capsys):
+    _, adapter, _ = dirs
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    assert main(["merge", "--adapter", adapter, "--output_dir", str(full)]) == 2
+    assert "already exists and is not empty" in capsys.readouterr().err
+    assert os.listdir(full) == ["keep.txt"]
+    assert main(["merge", "--adapter", str(tmp_path / "nope"), "--output_dir", str(tmp_path / "o")]) == 2
+    assert "nope: adapter directory does not exist" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        main(["merge", "--adapter", adapter, "--output_dir", str(tmp_path / "o"), "--dtype", "auto"])
+    assert exc.value.code == 2 and "--dtype" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["merge", "--output_dir", str(tmp_path / "o")])
+    assert "--adapter" in capsys.readouterr().err
