@@ -318,6 +318,9 @@ def test_disconnecting_stream_frees_its_slot(live, monkeypatch):
                       headers={"Authorization": f"Bearer {KEY}"}) as r:
         lines = r.iter_lines()
         assert next(lines).startswith("data: ")
+        deadline = time.monotonic() + 5
+        while engine.running != 1 and time.monotonic() < deadline:  # the row joins after its first token
+            time.sleep(0.005)
         assert engine.running == 1
     deadline = time.monotonic() + 10
     while engine.running and time.monotonic() < deadline:

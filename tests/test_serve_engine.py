@@ -92,8 +92,11 @@ def test_mixed_continuous_batch_equals_single_adapter_runs(arch, tmp_path):
         reqs = [request(p, ids.get(name), n) for p, (name, n) in zip(prompts, plan)]
         # three start together; the rest join mid-decode (after token 3 of the first) and queue for slots
         reqs[0][1].hooks[3] = lambda: [engine.submit(r) for r, _ in reqs[3:]]
+        gate = threading.Event()
+        engine.call(gate.wait)  # hold the engine so the first three are prefilled together, right-padded
         for r, _ in reqs[:3]:
             engine.submit(r)
+        gate.set()
         assert all(sink.done.wait(30) for _, sink in reqs)
         assert wait_until_idle(engine)
     finally:

@@ -1,7 +1,8 @@
 """The KV cache of the running batch, kept left-padded so rows of any length decode together.
 
-Every row is prefilled alone (batch of one, no padding, so its prefill is exactly a single run) and
-then joins the batch: its keys/values are padded on the left with zeros to the batch length L (or the
+New rows are prefilled together, right-padded: under causal attention a real token never sees the
+padding after it, so its keys/values are those of a run alone. They then join the batch: each row's
+keys/values are cut to its own length and padded on the left with zeros to the batch length L (or the
 batch is padded to the newcomer's length), and `mask` marks the real positions. Padded positions are
 masked out of attention, so each row attends to exactly its own tokens; position ids are tracked per
 row by the engine. Rows leave by index; columns that are padding in every remaining row are trimmed.
@@ -31,19 +32,26 @@ class BatchCache:
     def length(self) -> int:
         return 0 if self.mask is None else self.mask.shape[1]
 
-    def add_row(self, row_cache: DynamicCache) -> None:
-        """Append a freshly prefilled single-row cache as the last row."""
-        check_cache(row_cache)
-        t = row_cache.layers[0].keys.shape[2]
-        row_mask = torch.ones(1, t, dtype=torch.long)
+    def add_rows(self, new_cache: DynamicCache, rows: list[tuple[int, int]]) -> None:
+        """Append freshly prefilled rows, given as (row of new_cache, its length before right padding)."""
+        check_cache(new_cache)
+        length = max(max(n for _, n in rows), self.length)
+        keys = [[] for _ in new_cache.layers]
+        values = [[] for _ in new_cache.layers]
+        for li, (layer, new) in enumerate(zip(self.cache.layers if self.cache else new_cache.layers, new_cache.layers)):
+            if self.cache is not None:
+                keys[li].append(_pad_left(layer.keys, length))
+                values[li].append(_pad_left(layer.values, length))
+            for i, n in rows:  # drop the right padding, pad on the left instead
+                keys[li].append(_pad_left(new.keys[i : i + 1, :, :n], length))
+                values[li].append(_pad_left(new.values[i : i + 1, :, :n], length))
+        masks = [_pad_left(self.mask, length, dim=1)] if self.cache is not None else []
+        masks += [_pad_left(torch.ones(1, n, dtype=torch.long), length, dim=1) for _, n in rows]
         if self.cache is None:
-            self.cache, self.mask = row_cache, row_mask
-            return
-        length = max(t, self.length)
-        for layer, new in zip(self.cache.layers, row_cache.layers):
-            layer.keys = torch.cat([_pad_left(layer.keys, length), _pad_left(new.keys, length)])
-            layer.values = torch.cat([_pad_left(layer.values, length), _pad_left(new.values, length)])
-        self.mask = torch.cat([_pad_left(self.mask, length, dim=1), _pad_left(row_mask, length, dim=1)])
+            self.cache = new_cache
+        for layer, k, v in zip(self.cache.layers, keys, values):
+            layer.keys, layer.values = torch.cat(k), torch.cat(v)
+        self.mask = torch.cat(masks)
 
     def step_mask(self) -> Tensor:
         """Return the attention mask (N, L + 1) for a decode step, and keep it as the new mask."""

@@ -6,8 +6,8 @@ thread: ("token", id) for every sampled token (EOS included), then ("finish", re
 "stop" (EOS), "length" (max_tokens or the context), or ("error", message). Adapter installs and
 removals are commands the engine runs between decode steps (`call`), so they never race a forward.
 
-Each loop iteration: run commands, drop cancelled rows, admit waiting requests (each prefilled
-alone, then merged into the batch cache), and run one decode step for every running row. Rows of
+Each loop iteration: run commands, drop cancelled rows, admit waiting requests (prefilled together,
+then merged into the batch cache), and run one decode step for every running row. Rows of
 different adapters share the step through `lora_rows.set_rows`. Greedy rows (temperature 0) take
 the argmax, which is what `generate(do_sample=False)` takes, so their tokens equal a single run's.
 """
@@ -95,6 +95,7 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self._keep_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
+        self.prefill_token_budget = 8192  # padded prompt tokens per prefill forward
         self.decode_steps = 0
         self.decoded_tokens = 0
 
@@ -239,18 +240,25 @@ class Engine:
         self._batch.keep_rows(keep)
 
     def _admit(self) -> None:
-        while len(self._rows) < self.max_batch_size:
-            with self._lock:
-                if not self._waiting:
-                    return
-                request = self._waiting.popleft()
-            if request.cancelled:
-                self._release(request)
-                continue
-            try:
-                self._prefill(request)
-            except Exception as exc:
-                log.exception("prefill failed for request %s", request.request_id)
+        """Prefill waiting requests (together, up to the free slots and a token budget) into the batch."""
+        admitted: list[GenerationRequest] = []
+        with self._lock:
+            while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
+                request = self._waiting[0]
+                longest = max([len(request.prompt_ids)] + [len(r.prompt_ids) for r in admitted])
+                if admitted and longest * (len(admitted) + 1) > self.prefill_token_budget:
+                    break
+                admitted.append(self._waiting.popleft())
+        for request in [r for r in admitted if r.cancelled]:
+            self._release(request)
+        admitted = [r for r in admitted if not r.cancelled]
+        if not admitted:
+            return
+        try:
+            self._prefill(admitted)
+        except Exception as exc:
+            log.exception("prefill failed for %d requests", len(admitted))
+            for request in admitted:
                 self._emit(request, "error", f"generation failed: {exc}")
                 self._release(request)
 
@@ -265,21 +273,34 @@ class Engine:
         out = self.model(use_cache=True, **kwargs)
         return out.logits[:, -1, :].float(), out.cache  # (N, V)
 
-    def _prefill(self, request: GenerationRequest) -> None:
-        params = request.params
-        generator = None
-        if params.temperature > 0:
-            generator = torch.Generator()
-            generator.manual_seed(params.seed if params.seed is not None else torch.seed())
-        self._plan((request.adapter_id,))
-        ids = torch.tensor([request.prompt_ids], dtype=torch.long)
-        logits, cache = self._forward(input_ids=ids, attention_mask=torch.ones_like(ids))
-        row = _Row(request, last_token=-1, position=len(request.prompt_ids) - 1, generated=0, generator=generator)
-        if self._accept(row, logits[0]):
-            self._batch.add_row(cache)
-            self._rows.append(row)
-        else:
-            self._release(request)
+    def _prefill(self, requests: list[GenerationRequest]) -> None:
+        lengths = [len(r.prompt_ids) for r in requests]
+        longest = max(lengths)
+        ids = torch.zeros(len(requests), longest, dtype=torch.long)  # (N, T), right-padded
+        for i, r in enumerate(requests):
+            ids[i, : lengths[i]] = torch.tensor(r.prompt_ids)
+        self._plan(tuple(r.adapter_id for r in requests))
+        last = sorted(set(lengths))
+        # Causal attention only: a real token never attends to the padding on its right.
+        out = self.model(input_ids=ids, use_cache=True,
+                         **({"logits_to_keep": torch.tensor([n - 1 for n in last])} if self._keep_logits else {}))
+        column = {n: (last.index(n) if self._keep_logits else n - 1) for n in last}
+        logits = torch.stack([out.logits[i, column[n]] for i, n in enumerate(lengths)]).float()  # (N, V)
+        kept = []
+        for i, request in enumerate(requests):
+            generator = None
+            if request.params.temperature > 0:
+                generator = torch.Generator()
+                seed = request.params.seed if request.params.seed is not None else torch.seed()
+                generator.manual_seed(seed)
+            row = _Row(request, last_token=-1, position=lengths[i] - 1, generated=0, generator=generator)
+            if self._accept(row, logits[i]):
+                kept.append((i, lengths[i]))
+                self._rows.append(row)
+            else:
+                self._release(request)
+        if kept:
+            self._batch.add_rows(out.cache, kept)
 
     def _decode_step(self) -> None:
         rows = self._rows
