@@ -54,6 +54,7 @@ def test_preset_model(capsys):
     (["--adapter", "/no/such/adapter", "--prompt", "x"], "/no/such/adapter: adapter directory does not exist"),
     (["--model_name_or_path", "/no/such/model", "--prompt", "x"], "'/no/such/model' is not a local directory"),
     (["--prompt", "x"], "pass --model_name_or_path, --adapter, or both"),
+    (["--adapter", "some-org/some-adapter", "--prompt", "x"], "some-org/some-adapter: no adapter_config.json"),
     (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
 ])
 def test_bad_input_exits_2_without_traceback(capsys, args, message):
@@ -75,3 +76,13 @@ def test_bad_flag_is_an_argparse_error(capsys):
         main(["generate", "--prompt", "x", "--max_new_tokens", "many"])
     assert exc.value.code == 2
     assert "--max_new_tokens" in capsys.readouterr().err
+
+
+def test_qlora_adapter_generates_on_a_quantized_base(dirs, tmp_path, capsys):
+    base, _ = dirs
+    qlora = save_tiny_adapter(tmp_path / "q", base, train_config="load_in_8bit: true\n")
+    code, text, err = generate(capsys, "--adapter", qlora, "--prompt", "Hello", "--max_new_tokens", "4")
+    assert code == 0 and "(8-bit int8) + adapter" in err
+    code, _, err = generate(capsys, "--adapter", qlora, "--no-load_in_8bit", "--prompt", "Hello",
+                            "--max_new_tokens", "4")
+    assert code == 0 and "int8" not in err

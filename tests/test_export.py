@@ -91,3 +91,43 @@ def test_output_dir_rules(dirs, tmp_path):
         merge_to_directory(loaded, str(tmp_path / "o"))
     with pytest.raises(ConfigError, match="--dtype 'int4'"):
         merge_to_directory(loaded, str(tmp_path / "o"), dtype="int4")
+
+
+def save_tiny_gpt2_dir(path) -> str:
+    """GPT-2 (Conv1D layers, weights stored (in, out)) with the preset tokenizer."""
+    from transformers import GPT2Config
+
+    from loratune.loading import load_tokenizer
+
+    config = GPT2Config(vocab_size=1024, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
+                        eos_token_id=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
+    load_tokenizer("preset:tiny-llama").save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["gpt2-conv1d", "dora", "modules_to_save"])
+def test_merge_other_adapter_kinds(tmp_path, kind):
+    from loratune import LoraConfig, get_peft_model
+    from loratune.loading import load_base_model
+
+    if kind == "gpt2-conv1d":
+        base = save_tiny_gpt2_dir(tmp_path / "base")
+        config = LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)
+    else:
+        base = save_tiny_model_dir(tmp_path / "base")
+        extra = {"use_dora": True} if kind == "dora" else {"modules_to_save": ["lm_head"]}
+        config = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False, **extra)
+    model = get_peft_model(load_base_model(base, dtype="float32"), config)
+    if kind == "modules_to_save":
+        with torch.no_grad():
+            next(p for n, p in model.named_parameters() if "modules_to_save" in n).mul_(1.5)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    report = merge_to_directory(load_model(adapter=str(tmp_path / "adapter"), dtype="float32"),
+                                str(tmp_path / "merged"), dtype="float32")
+    assert report.passed and report.published, report
+    assert sorted(os.listdir(tmp_path / "merged")) == MERGED_FILES
+    merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert not any("lora" in n or "modules_to_save" in n for n, _ in merged.named_parameters())

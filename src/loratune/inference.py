@@ -116,7 +116,7 @@ def load_model(model_name_or_path: str | None = None, adapter: str | None = None
 
     adapter_config = None
     if adapter is not None:
-        if not os.path.isdir(adapter):
+        if not os.path.isdir(adapter) and _looks_local(adapter):
             raise AdapterError(f"{adapter}: adapter directory does not exist")
         adapter_config, _ = read_adapter(adapter)  # validate files before the (slow) base load
     base_name = resolve_base_name(model_name_or_path, adapter_config, adapter)
@@ -128,3 +128,8 @@ def load_model(model_name_or_path: str | None = None, adapter: str | None = None
         model.eval()
     logger.debug("loaded %s%s", base_name, f" + adapter {adapter}" if adapter else "")
     return LoadedModel(model, tokenizer, base_name, adapter, adapter_config, settings)
+
+
+def _looks_local(path: str) -> bool:
+    """A path that cannot be a hub id ("org/name"): it is a local directory the user mistyped."""
+    return path.count("/") != 1 or path.startswith((".", "/", "~")) or os.path.exists(path)
