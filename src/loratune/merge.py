@@ -51,8 +51,10 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
         problems.append(f"unknown adapter(s) {missing}; loaded: {sorted(model.peft_config)}")
     if len(weights) != len(adapters) or not adapters:
         problems.append(f"need one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
-    if adapter_name in model.peft_config:
-        problems.append(f"adapter {adapter_name!r} already exists")
+    try:
+        model._check_new_adapter_name(adapter_name)
+    except ConfigError as err:
+        problems.extend(err.problems)
     if problems:
         raise ConfigError(problems, source="add_weighted_adapter")
     if any(model.peft_config[a].use_dora for a in adapters):

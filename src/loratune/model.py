@@ -83,10 +83,7 @@ class LoraModel(nn.Module):
         """Inject a new, inactive adapter (`set_adapter` activates it)."""
         if not isinstance(peft_config, LoraConfig):
             raise ConfigError(f"expected a loratune LoraConfig, got {type(peft_config).__name__}")
-        if not _ADAPTER_NAME.match(adapter_name) or adapter_name == BASE_ADAPTER:
-            raise ConfigError(f"adapter name {adapter_name!r} must match [A-Za-z0-9_-]+ and not be {BASE_ADAPTER!r}")
-        if adapter_name in self.peft_config:
-            raise ConfigError(f"an adapter named {adapter_name!r} already exists; delete_adapter() it first")
+        self._check_new_adapter_name(adapter_name)
         if any(layer.merged for layer in self._layers() if isinstance(layer, LoraLayer)):
             raise MergeError("cannot add an adapter while adapters are merged; call unmerge_adapter() first")
         config = resolve_config(self.model, peft_config)
@@ -103,6 +100,17 @@ class LoraModel(nn.Module):
             config = replace(config, base_model_name_or_path=name_or_path)
         self.peft_config[adapter_name] = config
         self._apply_active()
+
+    def _check_new_adapter_name(self, adapter_name: str) -> None:
+        """Raise ConfigError unless `adapter_name` can name a new adapter."""
+        if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name) or adapter_name == BASE_ADAPTER:
+            raise ConfigError(f"adapter name {adapter_name!r} must match [A-Za-z0-9_-]+ and not be {BASE_ADAPTER!r}")
+        # Adapter names become keys of nn.ModuleDict/ParameterDict, which refuse their own attribute
+        # names ("train", "eval", "keys", "copy", ...) with a bare KeyError deep inside injection.
+        if hasattr(nn.ModuleDict(), adapter_name) or hasattr(nn.ParameterDict(), adapter_name):
+            raise ConfigError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; choose another name")
+        if adapter_name in self.peft_config:
+            raise ConfigError(f"an adapter named {adapter_name!r} already exists; delete_adapter() it first")
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters active (a list sums them); only active adapters are trainable."""
