@@ -261,6 +261,12 @@ def test_add_adapter_name_rules():
         model.add_adapter("__base__", LoraConfig(target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="LoraConfig"):
         model.add_adapter("x", {"r": 4})
+    for reserved in ("eval", "train", "keys", "copy", "to"):  # attributes of nn.ModuleDict/ParameterDict
+        with pytest.raises(ConfigError, match=f"{reserved!r} is reserved"):
+            model.add_adapter(reserved, LoraConfig(target_modules=["q_proj", "embed_tokens"]))
+    with pytest.raises(ConfigError, match="reserved"):
+        get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"]), adapter_name="eval")
+    assert list(model.peft_config) == ["default"]
 
 
 def test_user_config_is_never_mutated(tmp_path):
