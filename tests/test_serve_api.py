@@ -135,14 +135,21 @@ def test_completions_for_base_and_two_adapters(live):
     assert len(set(texts.values())) == 3, texts  # each adapter changes the output
 
 
-def test_completion_matches_direct_generate_of_the_base(live):
+@pytest.mark.parametrize("model", [BASE, "a2"])
+def test_greedy_text_equals_loratune_generate_for_the_same_adapter_alone(live, model):
+    from loratune import LoraModel
+    from loratune.generation import GenerationSettings, chat_ids, generate_text, prompt_ids
+
     tokenizer = live.state.tokenizer
-    reference = load_base_model("preset:tiny-llama", dtype="float32")
-    ids = torch.tensor([tokenizer("Hello world")["input_ids"]])
-    out = reference.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=10,
-                             do_sample=False)[0, ids.shape[1]:]
-    r = complete(live.client(), BASE, prompt="Hello world", max_tokens=10)
-    assert r.choices[0].text == tokenizer.decode(out, skip_special_tokens=True)
+    alone = load_base_model("preset:tiny-llama", dtype="float32")
+    if model != BASE:
+        alone = LoraModel.from_pretrained(alone, str(live.state.settings.adapter_roots[0] / model)).eval()
+    settings = GenerationSettings(max_new_tokens=10)
+    r = complete(live.client(), model, prompt="Hello world", max_tokens=10)
+    assert r.choices[0].text == generate_text(alone, tokenizer, prompt_ids(tokenizer, "Hello world"), settings)
+    messages = [{"role": "user", "content": "Say something"}]
+    r = live.client().chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
+    assert r.choices[0].message.content == generate_text(alone, tokenizer, chat_ids(tokenizer, messages), settings)
 
 
 def test_chat_for_base_and_adapters(live):
