@@ -1,0 +1,86 @@
+"""Atomic writes: a directory or file appears complete or not at all, and a failed adapter save
+leaves neither a partial adapter nor temp litter behind."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from factories import tiny_model
+from loratune import LoraConfig, adapter_io, get_peft_model
+from loratune.atomic import atomic_directory, atomic_file
+
+
+class Boom(Exception):
+    pass
+
+
+def test_new_directory_appears_complete(tmp_path):
+    target = tmp_path / "out"
+    with atomic_directory(target) as tmp:
+        assert not target.exists()  # nothing visible until the block succeeds
+        (open(os.path.join(tmp, "a.txt"), "w")).write("a")
+        os.makedirs(os.path.join(tmp, "sub"))
+        (open(os.path.join(tmp, "sub", "b.txt"), "w")).write("b")
+    assert (target / "a.txt").read_text() == "a" and (target / "sub" / "b.txt").read_text() == "b"
+    assert os.listdir(tmp_path) == ["out"]
+
+
+def test_failure_leaves_no_directory_and_no_temp(tmp_path):
+    target = tmp_path / "out"
+    with pytest.raises(Boom), atomic_directory(target) as tmp:
+        (open(os.path.join(tmp, "half.bin"), "w")).write("x")
+        raise Boom
+    assert os.listdir(tmp_path) == []
+
+
+def test_existing_directory_keeps_unrelated_files_and_survives_failure(tmp_path):
+    target = tmp_path / "out"
+    target.mkdir()
+    (target / "metrics.jsonl").write_text("keep")
+    (target / "weights").write_text("old")
+    with pytest.raises(Boom), atomic_directory(target) as tmp:
+        (open(os.path.join(tmp, "weights"), "w")).write("half-written")
+        raise Boom
+    assert (target / "weights").read_text() == "old"
+    with atomic_directory(target) as tmp:
+        (open(os.path.join(tmp, "weights"), "w")).write("new")
+    assert (target / "weights").read_text() == "new" and (target / "metrics.jsonl").read_text() == "keep"
+    assert sorted(os.listdir(tmp_path)) == ["out"]
+
+
+def test_atomic_file(tmp_path):
+    target = tmp_path / "f.json"
+    target.write_text("old")
+    with pytest.raises(Boom), atomic_file(target) as fh:
+        fh.write("partial")
+        raise Boom
+    assert target.read_text() == "old" and os.listdir(tmp_path) == ["f.json"]
+    with atomic_file(target) as fh:
+        fh.write("new")
+    assert target.read_text() == "new" and os.listdir(tmp_path) == ["f.json"]
+
+
+@pytest.mark.parametrize("fail_in", ["config", "card"])
+def test_failed_adapter_save_leaves_no_partial_dir(tmp_path, monkeypatch, fail_in):
+    model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    if fail_in == "config":  # after the weights were written
+        monkeypatch.setattr(LoraConfig, "save_json", lambda self, path: (_ for _ in ()).throw(Boom()))
+    else:
+        monkeypatch.setattr(adapter_io, "model_card", lambda *a: (_ for _ in ()).throw(Boom()))
+    with pytest.raises(Boom):
+        model.save_pretrained(str(tmp_path / "adapter"))
+    assert os.listdir(tmp_path) == []
+
+
+def test_failed_resave_keeps_the_previous_adapter(tmp_path, monkeypatch):
+    model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"]))
+    out = tmp_path / "adapter"
+    model.save_pretrained(str(out))
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    monkeypatch.setattr(LoraConfig, "save_json", lambda self, path: (_ for _ in ()).throw(Boom()))
+    with pytest.raises(Boom):
+        model.save_pretrained(str(out))
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+    assert os.listdir(tmp_path) == ["adapter"]
