@@ -95,6 +95,19 @@ def test_sharegpt_is_rendered_like_messages(tok):
     assert encode(tok, share, "sharegpt") == encode(tok, msgs, "messages")
 
 
+def test_conversational_prompt_completion_trains_only_the_completion(tok):
+    prompt = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"},
+              {"role": "user", "content": "bye"}]
+    completion = [{"role": "assistant", "content": "ciao"}]
+    enc = encode(tok, {"prompt": prompt, "completion": completion}, "prompt_completion")
+    as_messages = encode(tok, {"messages": prompt + completion}, "messages")
+    assert enc.input_ids == as_messages.input_ids
+    trained = [i for i, lab in zip(enc.input_ids, enc.labels) if lab != IGNORE_INDEX]
+    assert tok.decode(trained) == "ciao<|im_end|>\n"
+    with pytest.raises(RowError, match="completion has no assistant turn"):
+        encode(tok, {"prompt": prompt, "completion": [{"role": "user", "content": "x"}]}, "prompt_completion")
+
+
 def test_template_without_bos_or_eos_gets_both_once(plain_tok):
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     enc = encode(plain_tok, {"messages": msgs}, "messages")

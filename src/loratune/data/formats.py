@@ -4,7 +4,9 @@ A row becomes a list of `Segment(text, is_completion)`; concatenated, the segmen
 text the model sees, and the `is_completion` ones are what it learns to produce:
 
   text               [text*]
-  prompt_completion  [prompt, completion*]
+  prompt_completion  [prompt, completion*]; or, when both are message lists (TRL's conversational
+                     form), the conversation rendered like messages with only the completion's
+                     assistant turns trained
   alpaca             [Alpaca prompt with instruction (+ input), output*]
   messages           the tokenizer's chat template, split at each assistant turn (see `render_chat`)
   sharegpt           `conversations` from/value turns mapped to roles, then as messages
@@ -114,6 +116,8 @@ def row_segments(record: dict[str, Any], cols: Columns, tokenizer, *, completion
     if fmt == "text":
         return [Segment(_string(record, names["text"]), True)]
     if fmt == "prompt_completion":
+        if isinstance(record.get(names["prompt"]), list):
+            return _conversational_prompt_completion(record, names, tokenizer, completion_only)
         prompt = _string(record, names["prompt"], allow_empty=True)
         return [Segment(prompt, False), Segment(_string(record, names["completion"]), True)]
     if fmt == "alpaca":
@@ -126,14 +130,26 @@ def row_segments(record: dict[str, Any], cols: Columns, tokenizer, *, completion
         return [Segment(prompt, False), Segment(_string(record, names["output"]), True)]
     if fmt in ("messages", "sharegpt"):
         messages = _messages(record, names["messages"], sharegpt=fmt == "sharegpt")
-        if not completion_only:
-            _require_template(tokenizer)
-            return [Segment(_apply(tokenizer, messages, add_generation_prompt=False), True)]
-        return render_chat(messages, tokenizer)
+        return _chat_segments(messages, tokenizer, completion_only)
     raise AssertionError(f"row_segments called for format {fmt!r}")
 
 
-def _messages(record: dict[str, Any], column: str, *, sharegpt: bool) -> list[dict[str, str]]:
+def _conversational_prompt_completion(record, names, tokenizer, completion_only) -> list[Segment]:
+    """TRL's conversational prompt/completion: both are message lists; only the completion trains."""
+    prompt = _messages(record, names["prompt"], sharegpt=False, need_assistant=False)
+    completion = _messages(record, names["completion"], sharegpt=False)
+    return _chat_segments(prompt + completion, tokenizer, completion_only, first_trained=len(prompt))
+
+
+def _chat_segments(messages, tokenizer, completion_only: bool, first_trained: int = 0) -> list[Segment]:
+    if completion_only:
+        return render_chat(messages, tokenizer, first_trained=first_trained)
+    _require_template(tokenizer)
+    return [Segment(_apply(tokenizer, messages, add_generation_prompt=False), True)]
+
+
+def _messages(record: dict[str, Any], column: str, *, sharegpt: bool,
+              need_assistant: bool = True) -> list[dict[str, str]]:
     if column not in record or record[column] is None:
         raise RowError(f"missing field {column!r}")
     turns = record[column]
@@ -159,13 +175,15 @@ def _messages(record: dict[str, Any], column: str, *, sharegpt: bool) -> list[di
         if role == "assistant" and not turn[content_key].strip():
             raise RowError(f"{column}[{i}] is an empty assistant message")
         messages.append({"role": role, "content": turn[content_key]})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise RowError(f"{column} has no assistant turn, so there is nothing to train on")
     return messages
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer) -> list[Segment]:
-    """Render with the tokenizer's chat template; every assistant turn becomes a completion segment.
+def render_chat(messages: list[dict[str, str]], tokenizer, *, first_trained: int = 0) -> list[Segment]:
+    """Render with the tokenizer's chat template; assistant turns become completion segments.
+
+    Only assistant turns at index >= `first_trained` are completions (all of them by default).
 
     Raises:
         ConfigError: the tokenizer has no chat template.
@@ -176,7 +194,7 @@ def render_chat(messages: list[dict[str, str]], tokenizer) -> list[Segment]:
     full = _apply(tokenizer, messages, add_generation_prompt=False)
     segments, cursor = [], 0
     for i, message in enumerate(messages):
-        if message["role"] != "assistant":
+        if message["role"] != "assistant" or i < first_trained:
             continue
         start = len(_apply(tokenizer, messages[:i], add_generation_prompt=True, expect_prefix_of=full, turn=i))
         end = len(_apply(tokenizer, messages[: i + 1], add_generation_prompt=False, expect_prefix_of=full, turn=i))
