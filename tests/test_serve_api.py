@@ -275,6 +275,16 @@ def test_token_limits_400_and_413(live):
     r = live.post("/v1/completions", {"model": BASE, "prompt": "x" * 100_000, "max_tokens": 1})
     assert r.status_code == 413 and "error" in r.json()
 
+    def chunked(size):  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "' + BASE.encode() + b'", "max_tokens": 2, "prompt": "'
+        yield b"x" * size
+        yield b'"}'
+
+    for size, status in ((100_000, 413), (10, 200)):
+        r = httpx.post(f"{live.url}/v1/completions", content=chunked(size), timeout=30,
+                       headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+        assert r.status_code == status, r.text
+
 
 def test_bad_adapter_names_and_paths_400(live):
     root = live.state.settings.adapter_roots[0]

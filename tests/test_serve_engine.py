@@ -33,7 +33,7 @@ def save_adapters(base, arch: str, tmp_path) -> dict[str, str]:
 def reference_tokens(base, path: str | None, prompt: list[int], max_tokens: int) -> list[int]:
     """Greedy tokens of a plain single-adapter generate (the loratune core model)."""
     model = copy.deepcopy(base) if path is None else LoraModel.from_pretrained(copy.deepcopy(base), path).eval()
-    ids = torch.tensor([prompt])
+    ids = torch.tensor([prompt], device=next(base.parameters()).device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                          do_sample=False, eos_token_id=EOS, pad_token_id=0)
     return out[0, len(prompt):].tolist()
@@ -81,9 +81,10 @@ def request(prompt, adapter_id, max_tokens, **params):
     return GenerationRequest(list(prompt), adapter_id, SamplingParams(max_tokens=max_tokens, **params), sink), sink
 
 
-@pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_mixed_continuous_batch_equals_single_adapter_runs(arch, tmp_path):
-    base = tiny_model(arch, seed=0)
+@pytest.mark.parametrize("arch, device", [("llama", "cpu"), ("gpt2", "cpu"),
+                                          pytest.param("llama", "cuda", marks=pytest.mark.gpu)])
+def test_mixed_continuous_batch_equals_single_adapter_runs(arch, device, tmp_path):
+    base = tiny_model(arch, seed=0).to(device)
     paths = save_adapters(base, arch, tmp_path)
     engine, ids = start_engine(base, paths, max_batch_size=4)
     prompts = [tiny_batch(1, n, seed=n)[0].tolist() for n in (3, 7, 5, 9, 4, 6)]

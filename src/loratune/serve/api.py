@@ -236,7 +236,32 @@ class GuardMiddleware:
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             return await _send_error(send, 413, f"the request body has {int(length)} bytes, over the limit of "
                                      f"{self.max_body_bytes}", "invalid_request_error", "request_too_large")
+        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+            receive = await self._read_bounded(receive)  # chunked: no length to check up front
+            if receive is None:
+                return await _send_error(send, 413, f"the request body is over the limit of {self.max_body_bytes} "
+                                         "bytes", "invalid_request_error", "request_too_large")
         return await self.app(scope, receive, send)
+
+    async def _read_bounded(self, receive):
+        """Read the whole body (at most max_body_bytes); return a receive that replays it, or None."""
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                chunks = None
+                break
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_body_bytes:
+                return None
+            if not message.get("more_body", False):
+                break
+        replay = [{"type": "http.request", "body": b"".join(chunks or []), "more_body": False}]
+
+        async def replayed():
+            return replay.pop() if replay else await receive()
+        return replayed
 
 
 async def _send_error(send, status: int, message: str, type: str, code: str) -> None:

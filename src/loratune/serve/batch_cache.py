@@ -46,7 +46,8 @@ class BatchCache:
                 keys[li].append(_pad_left(new.keys[i : i + 1, :, :n], length))
                 values[li].append(_pad_left(new.values[i : i + 1, :, :n], length))
         masks = [_pad_left(self.mask, length, dim=1)] if self.cache is not None else []
-        masks += [_pad_left(torch.ones(1, n, dtype=torch.long), length, dim=1) for _, n in rows]
+        device = new_cache.layers[0].keys.device
+        masks += [_pad_left(torch.ones(1, n, dtype=torch.long, device=device), length, dim=1) for _, n in rows]
         if self.cache is None:
             self.cache = new_cache
         for layer, k, v in zip(self.cache.layers, keys, values):
@@ -63,7 +64,7 @@ class BatchCache:
         if not indices:
             self.cache, self.mask = None, None
             return
-        index = torch.tensor(indices, dtype=torch.long)
+        index = torch.tensor(indices, dtype=torch.long, device=self.mask.device)
         mask = self.mask.index_select(0, index)
         start = int((mask.sum(0) > 0).long().argmax())  # first column some row uses
         self.mask = mask[:, start:]

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from .batch_cache import BatchCache
-from .lora_rows import ensure_row_lora, set_rows
+from .lora_rows import RowAdapterWeights, RowLoraLinear, ensure_row_lora, set_rows
 from .registry import PreparedAdapter
 
 log = logging.getLogger(__name__)
@@ -79,6 +79,7 @@ class Engine:
     def __init__(self, model: nn.Module, *, eos_token_ids: set[int], context_length: int,
                  max_batch_size: int = 16, max_queue: int = 64, num_threads: int | None = None):
         self.model = model.eval()
+        self.device = next(model.parameters()).device
         self.num_threads = num_threads
         self.eos_token_ids = set(eos_token_ids)
         self.context_length = context_length
@@ -184,8 +185,9 @@ class Engine:
             self._emit(request, "error", "the server is shutting down")
 
     def _install(self, adapter_id: int, adapter: PreparedAdapter) -> None:
-        for module_name, weights in adapter.layers.items():
-            ensure_row_lora(self.model, module_name).add_adapter(adapter_id, weights)
+        for module_name, w in adapter.layers.items():
+            on_device = RowAdapterWeights(w.lora_A.to(self.device), w.lora_B.to(self.device), w.scaling)
+            ensure_row_lora(self.model, module_name).add_adapter(adapter_id, on_device)
         self._planned = None
 
     def _remove(self, adapter_id: int) -> None:
@@ -194,8 +196,6 @@ class Engine:
         if in_use:
             self._doomed.add(adapter_id)
             return
-        from .lora_rows import RowLoraLinear
-
         for module in self.model.modules():
             if isinstance(module, RowLoraLinear):
                 module.remove_adapter(adapter_id)
@@ -271,21 +271,22 @@ class Engine:
         if self._keep_logits:
             kwargs["logits_to_keep"] = 1
         out = self.model(use_cache=True, **kwargs)
-        return out.logits[:, -1, :].float(), out.cache  # (N, V)
+        return out.logits[:, -1, :].float().cpu(), out.cache  # (N, V), sampled on the CPU
 
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         lengths = [len(r.prompt_ids) for r in requests]
         longest = max(lengths)
-        ids = torch.zeros(len(requests), longest, dtype=torch.long)  # (N, T), right-padded
+        ids = torch.zeros(len(requests), longest, dtype=torch.long, device=self.device)  # (N, T), right-padded
         for i, r in enumerate(requests):
-            ids[i, : lengths[i]] = torch.tensor(r.prompt_ids)
+            ids[i, : lengths[i]] = torch.tensor(r.prompt_ids, device=self.device)
         self._plan(tuple(r.adapter_id for r in requests))
         last = sorted(set(lengths))
         # Causal attention only: a real token never attends to the padding on its right.
         out = self.model(input_ids=ids, use_cache=True,
-                         **({"logits_to_keep": torch.tensor([n - 1 for n in last])} if self._keep_logits else {}))
+                         **({"logits_to_keep": torch.tensor([n - 1 for n in last], device=self.device)}
+                            if self._keep_logits else {}))
         column = {n: (last.index(n) if self._keep_logits else n - 1) for n in last}
-        logits = torch.stack([out.logits[i, column[n]] for i, n in enumerate(lengths)]).float()  # (N, V)
+        logits = torch.stack([out.logits[i, column[n]] for i, n in enumerate(lengths)]).float().cpu()  # (N, V)
         kept = []
         for i, request in enumerate(requests):
             generator = None
@@ -305,8 +306,8 @@ class Engine:
     def _decode_step(self) -> None:
         rows = self._rows
         self._plan(tuple(r.request.adapter_id for r in rows))
-        ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long)        # (N, 1)
-        positions = torch.tensor([[r.position] for r in rows], dtype=torch.long)    # (N, 1)
+        ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)      # (N, 1)
+        positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=self.device)  # (N, 1)
         try:
             logits, _ = self._forward(input_ids=ids, position_ids=positions,
                                       attention_mask=self._batch.step_mask(), cache=self._batch.cache)
