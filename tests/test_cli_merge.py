@@ -83,3 +83,26 @@ def test_bad_inputs_exit_2(dirs, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["merge", "--output_dir", str(tmp_path / "o")])
     assert "--adapter" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_trained_adapter_end_to_end(dirs, tmp_path, capsys):
+    """`loratune train` output -> eval (adapter beats base on its training data) -> merge PASS -> generate."""
+    import json
+
+    base, _, _ = dirs
+    rows = [{"prompt": f"Q{i}: say yes.", "completion": " yes yes yes"} for i in range(16)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = str(tmp_path / "run")
+    assert main(["train", "--model_name_or_path", base, "--train_file", str(data), "--output_dir", out,
+                 "--max_steps", "12", "--learning_rate", "5e-3", "--per_device_train_batch_size", "4",
+                 "--max_seq_length", "64", "--save_steps", "0", "--bf16", "false"]) == 0
+    capsys.readouterr()
+    assert main(["eval", "--adapter", out, "--eval_file", str(data), "--json", "--dtype", "float32"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["adapter"]["loss"] < result["base"]["loss"]
+    merged = str(tmp_path / "merged")
+    assert main(["merge", "--adapter", out, "--output_dir", merged]) == 0
+    assert ": PASS" in capsys.readouterr().out
+    assert main(["generate", "--model_name_or_path", merged, "--prompt", "Q1: say yes.", "--max_new_tokens", "3"]) == 0

@@ -5,7 +5,7 @@ something else) and `notes` (it loads, but needs a setting or runs slower). The 
 servers' own checks:
   vLLM  (vllm/lora/peft_helper.py `PEFTHelper.validate_legal`, vllm/config/lora.py): rank, including
         every rank_pattern value, <= --max-lora-rank, whose allowed values are VLLM_MAX_LORA_RANKS
-        (default 16); no DoRA; bias "none"; modules_to_save only a classifier head; init_lora_weights
+        (default 16; any rank up to it works, e.g. r=24 with --max-lora-rank 32); no DoRA; bias "none"; modules_to_save only a classifier head; init_lora_weights
         that rewrite the base (PiSSA, OLoRA) refused; LoRA on embed_tokens/lm_head only for the few
         models that declare it; targets must be linear layers the model's vLLM implementation knows.
   LoRAX (server/lorax_server/adapters/lora.py): reads only r, lora_alpha, use_rslora and the
@@ -71,8 +71,6 @@ def check_vllm(s: AdapterSummary) -> Verdict:
                        f"allowed values: {', '.join(map(str, VLLM_MAX_LORA_RANKS))}")
     elif needed > VLLM_DEFAULT_MAX_LORA_RANK:
         notes.append(f"rank {rank} needs --max-lora-rank {needed} (default {VLLM_DEFAULT_MAX_LORA_RANK})")
-    if needed is not None and rank != needed:
-        notes.append(f"rank {rank} is not one of vLLM's max_lora_rank values; it is padded to {needed}")
     if c.use_dora or s.dora_modules:
         reasons.append("DoRA (use_dora) is not supported by vLLM")
     if c.bias != "none":
