@@ -1,0 +1,362 @@
+"""Training speed and memory: loratune's trainer against PEFT + Transformers, side by side.
+
+    python bench/train_speed.py             # full run (`make bench`), ~10-15 minutes on 2 cores
+    python bench/train_speed.py --quick     # fewer steps, for a smoke test
+    python bench/train_speed.py --no-write  # print the table, leave BENCHMARKS.md alone
+
+Model: a SmolLM-135M-shaped Llama built from a config with random weights (hidden 576, 30 layers,
+9 heads / 3 KV heads, intermediate 1536, vocab 49152, tied embeddings). LoRA r=16, lora_alpha=32,
+dropout 0 on all seven projections; AdamW lr 1e-4.
+
+Scenario A: batches of 4 x 256 tokens. Scenario B: examples of uniform random length 32-512; the
+PEFT contenders pad each batch of 4 to its longest example (as the Transformers collator does);
+loratune uses its default, packing (batch 4 x max_seq_length 512 tokens per packed micro-batch).
+
+Every contender runs in its own subprocess: warm-up steps, then the median over the measured steps
+of useful (non-pad) tokens per second, and the process's peak RSS (ru_maxrss). loratune runs
+through its Python entry point `loratune.train.run` with its defaults, and its per-step tokens/s is
+read from its metrics.jsonl (logging_steps=1). MFU = tokens/s x F / bf16 matmul peak
+(bench/peak.py), F = 4 P_lin + 6 P_lora + 6 L T d_attn FLOP per token (P_lin: every frozen matmul
+weight including the LM head; T: mean example length).
+
+Finally a 20-step check: loratune's fast paths and their references (`loratune.ops.reference_paths`)
+train the same adapter from the same start on the same batches; the losses must agree within bf16
+tolerance. The table goes between the train_speed markers of BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+MODEL = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=2048,
+             rms_norm_eps=1e-5, rope_theta=10000.0)
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
+LR = 1e-4
+BATCH = 4
+SCENARIOS = {"A": dict(min_len=256, max_len=256), "B": dict(min_len=32, max_len=512)}
+CONTENDERS = ["peft-fp32", "peft-bf16", "loratune"]
+LOSS_TOL = 2e-2  # relative, bf16
+MARK_START, MARK_END = "<!-- train_speed:start -->", "<!-- train_speed:end -->"
+
+
+# ----- data and model on disk ---------------------------------------------------------------------
+
+def make_examples(scenario: str, n: int, seed: int = 0) -> list[list[int]]:
+    """Random token ids; lengths fixed (A) or uniform in [32, 512] (B)."""
+    rng = random.Random(f"{scenario}:{seed}")
+    spec = SCENARIOS[scenario]
+    return [[rng.randrange(3, MODEL["vocab_size"]) for _ in range(rng.randint(spec["min_len"], spec["max_len"]))]
+            for _ in range(n)]
+
+
+def prepare(workdir: Path, n_examples: int) -> dict[str, str]:
+    """Write the random model (bf16 safetensors + the tiny-llama tokenizer) and one JSONL per scenario."""
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    model_dir = workdir / "smollm-135m-random"
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(LlamaConfig(**MODEL), dtype=torch.float32)
+    model.to(torch.bfloat16).save_pretrained(model_dir)
+    del model
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(ROOT / "src/loratune/presets/tiny-llama" / name, model_dir / name)
+    paths = {"model": str(model_dir)}
+    for scenario in SCENARIOS:
+        path = workdir / f"scenario_{scenario}.jsonl"
+        with open(path, "w") as fh:
+            for ids in make_examples(scenario, n_examples):
+                fh.write(json.dumps({"input_ids": ids}) + "\n")
+        paths[scenario] = str(path)
+    return paths
+
+
+def read_examples(path: str) -> list[list[int]]:
+    with open(path) as fh:
+        return [json.loads(line)["input_ids"] for line in fh]
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# ----- contenders (each runs in its own process) -------------------------------------------------
+
+def run_peft(dtype_name: str, data: str, model_dir: str, warmup: int, steps: int) -> dict:
+    """PEFT + Transformers as a user would write it: padded batches of 4, plain AdamW, model(labels=...)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    dtype = torch.bfloat16 if dtype_name == "bf16" else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
+    model = get_peft_model(model, LoraConfig(**LORA, target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
+    model.train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    examples = read_examples(data)
+    rates = []
+    for step in range(warmup + steps):
+        batch, useful = pad_batch(examples[step * BATCH:(step + 1) * BATCH])
+        start = time.perf_counter()
+        model(**batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step >= warmup:
+            rates.append(useful / (time.perf_counter() - start))
+    return {"tokens_per_s": rates, "peak_rss_mib": peak_rss_mib()}
+
+
+def pad_batch(seqs: list[list[int]], pad_id: int = 0):
+    """Right-pad to the longest, labels -100 on padding (DataCollatorForLanguageModeling's output)."""
+    import torch
+
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):
+        ids[row, :len(s)] = torch.tensor(s)
+        mask[row, :len(s)] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}, int(mask.sum())
+
+
+def run_loratune(scenario: str, data: str, model_dir: str, warmup: int, steps: int) -> dict:
+    """loratune's trainer through `loratune.train.run`, its defaults plus the benchmark's settings."""
+    from loratune.train import run
+
+    out = tempfile.mkdtemp(prefix="loratune-bench-")
+    result = run({
+        "model_name_or_path": model_dir, "train_file": data, "output_dir": out,
+        "max_seq_length": SCENARIOS[scenario]["max_len"], "per_device_train_batch_size": BATCH,
+        **LORA, "target_modules": PROJECTIONS, "learning_rate": LR, "max_steps": warmup + steps,
+        "logging_steps": 1, "save_steps": 0, "disable_tqdm": True,
+    })
+    records = [r for r in result.history if "tokens_per_s" in r]
+    rates = [r["tokens_per_s"] for r in records if r["step"] > warmup]
+    shutil.rmtree(out, ignore_errors=True)
+    return {"tokens_per_s": rates, "peak_rss_mib": peak_rss_mib()}
+
+
+def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
+    """Train `steps` steps twice from the same start: fast paths, then `reference_paths()`."""
+    import contextlib
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from loratune import LoraConfig, get_peft_model
+    from loratune.ops import reference_paths
+    from loratune.train.loss import token_loss_sum
+
+    torch.set_flush_denormal(True)
+    examples = read_examples(data)
+    batches = [pad_batch(examples[i * BATCH:(i + 1) * BATCH])[0] for i in range(2)]  # cycled, so loss falls
+    losses = {}
+    for mode in ("fast", "reference"):
+        torch.manual_seed(0)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        model = get_peft_model(base, LoraConfig(**LORA, target_modules=PROJECTIONS))
+        model.train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert all(p.dtype == torch.float32 for p in params)
+        optimizer = torch.optim.AdamW(params, lr=LR * 10)  # 1e-3: a visible change in 20 steps
+        ctx = reference_paths() if mode == "reference" else contextlib.nullcontext()
+        trace = []
+        with ctx:
+            for step in range(steps):
+                loss_sum, n = token_loss_sum(model, batches[step % len(batches)])
+                (loss_sum / n).backward()
+                optimizer.step()
+                optimizer.zero_grad()
+                trace.append(float(loss_sum) / n)
+        losses[mode] = trace
+    return {"losses": losses, "peak_rss_mib": peak_rss_mib()}
+
+
+def worker(args: argparse.Namespace) -> None:
+    if args.worker == "loss-check":
+        result = run_loss_check(args.data, args.model_dir, args.steps)
+    elif args.worker == "loratune":
+        result = run_loratune(args.scenario, args.data, args.model_dir, args.warmup, args.steps)
+    else:
+        result = run_peft(args.worker.split("-")[1], args.data, args.model_dir, args.warmup, args.steps)
+    with open(args.result, "w") as fh:
+        json.dump(result, fh)
+
+
+def spawn(name: str, result_path: Path, **kw) -> dict:
+    cmd = [sys.executable, __file__, "--worker", name, "--result", str(result_path)]
+    for key, value in kw.items():
+        cmd += [f"--{key.replace('_', '-')}", str(value)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(result_path.read_text())
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+# ----- figures -------------------------------------------------------------------------------------
+
+def flop_per_token(mean_len: float) -> float:
+    """F = 4 P_lin + 6 P_lora + 6 L T d_attn for the benchmark model."""
+    d, ff, L, v = MODEL["hidden_size"], MODEL["intermediate_size"], MODEL["num_hidden_layers"], MODEL["vocab_size"]
+    kv = d // MODEL["num_attention_heads"] * MODEL["num_key_value_heads"]
+    shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, ff), (d, ff), (ff, d)]  # (in, out) of the 7 projections
+    p_lin = L * sum(i * o for i, o in shapes) + d * v
+    p_lora = L * sum(LORA["r"] * (i + o) for i, o in shapes)
+    return 4 * p_lin + 6 * p_lora + 6 * L * mean_len * d
+
+
+def summarise(results: dict, peak: dict, lengths: dict) -> list[dict]:
+    rows = []
+    for scenario, per in results.items():
+        ref = statistics.median(per["peft-bf16"]["tokens_per_s"])
+        ref_rss = per["peft-bf16"]["peak_rss_mib"]
+        for name, r in per.items():
+            rates = r["tokens_per_s"]
+            med = statistics.median(rates)
+            spread = (max(rates) - min(rates)) / med if med else 0.0
+            rows.append(dict(scenario=scenario, contender=name, tokens_per_s=med, spread=spread, n=len(rates),
+                             rss=r["peak_rss_mib"], speedup=med / ref, rss_ratio=r["peak_rss_mib"] / ref_rss,
+                             mfu=med * flop_per_token(lengths[scenario]) / peak["bf16"]))
+    return rows
+
+
+def render(rows: list[dict], peak: dict, loss: dict | None, command: str, started: str) -> str:
+    lines = [
+        "## Training speed: loratune vs PEFT + Transformers (CPU)", "",
+        f"`{command}` — {started}, {machine()}; bf16 matmul peak {peak['bf16'] / 1e9:.0f} GFLOP/s, "
+        f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s (bench/peak.py, {peak['threads']} threads).", "",
+        "SmolLM-135M-shaped Llama, random weights; LoRA r=16, alpha=32, dropout 0, 7 projections; AdamW lr 1e-4. "
+        "A: 4 x 256 tokens. B: lengths uniform 32-512 (PEFT pads each batch of 4 to its longest; loratune packs). "
+        "Median useful tokens/s over the measured steps, each contender in its own process; spread = (max-min)/median.",
+        "",
+        "| scenario | contender | tokens/s | vs PEFT bf16 | peak RSS (MiB) | RSS vs PEFT bf16 | MFU | steps | spread |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(f"| {r['scenario']} | {r['contender']} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
+                     f"{r['rss']:.0f} | {r['rss_ratio']:.2f}x | {100 * r['mfu']:.1f}% | {r['n']} | "
+                     f"{100 * r['spread']:.0f}% |")
+    if loss is not None:
+        lines += ["", loss_line(loss)]
+    return "\n".join(lines) + "\n"
+
+
+def loss_line(loss: dict) -> str:
+    fast, ref = loss["losses"]["fast"], loss["losses"]["reference"]
+    rel = abs(fast[-1] - ref[-1]) / abs(ref[-1])
+    verdict = "match" if rel <= LOSS_TOL else "DO NOT match"
+    return (f"Loss check ({len(fast)} steps, bf16 base, lr 1e-3): fast paths {fast[0]:.4f} -> {fast[-1]:.4f}, "
+            f"reference paths {ref[0]:.4f} -> {ref[-1]:.4f}; relative difference at the last step {rel:.1e} "
+            f"({verdict} within {LOSS_TOL:g}).")
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as fh:
+            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+
+
+def write_section(text: str, path: Path) -> None:
+    """Replace the text between the train_speed markers of `path` (create the section if absent)."""
+    old = path.read_text() if path.exists() else "# Benchmarks\n"
+    block = f"{MARK_START}\n{text}{MARK_END}"
+    if MARK_START in old and MARK_END in old:
+        head, rest = old.split(MARK_START, 1)
+        new = head + block + rest.split(MARK_END, 1)[1]
+    else:
+        new = old.rstrip("\n") + "\n\n" + block + "\n"
+    path.write_text(new)
+
+
+# ----- driver --------------------------------------------------------------------------------------
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        worker(args)
+        return
+    warmup, steps = (1, 5) if args.quick else (2, 6)
+    started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    command = "python bench/train_speed.py" + (" --quick" if args.quick else "")
+    workdir = Path(tempfile.mkdtemp(prefix="loratune-speed-"))
+    try:
+        log("measuring the matmul peak")
+        peak = json.loads(subprocess.run([sys.executable, str(ROOT / "bench/peak.py"), "--json"],
+                                         capture_output=True, text=True, check=True).stdout)
+        log("writing the random model and data")
+        paths = prepare(workdir, n_examples=BATCH * 2 * (warmup + steps + 2))
+        results, lengths = {}, {}
+        for scenario in args.scenarios.split(","):
+            lengths[scenario] = statistics.mean(len(x) for x in read_examples(paths[scenario]))
+            results[scenario] = {}
+            for name in args.contenders.split(","):
+                log(f"scenario {scenario}: {name}")
+                results[scenario][name] = spawn(name, workdir / f"{scenario}-{name}.json", scenario=scenario,
+                                                data=paths[scenario], model_dir=paths["model"], warmup=warmup,
+                                                steps=steps)
+                log(f"  {statistics.median(results[scenario][name]['tokens_per_s']):.0f} tokens/s, "
+                    f"{results[scenario][name]['peak_rss_mib']:.0f} MiB")
+        loss = None
+        if not args.skip_loss_check:
+            log("20-step loss check: fast paths vs reference paths")
+            loss = spawn("loss-check", workdir / "loss.json", data=paths["A"], model_dir=paths["model"],
+                         steps=20)
+        text = render(summarise(results, peak, lengths), peak, loss, command, started)
+        print(text)
+        if not args.no_write:
+            write_section(text, ROOT / "BENCHMARKS.md")
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="1 warm-up + 5 measured steps")
+    parser.add_argument("--scenarios", default="A,B")
+    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--skip-loss-check", action="store_true")
+    # worker mode (internal)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--scenario", help=argparse.SUPPRESS)
+    parser.add_argument("--data", help=argparse.SUPPRESS)
+    parser.add_argument("--model-dir", help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
+    parser.add_argument("--steps", type=int, default=6, help=argparse.SUPPRESS)
+    return parser.parse_args()
+
+
+if __name__ == "__main__":
+    main()
