@@ -25,6 +25,10 @@ def make_examples(lengths: list[int], seed: int = 0) -> list[dict]:
     return out
 
 
+def on(device, batch: dict) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
 def per_token_losses(model, batch) -> torch.Tensor:
     """Next-token CE at every position (0 where the label is ignored): (B, T-1)."""
     inputs = {k: v for k, v in batch.items() if k != "labels"}
@@ -52,18 +56,22 @@ def test_collate_packed_layout_and_truncation():
     assert exs[0]["labels"] == [5, 6, 7]  # inputs are not modified
 
 
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
-def test_packed_losses_equal_separate_runs(attn):
-    model = tiny_model("llama", seed=0, dtype=torch.float32)
+@pytest.mark.parametrize(
+    "attn, device",
+    [("sdpa", "cpu"), ("eager", "cpu"), pytest.param("sdpa", "cuda", marks=pytest.mark.gpu)],
+)
+def test_packed_losses_equal_separate_runs(attn, device):
+    model = tiny_model("llama", seed=0, dtype=torch.float32).to(device)
     model.config._attn_implementation = attn
     exs = make_examples([7, 12, 3, 9], seed=1)
-    packed = collate(exs, packing=True, pad_token_id=0)
+    packed = on(device, collate(exs, packing=True, pad_token_id=0))
     with torch.no_grad():
         got = per_token_losses(model, packed)[0]  # (N-1,)
-        padded = per_token_losses(model, collate(exs, packing=False, pad_token_id=0))  # (B, T-1)
-        separate = [per_token_losses(model, collate([ex], packing=False, pad_token_id=0))[0] for ex in exs]
+        padded = per_token_losses(model, on(device, collate(exs, packing=False, pad_token_id=0)))  # (B, T-1)
+        separate = [per_token_losses(model, on(device, collate([ex], packing=False, pad_token_id=0)))[0]
+                    for ex in exs]
         # vacuity check: the same packed row with positions that do not restart mixes examples
-        leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1])[None])
+        leaky = dict(packed, position_ids=torch.arange(packed["input_ids"].shape[1], device=device)[None])
         leaked = per_token_losses(model, leaky)[0]
     start = 0
     for i, (ex, ref) in enumerate(zip(exs, separate)):

@@ -160,3 +160,15 @@ def test_preview_marks_trained_tokens(tok, tmp_path):
     assert "\033[32m" in report.to_text(color=True) and "\033[" not in text
     short = preview(DataConfig(train_file=str(EXAMPLES / "train.jsonl"), max_seq_length=24), tok, n=1)
     assert short.stats.truncated > 0 and f"truncated to 24: {short.stats.truncated}" in short.to_text()
+
+
+def test_dataset_name_reads_a_local_dataset_directory(tok, tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [GOOD] * 3)
+    write_jsonl(tmp_path / "test.jsonl", [GOOD, {"prompt": "x"}])  # arrow fills the gap with None
+    cfg = DataConfig(dataset_name=str(tmp_path), eval_split="test", skip_bad_rows=True)
+    bundle = build_datasets(cfg, tok)
+    assert (len(bundle.train), len(bundle.eval), bundle.eval_stats.skipped) == (3, 1, 1)
+    with pytest.raises(DataError, match=r"\[test\] row 2: missing field 'completion'"):
+        build_datasets(DataConfig(dataset_name=str(tmp_path), eval_split="test"), tok)
+    with pytest.raises(ConfigError, match="Unknown split"):
+        build_datasets(DataConfig(dataset_name=str(tmp_path), dataset_split="nope"), tok)
