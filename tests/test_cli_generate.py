@@ -56,6 +56,7 @@ def test_preset_model(capsys):
     (["--prompt", "x"], "pass --model_name_or_path, --adapter, or both"),
     (["--adapter", "some-org/some-adapter", "--prompt", "x"], "some-org/some-adapter: no adapter_config.json"),
     (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
+    (["--model_name_or_path", "preset:tiny-llama", "--prompt", "x", "--device", "banana"], "--device 'banana'"),
 ])
 def test_bad_input_exits_2_without_traceback(capsys, args, message):
     code, out, err = generate(capsys, *args)

@@ -114,3 +114,15 @@ def test_bad_inputs_raise_named_errors(tmp_path):
         resolve_quant(str(bad))
     with pytest.raises(ConfigError, match="pick one"):
         resolve_quant(None, {"load_in_4bit": True, "load_in_8bit": True})
+
+
+def test_resolve_device():
+    from loratune.inference import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(ConfigError, match="'banana' is not a device"):
+        resolve_device("banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="no CUDA device"):
+            resolve_device("cuda:0")

@@ -129,7 +129,7 @@ def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
             merged.save_pretrained(tmp)
             loaded.tokenizer.save_pretrained(tmp)
             files = sorted(os.listdir(tmp))
-            reloaded = _reload(tmp, torch_dtype)
+            reloaded = _reload(tmp, torch_dtype).to(next(merged.parameters()).device)
             identical = _same_weights(merged, reloaded)
             written_diff = float((logits_of(reloaded, probe) - reference).abs().max())
             if diff > tol or not identical:

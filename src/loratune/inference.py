@@ -103,8 +103,27 @@ def resolve_base_name(model_name_or_path: str | None, adapter_config: LoraConfig
     raise ConfigError("no model given: pass --model_name_or_path, --adapter, or both")
 
 
+def resolve_device(device: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else is checked and returned.
+
+    Raises:
+        ConfigError: an unknown device string, or CUDA asked for but not available.
+    """
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"--device {device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {device!r}: no CUDA device is available; use --device cpu")
+    return device
+
+
 def load_model(model_name_or_path: str | None = None, adapter: str | None = None, *, dtype: str = "auto",
-               quant: dict[str, Any] | None = None, device: str = "cpu") -> LoadedModel:
+               quant: dict[str, Any] | None = None, device: str = "auto") -> LoadedModel:
     """Load the tokenizer, the frozen base (quantized if asked) and, if given, the adapter on top.
 
     Raises:
@@ -121,6 +140,7 @@ def load_model(model_name_or_path: str | None = None, adapter: str | None = None
         adapter_config, _ = read_adapter(adapter)  # validate files before the (slow) base load
     base_name = resolve_base_name(model_name_or_path, adapter_config, adapter)
     settings = resolve_quant(adapter, quant)
+    device = resolve_device(device)
     tokenizer = load_tokenizer(base_name)
     model = load_base_model(base_name, dtype=dtype, device=device, **settings)
     if adapter is not None:

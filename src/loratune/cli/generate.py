@@ -22,6 +22,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, adapter_required: bo
     parser.add_argument("--adapter", metavar="DIR", required=adapter_required,
                         help="adapter directory (PEFT format)" + ("" if adapter_required else "; omit for the base model"))
     parser.add_argument("--dtype", default=dtypes[0], choices=list(dtypes), help=dtype_help)
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
     group = parser.add_argument_group("quantized base (default: as in the adapter's train_config.yaml)")
     group.add_argument("--load_in_4bit", action=argparse.BooleanOptionalAction, default=None,
                        help="quantize the base to 4 bits (QLoRA)")
@@ -59,7 +61,8 @@ def settings_from_args(args):
 def load_from_args(args):
     from loratune.inference import load_model
 
-    return load_model(args.model_name_or_path, args.adapter, dtype=args.dtype, quant=quant_overrides(args))
+    return load_model(args.model_name_or_path, args.adapter, dtype=args.dtype, quant=quant_overrides(args),
+                      device=args.device)
 
 
 def describe(loaded) -> str:

@@ -50,7 +50,8 @@ def run(args) -> int:
         # The check runs in float32: the base (and a quantized base's matmuls) compute in float32,
         # so the merged model must match the adapter model up to summation order.
         overrides = {**quant_overrides(args), **({"bnb_4bit_compute_dtype": "float32"} if quantized else {})}
-        loaded = load_model(args.model_name_or_path, args.adapter, dtype="float32", quant=overrides)
+        loaded = load_model(args.model_name_or_path, args.adapter, dtype="float32", quant=overrides,
+                            device=args.device)
         print(f"Merging {describe(loaded)} -> {args.output_dir} ({dtype})")
         report = merge_to_directory(loaded, args.output_dir, dtype=dtype, tolerance=args.tolerance)
     except LoratuneError as exc:
