@@ -1,0 +1,127 @@
+"""PEFT parity in both directions: an adapter saved by one library loads in the other and gives the
+same logits; trainable parameter counts agree; add_weighted_adapter matches PEFT's combinations."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import loratune
+from factories import tiny_batch, tiny_model
+from tolerances import assert_changed, assert_close
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.parity
+
+CASES = [
+    ("llama", dict(target_modules=["q_proj", "v_proj"])),
+    ("llama", dict(target_modules=["q_proj", "v_proj"], use_rslora=True)),
+    ("llama", dict(target_modules="all-linear", rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3})),
+    ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"], use_dora=True)),
+    ("gpt2", dict(target_modules=["c_attn", "c_proj"])),
+    ("gpt2", dict(target_modules=["c_attn"], use_dora=True)),
+    ("llama", dict(target_modules=["embed_tokens", "q_proj"])),
+    ("gpt2", dict(target_modules="all-linear")),
+    ("qwen2", dict(target_modules="all-linear", bias="all")),
+    ("llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    ("llama", dict(target_modules=["q_proj", "k_proj"], layers_to_transform=[1])),
+    ("gpt2", dict(target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h")),
+]
+IDS = ["llama", "rslora", "rank-alpha-pattern", "dora", "gpt2-conv1d", "gpt2-dora", "embedding",
+       "gpt2-all-linear", "qwen2-bias-all", "modules-to-save", "layers-to-transform", "layers-pattern"]
+
+
+def perturb(model, seed: int = 3) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * (0.1 if "lora_" in name else 0.02))
+
+
+def logits(model, x, **kw) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=x, **kw).logits
+
+
+def build(lib, arch, kw, name="default"):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lib.get_peft_model(tiny_model(arch), lib.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw),
+                                  adapter_name=name)
+
+
+@pytest.mark.parametrize("arch,kw", CASES, ids=IDS)
+def test_ours_to_peft(tmp_path, arch, kw):
+    x = tiny_batch()
+    ours = build(loratune, arch, kw)
+    perturb(ours)
+    expected = logits(ours, x)
+    assert_changed(expected, logits(tiny_model(arch), x))
+    ours.save_pretrained(str(tmp_path))
+    theirs = peft.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path))
+    assert_close(logits(theirs, x), expected)
+
+
+@pytest.mark.parametrize("arch,kw", CASES, ids=IDS)
+def test_peft_to_ours_and_counts(tmp_path, arch, kw):
+    x = tiny_batch()
+    theirs = build(peft, arch, kw)
+    perturb(theirs)
+    expected = logits(theirs, x)
+    assert_changed(expected, logits(tiny_model(arch), x))
+    theirs.save_pretrained(str(tmp_path))
+    ours = loratune.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path))
+    assert_close(logits(ours, x), expected)
+    assert build(loratune, arch, kw).get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    trainable_ours = loratune.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path), is_trainable=True)
+    trainable_theirs = peft.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path), is_trainable=True)
+    assert trainable_ours.get_nb_trainable_parameters() == trainable_theirs.get_nb_trainable_parameters()
+
+
+def test_fresh_default_init_is_base_in_both():
+    x = tiny_batch()
+    base = logits(tiny_model("llama"), x)
+    for lib in (loratune, peft):
+        model = lib.get_peft_model(tiny_model("llama"), lib.LoraConfig(target_modules=["q_proj"], use_dora=True))
+        assert torch.equal(logits(model, x), base)
+
+
+def test_mixed_batch_matches_peft(tmp_path):
+    x = tiny_batch(batch=3)
+    kw = dict(target_modules=["q_proj", "v_proj"])
+    theirs = build(peft, "llama", kw, "a")
+    theirs.add_adapter("b", peft.LoraConfig(r=2, init_lora_weights=False, **kw))
+    perturb(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    ours = loratune.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "a"), adapter_name="a")
+    ours.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    names = ["b", "__base__", "a"]
+    theirs.eval()  # PEFT refuses adapter_names in training mode
+    assert_close(logits(ours, x, adapter_names=names), logits(theirs, x, adapter_names=names))
+
+
+@pytest.mark.parametrize("combination", ["cat", "svd", "linear"])
+@pytest.mark.parametrize("arch,kw", [("llama", dict(target_modules=["q_proj", "v_proj"])),
+                                     ("gpt2", dict(target_modules=["c_attn"]))], ids=["llama", "gpt2"])
+def test_add_weighted_adapter_matches_peft(tmp_path, combination, arch, kw):
+    x = tiny_batch()
+    theirs = build(peft, arch, kw, "a")
+    r_b = 4 if combination == "linear" else 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        theirs.add_adapter("b", peft.LoraConfig(r=r_b, lora_alpha=3, init_lora_weights=False, **kw))
+    perturb(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    ours = loratune.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path / "a"), adapter_name="a")
+    ours.load_adapter(str(tmp_path / "b"), adapter_name="b")
+    args = (["a", "b"], [0.7, 1.3], "ab")
+    theirs.add_weighted_adapter(*args, combination_type=combination)
+    ours.add_weighted_adapter(*args, combination_type=combination)
+    theirs.set_adapter("ab")
+    ours.set_adapter("ab")
+    expected = logits(theirs, x)
+    assert_changed(expected, logits(tiny_model(arch), x))
+    assert_close(logits(ours, x), expected)
