@@ -91,7 +91,8 @@ def _hub_error(name: str, exc: Exception) -> ConfigError:
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
     hint = ("HF_HUB_OFFLINE is set, so nothing is downloaded; pass a local directory or a preset"
             if offline else "check the id and your network, or pass a local directory")
-    return ConfigError(f"cannot load {name!r} from the Hugging Face hub: {exc}; {hint}")
+    return ConfigError(f"cannot load {name!r} from the Hugging Face hub (there is no local directory of that "
+                       f"name either): {exc}; {hint}")
 
 
 @functools.lru_cache(maxsize=1)
