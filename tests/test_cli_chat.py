@@ -62,3 +62,15 @@ def test_missing_chat_template_is_reported_before_the_loop(dirs, tmp_path, monke
     code, out, err = chat(monkeypatch, capsys, "hi\n", "--model_name_or_path", str(plain))
     assert code == 2 and "chat_template" in err and "Traceback" not in err
     assert out == ""
+
+
+def test_ctrl_c_leaves_quietly(dirs, monkeypatch, capsys):
+    base, _ = dirs
+
+    def interrupt(self, text):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ChatSession, "reply", interrupt)
+    code, out, err = chat(monkeypatch, capsys, "hi\nmore\n", "--model_name_or_path", base)
+    assert code == 0 and "Traceback" not in err
+    assert not any(line.startswith("assistant> ") for line in out.splitlines())

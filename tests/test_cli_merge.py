@@ -106,3 +106,25 @@ def test_trained_adapter_end_to_end(dirs, tmp_path, capsys):
     assert main(["merge", "--adapter", out, "--output_dir", merged]) == 0
     assert ": PASS" in capsys.readouterr().out
     assert main(["generate", "--model_name_or_path", merged, "--prompt", "Q1: say yes.", "--max_new_tokens", "3"]) == 0
+
+
+@pytest.mark.parity
+def test_adapter_saved_by_peft_inspects_and_merges(dirs, tmp_path, capsys):
+    peft = pytest.importorskip("peft")
+    base, _, _ = dirs
+    model = AutoModelForCausalLM.from_pretrained(base)
+    config = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "o_proj"], init_lora_weights=False,
+                             task_type="CAUSAL_LM")
+    peft_model = peft.get_peft_model(model, config)
+    peft_model.save_pretrained(str(tmp_path / "peft"))
+    assert main(["inspect", str(tmp_path / "peft")]) == 0
+    out = capsys.readouterr().out
+    assert "Targets:     o_proj, q_proj (4 modules)" in out and "vLLM:   ACCEPTED" in out
+    merged = str(tmp_path / "merged")
+    assert main(["merge", "--adapter", str(tmp_path / "peft"), "--output_dir", merged, "--dtype", "float32"]) == 0
+    assert ": PASS" in capsys.readouterr().out
+    probe = probe_batch(load_model(base).tokenizer, 1024)
+    with torch.no_grad():
+        expected = peft_model.eval()(input_ids=probe).logits
+    torch.testing.assert_close(logits_of(AutoModelForCausalLM.from_pretrained(merged), probe), expected,
+                               atol=1e-3, rtol=0)

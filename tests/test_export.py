@@ -108,7 +108,23 @@ def save_tiny_gpt2_dir(path) -> str:
     return str(path)
 
 
-@pytest.mark.parametrize("kind", ["gpt2-conv1d", "dora", "modules_to_save"])
+def save_tiny_qwen2_tied_dir(path) -> str:
+    """Qwen2 with tied input/output embeddings, with the preset tokenizer."""
+    from transformers import Qwen2Config
+
+    from loratune.loading import load_tokenizer
+
+    config = Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         tie_word_embeddings=True, bos_token_id=1, eos_token_id=3)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        AutoModelForCausalLM.from_config(config).save_pretrained(str(path))
+    load_tokenizer("preset:tiny-llama").save_pretrained(str(path))
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", ["gpt2-conv1d", "qwen2-tied", "dora", "modules_to_save"])
 def test_merge_other_adapter_kinds(tmp_path, kind):
     from loratune import LoraConfig, get_peft_model
     from loratune.loading import load_base_model
@@ -116,6 +132,9 @@ def test_merge_other_adapter_kinds(tmp_path, kind):
     if kind == "gpt2-conv1d":
         base = save_tiny_gpt2_dir(tmp_path / "base")
         config = LoraConfig(r=4, target_modules=["c_attn", "c_proj", "c_fc"], init_lora_weights=False)
+    elif kind == "qwen2-tied":
+        base = save_tiny_qwen2_tied_dir(tmp_path / "base")
+        config = LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False)
     else:
         base = save_tiny_model_dir(tmp_path / "base")
         extra = {"use_dora": True} if kind == "dora" else {"modules_to_save": ["lm_head"]}

@@ -44,17 +44,28 @@ def run(args) -> int:
     session = ChatSession(loaded.model, loaded.tokenizer, settings, system=args.system)
     interactive = sys.stdin.isatty()
     print(f"Chatting with {describe(loaded)}. {RESET} clears the history, {EXIT} quits.")
+    try:
+        converse(session, interactive)
+    except KeyboardInterrupt:  # Ctrl-C leaves quietly, like /exit
+        print()
+    return 0
+
+
+def converse(session, interactive: bool) -> None:
+    """Read lines until /exit or end of input; answer each, handling /reset."""
+    from loratune.errors import LoratuneError
+
     while True:
         if interactive:
             print("you> ", end="", flush=True)
         line = sys.stdin.readline()
         if not line:  # end of input
-            break
+            return
         text = line.strip()
         if not text:
             continue
         if text == EXIT:
-            break
+            return
         if text == RESET:
             session.reset()
             print("(history cleared)")
@@ -65,4 +76,3 @@ def run(args) -> int:
             print(f"error: {exc}", file=sys.stderr)
             continue
         print(f"assistant> {answer}", flush=True)
-    return 0
