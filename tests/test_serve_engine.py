@@ -152,3 +152,22 @@ def test_seeded_sampling_repeats_and_cancel_frees_the_slot(tmp_path):
         assert len(sink.tokens) <= 3 and sink.finish is None
     finally:
         engine.stop()
+
+
+def test_a_model_with_a_sliding_window_cache_is_refused_at_startup():
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from loratune.errors import UnsupportedFeatureError
+    from loratune.serve.server import build_server
+    from loratune.serve.state import ServeSettings
+
+    config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
+                         max_window_layers=0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+
+    class Tokenizer:
+        bos_token_id, eos_token_id = 1, 2
+
+    with pytest.raises(UnsupportedFeatureError, match="DynamicSlidingWindowLayer"):
+        build_server(model, Tokenizer(), ServeSettings(base_name="x"), num_threads=1)

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from .batch_cache import BatchCache
+from .batch_cache import BatchCache, check_cache
 from .lora_rows import RowAdapterWeights, RowLoraLinear, ensure_row_lora, set_rows
 from .registry import PreparedAdapter
 
@@ -287,7 +287,8 @@ class Engine:
                             if self._keep_logits else {}))
         column = {n: (last.index(n) if self._keep_logits else n - 1) for n in last}
         logits = torch.stack([out.logits[i, column[n]] for i, n in enumerate(lengths)]).float().cpu()  # (N, V)
-        kept = []
+        check_cache(out.cache)
+        accepted = []
         for i, request in enumerate(requests):
             generator = None
             if request.params.temperature > 0:
@@ -296,12 +297,12 @@ class Engine:
                 generator.manual_seed(seed)
             row = _Row(request, last_token=-1, position=lengths[i] - 1, generated=0, generator=generator)
             if self._accept(row, logits[i]):
-                kept.append((i, lengths[i]))
-                self._rows.append(row)
+                accepted.append((i, row))
             else:
                 self._release(request)
-        if kept:
-            self._batch.add_rows(out.cache, kept)
+        if accepted:
+            self._batch.add_rows(out.cache, [(i, lengths[i]) for i, _ in accepted])
+            self._rows.extend(row for _, row in accepted)
 
     def _decode_step(self) -> None:
         rows = self._rows

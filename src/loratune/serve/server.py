@@ -7,14 +7,16 @@ the engine on exit. The CLI (`loratune serve`) and the tests both go through `bu
 from __future__ import annotations
 
 import logging
+import threading
 
 import torch
 from fastapi import FastAPI
 
+from loratune.errors import UnsupportedFeatureError
 from loratune.loading import load_base_model, load_tokenizer
 
 from .api import build_app
-from .engine import Engine
+from .engine import Engine, GenerationRequest, SamplingParams
 from .lora_rows import linear_shapes
 from .state import ServerState, ServeSettings
 
@@ -50,6 +52,7 @@ def build_server(model, tokenizer, settings: ServeSettings, *, adapters: dict[st
     state = ServerState(engine, tokenizer, settings, linear_shapes(model), dtype)
     engine.start()
     try:
+        warm_up(engine, tokenizer.bos_token_id or 0)
         for name, path in (adapters or {}).items():
             state.load_startup_adapter(name, path)
             log.info("loaded adapter %r from %s", name, path)
@@ -57,6 +60,24 @@ def build_server(model, tokenizer, settings: ServeSettings, *, adapters: dict[st
         engine.stop()
         raise
     return build_app(state), state
+
+
+def warm_up(engine: Engine, token_id: int) -> None:
+    """Run one tiny request (prefill + a decode step) so a model the engine cannot serve fails now.
+
+    Raises:
+        UnsupportedFeatureError: the request failed (e.g. a sliding-window cache), with the reason.
+    """
+    done, outcome = threading.Event(), {}
+
+    def sink(kind, value):
+        if kind != "token":
+            outcome[kind] = value
+            done.set()
+
+    engine.submit(GenerationRequest([token_id, token_id], None, SamplingParams(max_tokens=2, temperature=0), sink))
+    if not done.wait(300) or "error" in outcome:
+        raise UnsupportedFeatureError(f"the base model cannot be served: {outcome.get('error', 'warm-up timed out')}")
 
 
 def load_and_build(model_name_or_path: str, settings: ServeSettings, *, dtype: str = "auto", **kwargs
