@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from loratune.errors import LoratuneError
+from loratune.errors import ConfigError, LoratuneError
 
 from .engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError, SamplingParams
 from .metrics import ServerMetrics
@@ -79,9 +79,12 @@ class ServerState:
 
     def load_startup_adapter(self, name: str, path: str) -> None:
         """Load an adapter named on the command line (any path; the operator chose it). Blocks."""
-        check_adapter_name(name, base_name=self.settings.base_name)
+        try:
+            check_adapter_name(name, base_name=self.settings.base_name)
+        except RequestError as exc:
+            raise ConfigError(f"--adapter {name}=...: {exc.message}") from None
         if name in self.adapters:
-            raise LoratuneError(f"adapter name {name!r} is given twice")
+            raise ConfigError(f"adapter name {name!r} is given twice")
         prepared = prepare_adapter(name, Path(path).resolve(), self.shapes, self.dtype)
         adapter_id = next(self._ids)
         self.engine.install_adapter(adapter_id, prepared).result()
