@@ -152,6 +152,17 @@ def test_greedy_text_equals_loratune_generate_for_the_same_adapter_alone(live, m
     assert r.choices[0].message.content == generate_text(alone, tokenizer, chat_ids(tokenizer, messages), settings)
 
 
+def test_concurrent_mixed_requests_equal_sequential_ones(live):
+    from concurrent.futures import ThreadPoolExecutor
+
+    client = live.client()
+    jobs = [(model, f"Prompt number {i}") for i in range(3) for model in (BASE, "a1", "a2")]
+    sequential = [complete(client, m, prompt=p).choices[0].text for m, p in jobs]
+    with ThreadPoolExecutor(len(jobs)) as pool:
+        concurrent = list(pool.map(lambda job: complete(client, job[0], prompt=job[1]).choices[0].text, jobs))
+    assert concurrent == sequential
+
+
 def test_chat_for_base_and_adapters(live):
     client = live.client()
     contents = set()
