@@ -26,6 +26,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
         description="Fine-tune a LoRA adapter. Every key can be set in CONFIG.yaml or as --key value "
                     "(flags win). Outputs: the adapter (PEFT format), train_config.yaml, metrics.jsonl, "
                     "loss.png and checkpoint-<step>/ folders in output_dir.",
+        usage="loratune train [CONFIG.yaml] [--key value ...]",
         allow_abbrev=False,
     )
     parser.add_argument("config", nargs="?", metavar="CONFIG.yaml", help="YAML file of flat keys (optional)")
@@ -45,7 +46,7 @@ def add_key_options(parser: argparse.ArgumentParser) -> None:
                                default=argparse.SUPPRESS)
 
 
-def take_over_parsing(parser: argparse.ArgumentParser, extra_flags: dict[str, str] | None = None) -> None:
+def take_over_parsing(parser: argparse.ArgumentParser, extra_flags: dict[str, tuple[str, bool]] | None = None) -> None:
     """Make `parser` hand its raw arguments to `split_args` (argparse still serves -h/--help).
 
     The sub-command parser is called by its parent through `parse_known_args`, so replacing that
@@ -65,11 +66,12 @@ def take_over_parsing(parser: argparse.ArgumentParser, extra_flags: dict[str, st
     parser.parse_known_args = parse_known_args
 
 
-def split_args(args: list[str], extra_flags: dict[str, str]) -> tuple[str | None, dict, list[str], dict]:
-    """Split raw arguments into (config path, {key: raw value}, problems, {extra flag: value}).
+def split_args(args: list[str], extra_flags: dict[str, tuple[str, bool]]) -> tuple[str | None, dict, list[str], dict]:
+    """Split raw arguments into (config path, {key: raw value}, problems, {extra name: value}).
 
     `--key value`, `--key=value`, a bare boolean `--key` (true), and list keys taking several
     values (`--target_modules q_proj v_proj`). Unknown keys become problems with close matches.
+    `extra_flags` maps verb-specific flags to (name, takes a value).
     """
     from loratune.train.config import key_owners, unknown_key_message
 
@@ -85,16 +87,21 @@ def split_args(args: list[str], extra_flags: dict[str, str]) -> tuple[str | None
             else:
                 problems.append(f"unexpected argument {token!r} (only one CONFIG.yaml is allowed)")
             continue
-        key, _, inline = token.lstrip("-").partition("=")
+        flag, _, inline = token.partition("=")
+        key = flag.lstrip("-")
+        if flag in extra_flags:
+            name, takes_value = extra_flags[flag]
+            if takes_value and not inline and i < len(args):
+                inline, i = args[i], i + 1
+            extra[name] = inline if takes_value else True
+            continue
         values = [inline] if inline else []
         while not inline and i < len(args) and (not args[i].startswith("-") or _is_number(args[i])):
             values.append(args[i])
             i += 1
             if not _takes_list(owners.get(key)):
                 break
-        if token in extra_flags or key in extra_flags:
-            extra[extra_flags.get(token, extra_flags.get(key))] = values[0] if values else None
-        elif key not in owners:
+        if key not in owners:
             problems.append(unknown_key_message(key, owners, as_flag=True))
         elif not values:
             if _is_bool(owners[key]):

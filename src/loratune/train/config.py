@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import yaml
 
-from loratune.data.config import DataConfig
+from loratune.data import DataConfig
 from loratune.errors import ConfigError
 
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
