@@ -95,3 +95,13 @@ def test_chat_session_keeps_history_and_resets(model_and_tokenizer):
     assert session.reply("again") == expected  # the second answer sees the first turn
     session.reset()
     assert session.history == [] and session.messages() == [{"role": "system", "content": "Be brief."}]
+
+
+def test_streamed_pieces_join_to_the_final_text(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    ids = prompt_ids(tok, "Stream this")
+    settings = GenerationSettings(max_new_tokens=24, temperature=1.5, seed=0)
+    pieces: list[str] = []
+    text = generate_text(model, tok, ids, settings, on_text=pieces.append)
+    assert "".join(pieces) == text == generate_text(model, tok, ids, settings)
+    assert len(pieces) > 1 and all(pieces)

@@ -9,6 +9,7 @@ Nothing here prints; `ChatSession` keeps the conversation history for the intera
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -74,9 +75,43 @@ def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
     return ids
 
 
+class TextStream:
+    """Hands decoded text to `on_text` as tokens arrive (the `streamer` protocol of `generate`).
+
+    The whole continuation is decoded each time and only the new suffix is passed on, held back
+    while it ends in a partial UTF-8 character, so the pieces join to exactly the final text.
+    """
+
+    def __init__(self, tokenizer, on_text: Callable[[str], None], stops: list[int]) -> None:
+        self.tokenizer, self.on_text, self.stops = tokenizer, on_text, set(stops)
+        self.ids: list[int] = []
+        self.sent = 0  # characters already handed out
+        self.prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if not self.prompt_seen:  # the first call carries the prompt
+            self.prompt_seen = True
+            return
+        self.ids += [i for i in value.reshape(-1).tolist() if i not in self.stops]
+        self._flush(final=False)
+
+    def end(self) -> None:
+        self._flush(final=True)
+
+    def _flush(self, *, final: bool) -> None:
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if len(text) > self.sent and (final or not text.endswith("\ufffd")):
+            self.on_text(text[self.sent:])
+            self.sent = len(text)
+
+
 @torch.no_grad()
-def generate_ids(model: nn.Module, tokenizer, ids: list[int], settings: GenerationSettings) -> list[int]:
-    """Return only the newly generated token ids for one prompt (stop tokens excluded)."""
+def generate_ids(model: nn.Module, tokenizer, ids: list[int], settings: GenerationSettings,
+                 on_text: Callable[[str], None] | None = None) -> list[int]:
+    """Return only the newly generated token ids for one prompt (stop tokens excluded).
+
+    With `on_text`, the text is also handed over piece by piece while it is generated.
+    """
     device = next(model.parameters()).device
     input_ids = torch.tensor([ids], device=device)  # (1, T)
     stops = stop_token_ids(model, tokenizer)
@@ -92,17 +127,19 @@ def generate_ids(model: nn.Module, tokenizer, ids: list[int], settings: Generati
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
+        streamer = TextStream(tokenizer, on_text, stops) if on_text is not None else None
         out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
-                             generation_config=config)
+                             generation_config=config, streamer=streamer)
     new = out[0, len(ids):].tolist()
     while new and new[-1] in stops:
         new.pop()
     return new
 
 
-def generate_text(model: nn.Module, tokenizer, ids: list[int], settings: GenerationSettings) -> str:
-    """Decode the continuation of `ids` as text (special tokens dropped)."""
-    return tokenizer.decode(generate_ids(model, tokenizer, ids, settings), skip_special_tokens=True)
+def generate_text(model: nn.Module, tokenizer, ids: list[int], settings: GenerationSettings,
+                  on_text: Callable[[str], None] | None = None) -> str:
+    """Decode the continuation of `ids` as text (special tokens dropped); stream it to `on_text`."""
+    return tokenizer.decode(generate_ids(model, tokenizer, ids, settings, on_text), skip_special_tokens=True)
 
 
 @dataclass
@@ -123,12 +160,12 @@ class ChatSession:
         head = [{"role": "system", "content": self.system}] if self.system else []
         return head + self.history
 
-    def reply(self, user_text: str) -> str:
+    def reply(self, user_text: str, on_text: Callable[[str], None] | None = None) -> str:
         """Add the user's turn, generate the assistant's answer, remember both, return the answer."""
         self.history.append({"role": "user", "content": user_text})
         try:
             answer = generate_text(self.model, self.tokenizer, chat_ids(self.tokenizer, self.messages()),
-                                   self.settings)
+                                   self.settings, on_text)
         except BaseException:
             self.history.pop()
             raise

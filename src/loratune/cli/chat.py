@@ -70,9 +70,10 @@ def converse(session, interactive: bool) -> None:
             session.reset()
             print("(history cleared)")
             continue
+        print("assistant> ", end="", flush=True)
         try:
-            answer = session.reply(text)
+            session.reply(text, on_text=lambda piece: print(piece, end="", flush=True))
         except LoratuneError as exc:
-            print(f"error: {exc}", file=sys.stderr)
+            print(f"\nerror: {exc}", file=sys.stderr)
             continue
-        print(f"assistant> {answer}", flush=True)
+        print(flush=True)

@@ -91,7 +91,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    """Print the generated text (only the new text) to stdout."""
+    """Print the generated text (only the new text) to stdout as it is generated."""
     from loratune.errors import LoratuneError
     from loratune.generation import chat_ids, generate_text, prompt_ids
 
@@ -100,10 +100,10 @@ def run(args) -> int:
         loaded = load_from_args(args)
         tok = loaded.tokenizer
         ids = chat_ids(tok, [{"role": "user", "content": args.prompt}]) if args.chat else prompt_ids(tok, args.prompt)
-        text = generate_text(loaded.model, tok, ids, settings)
+        print(f"# {describe(loaded)}", file=sys.stderr)
+        generate_text(loaded.model, tok, ids, settings, on_text=lambda piece: print(piece, end="", flush=True))
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    print(f"# {describe(loaded)}", file=sys.stderr)
-    print(text)
+    print()
     return 0
