@@ -1,0 +1,152 @@
+"""The training loop: token-normalised accumulation, only LoRA trains, NaN stop, Ctrl-C and resume."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import loratune.train.loop as loop
+from loratune.loading import load_base_model
+from loratune.train import run
+from loratune.train.loop import TrainingDivergedError
+from test_cli_train import make_model_dir, rows_for, train_cli, write_rows
+
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_model_dir(tmp_path_factory.mktemp("tiny-llama"))
+
+
+@pytest.fixture(scope="module")
+def data_file(tmp_path_factory):
+    return write_rows(tmp_path_factory.mktemp("data") / "train.jsonl", rows_for("messages", 24))
+
+
+def settings(model_dir, data_file, out, **extra):
+    return {"model_name_or_path": model_dir, "train_file": data_file, "output_dir": str(out), "r": 4,
+            "lora_alpha": 8, "max_seq_length": 64, "per_device_train_batch_size": 4, "learning_rate": 1e-2,
+            "bf16": False, "disable_tqdm": True, "logging_steps": 1, "save_steps": 0, **extra}
+
+
+def adapter(out) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(out, "adapter_model.safetensors"))
+
+
+def assert_same_adapter(a: dict, b: dict, atol: float = 1e-6):
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=atol, rtol=0, msg=key)
+
+
+def losses(out) -> list[float]:
+    lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if "loss" in r]
+
+
+def test_accumulation_is_normalised_by_trained_tokens(model_dir, data_file, tmp_path):
+    """bs 4 x 1 micro-batch == bs 2 x 2 micro-batches: same examples per step, same update."""
+    common = {"packing": False, "lora_dropout": 0.0, "max_steps": 4}
+    big = run(settings(model_dir, data_file, tmp_path / "big", per_device_train_batch_size=4, **common))
+    acc = run(settings(model_dir, data_file, tmp_path / "acc", per_device_train_batch_size=2,
+                       gradient_accumulation_steps=2, **common))
+    assert big.step == acc.step == 4
+    assert losses(tmp_path / "big") == pytest.approx(losses(tmp_path / "acc"), rel=1e-5)
+    assert_same_adapter(adapter(tmp_path / "big"), adapter(tmp_path / "acc"), atol=1e-5)
+    b = adapter(tmp_path / "big")
+    assert any(k.endswith("lora_B.weight") and b[k].abs().max() > 0 for k in b)  # it trained at all
+
+
+def test_only_lora_parameters_change_and_the_loss_falls(model_dir, data_file, tmp_path, monkeypatch):
+    models = []
+    real_fit = loop.fit
+
+    def keep_model(model, *args, **kwargs):
+        models.append(model)
+        return real_fit(model, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "fit", keep_model)
+    result = run(settings(model_dir, data_file, tmp_path / "o", max_steps=12, packing=True))
+    assert result.final_loss < result.first_loss
+    trained = models[0].get_base_model()
+    fresh = load_base_model(model_dir, dtype="float32")
+    fresh_params = dict(fresh.named_parameters())
+    n_compared = 0
+    for name, p in trained.named_parameters():
+        if "lora_" in name:
+            assert p.dtype == torch.float32
+            continue
+        base_name = name.replace(".base_layer", "")
+        torch.testing.assert_close(p, fresh_params[base_name], atol=0, rtol=0)
+        n_compared += 1
+    assert n_compared == len(fresh_params)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, data_file, tmp_path, monkeypatch, capsys):
+    real = loop.token_loss_sum
+    calls = {"n": 0}
+
+    def poisoned(model, batch):
+        loss, n = real(model, batch)
+        calls["n"] += 1
+        return (loss * float("nan"), n) if calls["n"] == 5 else (loss, n)
+
+    monkeypatch.setattr(loop, "token_loss_sum", poisoned)
+    out = tmp_path / "o"
+    flags = [f"--{k}={v}" for k, v in settings(model_dir, data_file, out, max_steps=8, save_steps=2).items()]
+    rc = train_cli(flags)
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert "loss became nan at step 5" in err and "checkpoint-4" in err and "Traceback" not in err
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    assert not (out / "adapter_model.safetensors").exists()  # no final adapter from a diverged run
+    last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 5 and last["diverged"] is True
+
+    with pytest.raises(TrainingDivergedError):
+        calls["n"] = 0
+        run(settings(model_dir, data_file, tmp_path / "again", max_steps=8))
+
+
+def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(model_dir, data_file, tmp_path,
+                                                                             monkeypatch, capsys):
+    """lora_dropout > 0 and packing on: the RNG state and data position must both come back."""
+    kw = {"max_steps": 7, "lora_dropout": 0.1, "save_steps": 3, "gradient_accumulation_steps": 2}
+    straight = tmp_path / "straight"
+    run(settings(model_dir, data_file, straight, **kw))
+
+    real = loop.token_loss_sum
+    calls = {"n": 0}
+
+    def press_ctrl_c(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 9:  # in the middle of step 5 (2 micro-batches per step)
+            signal.raise_signal(signal.SIGINT)
+        return real(model, batch)
+
+    monkeypatch.setattr(loop, "token_loss_sum", press_ctrl_c)
+    out = tmp_path / "interrupted"
+    flags = [f"--{k}={v}" for k, v in settings(model_dir, data_file, out, **kw).items()]
+    assert train_cli(flags) == 130
+    printed = capsys.readouterr().out
+    assert "Interrupted at step 5/7" in printed and "checkpoint-5" in printed
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-5"]
+    assert not (out / "adapter_model.safetensors").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+
+    monkeypatch.setattr(loop, "token_loss_sum", real)
+    assert train_cli([*flags, "--resume_from_checkpoint", "true"]) == 0
+    assert_same_adapter(adapter(straight), adapter(out))
+    assert losses(out) == pytest.approx(losses(straight), rel=1e-6)
+
+
+def test_checkpoint_rotation_during_a_run(model_dir, data_file, tmp_path):
+    out = tmp_path / "o"
+    run(settings(model_dir, data_file, out, max_steps=5, save_steps=1, save_total_limit=2))
+    assert sorted(d for d in os.listdir(out) if "checkpoint" in d) == ["checkpoint-3", "checkpoint-4"]
