@@ -32,6 +32,7 @@ def test_summary_reads_ranks_targets_and_counts_from_tensors(tmp_path):
     ranks = {f"model.layers.{i}.self_attn.q_proj": 8 for i in range(2)}
     ranks |= {f"model.layers.{i}.self_attn.v_proj": 4 for i in range(2)}
     path = write_adapter(tmp_path / "a", cfg, ranks, dtype=torch.bfloat16)
+    (tmp_path / "a" / "metrics.jsonl").write_text("not part of the adapter\n" * 100)
     s = summarize_adapter(path)
     assert s.target_names == ["q_proj", "v_proj"]
     assert s.ranks == {4: 2, 8: 2}

@@ -14,9 +14,10 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
-from .adapter_io import PREFIX, read_adapter
-from .config import LoraConfig
+from .adapter_io import BIN_NAME, PREFIX, SAFETENSORS_NAME, read_adapter
+from .config import CONFIG_NAME, LoraConfig
 
+ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
 _EMBED_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_embedding_A|lora_embedding_B)$")
 _DORA_KEY = re.compile(r"^(?P<path>.+)\.lora_magnitude_vector$")
@@ -45,7 +46,7 @@ class AdapterSummary:
     modules: list[ModuleInfo]
     num_parameters: int
     dtypes: dict[str, int]  # dtype name -> number of tensors
-    size_bytes: int  # every file in the directory (not sub-folders of other adapters)
+    size_bytes: int  # the adapter's files: config, weights, model card
     dora_modules: list[str] = field(default_factory=list)
     extra_tensors: list[str] = field(default_factory=list)  # full tensors: modules_to_save, biases
 
@@ -118,8 +119,8 @@ def summarize_adapter(path: str) -> AdapterSummary:
 
 
 def _dir_size(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path)
-               if os.path.isfile(os.path.join(path, f)))
+    """Bytes of the adapter's own files (a training output_dir also holds metrics, plots, checkpoints)."""
+    return sum(os.path.getsize(os.path.join(path, f)) for f in ADAPTER_FILES if os.path.isfile(os.path.join(path, f)))
 
 
 def human_size(n: int) -> str:
