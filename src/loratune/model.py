@@ -137,6 +137,8 @@ class LoraModel(nn.Module):
         """Remove an adapter's weights; if it was active, the remaining active ones stay."""
         if adapter_name not in self.peft_config:
             raise ConfigError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(self.peft_config)}")
+        if any(isinstance(layer, LoraLayer) and adapter_name in layer.merged_adapters for layer in self._layers()):
+            raise MergeError(f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() first")
         self._remove_adapter_weights(adapter_name)
         del self.peft_config[adapter_name]
         self._active = [n for n in self._active if n != adapter_name]
