@@ -37,8 +37,9 @@ class LoraConv(LoraLayer):
         device = base.weight.device
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self._set_dropout(adapter_name, lora_dropout)
+        # A must pad like the base (e.g. padding_mode="reflect"), or merged != unmerged at the borders.
         self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
-                                         base.dilation, bias=False, device=device)
+                                         base.dilation, bias=False, padding_mode=base.padding_mode, device=device)
         self.lora_B[adapter_name] = conv(r, self.out_features, 1, 1, bias=False, device=device)
         A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
         with torch.no_grad():
