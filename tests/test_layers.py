@@ -189,6 +189,19 @@ def test_safe_merge_refuses_non_finite_and_leaves_weight(kind, bad):
     assert not layer.merged
 
 
+@pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
+def test_conv_padding_modes_merge_exactly(padding_mode):
+    torch.manual_seed(0)
+    layer = build_lora_layer(nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode).requires_grad_(False), "c")
+    layer.update_layer("default", r=2, lora_alpha=2, lora_dropout=0.0, init_lora_weights=False,
+                       use_rslora=False, use_dora=False)
+    layer.set_active(["default"], False)
+    x = make_input("conv2d", 2)
+    unmerged = layer(x)
+    layer.merge(["default"])
+    assert_close(layer.base_layer(x), unmerged)
+
+
 def test_conv1d_gpt2_is_detected_as_fan_in_fan_out():
     layer = make_layer("conv1d_gpt2", fin=6, fout=5, init=False)
     assert isinstance(layer, LoraLinear) and layer.fan_in_fan_out

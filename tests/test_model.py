@@ -262,6 +262,19 @@ def test_delete_adapter():
         model.set_adapter("a")
 
 
+def test_deleting_a_merged_adapter_is_refused_and_changes_nothing():
+    model = lora(target_modules=["q_proj"], modules_to_save=["embed_tokens"], init_lora_weights=False)
+    perturb(model)
+    x = tiny_batch()
+    before = logits(model, x)
+    model.merge_adapter()
+    with pytest.raises(MergeError, match="unmerge"):
+        model.delete_adapter("default")
+    model.unmerge_adapter()
+    assert "default" in model.model.model.embed_tokens.modules_to_save  # not half-deleted
+    assert_close(logits(model, x), before)
+
+
 def test_add_adapter_name_rules():
     model = lora(target_modules=["q_proj"])
     with pytest.raises(ConfigError, match="already exists"):
