@@ -37,9 +37,9 @@ class LoraModel(nn.Module):
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self._active: list[str] = []
+        self.add_adapter(adapter_name, peft_config)  # first: a bad config leaves the user's model untouched
         for param in model.parameters():
             param.requires_grad_(False)
-        self.add_adapter(adapter_name, peft_config)
         self.set_adapter(adapter_name)
 
     def __getattr__(self, name: str):
@@ -91,6 +91,7 @@ class LoraModel(nn.Module):
             targets = inject_adapter(self.model, config, adapter_name)
         except Exception:
             self._remove_adapter_weights(adapter_name)
+            self._unwrap_empty_layers()
             raise
         if any(isinstance(self.model.get_submodule(t), LoraLinear) and self.model.get_submodule(t).fan_in_fan_out
                for t in targets):
@@ -143,6 +144,14 @@ class LoraModel(nn.Module):
         del self.peft_config[adapter_name]
         self._active = [n for n in self._active if n != adapter_name]
         self._apply_active()
+
+    def _unwrap_empty_layers(self) -> None:
+        """Put the original module back wherever a wrapper holds no adapter (after a failed add)."""
+        for name, module in list(self.model.named_modules()):
+            if isinstance(module, (LoraLayer, ModulesToSave)) and not module.adapter_names:
+                original = module.base_layer if isinstance(module, LoraLayer) else module.original_module
+                parent_name, _, child = name.rpartition(".")
+                setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, original)
 
     def _remove_adapter_weights(self, adapter_name: str) -> None:
         for layer in self._layers():
