@@ -275,6 +275,40 @@ def test_deleting_a_merged_adapter_is_refused_and_changes_nothing():
     assert_close(logits(model, x), before)
 
 
+@pytest.mark.parametrize("kw,error", [
+    (dict(target_modules=["qproj"]), "TargetNotFoundError"),
+    (dict(target_modules=["q_proj", "rotary_emb"]), "UnsupportedFeatureError"),
+    (dict(target_modules=["q_proj", "embed_tokens"], use_dora=True), "UnsupportedFeatureError"),
+])
+def test_failed_get_peft_model_leaves_the_model_untouched(kw, error):
+    base = tiny_model("llama")
+    x = tiny_batch()
+    before_types = {n: type(m) for n, m in base.named_modules()}
+    before_out = logits(base, x)
+    with pytest.raises(Exception) as err:  # noqa: B017 - the type is checked by name below
+        get_peft_model(base, LoraConfig(**kw))
+    assert type(err.value).__name__ == error
+    assert {n: type(m) for n, m in base.named_modules()} == before_types
+    assert all(p.requires_grad for p in base.parameters())
+    assert torch.equal(logits(base, x), before_out)
+    model = get_peft_model(base, LoraConfig(target_modules=["q_proj"]))  # and it can be adapted afterwards
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"model.model.layers.{i}.self_attn.q_proj.lora_{ab}.default.weight" for i in (0, 1) for ab in "AB"}
+
+
+def test_failed_add_adapter_leaves_the_model_as_it_was():
+    model = lora(target_modules=["q_proj"], init_lora_weights=False)
+    x = tiny_batch()
+    before = logits(model, x)
+    types = {n: type(m) for n, m in model.named_modules()}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    with pytest.raises(Exception):  # noqa: B017
+        model.add_adapter("bad", LoraConfig(target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True))
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
+    assert "bad" not in model.peft_config and torch.equal(logits(model, x), before)
+
+
 def test_add_adapter_name_rules():
     model = lora(target_modules=["q_proj"])
     with pytest.raises(ConfigError, match="already exists"):
