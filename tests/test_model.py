@@ -180,6 +180,18 @@ def test_mixed_batch_generate_equals_separate_runs(arch, kw):
         assert torch.equal(mixed[row], separate[name][row]), (row, name)
 
 
+def test_mixed_batch_beam_search_expands_rows_per_caller_row():
+    model = two_adapters("llama", MIXED[0][1])
+    x = tiny_batch(batch=2, seq=4)
+    gen = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, pad_token_id=0)
+    mixed = model.generate(input_ids=x, adapter_names=["b", "a"], **gen)  # (4, T): rows 0-1 from b, 2-3 from a
+    model.set_adapter("b")
+    only_b = model.generate(input_ids=x, **gen)
+    model.set_adapter("a")
+    only_a = model.generate(input_ids=x, **gen)
+    assert torch.equal(mixed[:2], only_b[:2]) and torch.equal(mixed[2:], only_a[2:])
+
+
 def test_failed_mixed_call_leaves_model_usable():
     model = two_adapters("llama", MIXED[0][1])
     model.set_adapter("a")
