@@ -14,6 +14,7 @@ checkpoint only stores (epoch, batch_index) and resume re-plans and skips.
 from __future__ import annotations
 
 import contextlib
+import io
 import logging
 import math
 import signal
@@ -257,7 +258,10 @@ def _evaluate_and_log(model, tokenizer, eval_set, cfg, env, metrics: MetricsLog,
 
 def _save(model, optimizer, scheduler, pos: Position, cfg: TrainConfig, env: DistEnv, config_yaml: str) -> str:
     """Write checkpoint-<step>; every rank calls this (RNG states are gathered), the main one writes."""
-    rngs = gather_objects(ckpt.rng_state(), env)
+    # Gathered as torch.save bytes: all_gather_object cannot pickle tensors on every torch version.
+    buf = io.BytesIO()
+    torch.save(ckpt.rng_state(), buf)
+    rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in gather_objects(buf.getvalue(), env)]
     path = None
     if env.is_main:
         state = {
