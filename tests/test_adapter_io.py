@@ -106,6 +106,7 @@ def test_non_default_adapters_go_to_sub_folders(tmp_path):
     assert set(os.listdir(tmp_path / "other")) == FILES
     model.set_adapter("other")
     expected = logits(model, x)
+    assert_changed(expected, logits(tiny_model(), x))
     again = PeftModel.from_pretrained(tiny_model(), str(tmp_path / "other"), adapter_name="other")
     assert again.active_adapters == ["other"]
     assert torch.equal(logits(again, x), expected)
@@ -120,6 +121,7 @@ def test_load_adapter_adds_a_second_adapter(tmp_path):
     expected = logits(first, x)
     model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["o_proj"], init_lora_weights=False))
     own = logits(model, x)
+    assert_changed(expected, own)
     model.load_adapter(str(out), adapter_name="loaded")
     assert model.active_adapters == ["default"]  # loading does not activate
     assert torch.equal(logits(model, x), own)

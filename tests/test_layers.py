@@ -163,6 +163,23 @@ def test_merge_equals_unmerged_and_unmerge_restores(kind, dtype):
 
 
 @pytest.mark.parametrize("kind", KINDS)
+@given(fin=st.integers(1, 8), fout=st.integers(1, 8), r=st.integers(1, 4), alpha=st.floats(0.25, 32),
+       rslora=st.booleans(), seed=st.integers(0, 2**16))
+@SETTINGS
+def test_merge_round_trip(kind, fin, fout, r, alpha, rslora, seed):
+    layer = make_layer(kind, fin, fout, r=r, alpha=alpha, rslora=rslora, init=False, seed=seed)
+    perturb_B(layer, seed=seed)
+    x = make_input(kind, fin, seed=seed + 1)
+    unmerged = layer(x)
+    w0 = layer.base_layer.weight.detach().clone()
+    layer.merge(["default"])
+    assert_close(layer.base_layer(x), unmerged)
+    assert_close(layer(x), unmerged)
+    layer.unmerge()
+    assert_close(layer.base_layer.weight, w0)
+
+
+@pytest.mark.parametrize("kind", KINDS)
 def test_merge_is_exact_in_fp32_arithmetic(kind):
     # Merge computes W + delta in fp32 and casts back once: in bf16 that is one rounding of the sum.
     layer = make_layer(kind, init=False, dtype=torch.bfloat16)

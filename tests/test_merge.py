@@ -92,6 +92,7 @@ def test_unload_gives_the_base_back_bitwise(arch, kw):
     reference = tiny_model(arch)
     model = get_peft_model(tiny_model(arch), LoraConfig(r=4, **kw))
     perturb(model)
+    assert_changed(logits(model, x), logits(reference, x))
     plain = model.unload()
     assert torch.equal(logits(plain, x), logits(reference, x))
     assert set(plain.state_dict()) == set(reference.state_dict())

@@ -264,6 +264,7 @@ def test_delete_adapter():
     x = tiny_batch()
     only_b = logits_of(model, "b", x)
     model.set_adapter(["a", "b"])
+    assert_changed(logits(model, x), only_b)
     model.delete_adapter("a")
     assert "a" not in model.peft_config and model.active_adapters == ["b"]
     assert not any(".a." in n for n, _ in model.named_parameters())
