@@ -389,3 +389,21 @@ def test_full_queue_429_and_stopped_engine_503(tmp_path):
         assert httpx.get(f"{server.url}/health").status_code == 503
     finally:
         server.stop()
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_keeps_serving(live, monkeypatch):
+    engine = live.state.engine
+    forward = engine._forward
+    calls = {"n": 0}
+
+    def flaky(**kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:  # a decode step of the request below
+            raise RuntimeError("injected failure")
+        return forward(**kwargs)
+
+    monkeypatch.setattr(engine, "_forward", flaky)
+    body = expect_error(500, complete, live.client(), "a1")
+    assert "injected failure" in body["message"] and body["type"] == "server_error"
+    assert engine.alive and engine.running == 0
+    assert complete(live.client(), "a1").choices[0].finish_reason == "length"

@@ -159,8 +159,9 @@ class Engine:
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
         if self.num_threads:
-            # Process-wide. On a busy CPU, more intra-op threads than free cores makes every
-            # small decode matmul wait on spinning OpenMP workers (30x slower measured on 2 cores).
+            # Set from this thread: with OpenMP the setting belongs to the calling thread. On a busy
+            # CPU, more intra-op threads than free cores make every small decode matmul wait on
+            # spinning workers (30x slower measured on 2 shared cores).
             torch.set_num_threads(self.num_threads)
         while True:
             with self._lock:
@@ -175,10 +176,14 @@ class Engine:
                     future.set_result(fn())
                 except Exception as exc:  # reported to the caller, never fatal to the loop
                     future.set_exception(exc)
-            self._drop_cancelled()
-            self._admit()
-            if self._rows:
-                self._decode_step()
+            try:
+                self._drop_cancelled()
+                self._admit()
+                if self._rows:
+                    self._decode_step()
+            except Exception as exc:  # a bug must not stop the engine: fail the batch, keep serving
+                log.exception("engine step failed; failing the %d running requests", len(self._rows))
+                self._fail_running(exc)
         for row in self._rows:
             self._emit(row.request, "error", "the server is shutting down")
         for request in self._waiting:
@@ -238,6 +243,12 @@ class Engine:
         keep = [i for i in range(len(self._rows)) if i not in gone]
         self._rows = [self._rows[i] for i in keep]
         self._batch.keep_rows(keep)
+
+    def _fail_running(self, exc: Exception) -> None:
+        rows, self._rows, self._batch, self._planned = self._rows, [], BatchCache(), None
+        for row in rows:
+            self._release(row.request)
+            self._emit(row.request, "error", f"generation failed: {exc}")
 
     def _admit(self) -> None:
         """Prefill waiting requests (together, up to the free slots and a token budget) into the batch."""
@@ -309,15 +320,8 @@ class Engine:
         self._plan(tuple(r.request.adapter_id for r in rows))
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)      # (N, 1)
         positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=self.device)  # (N, 1)
-        try:
-            logits, _ = self._forward(input_ids=ids, position_ids=positions,
-                                      attention_mask=self._batch.step_mask(), cache=self._batch.cache)
-        except Exception as exc:
-            log.exception("decode step failed; failing the %d running requests", len(rows))
-            for row in rows:
-                self._emit(row.request, "error", f"generation failed: {exc}")
-            self._finish_rows(list(range(len(rows))))
-            return
+        logits, _ = self._forward(input_ids=ids, position_ids=positions,
+                                  attention_mask=self._batch.step_mask(), cache=self._batch.cache)
         self.decode_steps += 1
         self.decoded_tokens += len(rows)
         finished = [i for i, row in enumerate(rows) if not self._accept(row, logits[i])]
