@@ -289,6 +289,9 @@ class LoraModel(nn.Module):
         if not safe_serialization:
             logger.warning("loratune writes safetensors only; ignoring safe_serialization=False")
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise ConfigError(f"selected_adapters has unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}")
         for name in names:
             config = replace(self.peft_config[name], inference_mode=True)
             tensors = adapter_io.adapter_state_dict(self.model, name, config.bias)
