@@ -16,7 +16,7 @@ from torch import nn
 from factories import tiny_batch, tiny_model
 from loratune import LoraConfig, PeftModel, get_peft_model
 from loratune.adapter_io import read_adapter
-from loratune.errors import AdapterError, UnsupportedFeatureError
+from loratune.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from tolerances import assert_changed
 
 
@@ -113,6 +113,9 @@ def test_non_default_adapters_go_to_sub_folders(tmp_path):
     only = tmp_path / "only"
     model.save_pretrained(str(only), selected_adapters=["other"])
     assert os.listdir(only) == ["other"]
+    with pytest.raises(ConfigError, match="'othre'"):
+        model.save_pretrained(str(tmp_path / "typo"), selected_adapters=["default", "othre"])
+    assert not (tmp_path / "typo").exists()
 
 
 def test_load_adapter_adds_a_second_adapter(tmp_path):
