@@ -95,9 +95,12 @@ def test_trained_adapter_end_to_end(dirs, tmp_path, capsys):
     data = tmp_path / "train.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = str(tmp_path / "run")
-    assert main(["train", "--model_name_or_path", base, "--train_file", str(data), "--output_dir", out,
-                 "--max_steps", "12", "--learning_rate", "5e-3", "--per_device_train_batch_size", "4",
-                 "--max_seq_length", "64", "--save_steps", "0", "--bf16", "false"]) == 0
+    try:
+        assert main(["train", "--model_name_or_path", base, "--train_file", str(data), "--output_dir", out,
+                     "--max_steps", "12", "--learning_rate", "5e-3", "--per_device_train_batch_size", "4",
+                     "--max_seq_length", "64", "--save_steps", "0", "--bf16", "false"]) == 0
+    finally:
+        torch.set_flush_denormal(False)  # train() flushes denormals process-wide; later tests need them
     capsys.readouterr()
     assert main(["eval", "--adapter", out, "--eval_file", str(data), "--json", "--dtype", "float32"]) == 0
     result = json.loads(capsys.readouterr().out)
