@@ -61,9 +61,10 @@ def test_codebooks():
     nf4 = bw.code_tensor(bw.NF4_CODE)
     assert nf4.numel() == 16 and bool((nf4[1:] > nf4[:-1]).all())
     assert nf4[0] == -1 and nf4[7] == 0 and nf4[15] == 1
-    assert bw.max_half_gap(nf4) == pytest.approx((1 - 0.6961928009986877) / 2)
+    assert bw.max_half_gap(nf4) == pytest.approx((1 - 0.6961928009986877) / 2)   # 0.152
     fp4 = bw.code_tensor(bw.FP4_CODE)
     assert fp4.abs().max() == 1 and fp4.numel() == 16
+    assert bw.max_half_gap(fp4) == pytest.approx(1 / 6)   # docs/qlora.md: 0.167 * absmax
     dyn = bw.code_tensor(bw.dynamic_map_8bit())
     assert dyn.numel() == 256 and dyn.unique().numel() == 256
     assert dyn.min() > -1 and dyn.max() == 1 and (dyn == 0).any()

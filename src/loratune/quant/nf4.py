@@ -107,8 +107,10 @@ class Linear4bit(nn.Module):
         assert n0 % self.blocksize == 0, "tile must start on a quantization block"
         b0, b1 = n0 // self.blocksize, math.ceil(n1 / self.blocksize)
         packed = self.qweight[b0 * self.blocksize // 2: b1 * self.blocksize // 2]
-        pairs = self.code[self.nibble_pairs]                                         # (256, 2) fp32
-        values = torch.index_select(pairs, 0, packed.int()).view(b1 - b0, self.blocksize)
+        # Gather both values of a byte at once, as one 8-byte item from a 1-D table: several times
+        # faster on CPU than gathering (256, 2) rows.
+        pairs = self.code[self.nibble_pairs].view(torch.int64).view(-1)              # (256,) 2 x fp32
+        values = torch.index_select(pairs, 0, packed.int()).view(torch.float32).view(b1 - b0, self.blocksize)
         values.mul_(self._absmax_blocks(b0, b1)[:, None])
         return values.view(-1)[: n1 - n0].view(r1 - r0, self.in_features).to(dtype)
 
