@@ -284,6 +284,11 @@ def test_malformed_json_and_schema_errors_400(live):
     body = expect_error(400, complete, live.client(), BASE, max_tokens=0)
     assert body["param"] == "max_tokens"
     expect_error(400, live.client().completions.create, model=BASE, prompt="x", n=2)
+    body = expect_error(400, live.client().completions.create, model=BASE, prompt="x", logprobs=2)
+    assert body["param"] == "logprobs"
+    body = expect_error(400, live.client().completions.create, model=BASE, prompt="x", presence_penalty=0.5)
+    assert body["param"] == "presence_penalty"
+    assert live.client().completions.create(model=BASE, prompt="x", max_tokens=1, presence_penalty=0, echo=False)
     expect_error(400, live.client().chat.completions.create, model=BASE, messages=[])
 
 

@@ -14,6 +14,11 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from .registry import RequestError
 
+# Fields we accept only at their neutral values (OpenAI's defaults).
+UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "echo": (False,), "suffix": ("",),
+               "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
+               "tools": ([],), "response_format": ({"type": "text"},)}
+
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -30,10 +35,14 @@ class _Request(BaseModel):
     logprobs: Any = None
 
     def check_supported(self) -> None:
+        """Refuse, by name, request fields set to something the server cannot honour."""
         if self.n not in (None, 1):
             raise RequestError(400, f"n={self.n} is not supported; the server returns one choice (n=1)", param="n")
-        if self.logprobs not in (None, False):
-            raise RequestError(400, "logprobs are not supported", param="logprobs")
+        extra = {**(self.model_extra or {}), "logprobs": self.logprobs}
+        for name, neutral in UNSUPPORTED.items():
+            value = extra.get(name)
+            if value is not None and value not in neutral:
+                raise RequestError(400, f"{name}={value!r} is not supported by this server", param=name)
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -45,7 +54,6 @@ class _Request(BaseModel):
 
 class CompletionRequest(_Request):
     prompt: str | list[str] | list[int]
-    echo: bool | None = False
 
 
 class ChatMessage(BaseModel):
