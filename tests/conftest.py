@@ -16,6 +16,18 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _cpu_state():
+    """Tiny models run fastest on one thread; process-wide float modes never leak between tests."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

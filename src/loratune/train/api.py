@@ -90,6 +90,7 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
     try:
         return _run(cfg, env)
     finally:
+        torch.set_flush_denormal(False)  # process-wide; put back what _run switched on
         shutdown_distributed(env)
 
 
