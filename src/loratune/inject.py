@@ -118,11 +118,14 @@ def expand_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | s
 
 def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     """Return a validated copy of `config` with explicit target_modules (the user's is untouched)."""
-    extra_to_save = []
+    modules_to_save = list(config.modules_to_save or [])
     if config.task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
+        # PEFT saves every head name it knows (["classifier", "score"]) for these tasks; keep the
+        # ones this model has, so its files load, and add them when the user did not list them.
         names = {n.split(".")[-1] for n, _ in model.named_modules()}
-        extra_to_save = [h for h in SEQ_CLS_HEADS if h in names and h not in (config.modules_to_save or [])]
-    modules_to_save = list(config.modules_to_save or []) + extra_to_save or None
+        modules_to_save = [m for m in modules_to_save if m not in SEQ_CLS_HEADS or m in names]
+        modules_to_save += [h for h in SEQ_CLS_HEADS if h in names and h not in modules_to_save]
+    modules_to_save = modules_to_save or None
     return replace(config, target_modules=expand_target_modules(model, config), modules_to_save=modules_to_save)
 
 
@@ -134,7 +137,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     """
     names = [n for n, m in model.named_modules() if n and not _inside_wrapper(n)]
     target = config.target_modules
-    matched = [n for n in names if matches(target, n) and not matches(config.exclude_modules, n)]
+    # A module trained in full (modules_to_save) is not also given LoRA, as in PEFT.
+    matched = [n for n in names if matches(target, n) and not matches(config.exclude_modules, n)
+               and not matches(config.modules_to_save, n)]
     entries = [target] if isinstance(target, str) else list(target)
     for entry in entries:
         if not any(matches([entry] if not isinstance(target, str) else entry, n) for n in names):
