@@ -164,3 +164,11 @@ def test_conv_targets_on_a_custom_module():
     model = get_peft_model(ConvNet(), LoraConfig(target_modules=["c1", "c2"], init_lora_weights=False))
     assert adapted(model.model) == ["c1", "c2"]
     assert model(torch.randn(2, 3, 6)).shape == (2, 2, 2, 4)
+
+
+def test_modules_to_save_are_not_also_lora_targets():
+    model = get_peft_model(tiny_model("llama"), LoraConfig(target_modules="all-linear",
+                                                           modules_to_save=["model.layers.0.mlp.up_proj"]))
+    names = adapted(model.model)
+    assert "model.layers.0.mlp.up_proj" not in names and "model.layers.1.mlp.up_proj" in names
+    assert isinstance(model.model.model.layers[0].mlp.up_proj.original_module, nn.Linear)

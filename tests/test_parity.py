@@ -134,3 +134,40 @@ def test_add_weighted_adapter_matches_peft(tmp_path, combination, arch, kw):
     expected = logits(theirs, x)
     assert_changed(expected, logits(tiny_model(arch), x))
     assert_close(logits(ours, x), expected)
+
+
+def seq_cls_model():
+    from transformers import AutoModelForSequenceClassification
+
+    from factories import tiny_config
+
+    torch.manual_seed(0)
+    cfg = tiny_config("qwen2", num_labels=3, pad_token_id=0)
+    return AutoModelForSequenceClassification.from_config(cfg).eval()
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], "all-linear"], ids=["q_proj", "all-linear"])
+def test_sequence_classification_both_ways(tmp_path, targets):
+    # PEFT adds the classifier head to modules_to_save as ["classifier", "score"] and never puts LoRA
+    # on a module it trains in full, also under "all-linear".
+    x = tiny_batch()
+    for src, dst in ((peft, loratune), (loratune, peft)):
+        model = build_on(src, seq_cls_model(), targets)
+        perturb(model)
+        model.eval()
+        expected = model(input_ids=x).logits.detach()
+        out = tmp_path / src.__name__
+        model.save_pretrained(str(out))
+        loaded = dst.PeftModel.from_pretrained(seq_cls_model(), str(out))
+        loaded.eval()
+        with torch.no_grad():
+            assert_close(loaded(input_ids=x).logits, expected)
+    counts = [build_on(lib, seq_cls_model(), targets).get_nb_trainable_parameters() for lib in (loratune, peft)]
+    assert counts[0] == counts[1]
+
+
+def build_on(lib, model, targets):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return lib.get_peft_model(model, lib.LoraConfig(r=4, target_modules=targets, task_type="SEQ_CLS",
+                                                        init_lora_weights=False))
