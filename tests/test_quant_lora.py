@@ -148,3 +148,36 @@ def test_load_base_model_in_4bit():
     layers = quantized_layers(model)
     assert layers and all(layer.double_quant and layer.compute_dtype == torch.bfloat16 for _, layer in layers)
     assert not any(p.requires_grad for p in model.parameters())
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    ids = tiny_batch()
+    grads = []
+    for checkpointing in (False, True):
+        base = quantize_model(tiny_model(), bits=4, double_quant=True)
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        torch.manual_seed(1)
+        model = get_peft_model(base, _lora_config())
+        model.train()
+        model(input_ids=ids, labels=ids).loss.backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and all(g is not None for g in grads[0].values())
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, **TOL[torch.float32])
+
+
+@pytest.mark.slow
+def test_trainer_run_with_load_in_4bit(tmp_path):
+    import yaml
+
+    from loratune.train import run
+
+    result = run(None, model_name_or_path="preset:tiny-llama", train_file="examples/data/train.jsonl",
+                 output_dir=str(tmp_path), max_steps=6, learning_rate=5e-3, logging_steps=1,
+                 per_device_train_batch_size=2, max_seq_length=64, load_in_4bit=True,
+                 bnb_4bit_use_double_quant=True)
+    assert result.final_loss < result.first_loss
+    assert (tmp_path / "adapter_model.safetensors").is_file()
+    saved = yaml.safe_load((tmp_path / "train_config.yaml").read_text())
+    assert saved["load_in_4bit"] is True and saved["bnb_4bit_use_double_quant"] is True
