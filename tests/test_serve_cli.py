@@ -19,6 +19,7 @@ from loratune.cli.main import main
     (["--adapter", "a=/x", "--adapter", "a=/y"], "used twice"),
     (["--adapter", "a=/does/not/exist"], "does not exist"),
     (["--adapter-root", "/does/not/exist"], "is not a directory"),
+    (["--adapter-root", "/tmp", "/does/not/exist2"], "/does/not/exist2 is not a directory"),
     (["--max-queue", "0"], "--max-queue must be positive"),
     (["--adapter", "bad name=/tmp"], "invalid adapter name"),
 ])

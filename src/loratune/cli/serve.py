@@ -29,9 +29,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         help="name of the base model in requests and /v1/models (default: --model_name_or_path)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="load the adapter in DIR as model NAME at startup (repeatable)")
-    parser.add_argument("--adapter-root", action="append", default=[], metavar="DIR",
-                        help="directory /v1/load_lora_adapter may load from (repeatable; none = runtime "
-                             "loading disabled)")
+    parser.add_argument("--adapter-root", action="extend", nargs="+", default=[], metavar="DIR",
+                        help="directories /v1/load_lora_adapter may load from (one or more, repeatable; "
+                             "none = runtime loading disabled)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
