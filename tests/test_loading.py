@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, AutoModelForCausalLM
 
 from factories import tiny_model
 from loratune.errors import ConfigError, LoratuneError
@@ -167,3 +167,41 @@ def test_quantized_loading_calls_quantize_model(monkeypatch):
         {"bits": 8, "quant_type": "nf4", "compute_dtype": "bfloat16", "double_quant": False},
         {"bits": 4, "quant_type": "nf4", "compute_dtype": "bfloat16", "double_quant": True},
     ]
+
+
+def _lora_losses(base, steps: int) -> list[float]:
+    """Train LoRA r=8 on all linear layers over the example data; return the loss of every step."""
+    from pathlib import Path
+
+    from loratune import LoraConfig, get_peft_model
+    from loratune.data import DataConfig, build_datasets, collate, plan_batches
+
+    tok = load_tokenizer(DEFAULT_MODEL)
+    train_file = Path(__file__).resolve().parents[1] / "examples" / "data" / "train.jsonl"
+    data = build_datasets(DataConfig(train_file=str(train_file), packing=False), tok).train
+    torch.manual_seed(0)
+    model = get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear"))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
+    model.train()
+    losses = []
+    for indices in plan_batches([len(ex["input_ids"]) for ex in data], 8, 128, False, 0, 0)[:steps]:
+        batch = collate([data[i] for i in indices], packing=False, pad_token_id=tok.pad_token_id)
+        loss = model(**batch, use_cache=False).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.slow
+def test_preset_init_lets_lora_move_the_loss():
+    steps = 40
+    preset = _lora_losses(load_base_model(DEFAULT_MODEL, dtype="float32"), steps)
+    cfg = AutoConfig.from_pretrained(PRESETS_DIR / "tiny-llama")
+    cfg.initializer_range = 0.02
+    torch.manual_seed(0)
+    usual = _lora_losses(AutoModelForCausalLM.from_config(cfg).eval().requires_grad_(False), steps)
+    first, last = sum(preset[:5]) / 5, sum(preset[-5:]) / 5
+    assert last < 0.5 * first
+    assert last < sum(usual[-5:]) / 5

@@ -13,8 +13,11 @@ Qwen) on the example dataset and writes, into src/loratune/presets/tiny-llama/:
   preset.json            the seed the weights are drawn with
 
 The weights are not shipped: `loratune.loading` draws them from the config with a fixed seed, so
-every load gives the same model. initializer_range is 0.2 rather than the usual 0.02: with 0.02 the
-final RMSNorm bounds the logits so tightly that no LoRA update can move the loss far from ln(vocab).
+every load gives the same model. initializer_range is 0.2 rather than the usual 0.02: with 0.02
+the logits (unit-RMS hidden state times a small head) stay near uniform and LoRA moves the loss
+slowly. Measured on the example data, 60 steps, batch 16, LoRA r=8 on all linear layers, lr 3e-3:
+the loss goes 12.0 -> 1.9 with 0.2 and 6.9 -> 3.5 with 0.02 (tests/test_loading.py, slow, checks
+the ordering).
 Any byte sequence encodes (byte-level alphabet), so the tokenizer also works on text it never saw.
 """
 
