@@ -74,7 +74,7 @@ def test_skip_bad_rows_counts_them(tok, tmp_path, caplog):
     bundle = build(tok, write_jsonl(tmp_path / "train.jsonl", rows), skip_bad_rows=True)
     assert (bundle.stats.rows, bundle.stats.examples, bundle.stats.skipped) == (5, 2, 3)
     assert "skipped 3 bad row(s) of 5" in caplog.text
-    with pytest.raises(DataError, match="every row is bad"):
+    with pytest.raises(DataError, match="the only row is bad"):
         build(tok, write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "completion": 3}]), skip_bad_rows=True)
 
 

@@ -186,9 +186,10 @@ def _check_problems(name: str, problems: list[str], n_rows: int, skip: bool) -> 
         return
     shown = problems[:MAX_LISTED_PROBLEMS]
     more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
-    hint = "every row is bad" if skip else "fix them or set skip_bad_rows: true to skip them"
     if len(problems) == 1:
+        hint = "the only row is bad" if skip else "fix the row or set skip_bad_rows: true to skip bad rows"
         raise DataError(f"{problems[0]} ({hint})")
+    hint = "every row is bad" if skip else "fix them or set skip_bad_rows: true to skip them"
     raise DataError(f"{name}: {len(problems)} bad rows ({hint}):\n" + "\n".join(f"  - {p}" for p in shown) + more)
 
 
