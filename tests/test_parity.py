@@ -171,3 +171,45 @@ def build_on(lib, model, targets):
         warnings.simplefilter("ignore")
         return lib.get_peft_model(model, lib.LoraConfig(r=4, target_modules=targets, task_type="SEQ_CLS",
                                                         init_lora_weights=False))
+
+
+class ConvNet(torch.nn.Module):
+    """A custom (non-Transformers) module with Embedding, Conv1d, Conv2d and Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 8)
+        self.conv1 = torch.nn.Conv1d(8, 8, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(1, 2, 3, padding=1, stride=2)
+        self.fc = torch.nn.Linear(2 * 4 * 4, 5)
+
+    def forward(self, input_ids):  # (B, 7)
+        h = torch.relu(self.conv1(self.emb(input_ids).transpose(1, 2)))  # (B, 8, 7)
+        return self.fc(self.conv2(h[:, None]).flatten(1))  # (B, 2, 4, 4) -> (B, 5)
+
+
+def conv_net():
+    torch.manual_seed(0)
+    return ConvNet().eval()
+
+
+def test_custom_conv_module_both_ways(tmp_path):
+    x = torch.randint(0, 20, (3, 7))
+    targets = ["emb", "conv1", "conv2", "fc"]
+    base = conv_net()(x).detach()
+    for src, dst in ((loratune, peft), (peft, loratune)):
+        model = build_on_module(src, conv_net(), targets)
+        perturb(model)
+        with torch.no_grad():
+            expected = model(x)
+        assert_changed(expected, base)
+        out = tmp_path / src.__name__
+        model.save_pretrained(str(out))
+        loaded = dst.PeftModel.from_pretrained(conv_net(), str(out))
+        with torch.no_grad():
+            assert_close(loaded(x), expected)
+
+
+def build_on_module(lib, module, targets):
+    return lib.get_peft_model(module, lib.LoraConfig(r=3, lora_alpha=6, target_modules=targets,
+                                                     init_lora_weights=False))
