@@ -156,7 +156,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         base = quantize_model(tiny_model(), bits=4, double_quant=True)
         if checkpointing:
-            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            base.activation_checkpointing_enable({"use_reentrant": False})
         torch.manual_seed(1)
         model = get_peft_model(base, _lora_config())
         model.train()

@@ -54,7 +54,7 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 def _skipped(name: str, skip_modules) -> bool:
     parts = name.split(".")
-    if any(p.startswith("lora_") for p in parts):   # never quantize an adapter's own weights
+    if any(p.startswith("lora_") or p == "modules_to_save" for p in parts):   # trainable copies stay
         return True
     return any(name == s or name.endswith("." + s) or s in parts for s in skip_modules)
 
@@ -111,7 +111,8 @@ def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", comp
     bits=4 stores NF4 or FP4 codes (`quant_type`, `double_quant` as bitsandbytes' `bnb_4bit_*`);
     bits=8 stores int8 with per-row scales (quant_type and double_quant are ignored). A
     skip_modules entry matches a module name exactly, as a dotted suffix, or as one name component.
-    Layers inside LoRA adapters (`lora_*`) are never quantized. Returns the model.
+    Layers inside LoRA adapters (`lora_*`, `modules_to_save`) are never quantized. Quantizing an
+    already-wrapped LoraModel quantizes its base layers. Returns the model.
 
     Raises:
         ConfigError: bad bits / quant_type / compute_dtype / backend, or NaN/Inf in a weight.
@@ -121,7 +122,10 @@ def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", comp
     compute_dtype = resolve_dtype(compute_dtype)
     done: dict[int, nn.Module] = {}   # a module shared by two parents is quantized once
     nbytes_before = nbytes_after = 0
-    for parent, child_name, name, child in _targets(model, tuple(skip_modules)):
+    targets = _targets(model, tuple(skip_modules))
+    targets.reverse()
+    while targets:   # pop as we go so each full-precision weight is freed once replaced
+        parent, child_name, name, child = targets.pop()
         if id(child) not in done:
             quantized = _quantize_layer(_as_linear(child), bits=bits, quant_type=quant_type,
                                         compute_dtype=compute_dtype, double_quant=double_quant,
@@ -131,6 +135,7 @@ def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", comp
             nbytes_after += quantized.quantized_nbytes()
             done[id(child)] = quantized
         setattr(parent, child_name, done[id(child)])
+        del parent, child
     if not done:
         logger.warning("quantize_model: no nn.Linear layer to quantize (skip_modules=%s)", list(skip_modules))
     else:
