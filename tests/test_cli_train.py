@@ -182,11 +182,15 @@ def test_help_lists_every_key_with_its_meaning(capsys):
     assert "dropout on the LoRA branch input" in text
 
 
-def test_tensorboard_and_list_flags(model_dir, messages_file, tmp_path):
+def test_tensorboard_list_flags_bf16_and_checkpointing(model_dir, messages_file, tmp_path):
     out = tmp_path / "run"
     rc = train_cli([*base_flags(model_dir, messages_file, out), "--max_steps", "2", "--save_steps", "0",
-                    "--report_to", "tensorboard", "--target_modules", "q_proj", "v_proj"])
+                    "--report_to", "tensorboard", "--target_modules", "q_proj", "v_proj", "--bf16", "true",
+                    "--gradient_checkpointing"])
     assert rc == 0
     assert any(name.startswith("events.out.tfevents") for name in os.listdir(out / "runs"))
     targets = json.loads((out / "adapter_config.json").read_text())["target_modules"]
     assert sorted(targets) == ["q_proj", "v_proj"]
+    assert yaml.safe_load((out / "train_config.yaml").read_text())["gradient_checkpointing"] is True
+    losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(0 < x < 20 for x in losses)

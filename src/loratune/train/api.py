@@ -155,7 +155,11 @@ def build_model(cfg: TrainConfig, env: DistEnv):
         bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype, bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
     )
     if m.gradient_checkpointing:
-        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and under DDP.
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_config = LoraConfig(
         r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
         target_modules=list(lo.target_modules) if isinstance(lo.target_modules, (list, tuple)) else lo.target_modules,

@@ -123,6 +123,8 @@ def fit(
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, pos.step, pos.epoch,
                     pos.batch_index)
     params = [p for _, p in trainable_parameters(model)]
+    logger.info("training %d steps (%d per epoch x %d process(es)), %s trainable parameters, %d examples",
+                total_steps, steps_per_epoch, env.world_size, f"{sum(p.numel() for p in params):,}", len(train_set))
     runner = _LossModule(model)
     if env.enabled:
         runner = nn.parallel.DistributedDataParallel(
