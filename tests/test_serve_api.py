@@ -342,7 +342,7 @@ def test_corrupt_adapters_fail_their_load_and_the_server_keeps_serving(live):
     (dora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True,
                                                          "target_modules": ["q_proj"]}))
     expected = {"truncated": "not a readable safetensors file", "misshapen": "k_proj.lora_A.weight is missing",
-                "binary": "safetensors only", "dora": "use_dora"}
+                "binary": "only safetensors", "dora": "use_dora"}
     for name, needle in expected.items():
         r = live.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(root / name)})
         assert r.status_code == 400, (name, r.text)

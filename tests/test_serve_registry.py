@@ -78,7 +78,7 @@ def test_prepare_reads_scaling_from_config_and_patterns(tmp_path, shapes):
     ("embedding", "embedding LoRA", UnsupportedFeatureError),
     ("dora", "use_dora", UnsupportedFeatureError),
     ("nan", "NaN or Inf", AdapterError),
-    ("bin", "safetensors only", AdapterError),
+    ("bin", "only safetensors", AdapterError),
 ])
 def test_prepare_names_what_does_not_fit(case, needle, error, tmp_path, shapes):
     tensors, config = q_tensors(), {}

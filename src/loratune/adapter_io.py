@@ -155,7 +155,8 @@ def read_adapter(path: str, *, subfolder: str | None = None, revision: str | Non
     else:
         bin_file = None if safetensors_only else resolve_adapter_file(path, BIN_NAME, subfolder=subfolder, revision=revision)
         if bin_file is None:
-            only = " (only safetensors is accepted here)" if safetensors_only else ""
+            has_bin = os.path.isfile(os.path.join(path, subfolder or "", BIN_NAME))
+            only = f" (only safetensors is accepted here; {BIN_NAME} is not)" if safetensors_only and has_bin else ""
             raise AdapterError(f"{path}: no {SAFETENSORS_NAME}{only}")
         try:
             tensors = torch.load(bin_file, map_location="cpu", weights_only=True)

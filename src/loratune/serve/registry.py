@@ -10,18 +10,17 @@ Not here: HTTP (api.py) and the model itself (engine.py).
 
 from __future__ import annotations
 
-import json
 import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
-from loratune.config import LoraConfig
-from loratune.errors import AdapterError, ConfigError, UnsupportedFeatureError
+from loratune.adapter_io import SAFETENSORS_NAME, read_adapter
+from loratune.config import CONFIG_NAME, LoraConfig
+from loratune.errors import AdapterError, UnsupportedFeatureError
+from loratune.inject import ALL_LINEAR, layer_index, matches, pattern_value
 
 from .lora_rows import RowAdapterWeights
 
@@ -88,8 +87,7 @@ def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
         AdapterError: missing/corrupt files, a missing, extra or misshapen tensor (named).
         UnsupportedFeatureError: DoRA, embedding LoRA, modules_to_save, trained biases.
     """
-    config = _read_config(path)
-    tensors = _read_tensors(path)
+    config, tensors = _read(path)
     modules = _group_by_module(tensors, path)
     problems = []
     for module, parts in sorted(modules.items()):
@@ -115,28 +113,16 @@ def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
     layers = {}
     for module, parts in modules.items():
         r = parts["A"].shape[0]
-        alpha = _pattern_value(config.alpha_pattern, module, config.lora_alpha)
+        alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
         layers[module] = RowAdapterWeights(parts["A"].to(dtype), parts["B"].to(dtype), config.scaling_for(r, alpha))
     return PreparedAdapter(name=name, path=str(path), config=config, layers=layers)
 
 
-def _read_config(path: Path) -> LoraConfig:
+def _read(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
+    """Read the adapter with the library's strict reader (safetensors only), then the serving rules."""
     if not path.is_dir():
         raise AdapterError(f"adapter directory {path} does not exist")
-    config_file = path / "adapter_config.json"
-    if not config_file.is_file():
-        raise AdapterError(f"{config_file} is missing; an adapter directory holds adapter_config.json "
-                           "and adapter_model.safetensors")
-    try:
-        data = json.loads(config_file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AdapterError(f"{config_file} is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise AdapterError(f"{config_file} must hold a JSON object, got {type(data).__name__}")
-    try:
-        config = LoraConfig.from_dict(data, source=str(config_file))
-    except (ConfigError, TypeError) as exc:
-        raise AdapterError(f"{config_file}: {exc}") from None
+    config, tensors = read_adapter(str(path), safetensors_only=True)
     refused = []
     if config.use_dora:
         refused.append("use_dora=true (DoRA adapters cannot share a batch; merge them instead)")
@@ -145,24 +131,11 @@ def _read_config(path: Path) -> LoraConfig:
     if config.bias != "none":
         refused.append(f"bias={config.bias!r} (trained biases change the shared base layers)")
     if refused:
-        raise UnsupportedFeatureError(f"{config_file}: the server cannot serve " + "; ".join(refused))
-    return config
-
-
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    weights = path / "adapter_model.safetensors"
-    if not weights.is_file():
-        hint = " (adapter_model.bin is not accepted: the server reads safetensors only)" \
-            if (path / "adapter_model.bin").exists() else ""
-        raise AdapterError(f"{weights} is missing{hint}")
-    try:
-        tensors = load_file(str(weights))
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise AdapterError(f"{weights} is not a readable safetensors file: {exc}") from None
+        raise UnsupportedFeatureError(f"{path / CONFIG_NAME}: the server cannot serve " + "; ".join(refused))
     for key, t in tensors.items():
         if t.is_floating_point() and not torch.isfinite(t).all():
-            raise AdapterError(f"{weights}: tensor {key} contains NaN or Inf")
-    return tensors
+            raise AdapterError(f"{path / SAFETENSORS_NAME}: tensor {key} contains NaN or Inf")
+    return config, tensors
 
 
 def _group_by_module(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -180,38 +153,16 @@ def _group_by_module(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, 
     return modules
 
 
-def _pattern_value(patterns: dict, module: str, default):
-    """PEFT's rule: a pattern key applies when the module name ends with it (regex, dot-separated)."""
-    for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            return value
-    return default
-
-
 def _targeted(config: LoraConfig, shapes: dict[str, tuple[int, int]]) -> set[str]:
     """The base's linear layers that the config's target_modules selects (empty when undecidable)."""
     targets = config.target_modules
     if targets is None:
         return set()
-    if targets == "all-linear":
+    if targets == ALL_LINEAR:
         return {n for n in shapes if not n.endswith("lm_head")}
-    if isinstance(targets, str):
-        chosen = {n for n in shapes if re.fullmatch(targets, n)}
-    else:
-        chosen = {n for n in shapes if any(n == t or n.endswith(f".{t}") for t in targets)}
+    chosen = {n for n in shapes if matches(targets, n) and not matches(config.exclude_modules, n)}
     layers = config.layers_to_transform
     if layers is not None:
         wanted = {layers} if isinstance(layers, int) else set(layers)
-        chosen = {n for n in chosen if _layer_index(n) in wanted}
-    exclude = config.exclude_modules
-    if isinstance(exclude, str):
-        chosen = {n for n in chosen if not re.fullmatch(exclude, n)}
-    elif exclude:
-        chosen = {n for n in chosen if not any(n == t or n.endswith(f".{t}") for t in exclude)}
+        chosen = {n for n in chosen if layer_index(n, config.layers_pattern) in wanted}
     return chosen
-
-
-def _layer_index(name: str) -> int | None:
-    m = re.search(r"\.(\d+)\.", f".{name}.")
-    return int(m.group(1)) if m else None
-
