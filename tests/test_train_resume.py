@@ -17,13 +17,18 @@ from test_train_loop import adapter, assert_same_adapter, losses, settings
 
 torch.set_num_threads(1)
 
-# The child slows each forward of the decoder body so the kill lands mid-run, not after the end.
+# The child slows each forward of the decoder body, and stalls once the checkpoint we wait for
+# exists, so the kill always lands mid-run rather than after the end.
 CHILD = """
-import sys, time
+import os, sys, time
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
 torch.set_num_threads(1)
-register_module_forward_pre_hook(lambda m, a: time.sleep(0.15) if type(m).__name__ == "LlamaModel" else None)
+stall_after = os.environ["STALL_AFTER"]
+def slow(module, args):
+    if type(module).__name__ == "LlamaModel":
+        time.sleep(5.0 if os.path.exists(stall_after) else 0.05)
+register_module_forward_pre_hook(slow)
 from loratune.cli.main import main
 sys.exit(main(["train", *sys.argv[1:]]))
 """
@@ -48,7 +53,7 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
 
     out = tmp_path / "killed"
     flags = [f"--{k}={v}" for k, v in settings(model_dir, data, out, **kw).items()]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "STALL_AFTER": str(out / "checkpoint-4")}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, *flags], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -184,6 +184,9 @@ def run(args) -> int:
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except KeyboardInterrupt:  # before the loop took over Ctrl-C, or a second Ctrl-C
+        print("\nAborted (no checkpoint written by this interrupt).", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if rank == 0:
         print_summary(result)
     return EXIT_INTERRUPTED if result.interrupted else 0
