@@ -141,7 +141,7 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(model
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
     monkeypatch.setattr(loop, "token_loss_sum", real)
-    assert train_cli([*flags, "--resume_from_checkpoint", "true"]) == 0
+    assert train_cli([*flags, "--resume"]) == 0
     assert_same_adapter(adapter(straight), adapter(out))
     assert losses(out) == pytest.approx(losses(straight), rel=1e-6)
 

@@ -17,6 +17,7 @@ import typing
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
 EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
+ALIASES = {"resume": "resume_from_checkpoint"}  # `--resume` = `--resume_from_checkpoint true`
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -88,7 +89,7 @@ def split_args(args: list[str], extra_flags: dict[str, tuple[str, bool]]) -> tup
                 problems.append(f"unexpected argument {token!r} (only one CONFIG.yaml is allowed)")
             continue
         flag, _, inline = token.partition("=")
-        key = flag.lstrip("-")
+        key = ALIASES.get(flag.lstrip("-"), flag.lstrip("-"))
         if flag in extra_flags:
             name, takes_value = extra_flags[flag]
             if takes_value and not inline and i < len(args):

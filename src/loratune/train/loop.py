@@ -149,21 +149,11 @@ def fit(
             loss_sum, n_trained, n_input = _accumulate(runner, train_set, group, dc, tokenizer, env)
             loss_sum, n_trained, n_input = all_reduce_sum([loss_sum, n_trained, n_input], env)
             loss = loss_sum / max(n_trained, 1)
-            if n_trained > 0:
-                torch._foreach_mul_([p.grad for p in params if p.grad is not None], env.world_size / n_trained)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(
-                params, op.max_grad_norm if op.max_grad_norm > 0 else float("inf"), foreach=True))
+            grad_norm = _normalise_and_clip(params, n_trained, op.max_grad_norm, env)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                optimizer.zero_grad(set_to_none=True)
                 bar.close()
                 metrics.write({"step": pos.step + 1, "loss": str(loss), "grad_norm": str(grad_norm), "diverged": True})
-                what = "loss" if not math.isfinite(loss) else "gradient norm"
-                keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
-                raise TrainingDivergedError(
-                    f"{what} became {loss if what == 'loss' else grad_norm} at step {pos.step + 1}; stopped without "
-                    f"applying that step; {keep}. Try a lower learning_rate or max_grad_norm, then resume with "
-                    f"--resume_from_checkpoint true."
-                )
+                raise _diverged(loss, grad_norm, pos.step + 1, last_ckpt)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -219,6 +209,26 @@ def _accumulate(runner: nn.Module, train_set, group: list[list[int]], dc, tokeni
         mask = batch.get("attention_mask")
         n_input += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     return loss_sum, n_trained, n_input
+
+
+def _normalise_and_clip(params: list[nn.Parameter], n_trained: float, max_grad_norm: float, env: DistEnv) -> float:
+    """Turn summed gradients into per-trained-token ones, clip, and return the pre-clip norm.
+
+    DDP has already averaged over ranks, hence world_size / N rather than 1 / N.
+    """
+    if n_trained > 0:
+        torch._foreach_mul_([p.grad for p in params if p.grad is not None], env.world_size / n_trained)
+    limit = max_grad_norm if max_grad_norm > 0 else float("inf")
+    return float(torch.nn.utils.clip_grad_norm_(params, limit, foreach=True))
+
+
+def _diverged(loss: float, grad_norm: float, step: int, last_ckpt: str | None) -> TrainingDivergedError:
+    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+    keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    return TrainingDivergedError(
+        f"{what} became {value} at step {step}; stopped without applying that step; {keep}. "
+        "Try a lower learning_rate or max_grad_norm, then resume with --resume_from_checkpoint true."
+    )
 
 
 @torch.no_grad()
