@@ -194,3 +194,13 @@ def test_tensorboard_list_flags_bf16_and_checkpointing(model_dir, messages_file,
     assert yaml.safe_load((out / "train_config.yaml").read_text())["gradient_checkpointing"] is True
     losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
+
+
+@pytest.mark.parametrize("flag", ["--load_in_4bit", "--use_dora", "--use_rslora"])
+def test_adapter_and_quantization_keys_reach_the_model(flag, model_dir, messages_file, tmp_path):
+    out = tmp_path / "run"
+    assert train_cli([*base_flags(model_dir, messages_file, out), "--max_steps", "2", "--save_steps", "0", flag]) == 0
+    config = json.loads((out / "adapter_config.json").read_text())
+    if flag != "--load_in_4bit":
+        assert config[flag.lstrip("-")] is True
+    assert yaml.safe_load((out / "train_config.yaml").read_text())[flag.lstrip("-")] is True
