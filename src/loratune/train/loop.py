@@ -236,8 +236,10 @@ def evaluate(model: nn.Module, tokenizer, eval_set, cfg: TrainConfig, env: DistE
     """Mean next-token loss per trained token over the eval set (all ranks together)."""
     op, dc = cfg.optim, cfg.data
     lengths = [len(ex["input_ids"]) for ex in eval_set]
+    # Plan for one process and deal the batches out, so every eval example counts exactly once
+    # (the training plan drops a ragged tail to keep ranks in step; eval must not).
     batches = plan_batches(lengths, op.per_device_train_batch_size, dc.max_seq_length, dc.packing,
-                           cfg.loop.seed, 0, env.world_size, env.rank)
+                           cfg.loop.seed, 0, 1, 0)[env.rank::env.world_size]
     was_training = model.training
     model.eval()
     loss_sum, n_tokens = 0.0, 0
