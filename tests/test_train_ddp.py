@@ -12,14 +12,11 @@ import subprocess
 import sys
 
 import pytest
-import torch
 import yaml
 
 from loratune.train import run
-from test_cli_train import make_model_dir, rows_for, write_rows
+from test_cli_train import make_model_dir, one_thread, rows_for, write_rows  # noqa: F401 (one_thread: autouse)
 from test_train_loop import adapter, assert_same_adapter, losses, settings
-
-torch.set_num_threads(1)
 
 
 @pytest.mark.slow

@@ -14,9 +14,7 @@ import loratune.train.loop as loop
 from loratune.loading import load_base_model
 from loratune.train import run
 from loratune.train.loop import TrainingDivergedError
-from test_cli_train import make_model_dir, rows_for, train_cli, write_rows
-
-torch.set_num_threads(1)
+from test_cli_train import make_model_dir, one_thread, rows_for, train_cli, write_rows  # noqa: F401 (one_thread: autouse)
 
 
 @pytest.fixture(scope="module")

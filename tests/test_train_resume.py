@@ -9,13 +9,10 @@ import sys
 import time
 
 import pytest
-import torch
 
 from loratune.train import run
-from test_cli_train import make_model_dir, rows_for, train_cli, write_rows
+from test_cli_train import make_model_dir, one_thread, rows_for, train_cli, write_rows  # noqa: F401 (one_thread: autouse)
 from test_train_loop import adapter, assert_same_adapter, losses, settings
-
-torch.set_num_threads(1)
 
 # The child slows each forward of the decoder body, and stalls once the checkpoint we wait for
 # exists, so the kill always lands mid-run rather than after the end.
@@ -23,7 +20,6 @@ CHILD = """
 import os, sys, time
 import torch
 from torch.nn.modules.module import register_module_forward_pre_hook
-torch.set_num_threads(1)
 stall_after = os.environ["STALL_AFTER"]
 def slow(module, args):
     if type(module).__name__ == "LlamaModel":
