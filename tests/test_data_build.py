@@ -172,3 +172,12 @@ def test_dataset_name_reads_a_local_dataset_directory(tok, tmp_path):
         build_datasets(DataConfig(dataset_name=str(tmp_path), eval_split="test"), tok)
     with pytest.raises(ConfigError, match="Unknown split"):
         build_datasets(DataConfig(dataset_name=str(tmp_path), dataset_split="nope"), tok)
+
+
+def test_byte_order_marks_and_bad_utf8(tok, tmp_path):
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfprompt,completion\nQ,A\n")
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + json.dumps(GOOD).encode() + b"\n")
+    assert len(build(tok, tmp_path / "bom.csv").train) == len(build(tok, tmp_path / "bom.jsonl").train) == 1
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b'\n{"text": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r"^latin1.jsonl line 2: not valid UTF-8"):
+        build(tok, tmp_path / "latin1.jsonl")

@@ -108,7 +108,7 @@ def _read_json(p: Path) -> RawRows:
 
 def _read_csv(p: Path) -> RawRows:
     rows, problems = [], []
-    with p.open(newline="", encoding="utf-8") as fh:
+    with p.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
         reader = csv.DictReader(fh)
         start = 2
         try:
@@ -126,7 +126,7 @@ def _read_csv(p: Path) -> RawRows:
 
 def _read_text(p: Path) -> str:
     try:
-        return p.read_text(encoding="utf-8")
+        return p.read_text(encoding="utf-8-sig")  # tolerate a BOM
     except UnicodeDecodeError as exc:
         line = p.read_bytes()[: exc.start].count(b"\n") + 1
         raise DataError(f"{p.name} line {line}: not valid UTF-8 ({exc.reason})") from exc
