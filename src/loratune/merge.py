@@ -16,7 +16,7 @@ import math
 from dataclasses import replace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from .errors import ConfigError, MergeError, UnsupportedFeatureError
 from .layers import LoraEmbedding, LoraLayer
@@ -32,6 +32,28 @@ def check_finite_merge(layer: LoraLayer, adapter_names: list[str]) -> None:
             weight = layer.merged_weight(name, weight)
     if not torch.isfinite(weight).all():
         raise MergeError(f"merging {adapter_names} would write NaN/Inf into {layer._describe()}; nothing was merged")
+
+
+def check_not_tied(model: nn.Module, layers: list[LoraLayer], adapter_names: list[str]) -> None:
+    """Raise MergeError if a weight about to be merged is shared with another module.
+
+    Tied input/output embeddings (Qwen2, Gemma, GPT-2) share one tensor: merging a LoRA on the
+    embedding into it would silently change the output head too (PEFT does exactly that).
+    """
+    owners: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        owners.setdefault(id(param), []).append(name)
+    for layer in layers:
+        if getattr(layer.base_layer, "is_quantized", False):
+            continue
+        if not any(n in layer.r and n not in layer.merged_adapters for n in adapter_names):
+            continue
+        names = owners.get(id(layer.base_layer.weight), [])
+        if len(names) > 1:
+            raise MergeError(
+                f"cannot merge into {names[0]}: it is tied to {', '.join(names[1:])}, which would change too; "
+                "untie them first (give the other module its own copy and set config.tie_word_embeddings=False)"
+            )
 
 
 def _get_AB(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:

@@ -218,6 +218,7 @@ class LoraModel(nn.Module):
         """Add the (active) adapters into the base weights; forward then skips them."""
         names = self._merge_names(adapter_names)
         layers = [layer for layer in self._layers() if isinstance(layer, LoraLayer)]
+        merge.check_not_tied(self.model, layers, names)
         if safe_merge:  # check every layer before touching any weight
             for layer in layers:
                 merge.check_finite_merge(layer, names)
