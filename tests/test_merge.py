@@ -126,6 +126,22 @@ def test_safe_merge_refuses_non_finite_and_touches_nothing(how, bad):
     logits(model, x)
 
 
+def test_merging_into_a_tied_embedding_is_refused():
+    # Qwen2's embed_tokens and lm_head share one tensor; merging would silently change the head too.
+    x = tiny_batch()
+    model = get_peft_model(tiny_model("qwen2"), LoraConfig(r=4, target_modules=["embed_tokens", "q_proj"]))
+    perturb(model)
+    before_out, before_w = logits(model, x), base_weights(model)
+    with pytest.raises(MergeError, match="tied to .*lm_head"):
+        model.merge_and_unload()
+    assert all(torch.equal(w, before_w[n]) for n, w in base_weights(model).items())
+    assert torch.equal(logits(model, x), before_out)
+    head = model.model.lm_head  # untied, the merge is exact
+    head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+    model.model.config.tie_word_embeddings = False
+    assert_close(logits(model.merge_and_unload(), x), before_out)
+
+
 def test_unsafe_merge_writes_what_it_is_given():
     model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules=["v_proj"]))
     nan_in_last_layer(model)
