@@ -101,11 +101,13 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
 
     torch.set_flush_denormal(True)  # denormals in tiny LoRA grads cost ~100x per op on x86
     out = cfg.loop.output_dir
+    resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
     if env.is_main:
         os.makedirs(out, exist_ok=True)
         ckpt.remove_incomplete(out)
+        if resume_path is None:
+            ckpt.remove_stale(out)
     barrier(env)
-    resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
     seed_everything(cfg.loop.seed)
 
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)

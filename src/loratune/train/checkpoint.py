@@ -121,6 +121,21 @@ def remove_incomplete(output_dir: str) -> None:
             logger.info("removed incomplete checkpoint %s", name)
 
 
+def remove_stale(output_dir: str) -> None:
+    """Delete checkpoints of an earlier run before a fresh (not resumed) run writes its own.
+
+    Left in place they would mix with the new run's: rotation keeps the highest steps, and a later
+    `resume_from_checkpoint: true` would pick the old run's newest checkpoint.
+    """
+    old = list_checkpoints(output_dir)
+    if old:
+        logger.warning("fresh run in %s: removing %d checkpoint(s) of an earlier run (%s); to continue that run "
+                       "instead, pass --resume_from_checkpoint true", output_dir, len(old),
+                       ", ".join(os.path.basename(p) for _, p in old))
+    for _, path in old:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def resolve_resume(resume: bool | str, output_dir: str) -> str | None:
     """Turn `resume_from_checkpoint` (true / false / a path) into a checkpoint path or None.
 
