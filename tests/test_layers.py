@@ -31,14 +31,14 @@ def _one_thread():
     torch.set_num_threads(previous)
 
 SETTINGS = settings(max_examples=25, deadline=None)
-KINDS = ["linear", "conv1d_gpt2", "embedding", "conv1d", "conv2d", "dora"]
+KINDS = ["linear", "conv1d_gpt2", "embedding", "conv1d", "conv2d", "dora", "dora_gpt2"]
 
 
 def make_base(kind: str, fin: int, fout: int, *, dtype=torch.float32, seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     if kind in ("linear", "dora"):
         base = nn.Linear(fin, fout)
-    elif kind == "conv1d_gpt2":
+    elif kind in ("conv1d_gpt2", "dora_gpt2"):
         base = Conv1D(fout, fin)
         nn.init.normal_(base.weight, std=0.3)
         nn.init.normal_(base.bias, std=0.1)
@@ -57,7 +57,7 @@ def make_layer(kind: str, fin: int = 6, fout: int = 5, *, r: int = 2, alpha: flo
                init=True, dtype=torch.float32, seed: int = 0, name: str = "default"):
     layer = build_lora_layer(make_base(kind, fin, fout, dtype=dtype, seed=seed), "layer")
     layer.update_layer(name, r=r, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=init,
-                       use_rslora=rslora, use_dora=kind == "dora")
+                       use_rslora=rslora, use_dora=kind.startswith("dora"))
     layer.set_active([name], trainable=False)
     return layer
 
@@ -132,7 +132,7 @@ def test_fresh_layer_equals_base_bitwise(kind, dtype):
 @SETTINGS
 def test_layer_matches_closed_form(kind, fin, fout, r, alpha, rslora, batch, seed):
     layer = make_layer(kind, fin, fout, r=r, alpha=alpha, rslora=rslora, init=False, seed=seed)
-    if kind == "dora":  # a magnitude different from the row norms exercises the m / ||W + sBA|| factor
+    if kind.startswith("dora"):  # a magnitude different from the row norms exercises the m / ||W + sBA|| factor
         with torch.no_grad():
             layer.lora_magnitude_vector["default"].weight.mul_(1.5)
     expected_scaling = alpha / math.sqrt(r) if rslora else alpha / r
@@ -185,7 +185,7 @@ def test_merge_is_exact_in_fp32_arithmetic(kind):
     layer = make_layer(kind, init=False, dtype=torch.bfloat16)
     perturb_B(layer)
     w_fp32 = layer.base_layer.weight.float().clone()
-    delta = layer.delta_weight("default") if kind != "dora" else None
+    delta = None if kind.startswith("dora") else layer.delta_weight("default")
     layer.merge(["default"])
     if delta is not None:
         assert torch.equal(layer.base_layer.weight, (w_fp32 + delta).to(torch.bfloat16))
