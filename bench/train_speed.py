@@ -1,7 +1,7 @@
 """Training speed and memory: loratune's trainer against PEFT + Transformers, side by side.
 
     python bench/train_speed.py             # full run (`make bench`), ~10-15 minutes on 2 cores
-    python bench/train_speed.py --quick     # fewer steps, for a smoke test
+    python bench/train_speed.py --quick     # 8 layers, fewer steps: a smoke test, not the benchmark
     python bench/train_speed.py --no-write  # print the table, leave BENCHMARKS.md alone
 
 Model: a SmolLM-135M-shaped Llama built from a config with random weights (hidden 576, 30 layers,
@@ -12,10 +12,11 @@ Scenario A: batches of 4 x 256 tokens. Scenario B: examples of uniform random le
 PEFT contenders pad each batch of 4 to its longest example (as the Transformers collator does);
 loratune uses its default, packing (batch 4 x max_seq_length 512 tokens per packed micro-batch).
 
-Every contender runs in its own subprocess: warm-up steps, then the median over the measured steps
-of useful (non-pad) tokens per second, and the process's peak RSS (ru_maxrss). loratune runs
-through its Python entry point `loratune.train.run` with its defaults, and its per-step tokens/s is
-read from its metrics.jsonl (logging_steps=1). MFU = tokens/s x F / bf16 matmul peak
+Every contender runs in its own subprocess, all of a scenario's at once but stepped round-robin by
+the driver (one optimizer step each in turn), so load from other users of a shared machine hits them
+alike: warm-up steps, then the median over the measured steps of useful (non-pad) tokens per second,
+and the process's peak RSS (ru_maxrss). loratune runs through its Python entry point
+`loratune.train.run` with its defaults. MFU = tokens/s x F / bf16 matmul peak
 (bench/peak.py), F = 4 P_lin + 6 P_lora + 6 L T d_attn FLOP per token (P_lin: every frozen matmul
 weight including the LM head; T: mean example length).
 
@@ -95,9 +96,32 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-# ----- contenders (each runs in its own process) -------------------------------------------------
+# ----- contenders (each runs in its own process, stepped in lockstep by the driver) ---------------
+#
+# The machine is shared, so the driver starts every contender of a scenario at once and runs them
+# round-robin: it sends "go", the contender runs exactly one optimizer step and answers with its
+# step time, while the others sit blocked on their pipes. Load that comes and goes then hits every
+# contender alike, and the ratios stay meaningful even when the absolute figures do not.
 
-def run_peft(dtype_name: str, data: str, model_dir: str, warmup: int, steps: int) -> dict:
+class Lockstep:
+    """The worker's side of the driver protocol (stdin: go / stop, stdout: one JSON line per step)."""
+
+    def __init__(self):
+        self.out = os.fdopen(os.dup(1), "w", buffering=1)
+        os.dup2(2, 1)  # anything the libraries print goes to stderr, never into the protocol
+        self.running = True
+
+    def send(self, **msg) -> None:
+        self.out.write(json.dumps(msg) + "\n")
+
+    def wait(self) -> bool:
+        """Block until the driver says go (True) or stop (False); after stop, never block again."""
+        if self.running:
+            self.running = sys.stdin.readline().strip() == "go"
+        return self.running
+
+
+def run_peft(dtype_name: str, data: str, model_dir: str, steps: int, sync: Lockstep) -> None:
     """PEFT + Transformers as a user would write it: padded batches of 4, plain AdamW, model(labels=...)."""
     import torch
     from peft import LoraConfig, get_peft_model
@@ -109,16 +133,15 @@ def run_peft(dtype_name: str, data: str, model_dir: str, warmup: int, steps: int
     model.train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
     examples = read_examples(data)
-    rates = []
-    for step in range(warmup + steps):
+    for step in range(steps):
         batch, useful = pad_batch(examples[step * BATCH:(step + 1) * BATCH])
+        if not sync.wait():
+            break
         start = time.perf_counter()
         model(**batch).loss.backward()
         optimizer.step()
         optimizer.zero_grad()
-        if step >= warmup:
-            rates.append(useful / (time.perf_counter() - start))
-    return {"tokens_per_s": rates, "peak_rss_mib": peak_rss_mib()}
+        sync.send(seconds=time.perf_counter() - start, tokens=useful)
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int = 0):
@@ -135,21 +158,38 @@ def pad_batch(seqs: list[list[int]], pad_id: int = 0):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}, int(mask.sum())
 
 
-def run_loratune(scenario: str, data: str, model_dir: str, warmup: int, steps: int) -> dict:
-    """loratune's trainer through `loratune.train.run`, its defaults plus the benchmark's settings."""
-    from loratune.train import run
+def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Lockstep) -> None:
+    """loratune's trainer through `loratune.train.run`, its defaults plus the benchmark's settings.
 
+    The trainer has no step hook, so the worker wraps `loop._accumulate` (the first thing each step
+    does): a step is timed from the driver's go to the start of the next step, which covers the
+    forward/backward, clipping, optimizer and scheduler, and the metrics write.
+    """
+    from loratune.train import loop, run
+
+    real, state = loop._accumulate, {}
+
+    def stepped(*args, **kwargs):
+        now = time.perf_counter()
+        if "start" in state and sync.running:
+            sync.send(seconds=now - state["start"], tokens=state["tokens"])
+        if sync.wait():
+            state["start"] = time.perf_counter()
+        out = real(*args, **kwargs)
+        state["tokens"] = int(out[2])  # input tokens of the step: all useful when packed
+        return out
+
+    loop._accumulate = stepped
     out = tempfile.mkdtemp(prefix="loratune-bench-")
-    result = run({
-        "model_name_or_path": model_dir, "train_file": data, "output_dir": out,
-        "max_seq_length": SCENARIOS[scenario]["max_len"], "per_device_train_batch_size": BATCH,
-        **LORA, "target_modules": PROJECTIONS, "learning_rate": LR, "max_steps": warmup + steps,
-        "logging_steps": 1, "save_steps": 0, "disable_tqdm": True,
-    })
-    records = [r for r in result.history if "tokens_per_s" in r]
-    rates = [r["tokens_per_s"] for r in records if r["step"] > warmup]
-    shutil.rmtree(out, ignore_errors=True)
-    return {"tokens_per_s": rates, "peak_rss_mib": peak_rss_mib()}
+    try:
+        run({
+            "model_name_or_path": model_dir, "train_file": data, "output_dir": out,
+            "max_seq_length": SCENARIOS[scenario]["max_len"], "per_device_train_batch_size": BATCH,
+            **LORA, "target_modules": PROJECTIONS, "learning_rate": LR, "max_steps": steps + 1,
+            "logging_steps": 1, "save_steps": 0, "disable_tqdm": True,
+        })
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
@@ -173,7 +213,6 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
         model = get_peft_model(base, LoraConfig(**LORA, target_modules=PROJECTIONS))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
-        assert all(p.dtype == torch.float32 for p in params)
         optimizer = torch.optim.AdamW(params, lr=LR * 10)  # 1e-3: a visible change in 20 steps
         ctx = reference_paths() if mode == "reference" else contextlib.nullcontext()
         trace = []
@@ -185,33 +224,74 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
                 optimizer.zero_grad()
                 trace.append(float(loss_sum) / n)
         losses[mode] = trace
-    return {"losses": losses, "peak_rss_mib": peak_rss_mib()}
+    return {"losses": losses}
 
 
 def worker(args: argparse.Namespace) -> None:
     if args.worker == "loss-check":
-        result = run_loss_check(args.data, args.model_dir, args.steps)
-    elif args.worker == "loratune":
-        result = run_loratune(args.scenario, args.data, args.model_dir, args.warmup, args.steps)
+        Lockstep().send(**run_loss_check(args.data, args.model_dir, args.steps))
+        return
+    sync = Lockstep()
+    if args.worker == "loratune":
+        run_loratune(args.scenario, args.data, args.model_dir, args.steps, sync)
     else:
-        result = run_peft(args.worker.split("-")[1], args.data, args.model_dir, args.warmup, args.steps)
-    with open(args.result, "w") as fh:
-        json.dump(result, fh)
+        run_peft(args.worker.split("-")[1], args.data, args.model_dir, args.steps, sync)
+    while sync.wait():  # the driver may still send go if this contender ran out of data early
+        sync.send(seconds=float("nan"), tokens=0)
+    sync.send(done=True, peak_rss_mib=peak_rss_mib())
 
 
-def spawn(name: str, result_path: Path, **kw) -> dict:
-    cmd = [sys.executable, __file__, "--worker", name, "--result", str(result_path)]
+def start_worker(name: str, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, __file__, "--worker", name]
     for key, value in kw.items():
         cmd += [f"--{key.replace('_', '-')}", str(value)]
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "TOKENIZERS_PARALLELISM": "false",
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    start = time.perf_counter()
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed:\n{proc.stderr[-3000:]}")
-    result = json.loads(result_path.read_text())
-    result["wall_s"] = time.perf_counter() - start
-    return result
+    errors = tempfile.NamedTemporaryFile("w+", prefix=f"bench-{name}-", suffix=".log", delete=False)
+    proc = subprocess.Popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=errors,
+                            text=True, bufsize=1)
+    proc.errors_path = errors.name
+    return proc
+
+
+def read_reply(name: str, proc: subprocess.Popen) -> dict:
+    line = proc.stdout.readline()
+    if not line:
+        proc.wait()
+        raise RuntimeError(f"{name} died:\n{Path(proc.errors_path).read_text()[-3000:]}")
+    return json.loads(line)
+
+
+def run_scenario(scenario: str, names: list[str], data: str, model_dir: str, warmup: int, steps: int) -> dict:
+    """Start every contender, step them round-robin, return their step records and peak RSS."""
+    procs = {name: start_worker(name, scenario=scenario, data=data, model_dir=model_dir, steps=warmup + steps)
+             for name in names}
+    records = {name: [] for name in names}
+    try:
+        for step in range(warmup + steps):
+            for name, proc in procs.items():
+                proc.stdin.write("go\n")
+                proc.stdin.flush()
+                reply = read_reply(name, proc)
+                if step >= warmup:
+                    records[name].append(reply)
+            log(f"  step {step + 1}/{warmup + steps}: " + ", ".join(
+                f"{n} {r[-1]['tokens'] / r[-1]['seconds']:.0f} tok/s" for n, r in records.items() if r))
+        results = {}
+        for name, proc in procs.items():
+            proc.stdin.write("stop\n")
+            proc.stdin.flush()
+            reply = read_reply(name, proc)
+            while "done" not in reply:
+                reply = read_reply(name, proc)
+            proc.wait()
+            rates = [r["tokens"] / r["seconds"] for r in records[name]]
+            results[name] = {"tokens_per_s": rates, "peak_rss_mib": reply["peak_rss_mib"]}
+        return results
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
 
 
 # ----- figures -------------------------------------------------------------------------------------
@@ -246,7 +326,7 @@ def render(rows: list[dict], peak: dict, loss: dict | None, command: str, starte
         "## Training speed: loratune vs PEFT + Transformers (CPU)", "",
         f"`{command}` — {started}, {machine()}; bf16 matmul peak {peak['bf16'] / 1e9:.0f} GFLOP/s, "
         f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s (bench/peak.py, {peak['threads']} threads).", "",
-        "SmolLM-135M-shaped Llama, random weights; LoRA r=16, alpha=32, dropout 0, 7 projections; AdamW lr 1e-4. "
+        f"SmolLM-135M-shaped Llama ({MODEL['num_hidden_layers']} layers), random weights; LoRA r=16, alpha=32, dropout 0, 7 projections; AdamW lr 1e-4. "
         "A: 4 x 256 tokens. B: lengths uniform 32-512 (PEFT pads each batch of 4 to its longest; loratune packs). "
         "Median useful tokens/s over the measured steps, each contender in its own process; spread = (max-min)/median.",
         "",
@@ -303,8 +383,10 @@ def main() -> None:
         worker(args)
         return
     warmup, steps = (1, 5) if args.quick else (2, 6)
+    if args.layers or args.quick:
+        MODEL["num_hidden_layers"] = args.layers or 8
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-    command = "python bench/train_speed.py" + (" --quick" if args.quick else "")
+    command = "python bench/train_speed.py" + " ".join(a for a in [""] + sys.argv[1:])
     workdir = Path(tempfile.mkdtemp(prefix="loratune-speed-"))
     try:
         log("measuring the matmul peak")
@@ -315,19 +397,15 @@ def main() -> None:
         results, lengths = {}, {}
         for scenario in args.scenarios.split(","):
             lengths[scenario] = statistics.mean(len(x) for x in read_examples(paths[scenario]))
-            results[scenario] = {}
-            for name in args.contenders.split(","):
-                log(f"scenario {scenario}: {name}")
-                results[scenario][name] = spawn(name, workdir / f"{scenario}-{name}.json", scenario=scenario,
-                                                data=paths[scenario], model_dir=paths["model"], warmup=warmup,
-                                                steps=steps)
-                log(f"  {statistics.median(results[scenario][name]['tokens_per_s']):.0f} tokens/s, "
-                    f"{results[scenario][name]['peak_rss_mib']:.0f} MiB")
+            log(f"scenario {scenario}: {args.contenders}")
+            results[scenario] = run_scenario(scenario, args.contenders.split(","), paths[scenario], paths["model"],
+                                             warmup, steps)
         loss = None
         if not args.skip_loss_check:
             log("20-step loss check: fast paths vs reference paths")
-            loss = spawn("loss-check", workdir / "loss.json", data=paths["A"], model_dir=paths["model"],
-                         steps=20)
+            proc = start_worker("loss-check", data=paths["A"], model_dir=paths["model"], steps=20)
+            loss = read_reply("loss-check", proc)
+            proc.wait()
         text = render(summarise(results, peak, lengths), peak, loss, command, started)
         print(text)
         if not args.no_write:
@@ -342,18 +420,17 @@ def log(msg: str) -> None:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="1 warm-up + 5 measured steps")
+    parser.add_argument("--quick", action="store_true", help="8 layers, 1 warm-up + 5 measured steps")
+    parser.add_argument("--layers", type=int, default=None, help="override the 30 decoder layers (smoke tests)")
     parser.add_argument("--scenarios", default="A,B")
     parser.add_argument("--contenders", default=",".join(CONTENDERS))
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--skip-loss-check", action="store_true")
     # worker mode (internal)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--scenario", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--model-dir", help=argparse.SUPPRESS)
-    parser.add_argument("--warmup", type=int, default=2, help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=6, help=argparse.SUPPRESS)
     return parser.parse_args()
 
