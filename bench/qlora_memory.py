@@ -23,6 +23,7 @@ import argparse
 import ctypes
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -128,14 +129,25 @@ def eval_loss(model: nn.Module, batches: list[torch.Tensor]) -> float:
     return statistics.fmean(model(input_ids=b, labels=b).loss.item() for b in batches)
 
 
+def warmup_cosine(steps: int, warmup: int = 2):
+    """lr factor: linear warm-up, then cosine decay to 0 (a settled final step to compare)."""
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+    return factor
+
+
 def train_lockstep(args) -> dict[str, dict]:
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
-    models, opts = {}, {}
+    models, opts, scheds = {}, {}, {}
     for variant in TRAIN_VARIANTS:
+        base = build_base(variant)
         torch.manual_seed(1)   # the same LoRA init for every variant
-        models[variant] = get_peft_model(build_base(variant), lora)
+        models[variant] = get_peft_model(base, lora)
         params = [p for p in models[variant].parameters() if p.requires_grad]
         opts[variant] = torch.optim.AdamW(params, lr=args.lr)
+        scheds[variant] = torch.optim.lr_scheduler.LambdaLR(opts[variant], warmup_cosine(args.steps))
     train = language_batches(args.steps, args.batch, args.seq, seed=1)
     held_out = language_batches(args.eval_batches, args.batch, args.seq, seed=2)
     results = {v: {"eval_before": eval_loss(m, held_out), "step_s": [], "losses": []} for v, m in models.items()}
@@ -146,6 +158,7 @@ def train_lockstep(args) -> dict[str, dict]:
             loss = model(input_ids=ids, labels=ids).loss
             loss.backward()
             opts[variant].step()
+            scheds[variant].step()
             opts[variant].zero_grad(set_to_none=True)
             results[variant]["step_s"].append(time.perf_counter() - start)
             results[variant]["losses"].append(loss.item())
@@ -162,28 +175,40 @@ def train_lockstep(args) -> dict[str, dict]:
 
 # ----- report ------------------------------------------------------------------------------------
 
-def report(memory: list[dict], training: dict[str, dict], args) -> str:
+def memory_table(memory: list[dict]) -> list[str]:
     bf16 = next(m for m in memory if m["variant"] == "bf16")
-    command = " ".join(["python bench/qlora_memory.py", *sys.argv[1:]])
-    lines = [f"Command: `{command}`",
-             f"Model: SmolLM-135M shape, random weights; torch {torch.__version__}, {args.threads} threads", "",
-             "| base | linear weights MiB | x bf16 | process RSS MiB | model RSS MiB | x bf16 |",
+    lines = ["| base | linear weights MiB | x bf16 | process RSS MiB | model RSS MiB | x bf16 |",
              "|---|---:|---:|---:|---:|---:|"]
     for m in memory:
         lines.append(f"| {m['variant']} | {m['linear_bytes'] / 2**20:.1f} | {m['linear_bytes'] / bf16['linear_bytes']:.3f} "
                      f"| {m['rss'] / 2**20:.0f} | {m['rss_model'] / 2**20:.0f} | {m['rss_model'] / bf16['rss_model']:.3f} |")
+    return lines
+
+
+def training_table(training: dict[str, dict], args) -> list[str]:
     base = training["bf16"]
-    lines += ["", f"LoRA r=16 all-linear, AdamW lr={args.lr}, {args.steps} steps of {args.batch}x{args.seq} tokens, "
-              f"eval on {args.eval_batches} held-out batches", "",
-              "| base | train tokens/s | x bf16 LoRA | eval loss before | eval loss after | x bf16 LoRA "
-              "| loss drop x bf16 LoRA |",
-              "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [f"LoRA r=16 all-linear, AdamW lr={args.lr} (warm-up + cosine), {args.steps} steps of "
+             f"{args.batch}x{args.seq} tokens, eval on {args.eval_batches} held-out batches", "",
+             "| base | train tokens/s | x bf16 LoRA | eval loss before | eval loss after | x bf16 LoRA "
+             "| loss drop x bf16 LoRA |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     base_drop = base["eval_before"] - base["eval_after"]
     for variant, r in training.items():
         drop = r["eval_before"] - r["eval_after"]
         lines.append(f"| {variant} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} "
                      f"| {r['eval_before']:.3f} | {r['eval_after']:.3f} | {r['eval_after'] / base['eval_after']:.3f} "
                      f"| {drop / base_drop:.2f} |")
+    return lines
+
+
+def report(memory: list[dict], training: dict[str, dict], args) -> str:
+    command = " ".join(["python bench/qlora_memory.py", *sys.argv[1:]])
+    lines = [f"Command: `{command}`",
+             f"Model: SmolLM-135M shape, random weights; torch {torch.__version__}, {args.threads} threads", ""]
+    if memory:
+        lines += memory_table(memory) + [""]
+    if training:
+        lines += training_table(training, args)
     return "\n".join(lines)
 
 
@@ -193,9 +218,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--eval-batches", type=int, default=2)
+    parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--threads", type=int, default=1, help="1 keeps a shared machine from stalling")
     parser.add_argument("--skip-training", action="store_true", help="memory part only")
+    parser.add_argument("--skip-memory", action="store_true", help="training part only")
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -203,12 +229,9 @@ def main() -> int:
         memory_child(args.memory_child)
         return 0
     torch.set_num_threads(args.threads)
-    memory = [measure_memory(v) for v in VARIANTS]
+    memory = [] if args.skip_memory else [measure_memory(v) for v in VARIANTS]
     training = {} if args.skip_training else train_lockstep(args)
-    if training:
-        print(report(memory, training, args))
-    else:
-        print(json.dumps(memory, indent=1))
+    print(report(memory, training, args))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"memory": memory, "training": training, "args": vars(args)}, f, indent=1)

@@ -68,7 +68,7 @@ class Linear8bit(nn.Module):
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype | None = None) -> Tensor:
         """Return weight rows r0..r1 as (r1 - r0, in) in dtype (default compute_dtype), rounded once."""
-        rows = self.qweight[r0:r1].float() * self.scale[r0:r1, None]
+        rows = torch.mul(self.qweight[r0:r1], self.scale[r0:r1, None])   # int8 * fp32 -> fp32, one pass
         return rows.to(dtype or self.compute_dtype)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
