@@ -184,7 +184,7 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, bias: str, tensors
     """
     expected = adapter_param_map(model, adapter_name, bias)
     missing = sorted(set(expected) - set(tensors))
-    optional = _embedding_base_weights(model)
+    optional = _embedding_base_weights(model) | _saved_copy_aliases(model, adapter_name)
     expected.update({k: v for k, v in optional.items() if k in tensors})
     unexpected = sorted(set(tensors) - set(expected))
     misshapen = [
@@ -201,6 +201,15 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, bias: str, tensors
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key].to(param.dtype))
+
+
+def _saved_copy_aliases(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
+    """PEFT with bias="all" also saves a modules_to_save copy's bias as `<module>.modules_to_save.bias`."""
+    return {
+        f"{PREFIX}{path}.modules_to_save.{key}": param
+        for path, module in model.named_modules() if isinstance(module, ModulesToSave)
+        for key, param in module.adapter_parameters(adapter_name).items()
+    }
 
 
 def _embedding_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:

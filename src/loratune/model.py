@@ -127,7 +127,8 @@ class LoraModel(nn.Module):
         for layer in self._layers():
             layer.set_active(self._active, trainable)
         for name, param in self.model.named_parameters():
-            if name.endswith("bias") and "lora_" not in name and "modules_to_save" not in name:
+            if name.endswith("bias") and "lora_" not in name and "modules_to_save" not in name \
+                    and ".original_module." not in name:  # a modules_to_save original stays frozen, as in PEFT
                 param.requires_grad_(trainable and self._bias_trains(name))
 
     def _bias_trains(self, param_name: str) -> bool:
