@@ -37,9 +37,12 @@ CASES = [
     ("llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
     ("llama", dict(target_modules=["q_proj", "k_proj"], layers_to_transform=[1])),
     ("gpt2", dict(target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h")),
+    ("gpt2", dict(target_modules=["c_attn"], modules_to_save=["ln_f", "lm_head"], bias="all")),
+    ("gpt2", dict(target_modules=["c_attn"], bias="lora_only", exclude_modules=["transformer.h.1.attn.c_attn"])),
 ]
 IDS = ["llama", "rslora", "rank-alpha-pattern", "dora", "gpt2-conv1d", "gpt2-dora", "embedding",
-       "gpt2-all-linear", "qwen2-bias-all", "modules-to-save", "layers-to-transform", "layers-pattern"]
+       "gpt2-all-linear", "qwen2-bias-all", "modules-to-save", "layers-to-transform", "layers-pattern",
+       "gpt2-mts-bias-all", "gpt2-lora-only-exclude"]
 
 
 def perturb(model, seed: int = 3) -> None:
