@@ -39,10 +39,12 @@ CASES = [
     ("gpt2", dict(target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h")),
     ("gpt2", dict(target_modules=["c_attn"], modules_to_save=["ln_f", "lm_head"], bias="all")),
     ("gpt2", dict(target_modules=["c_attn"], bias="lora_only", exclude_modules=["transformer.h.1.attn.c_attn"])),
+    ("llama", dict(target_modules=r".*\.(q|v)_proj", use_dora=True, use_rslora=True, lora_alpha=3.5)),
+    ("qwen2", dict(target_modules=["embed_tokens"])),  # tied to lm_head
 ]
 IDS = ["llama", "rslora", "rank-alpha-pattern", "dora", "gpt2-conv1d", "gpt2-dora", "embedding",
        "gpt2-all-linear", "qwen2-bias-all", "modules-to-save", "layers-to-transform", "layers-pattern",
-       "gpt2-mts-bias-all", "gpt2-lora-only-exclude"]
+       "gpt2-mts-bias-all", "gpt2-lora-only-exclude", "regex-dora-rslora", "qwen2-tied-embedding"]
 
 
 def perturb(model, seed: int = 3) -> None:
