@@ -39,7 +39,7 @@ CASES = [
     ("gpt2", dict(target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h")),
     ("gpt2", dict(target_modules=["c_attn"], modules_to_save=["ln_f", "lm_head"], bias="all")),
     ("gpt2", dict(target_modules=["c_attn"], bias="lora_only", exclude_modules=["transformer.h.1.attn.c_attn"])),
-    ("llama", dict(target_modules=r".*\.(q|v)_proj", use_dora=True, use_rslora=True, lora_alpha=3.5)),
+    ("llama", dict(target_modules=r".*\.(q|v)_proj", use_dora=True, use_rslora=True)),
     ("qwen2", dict(target_modules=["embed_tokens"])),  # tied to lm_head
 ]
 IDS = ["llama", "rslora", "rank-alpha-pattern", "dora", "gpt2-conv1d", "gpt2-dora", "embedding",
