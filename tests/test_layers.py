@@ -285,3 +285,28 @@ def test_dropout_only_on_the_lora_branch():
     layer.train()
     x = make_input("linear", 6)
     assert torch.equal(layer(x), layer.base_layer(x))  # B == 0: dropout cannot leak into the base path
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@given(names=st.lists(st.sampled_from(["default", "other", "__base__"]), min_size=1, max_size=6),
+       seed=st.integers(0, 2**16))
+@SETTINGS
+def test_mixed_rows_equal_per_adapter_runs(kind, names, seed):
+    layer = make_layer(kind, init=False, seed=seed)
+    layer.update_layer("other", r=3, lora_alpha=5, lora_dropout=0.0, init_lora_weights=False,
+                       use_rslora=False, use_dora=kind.startswith("dora"))
+    perturb_B(layer, "default", seed=seed)
+    perturb_B(layer, "other", seed=seed + 1)
+    x = make_input(kind, 6, batch=len(names), seed=seed)
+    separate = {"__base__": layer.base_layer(x)}
+    for name in ("default", "other"):
+        layer.set_active([name], trainable=False)
+        separate[name] = layer(x)
+    groups = [(n, torch.tensor([i for i, m in enumerate(names) if m == n])) for n in dict.fromkeys(names)]
+    layer.batch_groups = groups
+    try:
+        mixed = layer(x)
+    finally:
+        layer.batch_groups = None
+    for row, name in enumerate(names):
+        assert_close(mixed[row], separate[name][row])
