@@ -113,8 +113,8 @@ def test_double_quant_absmax_error_bound(w):
 def test_int8_error_within_row_bound(w):
     layer = Linear8bit.from_linear(_linear(w), compute_dtype=torch.float32)
     err = (w - layer.dequantize(torch.float32)).abs()
-    bound = w.abs().amax(dim=1, keepdim=True) / 254
-    assert bool((err <= bound * (1 + EPS)).all())
+    absmax = w.abs().amax(dim=1, keepdim=True)
+    assert bool((err <= absmax / 254 + absmax * 2**-20).all())   # slack: fp32 rounding of q * scale
     assert layer.qweight.dtype == torch.int8 and layer.qweight.abs().max() <= 127
     assert torch.equal(layer.dequantize(torch.bfloat16), layer.dequantize(torch.float32).bfloat16())
 
