@@ -18,7 +18,7 @@ ISSUE_KEYS = (
     "max_steps per_device_train_batch_size gradient_accumulation_steps max_grad_norm weight_decay logging_steps "
     "eval_steps save_steps save_total_limit seed bf16 gradient_checkpointing resume_from_checkpoint report_to "
     "load_in_4bit load_in_8bit bnb_4bit_quant_type bnb_4bit_compute_dtype bnb_4bit_use_double_quant "
-    "use_rslora use_dora modules_to_save skip_bad_rows"
+    "use_rslora use_dora modules_to_save skip_bad_rows num_threads"
 ).split()
 
 

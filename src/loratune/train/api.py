@@ -97,9 +97,10 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
 def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from loratune.data import build_datasets
     from loratune.loading import load_tokenizer
+    from loratune.ops.runtime import tune_cpu_runtime
     from loratune.train.loop import fit
 
-    torch.set_flush_denormal(True)  # denormals in tiny LoRA grads cost ~100x per op on x86
+    tune_cpu_runtime(threads=cfg.loop.num_threads or None)  # flush denormals, keep freed memory, threads
     out = cfg.loop.output_dir
     resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
     if env.is_main:

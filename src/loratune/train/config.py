@@ -114,6 +114,9 @@ class LoopArgs:
     report_to: str = field(default="none", metadata=_help("extra metric sink: none or tensorboard",
                                                           choices=("none", "tensorboard")))
     disable_tqdm: bool = field(default=False, metadata=_help("hide the progress bar"))
+    num_threads: int = field(
+        default=0, metadata=_help("CPU intra-op threads (0: torch's default, one per core; 1 wins on a busy machine)")
+    )
 
 
 SECTIONS: dict[str, type] = {
@@ -258,6 +261,7 @@ def range_problems(s: dict[str, Any]) -> list[str]:
             (lp.save_total_limit is None or lp.save_total_limit >= 1,
              f"save_total_limit must be >= 1 or null, got {lp.save_total_limit}"),
             (bool(lp.output_dir), "output_dir must not be empty"),
+            (lp.num_threads >= 0, f"num_threads must be >= 0 (0: torch's default), got {lp.num_threads}"),
         ],
     }
     return [msg for name, check in checks.items() if name in s for ok, msg in check(s[name]) if not ok]
