@@ -6,7 +6,9 @@ freed, so the autograd graph keeps only an (N, D) gradient instead of (N, V) log
 `cross_entropy_sum_reference` is the plain version it is tested against.
 
 Dtype contract (same as the reference): logits are produced by the head in the head's dtype (a bf16
-head gives bf16 logits), then cast to fp32 for log-softmax; the loss is accumulated in fp32.
+head gives bf16 logits), the softmax is computed in fp32 from them, and the loss is accumulated in
+fp32. One fused softmax pass per chunk yields the gradient (softmax - onehot) and the loss
+(-log p[target], recomputed from the logits where p underflows).
 """
 
 from __future__ import annotations
@@ -57,14 +59,14 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
             stop = min(start + chunk_rows, n_rows)
             h = hidden[start:stop].to(weight.dtype)  # (C, D)
             t = targets[start:stop]  # (C,)
-            logits = F.linear(h, weight, bias).float()  # (C, V), fp32
-            lse = torch.logsumexp(logits, dim=-1)  # (C,)
-            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            logits = F.linear(h, weight, bias)  # (C, V), head dtype
+            # One fused softmax pass gives both the gradient and, through p[target], the loss.
+            probs = torch.softmax(logits, dim=-1, dtype=torch.float32)  # (C, V)
+            rows = torch.arange(stop - start, device=probs.device)
+            total += _nll_from_probs(probs[rows, t], logits, t)
             if not (need_h or need_w or need_b):
                 continue
-            # d loss / d logits = softmax(logits) - onehot(target), built in place in `logits`.
-            probs = logits.sub_(lse[:, None]).exp_()
-            probs[torch.arange(stop - start, device=probs.device), t] -= 1.0
+            probs[rows, t] -= 1.0  # d loss / d logits = softmax - onehot
             d = probs.to(weight.dtype)  # (C, V): the reference casts this grad back to the head dtype
             if need_h:
                 grad_h[start:stop] = (d @ weight).to(hidden.dtype)
@@ -85,3 +87,18 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
         grad_w = (next(saved) * grad_out).to(ctx.dtypes[0]) if need_w else None
         grad_b = (next(saved) * grad_out).to(ctx.dtypes[1]) if need_b else None
         return grad_h, grad_w, grad_b, None, None
+
+
+# Below this, -log(p) loses precision to underflow (p is fp32); those rows (a loss above ~69 nats)
+# are recomputed exactly from their logits.
+_SMALLEST_P = 1e-30
+
+
+def _nll_from_probs(p_target: Tensor, logits: Tensor, targets: Tensor) -> Tensor:
+    """Sum of -log p[target] over rows, exact even where p[target] underflows."""
+    nll = -p_target.log()  # (C,)
+    tiny = p_target < _SMALLEST_P
+    if tiny.any():
+        rows = logits[tiny].float()
+        nll[tiny] = torch.logsumexp(rows, dim=-1) - rows.gather(1, targets[tiny][:, None]).squeeze(1)
+    return nll.sum()
