@@ -36,17 +36,22 @@ class LoraLinear(LoraLayer):
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        self.fan_in_fan_out = isinstance(base_layer, Conv1D)
         if self.fan_in_fan_out:
             self.in_features, self.out_features = base_layer.weight.shape
         else:
             self.in_features, self.out_features = base_layer.in_features, base_layer.out_features
         self._dora_merge_norm: dict[str, Tensor] = {}
 
+    @property
+    def fan_in_fan_out(self) -> bool:
+        """The base stores W as (in, out) (Conv1D); follows base_layer if it is swapped
+        (e.g. a quantized layer dequantized back to Conv1D)."""
+        return isinstance(self.base_layer, Conv1D)
+
     def update_layer(self, adapter_name: str, *, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights, use_rslora: bool, use_dora: bool) -> None:
         """Create (or replace) one adapter's A, B (fp32, on the base layer's device)."""
-        device = self.base_weight().device
+        device = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()])).device
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self._set_dropout(adapter_name, lora_dropout)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device)

@@ -8,7 +8,6 @@ quantized too (their weight is stored transposed) and come back as `Conv1D` when
 
 from __future__ import annotations
 
-import contextlib
 import logging
 from types import SimpleNamespace
 
@@ -175,10 +174,6 @@ def dequantize_model(model: nn.Module, dtype=torch.bfloat16) -> nn.Module:
             if is_quantized_module(child):
                 if id(child) not in done:
                     done[id(child)] = _restore(child, dtype)
-                setattr(parent, child_name, done[id(child)])
-                if child_name == "base_layer" and hasattr(parent, "fan_in_fan_out"):
-                    # a LoRA layer around it: its merge orientation follows the restored layer
-                    with contextlib.suppress(AttributeError):
-                        parent.fan_in_fan_out = getattr(child, "from_conv1d", False)
+                setattr(parent, child_name, done[id(child)])  # a LoRA layer's orientation follows it
     logger.info("dequantized %d layers to %s", len(done), dtype)
     return model
