@@ -51,6 +51,9 @@ LR = 1e-4
 BATCH = 4
 SCENARIOS = {"A": dict(min_len=256, max_len=256), "B": dict(min_len=32, max_len=512)}
 CONTENDERS = ["peft-fp32", "peft-bf16", "loratune"]
+# Not run by default: loratune's trainer plus the settings docs/performance.md asks it to adopt
+# (per-example attention for packed rows, tune_cpu_runtime), to show what they are worth.
+OPTIONAL = ["loratune-next"]
 LOSS_TOL = 2e-2  # relative, bf16
 MARK_START, MARK_END = "<!-- train_speed:start -->", "<!-- train_speed:end -->"
 
@@ -158,7 +161,7 @@ def pad_batch(seqs: list[list[int]], pad_id: int = 0):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}, int(mask.sum())
 
 
-def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Lockstep) -> None:
+def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Lockstep, *, nxt: bool = False) -> None:
     """loratune's trainer through `loratune.train.run`, its defaults plus the benchmark's settings.
 
     The trainer has no step hook, so the worker wraps `loop._accumulate` (the first thing each step
@@ -180,6 +183,8 @@ def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Loc
         return out
 
     loop._accumulate = stepped
+    if nxt:
+        adopt_recommended_settings()
     out = tempfile.mkdtemp(prefix="loratune-bench-")
     try:
         run({
@@ -190,6 +195,23 @@ def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Loc
         })
     finally:
         shutil.rmtree(out, ignore_errors=True)
+
+
+def adopt_recommended_settings() -> None:
+    """What the trainer does once it follows docs/performance.md (for the loratune-next contender)."""
+    from loratune.ops.attention import enable_varlen_attention
+    from loratune.ops.runtime import tune_cpu_runtime
+    from loratune.train import api
+
+    tune_cpu_runtime()
+    real = api.build_model
+
+    def build_model(*args, **kwargs):
+        model = real(*args, **kwargs)
+        enable_varlen_attention(model)
+        return model
+
+    api.build_model = build_model
 
 
 def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
@@ -232,8 +254,8 @@ def worker(args: argparse.Namespace) -> None:
         Lockstep().send(**run_loss_check(args.data, args.model_dir, args.steps))
         return
     sync = Lockstep()
-    if args.worker == "loratune":
-        run_loratune(args.scenario, args.data, args.model_dir, args.steps, sync)
+    if args.worker.startswith("loratune"):
+        run_loratune(args.scenario, args.data, args.model_dir, args.steps, sync, nxt=args.worker == "loratune-next")
     else:
         run_peft(args.worker.split("-")[1], args.data, args.model_dir, args.steps, sync)
     while sync.wait():  # the driver may still send go if this contender ran out of data early
@@ -268,8 +290,11 @@ def run_scenario(scenario: str, names: list[str], data: str, model_dir: str, war
              for name in names}
     records = {name: [] for name in names}
     try:
+        order = list(procs)
         for step in range(warmup + steps):
-            for name, proc in procs.items():
+            order = order[1:] + order[:1]  # rotate, so no contender always follows the same one
+            for name in order:
+                proc = procs[name]
                 proc.stdin.write("go\n")
                 proc.stdin.flush()
                 reply = read_reply(name, proc)
@@ -321,7 +346,7 @@ def summarise(results: dict, peak: dict, lengths: dict) -> list[dict]:
     return rows
 
 
-def render(rows: list[dict], peak: dict, loss: dict | None, command: str, started: str) -> str:
+def render(rows: list[dict], peak: dict, loss: dict | None, command: str, started: str, loads: dict) -> str:
     lines = [
         "## Training speed: loratune vs PEFT + Transformers (CPU)", "",
         f"`{command}` — {started}, {machine()}; bf16 matmul peak {peak['bf16'] / 1e9:.0f} GFLOP/s, "
@@ -337,6 +362,9 @@ def render(rows: list[dict], peak: dict, loss: dict | None, command: str, starte
         lines.append(f"| {r['scenario']} | {r['contender']} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
                      f"{r['rss']:.0f} | {r['rss_ratio']:.2f}x | {100 * r['mfu']:.1f}% | {r['n']} | "
                      f"{100 * r['spread']:.0f}% |")
+    lines += ["", "1-minute load average before/after each scenario (the machine has "
+              f"{os.cpu_count()} cores): " + ", ".join(f"{k}: {a:.1f}/{b:.1f}" for k, (a, b) in loads.items())
+              + ". Above the core count, other jobs shared the CPU: compare ratios, not absolute figures."]
     if loss is not None:
         lines += ["", loss_line(loss)]
     return "\n".join(lines) + "\n"
@@ -394,19 +422,21 @@ def main() -> None:
                                          capture_output=True, text=True, check=True).stdout)
         log("writing the random model and data")
         paths = prepare(workdir, n_examples=BATCH * 2 * (warmup + steps + 2))
-        results, lengths = {}, {}
+        results, lengths, loads = {}, {}, {}
         for scenario in args.scenarios.split(","):
             lengths[scenario] = statistics.mean(len(x) for x in read_examples(paths[scenario]))
             log(f"scenario {scenario}: {args.contenders}")
+            load = os.getloadavg()[0]
             results[scenario] = run_scenario(scenario, args.contenders.split(","), paths[scenario], paths["model"],
                                              warmup, steps)
+            loads[scenario] = (load, os.getloadavg()[0])
         loss = None
         if not args.skip_loss_check:
             log("20-step loss check: fast paths vs reference paths")
             proc = start_worker("loss-check", data=paths["A"], model_dir=paths["model"], steps=20)
             loss = read_reply("loss-check", proc)
             proc.wait()
-        text = render(summarise(results, peak, lengths), peak, loss, command, started)
+        text = render(summarise(results, peak, lengths), peak, loss, command, started, loads)
         print(text)
         if not args.no_write:
             write_section(text, ROOT / "BENCHMARKS.md")
@@ -423,7 +453,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="8 layers, 1 warm-up + 5 measured steps")
     parser.add_argument("--layers", type=int, default=None, help="override the 30 decoder layers (smoke tests)")
     parser.add_argument("--scenarios", default="A,B")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS))
+    parser.add_argument("--contenders", default=",".join(CONTENDERS),
+                        help=f"comma-separated, from {CONTENDERS + OPTIONAL}")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--skip-loss-check", action="store_true")
     # worker mode (internal)
