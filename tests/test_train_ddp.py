@@ -19,7 +19,6 @@ from test_cli_train import make_model_dir, one_thread, rows_for, write_rows  # n
 from test_train_loop import adapter, assert_same_adapter, losses, settings
 
 
-@pytest.mark.slow
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     model_dir = make_model_dir(tmp_path / "model")
     data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 32))
