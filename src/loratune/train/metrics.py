@@ -14,6 +14,8 @@ import math
 import os
 from typing import Any
 
+from loratune.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
@@ -35,8 +37,11 @@ class MetricsLog:
             for rec in self.records:
                 fh.write(json.dumps(rec) + "\n")
         if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as exc:
+                raise ConfigError(f"report_to: tensorboard needs the tensorboard package "
+                                  f"(pip install 'loratune[tensorboard]'): {exc}") from None
             self._tb = SummaryWriter(log_dir=os.path.join(output_dir, "runs"))
 
     def write(self, record: dict[str, Any]) -> None:
