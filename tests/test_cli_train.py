@@ -176,7 +176,7 @@ def test_malformed_row_stops_before_training_naming_file_and_line(model_dir, tmp
     rc = train_cli(base_flags(model_dir, str(data), tmp_path / "o"))
     err = capsys.readouterr().err
     assert rc == 2 and "bad.jsonl" in err and "line 3" in err and "Traceback" not in err
-    assert not (tmp_path / "o" / "adapter_model.safetensors").exists()
+    assert not (tmp_path / "o").exists()  # nothing written before the data is known good
 
 
 def test_help_lists_every_key_with_its_meaning(capsys):

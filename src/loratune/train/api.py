@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import yaml
 
+from loratune.atomic import atomic_file
 from loratune.train import checkpoint as ckpt
 from loratune.train.config import TrainConfig, build_config, read_yaml
 from loratune.train.distributed import DistEnv, barrier, init_distributed, shutdown_distributed
@@ -103,18 +104,18 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     tune_cpu_runtime(threads=cfg.loop.num_threads or None)  # flush denormals, keep freed memory, threads
     out = cfg.loop.output_dir
     resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
+    seed_everything(cfg.loop.seed)
+    tokenizer = load_tokenizer(cfg.model.model_name_or_path)
+    datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed)
+    model = build_model(cfg, env)
+    config_yaml = config_to_yaml(cfg)
+    # Only now that model and data are known good does output_dir change.
     if env.is_main:
         os.makedirs(out, exist_ok=True)
         ckpt.remove_incomplete(out)
         if resume_path is None:
             ckpt.remove_stale(out)
     barrier(env)
-    seed_everything(cfg.loop.seed)
-
-    tokenizer = load_tokenizer(cfg.model.model_name_or_path)
-    datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed)
-    model = build_model(cfg, env)
-    config_yaml = config_to_yaml(cfg)
     metrics = MetricsLog(out, enabled=env.is_main, tensorboard=cfg.loop.report_to == "tensorboard",
                          resume_step=_checkpoint_step(resume_path))
     try:
@@ -127,7 +128,7 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
 
     adapter_dir, sample = None, None
     if env.is_main:
-        with open(os.path.join(out, CONFIG_FILE), "w", encoding="utf-8") as fh:
+        with atomic_file(os.path.join(out, CONFIG_FILE)) as fh:
             fh.write(config_yaml)
         if not outcome.interrupted:
             model.save_pretrained(out)
