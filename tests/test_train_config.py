@@ -6,8 +6,11 @@ import dataclasses
 
 import pytest
 import yaml
+from hypothesis import given
+from hypothesis import strategies as st
 
 from loratune.errors import ConfigError
+from loratune.train.coerce import coerce
 from loratune.train.config import SECTIONS, TrainConfig, build_config, describe_keys, key_owners, read_yaml
 
 DATA = {"train_file": "train.jsonl"}
@@ -134,3 +137,12 @@ def test_run_accepts_a_path_a_dict_or_a_config_plus_overrides(tmp_path):
     assert resolve_config(from_path, {"r": 4}).lora.r == 4
     with pytest.raises(ConfigError, match="c.yaml"):
         resolve_config(str(path), {"r": 0})
+
+
+@given(st.floats(allow_nan=False, allow_infinity=False), st.integers(-10**9, 10**9), st.booleans())
+def test_flag_strings_coerce_back_to_the_values_they_print(x, n, b):
+    """What a user copies from train_config.yaml onto the command line means the same thing."""
+    assert coerce(str(x), float) == x
+    assert coerce(str(n), int) == n
+    assert coerce(str(b).lower(), bool) is b
+    assert coerce(yaml.safe_dump(x).split("\n")[0], float) == x  # PyYAML's own spelling, e.g. 1.0e-05
