@@ -94,3 +94,21 @@ def test_failed_resave_keeps_the_previous_adapter(tmp_path, monkeypatch):
         model.save_pretrained(str(out))
     assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
     assert os.listdir(tmp_path) == ["adapter"]
+
+
+def test_saved_paths_get_ordinary_permissions(tmp_path):
+    import stat
+
+    from loratune.atomic import atomic_directory, atomic_file
+
+    old = os.umask(0o022)
+    try:
+        with atomic_directory(tmp_path / "out") as d:
+            with open(os.path.join(d, "a.txt"), "w") as fh:
+                fh.write("x")
+        with atomic_file(tmp_path / "b.txt") as fh:
+            fh.write("y")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
+    assert stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) == 0o644

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from factories import tiny_batch, tiny_model
-from tolerances import assert_changed, assert_close
 
+from factories import tiny_batch, tiny_model
 from loratune import LoraConfig, get_peft_model
 from loratune.ops import reference_paths
+from tolerances import assert_changed, assert_close
 
 
 def _loss_and_grads(model, x):

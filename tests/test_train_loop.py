@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 import loratune.train.loop as loop
+from loratune.errors import TrainingDivergedError
 from loratune.loading import load_base_model
 from loratune.train import run
-from loratune.train.loop import TrainingDivergedError
 from test_cli_train import make_model_dir, one_thread, rows_for, train_cli, write_rows  # noqa: F401 (one_thread: autouse)
 
 

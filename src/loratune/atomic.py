@@ -22,6 +22,7 @@ def atomic_directory(target: str | os.PathLike) -> Iterator[str]:
     parent, base = os.path.split(target)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like mkdir's
     try:
         yield tmp
         _fsync_tree(tmp)
@@ -43,6 +44,7 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", **open_kwargs) -> It
     os.makedirs(os.path.dirname(target), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like open()'s
     try:
         with open(tmp, mode, **open_kwargs) as fh:
             yield fh
@@ -53,6 +55,12 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", **open_kwargs) -> It
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _move_contents(src: str, dst: str) -> None:

@@ -43,3 +43,7 @@ class DataError(LoratuneError, ValueError):
 
 class MergeError(LoratuneError, RuntimeError):
     """A merge would corrupt the base weights (NaN/Inf, quantized weights)."""
+
+
+class TrainingDivergedError(LoratuneError, RuntimeError):
+    """The loss or gradient became NaN/Inf; the run stopped without applying that step."""

@@ -168,9 +168,8 @@ def run(args) -> int:
     """Train, then print where the adapter, metrics and plot are and a before/after generation."""
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from loratune.errors import LoratuneError
+    from loratune.errors import LoratuneError, TrainingDivergedError
     from loratune.train.api import run as train_run
-    from loratune.train.loop import TrainingDivergedError
 
     rank = int(os.environ.get("RANK", "0"))
     if rank != 0:

@@ -28,7 +28,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from loratune.data import collate, plan_batches
-from loratune.errors import LoratuneError
+from loratune.errors import LoratuneError, TrainingDivergedError
 from loratune.train import checkpoint as ckpt
 from loratune.train.config import TrainConfig
 from loratune.train.distributed import DistEnv, all_reduce_min, all_reduce_sum, broadcast_flag, gather_objects
@@ -39,10 +39,6 @@ from loratune.train.sampling import sample_generations
 
 logger = logging.getLogger(__name__)
 EVAL_SAMPLES = 2
-
-
-class TrainingDivergedError(LoratuneError, RuntimeError):
-    """The loss or gradient became NaN/Inf; the run stopped without applying that step."""
 
 
 @dataclass
