@@ -16,16 +16,21 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _cpu_state():
-    """Tiny models run fastest on one thread; process-wide float modes never leak between tests."""
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread():
+    """Tiny test models run fastest on one thread: a second one mostly waits on hand-offs
+    (30x slower on a busy 2-core machine). Session-scoped, so module fixtures see it too."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-        torch.set_flush_denormal(False)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(autouse=True)
+def _float_modes():
+    """Process-wide float modes (the trainer flushes denormals) never leak between tests."""
+    yield
+    torch.set_flush_denormal(False)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -19,15 +19,6 @@ from loratune.adapter_io import read_adapter
 from loratune.errors import AdapterError, ConfigError, UnsupportedFeatureError
 from tolerances import assert_changed
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on a shared 2-core machine thread hand-offs dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 CASES = [
     ("llama", dict(target_modules=["q_proj", "v_proj"])),
     ("llama", dict(target_modules=["embed_tokens", "o_proj"], use_rslora=True, rank_pattern={"o_proj": 2})),

@@ -6,20 +6,10 @@ from __future__ import annotations
 import os
 
 import pytest
-import torch
 
 from factories import tiny_model
 from loratune import LoraConfig, adapter_io, get_peft_model
 from loratune.atomic import atomic_directory, atomic_file
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on a shared 2-core machine thread hand-offs dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 class Boom(Exception):

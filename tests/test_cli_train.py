@@ -11,21 +11,11 @@ import os
 
 import pandas as pd
 import pytest
-import torch
 import yaml
 
 from factories import tiny_model
 from loratune.cli.main import main
 from loratune.loading import load_tokenizer
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models: extra threads only add contention on a shared CPU (restored afterwards)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 QA = [("What is the capital of France?", "Paris."), ("Add 2 and 3.", "5."), ("Opposite of hot?", "Cold."),
       ("Reverse the word cat.", "tac."), ("Capital of Peru?", "Lima."), ("Add 1 and 1.", "2."),

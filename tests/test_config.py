@@ -9,19 +9,9 @@ import json
 import logging
 
 import pytest
-import torch
 
 from loratune import LoraConfig, TaskType
 from loratune.errors import AdapterError, ConfigError, LoratuneError, UnsupportedFeatureError
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on a shared 2-core machine thread hand-offs dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 def test_scaling_plain_and_rslora():

@@ -13,7 +13,7 @@ from loratune.data import IGNORE_INDEX, DataConfig
 from loratune.errors import ConfigError, DataError
 from loratune.evaluate import evaluate_base_and_adapter, evaluate_examples, load_eval_examples, perplexity
 from loratune.inference import load_model
-from test_inference import _one_thread, save_tiny_adapter, save_tiny_model_dir  # noqa: F401
+from test_inference import save_tiny_adapter, save_tiny_model_dir
 
 ROWS = [
     {"prompt": "What is 2+2?", "completion": " 4"},

@@ -16,7 +16,7 @@ from loratune.generation import (
     stop_token_ids,
 )
 from loratune.loading import load_base_model, load_tokenizer
-from test_inference import _one_thread, save_tiny_model_dir  # noqa: F401
+from test_inference import save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -14,23 +13,6 @@ from loratune.inference import QUANT_DEFAULTS, load_model, read_train_config, re
 from loratune.loading import load_base_model, load_tokenizer
 
 PRESET = "preset:tiny-llama"
-
-
-@contextlib.contextmanager
-def one_thread():
-    """Run tiny models on one thread: on a shared 2-core machine, thread hand-offs cost 30x."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    with one_thread():
-        yield
 
 
 def save_tiny_model_dir(path) -> str:

@@ -15,15 +15,6 @@ from loratune.inject import DEFAULT_TARGET_MODULES, find_targets, resolve_config
 from loratune.layers import LoraLayer
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on a shared 2-core machine thread hand-offs dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 class MLP(nn.Module):
     def __init__(self):
         super().__init__()

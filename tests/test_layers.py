@@ -21,15 +21,6 @@ from loratune.errors import MergeError, UnsupportedFeatureError
 from loratune.layers import LoraConv, LoraEmbedding, LoraLinear, build_lora_layer
 from tolerances import assert_changed, assert_close
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on a shared 2-core machine thread hand-offs dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 SETTINGS = settings(max_examples=25, deadline=None)
 KINDS = ["linear", "conv1d_gpt2", "embedding", "conv1d", "conv2d", "dora", "dora_gpt2"]
 

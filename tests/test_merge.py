@@ -14,15 +14,6 @@ from loratune.errors import ConfigError, MergeError, UnsupportedFeatureError
 from loratune.layers import LoraLayer
 from tolerances import assert_changed, assert_close
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on a shared 2-core machine thread hand-offs dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 CASES = [
     ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"])),
     ("llama", dict(target_modules=["embed_tokens", "o_proj"], use_rslora=True)),

@@ -20,15 +20,6 @@ from loratune.errors import ConfigError, MergeError
 from loratune.layers import LoraLayer, ModulesToSave
 from tolerances import assert_changed, assert_close
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on a shared 2-core machine thread hand-offs dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 # (arch, config kwargs): every layer type the core supports on a real model.
 CASES = [
     ("llama", dict(target_modules=["q_proj", "v_proj"])),

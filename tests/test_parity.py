@@ -16,14 +16,6 @@ peft = pytest.importorskip("peft")
 pytestmark = pytest.mark.parity
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on a shared 2-core machine thread hand-offs dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
 CASES = [
     ("llama", dict(target_modules=["q_proj", "v_proj"])),
     ("llama", dict(target_modules=["q_proj", "v_proj"], use_rslora=True)),

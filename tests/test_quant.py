@@ -24,16 +24,6 @@ from loratune.quant import (
 from loratune.quant import blockwise as bw
 from loratune.quant.tiled import plan_tiles, reference_linear
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 EPS = 1e-6   # relative slack for fp32 rounding in the error bounds
 

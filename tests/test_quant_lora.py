@@ -13,16 +13,6 @@ from loratune import LoraConfig, PeftModel, get_peft_model
 from loratune.errors import MergeError
 from loratune.quant import dequantize_model, quantize_model, quantized_layers
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls on a shared 2-core machine: one thread avoids oversubscription stalls."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 KINDS = {   # name -> quantize_model kwargs
     "nf4": dict(bits=4, quant_type="nf4"),

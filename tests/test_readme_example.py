@@ -26,15 +26,6 @@ outputs = model(input_ids=input_ids)
 """
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models run faster on one thread; on a shared 2-core machine thread hand-offs dominate."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def run(snippet: str, model_dir: str, input_ids: torch.Tensor):
     namespace = {"model_name_or_path": model_dir, "input_ids": input_ids}
     printed = io.StringIO()

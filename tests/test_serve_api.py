@@ -24,15 +24,6 @@ KEY = "test-key"
 BASE = "tiny-base"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy CPU, more threads spin and wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_adapter(path: Path, model, *, r: int, targets: list[str], seed: int, scale: float = 0.1,
                   lora_alpha: float = 16) -> Path:
     """Write a PEFT-format adapter with random A and B for the given target suffixes."""

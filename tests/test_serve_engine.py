@@ -19,15 +19,6 @@ TARGETS = {"llama": {"a1": (["q_proj", "v_proj"], 4), "a2": (["q_proj", "o_proj"
            "gpt2": {"a1": (["c_attn"], 4), "a2": (["c_attn", "c_fc"], 8)}}
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread; on a busy CPU, more threads spin and wait."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def save_adapters(base, arch: str, tmp_path) -> dict[str, str]:
     """Save two random adapters (different ranks and targets) with the core library."""
     paths = {}

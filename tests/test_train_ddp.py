@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from loratune.train import run
-from test_cli_train import make_model_dir, one_thread, rows_for, write_rows  # noqa: F401 (one_thread: autouse)
+from test_cli_train import make_model_dir, rows_for, write_rows
 from test_train_loop import adapter, assert_same_adapter, losses, settings
 
 

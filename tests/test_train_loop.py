@@ -14,7 +14,7 @@ import loratune.train.loop as loop
 from loratune.errors import TrainingDivergedError
 from loratune.loading import load_base_model
 from loratune.train import run
-from test_cli_train import make_model_dir, one_thread, rows_for, train_cli, write_rows  # noqa: F401 (one_thread: autouse)
+from test_cli_train import make_model_dir, rows_for, train_cli, write_rows
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from transformers import AutoModelForCausalLM
 
 from factories import tiny_batch
 from loratune import PeftModel as LoratunePeftModel
-from test_cli_train import base_flags, make_model_dir, one_thread, rows_for, train_cli, write_rows  # noqa: F401 (one_thread: autouse)
+from test_cli_train import base_flags, make_model_dir, rows_for, train_cli, write_rows
 
 peft = pytest.importorskip("peft")
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from loratune.train import run
-from test_cli_train import make_model_dir, one_thread, rows_for, train_cli, write_rows  # noqa: F401 (one_thread: autouse)
+from test_cli_train import make_model_dir, rows_for, train_cli, write_rows
 from test_train_loop import adapter, assert_same_adapter, losses, settings
 
 # The child slows each forward of the decoder body, and stalls once the checkpoint we wait for
