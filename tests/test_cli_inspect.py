@@ -40,7 +40,7 @@ def test_json_report_for_a_dora_adapter(tmp_path, capsys):
 
 def test_bad_adapters_exit_2(tmp_path, capsys):
     assert main(["inspect", str(tmp_path / "none")]) == 2
-    assert "none: not an adapter directory" in capsys.readouterr().err
+    assert "none: no such adapter directory" in capsys.readouterr().err
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": -3}')
     assert main(["inspect", str(tmp_path)]) == 2
     err = capsys.readouterr().err

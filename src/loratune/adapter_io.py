@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import torch
 from safetensors import SafetensorError
@@ -31,6 +32,7 @@ logger = logging.getLogger(__name__)
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 _DORA_SUFFIX = "lora_magnitude_vector.weight"
 # PEFT also saves the full base weight of adapted embedding layers (vocabulary may be resized);
 # such a file is valid, so these keys are accepted (and loaded) when present, never required.
@@ -118,8 +120,10 @@ def resolve_adapter_file(path: str, filename: str, *, subfolder: str | None = No
     if os.path.isdir(path):
         candidate = os.path.join(local_dir, filename)
         return candidate if os.path.isfile(candidate) else None
-    if os.path.exists(path) or path.count("/") > 1 or path.startswith((".", "~")):
+    if os.path.exists(path):
         raise AdapterError(f"{path}: not an adapter directory")
+    if not _HUB_ID.fullmatch(path):
+        raise AdapterError(f"{path}: no such adapter directory")
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError
