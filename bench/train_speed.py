@@ -17,7 +17,7 @@ the driver (one optimizer step each in turn), so load from other users of a shar
 alike: warm-up steps, then the median over the measured steps of useful (non-pad) tokens per second,
 and the process's peak RSS (ru_maxrss). loratune runs through its Python entry point
 `loratune.train.run` with its defaults. MFU = tokens/s x F / bf16 matmul peak
-(bench/peak.py), F = 4 P_lin + 6 P_lora + 6 L T d_attn FLOP per token (P_lin: every frozen matmul
+(bench/peak.py, best repeat), F = 4 P_lin + 6 P_lora + 6 L T d_attn FLOP per token (P_lin: every frozen matmul
 weight including the LM head; T: mean example length).
 
 Finally a 20-step check: loratune's fast paths and their references (`loratune.ops.reference_paths`)
@@ -342,15 +342,16 @@ def summarise(results: dict, peak: dict, lengths: dict) -> list[dict]:
             spread = (max(rates) - min(rates)) / med if med else 0.0
             rows.append(dict(scenario=scenario, contender=name, tokens_per_s=med, spread=spread, n=len(rates),
                              rss=r["peak_rss_mib"], speedup=med / ref, rss_ratio=r["peak_rss_mib"] / ref_rss,
-                             mfu=med * flop_per_token(lengths[scenario]) / peak["bf16"]))
+                             mfu=med * flop_per_token(lengths[scenario]) / peak["bf16_best"]))
     return rows
 
 
 def render(rows: list[dict], peak: dict, loss: dict | None, command: str, started: str, loads: dict) -> str:
     lines = [
         "## Training speed: loratune vs PEFT + Transformers (CPU)", "",
-        f"`{command}` — {started}, {machine()}; bf16 matmul peak {peak['bf16'] / 1e9:.0f} GFLOP/s, "
-        f"fp32 {peak['fp32'] / 1e9:.0f} GFLOP/s (bench/peak.py, {peak['threads']} threads).", "",
+        f"`{command}` — {started}, {machine()}; bf16 matmul peak {peak['bf16_best'] / 1e9:.0f} GFLOP/s "
+        f"(median {peak['bf16'] / 1e9:.0f}), fp32 {peak['fp32_best'] / 1e9:.0f} GFLOP/s "
+        f"(bench/peak.py, best of 15 repeats, {peak['threads']} threads; MFU divides by the best).", "",
         f"SmolLM-135M-shaped Llama ({MODEL['num_hidden_layers']} layers), random weights; LoRA r=16, alpha=32, dropout 0, 7 projections; AdamW lr 1e-4. "
         "A: 4 x 256 tokens. B: lengths uniform 32-512 (PEFT pads each batch of 4 to its longest; loratune packs). "
         "Median useful tokens/s over the measured steps, each contender in its own process; spread = (max-min)/median.",
@@ -418,7 +419,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="loratune-speed-"))
     try:
         log("measuring the matmul peak")
-        peak = json.loads(subprocess.run([sys.executable, str(ROOT / "bench/peak.py"), "--json"],
+        peak = json.loads(subprocess.run([sys.executable, str(ROOT / "bench/peak.py"), "--json", "--repeats", "15"],
                                          capture_output=True, text=True, check=True).stdout)
         log("writing the random model and data")
         paths = prepare(workdir, n_examples=BATCH * 2 * (warmup + steps + 2))
