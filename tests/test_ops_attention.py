@@ -76,3 +76,14 @@ def test_generation_still_works():
     enable_varlen_attention(model)
     out = model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 7)
+
+
+@pytest.mark.gpu
+def test_varlen_equals_block_diagonal_sdpa_cuda():
+    batch = {k: v.cuda() for k, v in packed([5, 9, 7]).items()}
+    model = tiny_model("llama", dtype=torch.bfloat16).cuda()
+    with torch.no_grad():
+        ref, _ = token_loss_sum(model, batch)
+        enable_varlen_attention(model)
+        got, _ = token_loss_sum(model, batch)
+    torch.testing.assert_close(got, ref, **TOL[torch.bfloat16])
