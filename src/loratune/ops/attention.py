@@ -4,7 +4,8 @@ A packed batch is one row (1, N) holding several examples, with position_ids res
 each. Transformers' sdpa path makes attention block-diagonal with an (N x N) mask, so the kernel
 still computes all N^2 scores and cannot use its causal fast path. `varlen_sdpa_attention` instead
 cuts the row at the restarts and runs `scaled_dot_product_attention(is_causal=True)` on each example:
-the work is sum(T_i^2 / 2) instead of N^2. Anything that is not a packed training batch (padded
+the work is sum(T_i^2 / 2) instead of N^2. On CPU the per-example products run in fp32 (faster there
+than the bf16 flash backward, and no less exact). Anything that is not a packed training batch (padded
 batches, a single sequence, decoding with a cache) goes to Transformers' own sdpa function
 unchanged, so the reference for this fast path is `sdpa_attention_forward` with its block-diagonal
 mask; tests/test_ops_attention.py compares the two (outputs and LoRA gradients).
@@ -39,12 +40,16 @@ def varlen_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
     gqa = query.shape[1] != key.shape[1]
+    # On CPU the flash kernel's backward is faster in fp32 than in bf16 (docs/performance.md:
+    # a whole step -5%); q/k/v are small next to the weights, so the casts cost little.
+    compute = torch.float32 if query.device.type == "cpu" else query.dtype
+    q, k, v = query.to(compute), key.to(compute), value.to(compute)
     outs = [
-        F.scaled_dot_product_attention(query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True,
+        F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
                                        dropout_p=dropout, scale=scaling, enable_gqa=gqa)
         for s, e in bounds
     ]
-    out = torch.cat(outs, dim=2)  # (1, H, N, hd)
+    out = torch.cat(outs, dim=2).to(query.dtype)  # (1, H, N, hd)
     return out.transpose(1, 2).contiguous(), None
 
 
