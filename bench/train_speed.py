@@ -317,6 +317,8 @@ def run_scenario(scenario: str, names: list[str], data: str, model_dir: str, war
         for proc in procs.values():
             if proc.poll() is None:
                 proc.kill()
+            if proc.returncode == 0:
+                os.unlink(proc.errors_path)
 
 
 # ----- figures -------------------------------------------------------------------------------------
@@ -437,6 +439,7 @@ def main() -> None:
             proc = start_worker("loss-check", data=paths["A"], model_dir=paths["model"], steps=20)
             loss = read_reply("loss-check", proc)
             proc.wait()
+            os.unlink(proc.errors_path)
         text = render(summarise(results, peak, lengths), peak, loss, command, started, loads)
         print(text)
         if not args.no_write:
