@@ -151,6 +151,7 @@ def build_model(cfg: TrainConfig, env: DistEnv):
     """Load the frozen base (bf16 where supported) and inject a fresh fp32 LoRA adapter."""
     from loratune import LoraConfig, get_peft_model
     from loratune.loading import load_base_model
+    from loratune.ops.attention import enable_varlen_attention
 
     m, lo = cfg.model, cfg.lora
     base = load_base_model(
@@ -172,6 +173,8 @@ def build_model(cfg: TrainConfig, env: DistEnv):
         task_type="CAUSAL_LM", base_model_name_or_path=m.model_name_or_path,
     )
     model = get_peft_model(base, lora_config)
+    # Packed rows (the default) attend per example instead of through an N x N block mask.
+    enable_varlen_attention(model)
     with torch.no_grad():
         for _, p in model.named_parameters():
             if p.requires_grad and p.dtype != torch.float32:
