@@ -53,7 +53,6 @@ SCENARIOS = {"A": dict(min_len=256, max_len=256), "B": dict(min_len=32, max_len=
 CONTENDERS = ["peft-fp32", "peft-bf16", "loratune"]
 # Not run by default: loratune's trainer plus the settings docs/performance.md asks it to adopt
 # (per-example attention for packed rows, tune_cpu_runtime), to show what they are worth.
-OPTIONAL = ["loratune-next"]
 LOSS_TOL = 2e-2  # relative, bf16
 MARK_START, MARK_END = "<!-- train_speed:start -->", "<!-- train_speed:end -->"
 
@@ -161,7 +160,7 @@ def pad_batch(seqs: list[list[int]], pad_id: int = 0):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}, int(mask.sum())
 
 
-def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Lockstep, *, nxt: bool = False) -> None:
+def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Lockstep) -> None:
     """loratune's trainer through `loratune.train.run`, its defaults plus the benchmark's settings.
 
     The trainer has no step hook, so the worker wraps `loop._accumulate` (the first thing each step
@@ -183,8 +182,6 @@ def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Loc
         return out
 
     loop._accumulate = stepped
-    if nxt:
-        adopt_recommended_settings()
     out = tempfile.mkdtemp(prefix="loratune-bench-")
     try:
         run({
@@ -195,23 +192,6 @@ def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Loc
         })
     finally:
         shutil.rmtree(out, ignore_errors=True)
-
-
-def adopt_recommended_settings() -> None:
-    """What the trainer does once it follows docs/performance.md (for the loratune-next contender)."""
-    from loratune.ops.attention import enable_varlen_attention
-    from loratune.ops.runtime import tune_cpu_runtime
-    from loratune.train import api
-
-    tune_cpu_runtime()
-    real = api.build_model
-
-    def build_model(*args, **kwargs):
-        model = real(*args, **kwargs)
-        enable_varlen_attention(model)
-        return model
-
-    api.build_model = build_model
 
 
 def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
@@ -255,7 +235,7 @@ def worker(args: argparse.Namespace) -> None:
         return
     sync = Lockstep()
     if args.worker.startswith("loratune"):
-        run_loratune(args.scenario, args.data, args.model_dir, args.steps, sync, nxt=args.worker == "loratune-next")
+        run_loratune(args.scenario, args.data, args.model_dir, args.steps, sync)
     else:
         run_peft(args.worker.split("-")[1], args.data, args.model_dir, args.steps, sync)
     while sync.wait():  # the driver may still send go if this contender ran out of data early
@@ -458,7 +438,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=None, help="override the 30 decoder layers (smoke tests)")
     parser.add_argument("--scenarios", default="A,B")
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
-                        help=f"comma-separated, from {CONTENDERS + OPTIONAL}")
+                        help=f"comma-separated, from {CONTENDERS}")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--skip-loss-check", action="store_true")
     # worker mode (internal)
