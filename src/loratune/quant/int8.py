@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from .storage import check_weight, move_keeping_dtypes, storage_nbytes
-from .tiled import TILE_ELEMENTS, plan_tiles, tiled_linear
+from .tiled import TILE_ELEMENTS, plan_tiles, quantized_forward
 
 INT8_MAX = 127
 
@@ -83,11 +83,7 @@ class Linear8bit(nn.Module):
         return self._tiles[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)                 # (N, in)
-        y = tiled_linear(x2, self.dequantize_rows, self.tiles(), self.out_features)  # (N, out)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return quantized_forward(self, x)
 
     def _apply(self, fn, recurse=True):
         return move_keeping_dtypes(self, fn, lambda f: super(Linear8bit, self)._apply(f, recurse))

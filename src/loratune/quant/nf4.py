@@ -12,7 +12,7 @@ from torch import Tensor, nn
 
 from . import blockwise as bw
 from .storage import check_weight, move_keeping_dtypes, storage_nbytes
-from .tiled import TILE_ELEMENTS, plan_tiles, row_multiple_for_blocks, tiled_linear
+from .tiled import TILE_ELEMENTS, plan_tiles, quantized_forward, row_multiple_for_blocks
 
 # byte b holds the code indices (b >> 4, b & 15): one lookup of b yields both dequantized values
 _NIBBLE_PAIRS = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 15], dim=1)   # (256, 2)
@@ -127,11 +127,7 @@ class Linear4bit(nn.Module):
         return self._tiles[1]
 
     def forward(self, x: Tensor) -> Tensor:
-        x2 = x.reshape(-1, self.in_features).to(self.compute_dtype)                 # (N, in)
-        y = tiled_linear(x2, self.dequantize_rows, self.tiles(), self.out_features)  # (N, out)
-        if self.bias is not None:
-            y = y + self.bias.to(y.dtype)
-        return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+        return quantized_forward(self, x)
 
     def _apply(self, fn, recurse=True):
         return move_keeping_dtypes(self, fn, lambda f: super(Linear4bit, self)._apply(f, recurse))

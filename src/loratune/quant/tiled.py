@@ -79,3 +79,15 @@ def tiled_linear(x: Tensor, dequantize_rows: RowsFn, tiles, out_features: int) -
 def reference_linear(x: Tensor, weight: Tensor) -> Tensor:
     """The obvious version: one full weight (out, in), one matmul."""
     return x @ weight.t()
+
+
+def quantized_forward(layer, x: Tensor) -> Tensor:
+    """y = x W^T + b for a quantized linear layer, W dequantized one tile of rows at a time.
+
+    `layer` has in_features, out_features, compute_dtype, bias, dequantize_rows and tiles().
+    """
+    x2 = x.reshape(-1, layer.in_features).to(layer.compute_dtype)                   # (N, in)
+    y = tiled_linear(x2, layer.dequantize_rows, layer.tiles(), layer.out_features)  # (N, out)
+    if layer.bias is not None:
+        y = y + layer.bias.to(y.dtype)
+    return y.view(*x.shape[:-1], layer.out_features).to(x.dtype)
