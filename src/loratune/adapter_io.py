@@ -222,13 +222,3 @@ def _embedding_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:
         for path, module in model.named_modules()
         if isinstance(module, LoraLayer) and path.split(".")[-1] in EMBEDDING_LAYER_NAMES
     }
-
-
-def describe_adapter_dir(path: str) -> dict:
-    """Config and tensor summary of an adapter directory, without a model (for inspection)."""
-    config, tensors = read_adapter(path)
-    return {
-        "config": config.to_dict(),
-        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype).removeprefix("torch.")} for k, v in tensors.items()},
-        "num_parameters": sum(v.numel() for v in tensors.values()),
-    }
