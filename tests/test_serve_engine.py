@@ -171,3 +171,23 @@ def test_a_model_with_a_sliding_window_cache_is_refused_at_startup():
 
     with pytest.raises(UnsupportedFeatureError, match="DynamicSlidingWindowLayer"):
         build_server(model, Tokenizer(), ServeSettings(base_name="x"), num_threads=1)
+
+
+def test_quantized_base_serves_adapters_like_the_core_model(tmp_path):
+    from loratune.quant import quantize_model
+
+    plain = tiny_model("llama", seed=0)
+    paths = save_adapters(plain, "llama", tmp_path)
+    base = quantize_model(copy.deepcopy(plain), bits=4, compute_dtype=torch.float32)
+    assert any(getattr(m, "is_quantized", False) for m in base.modules())
+    engine, ids = start_engine(base, paths, max_batch_size=4)
+    prompt = tiny_batch(1, 6, seed=4)[0].tolist()
+    try:
+        reqs = [request(prompt, ids.get(name), 10) for name in (None, "a1", "a2")]
+        for r, _ in reqs:
+            engine.submit(r)
+        assert all(sink.done.wait(30) for _, sink in reqs)
+    finally:
+        engine.stop()
+    for (_, sink), name in zip(reqs, (None, "a1", "a2")):
+        assert sink.tokens == reference_tokens(base, paths.get(name), prompt, 10), name

@@ -48,6 +48,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         help="torch intra-op threads of the engine (default: torch's choice)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                         help="base model dtype (default: auto = bf16 where supported)")
+    quant = parser.add_argument_group("quantized base (QLoRA adapters)")
+    quant.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen base to 4 bits")
+    quant.add_argument("--load-in-8bit", action="store_true", help="quantize the frozen base to 8 bits")
+    quant.add_argument("--bnb-4bit-quant-type", choices=["nf4", "fp4"], default="nf4", help="4-bit data type")
+    quant.add_argument("--bnb-4bit-compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
+                       help="dtype of the 4-bit matmuls")
+    quant.add_argument("--bnb-4bit-use-double-quant", action="store_true", help="quantize the 4-bit scales too")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -96,7 +103,13 @@ def run(args: argparse.Namespace) -> int:
             api_keys=args.api_key or ([env_key] if env_key else []), adapter_roots=roots,
             max_loaded=args.max_loaded, max_request_tokens=args.max_request_tokens,
         )
-        app, state = load_and_build(args.model_name_or_path, settings, dtype=args.dtype, adapters=adapters,
+        quantization = {
+            "load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit,
+            "bnb_4bit_quant_type": args.bnb_4bit_quant_type, "bnb_4bit_compute_dtype": args.bnb_4bit_compute_dtype,
+            "bnb_4bit_use_double_quant": args.bnb_4bit_use_double_quant,
+        }
+        app, state = load_and_build(args.model_name_or_path, settings, dtype=args.dtype, quantization=quantization,
+                                    adapters=adapters,
                                     max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                                     context_length=args.max_model_len, num_threads=args.threads)
     except LoratuneError as exc:
