@@ -280,3 +280,17 @@ def test_weighted_adapter_saves_and_reloads(tmp_path):
 
     again = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "ab"))
     assert_close(logits(again, x), expected)
+
+
+def test_layer_safe_merge_of_several_adapters_writes_nothing_when_one_is_bad():
+    model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "good")
+    model.add_adapter("bad", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+    layer = model.model.model.layers[0].self_attn.q_proj
+    with torch.no_grad():
+        layer.lora_B["bad"].weight.fill_(float("inf"))
+    before = layer.base_layer.weight.detach().clone()
+    with pytest.raises(MergeError, match="NaN/Inf"):
+        layer.merge(["good", "bad"], safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, before) and layer.merged_adapters == []
+    layer.merge(["good"], safe_merge=True)
+    assert not torch.equal(layer.base_layer.weight, before) and layer.merged_adapters == ["good"]

@@ -24,16 +24,6 @@ from .layers import LoraEmbedding, LoraLayer
 COMBINATIONS = ("svd", "cat", "linear")
 
 
-def check_finite_merge(layer: LoraLayer, adapter_names: list[str]) -> None:
-    """Raise MergeError if merging these adapters would put NaN/Inf into the layer's weight."""
-    weight = layer._merge_target().detach().float()
-    for name in adapter_names:
-        if name in layer.r and name not in layer.merged_adapters:
-            weight = layer.merged_weight(name, weight)
-    if not torch.isfinite(weight).all():
-        raise MergeError(f"merging {adapter_names} would write NaN/Inf into {layer._describe()}; nothing was merged")
-
-
 def check_not_tied(model: nn.Module, layers: list[LoraLayer], adapter_names: list[str]) -> None:
     """Raise MergeError if a weight about to be merged is shared with another module.
 

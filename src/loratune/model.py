@@ -220,11 +220,11 @@ class LoraModel(nn.Module):
         names = self._merge_names(adapter_names)
         layers = [layer for layer in self._layers() if isinstance(layer, LoraLayer)]
         merge.check_not_tied(self.model, layers, names)
-        if safe_merge:  # check every layer before touching any weight
+        if safe_merge:  # check every layer before touching any weight; the merge itself need not recheck
             for layer in layers:
-                merge.check_finite_merge(layer, names)
+                layer.check_finite_merge(names)
         for layer in layers:
-            layer.merge(names, safe_merge=safe_merge)
+            layer.merge(names)
 
     def unmerge_adapter(self) -> None:
         """Subtract every merged adapter from the base weights."""

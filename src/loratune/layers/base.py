@@ -122,16 +122,40 @@ class LoraLayer(nn.Module):
         raise NotImplementedError
 
     def merge(self, adapter_names: list[str], *, safe_merge: bool = False) -> None:
-        """Add the given adapters' updates into the base weight (fp32 math, cast back)."""
+        """Add the given adapters' updates into the base weight: fp32 math, one cast back.
+
+        Raises:
+            MergeError: with safe_merge, the result holds NaN/Inf; nothing is written then.
+        """
+        names = self._mergeable(adapter_names)
+        if not names:
+            return
         weight = self._merge_target()
-        for name in adapter_names:
-            if name in self.merged_adapters or name not in self.r:
-                continue
-            merged = self.merged_weight(name, weight.detach().float())
-            if safe_merge and not torch.isfinite(merged).all():
-                raise MergeError(f"merging adapter {name!r} would write NaN/Inf into {self._describe()}; base left unchanged")
-            weight.data.copy_(merged.to(weight.dtype))
-            self.merged_adapters.append(name)
+        merged = self._merged_fp32(names)
+        if safe_merge:
+            self._check_finite(merged, names)
+        weight.data.copy_(merged.to(weight.dtype))
+        self.merged_adapters.extend(names)
+
+    def check_finite_merge(self, adapter_names: list[str]) -> None:
+        """Raise MergeError if merging these adapters would put NaN/Inf into the base weight."""
+        names = self._mergeable(adapter_names)
+        if names:
+            self._check_finite(self._merged_fp32(names), names)
+
+    def _mergeable(self, adapter_names: list[str]) -> list[str]:
+        return [n for n in adapter_names if n in self.r and n not in self.merged_adapters]
+
+    def _merged_fp32(self, names: list[str]) -> Tensor:
+        weight = self._merge_target().detach().float()
+        for name in names:
+            weight = self.merged_weight(name, weight)
+        return weight
+
+    def _check_finite(self, merged: Tensor, names: list[str]) -> None:
+        if not torch.isfinite(merged).all():
+            raise MergeError(f"merging adapter(s) {names} would write NaN/Inf into {self._describe()}; "
+                             "base left unchanged")
 
     def unmerge(self) -> None:
         """Subtract every merged adapter's update from the base weight, most recent first."""
