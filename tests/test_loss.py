@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from factories import VOCAB, tiny_model
-from loratune.train.loss import IGNORE_INDEX, token_loss_sum, token_loss_sum_reference
+from loratune.data import IGNORE_INDEX
+from loratune.train.loss import token_loss_sum, token_loss_sum_reference
 
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from factories import VOCAB, tiny_model
+from loratune.data import IGNORE_INDEX
 from loratune.ops.attention import NAME, enable_varlen_attention, packed_bounds
-from loratune.train.loss import IGNORE_INDEX, token_loss_sum
+from loratune.train.loss import token_loss_sum
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
 

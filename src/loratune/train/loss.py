@@ -19,10 +19,10 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from loratune.data.tokenize import IGNORE_INDEX
 from loratune.ops import fast_paths_enabled
 from loratune.ops.cross_entropy import chunked_cross_entropy_sum
 
-IGNORE_INDEX = -100
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
