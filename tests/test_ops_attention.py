@@ -1,13 +1,21 @@
-"""Per-example attention for packed rows against Transformers' block-diagonal sdpa."""
+"""Per-example attention for packed rows against Transformers' block-diagonal sdpa, and the CPU
+blocked kernel (`packed_causal_attention`) against causal sdpa run per example."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from factories import VOCAB, tiny_model
 from loratune.data import IGNORE_INDEX
-from loratune.ops.attention import NAME, enable_varlen_attention, packed_bounds
+from loratune.ops.attention import (
+    NAME,
+    enable_varlen_attention,
+    packed_bounds,
+    packed_causal_attention,
+    varlen_sdpa_attention,
+)
 from loratune.train.loss import token_loss_sum
 
 TOL = {torch.float32: dict(rtol=1e-4, atol=1e-5), torch.bfloat16: dict(rtol=2e-2, atol=5e-2)}
@@ -36,8 +44,8 @@ def test_varlen_equals_block_diagonal_sdpa(arch, dtype, monkeypatch):
     import loratune.ops.attention as attention
 
     calls = []
-    real = attention.packed_bounds
-    monkeypatch.setattr(attention, "packed_bounds", lambda *a: calls.append(real(*a)) or calls[-1])
+    real = attention.packed_causal_attention
+    monkeypatch.setattr(attention, "packed_causal_attention", lambda q, k, v, b, s: calls.append(b) or real(q, k, v, b, s))
     batch = packed([5, 9, 1, 7])
     model = tiny_model(arch, dtype=dtype)
     for p in model.parameters():
@@ -50,7 +58,7 @@ def test_varlen_equals_block_diagonal_sdpa(arch, dtype, monkeypatch):
     assert model.config._attn_implementation == NAME
     loss, _ = token_loss_sum(model, batch)
     loss.backward()
-    assert calls and all(b == [(0, 5), (5, 14), (14, 15), (15, 22)] for b in calls)  # the split path ran
+    assert calls and all(b == [(0, 5), (5, 14), (14, 15), (15, 22)] for b in calls)  # the fast kernel ran
     torch.testing.assert_close(loss, ref_loss, **TOL[dtype])
     for n, p in model.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], **TOL[dtype], msg=n)
@@ -88,3 +96,91 @@ def test_varlen_equals_block_diagonal_sdpa_cuda():
         enable_varlen_attention(model)
         got, _ = token_loss_sum(model, batch)
     torch.testing.assert_close(got, ref, **TOL[torch.bfloat16])
+
+
+def per_example_sdpa(q, k, v, bounds, scale):
+    """Reference: causal sdpa on each example, (H, N, hd) -> (N, H, hd)."""
+    outs = [F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True, scale=scale,
+                                           enable_gqa=True) for s, e in bounds]
+    return torch.cat(outs, dim=1).transpose(0, 1)
+
+
+def qkv(heads, kv_heads, lengths, dtype, dim=8, seed=0):
+    """q in Transformers' layout (a transposed view of (N, H, hd)), k and v contiguous (KV, N, hd)."""
+    g = torch.Generator().manual_seed(seed)
+    n = sum(lengths)
+    q = (2 * torch.randn(n, heads, dim, generator=g)).to(dtype).transpose(0, 1)
+    k = (2 * torch.randn(kv_heads, n, dim, generator=g)).to(dtype)
+    v = torch.randn(kv_heads, n, dim, generator=g).to(dtype)
+    starts = [sum(lengths[:i]) for i in range(len(lengths))]
+    return q, k, v, [(s, s + t) for s, t in zip(starts, lengths)]
+
+
+def rel_err(got, want):
+    return float((got.double() - want.double()).norm() / want.double().norm())
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
+@pytest.mark.parametrize("block", [4, 128])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_packed_causal_attention_matches_sdpa_per_example(heads, kv_heads, block, dtype):
+    q0, k0, v0, bounds = qkv(heads, kv_heads, [1, 7, 9, 16, 37], dtype)
+    scale = 0.3
+    grad = torch.randn(q0.shape[1], heads, q0.shape[2], generator=torch.Generator().manual_seed(1)).to(dtype)
+    results = []
+    for fn in (packed_causal_attention, per_example_sdpa):
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q0, k0, v0))
+        kwargs = {"block": block} if fn is packed_causal_attention else {}
+        out = fn(q, k, v, bounds, scale, **kwargs)
+        out.backward(grad)
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    if dtype == torch.bfloat16:  # compare both with the float64 truth instead of with each other
+        q, k, v = (t.detach().double().requires_grad_() for t in (q0, k0, v0))
+        out = per_example_sdpa(q, k, v, bounds, scale)
+        out.backward(grad.double())
+        truth = (out.detach(), q.grad, k.grad, v.grad)
+        for name, got, ref, want in zip("out q k v".split(), results[0], results[1], truth):
+            assert got.dtype == torch.bfloat16
+            assert rel_err(got, want) < max(2.5 * rel_err(ref, want), 1e-2), name
+    else:
+        tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
+        for name, got, want in zip("out q k v".split(), *results):
+            torch.testing.assert_close(got, want, **tol, msg=name)
+
+
+def test_packed_causal_attention_gradcheck():
+    q, k, v, bounds = qkv(4, 2, [3, 5], torch.float64, dim=4)
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    assert torch.autograd.gradcheck(lambda q, k, v: packed_causal_attention(q, k, v, bounds, 0.5, block=2),
+                                    (q, k, v))
+
+
+def test_packed_causal_attention_rejects_bad_shapes():
+    q, k, v, bounds = qkv(6, 4, [3], torch.float32)
+    with pytest.raises(ValueError, match="packed_causal_attention"):
+        packed_causal_attention(q, k, v, bounds, 1.0)
+
+
+class _Module(torch.nn.Module):
+    is_causal = True
+
+
+@pytest.mark.parametrize("kwargs,fast", [
+    ({}, True),
+    ({"sliding_window": 16}, True),  # longer than every example: changes nothing
+    ({"sliding_window": 4}, False),  # cuts into an example: the block-diagonal mask path
+    ({"softcap": 30.0}, False),
+    ({"dropout": 0.1}, False),
+])
+def test_fast_kernel_only_where_it_computes_the_same(kwargs, fast, monkeypatch):
+    import loratune.ops.attention as attention
+
+    calls = []
+    real = attention.packed_causal_attention
+    monkeypatch.setattr(attention, "packed_causal_attention", lambda *a: calls.append(1) or real(*a))
+    fallback = []
+    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: fallback.append(k) or (None, None))
+    q, k, v, bounds = qkv(4, 2, [5, 7], torch.float32)
+    position_ids = torch.cat([torch.arange(e - s) for s, e in bounds])[None]
+    varlen_sdpa_attention(_Module(), q[None], k[None], v[None], None, position_ids=position_ids, **kwargs)
+    assert bool(calls) == fast and bool(fallback) == (not fast)

@@ -3,12 +3,22 @@
 A packed batch is one row (1, N) holding several examples, with position_ids restarting at 0 for
 each. Transformers' sdpa path makes attention block-diagonal with an (N x N) mask, so the kernel
 still computes all N^2 scores and cannot use its causal fast path. `varlen_sdpa_attention` instead
-cuts the row at the restarts and runs `scaled_dot_product_attention(is_causal=True)` on each example:
-the work is sum(T_i^2 / 2) instead of N^2. On CPU the per-example products run in fp32 (faster there
-than the bf16 flash backward, and no less exact). Anything that is not a packed training batch (padded
-batches, a single sequence, decoding with a cache) goes to Transformers' own sdpa function
-unchanged, so the reference for this fast path is `sdpa_attention_forward` with its block-diagonal
-mask; tests/test_ops_attention.py compares the two (outputs and LoRA gradients).
+cuts the row at the restarts and runs causal attention on each example: the work is sum(T_i^2 / 2)
+instead of N^2. Anything that is not a packed training batch (padded batches, a single sequence,
+decoding with a cache, dropout, a sliding window shorter than an example, soft-capping) goes to
+Transformers' own sdpa function unchanged, so the reference for this fast path is
+`sdpa_attention_forward` with its block-diagonal mask; tests/test_ops_attention.py compares the two
+(outputs and LoRA gradients).
+
+Per example, on CPU, `causal_attention` replaces the sdpa flash kernel, whose backward runs far
+below the machine's matmul rate (docs/performance.md). It is attention written as batched matrix
+products over blocks of 128 query rows: block i reads keys [0, end of block i) only, so the masked
+upper triangle is mostly skipped (62% of the full products at T = 512), scores are computed in fp32
+(fp32 q and k, the mask added inside the same product), the softmax is fp32, and the probabilities
+are kept in the input dtype for the value product and for backward, which needs no recomputation.
+fwd + bwd, 9 heads / 3 KV heads of 64, bf16, 2 threads: 2.45 ms vs 4.42 ms for the fp32 flash
+kernel at T = 256, 6.9 ms vs 17.5 ms at T = 512. Its reference is `F.scaled_dot_product_attention(
+is_causal=True)` (the per-example path on other devices).
 
 `enable_varlen_attention(model)` registers the function under the name "loratune_sdpa" and switches a
 Transformers model that uses "sdpa" to it (its masks are still built by the sdpa mask function).
@@ -36,21 +46,137 @@ def varlen_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
                           **kwargs) -> tuple[Tensor, None]:
     """Transformers attention function: (B, H, T, hd) q/k/v -> ((B, T, H, hd) output, None)."""
     bounds = packed_bounds(kwargs.get("position_ids"), query, key)
-    if bounds is None or not fast_paths_enabled() or kwargs.get("position_bias") is not None:
+    if bounds is None or not fast_paths_enabled() or not _plain_causal(module, dropout, bounds, kwargs):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, **kwargs)
-    gqa = query.shape[1] != key.shape[1]
-    # On CPU the flash kernel's backward is faster in fp32 than in bf16 (docs/performance.md:
-    # a whole step -5%); q/k/v are small next to the weights, so the casts cost little.
-    compute = torch.float32 if query.device.type == "cpu" else query.dtype
-    q, k, v = query.to(compute), key.to(compute), value.to(compute)
-    outs = [
-        F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, s:e], v[:, :, s:e], is_causal=True,
-                                       dropout_p=dropout, scale=scaling, enable_gqa=gqa)
-        for s, e in bounds
-    ]
-    out = torch.cat(outs, dim=2).to(query.dtype)  # (1, H, N, hd)
-    return out.transpose(1, 2).contiguous(), None
+    scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
+    q, k, v = query[0], key[0], value[0]  # (H, N, hd), (KV, N, hd): views, no copies
+    if query.device.type == "cpu":
+        return packed_causal_attention(q, k, v, bounds, scale).unsqueeze(0), None
+    gqa = q.shape[0] != k.shape[0]
+    outs = [F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True, scale=scale,
+                                           enable_gqa=gqa) for s, e in bounds]
+    return torch.cat(outs, dim=1).transpose(0, 1).unsqueeze(0).contiguous(), None
+
+
+# Keyword arguments of a Transformers attention call that change what attention computes.
+_CHANGING_KWARGS = ("softcap", "s_aux", "sinks", "position_bias", "head_mask", "alibi", "attention_bias")
+
+
+def _plain_causal(module: nn.Module, dropout: float, bounds: list[tuple[int, int]], kwargs: dict) -> bool:
+    """True when per-example causal attention is exactly what the module asks for."""
+    if dropout or kwargs.get("output_attentions") or kwargs.get("is_causal") is False:
+        return False
+    if not getattr(module, "is_causal", True):
+        return False
+    window = kwargs.get("sliding_window")
+    if window is not None and max(e - s for s, e in bounds) > window:
+        return False  # the window cuts into an example: the mask function's block-diagonal mask handles it
+    return all(kwargs.get(key) is None for key in _CHANGING_KWARGS)
+
+
+BLOCK = 128  # query rows per block; 64 and 256 measured slower at T = 128-512 (docs/performance.md)
+
+
+def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, bounds: list[tuple[int, int]], scale: float,
+                            block: int = BLOCK) -> Tensor:
+    """Causal attention within each example of a packed row -> (N, H, hd), token-major.
+
+    q (H, N, hd), k and v (KV, N, hd) with H % KV == 0 (any strides); bounds: [(start, stop), ...]
+    covering [0, N). The fast path described in the module doc; the same result as running
+    `F.scaled_dot_product_attention(..., is_causal=True, scale=scale, enable_gqa=True)` per example.
+    """
+    if q.dim() != 3 or q.shape[0] % k.shape[0] or k.shape != v.shape or q.shape[1:] != k.shape[1:]:
+        raise ValueError(f"packed_causal_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+    return _PackedCausalAttentionFn.apply(q, k, v, tuple(bounds), float(scale), int(block))
+
+
+def _blocks(bounds: tuple[tuple[int, int], ...], block: int) -> list[tuple[int, int, int]]:
+    """(example start, block start, block stop) for every block of query rows."""
+    return [(s0, s, min(s + block, e0)) for s0, e0 in bounds for s in range(s0, e0, block)]
+
+
+_BIAS: dict[tuple, Tensor] = {}
+
+
+def _causal_bias(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(rows, cols) additive mask for the last `rows` queries of `cols` keys: -inf above the diagonal."""
+    key = (rows, cols, dtype, device)
+    bias = _BIAS.get(key)
+    if bias is None:
+        if len(_BIAS) > 256:
+            _BIAS.clear()
+        upper = torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
+        bias = torch.zeros(rows, cols, dtype=dtype, device=device)
+        bias[:, cols - rows:].masked_fill_(upper, float("-inf"))
+        _BIAS[key] = bias
+    return bias
+
+
+def _score_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def _per_head(t: Tensor, rep: int) -> Tensor:
+    """(KV, N, hd) -> (H, N, hd), each KV head repeated for its group of query heads."""
+    return t.repeat_interleave(rep, dim=0) if rep > 1 else t
+
+
+class _PackedCausalAttentionFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, bounds, scale, block):
+        heads, n, dim = q.shape
+        rep = heads // k.shape[0]
+        sdt = _score_dtype(q.dtype)
+        qs, ks, vh = q.to(sdt), _per_head(k.to(sdt), rep), _per_head(v, rep)
+        out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
+        probs = []
+        for s0, s, e in _blocks(bounds, block):
+            scores = torch.baddbmm(_causal_bias(e - s, e - s0, sdt, q.device), qs[:, s:e],
+                                   ks[:, s0:e].transpose(1, 2), alpha=scale)  # (H, rows, keys)
+            p = torch.softmax(scores, dim=-1).to(q.dtype)
+            del scores
+            torch.bmm(p, vh[:, s0:e], out=out[s:e].transpose(0, 1))
+            probs.append(p)
+        ctx.save_for_backward(q, k, v, *probs)
+        ctx.bounds, ctx.scale, ctx.block = bounds, scale, block
+        ctx.stops = dict(bounds)  # example start -> stop
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, *probs = ctx.saved_tensors
+        heads, n, dim = q.shape
+        rep = heads // k.shape[0]
+        kh, vh = _per_head(k, rep), _per_head(v, rep)
+        go = grad_out.to(q.dtype).transpose(0, 1)  # (H, N, hd) view
+        acc = _score_dtype(q.dtype)
+        grad_q = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
+        grad_kh = torch.empty(heads, n, dim, dtype=acc, device=q.device)
+        grad_vh = torch.empty(heads, n, dim, dtype=acc, device=q.device)
+        # Last block of each example first: it covers all the example's keys, so it initialises the
+        # fp32 key/value gradients (no zero fill) and the earlier blocks add into prefixes of them.
+        for (s0, s, e), p in reversed(list(zip(_blocks(ctx.bounds, ctx.block), probs))):
+            first_written = e == ctx.stops[s0]
+            g = go[:, s:e]  # (H, rows, hd)
+            grad_p = torch.bmm(g, vh[:, s0:e].transpose(1, 2))  # (H, rows, keys)
+            grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
+            del grad_p
+            torch.bmm(grad_s, kh[:, s0:e], out=grad_q[s:e].transpose(0, 1))
+            part_v = torch.bmm(p.transpose(1, 2), g)
+            part_k = torch.bmm(grad_s.transpose(1, 2), q[:, s:e])
+            if first_written:
+                grad_vh[:, s0:e].copy_(part_v)
+                grad_kh[:, s0:e].copy_(part_k)
+            else:
+                grad_vh[:, s0:e] += part_v
+                grad_kh[:, s0:e] += part_k
+        grad_q.mul_(ctx.scale)
+        grad_kh.mul_(ctx.scale)
+        if rep > 1:
+            grad_kh = grad_kh.view(-1, rep, n, dim).sum(1)
+            grad_vh = grad_vh.view(-1, rep, n, dim).sum(1)
+        return grad_q.transpose(0, 1), grad_kh.to(k.dtype), grad_vh.to(v.dtype), None, None, None
 
 
 def packed_bounds(position_ids: Tensor | None, query: Tensor, key: Tensor) -> list[tuple[int, int]] | None:
