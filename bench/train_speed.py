@@ -21,7 +21,7 @@ and the process's peak RSS (ru_maxrss). loratune runs through its Python entry p
 weight including the LM head; T: mean example length).
 
 Finally a 20-step check: loratune's fast paths and their references (`loratune.ops.reference_paths`)
-train the same adapter from the same start on the same batches; the losses must agree within bf16
+train the same adapter from the same start on the same packed Scenario B batches; the losses must agree within bf16
 tolerance. The table goes between the train_speed markers of BENCHMARKS.md.
 """
 
@@ -195,23 +195,32 @@ def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Loc
 
 
 def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
-    """Train `steps` steps twice from the same start: fast paths, then `reference_paths()`."""
+    """Train `steps` steps twice from the same start: fast paths, then `reference_paths()`.
+
+    The batches are laid out as the trainer lays them out by default (packed rows, per-example
+    attention switched on), so every fast path the trainer uses is in the comparison; under
+    `reference_paths()` the same rows go through Transformers' block-diagonal sdpa, the full
+    logits and the unfused LoRA linear.
+    """
     import contextlib
 
     import torch
     from transformers import AutoModelForCausalLM
 
     from loratune import LoraConfig, get_peft_model
+    from loratune.data.batching import collate
     from loratune.ops import reference_paths
+    from loratune.ops.attention import enable_varlen_attention
     from loratune.train.loss import token_loss_sum
 
     torch.set_flush_denormal(True)
-    examples = read_examples(data)
-    batches = [pad_batch(examples[i * BATCH:(i + 1) * BATCH])[0] for i in range(2)]  # cycled, so loss falls
+    examples = [{"input_ids": ids, "labels": ids} for ids in read_examples(data)]
+    batches = [collate(examples[i * BATCH:(i + 1) * BATCH], packing=True, pad_token_id=0) for i in range(2)]
     losses = {}
     for mode in ("fast", "reference"):
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        enable_varlen_attention(base)
         model = get_peft_model(base, LoraConfig(**LORA, target_modules=PROJECTIONS))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -219,7 +228,7 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
         ctx = reference_paths() if mode == "reference" else contextlib.nullcontext()
         trace = []
         with ctx:
-            for step in range(steps):
+            for step in range(steps):  # two batches, cycled, so the loss falls
                 loss_sum, n = token_loss_sum(model, batches[step % len(batches)])
                 (loss_sum / n).backward()
                 optimizer.step()
@@ -357,7 +366,8 @@ def loss_line(loss: dict) -> str:
     fast, ref = loss["losses"]["fast"], loss["losses"]["reference"]
     rel = abs(fast[-1] - ref[-1]) / abs(ref[-1])
     verdict = "match" if rel <= LOSS_TOL else "DO NOT match"
-    return (f"Loss check ({len(fast)} steps, bf16 base, lr 1e-3): fast paths {fast[0]:.4f} -> {fast[-1]:.4f}, "
+    return (f"Loss check ({len(fast)} steps, bf16 base, lr 1e-3, packed rows of Scenario B's examples as the "
+            f"trainer lays them out): fast paths {fast[0]:.4f} -> {fast[-1]:.4f}, "
             f"reference paths {ref[0]:.4f} -> {ref[-1]:.4f}; relative difference at the last step {rel:.1e} "
             f"({verdict} within {LOSS_TOL:g}).")
 
@@ -416,7 +426,7 @@ def main() -> None:
         loss = None
         if not args.skip_loss_check:
             log("20-step loss check: fast paths vs reference paths")
-            proc = start_worker("loss-check", data=paths["A"], model_dir=paths["model"], steps=20)
+            proc = start_worker("loss-check", data=paths["B"], model_dir=paths["model"], steps=20)
             loss = read_reply("loss-check", proc)
             proc.wait()
             os.unlink(proc.errors_path)
