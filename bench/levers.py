@@ -96,6 +96,30 @@ def swiglu_variants() -> dict[str, float]:
     return out
 
 
+def attention_variants(length: int) -> dict[str, float]:
+    """Causal attention of one example (9 heads / 3 KV heads of 64, bf16), fwd + bwd."""
+    from loratune.ops.attention import packed_causal_attention
+
+    heads, kv, dim = 9, 3, 64
+    q = (2 * torch.randn(length, heads, dim)).bfloat16().transpose(0, 1).requires_grad_()  # Transformers' layout
+    k = (2 * torch.randn(kv, length, dim)).bfloat16().requires_grad_()
+    v = torch.randn(kv, length, dim).bfloat16().requires_grad_()
+    g = torch.randn(length, heads, dim).bfloat16()
+
+    def sdpa(dtype):
+        def run():
+            out = F.scaled_dot_product_attention(q.to(dtype), k.to(dtype), v.to(dtype), is_causal=True,
+                                                 enable_gqa=True)
+            out.to(q.dtype).transpose(0, 1).backward(g)
+        return run
+
+    out = {"sdpa flash, bf16": best_ms(sdpa(torch.bfloat16)), "sdpa flash, fp32 casts": best_ms(sdpa(torch.float32))}
+    for block in (64, 128, 256):
+        out[f"blocked bmm kernel, block {block}"] = best_ms(
+            lambda b=block: packed_causal_attention(q, k, v, [(0, length)], dim ** -0.5, block=b).backward(g))
+    return out
+
+
 def big_alloc(trim: bool) -> float:
     """Allocate and fill a (N x V) fp32 buffer, as the unchunked loss does every step."""
     if trim:
@@ -120,6 +144,9 @@ def main() -> None:
         print(f"RMSNorm fwd+bwd (1024 x 576 bf16) {name}: {ms:.2f}")
     for name, ms in swiglu_variants().items():
         print(f"SwiGLU fwd+bwd (1024 x 1536 bf16) {name}: {ms:.2f}")
+    for length in (128, 256, 512):
+        for name, ms in attention_variants(length).items():
+            print(f"causal attention fwd+bwd, T={length}, {name}: {ms:.2f}")
     print(f"zeros(1024 x 49152) fp32, glibc defaults: {big_alloc(False):.1f}")
     print(f"zeros(1024 x 49152) fp32, mmap/trim thresholds raised: {big_alloc(True):.1f}")
 

@@ -122,7 +122,7 @@ def rel_err(got, want):
 
 @pytest.mark.parametrize("heads,kv_heads", [(6, 2), (4, 4)])
 @pytest.mark.parametrize("block", [4, 128])
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_packed_causal_attention_matches_sdpa_per_example(heads, kv_heads, block, dtype):
     q0, k0, v0, bounds = qkv(heads, kv_heads, [1, 7, 9, 16, 37], dtype)
     scale = 0.3
@@ -134,13 +134,13 @@ def test_packed_causal_attention_matches_sdpa_per_example(heads, kv_heads, block
         out = fn(q, k, v, bounds, scale, **kwargs)
         out.backward(grad)
         results.append((out.detach(), q.grad, k.grad, v.grad))
-    if dtype == torch.bfloat16:  # compare both with the float64 truth instead of with each other
+    if dtype in (torch.bfloat16, torch.float16):  # compare both with the float64 truth, not each other
         q, k, v = (t.detach().double().requires_grad_() for t in (q0, k0, v0))
         out = per_example_sdpa(q, k, v, bounds, scale)
         out.backward(grad.double())
         truth = (out.detach(), q.grad, k.grad, v.grad)
         for name, got, ref, want in zip("out q k v".split(), results[0], results[1], truth):
-            assert got.dtype == torch.bfloat16
+            assert got.dtype == dtype
             assert rel_err(got, want) < max(2.5 * rel_err(ref, want), 1e-2), name
     else:
         tol = dict(rtol=1e-10, atol=1e-10) if dtype == torch.float64 else dict(rtol=1e-4, atol=1e-5)
@@ -184,3 +184,14 @@ def test_fast_kernel_only_where_it_computes_the_same(kwargs, fast, monkeypatch):
     position_ids = torch.cat([torch.arange(e - s) for s, e in bounds])[None]
     varlen_sdpa_attention(_Module(), q[None], k[None], v[None], None, position_ids=position_ids, **kwargs)
     assert bool(calls) == fast and bool(fallback) == (not fast)
+
+
+def test_causal_bias_is_a_slice_of_one_strip():
+    from loratune.ops.attention import _STRIPS, _causal_bias
+
+    _STRIPS.clear()
+    for rows, cols in [(1, 1), (3, 3), (3, 10), (4, 4), (2, 700), (4, 9)]:
+        bias = _causal_bias(rows, cols, 4, torch.float32, torch.device("cpu"))
+        future = torch.arange(cols)[None] > (cols - rows + torch.arange(rows)[:, None])
+        torch.testing.assert_close(bias, torch.zeros(rows, cols).masked_fill_(future, float("-inf")))
+    assert len(_STRIPS) == 1 and _STRIPS[(torch.float32, torch.device("cpu"), 4)].shape == (4, 4 + 1024)

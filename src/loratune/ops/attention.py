@@ -96,21 +96,24 @@ def _blocks(bounds: tuple[tuple[int, int], ...], block: int) -> list[tuple[int, 
     return [(s0, s, min(s + block, e0)) for s0, e0 in bounds for s in range(s0, e0, block)]
 
 
-_BIAS: dict[tuple, Tensor] = {}
+_STRIPS: dict[tuple, Tensor] = {}
 
 
-def _causal_bias(rows: int, cols: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(rows, cols) additive mask for the last `rows` queries of `cols` keys: -inf above the diagonal."""
-    key = (rows, cols, dtype, device)
-    bias = _BIAS.get(key)
-    if bias is None:
-        if len(_BIAS) > 256:
-            _BIAS.clear()
-        upper = torch.ones(rows, rows, dtype=torch.bool, device=device).triu_(1)
-        bias = torch.zeros(rows, cols, dtype=dtype, device=device)
-        bias[:, cols - rows:].masked_fill_(upper, float("-inf"))
-        _BIAS[key] = bias
-    return bias
+def _causal_bias(rows: int, cols: int, block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(rows, cols) additive mask for the last `rows` of `cols` positions: -inf where a key is in the future.
+
+    A view into one cached (block x width) strip whose -inf triangle sits at its right end, so every
+    block shape is a slice of it: memory is block x (longest example + block), whatever the lengths.
+    """
+    key = (dtype, device, block)
+    strip = _STRIPS.get(key)
+    if strip is None or strip.shape[1] - block < cols:
+        width = block + max(cols, 512, 2 * (0 if strip is None else strip.shape[1] - block))
+        future = torch.arange(width, device=device) > (width - block + torch.arange(block, device=device)[:, None])
+        strip = torch.zeros(block, width, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
+        _STRIPS[key] = strip
+    start = strip.shape[1] - block - cols + rows  # row i then allows keys [0, cols - rows + i]
+    return strip[:rows, start:start + cols]
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -132,7 +135,7 @@ class _PackedCausalAttentionFn(torch.autograd.Function):
         out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
         probs = []
         for s0, s, e in _blocks(bounds, block):
-            scores = torch.baddbmm(_causal_bias(e - s, e - s0, sdt, q.device), qs[:, s:e],
+            scores = torch.baddbmm(_causal_bias(e - s, e - s0, block, sdt, q.device), qs[:, s:e],
                                    ks[:, s0:e].transpose(1, 2), alpha=scale)  # (H, rows, keys)
             p = torch.softmax(scores, dim=-1).to(q.dtype)
             del scores
