@@ -403,7 +403,7 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
-    warmup, steps = (1, 5) if args.quick else (2, 6)
+    warmup, steps = (1, 5) if args.quick else (2, 10)
     if args.layers or args.quick:
         MODEL["num_hidden_layers"] = args.layers or 8
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
