@@ -51,8 +51,6 @@ LR = 1e-4
 BATCH = 4
 SCENARIOS = {"A": dict(min_len=256, max_len=256), "B": dict(min_len=32, max_len=512)}
 CONTENDERS = ["peft-fp32", "peft-bf16", "loratune"]
-# Not run by default: loratune's trainer plus the settings docs/performance.md asks it to adopt
-# (per-example attention for packed rows, tune_cpu_runtime), to show what they are worth.
 LOSS_TOL = 2e-2  # relative, bf16
 MARK_START, MARK_END = "<!-- train_speed:start -->", "<!-- train_speed:end -->"
 

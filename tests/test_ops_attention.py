@@ -195,3 +195,17 @@ def test_causal_bias_is_a_slice_of_one_strip():
         future = torch.arange(cols)[None] > (cols - rows + torch.arange(rows)[:, None])
         torch.testing.assert_close(bias, torch.zeros(rows, cols).masked_fill_(future, float("-inf")))
     assert len(_STRIPS) == 1 and _STRIPS[(torch.float32, torch.device("cpu"), 4)].shape == (4, 4 + 1024)
+
+
+def test_rows_with_a_long_example_take_the_flash_kernel(monkeypatch):
+    import loratune.ops.attention as attention
+
+    q, k, v, bounds = qkv(4, 2, [5, 7], torch.bfloat16)
+    position_ids = torch.cat([torch.arange(e - s) for s, e in bounds])[None]
+    fast, _ = varlen_sdpa_attention(_Module(), q[None], k[None], v[None], None, position_ids=position_ids)
+    calls = []
+    monkeypatch.setattr(attention, "BLOCKED_MAX_LENGTH", 6)  # the 7-token example is now "long"
+    monkeypatch.setattr(attention, "packed_causal_attention", lambda *a: calls.append(1))
+    flash, _ = varlen_sdpa_attention(_Module(), q[None], k[None], v[None], None, position_ids=position_ids)
+    assert not calls and flash.shape == fast.shape == (1, 12, 4, 8) and flash.dtype == torch.bfloat16
+    torch.testing.assert_close(flash, fast, **TOL[torch.bfloat16])

@@ -24,7 +24,8 @@ It is attention written as batched matrix products over blocks of 128 query rows
 fwd + bwd of one example, 9 heads / 3 KV heads of 64, bf16, 1 thread (bench/levers.py): T = 256
 8.4 ms -> 4.0 ms, T = 512 37 ms -> 13 ms against the flash kernel with fp32 casts (the faster of its
 two dtypes here). Its reference is `F.scaled_dot_product_attention(is_causal=True)` per example,
-which is also what runs on other devices.
+which is also what runs on other devices and for rows with an example longer than
+`BLOCKED_MAX_LENGTH` tokens (the kept probabilities grow with T^2; flash memory is linear).
 
 `enable_varlen_attention(model)` registers the function under the name "loratune_sdpa" and switches a
 Transformers model that uses "sdpa" to it (its masks are still built by the sdpa mask function).
@@ -57,12 +58,17 @@ def varlen_sdpa_attention(module: nn.Module, query: Tensor, key: Tensor, value: 
                                       scaling=scaling, **kwargs)
     scale = query.shape[-1] ** -0.5 if scaling is None else float(scaling)
     q, k, v = query[0], key[0], value[0]  # (H, N, hd), (KV, N, hd): views, no copies
-    if query.device.type == "cpu":
+    cpu = query.device.type == "cpu"
+    if cpu and max(e - s for s, e in bounds) <= BLOCKED_MAX_LENGTH:
         return packed_causal_attention(q, k, v, bounds, scale).unsqueeze(0), None
+    # Elsewhere, and for long examples on CPU, the sdpa kernel per example. On CPU its fp32 path is
+    # faster than its bf16 one (docs/performance.md); q/k/v are small next to the weights.
+    compute = torch.float32 if cpu else q.dtype
+    q, k, v = q.to(compute), k.to(compute), v.to(compute)
     gqa = q.shape[0] != k.shape[0]
     outs = [F.scaled_dot_product_attention(q[:, s:e], k[:, s:e], v[:, s:e], is_causal=True, scale=scale,
                                            enable_gqa=gqa) for s, e in bounds]
-    return torch.cat(outs, dim=1).transpose(0, 1).unsqueeze(0).contiguous(), None
+    return torch.cat(outs, dim=1).to(query.dtype).transpose(0, 1).unsqueeze(0).contiguous(), None
 
 
 # Keyword arguments of a Transformers attention call that change what attention computes.
@@ -82,6 +88,10 @@ def _plain_causal(module: nn.Module, dropout: float, bounds: list[tuple[int, int
 
 
 BLOCK = 128  # query rows per block; 64 and 256 measured slower at T = 128-512 (docs/performance.md)
+# The blocked kernel keeps its probabilities for backward: H x T^2 / 2 values per example and layer,
+# about the flash kernel's fp32 q/k/v/output copies at T = 512, 1.7x them at 1024 and growing with T.
+# Rows with a longer example take the flash kernel, whose memory is linear in T.
+BLOCKED_MAX_LENGTH = 1024
 
 
 def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, bounds: list[tuple[int, int]], scale: float,
