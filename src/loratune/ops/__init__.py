@@ -1,5 +1,6 @@
 """Fast kernels for training, each with its plain reference beside it.
 
+  attention       per-example causal attention for packed rows (a blocked bmm kernel on CPU)
   cross_entropy   chunked cross-entropy over the LM head (never holds the full logits)
   lora_linear     fused LoRA linear autograd node for a frozen base
   runtime         process-wide CPU settings the trainer applies (denormals, threads)
