@@ -3,6 +3,7 @@
   attention       per-example causal attention for packed rows (a blocked bmm kernel on CPU)
   cross_entropy   chunked cross-entropy over the LM head (never holds the full logits)
   lora_linear     fused LoRA linear autograd node for a frozen base
+  rms_norm        Llama-style RMSNorm with a frozen weight, keeping no fp32 copy for backward
   runtime         process-wide CPU settings the trainer applies (denormals, threads)
 
 `reference_paths()` switches every fast path in this package (and `loratune.train.loss`) to its

@@ -152,6 +152,7 @@ def build_model(cfg: TrainConfig, env: DistEnv):
     from loratune import LoraConfig, get_peft_model
     from loratune.loading import load_base_model
     from loratune.ops.attention import enable_varlen_attention
+    from loratune.ops.rms_norm import enable_fast_rms_norm
 
     m, lo = cfg.model, cfg.lora
     base = load_base_model(
@@ -175,6 +176,8 @@ def build_model(cfg: TrainConfig, env: DistEnv):
     model = get_peft_model(base, lora_config)
     # Packed rows (the default) attend per example instead of through an N x N block mask.
     enable_varlen_attention(model)
+    # Llama-style norms keep no fp32 copy of their input for backward (docs/performance.md).
+    enable_fast_rms_norm(model)
     with torch.no_grad():
         for _, p in model.named_parameters():
             if p.requires_grad and p.dtype != torch.float32:
