@@ -196,9 +196,9 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
     """Train `steps` steps twice from the same start: fast paths, then `reference_paths()`.
 
     The batches are laid out as the trainer lays them out by default (packed rows, per-example
-    attention switched on), so every fast path the trainer uses is in the comparison; under
-    `reference_paths()` the same rows go through Transformers' block-diagonal sdpa, the full
-    logits and the unfused LoRA linear.
+    attention and the fused RMSNorm switched on), so every fast path the trainer uses is in the
+    comparison; under `reference_paths()` the same rows go through Transformers' block-diagonal
+    sdpa and its own norms, the full logits and the unfused LoRA linear.
     """
     import contextlib
 
@@ -209,6 +209,7 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
     from loratune.data.batching import collate
     from loratune.ops import reference_paths
     from loratune.ops.attention import enable_varlen_attention
+    from loratune.ops.rms_norm import enable_fast_rms_norm
     from loratune.train.loss import token_loss_sum
 
     torch.set_flush_denormal(True)
@@ -219,6 +220,7 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
         torch.manual_seed(0)
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
         enable_varlen_attention(base)
+        enable_fast_rms_norm(base)
         model = get_peft_model(base, LoraConfig(**LORA, target_modules=PROJECTIONS))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
