@@ -87,7 +87,7 @@ def _plain_causal(module: nn.Module, dropout: float, bounds: list[tuple[int, int
     return all(kwargs.get(key) is None for key in _CHANGING_KWARGS)
 
 
-BLOCK = 128  # query rows per block; 64 and 256 measured slower at T = 128-512 (docs/performance.md)
+BLOCK = 128  # query rows per block: 64 is within 4% of it either way at T = 128-512, 256 is slower (docs/performance.md)
 # The blocked kernel keeps its probabilities for backward: H x T^2 / 2 values per example and layer,
 # about the flash kernel's fp32 q/k/v/output copies at T = 512, 1.7x them at 1024 and growing with T.
 # Rows with a longer example take the flash kernel, whose memory is linear in T.
