@@ -159,6 +159,10 @@ def test_packed_causal_attention_rejects_bad_shapes():
     q, k, v, bounds = qkv(6, 4, [3], torch.float32)
     with pytest.raises(ValueError, match="packed_causal_attention"):
         packed_causal_attention(q, k, v, bounds, 1.0)
+    q, k, v, _ = qkv(4, 2, [3, 5], torch.float32)
+    for bounds in ([(0, 3)], [(0, 3), (4, 8)], [(0, 3), (3, 3), (3, 8)], [(0, 9)], []):  # gap, empty, too long
+        with pytest.raises(ValueError, match="bounds"):
+            packed_causal_attention(q, k, v, bounds, 1.0)
 
 
 class _Module(torch.nn.Module):

@@ -104,12 +104,17 @@ def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, bounds: list[tuple[
     """
     if q.dim() != 3 or q.shape[0] % k.shape[0] or k.shape != v.shape or q.shape[1:] != k.shape[1:]:
         raise ValueError(f"packed_causal_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    return _PackedCausalAttentionFn.apply(q, k, v, tuple(bounds), float(scale), int(block))
+    bounds = tuple((int(s), int(e)) for s, e in bounds)
+    edges = [0] + [e for _, e in bounds]
+    if not bounds or [s for s, _ in bounds] != edges[:-1] or edges[-1] != q.shape[1] or any(e <= s for s, e in bounds):
+        raise ValueError(f"packed_causal_attention: bounds {list(bounds)} must split [0, {q.shape[1]}) into "
+                         "consecutive non-empty examples")
+    return _PackedCausalAttentionFn.apply(q, k, v, bounds, float(scale), int(block))
 
 
-def _blocks(bounds: tuple[tuple[int, int], ...], block: int) -> list[tuple[int, int, int]]:
-    """(example start, block start, block stop) for every block of query rows."""
-    return [(s0, s, min(s + block, e0)) for s0, e0 in bounds for s in range(s0, e0, block)]
+def _blocks(bounds: tuple[tuple[int, int], ...], block: int) -> list[tuple[int, int, int, int]]:
+    """(example start, example stop, block start, block stop) for every block of query rows."""
+    return [(s0, e0, s, min(s + block, e0)) for s0, e0 in bounds for s in range(s0, e0, block)]
 
 
 _STRIPS: dict[tuple, Tensor] = {}
@@ -150,7 +155,7 @@ class _PackedCausalAttentionFn(torch.autograd.Function):
         qs, ks, vh = q.to(sdt), _per_head(k.to(sdt), rep), _per_head(v, rep)
         out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
         probs = []
-        for s0, s, e in _blocks(bounds, block):
+        for s0, _, s, e in _blocks(bounds, block):
             scores = torch.baddbmm(_causal_bias(e - s, e - s0, block, sdt, q.device), qs[:, s:e],
                                    ks[:, s0:e].transpose(1, 2), alpha=scale)  # (H, rows, keys)
             p = torch.softmax(scores, dim=-1).to(q.dtype)
@@ -159,7 +164,6 @@ class _PackedCausalAttentionFn(torch.autograd.Function):
             probs.append(p)
         ctx.save_for_backward(q, k, v, *probs)
         ctx.bounds, ctx.scale, ctx.block = bounds, scale, block
-        ctx.stops = dict(bounds)  # example start -> stop
         return out
 
     @staticmethod
@@ -167,7 +171,7 @@ class _PackedCausalAttentionFn(torch.autograd.Function):
         q, k, v, *probs = ctx.saved_tensors
         heads, n, dim = q.shape
         rep = heads // k.shape[0]
-        kh, vh = _per_head(k, rep), _per_head(v, rep)
+        kh, vh = _per_head(k, rep), _per_head(v, rep)  # re-expanded: one copy each, not kept for backward
         go = grad_out.to(q.dtype).transpose(0, 1)  # (H, N, hd) view
         acc = _score_dtype(q.dtype)
         grad_q = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
@@ -175,8 +179,7 @@ class _PackedCausalAttentionFn(torch.autograd.Function):
         grad_vh = torch.empty(heads, n, dim, dtype=acc, device=q.device)
         # Last block of each example first: it covers all the example's keys, so it initialises the
         # fp32 key/value gradients (no zero fill) and the earlier blocks add into prefixes of them.
-        for (s0, s, e), p in reversed(list(zip(_blocks(ctx.bounds, ctx.block), probs))):
-            first_written = e == ctx.stops[s0]
+        for (s0, e0, s, e), p in reversed(list(zip(_blocks(ctx.bounds, ctx.block), probs))):
             g = go[:, s:e]  # (H, rows, hd)
             grad_p = torch.bmm(g, vh[:, s0:e].transpose(1, 2))  # (H, rows, keys)
             grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
@@ -184,7 +187,7 @@ class _PackedCausalAttentionFn(torch.autograd.Function):
             torch.bmm(grad_s, kh[:, s0:e], out=grad_q[s:e].transpose(0, 1))
             part_v = torch.bmm(p.transpose(1, 2), g)
             part_k = torch.bmm(grad_s.transpose(1, 2), q[:, s:e])
-            if first_written:
+            if e == e0:  # the example's last block, the first one seen here
                 grad_vh[:, s0:e].copy_(part_v)
                 grad_kh[:, s0:e].copy_(part_k)
             else:

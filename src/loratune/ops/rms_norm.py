@@ -77,7 +77,7 @@ class _RmsNormFn(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, weight, inv = ctx.saved_tensors
         g = (grad_y * weight).to(x.dtype).float()  # rounded to x's dtype first, as plain autograd does
-        x_hat = x.float() * inv
+        x_hat = x * inv  # promoted to fp32 in the same pass
         dot = (g * x_hat).mean(-1, keepdim=True)
         grad_x = g.sub_(x_hat.mul_(dot)).mul_(inv)
         return grad_x.to(x.dtype), None, None
