@@ -11,10 +11,8 @@ from transformers import AutoModelForCausalLM
 from loratune.cli.main import main
 from loratune.export import logits_of, probe_batch
 from loratune.inference import load_model
+from test_export import MERGED_FILES
 from test_inference import save_tiny_adapter, save_tiny_model_dir
-
-MERGED_FILES = ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
-                "tokenizer.json", "tokenizer_config.json"]
 
 
 @pytest.fixture(scope="module")

@@ -34,7 +34,10 @@ CONFIG_FILE = "train_config.yaml"
 
 @dataclass
 class TrainResult:
-    """Where the outputs are and how the run went (numbers are global, over all processes)."""
+    """Where the outputs are and how the run went (numbers are global, over all processes).
+
+    Holds every field of the loop's FitOutcome under the same name (`run` passes them through).
+    """
 
     output_dir: str
     adapter_dir: str | None
@@ -138,12 +141,10 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     losses = [r["loss"] for r in metrics.records if isinstance(r.get("loss"), float)]
     plot = os.path.join(out, PLOT_FILE)
     return TrainResult(
+        **vars(outcome),  # step, total_steps, interrupted, last_checkpoint, train_tokens, ..., history
         output_dir=out, adapter_dir=adapter_dir, metrics_path=metrics.path,
         plot_path=plot if os.path.exists(plot) else None, config_path=os.path.join(out, CONFIG_FILE),
-        step=outcome.step, total_steps=outcome.total_steps, interrupted=outcome.interrupted,
-        last_checkpoint=outcome.last_checkpoint, train_tokens=outcome.train_tokens, runtime_s=outcome.runtime_s,
-        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None,
-        eval_loss=outcome.eval_loss, sample=sample, history=outcome.history,
+        first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None, sample=sample,
     )
 
 
