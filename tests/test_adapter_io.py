@@ -154,15 +154,23 @@ def test_strict_loading_names_the_bad_tensor(tmp_path, problem):
 
     rewrite_tensors(out, damage)
     label = {"missing": "missing", "unexpected": "unexpected", "misshapen": "wrong shape"}[problem]
+    user_model = tiny_model()
+    user_model.model.layers[0].mlp.requires_grad_(False)  # the user's own trainable flags
+    flags = {n: p.requires_grad for n, p in user_model.named_parameters()}
     with pytest.raises(AdapterError, match=label) as err:
-        PeftModel.from_pretrained(tiny_model(), str(out))
+        PeftModel.from_pretrained(user_model, str(out))
     assert bad_key in str(err.value)
+    # The user's model is left as it came: no LoRA wrappers, the same trainable flags, base logits.
+    assert {n: p.requires_grad for n, p in user_model.named_parameters()} == flags
+    assert not any("lora_" in n or "base_layer" in n for n, _ in user_model.named_parameters())
+    assert torch.equal(logits(user_model, x), logits(tiny_model(), x))
     model = get_peft_model(tiny_model(), LoraConfig(target_modules=["v_proj"]))
     before = logits(model, x)
     with pytest.raises(AdapterError, match=label):
         model.load_adapter(str(out), adapter_name="bad")
     assert "bad" not in model.peft_config and not any(".bad." in n for n, _ in model.named_parameters())
     assert torch.equal(logits(model, x), before)
+    assert not any(type(m).__name__ == "LoraLinear" for n, m in model.named_modules() if "q_proj" in n)
 
 
 def test_keys_outside_peft_layout_are_refused(tmp_path):

@@ -307,11 +307,16 @@ class LoraModel(nn.Module):
         """Wrap `model` and load a saved adapter into it (strictly: every tensor must fit)."""
         file_config, tensors = adapter_io.read_adapter(model_id, subfolder=subfolder, revision=revision)
         config = replace(config or file_config, inference_mode=not is_trainable)
+        trainable = {param: param.requires_grad for param in model.parameters()}
         # Injection must not re-run data-dependent inits (PiSSA/OLoRA rewrite the base weights).
         self = cls(model, replace(config, init_lora_weights=True), adapter_name)
-        self.peft_config[adapter_name] = replace(self.peft_config[adapter_name], init_lora_weights=config.init_lora_weights)
-        adapter_io.load_adapter_tensors(self.model, adapter_name, config.bias, tensors, source=str(model_id))
-        self._apply_active()
+        try:
+            self._fill_adapter(adapter_name, config, tensors, str(model_id))
+        except AdapterError:
+            self.unload()  # the user's model as it came: its own modules and trainable flags
+            for param, flag in trainable.items():
+                param.requires_grad_(flag)
+            raise
         return self
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
@@ -321,14 +326,18 @@ class LoraModel(nn.Module):
         config = replace(file_config, inference_mode=not is_trainable)
         self.add_adapter(adapter_name, replace(config, init_lora_weights=True))
         try:
-            adapter_io.load_adapter_tensors(self.model, adapter_name, config.bias, tensors, source=str(model_id))
+            self._fill_adapter(adapter_name, config, tensors, str(model_id))
         except AdapterError:
             self.delete_adapter(adapter_name)
+            self._unwrap_empty_layers()
             raise
+
+    def _fill_adapter(self, adapter_name: str, config: LoraConfig, tensors: dict, source: str) -> None:
+        """Load saved tensors into an adapter injected with plain init; record its real init method."""
+        adapter_io.load_adapter_tensors(self.model, adapter_name, config.bias, tensors, source=source)
         self.peft_config[adapter_name] = replace(self.peft_config[adapter_name],
                                                  init_lora_weights=config.init_lora_weights)
         self._apply_active()
-
 
 PeftModel = LoraModel
 PeftModelForCausalLM = LoraModel
