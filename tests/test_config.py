@@ -19,6 +19,35 @@ def test_scaling_plain_and_rslora():
     assert LoraConfig(r=4, lora_alpha=8, use_rslora=True).scaling_for(4, 8) == 4.0
 
 
+@pytest.mark.parametrize("kwargs,names", [
+    (dict(rank_pattern=[("q_proj", 4)]), "rank_pattern must be a dict"),
+    (dict(alpha_pattern={"q_proj": "x"}), "alpha_pattern['q_proj'] must be a number"),
+    (dict(rank_pattern={"[": 2}), "rank_pattern key '['"),
+    (dict(target_modules="("), "target_modules is not a valid regular expression"),
+    (dict(target_modules=5), "target_modules must be a list"),
+    (dict(exclude_modules=["lm_head", 3]), "exclude_modules entries must be strings"),
+    (dict(init_lora_weights="pissa_niter_x"), "pissa_niter_ suffix"),
+])
+def test_bad_module_specs_are_config_errors_naming_the_field(kwargs, names):
+    with pytest.raises(ConfigError) as err:
+        LoraConfig(**kwargs)
+    assert names in str(err.value)
+
+
+def test_valid_module_specs_pass():
+    LoraConfig(target_modules=("q_proj", "v_proj"), exclude_modules=r".*lm_head", rank_pattern={r"layers\.0\.q_proj": 8},
+               alpha_pattern={"q_proj": 2.5}, init_lora_weights="pissa_niter_4")
+
+
+def test_layers_use_the_config_scaling():
+    from factories import tiny_model
+    from loratune import get_peft_model
+
+    cfg = LoraConfig(r=4, lora_alpha=8, use_rslora=True, target_modules=["q_proj"])
+    layer = get_peft_model(tiny_model(), cfg).model.model.layers[0].self_attn.q_proj
+    assert layer.scaling["default"] == cfg.scaling_for(4, 8) == 4.0
+
+
 def test_task_type_string_is_coerced():
     cfg = LoraConfig(task_type="CAUSAL_LM")
     assert cfg.task_type is TaskType.CAUSAL_LM and str(cfg.task_type) == "CAUSAL_LM"

@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -66,6 +67,33 @@ IGNORED_FIELDS = {
     "peft_type", "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
     "ensure_weight_tying", "runtime_config", "use_dora_on_embeddings",
 }
+
+
+def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
+    """The factor applied to B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+
+
+def _regex_problems(what: str, pattern: object) -> list[str]:
+    if not isinstance(pattern, str):
+        return [f"{what} must be a string, got {pattern!r}"]
+    try:
+        re.compile(pattern)
+    except re.error as exc:
+        return [f"{what} is not a valid regular expression: {exc}"]
+    return []
+
+
+def _module_spec_problems(name: str, spec: object) -> list[str]:
+    """target_modules / exclude_modules: None, a regex string, or a list of module names."""
+    if spec is None:
+        return []
+    if isinstance(spec, str):
+        return _regex_problems(name, spec)
+    if not isinstance(spec, (list, tuple, set)):
+        return [f"{name} must be a list of module names or a regex string, got {spec!r}"]
+    bad = [m for m in spec if not isinstance(m, str)]
+    return [f"{name} entries must be strings, got {bad!r}"] if bad else []
 
 
 @dataclass
@@ -153,17 +181,26 @@ class LoraConfig:
             out.append("layers_to_transform cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             out.append("layers_pattern is only used together with layers_to_transform")
+        if isinstance(init, str) and init.startswith("pissa_niter_") and not init[len("pissa_niter_"):].isdigit():
+            out.append(f"init_lora_weights {init!r}: the pissa_niter_ suffix must be a number of iterations")
+        for name in ("target_modules", "exclude_modules"):
+            out += _module_spec_problems(name, getattr(self, name))
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict):
                 out.append(f"{name} must be a dict of module pattern -> value, got {pattern!r}")
-        for key, value in (self.rank_pattern or {}).items():
-            if not isinstance(value, int) or value <= 0:
-                out.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+                continue
+            for key, value in pattern.items():
+                out += _regex_problems(f"{name} key {key!r}", key)
+                number = isinstance(value, (int, float)) and not isinstance(value, bool)
+                if name == "rank_pattern" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                    out.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+                elif name == "alpha_pattern" and not number:
+                    out.append(f"alpha_pattern[{key!r}] must be a number, got {value!r}")
         return out
 
     def scaling_for(self, r: int, lora_alpha: float) -> float:
         """The factor applied to B @ A for a module of rank r."""
-        return lora_alpha / math.sqrt(r) if self.use_rslora else lora_alpha / r
+        return lora_scaling(r, lora_alpha, self.use_rslora)
 
     # ----- PEFT's adapter_config.json -----------------------------------------------------------
 

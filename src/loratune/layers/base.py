@@ -11,11 +11,10 @@ every layer for the duration of one call and always clears it afterwards.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
 
+from ..config import lora_scaling
 from ..errors import MergeError
 
 BASE_ADAPTER = "__base__"  # the name a mixed batch uses for "no adapter" rows
@@ -57,7 +56,7 @@ class LoraLayer(nn.Module):
     def _set_scaling(self, adapter_name: str, r: int, lora_alpha: float, use_rslora: bool) -> None:
         self.r[adapter_name] = r
         self.lora_alpha[adapter_name] = lora_alpha
-        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.scaling[adapter_name] = lora_scaling(r, lora_alpha, use_rslora)
 
     def adapter_parameters(self, adapter_name: str) -> dict[str, nn.Parameter]:
         """Return this layer's parameters of one adapter, keyed by their PEFT-style name.
