@@ -201,3 +201,12 @@ def test_adapter_and_quantization_keys_reach_the_model(flag, model_dir, messages
     if flag != "--load_in_4bit":
         assert config[flag.lstrip("-")] is True
     assert yaml.safe_load((out / "train_config.yaml").read_text())[flag.lstrip("-")] is True
+
+
+def test_token_ids_past_the_vocabulary_stop_before_training(model_dir, tmp_path, capsys):
+    data = tmp_path / "ids.jsonl"
+    data.write_text("\n".join(json.dumps({"input_ids": ids}) for ids in ([1, 2, 3], [1, 2, 10**6], [4, 5])) + "\n")
+    rc = train_cli(base_flags(model_dir, str(data), tmp_path / "o"))
+    err = capsys.readouterr().err
+    assert rc == 2 and "ids.jsonl line 2: token id 1000000 is outside the model's vocabulary" in err
+    assert "Traceback" not in err and not (tmp_path / "o").exists()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loratune.data import IGNORE_INDEX, DataConfig, build_datasets, preview
+from loratune.data import IGNORE_INDEX, DataConfig, build_datasets, check_vocab, preview
 from loratune.errors import ConfigError, DataError
 from loratune.loading import DEFAULT_MODEL, load_tokenizer
 
@@ -115,6 +115,22 @@ def test_csv_json_and_parquet_sources(tok, tmp_path):
     assert bundle.stats.format == "tokenized"
     assert bundle.train == [{"input_ids": [1, 5, 6, 7], "labels": [-100, -100, 6, 7]},
                             {"input_ids": [1, 8], "labels": [-100, 8]}]
+
+
+def test_pretokenized_ids_and_labels_are_checked(tok, tmp_path):
+    rows = [{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]},
+            {"input_ids": [1, 2, 3], "labels": [-100, -5, 3]},  # a negative label would index from the end
+            {"input_ids": [1, 2, 9000], "labels": [-100, 2, 3]},  # past the model's vocabulary
+            {"input_ids": [1, 2, 3], "labels": [-100, 2, 9001]}]
+    with pytest.raises(DataError, match=r"t.jsonl line 2: field 'labels' has negative values other than -100"):
+        build(tok, write_jsonl(tmp_path / "t.jsonl", rows))
+    bundle = build(tok, write_jsonl(tmp_path / "t.jsonl", [rows[0], rows[2], rows[3]]))
+    check_vocab(bundle, 9002)  # all inside
+    with pytest.raises(DataError) as err:
+        check_vocab(bundle, 9000)
+    msg = str(err.value)
+    assert "2 row(s)" in msg and "t.jsonl line 2: token id 9000" in msg and "t.jsonl line 3: token id 9001" in msg
+    assert "line 1" not in msg
 
 
 def test_missing_and_unsupported_files_are_config_errors(tok, tmp_path):

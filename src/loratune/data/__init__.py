@@ -4,6 +4,7 @@ Public API (the trainer and CLI use only these names):
   IGNORE_INDEX                  label of tokens that take no loss (-100, HF convention)
   DataConfig                    every data setting and default
   build_datasets(cfg, tok, seed) -> DatasetBundle(train, eval, stats, eval_stats)
+  check_vocab(bundle, vocab_size) DataError naming rows with token ids the model does not have
   plan_batches(lengths, batch_size, max_seq_length, packing, seed, epoch, world_size, rank)
   collate(examples, packing=, pad_token_id=, max_seq_length=) -> dict of tensors
   preview(cfg, tok, n) -> PreviewReport (.to_text())
@@ -12,7 +13,14 @@ token t, the model's loss shifts; the first token of every example has label IGN
 """
 
 from loratune.data.batching import collate, plan_batches
-from loratune.data.build import DatasetBundle, DataStats, build_datasets, read_sources, tokenize_rows
+from loratune.data.build import (
+    DatasetBundle,
+    DataStats,
+    build_datasets,
+    check_vocab,
+    read_sources,
+    tokenize_rows,
+)
 from loratune.data.config import FORMATS, DataConfig
 from loratune.data.formats import ALPACA_PROMPT, ALPACA_PROMPT_WITH_INPUT, Segment, detect_format, render_chat
 from loratune.data.preview import PreviewExample, PreviewReport, preview, render_example
@@ -20,7 +28,7 @@ from loratune.data.tokenize import IGNORE_INDEX
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT", "FORMATS", "IGNORE_INDEX", "DataConfig", "DataStats",
-    "DatasetBundle", "PreviewExample", "PreviewReport", "Segment", "build_datasets", "collate",
+    "DatasetBundle", "PreviewExample", "PreviewReport", "Segment", "build_datasets", "check_vocab", "collate",
     "detect_format", "plan_batches", "preview", "read_sources", "render_chat", "render_example",
     "tokenize_rows",
 ]

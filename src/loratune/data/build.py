@@ -60,6 +60,8 @@ class DatasetBundle:
     eval: list[Example] | None
     stats: DataStats
     eval_stats: DataStats | None = None
+    wheres: list[str] = field(default_factory=list, repr=False)  # "train.jsonl line 3" per train example
+    eval_wheres: list[str] = field(default_factory=list, repr=False)
 
 
 def build_datasets(cfg: DataConfig, tokenizer, seed: int = 0) -> DatasetBundle:
@@ -73,11 +75,29 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int = 0) -> DatasetBundle:
             usable row at all.
     """
     train_raw, eval_raw = read_sources(cfg, seed)
-    train, stats, _ = tokenize_rows(train_raw, cfg, tokenizer)
+    train, stats, wheres = tokenize_rows(train_raw, cfg, tokenizer)
     if eval_raw is None:
-        return DatasetBundle(train, None, stats)
-    evals, eval_stats, _ = tokenize_rows(eval_raw, cfg, tokenizer)
-    return DatasetBundle(train, evals, stats, eval_stats)
+        return DatasetBundle(train, None, stats, wheres=wheres)
+    evals, eval_stats, eval_wheres = tokenize_rows(eval_raw, cfg, tokenizer)
+    return DatasetBundle(train, evals, stats, eval_stats, wheres=wheres, eval_wheres=eval_wheres)
+
+
+def check_vocab(bundle: DatasetBundle, vocab_size: int) -> None:
+    """Raise DataError naming the rows whose token ids or labels are outside [0, vocab_size).
+
+    Tokenized text is always inside the vocabulary; pre-tokenized rows ("input_ids") may not be,
+    and the model only knows its size once loaded. Past it, the embedding fails deep inside the
+    forward (on GPU with a device-side assert) and a label past it has no logit to train.
+    """
+    problems = []
+    for examples, wheres in ((bundle.train, bundle.wheres), (bundle.eval or [], bundle.eval_wheres)):
+        for i, ex in enumerate(examples):
+            top = max(max(ex["input_ids"]), max(ex["labels"]))
+            if top >= vocab_size:
+                where = wheres[i] if i < len(wheres) else f"example {i}"
+                problems.append(f"{where}: token id {top} is outside the model's vocabulary of {vocab_size}")
+    if problems:
+        raise DataError(f"{len(problems)} row(s) have token ids the model does not have:\n" + _listed(problems))
 
 
 def read_sources(cfg: DataConfig, seed: int = 0) -> tuple[RawRows, RawRows | None]:
@@ -184,13 +204,18 @@ def _check_problems(name: str, problems: list[str], n_rows: int, skip: bool) -> 
         logger.warning("%s: skipped %d bad row(s) of %d (skip_bad_rows): %s%s", name, len(problems), n_rows,
                        listed, " ..." if len(problems) > 3 else "")
         return
-    shown = problems[:MAX_LISTED_PROBLEMS]
-    more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
     if len(problems) == 1:
         hint = "the only row is bad" if skip else "fix the row or set skip_bad_rows: true to skip bad rows"
         raise DataError(f"{problems[0]} ({hint})")
     hint = "every row is bad" if skip else "fix them or set skip_bad_rows: true to skip them"
-    raise DataError(f"{name}: {len(problems)} bad rows ({hint}):\n" + "\n".join(f"  - {p}" for p in shown) + more)
+    raise DataError(f"{name}: {len(problems)} bad rows ({hint}):\n" + _listed(problems))
+
+
+def _listed(problems: list[str]) -> str:
+    """The first MAX_LISTED_PROBLEMS problems, one per line, and how many more there are."""
+    shown = problems[:MAX_LISTED_PROBLEMS]
+    more = f"\n  ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
+    return "\n".join(f"  - {p}" for p in shown) + more
 
 
 def _log(stats: DataStats) -> None:

@@ -116,7 +116,9 @@ def encode_pretokenized(record: dict[str, Any], *, max_seq_length: int) -> Encod
     """Validate a row that already has `input_ids` (and maybe `labels`); use them as given.
 
     Raises:
-        RowError: missing/empty input_ids, non-integer ids, or labels of another length.
+        RowError: missing/empty input_ids, non-integer or negative ids, labels of another length or
+            negative labels other than IGNORE_INDEX. (Ids at or above the model's vocabulary are
+            caught by `check_vocab` once the model is known.)
     """
     ids = record.get("input_ids")
     if ids is None:
@@ -128,6 +130,8 @@ def encode_pretokenized(record: dict[str, Any], *, max_seq_length: int) -> Encod
         raise RowError("field 'input_ids' has negative token ids")
     labels = record.get("labels")
     labels = list(ids) if labels is None else _int_list(labels, "labels")
+    if any(t < 0 and t != IGNORE_INDEX for t in labels):
+        raise RowError(f"field 'labels' has negative values other than {IGNORE_INDEX} (the ignore index)")
     if len(labels) != len(ids):
         raise RowError(f"'labels' has {len(labels)} entries but 'input_ids' has {len(ids)}")
     return _finish(ids, labels, max_seq_length)

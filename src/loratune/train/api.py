@@ -99,7 +99,7 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
 
 
 def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
-    from loratune.data import build_datasets
+    from loratune.data import build_datasets, check_vocab
     from loratune.loading import load_tokenizer
     from loratune.ops.runtime import tune_cpu_runtime
     from loratune.train.loop import fit
@@ -111,6 +111,7 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
     datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed)
     model = build_model(cfg, env)
+    check_vocab(datasets, vocab_size(model))
     config_yaml = config_to_yaml(cfg)
     # Only now that model and data are known good does output_dir change.
     if env.is_main:
@@ -146,6 +147,14 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         plot_path=plot if os.path.exists(plot) else None, config_path=os.path.join(out, CONFIG_FILE),
         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None, sample=sample,
     )
+
+
+def vocab_size(model) -> int:
+    """Rows of the model's input embedding (under a wrapper, of the original layer)."""
+    embedding = model.get_base_model().get_input_embeddings()
+    for wrapped in ("base_layer", "original_module"):  # a LoRA embedding, or one in modules_to_save
+        embedding = getattr(embedding, wrapped, embedding)
+    return embedding.weight.shape[0]
 
 
 def build_model(cfg: TrainConfig, env: DistEnv):
