@@ -13,7 +13,7 @@ import openai
 import pytest
 import torch
 import uvicorn
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from loratune.loading import load_base_model, load_tokenizer
 from loratune.serve.lora_rows import linear_shapes
@@ -281,6 +281,8 @@ def test_malformed_json_and_schema_errors_400(live):
     assert body["param"] == "presence_penalty"
     assert live.client().completions.create(model=BASE, prompt="x", max_tokens=1, presence_penalty=0, echo=False)
     expect_error(400, live.client().chat.completions.create, model=BASE, messages=[])
+    body = expect_error(400, live.client().completions.create, model=BASE, prompt="x", temperature=1.0, seed=2**64)
+    assert body["param"] == "seed"  # before: accepted, then the engine failed the whole prefill batch with a 500
 
 
 def test_token_limits_400_and_413(live):
@@ -332,8 +334,13 @@ def test_corrupt_adapters_fail_their_load_and_the_server_keeps_serving(live):
     dora = write_adapter(root / "dora", live.state.engine.model, r=4, targets=["q_proj"], seed=5)
     (dora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True,
                                                          "target_modules": ["q_proj"]}))
+    scalar = write_adapter(root / "scalar", live.state.engine.model, r=4, targets=["q_proj"], seed=5)
+    tensors = load_file(str(scalar / "adapter_model.safetensors"))
+    key = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.lora_A.weight"))
+    tensors[key] = torch.tensor(1.0)  # a 0-d tensor: before, an IndexError and a 500
+    save_file(tensors, str(scalar / "adapter_model.safetensors"))
     expected = {"truncated": "not a readable safetensors file", "misshapen": "k_proj.lora_A.weight is missing",
-                "binary": "only safetensors", "dora": "use_dora"}
+                "binary": "only safetensors", "dora": "use_dora", "scalar": "has shape (), expected (r, "}
     for name, needle in expected.items():
         r = live.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(root / name)})
         assert r.status_code == 400, (name, r.text)

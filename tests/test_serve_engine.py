@@ -191,3 +191,31 @@ def test_quantized_base_serves_adapters_like_the_core_model(tmp_path):
         engine.stop()
     for (_, sink), name in zip(reqs, (None, "a1", "a2")):
         assert sink.tokens == reference_tokens(base, paths.get(name), prompt, 10), name
+
+
+def test_a_failed_prefill_releases_each_request_once_and_spares_finished_ones(tmp_path, monkeypatch):
+    base = tiny_model("llama", seed=0)
+    paths = save_adapters(base, "llama", tmp_path)
+    engine, ids = start_engine(base, paths)
+    prompt = tiny_batch(1, 5, seed=3)[0].tolist()
+    try:
+        (done_req, done_sink), (bad_req, bad_sink) = request(prompt, ids["a1"], 1), request(prompt, ids["a1"], 5)
+        real_accept = engine._accept
+        seen = []
+
+        def accept_then_fail(row, logits):  # the first row finishes; the second row's step fails
+            seen.append(row)
+            if len(seen) == 2:
+                raise RuntimeError("boom")
+            return real_accept(row, logits)
+
+        monkeypatch.setattr(engine, "_accept", accept_then_fail)
+        engine.call(lambda: (engine._waiting.extend([done_req, bad_req]),
+                             engine._users.__setitem__(ids["a1"], engine._users[ids["a1"]] + 2))).result(10)
+        assert done_sink.done.wait(30) and bad_sink.done.wait(30)
+        assert done_sink.finish == "length" and done_sink.tokens  # no error event after it finished
+        assert bad_sink.finish != "length"
+        engine.call(lambda: None).result(10)
+        assert engine._users.get(ids["a1"], 0) == 0  # released exactly once each, not three times
+    finally:
+        engine.stop()

@@ -61,6 +61,7 @@ class GenerationRequest:
     params: SamplingParams
     sink: Callable[[str, object], None]
     cancelled: bool = False
+    released: bool = False  # its adapter use was given back (exactly once)
     request_id: int = field(default_factory=itertools.count().__next__)
 
 
@@ -207,6 +208,9 @@ class Engine:
         self._planned = None
 
     def _release(self, request: GenerationRequest) -> None:
+        if request.released:
+            return
+        request.released = True
         adapter_id = request.adapter_id
         if adapter_id is None:
             return
@@ -270,8 +274,9 @@ class Engine:
         except Exception as exc:
             log.exception("prefill failed for %d requests", len(admitted))
             for request in admitted:
-                self._emit(request, "error", f"generation failed: {exc}")
-                self._release(request)
+                if not request.released:  # those already finished got their events
+                    self._emit(request, "error", f"generation failed: {exc}")
+                    self._release(request)
 
     def _plan(self, adapter_ids: tuple) -> None:
         if adapter_ids != self._planned:
@@ -304,8 +309,10 @@ class Engine:
             generator = None
             if request.params.temperature > 0:
                 generator = torch.Generator()
-                seed = request.params.seed if request.params.seed is not None else torch.seed()
-                generator.manual_seed(seed)
+                if request.params.seed is None:
+                    generator.seed()  # a fresh seed for this request only; the global RNG is left alone
+                else:
+                    generator.manual_seed(request.params.seed)
             row = _Row(request, last_token=-1, position=lengths[i] - 1, generated=0, generator=generator)
             if self._accept(row, logits[i]):
                 accepted.append((i, row))

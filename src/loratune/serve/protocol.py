@@ -30,7 +30,7 @@ class _Request(BaseModel):
     n: int | None = 1
     stream: bool | None = False
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator accepts
     stream_options: dict[str, Any] | None = None
     logprobs: Any = None
 

@@ -101,9 +101,11 @@ def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
             continue
         in_f, out_f = shapes[module]
         a, b = parts["A"], parts["B"]
-        r = a.shape[0]
         if a.dim() != 2 or a.shape[1] != in_f:
-            problems.append(f"tensor {key}.lora_A.weight has shape {tuple(a.shape)}, expected ({r}, {in_f})")
+            rank = a.shape[0] if a.dim() else "r"
+            problems.append(f"tensor {key}.lora_A.weight has shape {tuple(a.shape)}, expected ({rank}, {in_f})")
+            continue  # B's expected shape depends on A's rank
+        r = a.shape[0]
         if b.dim() != 2 or tuple(b.shape) != (out_f, r):
             problems.append(f"tensor {key}.lora_B.weight has shape {tuple(b.shape)}, expected ({out_f}, {r})")
     for module in sorted(_targeted(config, shapes) - set(modules)):
