@@ -67,6 +67,25 @@ def test_stop_tokens_end_generation_and_are_not_returned(model_and_tokenizer):
     assert not set(new) & set(stops)
 
 
+def test_training_samples_stop_where_generate_stops(model_and_tokenizer, monkeypatch):
+    """Training samples and the server use stop_token_ids too, so a generation-config-only stop token
+    (like Llama 3's <|eot_id|>) ends them as it ends `loratune generate`."""
+    import copy
+
+    from loratune.train.sampling import generate_text as sample_text
+
+    model, tok = model_and_tokenizer
+    model = copy.deepcopy(model)
+    ids = prompt_ids(tok, "Hi")
+    free = generate_ids(model, tok, ids, GenerationSettings(max_new_tokens=12))
+    stop = free[3]  # make a token the model does emit a stop token, via the generation config only
+    assert stop != tok.eos_token_id and stop not in free[:3]
+    model.generation_config.eos_token_id = [tok.eos_token_id, stop]
+    model.config.eos_token_id = tok.eos_token_id
+    assert stop in stop_token_ids(model, tok)
+    assert sample_text(model, tok, ids, max_new_tokens=12) == tok.decode(free[:3], skip_special_tokens=True).strip()
+
+
 def test_chat_template_renders_one_bos_and_the_assistant_header(model_and_tokenizer):
     _, tok = model_and_tokenizer
     ids = chat_ids(tok, [{"role": "user", "content": "hi"}])

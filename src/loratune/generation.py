@@ -65,10 +65,14 @@ def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
 
 
 def stop_token_ids(model: nn.Module, tokenizer) -> list[int]:
-    """EOS ids of the tokenizer and of the model's generation config (some models have several)."""
+    """EOS ids of the tokenizer, the model's generation config and its config (some models have several).
+
+    The one list of stop tokens for `loratune generate`/`chat`, training samples and the server.
+    """
     ids = []
     configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    for value in (tokenizer.eos_token_id, configured):
+    in_config = getattr(getattr(model, "config", None), "eos_token_id", None)
+    for value in (tokenizer.eos_token_id, configured, in_config):
         for i in value if isinstance(value, (list, tuple)) else [value]:
             if i is not None and i not in ids:
                 ids.append(int(i))

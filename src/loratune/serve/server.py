@@ -13,6 +13,7 @@ import torch
 from fastapi import FastAPI
 
 from loratune.errors import UnsupportedFeatureError
+from loratune.generation import stop_token_ids
 from loratune.loading import load_base_model, load_tokenizer
 
 from .api import build_app
@@ -21,18 +22,6 @@ from .lora_rows import linear_shapes
 from .state import ServerState, ServeSettings
 
 log = logging.getLogger(__name__)
-
-
-def eos_ids(model, tokenizer) -> set[int]:
-    """The token ids that end a generation: the tokenizer's EOS plus the generation config's."""
-    ids = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None),
-                  model.config.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, (list, tuple)):
-            ids.update(int(v) for v in value)
-    return ids
 
 
 def build_server(model, tokenizer, settings: ServeSettings, *, adapters: dict[str, str] | None = None,
@@ -44,7 +33,7 @@ def build_server(model, tokenizer, settings: ServeSettings, *, adapters: dict[st
         AdapterError / UnsupportedFeatureError: a startup adapter does not fit the base.
     """
     context = context_length or getattr(model.config, "max_position_embeddings", None) or 2048
-    engine = Engine(model, eos_token_ids=eos_ids(model, tokenizer), context_length=context,
+    engine = Engine(model, eos_token_ids=set(stop_token_ids(model, tokenizer)), context_length=context,
                     max_batch_size=max_batch_size, max_queue=max_queue, num_threads=num_threads)
     dtype = next(model.parameters()).dtype
     if not dtype.is_floating_point:

@@ -6,10 +6,11 @@ works for every data format (for plain `text`, where every token trains, the fir
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
+from loratune import generation
 from loratune.data import IGNORE_INDEX
+from loratune.generation import GenerationSettings
 
 PROMPT_TOKENS_FOR_TEXT = 8
 
@@ -24,28 +25,16 @@ def prompt_ids(example: dict) -> list[int]:
     return ids[:first]
 
 
-@torch.no_grad()
 def generate_text(model: nn.Module, tokenizer, ids: list[int], *, max_new_tokens: int = 32) -> str:
-    """Greedy-decode a continuation of `ids` and return only the new text.
-
-    Puts the model in eval mode for the call and restores its previous mode.
+    """Greedy-decode a continuation of `ids` and return only the new text (`loratune generate`'s decoding,
+    with its stop tokens). Puts the model in eval mode for the call and restores its previous mode.
     """
     was_training = model.training
     model.eval()
     try:
-        device = next(model.parameters()).device
-        input_ids = torch.tensor([ids], device=device)  # (1, T)
-        out = model.generate(
-            input_ids=input_ids,
-            attention_mask=torch.ones_like(input_ids),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        )
+        return generation.generate_text(model, tokenizer, ids, GenerationSettings(max_new_tokens=max_new_tokens)).strip()
     finally:
         model.train(was_training)
-    return tokenizer.decode(out[0, len(ids):], skip_special_tokens=True).strip()
 
 
 def sample_generations(model: nn.Module, tokenizer, examples: list[dict], *, max_new_tokens: int = 32) -> list[dict]:
