@@ -29,7 +29,6 @@ from loratune.train.distributed import DistEnv, barrier, init_distributed, shutd
 from loratune.train.metrics import PLOT_FILE, MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)
-CONFIG_FILE = "train_config.yaml"
 
 
 @dataclass
@@ -132,7 +131,7 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
 
     adapter_dir, sample = None, None
     if env.is_main:
-        with atomic_file(os.path.join(out, CONFIG_FILE)) as fh:
+        with atomic_file(os.path.join(out, ckpt.CONFIG_FILE)) as fh:
             fh.write(config_yaml)
         if not outcome.interrupted:
             model.save_pretrained(out)
@@ -144,7 +143,7 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     return TrainResult(
         **vars(outcome),  # step, total_steps, interrupted, last_checkpoint, train_tokens, ..., history
         output_dir=out, adapter_dir=adapter_dir, metrics_path=metrics.path,
-        plot_path=plot if os.path.exists(plot) else None, config_path=os.path.join(out, CONFIG_FILE),
+        plot_path=plot if os.path.exists(plot) else None, config_path=os.path.join(out, ckpt.CONFIG_FILE),
         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None, sample=sample,
     )
 

@@ -58,12 +58,11 @@ def _coerce_union(value: Any, options: tuple) -> Any:
     if isinstance(value, str) and "," not in value:
         order = [o for o in order if typing.get_origin(o) not in (list, tuple)] + \
                 [o for o in order if typing.get_origin(o) in (list, tuple)]
-    errors = []
     for option in order:
         try:
             return _coerce(value, option)
-        except ValueError as exc:
-            errors.append(str(exc))
+        except ValueError:
+            continue
     names = " or ".join(_type_name(o) for o in options)
     raise ValueError(f"expected {names}, got {value!r}")
 

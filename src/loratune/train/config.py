@@ -229,7 +229,7 @@ def range_problems(s: dict[str, Any]) -> list[str]:
     build are skipped; their problems are already reported)."""
     checks: dict[str, list] = {
         "data": lambda d: [
-            (d.train_file is not None or d.dataset_name is not None,
+            (d.has_source,
              "no training data: set train_file (a .jsonl/.json/.csv/.parquet file) or dataset_name"),
         ],
         "model": lambda m: [

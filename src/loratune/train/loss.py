@@ -41,7 +41,7 @@ def token_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, 
     keep = labels != IGNORE_INDEX
     rows = hidden[:, :-1][keep]  # (N, D), only trained positions
     loss = chunked_cross_entropy_sum(rows, head.weight, head.bias, labels[keep])
-    return loss, int(keep.sum())
+    return loss, rows.shape[0]  # the boolean index already counted them
 
 
 def token_loss_sum_reference(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:

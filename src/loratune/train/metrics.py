@@ -54,7 +54,7 @@ class MetricsLog:
         if self._tb is not None:
             prefix = "eval" if "eval_loss" in record else "train"
             for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and math.isfinite(value):
+                if key != "step" and _finite(value):
                     self._tb.add_scalar(f"{prefix}/{key.removeprefix('eval_')}", value, record["step"])
             self._tb.flush()
 
