@@ -10,6 +10,7 @@ import time
 
 import httpx
 import pytest
+import torch
 
 from loratune.cli.main import main
 
@@ -22,7 +23,8 @@ from loratune.cli.main import main
     (["--adapter-root", "/tmp", "/does/not/exist2"], "/does/not/exist2 is not a directory"),
     (["--max-queue", "0"], "--max-queue must be positive"),
     (["--adapter", "bad name=/tmp"], "invalid adapter name"),
-])
+    (["--device", "tpu9"], "device"),
+] + ([] if torch.cuda.is_available() else [(["--device", "cuda"], "CUDA")]))
 def test_bad_flags_exit_2_with_a_message(flags, needle, capsys):
     code = main(["serve", "--model_name_or_path", "preset:tiny-llama", "--threads", "1", *flags])
     assert code == 2

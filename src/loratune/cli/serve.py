@@ -55,6 +55,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     quant.add_argument("--bnb-4bit-compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
                        help="dtype of the 4-bit matmuls")
     quant.add_argument("--bnb-4bit-use-double-quant", action="store_true", help="quantize the 4-bit scales too")
+    parser.add_argument("--device", default="auto",
+                        help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -81,6 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from loratune.errors import ConfigError, LoratuneError
 
     try:
+        from loratune.inference import resolve_device
         from loratune.serve.server import load_and_build, serve_forever
         from loratune.serve.state import ServeSettings
     except ImportError as exc:
@@ -108,7 +111,8 @@ def run(args: argparse.Namespace) -> int:
             "bnb_4bit_quant_type": args.bnb_4bit_quant_type, "bnb_4bit_compute_dtype": args.bnb_4bit_compute_dtype,
             "bnb_4bit_use_double_quant": args.bnb_4bit_use_double_quant,
         }
-        app, state = load_and_build(args.model_name_or_path, settings, dtype=args.dtype, quantization=quantization,
+        app, state = load_and_build(args.model_name_or_path, settings, dtype=args.dtype,
+                                    device=resolve_device(args.device), quantization=quantization,
                                     adapters=adapters,
                                     max_batch_size=args.max_batch_size, max_queue=args.max_queue,
                                     context_length=args.max_model_len, num_threads=args.threads)

@@ -69,11 +69,11 @@ def warm_up(engine: Engine, token_id: int) -> None:
         raise UnsupportedFeatureError(f"the base model cannot be served: {outcome.get('error', 'warm-up timed out')}")
 
 
-def load_and_build(model_name_or_path: str, settings: ServeSettings, *, dtype: str = "auto",
+def load_and_build(model_name_or_path: str, settings: ServeSettings, *, dtype: str = "auto", device: str = "cpu",
                    quantization: dict | None = None, **kwargs) -> tuple[FastAPI, ServerState]:
-    """Load the base model (optionally quantized: load_base_model's load_in_4bit/8bit keys) and
-    its tokenizer by name or path, then `build_server`."""
-    model = load_base_model(model_name_or_path, dtype=dtype, **(quantization or {}))
+    """Load the base model onto `device` (optionally quantized: load_base_model's load_in_4bit/8bit
+    keys) and its tokenizer by name or path, then `build_server`."""
+    model = load_base_model(model_name_or_path, dtype=dtype, device=device, **(quantization or {}))
     tokenizer = load_tokenizer(model_name_or_path)
     return build_server(model, tokenizer, settings, **kwargs)
 
