@@ -146,10 +146,7 @@ def read_adapter(path: str, *, subfolder: str | None = None, revision: str | Non
         AdapterError: missing/corrupt files or keys outside PEFT's `base_model.model.` layout.
         UnsupportedFeatureError: the config switches on a feature loratune does not support.
     """
-    config_file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder, revision=revision)
-    if config_file is None:
-        raise AdapterError(f"{path}: no {CONFIG_NAME} (is this a LoRA adapter directory?)")
-    config = LoraConfig.from_json_file(config_file)
+    config = LoraConfig.from_pretrained(path, subfolder=subfolder, revision=revision)
     weights = resolve_adapter_file(path, SAFETENSORS_NAME, subfolder=subfolder, revision=revision)
     if weights is not None:
         try:

@@ -19,6 +19,9 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from loratune.errors import ConfigError
+from loratune.generation import chat_ids
+
 from . import protocol as p
 from .registry import RequestError
 from .state import Generation, ServerState
@@ -123,16 +126,14 @@ def _completion_prompt(state: ServerState, prompt) -> list[int]:
 
 
 def _chat_prompt(state: ServerState, messages: list[p.ChatMessage]) -> list[int]:
-    tokenizer = state.tokenizer
-    if not getattr(tokenizer, "chat_template", None):
-        raise RequestError(400, "the base model's tokenizer has no chat template; use /v1/completions",
-                           param="messages")
     conversation = [{"role": m.role, "content": m.text()} for m in messages]
     try:
-        text = tokenizer.apply_chat_template(conversation, add_generation_prompt=True, tokenize=False)
+        return chat_ids(state.tokenizer, conversation)
+    except ConfigError:  # no chat template
+        raise RequestError(400, "the base model's tokenizer has no chat template; use /v1/completions",
+                           param="messages") from None
     except Exception as exc:  # a template's own raise_exception(), e.g. roles out of order
         raise RequestError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 async def _respond(state: ServerState, gen: Generation, body, endpoint: str, *, chat: bool):
