@@ -410,3 +410,28 @@ def test_a_failing_step_fails_its_requests_and_the_server_keeps_serving(live, mo
     assert "injected failure" in body["message"] and body["type"] == "server_error"
     assert engine.alive and engine.running == 0
     assert complete(live.client(), "a1").choices[0].finish_reason == "length"
+
+
+def test_chat_prompt_errors_are_400s_naming_messages():
+    from types import SimpleNamespace
+
+    from loratune.serve import api
+    from loratune.serve.protocol import ChatMessage
+    from loratune.serve.registry import RequestError
+
+    class Tok:
+        chat_template = None
+
+    with pytest.raises(RequestError) as err:
+        api._chat_prompt(SimpleNamespace(tokenizer=Tok()), [ChatMessage(role="user", content="hi")])
+    assert err.value.status == 400 and err.value.param == "messages" and "no chat template" in str(err.value)
+
+    class Refusing(Tok):
+        chat_template = "{{ raise_exception('roles must alternate') }}"
+
+        def apply_chat_template(self, *a, **k):
+            raise ValueError("roles must alternate")
+
+    with pytest.raises(RequestError) as err:
+        api._chat_prompt(SimpleNamespace(tokenizer=Refusing()), [ChatMessage(role="user", content="hi")])
+    assert err.value.param == "messages" and "roles must alternate" in str(err.value)
