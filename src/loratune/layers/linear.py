@@ -171,7 +171,8 @@ class LoraLinear(LoraLayer):
             return lora_out
         # DoRA: (m/n - 1) * W x_d + (m/n) * s B A x_d, with n = ||W + sBA|| detached.
         weight = self.base_weight()
-        n = self._dora_norm(adapter_name, weight.detach().float()).detach()
+        with torch.no_grad():  # n is a constant for backward (as in PEFT): build no graph for it
+            n = self._dora_norm(adapter_name, weight.float())
         mag_scale = self.lora_magnitude_vector[adapter_name].weight / n  # (out,)
         base_no_bias = F.linear(h.to(weight.dtype), weight).to(h.dtype)
         return (mag_scale - 1) * base_no_bias + mag_scale * lora_out

@@ -11,7 +11,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from .base import BASE_ADAPTER, _expand_rows
+from .base import _expand_rows
 
 
 class ModulesToSave(nn.Module):
@@ -60,9 +60,8 @@ class ModulesToSave(nn.Module):
             return self._current()(x, *args, **kwargs)
         out = None
         for name, rows in self.batch_groups:
+            # BASE_ADAPTER rows, and adapters without a copy of this module, use the original
             module = self.modules_to_save[name] if name in self.modules_to_save else self.original_module
-            if name == BASE_ADAPTER:
-                module = self.original_module
             rows = _expand_rows(rows, x.shape[0], self.batch_groups)
             part = module(x.index_select(0, rows), *args, **kwargs)
             if out is None:
