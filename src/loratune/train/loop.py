@@ -105,7 +105,8 @@ def fit(
                                lp.seed, epoch, env.world_size, env.rank)
         return batches[: all_reduce_min(len(batches), env)]  # every rank runs the same number of steps
 
-    steps_per_epoch = math.ceil(len(plan(0)) / op.gradient_accumulation_steps)
+    first_epoch = plan(0)
+    steps_per_epoch = math.ceil(len(first_epoch) / op.gradient_accumulation_steps)
     if steps_per_epoch == 0:
         raise LoratuneError("the training set yields no batch; add data or lower per_device_train_batch_size")
     total_steps = lp.max_steps if lp.max_steps > 0 else math.ceil(lp.num_train_epochs * steps_per_epoch)
@@ -134,7 +135,7 @@ def fit(
     window: list[float] = []
     window_tokens, window_start = 0, time.perf_counter()
     started, seen_tokens, last_ckpt, eval_loss = time.perf_counter(), 0, resume_path, None
-    batches = plan(pos.epoch)
+    batches = first_epoch if pos.epoch == 0 else plan(pos.epoch)
     with stop.installed():
         while pos.step < total_steps:
             if pos.batch_index >= len(batches):  # next epoch
