@@ -80,6 +80,19 @@ def test_resolve_dtype():
         resolve_dtype("int8", "cpu")
 
 
+
+def test_one_dtype_table_for_loading_quantization_and_export():
+    from loratune.loading import parse_dtype
+    from loratune.quant import resolve_dtype as compute_dtype
+
+    for name in ("half", "fp16", "torch.float16", "float16"):
+        assert parse_dtype(name) == compute_dtype(name) == resolve_dtype(name, "cpu") == torch.float16
+    with pytest.raises(ConfigError, match="bnb_4bit_compute_dtype 'int8' is not one of"):
+        compute_dtype("int8", "bnb_4bit_compute_dtype")
+    with pytest.raises(ConfigError, match="--dtype 'float64' is not one of"):
+        parse_dtype("float64", "--dtype")
+
+
 def test_preset_tokenizer_has_special_tokens_and_chat_template():
     tok = load_tokenizer(DEFAULT_MODEL)
     assert (tok.pad_token, tok.bos_token, tok.eos_token) == ("<pad>", "<s>", "<|im_end|>")

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 
 from .atomic import atomic_directory
 from .errors import ConfigError
+from .loading import parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,6 @@ PROBE_TEXTS = (
 PROBE_LENGTH = 16
 # (atol, rtol): pass when max|merged - reference| <= atol + rtol * max|reference|, both in float32.
 TOLERANCE = (1e-4, 1e-4)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -109,12 +109,10 @@ def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
     Raises:
         ConfigError: bad dtype or output_dir, or no adapter; MergeError: NaN/Inf in a merged weight.
     """
-    if dtype not in DTYPES:
-        raise ConfigError(f"--dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    torch_dtype = parse_dtype(dtype, "--dtype")
     if not hasattr(loaded.model, "merge_and_unload"):
         raise ConfigError("merging needs an adapter (--adapter DIR)")
     check_output_dir(output_dir, loaded.adapter_dir)
-    torch_dtype = DTYPES[dtype]
     probe = probe_batch(loaded.tokenizer, loaded.model.get_base_model().config.vocab_size)
     reference = logits_of(loaded.model, probe)
     reference_name = "the adapter model" + (f" on its {loaded.quantized} base" if loaded.quantized else "")

@@ -31,10 +31,11 @@ logger = logging.getLogger(__name__)
 PRESET_PREFIX = "preset:"
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
 DEFAULT_MODEL = "preset:tiny-llama"
+# The one table of float dtype names (the trainer, the verbs, quantization and export use it).
 _DTYPES = {
     "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
 }
 
 
@@ -124,9 +125,21 @@ def resolve_dtype(spec: str | torch.dtype, device: str | torch.device = "cpu") -
         return spec
     if spec == "auto":
         return torch.bfloat16 if bf16_supported(device) else torch.float32
-    if spec not in _DTYPES:
-        raise ConfigError(f"dtype {spec!r} is not one of: auto, bfloat16, float32, float16")
-    return _DTYPES[spec]
+    return parse_dtype(spec, "dtype", allowed="auto, bfloat16, float32, float16")
+
+
+def parse_dtype(value: str | torch.dtype, field: str = "dtype", *,
+                allowed: str = "bfloat16, float32, float16") -> torch.dtype:
+    """A float dtype from a torch.dtype or a name ('bfloat16', 'bf16', 'torch.float16', 'half', ...).
+
+    Raises:
+        ConfigError: naming `field`, for anything else.
+    """
+    if isinstance(value, torch.dtype) and value in _DTYPES.values():
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[value.removeprefix("torch.")]
+    raise ConfigError(f"{field} {value!r} is not one of: {allowed}")
 
 
 def load_tokenizer(

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedFeatureError
+from ..loading import parse_dtype
 from .bnb import BnbLinear4bit, bnb_available
 from .int8 import Linear8bit
 from .nf4 import Linear4bit
@@ -23,18 +24,11 @@ logger = logging.getLogger(__name__)
 
 QUANT_TYPES_4BIT = ("nf4", "fp4")
 BACKENDS = ("auto", "torch", "bitsandbytes")
-_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32,
-           "bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32,
-           "half": torch.float16, "float": torch.float32}
 
 
 def resolve_dtype(value, field: str = "compute_dtype") -> torch.dtype:
     """Turn a torch dtype or a name ('bfloat16', 'torch.float16', 'bf16') into a float dtype."""
-    if isinstance(value, torch.dtype) and value in _DTYPES.values():
-        return value
-    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[value.removeprefix("torch.")]
-    raise ConfigError(f"{field}: {value!r} is not a compute dtype; expected one of bfloat16, float16, float32")
+    return parse_dtype(value, field)
 
 
 def is_quantized_module(module: nn.Module) -> bool:
