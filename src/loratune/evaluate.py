@@ -11,6 +11,7 @@ and enabled.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -56,24 +57,34 @@ def perplexity(loss: float) -> float:
 
 
 @torch.no_grad()
-def evaluate_examples(model: nn.Module, examples: list[dict], *, pad_token_id: int, batch_size: int = 8,
-                      max_seq_length: int | None = None) -> EvalResult:
-    """Score examples in padded batches of `batch_size` (in order; results do not depend on it)."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    device = next(model.parameters()).device
+def loss_sum_over(model: nn.Module, batches: Iterable[list[dict]], *, pad_token_id: int, packing: bool,
+                  max_seq_length: int | None, device: torch.device | str) -> tuple[float, int]:
+    """(summed token loss, trained tokens) over batches of examples, in eval mode (the mode is restored).
+
+    The one scoring loop of `loratune eval` and the trainer's evaluation.
+    """
     was_training = model.training
     model.eval()
     loss_sum, n_tokens = 0.0, 0
     try:
-        for start in range(0, len(examples), batch_size):
-            batch = collate(examples[start:start + batch_size], packing=False, pad_token_id=pad_token_id,
-                            max_seq_length=max_seq_length)
+        for examples in batches:
+            batch = collate(examples, packing=packing, pad_token_id=pad_token_id, max_seq_length=max_seq_length)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             part, count = token_loss_sum(model, batch)
             loss_sum, n_tokens = loss_sum + float(part), n_tokens + int(count)
     finally:
         model.train(was_training)
+    return loss_sum, n_tokens
+
+
+def evaluate_examples(model: nn.Module, examples: list[dict], *, pad_token_id: int, batch_size: int = 8,
+                      max_seq_length: int | None = None) -> EvalResult:
+    """Score examples in padded batches of `batch_size` (in order; results do not depend on it)."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    batches = (examples[start:start + batch_size] for start in range(0, len(examples), batch_size))
+    loss_sum, n_tokens = loss_sum_over(model, batches, pad_token_id=pad_token_id, packing=False,
+                                       max_seq_length=max_seq_length, device=next(model.parameters()).device)
     loss = loss_sum / max(n_tokens, 1)
     return EvalResult(loss, perplexity(loss), n_tokens, len(examples))
 

@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from loratune.data import collate, plan_batches
 from loratune.errors import LoratuneError, TrainingDivergedError
+from loratune.evaluate import loss_sum_over, perplexity
 from loratune.train import checkpoint as ckpt
 from loratune.train.config import TrainConfig
 from loratune.train.distributed import DistEnv, all_reduce_min, all_reduce_sum, broadcast_flag, gather_objects
@@ -237,18 +238,9 @@ def evaluate(model: nn.Module, tokenizer, eval_set, cfg: TrainConfig, env: DistE
     # (the training plan drops a ragged tail to keep ranks in step; eval must not).
     batches = plan_batches(lengths, op.per_device_train_batch_size, dc.max_seq_length, dc.packing,
                            cfg.loop.seed, 0, 1, 0)[env.rank::env.world_size]
-    was_training = model.training
-    model.eval()
-    loss_sum, n_tokens = 0.0, 0
-    try:
-        for indices in batches:
-            batch = collate([eval_set[j] for j in indices], packing=dc.packing, pad_token_id=tokenizer.pad_token_id,
-                            max_seq_length=dc.max_seq_length)
-            batch = {k: v.to(env.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-            part, count = token_loss_sum(model, batch)
-            loss_sum, n_tokens = loss_sum + float(part), n_tokens + int(count)
-    finally:
-        model.train(was_training)
+    loss_sum, n_tokens = loss_sum_over(model, ([eval_set[j] for j in indices] for indices in batches),
+                                       pad_token_id=tokenizer.pad_token_id, packing=dc.packing,
+                                       max_seq_length=dc.max_seq_length, device=env.device)
     loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], env)
     return loss_sum / max(n_tokens, 1)
 
@@ -256,7 +248,7 @@ def evaluate(model: nn.Module, tokenizer, eval_set, cfg: TrainConfig, env: DistE
 def _evaluate_and_log(model, tokenizer, eval_set, cfg, env, metrics: MetricsLog, step: int) -> float:
     eval_loss = evaluate(model, tokenizer, eval_set, cfg, env)
     record: dict[str, Any] = {"step": step, "eval_loss": eval_loss,
-                              "perplexity": math.exp(eval_loss) if eval_loss < 700 else float("inf")}
+                              "perplexity": perplexity(eval_loss)}
     if env.is_main:
         samples = sample_generations(model, tokenizer, [eval_set[i] for i in range(min(EVAL_SAMPLES, len(eval_set)))])
         record["samples"] = samples
