@@ -133,18 +133,18 @@ def load_model(model_name_or_path: str | None = None, adapter: str | None = None
     from .loading import load_base_model, load_tokenizer
     from .model import LoraModel
 
-    adapter_config = None
+    adapter_config = adapter_tensors = None
     if adapter is not None:
         if not os.path.isdir(adapter) and _looks_local(adapter):
             raise AdapterError(f"{adapter}: adapter directory does not exist")
-        adapter_config, _ = read_adapter(adapter)  # validate files before the (slow) base load
+        adapter_config, adapter_tensors = read_adapter(adapter)  # validate files before the (slow) base load
     base_name = resolve_base_name(model_name_or_path, adapter_config, adapter)
     settings = resolve_quant(adapter, quant)
     device = resolve_device(device)
     tokenizer = load_tokenizer(base_name)
     model = load_base_model(base_name, dtype=dtype, device=device, **settings)
     if adapter is not None:
-        model = LoraModel.from_pretrained(model, adapter)
+        model = LoraModel.from_adapter(model, adapter_config, adapter_tensors, source=adapter)
         model.eval()
     logger.debug("loaded %s%s", base_name, f" + adapter {adapter}" if adapter else "")
     return LoadedModel(model, tokenizer, base_name, adapter, adapter_config, settings)

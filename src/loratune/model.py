@@ -306,12 +306,22 @@ class LoraModel(nn.Module):
                         subfolder: str | None = None, revision: str | None = None, **kwargs) -> LoraModel:
         """Wrap `model` and load a saved adapter into it (strictly: every tensor must fit)."""
         file_config, tensors = adapter_io.read_adapter(model_id, subfolder=subfolder, revision=revision)
-        config = replace(config or file_config, inference_mode=not is_trainable)
+        return cls.from_adapter(model, config or file_config, tensors, source=str(model_id),
+                                adapter_name=adapter_name, is_trainable=is_trainable)
+
+    @classmethod
+    def from_adapter(cls, model: nn.Module, config: LoraConfig, tensors: dict, *, source: str,
+                     adapter_name: str = "default", is_trainable: bool = False) -> LoraModel:
+        """`from_pretrained` for an adapter already read with `adapter_io.read_adapter` (no second read).
+
+        On a load error the user's model is left as it came (modules and trainable flags).
+        """
+        config = replace(config, inference_mode=not is_trainable)
         trainable = {param: param.requires_grad for param in model.parameters()}
         # Injection must not re-run data-dependent inits (PiSSA/OLoRA rewrite the base weights).
         self = cls(model, replace(config, init_lora_weights=True), adapter_name)
         try:
-            self._fill_adapter(adapter_name, config, tensors, str(model_id))
+            self._fill_adapter(adapter_name, config, tensors, source)
         except AdapterError:
             self.unload()  # the user's model as it came: its own modules and trainable flags
             for param, flag in trainable.items():
