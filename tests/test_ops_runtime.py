@@ -18,6 +18,17 @@ def test_tune_cpu_runtime_reports_and_restores_threads():
         torch.set_flush_denormal(False)
 
 
+def test_tuned_cpu_runtime_puts_threads_and_flushing_back():
+    before = torch.get_num_threads()
+    target = 1 if before != 1 else 2
+    with runtime.tuned_cpu_runtime(threads=target) as applied:
+        assert torch.get_num_threads() == target == applied["threads"]
+        if applied["flush_denormal"]:
+            assert torch.tensor([1e-39]).item() == 0.0
+    assert torch.get_num_threads() == before
+    assert torch.tensor([1e-39]).item() != 0.0  # denormals are kept again
+
+
 def test_flush_denormal_only_touches_denormals():
     try:
         if not torch.set_flush_denormal(True):

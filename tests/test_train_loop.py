@@ -71,7 +71,10 @@ def test_only_lora_parameters_change_and_the_loss_falls(model_dir, data_file, tm
         return real_fit(model, *args, **kwargs)
 
     monkeypatch.setattr(loop, "fit", keep_model)
-    result = run(settings(model_dir, data_file, tmp_path / "o", max_steps=12, packing=True))
+    threads = torch.get_num_threads()
+    result = run(settings(model_dir, data_file, tmp_path / "o", max_steps=12, packing=True,
+                          num_threads=1 if threads != 1 else 2))
+    assert torch.get_num_threads() == threads  # a Python caller gets its thread count back
     assert result.final_loss < result.first_loss
     trained = models[0].get_base_model()
     fresh = load_base_model(model_dir, dtype="float32")

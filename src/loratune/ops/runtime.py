@@ -16,9 +16,11 @@ Nothing here changes numerics beyond flushing denormals (values below 1.2e-38) t
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import logging
+from collections.abc import Iterator
 
 import torch
 
@@ -45,6 +47,23 @@ def tune_cpu_runtime(*, flush_denormal: bool = True, allocator: bool = True,
         applied["threads"] = torch.get_num_threads()
     logger.info("cpu runtime: %s", applied)
     return applied
+
+
+@contextlib.contextmanager
+def tuned_cpu_runtime(**kwargs) -> Iterator[dict[str, object]]:
+    """`tune_cpu_runtime(**kwargs)` for the block, then put back what can be put back: flush-to-zero
+    off (torch's default) and the thread count from before. The allocator thresholds stay: freed
+    memory kept in the process does no harm afterwards.
+    """
+    threads_before = torch.get_num_threads()
+    applied = tune_cpu_runtime(**kwargs)
+    try:
+        yield applied
+    finally:
+        if applied.get("flush_denormal"):
+            torch.set_flush_denormal(False)
+        if "threads" in applied:
+            torch.set_num_threads(threads_before)
 
 
 def keep_freed_memory() -> bool:

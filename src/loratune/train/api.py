@@ -88,22 +88,23 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
         DataError: a malformed data row (file and line named).
         TrainingDivergedError: NaN/Inf loss; the last good checkpoint is kept.
     """
+    from loratune.ops.runtime import tuned_cpu_runtime
+
     cfg = resolve_config(config, overrides)
     env = init_distributed()
     try:
-        return _run(cfg, env)
+        # flush denormals, keep freed memory, threads; process-wide, so put back afterwards
+        with tuned_cpu_runtime(threads=cfg.loop.num_threads or None):
+            return _run(cfg, env)
     finally:
-        torch.set_flush_denormal(False)  # process-wide; put back what _run switched on
         shutdown_distributed(env)
 
 
 def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from loratune.data import build_datasets, check_vocab
     from loratune.loading import load_tokenizer
-    from loratune.ops.runtime import tune_cpu_runtime
     from loratune.train.loop import fit
 
-    tune_cpu_runtime(threads=cfg.loop.num_threads or None)  # flush denormals, keep freed memory, threads
     out = cfg.loop.output_dir
     resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
     seed_everything(cfg.loop.seed)
