@@ -213,3 +213,15 @@ def test_rows_with_a_long_example_take_the_flash_kernel(monkeypatch):
     flash, _ = varlen_sdpa_attention(_Module(), q[None], k[None], v[None], None, position_ids=position_ids)
     assert not calls and flash.shape == fast.shape == (1, 12, 4, 8) and flash.dtype == torch.bfloat16
     torch.testing.assert_close(flash, fast, **TOL[torch.bfloat16])
+
+
+def test_example_starts_are_scanned_once_per_position_ids_tensor():
+    from loratune.ops import attention
+
+    q = torch.zeros(1, 2, 6, 4)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    assert packed_bounds(pos, q, q) == [(0, 3), (3, 6)]
+    assert attention._LAST_STARTS[0] is pos
+    pos[0, 4] = 0  # changed in place: its version moves on, so it is scanned again
+    assert packed_bounds(pos, q, q) == [(0, 3), (3, 4), (4, 6)]
+    assert packed_bounds(torch.tensor([[0, 1, 0, 1, 2, 3]]), q, q) == [(0, 2), (2, 6)]  # another tensor

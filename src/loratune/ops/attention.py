@@ -208,10 +208,24 @@ def packed_bounds(position_ids: Tensor | None, query: Tensor, key: Tensor) -> li
     n = query.shape[2]
     if n < 2 or key.shape[2] != n or position_ids.shape[-1] != n:
         return None
-    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    starts = _example_starts(position_ids)
     if len(starts) < 2 or starts[0] != 0:
         return None
     return list(zip(starts, starts[1:] + [n]))
+
+
+_LAST_STARTS: list = [None, None, None]  # [position_ids, its version, starts]
+
+
+def _example_starts(position_ids: Tensor) -> list[int]:
+    """Where position ids restart at 0. Every layer of a forward passes the same position_ids
+    tensor, so the scan (and on GPU its host sync) happens once per batch, not once per layer."""
+    cached, version, starts = _LAST_STARTS
+    if cached is position_ids and version == position_ids._version:
+        return starts
+    starts = (position_ids[0] == 0).nonzero().flatten().tolist()
+    _LAST_STARTS[:] = [position_ids, position_ids._version, starts]
+    return starts
 
 
 def enable_varlen_attention(model: nn.Module) -> bool:
