@@ -163,3 +163,21 @@ def test_modules_to_save_are_not_also_lora_targets():
     names = adapted(model.model)
     assert "model.layers.0.mlp.up_proj" not in names and "model.layers.1.mlp.up_proj" in names
     assert isinstance(model.model.model.layers[0].mlp.up_proj.original_module, nn.Linear)
+
+
+def test_one_rule_for_wrapper_parts_and_adapter_owned_names():
+    from loratune.layers import inside_wrapper, owned_by_adapter
+
+    for name in ("model.embed_tokens.lora_embedding_A", "layers.0.q_proj.lora_A.default",
+                 "layers.0.q_proj.lora_dropout.default", "lm_head.modules_to_save.default"):
+        assert inside_wrapper(name) and owned_by_adapter(name), name
+    for name in ("layers.0.q_proj.base_layer", "lm_head.original_module"):
+        assert inside_wrapper(name) and not owned_by_adapter(name), name
+    for name in ("layers.0.q_proj", "model.embed_tokens", "layers.0.flora_proj"):
+        assert not inside_wrapper(name) and not owned_by_adapter(name), name
+
+
+def test_a_regex_target_never_matches_an_embedding_adapters_parts():
+    model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["embed_tokens"]))
+    model.add_adapter("second", LoraConfig(r=2, target_modules=r".*embed.*"))
+    assert "second" in model.model.model.embed_tokens.lora_embedding_A

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from .atomic import atomic_directory
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterError
-from .layers import LoraLayer, ModulesToSave
+from .layers import LoraLayer, ModulesToSave, owned_by_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -57,14 +57,9 @@ def adapter_param_map(model: nn.Module, adapter_name: str, bias: str = "none") -
                     out[f"{PREFIX}{path}.base_layer.bias"] = b
     if bias == "all":
         for name, param in model.named_parameters():
-            if name.endswith("bias") and not _is_adapter_param(name):
+            if name.endswith("bias") and not owned_by_adapter(name):
                 out[f"{PREFIX}{name}"] = param
     return out
-
-
-def _is_adapter_param(name: str) -> bool:
-    parts = name.split(".")
-    return any(p.startswith("lora_") or p == "modules_to_save" for p in parts)
 
 
 def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") -> dict[str, Tensor]:

@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import LoraConfig, TaskType
 from .errors import ConfigError, TargetNotFoundError
-from .layers import LoraLayer, LoraLinear, ModulesToSave, build_lora_layer, is_linear_like
+from .layers import LoraLayer, LoraLinear, ModulesToSave, build_lora_layer, inside_wrapper, is_linear_like
 
 ALL_LINEAR = "all-linear"
 DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
@@ -103,7 +103,7 @@ def expand_target_modules(model: nn.Module, config: LoraConfig) -> list[str] | s
         return sorted({
             name.split(".")[-1] for name, module in model.named_modules()
             if (is_linear_like(module) or isinstance(module, LoraLinear))
-            and name not in heads and not _inside_wrapper(name)
+            and name not in heads and not inside_wrapper(name)
         })
     if target is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -135,7 +135,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     Raises:
         TargetNotFoundError: an entry (or the regex) matches no module; close names are listed.
     """
-    names = [n for n, m in model.named_modules() if n and not _inside_wrapper(n)]
+    names = [n for n, m in model.named_modules() if n and not inside_wrapper(n)]
     target = config.target_modules
     # A module trained in full (modules_to_save) is not also given LoRA, as in PEFT.
     matched = [n for n in names if matches(target, n) and not matches(config.exclude_modules, n)
@@ -153,13 +153,6 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
             f"target_modules {target!r} matched modules, but exclude_modules/layers_to_transform removed them all"
         )
     return matched
-
-
-def _inside_wrapper(name: str) -> bool:
-    """True for the internals of an injected layer (base_layer, lora_A...), never targets."""
-    parts = name.split(".")
-    return any(p in ("base_layer", "lora_A", "lora_B", "original_module", "modules_to_save",
-                     "lora_dropout", "lora_magnitude_vector") for p in parts)
 
 
 def _not_found_message(entry: str, names: list[str]) -> str:
@@ -205,7 +198,7 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules trained in full for this adapter."""
     if not config.modules_to_save:
         return []
-    names = [n for n, _ in model.named_modules() if n and not _inside_wrapper(n)]
+    names = [n for n, _ in model.named_modules() if n and not inside_wrapper(n)]
     found = [n for n in names if matches(config.modules_to_save, n)]
     missing = [e for e in config.modules_to_save if not any(matches([e], n) for n in found)]
     if missing:

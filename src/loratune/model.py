@@ -22,7 +22,7 @@ from . import adapter_io, merge
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError
 from .inject import inject_adapter, resolve_config
-from .layers import BASE_ADAPTER, LoraLayer, LoraLinear, ModulesToSave
+from .layers import BASE_ADAPTER, LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ class LoraModel(nn.Module):
         for layer in self._layers():
             layer.set_active(self._active, trainable)
         for name, param in self.model.named_parameters():
-            if name.endswith("bias") and "lora_" not in name and "modules_to_save" not in name \
+            if name.endswith("bias") and not owned_by_adapter(name) \
                     and ".original_module." not in name:  # a modules_to_save original stays frozen, as in PEFT
                 param.requires_grad_(trainable and self._bias_trains(name))
 

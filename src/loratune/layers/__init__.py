@@ -14,8 +14,26 @@ from .modules_to_save import ModulesToSave
 
 __all__ = [
     "BASE_ADAPTER", "DoraMagnitude", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear",
-    "ModulesToSave", "build_lora_layer", "is_linear_like",
+    "ModulesToSave", "build_lora_layer", "inside_wrapper", "is_linear_like", "owned_by_adapter",
 ]
+
+# Names the wrappers give their parts: adapter-owned ones (lora_A, lora_embedding_B, lora_dropout,
+# lora_magnitude_vector, modules_to_save copies) and the frozen originals they hold.
+_ORIGINALS = ("base_layer", "original_module")
+
+
+def _adapter_part(part: str) -> bool:
+    return part.startswith("lora_") or part == "modules_to_save"
+
+
+def owned_by_adapter(name: str) -> bool:
+    """True for a parameter or module name inside an adapter's own weights (saved with the adapter)."""
+    return any(_adapter_part(p) for p in name.split("."))
+
+
+def inside_wrapper(name: str) -> bool:
+    """True for any part of an injected wrapper (its adapters or the original it holds): never a target."""
+    return any(_adapter_part(p) or p in _ORIGINALS for p in name.split("."))
 
 
 def is_linear_like(module: nn.Module) -> bool:

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError, UnsupportedFeatureError
+from ..layers import owned_by_adapter
 from ..loading import parse_dtype
 from .bnb import BnbLinear4bit, bnb_available
 from .int8 import Linear8bit
@@ -46,9 +47,9 @@ def _is_conv1d(module: nn.Module) -> bool:
 
 
 def _skipped(name: str, skip_modules) -> bool:
-    parts = name.split(".")
-    if any(p.startswith("lora_") or p == "modules_to_save" for p in parts):   # trainable copies stay
+    if owned_by_adapter(name):   # trainable copies stay
         return True
+    parts = name.split(".")
     return any(name == s or name.endswith("." + s) or s in parts for s in skip_modules)
 
 
