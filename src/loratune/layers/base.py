@@ -11,13 +11,38 @@ every layer for the duration of one call and always clears it afterwards.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
 from ..config import lora_scaling
-from ..errors import MergeError
+from ..errors import MergeError, UnsupportedFeatureError
 
 BASE_ADAPTER = "__base__"  # the name a mixed batch uses for "no adapter" rows
+PLAIN_INITS = (True, False, "gaussian")  # inits that draw A and B without reading the base weight
+
+
+@torch.no_grad()
+def init_plain(A: Tensor, B: Tensor, method, r: int) -> None:
+    """PEFT's plain inits of a Linear/Conv adapter: True = kaiming A, zero B (the adapter starts as a
+    no-op); "gaussian" = N(0, 1/r) A, zero B; False = kaiming A and B (a random, non-zero adapter)."""
+    if method == "gaussian":
+        nn.init.normal_(A, std=1 / r)
+    else:
+        nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+    if method is False:
+        nn.init.kaiming_uniform_(B, a=math.sqrt(5))
+    else:
+        nn.init.zeros_(B)
+
+
+def refuse_beyond_plain(kind: str, *, use_dora: bool, init_lora_weights) -> None:
+    """Raise UnsupportedFeatureError for what only Linear layers support (DoRA, base-derived inits)."""
+    if use_dora:
+        raise UnsupportedFeatureError(f"use_dora is supported on Linear layers only, not on {kind}")
+    if init_lora_weights not in PLAIN_INITS:
+        raise UnsupportedFeatureError(f"init_lora_weights={init_lora_weights!r} is not supported on {kind}")
 
 
 class LoraLayer(nn.Module):

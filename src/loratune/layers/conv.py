@@ -6,14 +6,11 @@ A is a conv with the base's kernel, stride, padding and dilation mapping in -> R
 
 from __future__ import annotations
 
-import math
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedFeatureError
-from .base import LoraLayer
+from .base import LoraLayer, init_plain, refuse_beyond_plain
 
 
 class LoraConv(LoraLayer):
@@ -28,10 +25,7 @@ class LoraConv(LoraLayer):
 
     def update_layer(self, adapter_name: str, *, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights, use_rslora: bool, use_dora: bool) -> None:
-        if use_dora:
-            raise UnsupportedFeatureError("use_dora is supported on Linear layers only, not on convolutions")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise UnsupportedFeatureError(f"init_lora_weights={init_lora_weights!r} is not supported on convolutions")
+        refuse_beyond_plain("convolutions", use_dora=use_dora, init_lora_weights=init_lora_weights)
         base = self.base_layer
         conv = nn.Conv1d if self.ndim == 1 else nn.Conv2d
         device = base.weight.device
@@ -41,16 +35,7 @@ class LoraConv(LoraLayer):
         self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
                                          base.dilation, bias=False, padding_mode=base.padding_mode, device=device)
         self.lora_B[adapter_name] = conv(r, self.out_features, 1, 1, bias=False, device=device)
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        with torch.no_grad():
-            if init_lora_weights == "gaussian":
-                nn.init.normal_(A, std=1 / r)
-            else:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-            if init_lora_weights is False:
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            else:
-                nn.init.zeros_(B)
+        init_plain(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, init_lora_weights, r)
 
     def delta_weight(self, adapter_name: str) -> Tensor:
         A = self.lora_A[adapter_name].weight.float()  # (R, in, *k)

@@ -10,8 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..errors import UnsupportedFeatureError
-from .base import LoraLayer
+from .base import LoraLayer, refuse_beyond_plain
 
 
 class LoraEmbedding(LoraLayer):
@@ -25,10 +24,7 @@ class LoraEmbedding(LoraLayer):
 
     def update_layer(self, adapter_name: str, *, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights, use_rslora: bool, use_dora: bool) -> None:
-        if use_dora:
-            raise UnsupportedFeatureError("use_dora is supported on Linear layers only, not on nn.Embedding")
-        if init_lora_weights not in (True, False, "gaussian"):
-            raise UnsupportedFeatureError(f"init_lora_weights={init_lora_weights!r} is not supported on nn.Embedding")
+        refuse_beyond_plain("nn.Embedding", use_dora=use_dora, init_lora_weights=init_lora_weights)
         device = self.base_layer.weight.device
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self._set_dropout(adapter_name, lora_dropout)  # kept for bookkeeping; PEFT applies none here

@@ -9,8 +9,6 @@ computed as (out, in) and transposed only at the point it touches the stored wei
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -19,7 +17,7 @@ from transformers.pytorch_utils import Conv1D
 from ..errors import UnsupportedFeatureError
 from ..ops import fast_paths_enabled
 from ..ops.lora_linear import lora_linear
-from .base import LoraLayer
+from .base import PLAIN_INITS, LoraLayer, init_plain
 from .init import init_from_base
 
 
@@ -62,21 +60,14 @@ class LoraLinear(LoraLayer):
             self.lora_magnitude_vector[adapter_name] = DoraMagnitude(magnitude)
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights) -> None:
-        A, B = self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight
-        with torch.no_grad():
-            if init_lora_weights is False:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(B, a=math.sqrt(5))
-            elif init_lora_weights is True:
-                nn.init.kaiming_uniform_(A, a=math.sqrt(5))
-                nn.init.zeros_(B)
-            elif init_lora_weights == "gaussian":
-                nn.init.normal_(A, std=1 / self.r[adapter_name])
-                nn.init.zeros_(B)
-            else:  # "pissa", "pissa_niter_N", "olora": A, B from the base weight, which they rewrite
-                if getattr(self.base_layer, "is_quantized", False):
-                    raise UnsupportedFeatureError(f"init_lora_weights={init_lora_weights!r} needs an unquantized base")
-                init_from_base(self, adapter_name, init_lora_weights)
+        if init_lora_weights in PLAIN_INITS:
+            init_plain(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, init_lora_weights,
+                       self.r[adapter_name])
+            return
+        # "pissa", "pissa_niter_N", "olora": A, B from the base weight, which they rewrite
+        if getattr(self.base_layer, "is_quantized", False):
+            raise UnsupportedFeatureError(f"init_lora_weights={init_lora_weights!r} needs an unquantized base")
+        init_from_base(self, adapter_name, init_lora_weights)
 
     # ----- weights -------------------------------------------------------------------------------
 
