@@ -435,3 +435,15 @@ def test_chat_prompt_errors_are_400s_naming_messages():
     with pytest.raises(RequestError) as err:
         api._chat_prompt(SimpleNamespace(tokenizer=Refusing()), [ChatMessage(role="user", content="hi")])
     assert err.value.param == "messages" and "roles must alternate" in str(err.value)
+
+
+def test_unload_refused_by_a_stopped_engine_keeps_the_adapter_listed(live, monkeypatch):
+    from loratune.serve.engine import EngineStoppedError
+
+    def stopped(adapter_id):
+        raise EngineStoppedError("the engine has stopped")
+
+    monkeypatch.setattr(live.state.engine, "remove_adapter", stopped)
+    r = live.post("/v1/unload_lora_adapter", {"lora_name": "a1"})
+    assert r.status_code == 503
+    assert "a1" in {m.id for m in live.client().models.list().data}  # before: gone from the list, still loaded

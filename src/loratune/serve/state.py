@@ -125,8 +125,12 @@ class ServerState:
             (e for e in self.adapters.values() if e.adapter_id == adapter_id), None)
         if entry is None:
             raise RequestError(404, f"The lora adapter '{name}' cannot be found.", type="NotFoundError", code=404)
-        del self.adapters[entry.name]
-        await asyncio.wrap_future(self._engine_call(lambda: self.engine.remove_adapter(entry.adapter_id)))
+        del self.adapters[entry.name]  # new requests stop finding it at once
+        try:
+            await asyncio.wrap_future(self._engine_call(lambda: self.engine.remove_adapter(entry.adapter_id)))
+        except RequestError:  # the engine did not take the removal: the adapter is still loaded
+            self.adapters[entry.name] = entry
+            raise
         return entry.name
 
     def _engine_call(self, start):
