@@ -194,11 +194,14 @@ def test_causal_bias_is_a_slice_of_one_strip():
     from loratune.ops.attention import _STRIPS, _causal_bias
 
     _STRIPS.clear()
-    for rows, cols in [(1, 1), (3, 3), (3, 10), (4, 4), (2, 700), (4, 9)]:
-        bias = _causal_bias(rows, cols, 4, torch.float32, torch.device("cpu"))
-        future = torch.arange(cols)[None] > (cols - rows + torch.arange(rows)[:, None])
-        torch.testing.assert_close(bias, torch.zeros(rows, cols).masked_fill_(future, float("-inf")))
-    assert len(_STRIPS) == 1 and _STRIPS[(torch.float32, torch.device("cpu"), 4)].shape == (4, 4 + 1024)
+    for rep in (1, 3):
+        for rows, cols in [(1, 1), (3, 3), (3, 10), (4, 4), (2, 700), (4, 9)]:
+            bias = _causal_bias(rows, cols, 4, torch.float32, torch.device("cpu"), rep)
+            future = torch.arange(cols)[None] > (cols - rows + torch.arange(rows)[:, None])
+            want = torch.zeros(rows, cols).masked_fill_(future, float("-inf")).repeat_interleave(rep, dim=0)
+            torch.testing.assert_close(bias, want)
+    assert len(_STRIPS) == 2 and _STRIPS[(torch.float32, torch.device("cpu"), 4, 1)].shape == (4, 4 + 1024)
+    assert _STRIPS[(torch.float32, torch.device("cpu"), 4, 3)].shape == (12, 4 + 1024)
 
 
 def test_rows_with_a_long_example_take_the_flash_kernel(monkeypatch):

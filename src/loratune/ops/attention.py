@@ -15,6 +15,9 @@ sdpa flash kernel (whose backward runs far below the machine's matmul rate, docs
 It is attention written as batched matrix products over blocks of 128 query rows of each example:
 - block i reads keys [example start, end of block i) only, so most of the masked upper triangle is
   never computed (the products are 62% of the full T x T ones at T = 512, 75% at T = 256);
+- the query heads that share a key/value head go through one product, as rows of one matrix (row
+  t * rep + g is head g of the group at position t), so keys and values are never repeated per query
+  head and their gradients come out already summed over the group;
 - scores are fp32 (fp32 q and k, the causal mask added inside the same product), the softmax is
   fp32, and the probabilities are kept in the input dtype for the value product and for backward,
   which therefore recomputes nothing;
@@ -120,47 +123,61 @@ def _blocks(bounds: tuple[tuple[int, int], ...], block: int) -> list[tuple[int, 
 _STRIPS: dict[tuple, Tensor] = {}
 
 
-def _causal_bias(rows: int, cols: int, block: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    """(rows, cols) additive mask for the last `rows` of `cols` positions: -inf where a key is in the future.
+def _causal_bias(rows: int, cols: int, block: int, dtype: torch.dtype, device: torch.device,
+                 rep: int = 1) -> Tensor:
+    """(rows * rep, cols) additive mask for the last `rows` of `cols` positions: -inf where a key is
+    in the future. Each query position owns `rep` consecutive rows (the query heads of one KV head).
 
-    A view into one cached (block x width) strip whose -inf triangle sits at its right end, so every
-    block shape is a slice of it: memory is block x (longest example + block), whatever the lengths.
+    A view into one cached (block * rep x width) strip whose -inf triangle sits at its right end, so
+    every block shape is a slice of it: memory is block x (longest example + block), whatever the lengths.
     """
-    key = (dtype, device, block)
+    key = (dtype, device, block, rep)
     strip = _STRIPS.get(key)
     if strip is None or strip.shape[1] - block < cols:
         width = block + max(cols, 512, 2 * (0 if strip is None else strip.shape[1] - block))
         future = torch.arange(width, device=device) > (width - block + torch.arange(block, device=device)[:, None])
         strip = torch.zeros(block, width, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
+        strip = strip.repeat_interleave(rep, dim=0) if rep > 1 else strip
         _STRIPS[key] = strip
-    start = strip.shape[1] - block - cols + rows  # row i then allows keys [0, cols - rows + i]
-    return strip[:rows, start:start + cols]
+    start = strip.shape[1] - block - cols + rows  # position i then allows keys [0, cols - rows + i]
+    return strip[:rows * rep, start:start + cols]
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
 
 
-def _per_head(t: Tensor, rep: int) -> Tensor:
-    """(KV, N, hd) -> (H, N, hd), each KV head repeated for its group of query heads."""
-    return t.repeat_interleave(rep, dim=0) if rep > 1 else t
+def _grouped(t: Tensor, kv_heads: int, dtype: torch.dtype | None = None) -> Tensor:
+    """(H, N, hd), any strides -> contiguous (KV, N, rep, hd), rep = H // KV.
+
+    Row t * rep + g of KV group j is query head j * rep + g at position t, so one product per KV head
+    covers its whole group of query heads (no repeated keys or values), and a block of positions is
+    one contiguous run of rows.
+    """
+    heads, n, dim = t.shape
+    view = t.unflatten(0, (kv_heads, heads // kv_heads)).transpose(1, 2)
+    return torch.empty(view.shape, dtype=dtype or t.dtype, device=t.device).copy_(view)
 
 
 class _PackedCausalAttentionFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, bounds, scale, block):
         heads, n, dim = q.shape
-        rep = heads // k.shape[0]
+        kvh = k.shape[0]
+        rep = heads // kvh
         sdt = _score_dtype(q.dtype)
-        qs, ks, vh = q.to(sdt), _per_head(k.to(sdt), rep), _per_head(v, rep)
+        qs, ks, vc = _grouped(q, kvh, sdt), k.to(sdt).contiguous(), v.contiguous()
         out = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
+        out_groups = out.view(n, kvh, rep, dim).transpose(0, 1)  # (KV, N, rep, hd) view
         probs = []
         for s0, _, s, e in _blocks(bounds, block):
-            scores = torch.baddbmm(_causal_bias(e - s, e - s0, block, sdt, q.device), qs[:, s:e],
-                                   ks[:, s0:e].transpose(1, 2), alpha=scale)  # (H, rows, keys)
+            rows = (e - s) * rep
+            scores = torch.baddbmm(_causal_bias(e - s, e - s0, block, sdt, q.device, rep),
+                                   qs[:, s:e].view(kvh, rows, dim), ks[:, s0:e].transpose(1, 2),
+                                   alpha=scale)  # (KV, rows, keys)
             p = torch.softmax(scores, dim=-1).to(q.dtype)
             del scores
-            torch.bmm(p, vh[:, s0:e], out=out[s:e].transpose(0, 1))
+            out_groups[:, s:e].copy_(torch.bmm(p, vc[:, s0:e]).view(kvh, e - s, rep, dim))
             probs.append(p)
         ctx.save_for_backward(q, k, v, *probs)
         ctx.bounds, ctx.scale, ctx.block = bounds, scale, block
@@ -170,35 +187,35 @@ class _PackedCausalAttentionFn(torch.autograd.Function):
     def backward(ctx, grad_out):
         q, k, v, *probs = ctx.saved_tensors
         heads, n, dim = q.shape
-        rep = heads // k.shape[0]
-        kh, vh = _per_head(k, rep), _per_head(v, rep)  # re-expanded: one copy each, not kept for backward
-        go = grad_out.to(q.dtype).transpose(0, 1)  # (H, N, hd) view
+        kvh = k.shape[0]
+        rep = heads // kvh
+        qg, kc, vc = _grouped(q, kvh), k.contiguous(), v.contiguous()
+        go = _grouped(grad_out.transpose(0, 1), kvh, q.dtype)  # (KV, N, rep, hd)
         acc = _score_dtype(q.dtype)
         grad_q = torch.empty(n, heads, dim, dtype=q.dtype, device=q.device)
-        grad_kh = torch.empty(heads, n, dim, dtype=acc, device=q.device)
-        grad_vh = torch.empty(heads, n, dim, dtype=acc, device=q.device)
+        grad_q_groups = grad_q.view(n, kvh, rep, dim).transpose(0, 1)
+        grad_k = torch.empty(kvh, n, dim, dtype=acc, device=q.device)
+        grad_v = torch.empty(kvh, n, dim, dtype=acc, device=q.device)
         # Last block of each example first: it covers all the example's keys, so it initialises the
         # fp32 key/value gradients (no zero fill) and the earlier blocks add into prefixes of them.
         for (s0, e0, s, e), p in reversed(list(zip(_blocks(ctx.bounds, ctx.block), probs))):
-            g = go[:, s:e]  # (H, rows, hd)
-            grad_p = torch.bmm(g, vh[:, s0:e].transpose(1, 2))  # (H, rows, keys)
+            rows = (e - s) * rep
+            g = go[:, s:e].view(kvh, rows, dim)
+            grad_p = torch.bmm(g, vc[:, s0:e].transpose(1, 2))  # (KV, rows, keys)
             grad_s = torch._softmax_backward_data(grad_p, p, -1, p.dtype)
             del grad_p
-            torch.bmm(grad_s, kh[:, s0:e], out=grad_q[s:e].transpose(0, 1))
-            part_v = torch.bmm(p.transpose(1, 2), g)
-            part_k = torch.bmm(grad_s.transpose(1, 2), q[:, s:e])
+            grad_q_groups[:, s:e].copy_(torch.bmm(grad_s, kc[:, s0:e]).view(kvh, e - s, rep, dim))
+            part_v = torch.bmm(p.transpose(1, 2), g)  # sums over the group's query heads
+            part_k = torch.bmm(grad_s.transpose(1, 2), qg[:, s:e].view(kvh, rows, dim))
             if e == e0:  # the example's last block, the first one seen here
-                grad_vh[:, s0:e].copy_(part_v)
-                grad_kh[:, s0:e].copy_(part_k)
+                grad_v[:, s0:e].copy_(part_v)
+                grad_k[:, s0:e].copy_(part_k)
             else:
-                grad_vh[:, s0:e] += part_v
-                grad_kh[:, s0:e] += part_k
+                grad_v[:, s0:e] += part_v
+                grad_k[:, s0:e] += part_k
         grad_q.mul_(ctx.scale)
-        grad_kh.mul_(ctx.scale)
-        if rep > 1:
-            grad_kh = grad_kh.view(-1, rep, n, dim).sum(1)
-            grad_vh = grad_vh.view(-1, rep, n, dim).sum(1)
-        return grad_q.transpose(0, 1), grad_kh.to(k.dtype), grad_vh.to(v.dtype), None, None, None
+        grad_k.mul_(ctx.scale)
+        return grad_q.transpose(0, 1), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None
 
 
 def packed_bounds(position_ids: Tensor | None, query: Tensor, key: Tensor) -> list[tuple[int, int]] | None:
