@@ -42,11 +42,39 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def either_spelling(parser: argparse.ArgumentParser, argv: list[str]) -> list[str]:
+    """Rewrite long options to the spelling their verb declares, so `--max_model_len` and
+    `--max-model-len` both work (vLLM writes dashes, Transformers underscores); help shows one."""
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    sub = next((a.choices[verb] for a in parser._actions  # argparse has no public accessor
+                if isinstance(a, argparse._SubParsersAction) and verb in a.choices), None)
+    if sub is None:
+        return argv
+    known = {o for action in sub._actions for o in action.option_strings if o.startswith("--")}
+    out = []
+    for i, token in enumerate(argv):
+        if token == "--":  # everything after it is positional
+            return out + argv[i:]
+        flag, eq, value = token.partition("=")
+        if flag.startswith("--") and flag not in known:
+            flag = next((f for f in _spellings(flag[2:]) if f in known), flag)
+        out.append(flag + eq + value)
+    return out
+
+
+def _spellings(body: str) -> list[str]:
+    """`--` + body with dashes, with underscores, and with argparse's `--no-` prefix kept."""
+    found = [body.replace("_", "-"), body.replace("-", "_")]
+    if body[:3] in ("no-", "no_"):
+        found += ["no-" + body[3:].replace("_", "-"), "no-" + body[3:].replace("-", "_")]
+    return ["--" + b for b in found]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return its exit code (2 for usage and input errors)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args = parser.parse_args(either_spelling(parser, argv))
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(levelname)s %(name)s: %(message)s",

@@ -89,6 +89,8 @@ def split_args(args: list[str], extra_flags: dict[str, tuple[str, bool]]) -> tup
                 problems.append(f"unexpected argument {token!r} (only one CONFIG.yaml is allowed)")
             continue
         flag, _, inline = token.partition("=")
+        if flag.startswith("--") and flag not in extra_flags:
+            flag = "--" + flag[2:].replace("-", "_")  # --learning-rate is --learning_rate
         key = ALIASES.get(flag.lstrip("-"), flag.lstrip("-"))
         if flag in extra_flags:
             name, takes_value = extra_flags[flag]

@@ -1,0 +1,53 @@
+"""`loratune VERB`: long options are accepted with dashes or underscores, whichever a user types."""
+
+from __future__ import annotations
+
+import pytest
+
+from loratune.cli.main import build_parser, either_spelling, main
+from loratune.cli.train import split_args
+
+
+def parse(argv):
+    parser = build_parser(argv)
+    return parser.parse_args(either_spelling(parser, argv))
+
+
+@pytest.mark.parametrize("spelling", ["-", "_"])
+def test_serve_options_take_either_spelling(spelling):
+    flags = ["--" + f.replace("-", spelling) for f in ("load-in-4bit", "max-model-len", "bnb-4bit-quant-type")]
+    args = parse(["serve", "--model", "m", flags[0], flags[1], "64", flags[2], "fp4"])
+    assert (args.load_in_4bit, args.max_model_len, args.bnb_4bit_quant_type) == (True, 64, "fp4")
+
+
+@pytest.mark.parametrize("flag, value", [("--load_in_4bit", True), ("--load-in-4bit", True),
+                                         ("--no-load_in_4bit", False), ("--no-load-in-4bit", False)])
+def test_boolean_options_keep_their_no_prefix(flag, value):
+    args = parse(["generate", "--prompt", "p", "--max-new-tokens", "3", flag])
+    assert args.load_in_4bit is value and args.max_new_tokens == 3
+
+
+def test_values_and_positionals_are_left_alone():
+    argv = ["generate", "--prompt=--max_new_tokens", "--max_new_tokens=4", "--", "--top-p"]
+    assert either_spelling(build_parser(argv), argv) == [
+        "generate", "--prompt=--max_new_tokens", "--max_new_tokens=4", "--", "--top-p"]
+    argv = ["generate", "--max-new-tokens=4", "--top-p", "0.5"]
+    assert either_spelling(build_parser(argv), argv)[1:] == ["--max_new_tokens=4", "--top_p", "0.5"]
+
+
+def test_help_shows_one_spelling(capsys):
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "--max-model-len" in out and "--max_model_len" not in out
+
+
+def test_train_and_preview_keys_take_dashes():
+    _, overrides, problems, extra = split_args(
+        ["--learning-rate", "1e-3", "--target-modules", "q_proj", "v_proj", "--num-examples", "2"],
+        {"--num_examples": ("num_examples", True)})
+    assert problems == []
+    assert overrides == {"learning_rate": "1e-3", "target_modules": ["q_proj", "v_proj"]}
+    assert extra == {"num_examples": "2"}
+    _, _, problems, _ = split_args(["--lerning-rate", "1"], {})
+    assert problems and "--learning_rate" in problems[0]
