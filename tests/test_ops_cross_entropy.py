@@ -92,3 +92,27 @@ def test_confidently_wrong_rows_keep_an_exact_loss():
     got = chunked_cross_entropy_sum(hidden, weight, None, targets, chunk_rows=3)
     assert ref.item() > 500  # p[target] underflows fp32 here
     torch.testing.assert_close(got, ref, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("softmax_rows", [1, 2, 5])
+def test_softmax_in_row_blocks_rounds_the_gradient_as_one_pass_does(softmax_rows, monkeypatch):
+    """The fp32 softmax runs a few rows at a time and writes the bf16 gradient over the logits:
+    bit for bit what one fp32 softmax over the chunk, cast to bf16, gives; underflowing rows in any
+    block keep their exact loss."""
+    import loratune.ops.cross_entropy as ce
+
+    hidden, weight, _, targets = make_inputs(23, 16, 50, torch.bfloat16, bias=False)
+    with torch.no_grad():
+        weight[7] = 40.0  # rows whose target is not 7 are confidently wrong
+    targets[::4] = 7
+    logits = hidden.detach() @ weight.detach().t()
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    want_loss = torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum")
+    probs[torch.arange(23), targets] -= 1.0
+    want_grad = probs.to(torch.bfloat16) @ weight.detach()
+    monkeypatch.setattr(ce, "SOFTMAX_BYTES", 4 * 50 * softmax_rows)
+    loss = chunked_cross_entropy_sum(hidden, weight.detach(), None, targets, chunk_rows=11)
+    loss.backward()
+    assert want_loss.item() > 1000
+    torch.testing.assert_close(loss.detach(), want_loss, rtol=1e-5, atol=1e-3)
+    assert torch.equal(hidden.grad, want_grad)
