@@ -129,7 +129,8 @@ def _causal_bias(rows: int, cols: int, block: int, dtype: torch.dtype, device: t
     in the future. Each query position owns `rep` consecutive rows (the query heads of one KV head).
 
     A view into one cached (block * rep x width) strip whose -inf triangle sits at its right end, so
-    every block shape is a slice of it: memory is block x (longest example + block), whatever the lengths.
+    every block shape is a slice of it: memory is block * rep x (longest example + block), whatever
+    the lengths.
     """
     key = (dtype, device, block, rep)
     strip = _STRIPS.get(key)
@@ -156,6 +157,8 @@ def _grouped(t: Tensor, kv_heads: int, dtype: torch.dtype | None = None) -> Tens
     """
     heads, n, dim = t.shape
     view = t.unflatten(0, (kv_heads, heads // kv_heads)).transpose(1, 2)
+    if view.is_contiguous() and dtype in (None, t.dtype):
+        return view  # e.g. one query head per KV head, already head-major
     return torch.empty(view.shape, dtype=dtype or t.dtype, device=t.device).copy_(view)
 
 
