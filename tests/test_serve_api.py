@@ -64,7 +64,7 @@ class LiveServer:
 
     def post(self, path: str, payload=None, *, key: str | None = KEY, **kwargs) -> httpx.Response:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return httpx.post(self.url + path, json=payload, headers=headers, timeout=30, **kwargs)
+        return httpx.post(self.url + path, json=payload, headers=headers, **{"timeout": 30, **kwargs})
 
     def stop(self) -> None:
         self.server.should_exit = True
@@ -340,7 +340,7 @@ def test_corrupt_adapters_fail_their_load_and_the_server_keeps_serving(live):
     tensors[key] = torch.tensor(1.0)  # a 0-d tensor: before, an IndexError and a 500
     save_file(tensors, str(scalar / "adapter_model.safetensors"))
     expected = {"truncated": "not a readable safetensors file", "misshapen": "k_proj.lora_A.weight is missing",
-                "binary": "only safetensors", "dora": "use_dora", "scalar": "has shape (), expected (r, "}
+                "binary": "only safetensors", "dora": "use_dora", "scalar": "has shape (), expected (4, 256) (adapter_config.json gives this layer r=4)"}
     for name, needle in expected.items():
         r = live.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(root / name)})
         assert r.status_code == 400, (name, r.text)
@@ -447,3 +447,144 @@ def test_unload_refused_by_a_stopped_engine_keeps_the_adapter_listed(live, monke
     r = live.post("/v1/unload_lora_adapter", {"lora_name": "a1"})
     assert r.status_code == 503
     assert "a1" in {m.id for m in live.client().models.list().data}  # before: gone from the list, still loaded
+
+
+# ----- requests that used to be accepted, ignored or able to hurt other requests -------------------
+
+def test_a_tiny_temperature_decodes_greedily_and_hurts_no_one(live):
+    client = live.client()
+    greedy = complete(client, "a1").choices[0].text
+    results = {}
+
+    def tiny():
+        results["tiny"] = client.completions.create(model="a1", prompt="The capital of France is", max_tokens=12,
+                                                    temperature=3.5e-38).choices[0].text
+
+    def other():
+        results["other"] = complete(client, "a2", max_tokens=20).choices[0].text
+
+    threads = [threading.Thread(target=f) for f in (tiny, other)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert results == {"tiny": greedy, "other": complete(client, "a2", max_tokens=20).choices[0].text}
+
+
+def test_an_adapter_with_non_finite_logits_fails_only_its_own_requests(live, tmp_path):
+    model = load_base_model("preset:tiny-llama", dtype="float32")
+    write_adapter(live.state.settings.adapter_roots[0] / "huge", model, r=2, targets=["o_proj"], seed=5, scale=1e18,
+                  lora_alpha=1e30)
+    assert live.post("/v1/load_lora_adapter", {"lora_name": "huge", "lora_path": "huge"}).status_code == 200
+    try:
+        client = live.client()
+        outcome = {}
+
+        def broken():
+            try:
+                complete(client, "huge", max_tokens=8)
+            except openai.APIStatusError as exc:
+                outcome["huge"] = (exc.status_code, exc.body["message"])
+
+        def fine():
+            outcome["a1"] = complete(client, "a1", max_tokens=20).choices[0].finish_reason
+
+        threads = [threading.Thread(target=f) for f in (fine, broken)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert outcome["a1"] == "length"
+        status, message = outcome["huge"]
+        assert status == 500 and "its adapter produced non-finite logits" in message
+        engine = live.state.engine
+        deadline = time.monotonic() + 10
+        while engine.running and time.monotonic() < deadline:  # the row leaves right after its error event
+            time.sleep(0.01)
+        assert engine.alive and engine.running == 0
+    finally:
+        live.post("/v1/unload_lora_adapter", {"lora_name": "huge"})
+
+
+def test_one_created_time_per_response(live, monkeypatch):
+    import loratune.serve.protocol as protocol
+
+    ticks = iter(range(1_700_000_000, 1_800_000_000))
+    monkeypatch.setattr(protocol.time, "time", lambda: next(ticks))
+    chunks = list(live.client().chat.completions.create(
+        model="a1", messages=[{"role": "user", "content": "hi"}], max_tokens=6, temperature=0, stream=True))
+    assert len(chunks) > 3 and len({c.created for c in chunks}) == 1 and len({c.id for c in chunks}) == 1
+
+
+@pytest.mark.parametrize("field, value", [
+    ("top_k", 5), ("min_p", 0.1), ("repetition_penalty", 1.2), ("ignore_eos", True), ("min_tokens", 3),
+    ("stop_token_ids", [2]), ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("audio", {"voice": "x"}),
+])
+def test_sampling_fields_we_cannot_honour_are_400s_naming_them(live, field, value):
+    body = expect_error(400, live.client().completions.create, model=BASE, prompt="x", max_tokens=1,
+                        extra_body={field: value})
+    assert body["param"] == field
+
+
+def test_neutral_values_and_strict_types(live):
+    client = live.client()
+    assert client.completions.create(model=BASE, prompt="x", max_tokens=1, extra_body={
+        "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "ignore_eos": False, "tool_choice": "none"})
+    for payload, param in [({"stream": "yes"}, "stream"), ({"max_tokens": "5"}, "max_tokens"),
+                           ({"max_tokens": 2.5}, "max_tokens"), ({"stream_options": {"include_usage": True}},
+                                                                  "stream_options")]:
+        r = live.post("/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 1, **payload})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+@pytest.mark.parametrize("message, needle", [
+    ({"role": "alien", "content": "hi"}, "messages[0].role 'alien' is not supported"),
+    ({"role": "user"}, "messages[0].content is missing"),
+    ({"role": "user", "content": [{"type": "text", "text": 5}]}, "messages[0].content[0].text must be a string"),
+])
+def test_bad_chat_messages_are_400s_naming_the_message(live, message, needle):
+    body = expect_error(400, live.client().chat.completions.create, model=BASE, messages=[message], max_tokens=1)
+    assert needle in body["message"] and body["param"] == "messages"
+
+
+def test_developer_messages_are_system_messages(live):
+    client = live.client()
+    texts = [client.chat.completions.create(model=BASE, max_tokens=4, temperature=0, messages=[
+        {"role": role, "content": "Be brief."}, {"role": "user", "content": "hi"}]).choices[0].message.content
+        for role in ("developer", "system")]
+    assert texts[0] == texts[1]
+
+
+def test_full_queue_429_says_when_to_retry(tmp_path):
+    server = start_server(tmp_path, max_batch_size=1, max_queue=1)
+    try:
+        client = server.client()
+        streams = [complete(client, "a1", max_tokens=500, stream=True) for _ in range(2)]
+        next(iter(streams[0]))
+        r = server.post("/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        for s in streams:
+            s.close()
+    finally:
+        server.stop()
+
+
+def test_a_client_leaving_a_non_streaming_request_stops_its_generation(live, monkeypatch):
+    engine = live.state.engine
+    monkeypatch.setattr(engine, "eos_token_ids", set())
+    before = engine.decoded_tokens
+    with pytest.raises(httpx.ReadTimeout):
+        live.post("/v1/completions", {"model": "a1", "prompt": "abc", "max_tokens": 500, "temperature": 0},
+                  timeout=httpx.Timeout(30, read=0.5))
+    deadline = time.monotonic() + 10
+    while (engine.running or engine.queue_depth) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert engine.running == 0 and engine.queue_depth == 0
+    assert engine.decoded_tokens - before < 499  # stopped well before max_tokens
+    text = httpx.get(f"{live.url}/metrics").text
+    assert 'loratune_requests_total{endpoint="completions",model="a1",status="499"}' in text
+
+
+def test_unload_by_unknown_id_names_the_id(live):
+    r = live.post("/v1/unload_lora_adapter", {"lora_int_id": 999})
+    assert r.status_code == 404 and "lora_int_id 999" in r.json()["error"]["message"]

@@ -63,7 +63,8 @@ def test_paths_must_resolve_under_a_root(tmp_path):
 
 def test_prepare_reads_scaling_from_config_and_patterns(tmp_path, shapes):
     path = write(tmp_path / "a", {**q_tensors(2, (0,)), **q_tensors(4, (1,))}, lora_alpha=8,
-                 alpha_pattern={"layers.1.self_attn.q_proj": 2}, use_rslora=True)
+                 alpha_pattern={"layers.1.self_attn.q_proj": 2}, rank_pattern={"layers.1.self_attn.q_proj": 4},
+                 use_rslora=True)
     prepared = prepare_adapter("a", path, shapes, torch.bfloat16)
     layer0, layer1 = (prepared.layers[f"model.layers.{i}.self_attn.q_proj"] for i in (0, 1))
     assert layer0.scaling == pytest.approx(8 / math.sqrt(2)) and layer1.scaling == pytest.approx(2 / math.sqrt(4))
@@ -79,6 +80,10 @@ def test_prepare_reads_scaling_from_config_and_patterns(tmp_path, shapes):
     ("dora", "use_dora", UnsupportedFeatureError),
     ("nan", "NaN or Inf", AdapterError),
     ("bin", "only safetensors", AdapterError),
+    ("rank_0", "q_proj.lora_A.weight has shape (0, 32), expected (2, 32)", AdapterError),
+    ("rank_not_config", "q_proj.lora_B.weight has shape (32, 4), expected (32, 2)", AdapterError),
+    ("untargeted", "lm_head.lora_A.weight is unexpected: adapter_config.json does not target 'lm_head'", AdapterError),
+    ("int_tensor", "q_proj.lora_A.weight has dtype torch.int32", AdapterError),
 ])
 def test_prepare_names_what_does_not_fit(case, needle, error, tmp_path, shapes):
     tensors, config = q_tensors(), {}
@@ -97,6 +102,15 @@ def test_prepare_names_what_does_not_fit(case, needle, error, tmp_path, shapes):
         config = {"use_dora": True}
     elif case == "nan":
         tensors[Q.format(1, "B")][0, 0] = float("nan")
+    elif case == "rank_0":
+        tensors.update(q_tensors(r=0, layers=(0,)))
+    elif case == "rank_not_config":
+        tensors.update(q_tensors(r=4, layers=(1,)))
+    elif case == "untargeted":
+        tensors["base_model.model.lm_head.lora_A.weight"] = torch.randn(2, 32)
+        tensors["base_model.model.lm_head.lora_B.weight"] = torch.randn(128, 2)
+    elif case == "int_tensor":
+        tensors[Q.format(0, "A")] = tensors[Q.format(0, "A")].to(torch.int32)
     path = write(tmp_path / case, tensors, **config)
     if case == "bin":
         (path / "adapter_model.safetensors").rename(path / "adapter_model.bin")

@@ -9,6 +9,7 @@ and the playground at /. Every error is OpenAI's envelope {"error": {message, ty
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import logging
@@ -63,7 +64,7 @@ def build_app(state: ServerState) -> FastAPI:
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default here
         params = state.sampling(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.seed)
         gen = Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())
-        return await _respond(state, gen, body, "completions", chat=False)
+        return await _respond(state, gen, body, request, "completions", chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: p.ChatRequest, request: Request):
@@ -73,7 +74,7 @@ def build_app(state: ServerState) -> FastAPI:
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = state.sampling(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.seed)
         gen = Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())
-        return await _respond(state, gen, body, "chat", chat=True)
+        return await _respond(state, gen, body, request, "chat", chat=True)
 
     @app.post("/v1/load_lora_adapter")
     async def load_lora_adapter(body: p.LoadLoraRequest):
@@ -126,7 +127,7 @@ def _completion_prompt(state: ServerState, prompt) -> list[int]:
 
 
 def _chat_prompt(state: ServerState, messages: list[p.ChatMessage]) -> list[int]:
-    conversation = [{"role": m.role, "content": m.text()} for m in messages]
+    conversation = [{"role": m.template_role(), "content": m.text(f"messages[{i}]")} for i, m in enumerate(messages)]
     try:
         return chat_ids(state.tokenizer, conversation)
     except ConfigError:  # no chat template
@@ -136,44 +137,59 @@ def _chat_prompt(state: ServerState, messages: list[p.ChatMessage]) -> list[int]
         raise RequestError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 
 
-async def _respond(state: ServerState, gen: Generation, body, endpoint: str, *, chat: bool):
-    rid = p.new_id("chatcmpl" if chat else "cmpl")
+async def _respond(state: ServerState, gen: Generation, body, request: Request, endpoint: str, *, chat: bool):
+    head = p.new_head("chatcmpl" if chat else "cmpl", body.model)
     gen.submit()
     if body.stream:
-        return StreamingResponse(_stream(state, gen, body, rid, endpoint, chat=chat),
+        return StreamingResponse(_stream(state, gen, body, head, endpoint, chat=chat),
                                  media_type="text/event-stream")
+    text_task = asyncio.ensure_future(gen.text())
+    gone = asyncio.ensure_future(_disconnected(request))
     try:
-        text = await gen.text()
+        await asyncio.wait({text_task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not text_task.done():  # the client left: stop generating for it
+            text_task.cancel()
+            state.metrics.requests.labels(body.model, endpoint, "499").inc()
+            return Response(status_code=499)
+        text = text_task.result()
     except RequestError:
         state.metrics.requests.labels(body.model, endpoint, "500").inc()
         raise
     finally:
-        gen.cancel()  # no-op when finished; frees the slot if this handler was cancelled
+        gone.cancel()
+        text_task.cancel()
+        gen.cancel()  # no-op when finished; frees the slot if the client left or this handler was cancelled
     state.metrics.requests.labels(body.model, endpoint, "200").inc()
     use = p.usage(gen.prompt_tokens, len(gen.tokens))
     if chat:
-        return p.chat_body(rid, body.model, text, gen.finish_reason, use)
-    return p.completion_body(rid, body.model, text, gen.finish_reason, use)
+        return p.chat_body(head, text, gen.finish_reason, use)
+    return p.completion_body(head, text, gen.finish_reason, use)
 
 
-async def _stream(state: ServerState, gen: Generation, body, rid: str, endpoint: str, *, chat: bool):
+async def _disconnected(request: Request, every: float = 0.25) -> None:
+    """Return once the client has closed its connection (polled: a non-streaming reply sends nothing before)."""
+    while not await request.is_disconnected():
+        await asyncio.sleep(every)
+
+
+async def _stream(state: ServerState, gen: Generation, body, head: p.Head, endpoint: str, *, chat: bool):
     def event(obj) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
     status = "200"
     try:
         if chat:
-            yield event(p.chat_chunk(rid, body.model, {"role": "assistant", "content": ""}, None))
+            yield event(p.chat_chunk(head, {"role": "assistant", "content": ""}, None))
         async for delta in gen.deltas():
-            yield event(p.chat_chunk(rid, body.model, {"content": delta}, None) if chat
-                        else p.completion_body(rid, body.model, delta, None, None, chunk=True))
+            yield event(p.chat_chunk(head, {"content": delta}, None) if chat
+                        else p.completion_body(head, delta, None, None, chunk=True))
         finish = gen.finish_reason
-        yield event(p.chat_chunk(rid, body.model, {}, finish) if chat
-                    else p.completion_body(rid, body.model, "", finish, None, chunk=True))
+        yield event(p.chat_chunk(head, {}, finish) if chat
+                    else p.completion_body(head, "", finish, None, chunk=True))
         if body.include_usage():
             use = p.usage(gen.prompt_tokens, len(gen.tokens))
-            yield event(p.chat_chunk(rid, body.model, {}, None, use=use, empty=True) if chat
-                        else {**p.completion_body(rid, body.model, "", None, use, chunk=True), "choices": []})
+            yield event(p.chat_chunk(head, {}, None, use=use, empty=True) if chat
+                        else {**p.completion_body(head, "", None, use, chunk=True), "choices": []})
         yield "data: [DONE]\n\n"
     except RequestError as exc:
         status = str(exc.status)
@@ -193,7 +209,10 @@ def _add_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestError)
     async def request_error(_, exc: RequestError):
-        return reply(exc.status, exc.message, exc.type, exc.code, exc.param)
+        response = reply(exc.status, exc.message, exc.type, exc.code, exc.param)
+        if exc.status == 429:
+            response.headers["Retry-After"] = "1"  # the queue drains in about a decode step or two
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_, exc: RequestValidationError):

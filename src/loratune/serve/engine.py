@@ -42,6 +42,10 @@ class EngineStoppedError(Exception):
     """The engine thread is not running (HTTP 503)."""
 
 
+# Temperatures below this decode greedily (as vLLM does): dividing logits by a tinier one overflows.
+GREEDY_BELOW = 1e-5
+
+
 @dataclass
 class SamplingParams:
     """How one request samples: temperature 0 is greedy; seed makes sampling repeatable."""
@@ -50,6 +54,10 @@ class SamplingParams:
     temperature: float = 1.0
     top_p: float = 1.0
     seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -307,7 +315,7 @@ class Engine:
         accepted = []
         for i, request in enumerate(requests):
             generator = None
-            if request.params.temperature > 0:
+            if not request.params.greedy:
                 generator = torch.Generator()
                 if request.params.seed is None:
                     generator.seed()  # a fresh seed for this request only; the global RNG is left alone
@@ -335,10 +343,18 @@ class Engine:
         self._finish_rows(finished)
 
     def _accept(self, row: _Row, logits: Tensor) -> bool:
-        """Sample the row's next token and emit it; return False when the row is finished."""
-        token = sample(logits, row.request.params, row.generator)
-        row.last_token, row.position, row.generated = token, row.position + 1, row.generated + 1
+        """Sample the row's next token and emit it; return False when the row is finished.
+
+        A row whose logits are not finite (an adapter that overflows) fails alone, with an error
+        event; the other rows of the batch go on.
+        """
         request = row.request
+        if bool(logits.isnan().any() or logits.isposinf().any()):
+            name = "the base model" if request.adapter_id is None else "its adapter"
+            self._emit(request, "error", f"generation failed: {name} produced non-finite logits (NaN or inf)")
+            return False
+        token = sample(logits, request.params, row.generator)
+        row.last_token, row.position, row.generated = token, row.position + 1, row.generated + 1
         self._emit(request, "token", token)
         if token in self.eos_token_ids:
             reason = "stop"
@@ -352,9 +368,9 @@ class Engine:
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
     """Pick the next token from (V,) logits: argmax when greedy, else temperature + top-p."""
-    if params.temperature <= 0 or generator is None:
+    if params.greedy or generator is None:
         return int(logits.argmax())
-    probs = torch.softmax(logits / params.temperature, dim=-1)
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)  # <= 0 before scaling: no overflow
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # always keeps the top token

@@ -8,29 +8,36 @@ from __future__ import annotations
 
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 
 from .registry import RequestError
 
-# Fields we accept only at their neutral values (OpenAI's defaults).
+# Fields we accept only at their neutral values (OpenAI's defaults, and vLLM's for its extra
+# sampling fields): any other value would be silently ignored, so it is refused by name.
 UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "echo": (False,), "suffix": ("",),
                "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
-               "tools": ([],), "response_format": ({"type": "text"},)}
+               "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+               "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (),
+               "top_k": (-1, 0), "min_p": (0, 0.0), "repetition_penalty": (1, 1.0), "ignore_eos": (False,),
+               "min_tokens": (0,), "stop_token_ids": ([],), "add_generation_prompt": (True,),
+               "continue_final_message": (False,)}
+CHAT_ROLES = ("system", "developer", "user", "assistant")
 
 
 class _Request(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int | None = 1
-    stream: bool | None = False
+    n: StrictInt | None = 1
+    stream: StrictBool | None = False
     stop: str | list[str] | None = None
-    seed: int | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator accepts
+    seed: StrictInt | None = Field(default=None, ge=-(2**63), lt=2**64)  # what torch.Generator accepts
     stream_options: dict[str, Any] | None = None
     logprobs: Any = None
 
@@ -38,6 +45,8 @@ class _Request(BaseModel):
         """Refuse, by name, request fields set to something the server cannot honour."""
         if self.n not in (None, 1):
             raise RequestError(400, f"n={self.n} is not supported; the server returns one choice (n=1)", param="n")
+        if self.stream_options is not None and not self.stream:
+            raise RequestError(400, "stream_options is only allowed when stream is true", param="stream_options")
         extra = {**(self.model_extra or {}), "logprobs": self.logprobs}
         for name, neutral in UNSUPPORTED.items():
             value = extra.get(name)
@@ -62,21 +71,32 @@ class ChatMessage(BaseModel):
     role: str
     content: str | list[dict[str, Any]] | None = None
 
-    def text(self) -> str:
+    def text(self, where: str) -> str:
+        """The message's text; `where` names it in errors (messages[i])."""
+        if self.role not in CHAT_ROLES:
+            raise RequestError(400, f"{where}.role {self.role!r} is not supported; use one of "
+                               f"{', '.join(CHAT_ROLES)}", param="messages")
+        if self.content is None and self.role != "assistant":
+            raise RequestError(400, f"{where}.content is missing", param="messages")
         if isinstance(self.content, list):
             parts = []
-            for part in self.content:
+            for i, part in enumerate(self.content):
                 if part.get("type") != "text":
-                    raise RequestError(400, f"message content of type {part.get('type')!r} is not supported; "
-                                       "send text parts", param="messages")
-                parts.append(str(part.get("text", "")))
+                    raise RequestError(400, f"{where}.content[{i}] has type {part.get('type')!r}, which is not "
+                                       "supported; send text parts", param="messages")
+                if not isinstance(part.get("text"), str):
+                    raise RequestError(400, f"{where}.content[{i}].text must be a string", param="messages")
+                parts.append(part["text"])
             return "".join(parts)
         return self.content or ""
+
+    def template_role(self) -> str:
+        return "system" if self.role == "developer" else self.role  # OpenAI's newer name for system
 
 
 class ChatRequest(_Request):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: StrictInt | None = Field(default=None, ge=1)
 
 
 class LoadLoraRequest(BaseModel):
@@ -107,27 +127,38 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict:
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def completion_body(rid: str, model: str, text: str, finish: str | None, use: dict | None,
-                    *, chunk: bool = False) -> dict:
+@dataclass(frozen=True)
+class Head:
+    """What every body and chunk of one response repeats: its id, its creation time and the model."""
+
+    id: str
+    created: int
+    model: str
+
+
+def new_head(prefix: str, model: str) -> Head:
+    return Head(new_id(prefix), int(time.time()), model)
+
+
+def completion_body(head: Head, text: str, finish: str | None, use: dict | None, *, chunk: bool = False) -> dict:
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
+    body = {"id": head.id, "object": "text_completion", "created": head.created, "model": head.model,
             "choices": [choice]}
     if use is not None or not chunk:
         body["usage"] = use
     return body
 
 
-def chat_body(rid: str, model: str, text: str, finish: str | None, use: dict) -> dict:
+def chat_body(head: Head, text: str, finish: str | None, use: dict) -> dict:
     message = {"role": "assistant", "content": text}
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+    return {"id": head.id, "object": "chat.completion", "created": head.created, "model": head.model,
             "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
             "usage": use}
 
 
-def chat_chunk(rid: str, model: str, delta: dict, finish: str | None, *, use: dict | None = None,
-               empty: bool = False) -> dict:
+def chat_chunk(head: Head, delta: dict, finish: str | None, *, use: dict | None = None, empty: bool = False) -> dict:
     choices = [] if empty else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
-    body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()), "model": model,
+    body = {"id": head.id, "object": "chat.completion.chunk", "created": head.created, "model": head.model,
             "choices": choices}
     if use is not None:
         body["usage"] = use

@@ -89,26 +89,29 @@ def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
     """
     config, tensors = _read(path)
     modules = _group_by_module(tensors, path)
+    targeted = _targeted(config, shapes)
     problems = []
     for module, parts in sorted(modules.items()):
         key = f"{KEY_PREFIX}{module}"
         if module not in shapes:
             problems.append(f"tensor {key}.lora_A.weight targets {module!r}, which is not a linear layer of the base model")
             continue
+        if targeted and module not in targeted:
+            problems.append(f"tensor {key}.lora_A.weight is unexpected: adapter_config.json does not target {module!r}")
+            continue
         if set(parts) != {"A", "B"}:
             missing = "B" if "A" in parts else "A"
             problems.append(f"tensor {key}.lora_{missing}.weight is missing")
             continue
         in_f, out_f = shapes[module]
-        a, b = parts["A"], parts["B"]
-        if a.dim() != 2 or a.shape[1] != in_f:
-            rank = a.shape[0] if a.dim() else "r"
-            problems.append(f"tensor {key}.lora_A.weight has shape {tuple(a.shape)}, expected ({rank}, {in_f})")
-            continue  # B's expected shape depends on A's rank
-        r = a.shape[0]
-        if b.dim() != 2 or tuple(b.shape) != (out_f, r):
-            problems.append(f"tensor {key}.lora_B.weight has shape {tuple(b.shape)}, expected ({out_f}, {r})")
-    for module in sorted(_targeted(config, shapes) - set(modules)):
+        r = pattern_value(config.rank_pattern, module, config.r)  # the rank the config gives this layer
+        for part, t, want in (("A", parts["A"], (r, in_f)), ("B", parts["B"], (out_f, r))):
+            if not t.is_floating_point():
+                problems.append(f"tensor {key}.lora_{part}.weight has dtype {t.dtype}; expected a floating-point dtype")
+            elif tuple(t.shape) != want:
+                problems.append(f"tensor {key}.lora_{part}.weight has shape {tuple(t.shape)}, expected {want} "
+                                f"(adapter_config.json gives this layer r={r})")
+    for module in sorted(targeted - set(modules)):
         problems.append(f"tensor {KEY_PREFIX}{module}.lora_A.weight is missing (adapter_config.json targets {module!r})")
     if problems:
         raise AdapterError(f"adapter {name!r} at {path} does not fit the base model:\n  - " + "\n  - ".join(problems))

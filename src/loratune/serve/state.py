@@ -124,7 +124,8 @@ class ServerState:
         entry = self.adapters.get(name) if name else next(
             (e for e in self.adapters.values() if e.adapter_id == adapter_id), None)
         if entry is None:
-            raise RequestError(404, f"The lora adapter '{name}' cannot be found.", type="NotFoundError", code=404)
+            shown = f"'{name}'" if name else f"with lora_int_id {adapter_id}"
+            raise RequestError(404, f"The lora adapter {shown} cannot be found.", type="NotFoundError", code=404)
         del self.adapters[entry.name]  # new requests stop finding it at once
         try:
             await asyncio.wrap_future(self._engine_call(lambda: self.engine.remove_adapter(entry.adapter_id)))
