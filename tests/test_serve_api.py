@@ -531,7 +531,8 @@ def test_neutral_values_and_strict_types(live):
     assert client.completions.create(model=BASE, prompt="x", max_tokens=1, extra_body={
         "top_k": -1, "min_p": 0.0, "repetition_penalty": 1.0, "ignore_eos": False, "tool_choice": "none"})
     for payload, param in [({"stream": "yes"}, "stream"), ({"max_tokens": "5"}, "max_tokens"),
-                           ({"max_tokens": 2.5}, "max_tokens"), ({"stream_options": {"include_usage": True}},
+                           ({"max_tokens": 2.5}, "max_tokens"), ({"temperature": "0.5"}, "temperature"),
+                           ({"stream_options": {"include_usage": True}},
                                                                   "stream_options")]:
         r = live.post("/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 1, **payload})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
