@@ -42,3 +42,10 @@ def test_preview_reports_config_and_data_errors(config, capsys, tmp_path):
     assert main(["data", "preview", config, "--train_file", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "bad.jsonl" in err and "line 1" in err
+
+
+@pytest.mark.parametrize("n", ["-1", "0"])
+def test_preview_needs_at_least_one_example(config, capsys, n):
+    assert main(["data", "preview", config, "-n", n]) == 2
+    captured = capsys.readouterr()
+    assert f"error: -n must be >= 1 (examples to show), got {n}" in captured.err and captured.out == ""

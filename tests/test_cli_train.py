@@ -151,11 +151,65 @@ def test_bad_values_are_reported_together(model_dir, messages_file, tmp_path, ca
         assert needle in err
 
 
+def test_a_bad_flag_value_is_blamed_on_the_flag_and_a_bad_key_on_the_file(tmp_path, capsys):
+    config = tmp_path / "base.yaml"
+    config.write_text("train_file: t.jsonl\nlora_alpha: -1\n")
+    assert train_cli([str(config), "--r", "-4", "--lora_alpha", "8"]) == 2
+    assert capsys.readouterr().err == "error: --r must be > 0, got -4\n"
+    assert train_cli([str(config), "--r", "-4"]) == 2
+    err = capsys.readouterr().err
+    assert "  - --r must be > 0, got -4" in err
+    assert f"  - {config}: lora_alpha must be a finite number > 0, got -1.0" in err
+
+
+@pytest.mark.parametrize("flag", ["--no-packing", "--no_packing"])
+def test_no_prefix_turns_a_boolean_key_off(flag):
+    from loratune.cli.train import load_config_from_args, split_args
+
+    config, overrides, problems, _ = split_args(["--train_file", "t.jsonl", flag, "--no-bf16"], {})
+    assert problems == [] and overrides == {"train_file": "t.jsonl", "packing": False, "bf16": False}
+    args = type("Args", (), {"config": config, "overrides": overrides, "flag_problems": problems})
+    cfg = load_config_from_args(args)
+    assert cfg.data.packing is False and cfg.model.bf16 is False
+    _, _, problems, _ = split_args([f"{flag}=true", "--no-r", "4"], {})
+    assert problems[0] == f"{flag} takes no value (it sets packing to false), got 'true'"
+    assert problems[1].startswith("unknown flag --no_r")
+
+
 def test_missing_config_file_and_missing_data(tmp_path, capsys):
     assert train_cli([str(tmp_path / "nope.yaml")]) == 2
     assert "config file not found" in capsys.readouterr().err
     assert train_cli(["--output_dir", str(tmp_path / "o")]) == 2
     assert "no training data" in capsys.readouterr().err
+
+
+def test_unreadable_config_paths_are_named(tmp_path, capsys):
+    assert train_cli([str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert f"config path is a directory, not a YAML file: {tmp_path}" in err and "Traceback" not in err
+    latin = tmp_path / "latin1.yaml"
+    latin.write_bytes("output_dir: café\n".encode("latin-1"))
+    assert train_cli([str(latin)]) == 2
+    err = capsys.readouterr().err
+    assert f"{latin}: " in err and "not a UTF-8 text file (byte 0xe9" in err and "Traceback" not in err
+
+
+def test_output_dir_that_is_a_file_fails_before_anything_loads(model_dir, messages_file, tmp_path, monkeypatch,
+                                                               capsys):
+    import loratune.loading
+    import loratune.train.api as api
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("loaded the tokenizer or model before checking output_dir")
+
+    monkeypatch.setattr(loratune.loading, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(api, "build_model", must_not_load)
+    file = tmp_path / "taken"
+    file.write_text("not a directory")
+    assert train_cli(base_flags(model_dir, messages_file, file)) == 2
+    assert f"output_dir {str(file)!r} is an existing file" in capsys.readouterr().err
+    assert train_cli(base_flags(model_dir, messages_file, file / "sub")) == 2
+    assert f"is inside {str(file)!r}, which is a file" in capsys.readouterr().err
 
 
 def test_malformed_row_stops_before_training_naming_file_and_line(model_dir, tmp_path, capsys):

@@ -87,6 +87,15 @@ def test_bad_messages_rows_name_the_line(tok, tmp_path):
     assert "chat.jsonl line 3: messages has no assistant turn" in str(err.value)
 
 
+def test_unknown_message_role_names_the_line_and_the_allowed_roles(tok, tmp_path):
+    ok = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    wizard = {"messages": [{"role": "wizard", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    with pytest.raises(DataError) as err:
+        build(tok, write_jsonl(tmp_path / "chat.jsonl", [ok, wizard]))
+    assert ("chat.jsonl line 2: messages[0].role is 'wizard'; expected one of system, user, assistant"
+            in str(err.value))
+
+
 def test_truncation_is_counted_and_untrainable_rows_dropped(tok, tmp_path):
     rows = [GOOD, {"prompt": "x " * 50, "completion": "y"}, {"prompt": "Q", "completion": "a b c d e f g h i j k l"}]
     bundle = build(tok, write_jsonl(tmp_path / "train.jsonl", rows), max_seq_length=10)

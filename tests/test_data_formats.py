@@ -194,6 +194,7 @@ def test_messages_without_chat_template_is_a_config_error(tok):
         ({"messages": [{"role": "user"}]}, "messages", r"messages\[0\] has no 'content'"),
         ({"messages": [{"role": "assistant", "content": ""}]}, "messages", "empty assistant message"),
         ({"conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", "from is 'robot'"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages", "role is 'wizard'; expected one of system"),
         ({"instruction": "x", "input": 3, "output": "y"}, "alpaca", "field 'input' must be a string"),
     ],
 )

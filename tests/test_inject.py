@@ -74,6 +74,19 @@ def test_regex_string_is_a_full_match():
         targets(m, target_modules=r".*self_att")  # re.search would hit every self_attn.* name
 
 
+def test_single_string_that_matches_no_path_in_full_explains_the_rule():
+    m = tiny_model("llama")
+    with pytest.raises(TargetNotFoundError) as err:
+        targets(m, target_modules="q_proj")
+    text = str(err.value)
+    assert "a single string is a regex that must match the whole module path" in text
+    assert "'model.layers.0.self_attn.q_proj'" in text
+    assert 'target_modules: ["q_proj"]' in text and "'.*q_proj'" in text
+    with pytest.raises(TargetNotFoundError) as err:
+        targets(m, target_modules=r".*self_att")
+    assert "must match the whole module path" in str(err.value) and "'.*.*" not in str(err.value)
+
+
 def test_exclude_modules():
     m = tiny_model("llama")
     got = targets(m, target_modules="all-linear", exclude_modules=["o_proj", "mlp.down_proj"])

@@ -146,3 +146,17 @@ def test_flag_strings_coerce_back_to_the_values_they_print(x, n, b):
     assert coerce(str(n), int) == n
     assert coerce(str(b).lower(), bool) is b
     assert coerce(yaml.safe_dump(x).split("\n")[0], float) == x  # PyYAML's own spelling, e.g. 1.0e-05
+
+
+@pytest.mark.parametrize("key", ["learning_rate", "lora_alpha", "weight_decay", "max_grad_norm", "num_train_epochs"])
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
+def test_non_finite_floats_are_rejected(key, value):
+    with pytest.raises(ConfigError, match=rf"{key} must be a finite number .*got {value}"):
+        build_config({**DATA, key: value})
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 99999999999999999999])
+def test_seed_must_fit_numpy(seed):
+    with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32 - 1\]"):
+        build_config({**DATA, "seed": seed})
+    assert build_config({**DATA, "seed": 2**32 - 1}).loop.seed == 2**32 - 1

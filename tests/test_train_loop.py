@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -161,3 +162,56 @@ def test_a_fresh_run_replaces_an_earlier_runs_checkpoints(model_dir, data_file, 
     run(settings(model_dir, data_file, out, max_steps=3, save_steps=2))
     assert sorted(d for d in os.listdir(out) if "checkpoint" in d) == ["checkpoint-2"]
     assert [json.loads(line)["step"] for line in open(out / "metrics.jsonl")] == [1, 2, 3]
+
+
+def _by_step(out) -> dict[int, float]:
+    lines = open(os.path.join(out, "metrics.jsonl")).read().splitlines()
+    return {r["step"]: r["loss"] for r in map(json.loads, lines) if "loss" in r}
+
+
+def test_resume_logs_the_same_loss_means_as_an_uninterrupted_run(model_dir, data_file, tmp_path, capsys):
+    """logging_steps 2, checkpoint at step 3: step 4's line is the mean of steps 3 and 4 either way."""
+    kw = {"max_steps": 8, "logging_steps": 2, "save_steps": 3, "save_total_limit": None, "lora_dropout": 0.0}
+    straight = tmp_path / "straight"
+    run(settings(model_dir, data_file, straight, **kw))
+    out = tmp_path / "resumed"
+    flags = [f"--{k}={v}" for k, v in settings(model_dir, data_file, out, **kw).items()]
+    capsys.readouterr()
+    assert train_cli([*flags, "--resume_from_checkpoint", str(straight / "checkpoint-3")]) == 0
+    assert "Trained steps 4-8 (resumed from checkpoint-3)" in capsys.readouterr().out
+    expected = {step: loss for step, loss in _by_step(straight).items() if step > 3}
+    assert list(expected) == [4, 6, 8]
+    assert _by_step(out) == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_checkpoint_without_a_logging_window_still_resumes(model_dir, data_file, tmp_path):
+    out = tmp_path / "o"
+    run(settings(model_dir, data_file, out, max_steps=4, save_steps=3, logging_steps=2))
+    state_file = out / "checkpoint-3" / "training_state.pt"
+    state = torch.load(state_file, weights_only=True)
+    del state["log_window"]  # as written by loratune before the window was stored
+    torch.save(state, state_file)
+    result = run(settings(model_dir, data_file, out, max_steps=4, save_steps=3, logging_steps=2,
+                          resume_from_checkpoint=True))
+    assert result.step == 4 and result.start_step == 3
+    assert _by_step(out)[4] == pytest.approx(losses(out)[-1])
+
+
+def test_resume_into_a_different_shape_or_from_a_corrupt_checkpoint_is_a_clear_error(model_dir, data_file,
+                                                                                     tmp_path, capsys):
+    out = tmp_path / "o"
+    run(settings(model_dir, data_file, out, max_steps=5, save_steps=2))
+    flags = [f"--{k}={v}" for k, v in settings(model_dir, data_file, out, max_steps=5, save_steps=2).items()]
+    capsys.readouterr()
+
+    assert train_cli([*flags, "--r", "8", "--resume_from_checkpoint", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "checkpoint-4" in err
+    assert re.search(r"lora_A\.default\.weight is \(4, (\d+)\) in the checkpoint but \(8, \1\) in this model", err)
+
+    newest = out / "checkpoint-4" / "training_state.pt"
+    os.truncate(newest, 1000)
+    assert train_cli([*flags, "--resume_from_checkpoint", "true"]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"cannot read {newest}: it is truncated or corrupt" in err
+    assert f"--resume_from_checkpoint {out / 'checkpoint-2'}" in err

@@ -140,9 +140,10 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     # A module trained in full (modules_to_save) is not also given LoRA, as in PEFT.
     matched = [n for n in names if matches(target, n) and not matches(config.exclude_modules, n)
                and not matches(config.modules_to_save, n)]
-    entries = [target] if isinstance(target, str) else list(target)
-    for entry in entries:
-        if not any(matches([entry] if not isinstance(target, str) else entry, n) for n in names):
+    if isinstance(target, str) and not any(matches(target, n) for n in names):
+        raise TargetNotFoundError(_regex_not_found_message(target, names))
+    for entry in [] if isinstance(target, str) else target:
+        if not any(matches([entry], n) for n in names):
             raise TargetNotFoundError(_not_found_message(entry, names))
     if config.layers_to_transform is not None:
         wanted = config.layers_to_transform
@@ -156,12 +157,30 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def _not_found_message(entry: str, names: list[str]) -> str:
+    return f"no module matches target_modules entry {entry!r}; {_close_names(entry, names)}"
+
+
+def _regex_not_found_message(pattern: str, names: list[str]) -> str:
+    """Explain PEFT's rule that a single string is a full-match regex on the module path."""
+    try:
+        partial = [n for n in names if re.search(pattern, n)]
+    except re.error:
+        partial = []
+    example = f" (it matches only part of paths such as {partial[0]!r})" if partial else ""
+    hint = ""
+    if re.escape(pattern) == pattern:  # a plain name, most likely meant as a module name
+        hint = f"; to target modules by name, pass a list (target_modules: [\"{pattern}\"]) or a regex like '.*{pattern}'"
+    return (f"no module matches target_modules {pattern!r}: a single string is a regex that must match the whole "
+            f"module path, as in PEFT{example}{hint}; {_close_names(pattern, names)}")
+
+
+def _close_names(entry: str, names: list[str]) -> str:
     suffixes = sorted({n.split(".")[-1] for n in names})
     close = difflib.get_close_matches(entry, suffixes, n=5, cutoff=0.5)
     close += [n for n in difflib.get_close_matches(entry, names, n=3, cutoff=0.5) if n not in close]
     hint = ", ".join(repr(c) for c in close) if close else ", ".join(repr(s) for s in suffixes[:12])
     label = "modules that look close" if close else "some module names"
-    return f"no module matches target_modules entry {entry!r}; {label}: {hint}"
+    return f"{label}: {hint}"
 
 
 def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:

@@ -49,6 +49,9 @@ def run(args) -> int:
     except ValueError:
         print(f"error: -n expects an integer, got {extra.get('num_examples')!r}", file=sys.stderr)
         return EXIT_USAGE
+    if n < 1:
+        print(f"error: -n must be >= 1 (examples to show), got {n}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         cfg = load_config_from_args(args)
         tokenizer = load_tokenizer(cfg.model.model_name_or_path)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import typing
 
@@ -70,8 +71,9 @@ def take_over_parsing(parser: argparse.ArgumentParser, extra_flags: dict[str, tu
 def split_args(args: list[str], extra_flags: dict[str, tuple[str, bool]]) -> tuple[str | None, dict, list[str], dict]:
     """Split raw arguments into (config path, {key: raw value}, problems, {extra name: value}).
 
-    `--key value`, `--key=value`, a bare boolean `--key` (true), and list keys taking several
-    values (`--target_modules q_proj v_proj`). Unknown keys become problems with close matches.
+    `--key value`, `--key=value`, a bare boolean `--key` (true) or `--no-key` (false), and list keys
+    taking several values (`--target_modules q_proj v_proj`). Unknown keys become problems with close
+    matches.
     `extra_flags` maps verb-specific flags to (name, takes a value).
     """
     from loratune.train.config import key_owners, unknown_key_message
@@ -98,6 +100,14 @@ def split_args(args: list[str], extra_flags: dict[str, tuple[str, bool]]) -> tup
                 inline, i = args[i], i + 1
             extra[name] = inline if takes_value else True
             continue
+        negated = _negated_bool(key, owners)
+        if negated is not None:  # --no-packing / --no_packing: packing=false, takes no value
+            if inline:
+                problems.append(f"{token.partition('=')[0]} takes no value (it sets {negated} to false), "
+                                f"got {inline!r}")
+            else:
+                overrides[negated] = False
+            continue
         values = [inline] if inline else []
         while not inline and i < len(args) and (not args[i].startswith("-") or _is_number(args[i])):
             values.append(args[i])
@@ -114,6 +124,14 @@ def split_args(args: list[str], extra_flags: dict[str, tuple[str, bool]]) -> tup
         else:
             overrides[key] = values if len(values) > 1 else values[0]
     return config, overrides, problems, extra
+
+
+def _negated_bool(key: str, owners: dict) -> str | None:
+    """Return KEY for `no_KEY` when KEY is a boolean key (and `no_KEY` is not a key itself)."""
+    name = key.removeprefix("no_")
+    if name != key and key not in owners and name in owners and _is_bool(owners[name]):
+        return name
+    return None
 
 
 def _is_number(token: str) -> bool:
@@ -145,7 +163,10 @@ def _is_bool(owner) -> bool:
 
 
 def load_config_from_args(args):
-    """Build the TrainConfig from CONFIG.yaml and flags; raise one ConfigError with every problem."""
+    """Build the TrainConfig from CONFIG.yaml and flags; raise one ConfigError with every problem.
+
+    Each problem names where the bad value came from: `--key` for a flag, the file for a YAML key.
+    """
     from loratune.errors import ConfigError
     from loratune.train.config import build_config, read_yaml
 
@@ -155,15 +176,23 @@ def load_config_from_args(args):
         try:
             raw = read_yaml(args.config)
         except ConfigError as exc:
-            problems.extend(exc.problems if args.config in str(exc) else [str(exc)])
+            problems.append(str(exc))  # names the file already
     try:
-        cfg = build_config({**raw, **args.overrides}, source=args.config)
+        cfg = build_config({**raw, **args.overrides})
     except ConfigError as exc:
-        problems.extend(exc.problems)
+        problems.extend(_blame(p, args.overrides, args.config) for p in exc.problems)
         cfg = None
     if problems:
-        raise ConfigError(problems, source=args.config)
+        raise ConfigError(problems)
     return cfg
+
+
+def _blame(problem: str, overrides: dict, config: str | None) -> str:
+    """Prefix a problem with its origin: "r must be > 0" -> "--r must be > 0" or "base.yaml: r must be > 0"."""
+    key = re.match(r"\w+", problem)
+    if key and key.group() in overrides:
+        return f"--{problem}"
+    return f"{config}: {problem}" if config is not None else problem
 
 
 def run(args) -> int:
@@ -204,7 +233,7 @@ def print_summary(result) -> None:
     if result.first_loss is not None:
         loss = f"; loss {result.first_loss:.3f} -> {result.final_loss:.3f}"
     evals = f", eval loss {result.eval_loss:.3f}" if result.eval_loss is not None else ""
-    print(f"\nTrained {result.step} steps in {result.runtime_s:.0f}s{loss}{evals}")
+    print(f"\nTrained {_steps_done(result)} in {result.runtime_s:.0f}s{loss}{evals}")
     print(f"Adapter:  {result.adapter_dir}  (PEFT format: adapter_config.json + adapter_model.safetensors)")
     print(f"Config:   {result.config_path}")
     print(f"Metrics:  {result.metrics_path}")
@@ -214,3 +243,13 @@ def print_summary(result) -> None:
         print(f"\nPrompt:   {result.sample['prompt']!r}")
         print(f"Before:   {result.sample['before']!r}")
         print(f"After:    {result.sample['after']!r}")
+
+
+def _steps_done(result) -> str:
+    """"8 steps", or for a resumed run "steps 4-8 (resumed from checkpoint-3)"."""
+    if not result.resumed_from:
+        return f"{result.step} steps"
+    name = os.path.basename(os.path.normpath(result.resumed_from))
+    if result.step <= result.start_step:
+        return f"no further steps (resumed from {name} at step {result.start_step})"
+    return f"steps {result.start_step + 1}-{result.step} (resumed from {name})"

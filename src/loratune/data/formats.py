@@ -34,6 +34,9 @@ ALPACA_PROMPT_WITH_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
+# Only role and content reach the chat template (no tool_calls / tool_call_id), so tool turns
+# cannot be expressed faithfully and "tool" is not accepted.
+MESSAGE_ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
 # Auto-detection order: the first format whose columns are all present wins.
@@ -172,6 +175,8 @@ def _messages(record: dict[str, Any], column: str, *, sharegpt: bool,
             if role not in SHAREGPT_ROLES:
                 raise RowError(f"{column}[{i}].from is {role!r}; expected one of {sorted(SHAREGPT_ROLES)}")
             role = SHAREGPT_ROLES[role]
+        elif role not in MESSAGE_ROLES:
+            raise RowError(f"{column}[{i}].role is {role!r}; expected one of {', '.join(MESSAGE_ROLES)}")
         if role == "assistant" and not turn[content_key].strip():
             raise RowError(f"{column}[{i}] is an empty assistant message")
         messages.append({"role": role, "content": turn[content_key]})

@@ -23,6 +23,7 @@ import torch
 import yaml
 
 from loratune.atomic import atomic_file
+from loratune.errors import ConfigError
 from loratune.train import checkpoint as ckpt
 from loratune.train.config import TrainConfig, build_config, read_yaml
 from loratune.train.distributed import DistEnv, barrier, init_distributed, shutdown_distributed
@@ -54,6 +55,8 @@ class TrainResult:
     eval_loss: float | None
     sample: dict[str, str] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    start_step: int = 0
+    resumed_from: str | None = None
 
 
 def resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
@@ -106,6 +109,7 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from loratune.train.loop import fit
 
     out = cfg.loop.output_dir
+    check_output_dir(out)
     resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
     seed_everything(cfg.loop.seed)
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
@@ -147,6 +151,20 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         plot_path=plot if os.path.exists(plot) else None, config_path=os.path.join(out, ckpt.CONFIG_FILE),
         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None, sample=sample,
     )
+
+
+def check_output_dir(path: str) -> None:
+    """Raise ConfigError if `path` cannot become a directory (it, or a parent, is a file).
+
+    Called before the model and data load, so a bad output_dir fails in a second, not after.
+    """
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):  # stops at the root at the latest
+        probe = os.path.dirname(probe)
+    if os.path.isdir(probe):
+        return
+    where = "is an existing file" if probe == os.path.abspath(path) else f"is inside {probe!r}, which is a file"
+    raise ConfigError(f"output_dir {path!r} {where}; choose a directory (it is created if missing)")
 
 
 def vocab_size(model) -> int:

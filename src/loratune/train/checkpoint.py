@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 
 from loratune.atomic import atomic_directory
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, LoratuneError
 
 logger = logging.getLogger(__name__)
 
@@ -159,5 +160,30 @@ def resolve_resume(resume: bool | str, output_dir: str) -> str | None:
 
 
 def load_training_state(path: str) -> dict[str, Any]:
-    """Load `training_state.pt` from a checkpoint directory (tensors and plain containers only)."""
-    return torch.load(os.path.join(path, STATE_FILE), map_location="cpu", weights_only=True)
+    """Load `training_state.pt` from a checkpoint directory (tensors and plain containers only).
+
+    Raises:
+        LoratuneError: the file is truncated or corrupt; names the next older checkpoint if any.
+    """
+    file = os.path.join(path, STATE_FILE)
+    try:
+        return torch.load(file, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
+        raise LoratuneError(f"cannot read {file}: it is truncated or corrupt ({_first_line(exc)}); "
+                            f"{_older_hint(path)}") from None
+
+
+def _older_hint(path: str) -> str:
+    """Point at the newest complete checkpoint older than `path`, if the same output_dir holds one."""
+    match = _NAME.match(os.path.basename(os.path.normpath(path)))
+    parent = os.path.dirname(os.path.normpath(path))
+    older = [p for step, p in list_checkpoints(parent) if match and step < int(match.group(1))]
+    if older:
+        return f"resume from the previous one with --resume_from_checkpoint {older[-1]}"
+    return "no older checkpoint is left; start a fresh run (without --resume_from_checkpoint)"
+
+
+def _first_line(exc: Exception) -> str:
+    # torch's messages run on for several sentences; the first one says what failed.
+    text = str(exc).strip()
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(exc).__name__

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 import types
 import typing
@@ -23,6 +24,7 @@ from loratune.data import DataConfig
 from loratune.errors import ConfigError
 from loratune.train.coerce import coerce
 
+MAX_SEED = 2**32 - 1  # np.random.seed rejects anything outside [0, 2**32 - 1]
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
 
 
@@ -171,6 +173,13 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
             data = yaml.safe_load(fh)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory, not a YAML file: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"not a UTF-8 text file (byte {exc.object[exc.start]:#04x} at offset {exc.start}); "
+                          "save the config as UTF-8", source=path) from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -237,14 +246,17 @@ def range_problems(s: dict[str, Any]) -> list[str]:
         ],
         "lora": lambda lo: [
             (lo.r > 0, f"r must be > 0, got {lo.r}"),
-            (lo.lora_alpha > 0, f"lora_alpha must be > 0, got {lo.lora_alpha}"),
+            (_finite(lo.lora_alpha) and lo.lora_alpha > 0, f"lora_alpha must be a finite number > 0, got {lo.lora_alpha}"),
             (0 <= lo.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {lo.lora_dropout}"),
         ],
         "optim": lambda op: [
-            (op.learning_rate > 0, f"learning_rate must be > 0, got {op.learning_rate}"),
+            (_finite(op.learning_rate) and op.learning_rate > 0,
+             f"learning_rate must be a finite number > 0, got {op.learning_rate}"),
             (0 <= op.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {op.warmup_ratio}"),
-            (op.weight_decay >= 0, f"weight_decay must be >= 0, got {op.weight_decay}"),
-            (op.max_grad_norm >= 0, f"max_grad_norm must be >= 0 (0 disables clipping), got {op.max_grad_norm}"),
+            (_finite(op.weight_decay) and op.weight_decay >= 0,
+             f"weight_decay must be a finite number >= 0, got {op.weight_decay}"),
+            (_finite(op.max_grad_norm) and op.max_grad_norm >= 0,
+             f"max_grad_norm must be a finite number >= 0 (0 disables clipping), got {op.max_grad_norm}"),
             (op.per_device_train_batch_size >= 1,
              f"per_device_train_batch_size must be >= 1, got {op.per_device_train_batch_size}"),
             (op.gradient_accumulation_steps >= 1,
@@ -252,17 +264,23 @@ def range_problems(s: dict[str, Any]) -> list[str]:
         ],
         "loop": lambda lp: [
             (lp.max_steps == -1 or lp.max_steps > 0, f"max_steps must be > 0 or -1 (use epochs), got {lp.max_steps}"),
-            (lp.num_train_epochs > 0, f"num_train_epochs must be > 0, got {lp.num_train_epochs}"),
+            (_finite(lp.num_train_epochs) and lp.num_train_epochs > 0,
+             f"num_train_epochs must be a finite number > 0, got {lp.num_train_epochs}"),
             (lp.logging_steps >= 1, f"logging_steps must be >= 1, got {lp.logging_steps}"),
             (lp.eval_steps >= 0, f"eval_steps must be >= 0, got {lp.eval_steps}"),
             (lp.save_steps >= 0, f"save_steps must be >= 0, got {lp.save_steps}"),
             (lp.save_total_limit is None or lp.save_total_limit >= 1,
              f"save_total_limit must be >= 1 or null, got {lp.save_total_limit}"),
             (bool(lp.output_dir), "output_dir must not be empty"),
+            (0 <= lp.seed <= MAX_SEED, f"seed must be in [0, 2**32 - 1] (numpy's range), got {lp.seed}"),
             (lp.num_threads >= 0, f"num_threads must be >= 0 (0: torch's default), got {lp.num_threads}"),
         ],
     }
     return [msg for name, check in checks.items() if name in s for ok, msg in check(s[name]) if not ok]
+
+
+def _finite(x: float) -> bool:
+    return math.isfinite(x)
 
 
 def describe_keys() -> list[tuple[str, list[tuple[str, str, Any, str]]]]:

@@ -20,7 +20,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -52,6 +52,16 @@ class Position:
 
 
 @dataclass
+class LogWindow:
+    """Losses and input tokens since the last metrics line, checkpointed so a resumed run logs the
+    same means as an uninterrupted one."""
+
+    losses: list[float] = field(default_factory=list)
+    tokens: int = 0
+    elapsed_s: float = 0.0  # training time the window had run when it was checkpointed
+
+
+@dataclass
 class FitOutcome:
     """What `fit` hands back to `run`."""
 
@@ -63,6 +73,8 @@ class FitOutcome:
     runtime_s: float
     eval_loss: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    start_step: int = 0  # steps already done when this run began (> 0 when resumed)
+    resumed_from: str | None = None
 
 
 class _LossModule(nn.Module):
@@ -115,9 +127,9 @@ def fit(
     optimizer = build_optimizer(model, op.learning_rate, op.weight_decay)
     scheduler = build_scheduler(optimizer, op.lr_scheduler_type, warmup_steps_for(total_steps, op.warmup_ratio),
                                 total_steps)
-    pos = Position()
+    pos, window = Position(), LogWindow()
     if resume_path is not None:
-        pos = _restore(resume_path, model, optimizer, scheduler, env)
+        pos, window = _restore(resume_path, model, optimizer, scheduler, env)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, pos.step, pos.epoch,
                     pos.batch_index)
     params = [p for _, p in trainable_parameters(model)]
@@ -133,8 +145,7 @@ def fit(
     stop = _InterruptFlag()
     bar = tqdm(total=total_steps, initial=pos.step, disable=not env.is_main or lp.disable_tqdm,
                desc="training", unit="step", dynamic_ncols=True)
-    window: list[float] = []
-    window_tokens, window_start = 0, time.perf_counter()
+    start_step, window_start = pos.step, time.perf_counter() - window.elapsed_s
     started, seen_tokens, last_ckpt, eval_loss = time.perf_counter(), 0, resume_path, None
     batches = first_epoch if pos.epoch == 0 else plan(pos.epoch)
     with stop.installed():
@@ -158,18 +169,18 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             pos.step, pos.batch_index = pos.step + 1, pos.batch_index + len(group)
             seen_tokens += int(n_input)
-            window.append(loss)
-            window_tokens += int(n_input)
+            window.losses.append(loss)
+            window.tokens += int(n_input)
 
             now = time.perf_counter()
-            tokens_per_s = window_tokens / max(now - window_start, 1e-9)
+            tokens_per_s = window.tokens / max(now - window_start, 1e-9)
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             epoch_float = pos.epoch + pos.batch_index / max(len(batches), 1)
             if pos.step % lp.logging_steps == 0 or pos.step == total_steps:
-                metrics.write({"step": pos.step, "loss": sum(window) / len(window), "learning_rate": lr,
+                metrics.write({"step": pos.step, "loss": sum(window.losses) / len(window.losses), "learning_rate": lr,
                                "tokens_per_s": tokens_per_s, "epoch": round(epoch_float, 4), "grad_norm": grad_norm})
-                window, window_tokens, window_start = [], 0, now
+                window, window_start = LogWindow(), now
             if eval_set is not None and len(eval_set) and (
                 (lp.eval_steps and pos.step % lp.eval_steps == 0) or pos.step == total_steps
             ):
@@ -177,14 +188,16 @@ def fit(
                 window_start = time.perf_counter()  # eval time is not training throughput
             interrupted = broadcast_flag(stop.requested, env)
             if (lp.save_steps and pos.step % lp.save_steps == 0 and pos.step < total_steps) or interrupted:
-                last_ckpt = _save(model, optimizer, scheduler, pos, cfg, env, config_yaml)
+                window.elapsed_s = time.perf_counter() - window_start
+                last_ckpt = _save(model, optimizer, scheduler, pos, window, cfg, env, config_yaml)
             if interrupted:
                 logger.warning("interrupted: saved %s; resume with --resume_from_checkpoint true", last_ckpt)
                 break
     bar.close()
     return FitOutcome(step=pos.step, total_steps=total_steps, interrupted=pos.step < total_steps,
                       last_checkpoint=last_ckpt, train_tokens=seen_tokens,
-                      runtime_s=time.perf_counter() - started, eval_loss=eval_loss, history=list(metrics.records))
+                      runtime_s=time.perf_counter() - started, eval_loss=eval_loss, history=list(metrics.records),
+                      start_step=start_step, resumed_from=resume_path)
 
 
 def _accumulate(runner: nn.Module, train_set, group: list[list[int]], dc, tokenizer, env: DistEnv):
@@ -259,7 +272,8 @@ def _evaluate_and_log(model, tokenizer, eval_set, cfg, env, metrics: MetricsLog,
     return eval_loss
 
 
-def _save(model, optimizer, scheduler, pos: Position, cfg: TrainConfig, env: DistEnv, config_yaml: str) -> str:
+def _save(model, optimizer, scheduler, pos: Position, window: LogWindow, cfg: TrainConfig, env: DistEnv,
+          config_yaml: str) -> str:
     """Write checkpoint-<step>; every rank calls this (RNG states are gathered), the main one writes."""
     # Gathered as torch.save bytes: all_gather_object cannot pickle tensors on every torch version.
     buf = io.BytesIO()
@@ -274,6 +288,7 @@ def _save(model, optimizer, scheduler, pos: Position, cfg: TrainConfig, env: Dis
             "rng": rngs,
             "position": {"step": pos.step, "epoch": pos.epoch, "batch_index": pos.batch_index},
             "world_size": env.world_size,
+            "log_window": asdict(window),
         }
         info = {**state["position"], "world_size": env.world_size, "learning_rate": scheduler.get_last_lr()[0]}
         path = ckpt.save_checkpoint(cfg.loop.output_dir, pos.step, write_adapter=model.save_pretrained, state=state,
@@ -281,15 +296,15 @@ def _save(model, optimizer, scheduler, pos: Position, cfg: TrainConfig, env: Dis
     return gather_objects(path, env)[0]
 
 
-def _restore(path: str, model, optimizer, scheduler, env: DistEnv) -> Position:
-    """Load weights, optimizer, scheduler, RNG and data position from a checkpoint."""
+def _restore(path: str, model, optimizer, scheduler, env: DistEnv) -> tuple[Position, LogWindow]:
+    """Load weights, optimizer, scheduler, RNG, data position and logging window from a checkpoint.
+
+    Checkpoints written before the logging window was stored resume with an empty window.
+    """
     state = ckpt.load_training_state(path)
     params = dict(trainable_parameters(model))
     saved = state["trainable"]
-    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or extra:
-        raise LoratuneError(f"checkpoint {path} does not fit this model/config: missing {missing[:5]}, "
-                            f"unexpected {extra[:5]}")
+    _check_fits(path, params, saved)
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name])
@@ -300,7 +315,21 @@ def _restore(path: str, model, optimizer, scheduler, env: DistEnv) -> Position:
                        state["world_size"], env.world_size)
     rngs = state["rng"]
     ckpt.set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
-    return Position(**state["position"])
+    return Position(**state["position"]), LogWindow(**state.get("log_window", {}))
+
+
+def _check_fits(path: str, params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
+    """Raise if the checkpoint's trainable tensors are not exactly this model's (names and shapes)."""
+    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+    if missing or extra:
+        raise LoratuneError(f"checkpoint {path} does not fit this model/config: missing {missing[:5]}, "
+                            f"unexpected {extra[:5]}")
+    wrong = [f"{name} is {tuple(saved[name].shape)} in the checkpoint but {tuple(p.shape)} in this model"
+             for name, p in params.items() if saved[name].shape != p.shape]
+    if wrong:
+        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
+        raise LoratuneError(f"checkpoint {path} does not fit this model/config: {wrong[0]}{more}; "
+                            "resume with the r, target_modules and modules_to_save the checkpoint was written with")
 
 
 class _InterruptFlag:
