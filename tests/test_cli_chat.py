@@ -74,3 +74,21 @@ def test_ctrl_c_leaves_quietly(dirs, monkeypatch, capsys):
     code, out, err = chat(monkeypatch, capsys, "hi\nmore\n", "--model_name_or_path", base)
     assert code == 0 and "Traceback" not in err
     assert [line for line in out.splitlines() if line.startswith("assistant>")] == ["assistant> "]  # "more" unread
+
+
+def test_a_line_that_is_not_utf8_is_reported_and_the_chat_goes_on(dirs, monkeypatch, capsys):
+    _, adapter = dirs
+    # A strict UTF-8 stdin (as in a non-C locale) would raise UnicodeDecodeError on reading the line.
+    stdin = io.TextIOWrapper(io.BytesIO(b"hi\ncaf\xe9\nmore\n"), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdin", stdin)
+    code = main(["chat", "--max_new_tokens", "2", "--adapter", adapter])
+    captured = capsys.readouterr()
+    assert code == 0 and "Traceback" not in captured.err
+    assert "error: input line 2 is not valid UTF-8 (byte(s) 0xe9 at character 3)" in captured.err
+    assert sum(line.startswith("assistant> ") for line in captured.out.splitlines()) == 2  # lines 1 and 3
+
+
+def test_a_system_prompt_that_is_not_utf8_exits_2(dirs, monkeypatch, capsys):
+    base, _ = dirs
+    code, out, err = chat(monkeypatch, capsys, "hi\n", "--model_name_or_path", base, "--system", "caf\udce9")
+    assert code == 2 and out == "" and "error: --system is not valid UTF-8" in err

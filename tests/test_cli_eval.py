@@ -57,3 +57,41 @@ def test_bad_inputs_exit_2(setup, tmp_path, capsys):
     assert "none.csv' does not exist" in capsys.readouterr().err
     assert main(["eval", "--adapter", adapter, "--eval_file", str(bad), "--batch_size", "0"]) == 2
     assert "--batch_size must be >= 1" in capsys.readouterr().err
+
+
+def test_token_ids_outside_the_vocabulary_name_the_file_and_line(setup, tmp_path, capsys):
+    base, adapter, _ = setup
+    oov = tmp_path / "oov.jsonl"
+    oov.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2, 99999]}\n')
+    for model in (["--adapter", adapter], ["--model_name_or_path", base]):
+        assert main(["eval", *model, "--eval_file", str(oov)]) == 2
+        captured = capsys.readouterr()
+        assert "oov.jsonl line 2: token id 99999 is outside the model's vocabulary of 1024" in captured.err
+        assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_skip_bad_rows_skips_and_counts_them(setup, tmp_path, capsys):
+    base, _, data = setup
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text(open(data).read() + '{"messages": "not a list"}\n')
+    assert main(["eval", "--model_name_or_path", base, "--eval_file", str(mixed)]) == 2
+    assert "skip_bad_rows" in capsys.readouterr().err  # the hint names an option eval has
+    assert main(["eval", "--model_name_or_path", base, "--eval_file", str(mixed), "--skip_bad_rows"]) == 0
+    assert ": 2 examples (messages)" in capsys.readouterr().out.splitlines()[0]
+    assert main(["eval", "--model_name_or_path", base, "--eval_file", str(mixed), "--skip_bad_rows", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] == 1
+
+
+def test_nan_adapter_weights_exit_2_instead_of_printing_nan(setup, tmp_path, capsys):
+    import os
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    base, _, data = setup
+    path = save_tiny_adapter(tmp_path / "nan", base)
+    weights = os.path.join(path, "adapter_model.safetensors")
+    save_file({k: torch.full_like(v, float("nan")) for k, v in load_file(weights).items()}, weights)
+    assert main(["eval", "--adapter", path, "--eval_file", data]) == 2
+    captured = capsys.readouterr()
+    assert "hold NaN or Inf values" in captured.err and captured.out == ""

@@ -57,6 +57,13 @@ def test_preset_model(capsys):
     (["--adapter", "some-org/some-adapter", "--prompt", "x"], "some-org/some-adapter: no adapter_config.json"),
     (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
     (["--model_name_or_path", "preset:tiny-llama", "--prompt", "x", "--device", "banana"], "--device 'banana'"),
+    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "1", "--seed", "-1"], "--seed must be an integer"),
+    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "1", "--seed", "99999999999999999999999"],
+     "--seed must be an integer from 0 to 18446744073709551615"),
+    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "nan"], "--temperature must be >= 0 and finite"),
+    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "inf"], "--temperature must be >= 0 and finite"),
+    (["--model_name_or_path", "M", "--prompt", "x", "--top_p", "nan"], "--top_p must be in (0, 1]"),
+    (["--model_name_or_path", "M", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 (byte(s) 0xe9"),
 ])
 def test_bad_input_exits_2_without_traceback(capsys, args, message):
     code, out, err = generate(capsys, *args)
@@ -70,6 +77,19 @@ def test_corrupt_adapter_names_the_file(dirs, tmp_path, capsys):
     (bad / "adapter_config.json").write_text("{not json")
     code, _, err = generate(capsys, "--adapter", str(bad), "--prompt", "x")
     assert code == 2 and "adapter_config.json: invalid JSON" in err
+
+
+def test_truncated_base_weights_name_the_file(dirs, tmp_path, capsys):
+    import shutil
+
+    base, _ = dirs
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken)
+    with open(broken / "model.safetensors", "r+b") as fh:
+        fh.truncate(5000)
+    code, out, err = generate(capsys, "--model_name_or_path", str(broken), "--prompt", "x")
+    assert code == 2 and out == "" and "Traceback" not in err
+    assert f"cannot read the weights in {broken / 'model.safetensors'}" in err
 
 
 def test_bad_flag_is_an_argparse_error(capsys):

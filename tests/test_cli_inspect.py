@@ -48,3 +48,30 @@ def test_bad_adapters_exit_2(tmp_path, capsys):
     (tmp_path / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 4, "use_qalora": true}')
     assert main(["inspect", str(tmp_path)]) == 2
     assert "use_qalora=True" in capsys.readouterr().err
+
+
+def test_broken_adapters_are_rejected_with_the_reason(tmp_path, capsys):
+    import torch
+    from safetensors.torch import save_file
+
+    path = write_adapter(tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj"]),
+                         {"model.layers.0.self_attn.q_proj": 4})
+    save_file({}, f"{path}/adapter_model.safetensors")
+    assert main(["inspect", path]) == 0
+    out = capsys.readouterr().out
+    assert "vLLM:   REJECTED\n  - no LoRA tensors" in out and "LoRAX:  REJECTED\n  - no LoRA tensors" in out
+    nan = write_adapter(tmp_path / "nan", LoraConfig(r=4, target_modules=["q_proj"]),
+                        {"model.layers.0.self_attn.q_proj": 4})
+    save_file({f"base_model.model.model.layers.0.self_attn.q_proj.lora_{x}.weight": torch.full((4, 4), float("nan"))
+               for x in "AB"}, f"{nan}/adapter_model.safetensors")
+    assert main(["inspect", nan, "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["problems"] == ["2 tensor(s) hold NaN or Inf values: model.layers.0.self_attn.q_proj.lora_A.weight, "
+                                "model.layers.0.self_attn.q_proj.lora_B.weight"]
+    assert data["servers"]["vLLM"]["reasons"] == data["problems"] == data["servers"]["LoRAX"]["reasons"]
+
+
+def test_a_file_is_not_an_adapter_directory(tmp_path, capsys):
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    assert main(["inspect", str(tmp_path / "weights.safetensors")]) == 2
+    assert "weights.safetensors: is a file, not a directory" in capsys.readouterr().err

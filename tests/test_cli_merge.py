@@ -55,14 +55,27 @@ def test_qlora_adapter_is_dequantized_and_written_in_bf16(dirs, tmp_path, capsys
     assert not any(getattr(m, "is_quantized", False) for m in merged.modules())
 
 
-def test_failed_check_exits_1_and_writes_nothing(dirs, tmp_path, capsys):
+def test_failed_check_exits_1_and_writes_nothing(dirs, tmp_path, capsys, monkeypatch):
+    from loratune import export
+
     _, adapter, _ = dirs
+    monkeypatch.setattr(export, "_merge", lambda loaded: loaded.model.unload())  # drops the adapter
     out = tmp_path / "merged"
-    assert main(["merge", "--adapter", adapter, "--output_dir", str(out), "--tolerance", "-1"]) == 1
+    assert main(["merge", "--adapter", adapter, "--output_dir", str(out)]) == 1
     captured = capsys.readouterr()
     assert captured.out.splitlines()[1].endswith(": FAIL")
     assert "was not written" in captured.err
     assert not out.exists()
+
+
+@pytest.mark.parametrize("tolerance", ["nan", "inf", "-inf", "-1"])
+def test_non_finite_or_negative_tolerance_exits_2_and_writes_nothing(dirs, tmp_path, capsys, tolerance):
+    _, adapter, _ = dirs
+    out = tmp_path / "merged"
+    assert main(["merge", "--adapter", adapter, "--output_dir", str(out), f"--tolerance={tolerance}"]) == 2
+    captured = capsys.readouterr()
+    assert "error: --tolerance must be a finite number >= 0" in captured.err and "Traceback" not in captured.err
+    assert captured.out == "" and not out.exists()
 
 
 def test_bad_inputs_exit_2(dirs, tmp_path, capsys):

@@ -20,7 +20,9 @@ def summary(tmp_path, config: LoraConfig, ranks=None, extra=None):
 
 
 def test_plain_llama_adapter_is_accepted_by_both(tmp_path):
-    s = summary(tmp_path, LoraConfig(r=16, lora_alpha=32, target_modules=list(LLAMA_TARGETS[:3])))
+    targets = list(LLAMA_TARGETS[:3])
+    ranks = {f"model.layers.{i}.self_attn.{t}": 16 for i in range(2) for t in targets}  # a tensor per target
+    s = summary(tmp_path, LoraConfig(r=16, lora_alpha=32, target_modules=targets), ranks)
     for verdict in (check_vllm(s), check_lorax(s)):
         assert verdict.accepted, verdict.reasons
         assert verdict.notes == []
@@ -97,3 +99,11 @@ def test_lorax_specific_rules(tmp_path):
     assert any("layers_to_transform=[0]" in r for r in partial.reasons)
     small = check_lorax(summary(tmp_path / "3", LoraConfig(r=4)))
     assert small.accepted and any("SGMV" in n for n in small.notes)
+
+
+def test_a_broken_adapter_is_rejected_by_both_with_the_reason(tmp_path):
+    cfg = LoraConfig(r=8, target_modules=["q_proj"])
+    s = summary(tmp_path, cfg, {"model.layers.0.self_attn.q_proj": 4})  # config says r=8, tensors are rank 4
+    for verdict in (check_vllm(s), check_lorax(s)):
+        assert not verdict.accepted
+        assert verdict.reasons[0].startswith("tensor ranks differ from adapter_config.json (r=8)")

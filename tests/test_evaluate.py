@@ -11,7 +11,13 @@ import torch.nn.functional as F
 
 from loratune.data import IGNORE_INDEX, DataConfig
 from loratune.errors import ConfigError, DataError
-from loratune.evaluate import evaluate_base_and_adapter, evaluate_examples, load_eval_examples, perplexity
+from loratune.evaluate import (
+    evaluate_base_and_adapter,
+    evaluate_examples,
+    load_eval_examples,
+    model_vocab_size,
+    perplexity,
+)
 from loratune.inference import load_model
 from test_inference import save_tiny_adapter, save_tiny_model_dir
 
@@ -86,6 +92,17 @@ def test_bad_files_name_the_file_and_line(setup, tmp_path):
     bad.write_text('{"prompt": "a", "completion": " b"}\n{"prompt": \n')
     with pytest.raises(DataError, match="bad.jsonl line 2"):
         load_eval_examples(str(bad), loaded.tokenizer)
+
+
+def test_token_ids_are_checked_against_the_model_vocabulary(setup, tmp_path):
+    loaded, _ = setup
+    vocab = model_vocab_size(loaded.model)
+    assert vocab == model_vocab_size(loaded.model.get_base_model()) == 1024
+    rows = tmp_path / "ids.jsonl"
+    rows.write_text(f'{{"input_ids": [1, 2, {vocab - 1}]}}\n{{"input_ids": [1, 2, {vocab}]}}\n')
+    assert len(load_eval_examples(str(rows), loaded.tokenizer)[0]) == 2  # unchecked without vocab_size
+    with pytest.raises(DataError, match=f"ids.jsonl line 2: token id {vocab} is outside the model's vocabulary"):
+        load_eval_examples(str(rows), loaded.tokenizer, vocab_size=vocab)
 
 
 def test_perplexity_overflows_to_inf():

@@ -76,6 +76,19 @@ def test_a_wrong_merge_fails_and_writes_nothing(dirs, tmp_path, monkeypatch):
     assert not out.exists() and os.listdir(tmp_path) == []  # no temp directory left behind either
 
 
+def test_the_verdict_and_the_write_decision_are_one_condition(dirs, tmp_path):
+    assert export.check_passed(0.5, 1.0, True) and export.check_passed(1.0, 1.0, True)
+    assert not export.check_passed(1.5, 1.0, True) and not export.check_passed(0.5, 1.0, False)
+    assert not export.check_passed(float("nan"), 1.0, True)  # a NaN logit difference never passes
+    export.check_tolerance(None)
+    export.check_tolerance(0.0)
+    loaded = load_model(adapter=dirs[1], dtype="float32")
+    for bad in (float("nan"), float("inf"), -1.0):
+        with pytest.raises(ConfigError, match="--tolerance must be a finite number >= 0"):
+            merge_to_directory(loaded, str(tmp_path / "o"), dtype="float32", tolerance=bad)
+    assert not (tmp_path / "o").exists()
+
+
 def test_output_dir_rules(dirs, tmp_path):
     _, adapter = dirs
     (tmp_path / "full").mkdir()

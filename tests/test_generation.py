@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -10,6 +12,7 @@ from loratune.generation import (
     ChatSession,
     GenerationSettings,
     chat_ids,
+    check_utf8,
     generate_ids,
     generate_text,
     prompt_ids,
@@ -30,6 +33,39 @@ def test_settings_are_validated_together():
         GenerationSettings(max_new_tokens=0, temperature=-1, top_p=0)
     assert len(err.value.problems) == 3
     assert GenerationSettings().greedy and not GenerationSettings(temperature=0.7).greedy
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"seed": -1}, "--seed must be an integer from 0 to 18446744073709551615"),
+    ({"seed": 99999999999999999999999}, "--seed must be an integer from 0"),
+    ({"temperature": float("nan")}, "--temperature must be >= 0 and finite"),
+    ({"temperature": float("inf")}, "--temperature must be >= 0 and finite"),
+    ({"top_p": float("nan")}, "--top_p must be in (0, 1]"),
+    ({"top_p": float("inf")}, "--top_p must be in (0, 1]"),
+])
+def test_out_of_range_and_non_finite_settings_are_refused(settings, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        GenerationSettings(**settings)
+    GenerationSettings(temperature=1.0, seed=0)
+    GenerationSettings(temperature=1.0, seed=2**64 - 1)
+
+
+def test_seed_at_the_top_of_the_range_samples(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    ids = prompt_ids(tok, "Once upon a time")
+    assert len(generate_ids(model, tok, ids, GenerationSettings(max_new_tokens=2, temperature=1.0, seed=2**64 - 1)))
+
+
+def test_text_that_is_not_utf8_is_a_config_error(model_and_tokenizer):
+    _, tok = model_and_tokenizer
+    not_utf8 = b"caf\xe9".decode("utf-8", "surrogateescape")  # what argv and stdin hold for such bytes
+    with pytest.raises(ConfigError, match=re.escape("the prompt is not valid UTF-8 (byte(s) 0xe9 at character 3)")):
+        prompt_ids(tok, not_utf8)
+    with pytest.raises(ConfigError, match=re.escape("message 2 (user) is not valid UTF-8")):
+        chat_ids(tok, [{"role": "system", "content": "hi"}, {"role": "user", "content": not_utf8}])
+    with pytest.raises(ConfigError, match="^--prompt is not valid UTF-8"):
+        check_utf8(not_utf8, "--prompt")
+    check_utf8("café ✓", "--prompt")
 
 
 def test_greedy_equals_an_argmax_loop(model_and_tokenizer):

@@ -98,6 +98,30 @@ def test_bad_inputs_raise_named_errors(tmp_path):
         resolve_quant(None, {"load_in_4bit": True, "load_in_8bit": True})
 
 
+def test_a_file_given_as_the_adapter_is_named_as_a_file(tmp_path, model_dir):
+    path = save_tiny_adapter(tmp_path / "a", model_dir)
+    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: is a file, not a directory; did you mean "
+                                           rf"its directory {path}\?"):
+        load_model(adapter=os.path.join(path, "adapter_model.safetensors"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(AdapterError, match="notes.txt: is a file, not a directory; pass the adapter directory"):
+        load_model(adapter=str(tmp_path / "notes.txt"))
+
+
+def test_nan_or_inf_adapter_weights_are_refused_at_load(tmp_path, model_dir):
+    from safetensors.torch import load_file, save_file
+
+    path = save_tiny_adapter(tmp_path / "a", model_dir)
+    weights = os.path.join(path, "adapter_model.safetensors")
+    tensors = load_file(weights)
+    key = sorted(tensors)[0]
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+    save_file(tensors, weights)
+    with pytest.raises(AdapterError, match=rf"{path}: 1 of {len(tensors)} adapter tensor\(s\) hold NaN or Inf "
+                                           rf"values \({key}\)"):
+        load_model(adapter=path, dtype="float32")
+
+
 def test_resolve_device():
     from loratune.inference import resolve_device
 

@@ -70,6 +70,48 @@ def test_missing_or_corrupt_adapter_names_the_file(tmp_path):
         summarize_adapter(path)
 
 
+def test_a_consistent_adapter_has_no_problems(tmp_path):
+    cfg = LoraConfig(r=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 4})
+    s = summarize_adapter(write_adapter(tmp_path / "a", cfg, {"model.layers.0.self_attn.q_proj": 8,
+                                                               "model.layers.0.self_attn.v_proj": 4}))
+    assert s.problems == [] and s.to_dict()["problems"] == []
+
+
+@pytest.mark.parametrize(("config", "ranks", "problem"), [
+    (LoraConfig(r=8), {}, "no LoRA tensors (lora_A/lora_B): the weights file holds 0 tensor(s)"),
+    (LoraConfig(r=8, target_modules=["q_proj"]), {"model.layers.0.self_attn.q_proj": 4},
+     "tensor ranks differ from adapter_config.json (r=8): model.layers.0.self_attn.q_proj has r=4"),
+    (LoraConfig(r=8, target_modules=["q_proj", "v_proj"], rank_pattern={"v_proj": 16}),
+     {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.self_attn.v_proj": 8},
+     "(r=8, rank_pattern {'v_proj': 16}): model.layers.0.self_attn.v_proj has r=8"),
+    (LoraConfig(r=4, target_modules=["k_proj"]), {"model.layers.0.self_attn.q_proj": 4},
+     "target_modules entry 'k_proj' in adapter_config.json matches none of the adapter's modules (q_proj)"),
+    (LoraConfig(r=4, target_modules=["q_proj"]), {"model.layers.0.self_attn.q_proj": 4,
+                                                  "model.layers.0.self_attn.v_proj": 4},
+     "tensors for modules that target_modules ['q_proj'] does not select: model.layers.0.self_attn.v_proj"),
+    (LoraConfig(r=4, target_modules=".*k_proj"), {"model.layers.0.self_attn.q_proj": 4},
+     "target_modules entry '.*k_proj' in adapter_config.json matches none of the adapter's modules (q_proj)"),
+])
+def test_files_no_loader_accepts_are_problems(tmp_path, config, ranks, problem):
+    s = summarize_adapter(write_adapter(tmp_path / "a", config, ranks))
+    assert any(problem in p for p in s.problems), s.problems
+
+
+def test_nan_and_inf_tensors_are_problems(tmp_path):
+    key = f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight"
+    path = write_adapter(tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj"]),
+                         {"model.layers.0.self_attn.q_proj": 4}, extra={key: torch.full((D, 4), float("inf"))})
+    s = summarize_adapter(path)
+    assert s.problems == ["1 tensor(s) hold NaN or Inf values: model.layers.0.self_attn.q_proj.lora_B.weight"]
+
+
+def test_a_file_given_as_the_adapter_is_named_as_a_file(tmp_path):
+    path = write_adapter(tmp_path / "a", LoraConfig(r=2), {"m.q_proj": 2})
+    with pytest.raises(AdapterError, match="adapter_config.json: is a file, not a directory; did you mean its "
+                                           "directory"):
+        summarize_adapter(os.path.join(path, "adapter_config.json"))
+
+
 @pytest.mark.parametrize(("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (3 * 2**20, "3.0 MiB")])
 def test_human_size(n, text):
     assert human_size(n) == text

@@ -150,6 +150,30 @@ def test_file_and_empty_dir_are_rejected(tmp_path):
         load_base_model(tmp_path / "empty")
 
 
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_corrupt_safetensors_weights_name_the_file(tmp_path, damage):
+    tiny_model("llama", seed=3).save_pretrained(tmp_path)
+    weights = tmp_path / "model.safetensors"
+    if damage == "truncate":
+        with open(weights, "r+b") as fh:
+            fh.truncate(5000)
+    else:
+        weights.write_bytes(b"not a safetensors file")
+    with pytest.raises(ConfigError, match=f"cannot read the weights in {weights} .*truncated or corrupt"):
+        load_base_model(tmp_path, dtype="float32")
+
+
+def test_truncated_pytorch_bin_weights_name_the_file(tmp_path):
+    model = tiny_model("llama", seed=3)
+    model.config.save_pretrained(tmp_path)
+    weights = tmp_path / "pytorch_model.bin"
+    torch.save(model.state_dict(), weights)
+    with open(weights, "r+b") as fh:
+        fh.truncate(5000)
+    with pytest.raises(ConfigError, match=f"cannot read the weights in {weights} "):
+        load_base_model(tmp_path, dtype="float32")
+
+
 def test_hub_id_offline_is_a_config_error():
     # conftest sets HF_HUB_OFFLINE=1: nothing is downloaded, the message says why
     with pytest.raises(ConfigError, match=r"cannot load 'loratune-tests/not-cached' from the Hugging Face hub \(there is no local"):

@@ -62,8 +62,8 @@ def vllm_max_lora_rank_for(rank: int) -> int | None:
 
 
 def check_vllm(s: AdapterSummary) -> Verdict:
-    """Apply vLLM's adapter checks (see the module docstring)."""
-    c, reasons, notes = s.config, [], []
+    """Apply vLLM's adapter checks (see the module docstring); a broken adapter (`s.problems`) is refused."""
+    c, reasons, notes = s.config, list(s.problems), []
     rank = max([s.max_rank, c.r, *c.rank_pattern.values()])
     needed = vllm_max_lora_rank_for(rank)
     if needed is None:
@@ -94,8 +94,8 @@ def check_vllm(s: AdapterSummary) -> Verdict:
 
 
 def check_lorax(s: AdapterSummary) -> Verdict:
-    """Apply LoRAX's adapter loading rules (see the module docstring)."""
-    c, reasons, notes = s.config, [], []
+    """Apply LoRAX's adapter loading rules (see the module docstring); a broken adapter is refused."""
+    c, reasons, notes = s.config, list(s.problems), []
     if c.use_dora or s.dora_modules:
         reasons.append("DoRA: LoRAX loads only lora_A/lora_B, so the magnitude vectors would be ignored")
     if c.modules_to_save:

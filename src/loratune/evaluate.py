@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import DataConfig, collate
-from .data.build import DataStats, tokenize_rows
+from .data import DataConfig, check_vocab, collate
+from .data.build import DatasetBundle, DataStats, tokenize_rows
 from .data.sources import read_file
 from .train.loss import token_loss_sum
 
@@ -36,16 +36,31 @@ class EvalResult:
         return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "examples": self.examples}
 
 
-def load_eval_examples(path: str, tokenizer, data_config: DataConfig | None = None) -> tuple[list[dict], DataStats]:
+def load_eval_examples(path: str, tokenizer, data_config: DataConfig | None = None, *,
+                       vocab_size: int | None = None) -> tuple[list[dict], DataStats]:
     """Read and tokenize an eval file as training would (format detection, masks, EOS, truncation).
+
+    With `vocab_size` (the loaded model's, `model_vocab_size`), token ids are checked against it as
+    training checks them (`check_vocab`): pre-tokenized rows may hold ids the model does not have.
 
     Raises:
         ConfigError: missing file, unsupported suffix, undetectable format.
-        DataError: malformed rows, named by file and line.
+        DataError: malformed rows, or token ids outside the vocabulary, named by file and line.
     """
     cfg = data_config or DataConfig()
-    examples, stats, _ = tokenize_rows(read_file(path, field_name="eval_file"), cfg, tokenizer)
+    examples, stats, wheres = tokenize_rows(read_file(path, field_name="eval_file"), cfg, tokenizer)
+    if vocab_size is not None:
+        check_vocab(DatasetBundle(examples, None, stats, wheres=wheres), vocab_size)
     return examples, stats
+
+
+def model_vocab_size(model: nn.Module) -> int:
+    """Rows of the input embedding of a plain HF model or a LoraModel (of the original layer)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    embedding = base.get_input_embeddings()
+    for wrapped in ("base_layer", "original_module"):  # a LoRA embedding, or one in modules_to_save
+        embedding = getattr(embedding, wrapped, embedding)
+    return embedding.weight.shape[0]
 
 
 def perplexity(loss: float) -> float:

@@ -20,6 +20,7 @@ a quantized base computing in float32) and:
 from __future__ import annotations
 
 import logging
+import math
 import os
 from dataclasses import dataclass
 
@@ -58,7 +59,23 @@ class MergeReport:
 
     @property
     def passed(self) -> bool:
-        return self.max_abs_diff <= self.tolerance and self.weights_identical
+        return check_passed(self.max_abs_diff, self.tolerance, self.weights_identical)
+
+
+def check_passed(max_abs_diff: float, tolerance: float, weights_identical: bool) -> bool:
+    """The PASS/FAIL verdict, and the one condition for publishing the directory (a NaN diff fails)."""
+    return max_abs_diff <= tolerance and weights_identical
+
+
+def check_tolerance(tolerance: float | None) -> None:
+    """Refuse a --tolerance that is NaN, infinite or negative (None means the default).
+
+    Raises:
+        ConfigError: naming --tolerance and the value.
+    """
+    if tolerance is not None and not (math.isfinite(tolerance) and tolerance >= 0):
+        raise ConfigError(f"--tolerance must be a finite number >= 0, got {tolerance!r} "
+                          "(omit it for the default 1e-4 + 1e-4 * max |logit|)")
 
 
 def probe_batch(tokenizer, vocab_size: int) -> Tensor:
@@ -107,9 +124,10 @@ def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
     when the checks pass (`report.published`).
 
     Raises:
-        ConfigError: bad dtype or output_dir, or no adapter; MergeError: NaN/Inf in a merged weight.
+        ConfigError: bad dtype, tolerance or output_dir, or no adapter; MergeError: NaN/Inf in a merged weight.
     """
     torch_dtype = parse_dtype(dtype, "--dtype")
+    check_tolerance(tolerance)
     if not hasattr(loaded.model, "merge_and_unload"):
         raise ConfigError("merging needs an adapter (--adapter DIR)")
     check_output_dir(output_dir, loaded.adapter_dir)
@@ -130,7 +148,7 @@ def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
             reloaded = _reload(tmp, torch_dtype).to(next(merged.parameters()).device)
             identical = _same_weights(merged, reloaded)
             written_diff = float((logits_of(reloaded, probe) - reference).abs().max())
-            if diff > tol or not identical:
+            if not check_passed(diff, tol, identical):
                 raise _CheckFailed
         published = True
     except _CheckFailed:

@@ -9,6 +9,7 @@ Nothing here prints; `ChatSession` keeps the conversation history for the intera
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +18,8 @@ from torch import nn
 from transformers import GenerationConfig
 
 from .errors import ConfigError
+
+MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed accepts
 
 
 @dataclass(frozen=True)
@@ -29,13 +32,17 @@ class GenerationSettings:
     seed: int | None = None
 
     def __post_init__(self) -> None:
+        # Messages name the `generate`/`chat` flags, the only way users set these.
         problems = []
         if self.max_new_tokens < 1:
-            problems.append(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            problems.append(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+            problems.append(f"--max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            problems.append(f"--temperature must be >= 0 and finite (0 = greedy), got {self.temperature}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            problems.append(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.seed is not None and not 0 <= self.seed <= MAX_SEED:
+            # torch.manual_seed overflows past 2**64 - 1 and maps a negative seed onto a positive one
+            problems.append(f"--seed must be an integer from 0 to {MAX_SEED} (2**64 - 1), got {self.seed}")
         if problems:
             raise ConfigError(problems)
 
@@ -44,10 +51,35 @@ class GenerationSettings:
         return self.temperature == 0
 
 
+def check_utf8(text: str, what: str) -> None:
+    """Refuse text holding lone surrogates: bytes that were not UTF-8, kept by Python as U+DC80..U+DCFF.
+
+    argv and stdin decode undecodable bytes that way (surrogateescape); tokenizers cannot encode them.
+
+    Raises:
+        ConfigError: naming `what` ("--prompt", "input line 3") and the first bad byte.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start:exc.end]
+        try:
+            shown = "byte(s) " + " ".join(f"0x{b:02x}" for b in bad.encode("utf-8", "surrogateescape"))
+        except UnicodeEncodeError:  # a surrogate that did not come from a byte
+            shown = f"character {bad!r}"
+        raise ConfigError(f"{what} is not valid UTF-8 ({shown} at character {exc.start}); "
+                          "save or type the text as UTF-8") from None
+
+
 def prompt_ids(tokenizer, prompt: str) -> list[int]:
-    """Tokenize a plain-text prompt the way the tokenizer normally does (BOS included if it adds one)."""
+    """Tokenize a plain-text prompt the way the tokenizer normally does (BOS included if it adds one).
+
+    Raises:
+        ConfigError: the prompt is empty or not valid UTF-8.
+    """
     if not prompt:
         raise ConfigError("the prompt is empty")
+    check_utf8(prompt, "the prompt")
     return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
 
 
@@ -55,11 +87,13 @@ def chat_ids(tokenizer, messages: list[dict[str, str]]) -> list[int]:
     """Render messages with the chat template, ending with the assistant's turn header.
 
     Raises:
-        ConfigError: the tokenizer has no chat template.
+        ConfigError: the tokenizer has no chat template; a message is not valid UTF-8.
     """
     if not getattr(tokenizer, "chat_template", None):
         raise ConfigError("this tokenizer has no chat_template, so chat prompts cannot be rendered; "
                           "use a chat model's tokenizer or a plain --prompt")
+    for i, message in enumerate(messages, 1):
+        check_utf8(message["content"], f"message {i} ({message['role']})")
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 

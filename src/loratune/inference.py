@@ -13,11 +13,12 @@ import os
 from dataclasses import dataclass, field
 from typing import Any
 
+import torch
 import yaml
-from torch import nn
+from torch import Tensor, nn
 
 from .adapter_io import read_adapter
-from .config import LoraConfig
+from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -109,8 +110,6 @@ def resolve_device(device: str) -> str:
     Raises:
         ConfigError: an unknown device string, or CUDA asked for but not available.
     """
-    import torch
-
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     try:
@@ -128,16 +127,17 @@ def load_model(model_name_or_path: str | None = None, adapter: str | None = None
 
     Raises:
         ConfigError: no base model, bad model path, bad quantization settings.
-        AdapterError: the adapter directory is missing, corrupt or does not fit the base.
+        AdapterError: the adapter directory is missing, corrupt, holds NaN/Inf weights or does not fit
+            the base.
     """
     from .loading import load_base_model, load_tokenizer
     from .model import LoraModel
 
     adapter_config = adapter_tensors = None
     if adapter is not None:
-        if not os.path.isdir(adapter) and _looks_local(adapter):
-            raise AdapterError(f"{adapter}: adapter directory does not exist")
+        check_adapter_path(adapter)
         adapter_config, adapter_tensors = read_adapter(adapter)  # validate files before the (slow) base load
+        check_finite(adapter_tensors, source=adapter)
     base_name = resolve_base_name(model_name_or_path, adapter_config, adapter)
     settings = resolve_quant(adapter, quant)
     device = resolve_device(device)
@@ -148,6 +148,49 @@ def load_model(model_name_or_path: str | None = None, adapter: str | None = None
         model.eval()
     logger.debug("loaded %s%s", base_name, f" + adapter {adapter}" if adapter else "")
     return LoadedModel(model, tokenizer, base_name, adapter, adapter_config, settings)
+
+
+def check_adapter_path(adapter: str) -> None:
+    """Refuse a local adapter path that is a file or does not exist (a hub id "org/name" passes).
+
+    Raises:
+        AdapterError: naming the path.
+    """
+    refuse_file(adapter)
+    if not os.path.isdir(adapter) and _looks_local(adapter):
+        raise AdapterError(f"{adapter}: adapter directory does not exist")
+
+
+def refuse_file(adapter: str) -> None:
+    """Refuse an adapter path that is a file, naming the directory to pass instead when it is an adapter's file.
+
+    Raises:
+        AdapterError: naming the path.
+    """
+    if not os.path.exists(adapter) or os.path.isdir(adapter):
+        return
+    parent = os.path.dirname(os.path.abspath(adapter))
+    hint = (f"; did you mean its directory {parent}?" if os.path.isfile(os.path.join(parent, CONFIG_NAME))
+            else f"; pass the adapter directory (the one holding {CONFIG_NAME})")
+    raise AdapterError(f"{adapter}: is a file, not a directory{hint}")
+
+
+def nonfinite_keys(tensors: dict[str, Tensor]) -> list[str]:
+    """The keys of the floating-point tensors that hold a NaN or an Inf, sorted."""
+    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
+def check_finite(tensors: dict[str, Tensor], *, source: str) -> None:
+    """Refuse adapter weights holding NaN/Inf: every output would be NaN (a diverged run saved them).
+
+    Raises:
+        AdapterError: naming the adapter and the first tensors at fault.
+    """
+    bad = nonfinite_keys(tensors)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise AdapterError(f"{source}: {len(bad)} of {len(tensors)} adapter tensor(s) hold NaN or Inf values "
+                           f"({shown}); the run that saved it diverged: retrain, or use an earlier checkpoint")
 
 
 def _looks_local(path: str) -> bool:

@@ -14,8 +14,12 @@ import re
 from collections import Counter
 from dataclasses import dataclass, field
 
+from torch import Tensor
+
 from .adapter_io import BIN_NAME, PREFIX, SAFETENSORS_NAME, read_adapter
 from .config import CONFIG_NAME, LoraConfig
+from .inference import nonfinite_keys, refuse_file
+from .inject import ALL_LINEAR, matches, pattern_value
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
@@ -49,6 +53,7 @@ class AdapterSummary:
     size_bytes: int  # the adapter's files: config, weights, model card
     dora_modules: list[str] = field(default_factory=list)
     extra_tensors: list[str] = field(default_factory=list)  # full tensors: modules_to_save, biases
+    problems: list[str] = field(default_factory=list)  # why no loader accepts the files (`adapter_problems`)
 
     @property
     def ranks(self) -> dict[int, int]:
@@ -85,6 +90,7 @@ class AdapterSummary:
             "bias": c.bias,
             "modules_to_save": c.modules_to_save,
             "extra_tensors": self.extra_tensors,
+            "problems": self.problems,
             "task_type": None if c.task_type is None else str(c.task_type),
         }
 
@@ -95,6 +101,7 @@ def summarize_adapter(path: str) -> AdapterSummary:
     Raises:
         AdapterError / UnsupportedFeatureError / ConfigError: as `read_adapter` (missing or corrupt files).
     """
+    refuse_file(path)
     config, tensors = read_adapter(path)
     modules: dict[str, ModuleInfo] = {}
     dora, extra = [], []
@@ -111,11 +118,54 @@ def summarize_adapter(path: str) -> AdapterSummary:
         else:
             extra.append(name)
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in tensors.values())
+    found = sorted(modules.values(), key=lambda m: m.path)
     return AdapterSummary(
-        path=path, config=config, modules=sorted(modules.values(), key=lambda m: m.path),
+        path=path, config=config, modules=found,
         num_parameters=sum(t.numel() for t in tensors.values()), dtypes=dict(sorted(dtypes.items())),
         size_bytes=_dir_size(path), dora_modules=dora, extra_tensors=extra,
+        problems=adapter_problems(config, tensors, found),
     )
+
+
+def adapter_problems(config: LoraConfig, tensors: dict[str, Tensor], modules: list[ModuleInfo]) -> list[str]:
+    """What makes loratune (and any loader) refuse these files, read without the base model.
+
+    No LoRA tensors; a rank that is not the config's (r or rank_pattern); target_modules that do
+    not match the modules the tensors are for (either way); NaN/Inf values.
+    """
+    if not modules:
+        return [f"no LoRA tensors (lora_A/lora_B): the weights file holds {len(tensors)} tensor(s)"]
+    problems = []
+    wrong = [f"{m.path} has r={m.r}" for m in modules if m.r != pattern_value(config.rank_pattern, m.path, config.r)]
+    if wrong:
+        problems.append(f"tensor ranks differ from adapter_config.json (r={config.r}"
+                        + (f", rank_pattern {config.rank_pattern}" if config.rank_pattern else "")
+                        + f"): {_listed(wrong)}")
+    problems += _target_problems(config, [m.path for m in modules])
+    bad = nonfinite_keys(tensors)
+    if bad:
+        problems.append(f"{len(bad)} tensor(s) hold NaN or Inf values: "
+                        f"{_listed([k.removeprefix(PREFIX) for k in bad])}")
+    return problems
+
+
+def _target_problems(config: LoraConfig, paths: list[str]) -> list[str]:
+    """target_modules entries matching none of `paths`, and paths no entry matches."""
+    target = config.target_modules
+    if target is None or (isinstance(target, str) and target.lower() == ALL_LINEAR):
+        return []  # resolved against the model when loaded; nothing to compare the tensors with
+    names = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in paths}))
+    entries = [target] if isinstance(target, str) else [e for e in target if not matches(config.modules_to_save, e)]
+    problems = [f"target_modules entry {e!r} in adapter_config.json matches none of the adapter's modules ({names})"
+                for e in entries if not any(matches(e if isinstance(target, str) else [e], p) for p in paths)]
+    unmatched = [p for p in paths if not matches(target, p) or matches(config.exclude_modules, p)]
+    if unmatched:
+        problems.append(f"tensors for modules that target_modules {target!r} does not select: {_listed(unmatched)}")
+    return problems
+
+
+def _listed(items: list[str], limit: int = 4) -> str:
+    return ", ".join(items[:limit]) + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def _dir_size(path: str) -> int:

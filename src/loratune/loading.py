@@ -18,15 +18,22 @@ import functools
 import json
 import logging
 import os
+import pickle
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from loratune.errors import ConfigError, LoratuneError
 
 logger = logging.getLogger(__name__)
+
+# What reading a truncated or corrupt weight file raises besides OSError/ValueError: safetensors'
+# own error, and torch.load's ("PytorchStreamReader failed ...", unpickling a cut-off file).
+_WEIGHT_READ_ERRORS: tuple[type[BaseException], ...] = (SafetensorError, RuntimeError, pickle.UnpicklingError,
+                                                        EOFError)
 
 PRESET_PREFIX = "preset:"
 PRESETS_DIR = Path(__file__).resolve().parent / "presets"
@@ -195,18 +202,56 @@ def load_base_model(
         kwargs = {"dtype": torch_dtype, "revision": revision, "trust_remote_code": trust_remote_code}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
-        try:
-            model = AutoModelForCausalLM.from_pretrained(where, **kwargs)
-        except (OSError, ValueError) as exc:
-            if kind == "hub":
-                raise _hub_error(where, exc) from exc
-            raise ConfigError(f"cannot load a model from {str(name_or_path)!r}: {exc}") from exc
+        model = _from_pretrained(str(name_or_path), kind, where, kwargs)
     model = model.to(device)
     if load_in_4bit or load_in_8bit:
         model = _quantize(model, bits=4 if load_in_4bit else 8, quant_type=bnb_4bit_quant_type,
                           compute_dtype=bnb_4bit_compute_dtype, double_quant=bnb_4bit_use_double_quant)
     model.requires_grad_(False)
     return model.eval()
+
+
+def _from_pretrained(name: str, kind: str, where: str, kwargs: dict) -> PreTrainedModel:
+    """`AutoModelForCausalLM.from_pretrained`, with user-caused failures turned into ConfigError.
+
+    Raises:
+        ConfigError: naming the weight file that cannot be read, or the model and the reason.
+    """
+    try:
+        return AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    except (OSError, ValueError, *_WEIGHT_READ_ERRORS) as exc:
+        bad = _unreadable_weight_files(where) if kind == "local" else []
+        if bad:
+            raise ConfigError(f"model directory {name!r}: cannot read the weights in "
+                              f"{', '.join(bad)} ({exc}); the file is truncated or corrupt: save or "
+                              "download the model again") from exc
+        if isinstance(exc, SafetensorError):  # e.g. a corrupt file in the hub cache
+            raise ConfigError(f"cannot read the weights of model {name!r}: a safetensors file "
+                              f"is truncated or corrupt ({exc})") from exc
+        if not isinstance(exc, (OSError, ValueError)):
+            raise  # no weight file is at fault: not the user's input
+        if kind == "hub":
+            raise _hub_error(where, exc) from exc
+        raise ConfigError(f"cannot load a model from {name!r}: {exc}") from exc
+
+
+def _unreadable_weight_files(directory: str) -> list[str]:
+    """The weight files of a local model directory that fail to open (only called after a failed load)."""
+    from safetensors import safe_open
+
+    bad = []
+    for path in sorted(Path(directory).glob("*.safetensors")):
+        try:  # the header must describe the whole file, so a cut-off file fails here
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (OSError, *_WEIGHT_READ_ERRORS):
+            bad.append(str(path))
+    for path in sorted(Path(directory).glob("*.bin")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except (OSError, *_WEIGHT_READ_ERRORS):
+            bad.append(str(path))
+    return bad
 
 
 def _build_preset_model(path: Path, dtype: torch.dtype, attn_implementation: str | None) -> PreTrainedModel:

@@ -8,6 +8,7 @@ history, `/exit` (or end of input) quits.
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 
 from loratune.cli.generate import EXIT_USAGE, add_model_arguments, add_sampling_arguments, describe
@@ -32,15 +33,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from loratune.cli.generate import load_from_args, settings_from_args
     from loratune.errors import LoratuneError
-    from loratune.generation import ChatSession, chat_ids
+    from loratune.generation import ChatSession, chat_ids, check_utf8
 
     try:
         settings = settings_from_args(args)
+        if args.system is not None:
+            check_utf8(args.system, "--system")
         loaded = load_from_args(args)
         chat_ids(loaded.tokenizer, [{"role": "user", "content": "probe"}])  # no template: fail before the loop
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if isinstance(sys.stdin, io.TextIOWrapper):
+        # A line that is not UTF-8 is reported like any other bad line, not a UnicodeDecodeError.
+        sys.stdin.reconfigure(errors="surrogateescape")
     session = ChatSession(loaded.model, loaded.tokenizer, settings, system=args.system)
     interactive = sys.stdin.isatty()
     print(f"Chatting with {describe(loaded)}. {RESET} clears the history, {EXIT} quits.")
@@ -54,13 +60,21 @@ def run(args) -> int:
 def converse(session, interactive: bool) -> None:
     """Read lines until /exit or end of input; answer each, handling /reset."""
     from loratune.errors import LoratuneError
+    from loratune.generation import check_utf8
 
+    number = 0
     while True:
         if interactive:
             print("you> ", end="", flush=True)
         line = sys.stdin.readline()
         if not line:  # end of input
             return
+        number += 1
+        try:
+            check_utf8(line, f"input line {number}")
+        except LoratuneError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            continue
         text = line.strip()
         if not text:
             continue

@@ -27,6 +27,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--batch_size", type=int, default=8, help="examples per forward pass (default: 8)")
     parser.add_argument("--completion_only_loss", action=argparse.BooleanOptionalAction, default=True,
                         help="score only completion / assistant tokens (default: on)")
+    parser.add_argument("--skip_bad_rows", action=argparse.BooleanOptionalAction, default=False,
+                        help="skip malformed rows (and report how many) instead of stopping, as in training "
+                             "(default: off)")
     parser.add_argument("--json", action="store_true", help="print a JSON object instead of a table")
     return parser
 
@@ -35,15 +38,16 @@ def run(args) -> int:
     from loratune.cli.generate import load_from_args
     from loratune.data import DataConfig
     from loratune.errors import ConfigError, LoratuneError
-    from loratune.evaluate import evaluate_base_and_adapter, load_eval_examples
+    from loratune.evaluate import evaluate_base_and_adapter, load_eval_examples, model_vocab_size
 
     try:
         if args.batch_size < 1:
             raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
         data_config = DataConfig(max_seq_length=args.max_seq_length, packing=False,
-                                 completion_only_loss=args.completion_only_loss)
+                                 completion_only_loss=args.completion_only_loss, skip_bad_rows=args.skip_bad_rows)
         loaded = load_from_args(args)
-        examples, stats = load_eval_examples(args.eval_file, loaded.tokenizer, data_config)
+        examples, stats = load_eval_examples(args.eval_file, loaded.tokenizer, data_config,
+                                             vocab_size=model_vocab_size(loaded.model))
         results = evaluate_base_and_adapter(loaded.model, examples, pad_token_id=loaded.tokenizer.pad_token_id,
                                             batch_size=args.batch_size)
     except LoratuneError as exc:
@@ -53,11 +57,13 @@ def run(args) -> int:
         print(json.dumps({
             "eval_file": args.eval_file, "model": loaded.base_name, "adapter": loaded.adapter_dir,
             "quantized": loaded.quantized, "format": stats.format, "truncated": stats.truncated,
+            "skipped": stats.skipped,
             **{name: r.to_dict() for name, r in results.items()},
         }, indent=2))
         return 0
     print(f"{describe(loaded)} on {args.eval_file}: {stats.examples} examples ({stats.format}), "
-          f"{results['base'].tokens} scored tokens" + (f", {stats.truncated} truncated" if stats.truncated else ""))
+          f"{results['base'].tokens} scored tokens" + (f", {stats.truncated} truncated" if stats.truncated else "")
+          + (f", {stats.skipped} bad rows skipped" if stats.skipped else ""))
     print(format_table(results))
     return 0
 

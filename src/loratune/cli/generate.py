@@ -93,10 +93,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Print the generated text (only the new text) to stdout as it is generated."""
     from loratune.errors import LoratuneError
-    from loratune.generation import chat_ids, generate_text, prompt_ids
+    from loratune.generation import chat_ids, check_utf8, generate_text, prompt_ids
 
     try:
         settings = settings_from_args(args)
+        check_utf8(args.prompt, "--prompt")  # before the (slow) model load
         loaded = load_from_args(args)
         tok = loaded.tokenizer
         ids = chat_ids(tok, [{"role": "user", "content": args.prompt}]) if args.chat else prompt_ids(tok, args.prompt)

@@ -29,8 +29,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "quantized base)")
     parser.add_argument("--output_dir", required=True, metavar="OUT", help="new directory for the merged model")
     parser.add_argument("--tolerance", type=float, default=None,
-                        help="largest allowed max |logit difference| of the float32 check "
-                             "(default: 1e-4 + 1e-4 * max |logit|)")
+                        help="largest allowed max |logit difference| of the float32 check, "
+                             "a finite number >= 0 (default: 1e-4 + 1e-4 * max |logit|)")
     return parser
 
 
@@ -38,11 +38,12 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from loratune.errors import LoratuneError
-    from loratune.export import check_output_dir, merge_to_directory
+    from loratune.export import check_output_dir, check_tolerance, merge_to_directory
     from loratune.inference import load_model, resolve_quant
 
     hf_logging.disable_progress_bar()  # the save/reload bars would bury the check's result
     try:
+        check_tolerance(args.tolerance)
         check_output_dir(args.output_dir, args.adapter)
         quant = resolve_quant(args.adapter if _is_dir(args.adapter) else None, quant_overrides(args))
         quantized = quant["load_in_4bit"] or quant["load_in_8bit"]
