@@ -589,3 +589,14 @@ def test_a_client_leaving_a_non_streaming_request_stops_its_generation(live, mon
 def test_unload_by_unknown_id_names_the_id(live):
     r = live.post("/v1/unload_lora_adapter", {"lora_int_id": 999})
     assert r.status_code == 404 and "lora_int_id 999" in r.json()["error"]["message"]
+
+
+def test_text_that_is_not_utf8_is_a_400_naming_the_field(live):
+    body = b'{"model": "%s", "prompt": "caf\\udce9", "max_tokens": 1}' % BASE.encode()
+    r = httpx.post(f"{live.url}/v1/completions", content=body, timeout=10,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "UTF-8" in r.text
+    body = b'{"model": "%s", "messages": [{"role": "user", "content": "caf\\udce9"}], "max_tokens": 1}' % BASE.encode()
+    r = httpx.post(f"{live.url}/v1/chat/completions", content=body, timeout=10,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "UTF-8" in r.text

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratune.errors import ConfigError
-from loratune.generation import chat_ids
+from loratune.generation import chat_ids, check_utf8
 
 from . import protocol as p
 from .registry import RequestError
@@ -123,6 +123,10 @@ def _completion_prompt(state: ServerState, prompt) -> list[int]:
             raise RequestError(400, f"prompt holds {len(prompt)} prompts; send one prompt per request",
                                param="prompt")
         prompt = prompt[0]
+    try:
+        check_utf8(prompt, "prompt")  # JSON escapes can carry lone surrogates; tokenizers cannot encode them
+    except ConfigError as exc:
+        raise RequestError(400, str(exc), param="prompt") from None
     return state.tokenizer(prompt)["input_ids"]
 
 
@@ -130,9 +134,11 @@ def _chat_prompt(state: ServerState, messages: list[p.ChatMessage]) -> list[int]
     conversation = [{"role": m.template_role(), "content": m.text(f"messages[{i}]")} for i, m in enumerate(messages)]
     try:
         return chat_ids(state.tokenizer, conversation)
-    except ConfigError:  # no chat template
-        raise RequestError(400, "the base model's tokenizer has no chat template; use /v1/completions",
-                           param="messages") from None
+    except ConfigError as exc:  # no chat template, or text that is not UTF-8 (JSON can carry lone surrogates)
+        if getattr(state.tokenizer, "chat_template", None) is None:
+            raise RequestError(400, "the base model's tokenizer has no chat template; use /v1/completions",
+                               param="messages") from None
+        raise RequestError(400, str(exc), param="messages") from None
     except Exception as exc:  # a template's own raise_exception(), e.g. roles out of order
         raise RequestError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
 
