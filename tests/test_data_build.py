@@ -150,8 +150,10 @@ def test_missing_and_unsupported_files_are_config_errors(tok, tmp_path):
         build(tok, tmp_path / "t.txt")
     with pytest.raises(ConfigError, match="no training data"):
         build_datasets(DataConfig(), tok)
-    with pytest.raises(ConfigError, match="cannot tell the data format from the columns"):
+    with pytest.raises(ConfigError, match=r"x\.jsonl: cannot tell the data format from the columns"):
         build(tok, write_jsonl(tmp_path / "x.jsonl", [{"question": "q", "answer": "a"}]))
+    with pytest.raises(ConfigError, match="is a directory, not a data file"):
+        build(tok, tmp_path)
 
 
 def test_column_mapping(tok, tmp_path):

@@ -141,7 +141,10 @@ def tokenize_rows(raw: RawRows, cfg: DataConfig, tokenizer) -> tuple[list[Exampl
     Returns the examples, their stats, and where each kept example came from ("train.jsonl line 3").
     """
     columns = set().union(*(r.record.keys() for r in raw.rows)) if raw.rows else set()
-    cols = detect_format(columns, cfg) if raw.rows else Columns(cfg.dataset_format, {})
+    try:
+        cols = detect_format(columns, cfg) if raw.rows else Columns(cfg.dataset_format, {})
+    except ConfigError as exc:
+        raise ConfigError(f"{raw.name}: {exc}") from None
     problems = list(raw.problems)
     encoded: list[tuple[str, Encoded]] = []
     special = SpecialTokens.of(tokenizer)

@@ -45,7 +45,8 @@ def read_file(path: str | Path, *, field_name: str = "train_file") -> RawRows:
     """
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"{field_name} {str(path)!r} does not exist" + (" (it is a directory)" if p.is_dir() else ""))
+        raise ConfigError(f"{field_name} {str(path)!r} is a directory, not a data file" if p.is_dir()
+                          else f"{field_name} {str(path)!r} does not exist")
     suffix = p.suffix.lower()
     if suffix == ".jsonl":
         return _read_jsonl(p)
