@@ -600,3 +600,10 @@ def test_text_that_is_not_utf8_is_a_400_naming_the_field(live):
     r = httpx.post(f"{live.url}/v1/chat/completions", content=body, timeout=10,
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "UTF-8" in r.text
+
+
+def test_a_body_sent_without_a_json_content_type_says_so(live):
+    r = httpx.post(f"{live.url}/v1/completions", content=b'{"model": "x", "prompt": "y"}', timeout=10,
+                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
+    assert "Content-Type: application/json" in r.json()["error"]["message"]

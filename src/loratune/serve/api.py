@@ -221,10 +221,14 @@ def _add_error_handlers(app: FastAPI) -> None:
         return response
 
     @app.exception_handler(RequestValidationError)
-    async def validation_error(_, exc: RequestValidationError):
+    async def validation_error(request: Request, exc: RequestValidationError):
         errors = exc.errors()
         if any(e.get("type") == "json_invalid" for e in errors):
             return reply(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
+        kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if kind and kind != "application/json" and not kind.endswith("+json"):  # e.g. curl -d without -H
+            return reply(400, f"the request body must be JSON sent with 'Content-Type: application/json' (got "
+                         f"{kind})", "invalid_request_error", "invalid_content_type")
         parts, param = [], None
         for e in errors[:5]:
             loc = [str(x) for x in e.get("loc", ()) if x != "body"]
