@@ -451,6 +451,15 @@ def test_unload_refused_by_a_stopped_engine_keeps_the_adapter_listed(live, monke
 
 # ----- requests that used to be accepted, ignored or able to hurt other requests -------------------
 
+def run_together(*fns) -> None:
+    """Run the functions in threads at once (their requests share engine batches) and wait for all."""
+    threads = [threading.Thread(target=f) for f in fns]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+
+
 def test_a_tiny_temperature_decodes_greedily_and_hurts_no_one(live):
     client = live.client()
     greedy = complete(client, "a1").choices[0].text
@@ -463,11 +472,7 @@ def test_a_tiny_temperature_decodes_greedily_and_hurts_no_one(live):
     def other():
         results["other"] = complete(client, "a2", max_tokens=20).choices[0].text
 
-    threads = [threading.Thread(target=f) for f in (tiny, other)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
+    run_together(tiny, other)
     assert results == {"tiny": greedy, "other": complete(client, "a2", max_tokens=20).choices[0].text}
 
 
@@ -489,11 +494,7 @@ def test_an_adapter_with_non_finite_logits_fails_only_its_own_requests(live, tmp
         def fine():
             outcome["a1"] = complete(client, "a1", max_tokens=20).choices[0].finish_reason
 
-        threads = [threading.Thread(target=f) for f in (fine, broken)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
+        run_together(fine, broken)
         assert outcome["a1"] == "length"
         status, message = outcome["huge"]
         assert status == 500 and "its adapter produced non-finite logits" in message
