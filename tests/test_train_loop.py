@@ -117,6 +117,30 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, data_file,
         run(settings(model_dir, data_file, tmp_path / "again", max_steps=8))
 
 
+def test_weights_that_become_non_finite_are_never_saved(model_dir, data_file, tmp_path, monkeypatch, capsys):
+    """A step can keep loss and gradients finite and still leave inf weights (a huge learning rate):
+    the checkpoint due at that step is not written, and the last good one is named."""
+    real_step = torch.optim.AdamW.step
+    calls = {"n": 0}
+
+    def overflowing(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 4:
+            with torch.no_grad():
+                self.param_groups[0]["params"][0].fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", overflowing)
+    out = tmp_path / "o"
+    flags = [f"--{k}={v}" for k, v in settings(model_dir, data_file, out, max_steps=8, save_steps=2).items()]
+    rc = train_cli(flags)
+    err = capsys.readouterr().err
+    assert rc == 1 and "the LoRA weights became NaN or inf at step 4" in err and "checkpoint-2" in err
+    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
+    assert not (out / "adapter_model.safetensors").exists()
+
+
 def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(model_dir, data_file, tmp_path,
                                                                              monkeypatch, capsys):
     """lora_dropout > 0 and packing on: the RNG state and data position must both come back."""

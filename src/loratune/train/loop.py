@@ -162,7 +162,8 @@ def fit(
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 bar.close()
                 metrics.write({"step": pos.step + 1, "loss": str(loss), "grad_norm": str(grad_norm), "diverged": True})
-                raise _diverged(loss, grad_norm, pos.step + 1, last_ckpt)
+                what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+                raise _diverged(what, value, pos.step + 1, last_ckpt)
             lr = scheduler.get_last_lr()[0]
             optimizer.step()
             scheduler.step()
@@ -187,7 +188,12 @@ def fit(
                 eval_loss = _evaluate_and_log(model, tokenizer, eval_set, cfg, env, metrics, pos.step)
                 window_start = time.perf_counter()  # eval time is not training throughput
             interrupted = broadcast_flag(stop.requested, env)
-            if (lp.save_steps and pos.step % lp.save_steps == 0 and pos.step < total_steps) or interrupted:
+            saving = (lp.save_steps and pos.step % lp.save_steps == 0 and pos.step < total_steps) or interrupted
+            if (saving or pos.step == total_steps) and not _all_finite(params):  # never save NaN/inf weights
+                bar.close()
+                metrics.write({"step": pos.step, "weights": "non-finite", "diverged": True})
+                raise _diverged("the LoRA weights", "NaN or inf", pos.step, last_ckpt, applied=True)
+            if saving:
                 window.elapsed_s = time.perf_counter() - window_start
                 last_ckpt = _save(model, optimizer, scheduler, pos, window, cfg, env, config_yaml)
             if interrupted:
@@ -233,13 +239,18 @@ def _normalise_and_clip(params: list[nn.Parameter], n_trained: float, max_grad_n
     return float(torch.nn.utils.clip_grad_norm_(params, limit, foreach=True))
 
 
-def _diverged(loss: float, grad_norm: float, step: int, last_ckpt: str | None) -> TrainingDivergedError:
-    what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
+def _diverged(what: str, value, step: int, last_ckpt: str | None, applied: bool = False) -> TrainingDivergedError:
     keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
+    done = "stopped before saving them" if applied else "stopped without applying that step"
     return TrainingDivergedError(
-        f"{what} became {value} at step {step}; stopped without applying that step; {keep}. "
+        f"{what} became {value} at step {step}; {done}; {keep}. "
         "Try a lower learning_rate or max_grad_norm, then resume with --resume_from_checkpoint true."
     )
+
+
+def _all_finite(params: list[nn.Parameter]) -> bool:
+    """True when no trainable weight holds NaN or inf (checked before anything is saved)."""
+    return all(bool(torch.isfinite(p).all()) for p in params)
 
 
 @torch.no_grad()
