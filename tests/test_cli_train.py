@@ -247,6 +247,19 @@ def test_tensorboard_list_flags_bf16_and_checkpointing(model_dir, messages_file,
     assert len(losses) == 2 and all(0 < x < 20 for x in losses)
 
 
+def test_a_single_module_name_is_a_list_of_one(model_dir, messages_file, tmp_path):
+    from loratune.train.api import target_modules_for_peft
+
+    assert target_modules_for_peft("q_proj") == ["q_proj"]
+    assert target_modules_for_peft("all-linear") == "all-linear"
+    assert target_modules_for_peft(r".*self_attn\.(q|v)_proj") == r".*self_attn\.(q|v)_proj"
+    out = tmp_path / "run"
+    rc = train_cli([*base_flags(model_dir, messages_file, out), "--max_steps", "1", "--save_steps", "0",
+                    "--target_modules", "q_proj"])
+    assert rc == 0
+    assert json.loads((out / "adapter_config.json").read_text())["target_modules"] == ["q_proj"]
+
+
 @pytest.mark.parametrize("flag", ["--load_in_4bit", "--use_dora", "--use_rslora"])
 def test_adapter_and_quantization_keys_reach_the_model(flag, model_dir, messages_file, tmp_path):
     out = tmp_path / "run"

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import random
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -153,6 +154,20 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     )
 
 
+def target_modules_for_peft(value: str | list[str] | tuple[str, ...]) -> str | list[str]:
+    """The training config's target_modules as LoraConfig takes it.
+
+    A single plain module name (`--target_modules q_proj`, `target_modules: q_proj`) is a list of
+    one: in PEFT a single string is a full-match regex on the module path, which a bare name never
+    matches. "all-linear" and anything with regex characters stay a string.
+    """
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if value != "all-linear" and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", value):
+        return [value]
+    return value
+
+
 def check_output_dir(path: str) -> None:
     """Raise ConfigError if `path` cannot become a directory (it, or a parent, is a file).
 
@@ -196,7 +211,7 @@ def build_model(cfg: TrainConfig, env: DistEnv):
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_config = LoraConfig(
         r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
-        target_modules=list(lo.target_modules) if isinstance(lo.target_modules, (list, tuple)) else lo.target_modules,
+        target_modules=target_modules_for_peft(lo.target_modules),
         use_rslora=lo.use_rslora, use_dora=lo.use_dora,
         modules_to_save=list(lo.modules_to_save) if lo.modules_to_save else None,
         task_type="CAUSAL_LM", base_model_name_or_path=m.model_name_or_path,
