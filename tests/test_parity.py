@@ -33,10 +33,12 @@ CASES = [
     ("gpt2", dict(target_modules=["c_attn"], bias="lora_only", exclude_modules=["transformer.h.1.attn.c_attn"])),
     ("llama", dict(target_modules=r".*\.(q|v)_proj", use_dora=True, use_rslora=True)),
     ("qwen2", dict(target_modules=["embed_tokens"])),  # tied to lm_head
+    ("llama", dict(target_modules=["q_proj"], modules_to_save=["norm"])),  # PEFT: plain suffix, every *norm
 ]
 IDS = ["llama", "rslora", "rank-alpha-pattern", "dora", "gpt2-conv1d", "gpt2-dora", "embedding",
        "gpt2-all-linear", "qwen2-bias-all", "modules-to-save", "layers-to-transform", "layers-pattern",
-       "gpt2-mts-bias-all", "gpt2-lora-only-exclude", "regex-dora-rslora", "qwen2-tied-embedding"]
+       "gpt2-mts-bias-all", "gpt2-lora-only-exclude", "regex-dora-rslora", "qwen2-tied-embedding",
+       "modules-to-save-suffix"]
 
 
 def perturb(model, seed: int = 3) -> None:
@@ -124,8 +126,9 @@ def test_add_weighted_adapter_matches_peft(tmp_path, combination, arch, kw):
     ours = loratune.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path / "a"), adapter_name="a")
     ours.load_adapter(str(tmp_path / "b"), adapter_name="b")
     args = (["a", "b"], [0.7, 1.3], "ab")
-    theirs.add_weighted_adapter(*args, combination_type=combination)
-    ours.add_weighted_adapter(*args, combination_type=combination)
+    options = {"svd_clamp": 0.9, "svd_driver": None, "svd_full_matrices": True} if combination == "svd" else {}
+    theirs.add_weighted_adapter(*args, combination_type=combination, **options)
+    ours.add_weighted_adapter(*args, combination_type=combination, **options)
     theirs.set_adapter("ab")
     ours.set_adapter("ab")
     expected = logits(theirs, x)
@@ -210,3 +213,55 @@ def test_custom_conv_module_both_ways(tmp_path):
 def build_on_module(lib, module, targets):
     return lib.get_peft_model(module, lib.LoraConfig(r=3, lora_alpha=6, target_modules=targets,
                                                      init_lora_weights=False))
+
+
+def test_adapters_loaded_for_inference_run_in_eval_mode(tmp_path):
+    """As PEFT: from_pretrained and load_adapter without is_trainable switch dropout off."""
+    x = tiny_batch()
+    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5,
+                                                                       init_lora_weights=False))
+    theirs.save_pretrained(str(tmp_path))
+    ours = loratune.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
+    assert not ours.training and torch.equal(logits(ours, x), logits(ours, x))
+    ours.train()
+    ours.load_adapter(str(tmp_path), adapter_name="again")
+    assert not ours.training
+    assert loratune.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path), is_trainable=True).training
+
+
+def test_config_takes_peft_fields_at_their_off_values_and_peft_task_types():
+    config = loratune.LoraConfig(target_modules=["q_proj"], lora_bias=False, use_qalora=False, layer_replication=None,
+                                 loftq_config={}, trainable_token_indices=None, target_parameters=None,
+                                 ensure_weight_tying=False, runtime_config=None, task_type=peft.TaskType.CAUSAL_LM)
+    assert config.task_type == loratune.TaskType.CAUSAL_LM
+    for on in ({"lora_bias": True}, {"ensure_weight_tying": True}, {"layer_replication": [[0, 1]]}):
+        with pytest.raises(loratune.errors.UnsupportedFeatureError, match=next(iter(on))):
+            loratune.LoraConfig(target_modules=["q_proj"], **on)
+
+
+def test_pruning_combinations_are_refused_by_name():
+    model = build(loratune, "llama", dict(target_modules=["q_proj"]), "a")
+    model.add_adapter("b", loratune.LoraConfig(r=2, target_modules=["q_proj"]))
+    for kw in (dict(combination_type="ties", density=0.5), dict(combination_type="svd", density=0.5)):
+        with pytest.raises(loratune.errors.UnsupportedFeatureError):
+            model.add_weighted_adapter(["a", "b"], [1, 1], "ab", **kw)
+
+
+@pytest.mark.parametrize("name, index", [("model.decoder_blocks.1.0", 1), ("model.layers.1.experts.0.w1", 1),
+                                         ("transformer.h.3.attn.c_attn", 3), ("lm_head", None)])
+def test_layer_index_without_layers_pattern_is_the_first_numbered_segment(name, index):
+    from loratune.inject import layer_index
+
+    assert layer_index(name, None) == index
+
+
+def test_rank_pattern_takes_the_first_matching_key_in_order_as_peft():
+    """Keys that overlap resolve by dict order, not exact-name-first. (Saved files sort their keys, in
+    PEFT as here, so overlapping keys do not survive a save in either library.)"""
+    patterns = {"q_proj": 2, "model.layers.0.self_attn.q_proj": 6}
+    ranks = []
+    for lib in (loratune, peft):
+        model = lib.get_peft_model(tiny_model("llama"), lib.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                        rank_pattern=patterns))
+        ranks.append(sorted(m.r["default"] for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "r")))
+    assert ranks[0] == ranks[1] == [2, 2]

@@ -61,11 +61,12 @@ UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
     "use_bdlora": (None, False),
     "arrow_config": (None,),
     "kasa_config": (None,),
+    "ensure_weight_tying": (False, None),
 }
 # PEFT fields that carry no behaviour for us; read and dropped silently.
 IGNORED_FIELDS = {
     "peft_type", "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
-    "ensure_weight_tying", "runtime_config", "use_dora_on_embeddings",
+    "runtime_config", "use_dora_on_embeddings",
 }
 
 
@@ -148,6 +149,8 @@ class LoraConfig:
     """Always "LORA"."""
 
     def __post_init__(self) -> None:
+        if hasattr(self.task_type, "value") and not isinstance(self.task_type, TaskType):
+            self.task_type = self.task_type.value  # e.g. peft.TaskType.CAUSAL_LM
         problems = self.problems()
         if problems:
             raise ConfigError(problems, source="LoraConfig")
@@ -276,3 +279,22 @@ class LoraConfig:
         with open(path, "w", encoding="utf-8") as fh:
             json.dump(self.to_dict(), fh, indent=2, sort_keys=True)
             fh.write("\n")
+
+
+_dataclass_init = LoraConfig.__init__
+
+
+def _init_accepting_peft_fields(self, *args, **kwargs) -> None:
+    """LoraConfig(...) also takes PEFT's fields that loratune does not implement, as PEFT code passes
+    them, at their off values (`lora_bias=False`, `layer_replication=None`, ...); switched on, they
+    are refused by name (UnsupportedFeatureError), never a TypeError."""
+    refused = [f"{k}={kwargs[k]!r}" for k in kwargs if k in UNSUPPORTED_FIELDS
+               and not any(kwargs[k] == off for off in UNSUPPORTED_FIELDS[k])]
+    if refused:
+        raise UnsupportedFeatureError(f"LoraConfig: uses PEFT features loratune does not support: {', '.join(refused)}")
+    for key in [k for k in kwargs if k in UNSUPPORTED_FIELDS or k in IGNORED_FIELDS - {"peft_type"}]:
+        del kwargs[key]
+    _dataclass_init(self, *args, **kwargs)
+
+
+LoraConfig.__init__ = _init_accepting_peft_fields

@@ -22,7 +22,6 @@ from .errors import ConfigError, TargetNotFoundError
 from .layers import LoraLayer, LoraLinear, ModulesToSave, build_lora_layer, inside_wrapper, is_linear_like
 
 ALL_LINEAR = "all-linear"
-DEFAULT_LAYER_PATTERNS = ("layers", "h", "block", "blocks", "layer")
 
 # PEFT's per-architecture defaults (TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING).
 DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
@@ -63,21 +62,33 @@ def matches(patterns: list[str] | str | None, name: str) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
+def saved_in_full(entries: list[str] | None, name: str) -> bool:
+    """PEFT's modules_to_save rule: the module path ends with an entry, as plain text ("norm"
+    selects model.norm and every layers.N.input_layernorm, exactly as PEFT wraps them)."""
+    return bool(entries) and any(name.endswith(e) for e in entries)
+
+
 def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
-    """The index that follows the layer-list name in a module path (model.layers.3.mlp -> 3)."""
-    patterns = layers_pattern or DEFAULT_LAYER_PATTERNS
-    patterns = [patterns] if isinstance(patterns, str) else patterns
+    """The index that follows the layer-list name in a module path (model.layers.3.mlp -> 3).
+
+    PEFT's rule: without layers_pattern, the first numbered segment of the path
+    (model.decoder_blocks.1.0 -> 1, layers.1.experts.0.w1 -> 1); with it, the first index after one
+    of the given list names.
+    """
+    if not layers_pattern:
+        found = re.match(r".*?\.[^.]*\.(\d+)\.", name)
+        return int(found.group(1)) if found else None
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
     for pattern in patterns:
-        found = re.match(rf"(.*\.)?{re.escape(pattern)}\.(\d+)\.", name)
+        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
         if found:
-            return int(found.group(2))
+            return int(found.group(1))
     return None
 
 
 def pattern_value(patterns: dict, name: str, default):
-    """Look up a rank/alpha override: exact name first, then a regex on the name's suffix."""
-    if name in patterns:
-        return patterns[name]
+    """Look up a rank/alpha override as PEFT does: the first key, in the dict's order, that matches
+    the end of the name as a regex (an exact module path is such a regex too)."""
     for key, value in patterns.items():
         if re.match(rf"(.*\.)?({key})$", name):
             return value
@@ -139,7 +150,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     target = config.target_modules
     # A module trained in full (modules_to_save) is not also given LoRA, as in PEFT.
     matched = [n for n in names if matches(target, n) and not matches(config.exclude_modules, n)
-               and not matches(config.modules_to_save, n)]
+               and not saved_in_full(config.modules_to_save, n)]
     if isinstance(target, str) and not any(matches(target, n) for n in names):
         raise TargetNotFoundError(_regex_not_found_message(target, names))
     for entry in [] if isinstance(target, str) else target:
@@ -218,8 +229,8 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     if not config.modules_to_save:
         return []
     names = [n for n, _ in model.named_modules() if n and not inside_wrapper(n)]
-    found = [n for n in names if matches(config.modules_to_save, n)]
-    missing = [e for e in config.modules_to_save if not any(matches([e], n) for n in found)]
+    found = [n for n in names if saved_in_full(config.modules_to_save, n)]
+    missing = [e for e in config.modules_to_save if not any(saved_in_full([e], n) for n in found)]
     if missing:
         raise TargetNotFoundError(_not_found_message(missing[0], names).replace("target_modules", "modules_to_save"))
     return found

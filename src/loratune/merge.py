@@ -22,6 +22,9 @@ from .errors import ConfigError, MergeError, UnsupportedFeatureError
 from .layers import LoraEmbedding, LoraLayer
 
 COMBINATIONS = ("svd", "cat", "linear")
+# PEFT's pruning-based combinations, refused by name.
+PEFT_ONLY_COMBINATIONS = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
+                          "magnitude_prune", "magnitude_prune_svd")
 
 
 def check_not_tied(model: nn.Module, layers: list[LoraLayer], adapter_names: list[str]) -> None:
@@ -53,9 +56,23 @@ def _get_AB(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
 
 
 def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: int | None = None) -> None:
-    """Create `adapter_name` on `model` (a LoraModel) from a weighted combination of adapters."""
+                         combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                         svd_full_matrices: bool = True, svd_driver: str | None = None,
+                         density: float | None = None, majority_sign_method: str = "total") -> None:
+    """Create `adapter_name` on `model` (a LoraModel) from a weighted combination of adapters.
+
+    Takes PEFT's arguments: `svd_clamp` clamps the SVD factors to the given quantile of their values,
+    `svd_driver` goes to torch.linalg.svd, and `svd_full_matrices` is accepted but has no effect (the
+    factors are truncated to the rank either way, so the reduced SVD is always used). PEFT's pruning
+    combinations (ties, dare, magnitude_prune) and their `density` are refused by name.
+    """
+    if combination_type in PEFT_ONLY_COMBINATIONS or density is not None:
+        what = f"combination_type={combination_type!r}" if combination_type in PEFT_ONLY_COMBINATIONS \
+            else f"density={density!r}"
+        raise UnsupportedFeatureError(f"add_weighted_adapter: {what} is not supported; use one of {COMBINATIONS}")
     problems = []
+    if svd_clamp is not None and not 0 < svd_clamp <= 1:
+        problems.append(f"svd_clamp must be in (0, 1], got {svd_clamp!r}")
     if combination_type not in COMBINATIONS:
         problems.append(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
     missing = [a for a in adapters if a not in model.peft_config]
@@ -87,7 +104,8 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     for path, layer in layers:
         layer.update_layer(adapter_name, r=ranks[path], lora_alpha=ranks[path], lora_dropout=first.lora_dropout,
                            init_lora_weights=True, use_rslora=False, use_dora=False)
-        A, B = _combine(layer, adapters, weights, combination_type, ranks[path])
+        A, B = _combine(layer, adapters, weights, combination_type, ranks[path],
+                        svd=dict(clamp=svd_clamp, driver=svd_driver))
         new_A, new_B = _get_AB(layer, adapter_name)
         with torch.no_grad():
             new_A.copy_(A.reshape(new_A.shape))
@@ -109,7 +127,7 @@ def _combined_rank(path: str, layer: LoraLayer, adapters: list[str], combination
 
 
 def _combine(layer: LoraLayer, adapters: list[str], weights: list[float], combination_type: str,
-             rank: int) -> tuple[Tensor, Tensor]:
+             rank: int, svd: dict | None = None) -> tuple[Tensor, Tensor]:
     """Return the new (A, B) for one layer, flattened to (R, -1) and (-1, R)."""
     pairs = []
     for name, w in zip(adapters, weights):
@@ -124,9 +142,14 @@ def _combine(layer: LoraLayer, adapters: list[str], weights: list[float], combin
         B = sum(math.sqrt(abs(ws)) * B for _, B, ws in pairs)
         return A, B
     delta = sum(ws * (B @ A) for A, B, ws in pairs)  # (out, in*k) or (dim, vocab)
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False)
+    svd = svd or {}
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False, driver=svd.get("driver"))
     k = min(rank, S.numel())
-    return _pad_rank(Vh[:k], U[:, :k] * S[:k], rank)
+    A, B = Vh[:k], U[:, :k] * S[:k]
+    if svd.get("clamp") is not None:  # PEFT's clamp: both factors to the quantile of all their values
+        high = torch.quantile(torch.cat([B.flatten(), A.flatten()]), svd["clamp"])
+        A, B = A.clamp(-high, high), B.clamp(-high, high)
+    return _pad_rank(A, B, rank)
 
 
 def _pad_rank(A: Tensor, B: Tensor, rank: int) -> tuple[Tensor, Tensor]:

@@ -264,9 +264,10 @@ class LoraModel(nn.Module):
         return self.model
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None) -> None:
-        """Create `adapter_name` as a weighted combination of existing adapters (see merge.py)."""
-        merge.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank)
+                             combination_type: str = "svd", svd_rank: int | None = None, **svd_options) -> None:
+        """Create `adapter_name` as a weighted combination of existing adapters (see merge.py; PEFT's
+        svd_clamp, svd_full_matrices and svd_driver are taken)."""
+        merge.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, **svd_options)
 
     # ----- parameters ----------------------------------------------------------------------------
 
@@ -327,6 +328,8 @@ class LoraModel(nn.Module):
             for param, flag in trainable.items():
                 param.requires_grad_(flag)
             raise
+        if not is_trainable:
+            self.eval()  # as PEFT: a model loaded for inference runs without dropout
         return self
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
@@ -341,6 +344,8 @@ class LoraModel(nn.Module):
             self.delete_adapter(adapter_name)
             self._unwrap_empty_layers()
             raise
+        if not is_trainable:
+            self.eval()  # as PEFT: the new adapter's dropout modules would otherwise start in training mode
 
     def _fill_adapter(self, adapter_name: str, config: LoraConfig, tensors: dict, source: str) -> None:
         """Load saved tensors into an adapter injected with plain init; record its real init method."""
