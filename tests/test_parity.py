@@ -265,3 +265,18 @@ def test_rank_pattern_takes_the_first_matching_key_in_order_as_peft():
                                                                         rank_pattern=patterns))
         ranks.append(sorted(m.r["default"] for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "r")))
     assert ranks[0] == ranks[1] == [2, 2]
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_pissa_and_olora_adapters_reload_as_trained_in_both(tmp_path, init):
+    """Their factors belong to the residual base their init made: loading runs that init again (as
+    PEFT does) and puts the saved factors back, so the reloaded model is the trained one."""
+    x = tiny_batch()
+    trained = loratune.get_peft_model(tiny_model("llama"), loratune.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                               init_lora_weights=init))
+    perturb(trained)
+    trained.eval()
+    expected = logits(trained, x)
+    trained.save_pretrained(str(tmp_path))
+    for lib in (loratune, peft):
+        assert_close(logits(lib.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path)), x), expected)

@@ -78,6 +78,7 @@ def test_prepare_reads_scaling_from_config_and_patterns(tmp_path, shapes):
     ("extra_module", "not a linear layer of the base model", AdapterError),
     ("embedding", "embedding LoRA", UnsupportedFeatureError),
     ("dora", "use_dora", UnsupportedFeatureError),
+    ("pissa", "init_lora_weights='pissa'", UnsupportedFeatureError),
     ("nan", "NaN or Inf", AdapterError),
     ("bin", "only safetensors", AdapterError),
     ("rank_0", "q_proj.lora_A.weight has shape (0, 32), expected (2, 32)", AdapterError),
@@ -100,6 +101,8 @@ def test_prepare_names_what_does_not_fit(case, needle, error, tmp_path, shapes):
         tensors["base_model.model.model.embed_tokens.lora_embedding_A"] = torch.randn(2, 128)
     elif case == "dora":
         config = {"use_dora": True}
+    elif case == "pissa":
+        config = {"init_lora_weights": "pissa"}
     elif case == "nan":
         tensors[Q.format(1, "B")][0, 0] = float("nan")
     elif case == "rank_0":

@@ -23,6 +23,7 @@ from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError
 from .inject import inject_adapter, resolve_config
 from .layers import BASE_ADAPTER, LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
+from .layers.init import init_from_base
 
 logger = logging.getLogger(__name__)
 
@@ -319,7 +320,7 @@ class LoraModel(nn.Module):
         """
         config = replace(config, inference_mode=not is_trainable)
         trainable = {param: param.requires_grad for param in model.parameters()}
-        # Injection must not re-run data-dependent inits (PiSSA/OLoRA rewrite the base weights).
+        # Injected with the plain init: nothing of the user's model changes until the file has fit.
         self = cls(model, replace(config, init_lora_weights=True), adapter_name)
         try:
             self._fill_adapter(adapter_name, config, tensors, source)
@@ -348,8 +349,22 @@ class LoraModel(nn.Module):
             self.eval()  # as PEFT: the new adapter's dropout modules would otherwise start in training mode
 
     def _fill_adapter(self, adapter_name: str, config: LoraConfig, tensors: dict, source: str) -> None:
-        """Load saved tensors into an adapter injected with plain init; record its real init method."""
+        """Load saved tensors into an adapter injected with plain init; record its real init method.
+
+        A PiSSA or OLoRA adapter's factors belong to the residual base W - scaling * B0 @ A0 that its
+        init made. As in PEFT, that init runs again once the file has fit (rewriting the base), and
+        the saved factors go back over the ones it set, so the loaded model is the trained one.
+        """
         adapter_io.load_adapter_tensors(self.model, adapter_name, config.bias, tensors, source=source)
+        method = config.init_lora_weights
+        if isinstance(method, str) and (method.startswith("pissa") or method == "olora"):
+            for layer in self.model.modules():
+                if isinstance(layer, LoraLayer) and adapter_name in layer.r and hasattr(layer, "base_layer"):
+                    saved = [t.detach().clone() for t in merge._get_AB(layer, adapter_name)]
+                    init_from_base(layer, adapter_name, method)
+                    with torch.no_grad():
+                        for t, value in zip(merge._get_AB(layer, adapter_name), saved):
+                            t.copy_(value)
         self.peft_config[adapter_name] = replace(self.peft_config[adapter_name],
                                                  init_lora_weights=config.init_lora_weights)
         self._apply_active()
