@@ -280,3 +280,17 @@ def test_pissa_and_olora_adapters_reload_as_trained_in_both(tmp_path, init):
     trained.save_pretrained(str(tmp_path))
     for lib in (loratune, peft):
         assert_close(logits(lib.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path)), x), expected)
+
+
+def test_disable_and_enable_adapter_layers_as_peft(tmp_path):
+    x = tiny_batch()
+    models = [build(lib, "llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])) for lib in (loratune, peft)]
+    for m in models:
+        perturb(m)
+    base = logits(tiny_model("llama"), x)
+    for m in models:
+        with_adapter = logits(m, x)
+        m.base_model.disable_adapter_layers()
+        assert_close(logits(m, x), base)
+        m.base_model.enable_adapter_layers()
+        assert_close(logits(m, x), with_adapter)

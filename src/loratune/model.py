@@ -174,6 +174,21 @@ class LoraModel(nn.Module):
             for layer, flag in zip(layers, previous):
                 layer.disable_adapters = flag
 
+    def disable_adapter_layers(self) -> None:
+        """PEFT's non-context form of disable_adapter(): LoRA updates off until enable_adapter_layers()."""
+        self._set_adapter_layers(enabled=False)
+
+    def enable_adapter_layers(self) -> None:
+        """Undo disable_adapter_layers()."""
+        self._set_adapter_layers(enabled=True)
+
+    def _set_adapter_layers(self, *, enabled: bool) -> None:
+        layers = list(self._layers())
+        if any(isinstance(layer, LoraLayer) and layer.merged for layer in layers):
+            raise MergeError("adapters are merged into the base weights; call unmerge_adapter() first")
+        for layer in layers:
+            layer.disable_adapters = not enabled
+
     # ----- running -------------------------------------------------------------------------------
 
     def forward(self, *args, adapter_names: list[str] | None = None, **kwargs):
