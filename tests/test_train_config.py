@@ -160,3 +160,15 @@ def test_seed_must_fit_numpy(seed):
     with pytest.raises(ConfigError, match=r"seed must be in \[0, 2\*\*32 - 1\]"):
         build_config({**DATA, "seed": seed})
     assert build_config({**DATA, "seed": 2**32 - 1}).loop.seed == 2**32 - 1
+
+
+def test_a_key_set_twice_in_the_yaml_is_refused_with_both_lines(tmp_path):
+    from loratune.errors import ConfigError
+    from loratune.train.config import read_yaml
+
+    path = tmp_path / "c.yaml"
+    path.write_text("r: 4\nlora_alpha: 8\nr: 8\n")
+    with pytest.raises(ConfigError, match=r"key 'r' is set twice \(lines 1 and 3\)"):
+        read_yaml(path)
+    path.write_text("r: 4\ntarget_modules:\n  - q_proj\n  - v_proj\n")
+    assert read_yaml(path) == {"r": 4, "target_modules": ["q_proj", "v_proj"]}

@@ -170,7 +170,9 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+            text = fh.read()
+        _refuse_duplicate_keys(yaml.compose(text), path)
+        data = yaml.safe_load(text)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
@@ -189,6 +191,18 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"expected a mapping of key: value, got {type(data).__name__}", source=path)
     return data
+
+
+def _refuse_duplicate_keys(node, path: str) -> None:
+    """YAML keeps the last of two equal keys silently; a config that sets a key twice is a mistake."""
+    if not isinstance(node, yaml.MappingNode):
+        return
+    seen: dict[str, int] = {}
+    for key, _ in node.value:
+        name, line = str(key.value), key.start_mark.line + 1
+        if name in seen:
+            raise ConfigError(f"key {name!r} is set twice (lines {seen[name]} and {line}); keep one", source=path)
+        seen[name] = line
 
 
 def build_config(raw: dict[str, Any], *, source: str | None = None) -> TrainConfig:
