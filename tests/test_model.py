@@ -433,3 +433,18 @@ def test_custom_module_all_layer_types():
         model.set_adapter("default")
         merged = model.merge_and_unload()
         assert_close(merged(x), adapted)
+
+
+def test_save_pretrained_takes_peft_keyword_arguments(tmp_path, caplog):
+    import logging
+
+    from loratune.errors import UnsupportedFeatureError
+
+    model = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"]))
+    model.save_pretrained(str(tmp_path / "rank1"), is_main_process=False)
+    assert not (tmp_path / "rank1").exists()  # other ranks of a distributed run write nothing
+    with caplog.at_level(logging.WARNING):
+        model.save_pretrained(str(tmp_path / "a"), save_embedding_layers=True)
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists() and "save_embedding_layers=True" in caplog.text
+    with pytest.raises(UnsupportedFeatureError, match="path_initial_model_for_weight_conversion"):
+        model.save_pretrained(str(tmp_path / "b"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from . import adapter_io, merge
 from .config import LoraConfig
-from .errors import AdapterError, ConfigError, MergeError
+from .errors import AdapterError, ConfigError, MergeError, UnsupportedFeatureError
 from .inject import inject_adapter, resolve_config
 from .layers import BASE_ADAPTER, LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
 from .layers.init import init_from_base
@@ -304,7 +304,21 @@ class LoraModel(nn.Module):
 
     def save_pretrained(self, save_directory: str, selected_adapters: list[str] | None = None,
                         safe_serialization: bool = True, **kwargs) -> None:
-        """Write each adapter in PEFT's format; non-default names go to a sub-folder."""
+        """Write each adapter in PEFT's format; non-default names go to a sub-folder.
+
+        Of PEFT's other keyword arguments, `is_main_process=False` writes nothing (other ranks of a
+        distributed run), `path_initial_model_for_weight_conversion` (PiSSA/OLoRA -> LoRA conversion)
+        is refused by name, and `save_embedding_layers=True` and the rest are ignored with a warning.
+        """
+        if kwargs.pop("path_initial_model_for_weight_conversion", None) is not None:
+            raise UnsupportedFeatureError("save_pretrained(path_initial_model_for_weight_conversion=...) is not "
+                                          "supported; PiSSA/OLoRA adapters are saved as trained and reload as trained")
+        if not kwargs.pop("is_main_process", True):
+            return
+        ignored = {k: v for k, v in kwargs.items() if v not in (None, False, "auto")}
+        if ignored:
+            logger.warning("save_pretrained: ignoring %s (not supported by loratune)",
+                           ", ".join(f"{k}={v!r}" for k, v in ignored.items()))
         if not safe_serialization:
             logger.warning("loratune writes safetensors only; ignoring safe_serialization=False")
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
