@@ -203,11 +203,11 @@ def test_a_failed_prefill_releases_each_request_once_and_spares_finished_ones(tm
         real_accept = engine._accept
         seen = []
 
-        def accept_then_fail(row, logits):  # the first row finishes; the second row's step fails
+        def accept_then_fail(row, logits, finite=True):  # the first row finishes; the second row's step fails
             seen.append(row)
             if len(seen) == 2:
                 raise RuntimeError("boom")
-            return real_accept(row, logits)
+            return real_accept(row, logits, finite)
 
         monkeypatch.setattr(engine, "_accept", accept_then_fail)
         engine.call(lambda: (engine._waiting.extend([done_req, bad_req]),

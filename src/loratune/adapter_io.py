@@ -214,3 +214,21 @@ def _embedding_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:
         for path, module in model.named_modules()
         if isinstance(module, LoraLayer) and path.split(".")[-1] in EMBEDDING_LAYER_NAMES
     }
+
+
+def nonfinite_keys(tensors: dict[str, Tensor]) -> list[str]:
+    """The keys of the floating-point tensors that hold a NaN or an Inf, sorted."""
+    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+
+
+def check_finite(tensors: dict[str, Tensor], *, source: str) -> None:
+    """Refuse adapter weights holding NaN/Inf: every output would be NaN (a diverged run saved them).
+
+    Raises:
+        AdapterError: naming the adapter and the first tensors at fault.
+    """
+    bad = nonfinite_keys(tensors)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f", ... and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise AdapterError(f"{source}: {len(bad)} of {len(tensors)} adapter tensor(s) hold NaN or Inf values "
+                           f"({shown}); the run that saved it diverged: retrain, or use an earlier checkpoint")

@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 import yaml
-from torch import Tensor, nn
+from torch import nn
 
-from .adapter_io import read_adapter
+from .adapter_io import check_finite, read_adapter
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterError, ConfigError
 
@@ -173,24 +173,6 @@ def refuse_file(adapter: str) -> None:
     hint = (f"; did you mean its directory {parent}?" if os.path.isfile(os.path.join(parent, CONFIG_NAME))
             else f"; pass the adapter directory (the one holding {CONFIG_NAME})")
     raise AdapterError(f"{adapter}: is a file, not a directory{hint}")
-
-
-def nonfinite_keys(tensors: dict[str, Tensor]) -> list[str]:
-    """The keys of the floating-point tensors that hold a NaN or an Inf, sorted."""
-    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
-
-
-def check_finite(tensors: dict[str, Tensor], *, source: str) -> None:
-    """Refuse adapter weights holding NaN/Inf: every output would be NaN (a diverged run saved them).
-
-    Raises:
-        AdapterError: naming the adapter and the first tensors at fault.
-    """
-    bad = nonfinite_keys(tensors)
-    if bad:
-        shown = ", ".join(bad[:5]) + (f", ... and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise AdapterError(f"{source}: {len(bad)} of {len(tensors)} adapter tensor(s) hold NaN or Inf values "
-                           f"({shown}); the run that saved it diverged: retrain, or use an earlier checkpoint")
 
 
 def _looks_local(path: str) -> bool:

@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .adapter_io import BIN_NAME, PREFIX, SAFETENSORS_NAME, read_adapter
+from .adapter_io import BIN_NAME, PREFIX, SAFETENSORS_NAME, nonfinite_keys, read_adapter
 from .config import CONFIG_NAME, LoraConfig
-from .inference import nonfinite_keys, refuse_file
+from .inference import refuse_file
 from .inject import ALL_LINEAR, matches, pattern_value
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md")

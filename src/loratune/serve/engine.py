@@ -312,6 +312,7 @@ class Engine:
         column = {n: (last.index(n) if self._keep_logits else n - 1) for n in last}
         logits = torch.stack([out.logits[i, column[n]] for i, n in enumerate(lengths)]).float().cpu()  # (N, V)
         check_cache(out.cache)
+        finite = _finite_rows(logits)
         accepted = []
         for i, request in enumerate(requests):
             generator = None
@@ -322,7 +323,7 @@ class Engine:
                 else:
                     generator.manual_seed(request.params.seed)
             row = _Row(request, last_token=-1, position=lengths[i] - 1, generated=0, generator=generator)
-            if self._accept(row, logits[i]):
+            if self._accept(row, logits[i], finite[i]):
                 accepted.append((i, row))
             else:
                 self._release(request)
@@ -339,17 +340,18 @@ class Engine:
                                   attention_mask=self._batch.step_mask(), cache=self._batch.cache)
         self.decode_steps += 1
         self.decoded_tokens += len(rows)
-        finished = [i for i, row in enumerate(rows) if not self._accept(row, logits[i])]
+        finite = _finite_rows(logits)
+        finished = [i for i, row in enumerate(rows) if not self._accept(row, logits[i], finite[i])]
         self._finish_rows(finished)
 
-    def _accept(self, row: _Row, logits: Tensor) -> bool:
+    def _accept(self, row: _Row, logits: Tensor, finite: bool = True) -> bool:
         """Sample the row's next token and emit it; return False when the row is finished.
 
         A row whose logits are not finite (an adapter that overflows) fails alone, with an error
         event; the other rows of the batch go on.
         """
         request = row.request
-        if bool(logits.isnan().any() or logits.isposinf().any()):
+        if not finite:
             name = "the base model" if request.adapter_id is None else "its adapter"
             self._emit(request, "error", f"generation failed: {name} produced non-finite logits (NaN or inf)")
             return False
@@ -364,6 +366,11 @@ class Engine:
             return not request.cancelled
         self._emit(request, "finish", reason)
         return False
+
+
+def _finite_rows(logits: Tensor) -> list[bool]:
+    """Per row of (N, V) logits: no NaN and no +inf (one pass for the whole step, one host sync)."""
+    return (~(logits.isnan() | logits.isposinf()).any(dim=1)).tolist()
 
 
 def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:

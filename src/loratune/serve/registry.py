@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from loratune.adapter_io import SAFETENSORS_NAME, read_adapter
+from loratune.adapter_io import SAFETENSORS_NAME, check_finite, read_adapter
 from loratune.config import CONFIG_NAME, LoraConfig
 from loratune.errors import AdapterError, UnsupportedFeatureError
 from loratune.inject import ALL_LINEAR, layer_index, matches, pattern_value
@@ -141,9 +141,7 @@ def _read(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
                        "`loratune merge` and serve the result)")
     if refused:
         raise UnsupportedFeatureError(f"{path / CONFIG_NAME}: the server cannot serve " + "; ".join(refused))
-    for key, t in tensors.items():
-        if t.is_floating_point() and not torch.isfinite(t).all():
-            raise AdapterError(f"{path / SAFETENSORS_NAME}: tensor {key} contains NaN or Inf")
+    check_finite(tensors, source=str(path / SAFETENSORS_NAME))
     return config, tensors
 
 
