@@ -294,3 +294,17 @@ def test_disable_and_enable_adapter_layers_as_peft(tmp_path):
         assert_close(logits(m, x), base)
         m.base_model.enable_adapter_layers()
         assert_close(logits(m, x), with_adapter)
+
+
+def test_a_pissa_adapter_on_a_quantized_base_is_refused_and_the_model_left_as_it_came(tmp_path):
+    from loratune.quant import quantize_model
+
+    trained = loratune.get_peft_model(tiny_model("llama"), loratune.LoraConfig(r=4, target_modules=["q_proj"],
+                                                                               init_lora_weights="pissa"))
+    trained.save_pretrained(str(tmp_path))
+    base = quantize_model(tiny_model("llama"), bits=8)
+    before = {n: p.detach().clone() for n, p in base.state_dict().items()}
+    with pytest.raises(loratune.errors.AdapterError, match="unquantized base"):
+        loratune.PeftModel.from_pretrained(base, str(tmp_path))
+    assert not any("lora_" in n for n, _ in base.named_modules())
+    assert all(torch.equal(before[n], p) for n, p in base.state_dict().items())

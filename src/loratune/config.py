@@ -148,6 +148,12 @@ class LoraConfig:
     peft_type: str = "LORA"
     """Always "LORA"."""
 
+    @property
+    def rewrites_base(self) -> bool:
+        """PiSSA and OLoRA: the init derives A and B from the base weight and rewrites it."""
+        init = self.init_lora_weights
+        return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
+
     def __post_init__(self) -> None:
         if hasattr(self.task_type, "value") and not isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value  # e.g. peft.TaskType.CAUSAL_LM

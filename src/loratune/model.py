@@ -23,7 +23,6 @@ from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError, UnsupportedFeatureError
 from .inject import inject_adapter, resolve_config
 from .layers import BASE_ADAPTER, LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
-from .layers.init import init_from_base
 
 logger = logging.getLogger(__name__)
 
@@ -385,15 +384,18 @@ class LoraModel(nn.Module):
         the saved factors go back over the ones it set, so the loaded model is the trained one.
         """
         adapter_io.load_adapter_tensors(self.model, adapter_name, config.bias, tensors, source=source)
-        method = config.init_lora_weights
-        if isinstance(method, str) and (method.startswith("pissa") or method == "olora"):
-            for layer in self.model.modules():
-                if isinstance(layer, LoraLayer) and adapter_name in layer.r and hasattr(layer, "base_layer"):
-                    saved = [t.detach().clone() for t in merge._get_AB(layer, adapter_name)]
-                    init_from_base(layer, adapter_name, method)
-                    with torch.no_grad():
-                        for t, value in zip(merge._get_AB(layer, adapter_name), saved):
-                            t.copy_(value)
+        if config.rewrites_base:
+            layers = [m for m in self.model.modules() if isinstance(m, LoraLinear) and adapter_name in m.r]
+            if any(getattr(m.base_layer, "is_quantized", False) for m in layers):  # before any base is rewritten
+                raise AdapterError(f"{source}: init_lora_weights={config.init_lora_weights!r} adapters need an "
+                                   "unquantized base (their init rewrites the base weights)")
+            for layer in layers:
+                factors = (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
+                saved = [t.detach().clone() for t in factors]
+                layer.reset_lora_parameters(adapter_name, config.init_lora_weights)  # rewrites W into the residual
+                with torch.no_grad():
+                    for t, value in zip(factors, saved):
+                        t.copy_(value)
         self.peft_config[adapter_name] = replace(self.peft_config[adapter_name],
                                                  init_lora_weights=config.init_lora_weights)
         self._apply_active()

@@ -135,9 +135,8 @@ def _read(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
         refused.append(f"modules_to_save={config.modules_to_save!r} (serving shares one base model)")
     if config.bias != "none":
         refused.append(f"bias={config.bias!r} (trained biases change the shared base layers)")
-    init = config.init_lora_weights
-    if isinstance(init, str) and (init.startswith("pissa") or init == "olora"):
-        refused.append(f"init_lora_weights={init!r} (its factors belong to a rewritten base; merge it with "
+    if config.rewrites_base:
+        refused.append(f"init_lora_weights={config.init_lora_weights!r} (its factors belong to a rewritten base; merge it with "
                        "`loratune merge` and serve the result)")
     if refused:
         raise UnsupportedFeatureError(f"{path / CONFIG_NAME}: the server cannot serve " + "; ".join(refused))

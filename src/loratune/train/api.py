@@ -106,6 +106,7 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
 
 def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from loratune.data import build_datasets, check_vocab
+    from loratune.evaluate import model_vocab_size
     from loratune.loading import load_tokenizer
     from loratune.train.loop import fit
 
@@ -116,7 +117,7 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
     datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed)
     model = build_model(cfg, env)
-    check_vocab(datasets, vocab_size(model))
+    check_vocab(datasets, model_vocab_size(model))
     config_yaml = config_to_yaml(cfg)
     # Only now that model and data are known good does output_dir change.
     if env.is_main:
@@ -180,14 +181,6 @@ def check_output_dir(path: str) -> None:
         return
     where = "is an existing file" if probe == os.path.abspath(path) else f"is inside {probe!r}, which is a file"
     raise ConfigError(f"output_dir {path!r} {where}; choose a directory (it is created if missing)")
-
-
-def vocab_size(model) -> int:
-    """Rows of the model's input embedding (under a wrapper, of the original layer)."""
-    embedding = model.get_base_model().get_input_embeddings()
-    for wrapped in ("base_layer", "original_module"):  # a LoRA embedding, or one in modules_to_save
-        embedding = getattr(embedding, wrapped, embedding)
-    return embedding.weight.shape[0]
 
 
 def build_model(cfg: TrainConfig, env: DistEnv):
