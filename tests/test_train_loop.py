@@ -218,7 +218,16 @@ def test_a_checkpoint_without_a_logging_window_still_resumes(model_dir, data_fil
     result = run(settings(model_dir, data_file, out, max_steps=4, save_steps=3, logging_steps=2,
                           resume_from_checkpoint=True))
     assert result.step == 4 and result.start_step == 3
-    assert _by_step(out)[4] == pytest.approx(losses(out)[-1])
+    # With no stored window the first line after resuming averages step 4 alone: the loss an
+    # uninterrupted run logs for step 4 with logging_steps=1, not the mean of steps 3 and 4.
+    single = _by_step(run_and_return(model_dir, data_file, tmp_path / "single", max_steps=4, logging_steps=1))
+    assert _by_step(out)[4] == pytest.approx(single[4], rel=1e-6)
+    assert single[4] != pytest.approx((single[3] + single[4]) / 2, rel=1e-6)
+
+
+def run_and_return(model_dir, data_file, out, **kw):
+    run(settings(model_dir, data_file, out, **kw))
+    return out
 
 
 def test_resume_into_a_different_shape_or_from_a_corrupt_checkpoint_is_a_clear_error(model_dir, data_file,
