@@ -160,3 +160,12 @@ def test_streamed_pieces_join_to_the_final_text(model_and_tokenizer):
     text = generate_text(model, tok, ids, settings, on_text=pieces.append)
     assert "".join(pieces) == text == generate_text(model, tok, ids, settings)
     assert len(pieces) > 1 and all(pieces)
+
+
+def test_a_tiny_temperature_is_greedy_as_in_the_server():
+    from loratune.generation import GREEDY_BELOW, GenerationSettings
+    from loratune.serve.engine import SamplingParams
+
+    for t in (0.0, 1e-30, GREEDY_BELOW / 2):
+        assert GenerationSettings(temperature=t).greedy and SamplingParams(temperature=t).greedy
+    assert not GenerationSettings(temperature=GREEDY_BELOW).greedy and not SamplingParams(temperature=0.5).greedy

@@ -20,11 +20,13 @@ from transformers import GenerationConfig
 from .errors import ConfigError
 
 MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed accepts
+# Temperatures below this decode greedily (as vLLM does): dividing logits by a tinier one overflows.
+GREEDY_BELOW = 1e-5
 
 
 @dataclass(frozen=True)
 class GenerationSettings:
-    """How to decode: greedy when temperature is 0, else sampling."""
+    """How to decode: greedy when temperature is 0 (or below GREEDY_BELOW), else sampling."""
 
     max_new_tokens: int = 64
     temperature: float = 0.0
@@ -48,7 +50,7 @@ class GenerationSettings:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0
+        return self.temperature < GREEDY_BELOW
 
 
 def check_utf8(text: str, what: str) -> None:

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratune.errors import ConfigError
-from loratune.generation import chat_ids, check_utf8
+from loratune.generation import chat_ids, prompt_ids
 
 from . import protocol as p
 from .registry import RequestError
@@ -124,20 +124,19 @@ def _completion_prompt(state: ServerState, prompt) -> list[int]:
                                param="prompt")
         prompt = prompt[0]
     try:
-        check_utf8(prompt, "prompt")  # JSON escapes can carry lone surrogates; tokenizers cannot encode them
+        return prompt_ids(state.tokenizer, prompt)  # refuses "" and text that is not UTF-8 (JSON can carry it)
     except ConfigError as exc:
         raise RequestError(400, str(exc), param="prompt") from None
-    return state.tokenizer(prompt)["input_ids"]
 
 
 def _chat_prompt(state: ServerState, messages: list[p.ChatMessage]) -> list[int]:
+    if not getattr(state.tokenizer, "chat_template", None):
+        raise RequestError(400, "the base model's tokenizer has no chat template; use /v1/completions",
+                           param="messages")
     conversation = [{"role": m.template_role(), "content": m.text(f"messages[{i}]")} for i, m in enumerate(messages)]
     try:
         return chat_ids(state.tokenizer, conversation)
-    except ConfigError as exc:  # no chat template, or text that is not UTF-8 (JSON can carry lone surrogates)
-        if getattr(state.tokenizer, "chat_template", None) is None:
-            raise RequestError(400, "the base model's tokenizer has no chat template; use /v1/completions",
-                               param="messages") from None
+    except ConfigError as exc:  # text that is not UTF-8 (JSON escapes can carry lone surrogates)
         raise RequestError(400, str(exc), param="messages") from None
     except Exception as exc:  # a template's own raise_exception(), e.g. roles out of order
         raise RequestError(400, f"the chat template rejected the messages: {exc}", param="messages") from None
@@ -153,8 +152,7 @@ async def _respond(state: ServerState, gen: Generation, body, request: Request, 
     gone = asyncio.ensure_future(_disconnected(request))
     try:
         await asyncio.wait({text_task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not text_task.done():  # the client left: stop generating for it
-            text_task.cancel()
+        if not text_task.done():  # the client left: `finally` stops generating for it
             state.metrics.requests.labels(body.model, endpoint, "499").inc()
             return Response(status_code=499)
         text = text_task.result()

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from loratune.generation import GREEDY_BELOW
+
 from .batch_cache import BatchCache, check_cache
 from .lora_rows import RowAdapterWeights, RowLoraLinear, ensure_row_lora, set_rows
 from .registry import PreparedAdapter
@@ -40,10 +42,6 @@ class QueueFullError(Exception):
 
 class EngineStoppedError(Exception):
     """The engine thread is not running (HTTP 503)."""
-
-
-# Temperatures below this decode greedily (as vLLM does): dividing logits by a tinier one overflows.
-GREEDY_BELOW = 1e-5
 
 
 @dataclass
@@ -344,7 +342,7 @@ class Engine:
         finished = [i for i, row in enumerate(rows) if not self._accept(row, logits[i], finite[i])]
         self._finish_rows(finished)
 
-    def _accept(self, row: _Row, logits: Tensor, finite: bool = True) -> bool:
+    def _accept(self, row: _Row, logits: Tensor, finite: bool) -> bool:
         """Sample the row's next token and emit it; return False when the row is finished.
 
         A row whose logits are not finite (an adapter that overflows) fails alone, with an error
