@@ -235,18 +235,12 @@ class LoraConfig:
                 f"{source}: peft_type {data.get('peft_type')!r} is not supported; loratune reads LoRA adapters only"
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs, unknown, refused = {}, [], []
-        for key, value in data.items():
-            if key == "init_lora_weights" and isinstance(value, str) and value not in INIT_METHODS \
-                    and not value.startswith("pissa_niter_"):
-                refused.append(f"{key}={value!r}")  # PEFT's loftq, eva, corda, ...: other base weights
-            elif key in known:
-                kwargs[key] = value
-            elif key in UNSUPPORTED_FIELDS:
-                if not any(value == off for off in UNSUPPORTED_FIELDS[key]):
-                    refused.append(f"{key}={value!r}")
-            elif key not in IGNORED_FIELDS:
-                unknown.append(key)
+        kwargs, refused = _split_peft_only(data)
+        init = kwargs.get("init_lora_weights")
+        if isinstance(init, str) and init not in INIT_METHODS and not init.startswith("pissa_niter_"):
+            refused.insert(0, f"init_lora_weights={init!r}")  # PEFT's loftq, eva, corda, ...: other base weights
+        unknown = [k for k in kwargs if k not in known]
+        kwargs = {k: v for k, v in kwargs.items() if k in known}
         if refused:
             raise UnsupportedFeatureError(
                 f"{source}: uses PEFT features loratune does not support: {', '.join(refused)}"
@@ -290,16 +284,23 @@ class LoraConfig:
 _dataclass_init = LoraConfig.__init__
 
 
+def _split_peft_only(fields: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Drop PEFT's fields loratune does not implement: (the other fields, "name=value" of those
+    switched on, which callers refuse by name). Off values and behaviour-free fields go silently."""
+    refused = [f"{k}={v!r}" for k, v in fields.items()
+               if k in UNSUPPORTED_FIELDS and not any(v == off for off in UNSUPPORTED_FIELDS[k])]
+    kept = {k: v for k, v in fields.items()
+            if k not in UNSUPPORTED_FIELDS and (k not in IGNORED_FIELDS or k == "peft_type")}
+    return kept, refused
+
+
 def _init_accepting_peft_fields(self, *args, **kwargs) -> None:
     """LoraConfig(...) also takes PEFT's fields that loratune does not implement, as PEFT code passes
     them, at their off values (`lora_bias=False`, `layer_replication=None`, ...); switched on, they
     are refused by name (UnsupportedFeatureError), never a TypeError."""
-    refused = [f"{k}={kwargs[k]!r}" for k in kwargs if k in UNSUPPORTED_FIELDS
-               and not any(kwargs[k] == off for off in UNSUPPORTED_FIELDS[k])]
+    kwargs, refused = _split_peft_only(kwargs)
     if refused:
         raise UnsupportedFeatureError(f"LoraConfig: uses PEFT features loratune does not support: {', '.join(refused)}")
-    for key in [k for k in kwargs if k in UNSUPPORTED_FIELDS or k in IGNORED_FIELDS - {"peft_type"}]:
-        del kwargs[key]
     _dataclass_init(self, *args, **kwargs)
 
 
