@@ -242,7 +242,8 @@ def test_config_takes_peft_fields_at_their_off_values_and_peft_task_types():
 def test_pruning_combinations_are_refused_by_name():
     model = build(loratune, "llama", dict(target_modules=["q_proj"]), "a")
     model.add_adapter("b", loratune.LoraConfig(r=2, target_modules=["q_proj"]))
-    for kw in (dict(combination_type="ties", density=0.5), dict(combination_type="svd", density=0.5)):
+    for kw in (dict(combination_type="ties", density=0.5), dict(combination_type="svd", density=0.5),
+               dict(combination_type="svd", majority_sign_method="frequency")):
         with pytest.raises(loratune.errors.UnsupportedFeatureError):
             model.add_weighted_adapter(["a", "b"], [1, 1], "ab", **kw)
 

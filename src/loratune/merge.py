@@ -64,12 +64,14 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     Takes PEFT's arguments: `svd_clamp` clamps the SVD factors to the given quantile of their values,
     `svd_driver` goes to torch.linalg.svd, and `svd_full_matrices` is accepted but has no effect (the
     factors are truncated to the rank either way, so the reduced SVD is always used). PEFT's pruning
-    combinations (ties, dare, magnitude_prune) and their `density` are refused by name.
+    combinations (ties, dare, magnitude_prune) and their `density` / `majority_sign_method` are refused by name.
     """
-    if combination_type in PEFT_ONLY_COMBINATIONS or density is not None:
-        what = f"combination_type={combination_type!r}" if combination_type in PEFT_ONLY_COMBINATIONS \
-            else f"density={density!r}"
-        raise UnsupportedFeatureError(f"add_weighted_adapter: {what} is not supported; use one of {COMBINATIONS}")
+    refused = [f"combination_type={combination_type!r}"] if combination_type in PEFT_ONLY_COMBINATIONS else []
+    refused += [f"density={density!r}"] if density is not None else []
+    refused += [f"majority_sign_method={majority_sign_method!r}"] if majority_sign_method != "total" else []
+    if refused:  # PEFT's pruning combinations and their options
+        raise UnsupportedFeatureError(f"add_weighted_adapter: {', '.join(refused)} is not supported; "
+                                      f"use one of {COMBINATIONS}")
     problems = []
     if svd_clamp is not None and not 0 < svd_clamp <= 1:
         problems.append(f"svd_clamp must be in (0, 1], got {svd_clamp!r}")
@@ -105,7 +107,7 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
         layer.update_layer(adapter_name, r=ranks[path], lora_alpha=ranks[path], lora_dropout=first.lora_dropout,
                            init_lora_weights=True, use_rslora=False, use_dora=False)
         A, B = _combine(layer, adapters, weights, combination_type, ranks[path],
-                        svd=dict(clamp=svd_clamp, driver=svd_driver))
+                        clamp=svd_clamp, driver=svd_driver)
         new_A, new_B = _get_AB(layer, adapter_name)
         with torch.no_grad():
             new_A.copy_(A.reshape(new_A.shape))
@@ -127,7 +129,7 @@ def _combined_rank(path: str, layer: LoraLayer, adapters: list[str], combination
 
 
 def _combine(layer: LoraLayer, adapters: list[str], weights: list[float], combination_type: str,
-             rank: int, svd: dict | None = None) -> tuple[Tensor, Tensor]:
+             rank: int, clamp: float | None = None, driver: str | None = None) -> tuple[Tensor, Tensor]:
     """Return the new (A, B) for one layer, flattened to (R, -1) and (-1, R)."""
     pairs = []
     for name, w in zip(adapters, weights):
@@ -142,12 +144,11 @@ def _combine(layer: LoraLayer, adapters: list[str], weights: list[float], combin
         B = sum(math.sqrt(abs(ws)) * B for _, B, ws in pairs)
         return A, B
     delta = sum(ws * (B @ A) for A, B, ws in pairs)  # (out, in*k) or (dim, vocab)
-    svd = svd or {}
-    U, S, Vh = torch.linalg.svd(delta, full_matrices=False, driver=svd.get("driver"))
+    U, S, Vh = torch.linalg.svd(delta, full_matrices=False, driver=driver)
     k = min(rank, S.numel())
     A, B = Vh[:k], U[:, :k] * S[:k]
-    if svd.get("clamp") is not None:  # PEFT's clamp: both factors to the quantile of all their values
-        high = torch.quantile(torch.cat([B.flatten(), A.flatten()]), svd["clamp"])
+    if clamp is not None:  # PEFT's clamp: both factors to the quantile of all their values
+        high = torch.quantile(torch.cat([B.flatten(), A.flatten()]), clamp)
         A, B = A.clamp(-high, high), B.clamp(-high, high)
     return _pad_rank(A, B, rank)
 
