@@ -85,9 +85,11 @@ def build_datasets(cfg: DataConfig, tokenizer, seed: int = 0) -> DatasetBundle:
 def check_vocab(bundle: DatasetBundle, vocab_size: int) -> None:
     """Raise DataError naming the rows whose token ids or labels are outside [0, vocab_size).
 
-    Tokenized text is always inside the vocabulary; pre-tokenized rows ("input_ids") may not be,
-    and the model only knows its size once loaded. Past it, the embedding fails deep inside the
-    forward (on GPU with a device-side assert) and a label past it has no logit to train.
+    Pre-tokenized rows ("input_ids") can hold any id, and text tokenized by a tokenizer with more
+    tokens than the model's embedding (added tokens, a mismatched tokenizer) can too; the model only
+    knows its size once loaded, so every row is checked then (one max per row). Past it, the
+    embedding fails deep inside the forward (on GPU with a device-side assert) and a label past it
+    has no logit to train.
     """
     problems = []
     for examples, wheres in ((bundle.train, bundle.wheres), (bundle.eval or [], bundle.eval_wheres)):
