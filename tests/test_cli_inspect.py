@@ -74,4 +74,4 @@ def test_broken_adapters_are_rejected_with_the_reason(tmp_path, capsys):
 def test_a_file_is_not_an_adapter_directory(tmp_path, capsys):
     (tmp_path / "weights.safetensors").write_bytes(b"x")
     assert main(["inspect", str(tmp_path / "weights.safetensors")]) == 2
-    assert "weights.safetensors: is a file, not a directory" in capsys.readouterr().err
+    assert "weights.safetensors: is a file, not an adapter directory" in capsys.readouterr().err

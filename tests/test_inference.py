@@ -100,11 +100,11 @@ def test_bad_inputs_raise_named_errors(tmp_path):
 
 def test_a_file_given_as_the_adapter_is_named_as_a_file(tmp_path, model_dir):
     path = save_tiny_adapter(tmp_path / "a", model_dir)
-    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: is a file, not a directory; did you mean "
+    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: is a file, not an adapter directory; did you mean "
                                            rf"its directory {path}\?"):
         load_model(adapter=os.path.join(path, "adapter_model.safetensors"))
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(AdapterError, match="notes.txt: is a file, not a directory; pass the adapter directory"):
+    with pytest.raises(AdapterError, match="notes.txt: is a file, not an adapter directory; pass the adapter directory"):
         load_model(adapter=str(tmp_path / "notes.txt"))
 
 

@@ -107,7 +107,7 @@ def test_nan_and_inf_tensors_are_problems(tmp_path):
 
 def test_a_file_given_as_the_adapter_is_named_as_a_file(tmp_path):
     path = write_adapter(tmp_path / "a", LoraConfig(r=2), {"m.q_proj": 2})
-    with pytest.raises(AdapterError, match="adapter_config.json: is a file, not a directory; did you mean its "
+    with pytest.raises(AdapterError, match="adapter_config.json: is a file, not an adapter directory; did you mean its "
                                            "directory"):
         summarize_adapter(os.path.join(path, "adapter_config.json"))
 

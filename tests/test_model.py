@@ -448,3 +448,11 @@ def test_save_pretrained_takes_peft_keyword_arguments(tmp_path, caplog):
     assert (tmp_path / "a" / "adapter_model.safetensors").exists() and "save_embedding_layers=True" in caplog.text
     with pytest.raises(UnsupportedFeatureError, match="path_initial_model_for_weight_conversion"):
         model.save_pretrained(str(tmp_path / "b"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+
+
+def test_from_pretrained_on_an_adapter_file_names_its_directory(tmp_path):
+    from loratune.errors import AdapterError
+
+    get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"])).save_pretrained(str(tmp_path))
+    with pytest.raises(AdapterError, match="is a file, not an adapter directory; did you mean its directory"):
+        PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "adapter_model.safetensors"))

@@ -115,8 +115,11 @@ def resolve_adapter_file(path: str, filename: str, *, subfolder: str | None = No
     if os.path.isdir(path):
         candidate = os.path.join(local_dir, filename)
         return candidate if os.path.isfile(candidate) else None
-    if os.path.exists(path):
-        raise AdapterError(f"{path}: not an adapter directory")
+    if os.path.exists(path):  # a file: most often one of the adapter's own files
+        parent = os.path.dirname(os.path.abspath(path))
+        hint = (f"did you mean its directory {parent}?" if os.path.isfile(os.path.join(parent, CONFIG_NAME))
+                else f"pass the adapter directory (the one holding {CONFIG_NAME})")
+        raise AdapterError(f"{path}: is a file, not an adapter directory; {hint}")
     if not _HUB_ID.fullmatch(path):
         raise AdapterError(f"{path}: no such adapter directory")
     try:

@@ -18,7 +18,7 @@ import yaml
 from torch import nn
 
 from .adapter_io import check_finite, read_adapter
-from .config import CONFIG_NAME, LoraConfig
+from .config import LoraConfig
 from .errors import AdapterError, ConfigError
 
 logger = logging.getLogger(__name__)
@@ -151,28 +151,14 @@ def load_model(model_name_or_path: str | None = None, adapter: str | None = None
 
 
 def check_adapter_path(adapter: str) -> None:
-    """Refuse a local adapter path that is a file or does not exist (a hub id "org/name" passes).
+    """Refuse a local-looking adapter path that does not exist before anything else loads (a hub id
+    "org/name" passes; a file given instead of the directory is refused by `read_adapter`).
 
     Raises:
         AdapterError: naming the path.
     """
-    refuse_file(adapter)
-    if not os.path.isdir(adapter) and _looks_local(adapter):
+    if not os.path.exists(adapter) and _looks_local(adapter):
         raise AdapterError(f"{adapter}: adapter directory does not exist")
-
-
-def refuse_file(adapter: str) -> None:
-    """Refuse an adapter path that is a file, naming the directory to pass instead when it is an adapter's file.
-
-    Raises:
-        AdapterError: naming the path.
-    """
-    if not os.path.exists(adapter) or os.path.isdir(adapter):
-        return
-    parent = os.path.dirname(os.path.abspath(adapter))
-    hint = (f"; did you mean its directory {parent}?" if os.path.isfile(os.path.join(parent, CONFIG_NAME))
-            else f"; pass the adapter directory (the one holding {CONFIG_NAME})")
-    raise AdapterError(f"{adapter}: is a file, not a directory{hint}")
 
 
 def _looks_local(path: str) -> bool:

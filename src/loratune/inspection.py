@@ -18,7 +18,6 @@ from torch import Tensor
 
 from .adapter_io import BIN_NAME, PREFIX, SAFETENSORS_NAME, nonfinite_keys, read_adapter
 from .config import CONFIG_NAME, LoraConfig
-from .inference import refuse_file
 from .inject import ALL_LINEAR, matches, pattern_value
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md")
@@ -101,7 +100,6 @@ def summarize_adapter(path: str) -> AdapterSummary:
     Raises:
         AdapterError / UnsupportedFeatureError / ConfigError: as `read_adapter` (missing or corrupt files).
     """
-    refuse_file(path)
     config, tensors = read_adapter(path)
     modules: dict[str, ModuleInfo] = {}
     dora, extra = [], []
