@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 from .atomic import atomic_directory
 from .errors import ConfigError
+from .evaluate import model_vocab_size
 from .loading import parse_dtype
 
 logger = logging.getLogger(__name__)
@@ -131,7 +132,7 @@ def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
     if not hasattr(loaded.model, "merge_and_unload"):
         raise ConfigError("merging needs an adapter (--adapter DIR)")
     check_output_dir(output_dir, loaded.adapter_dir)
-    probe = probe_batch(loaded.tokenizer, loaded.model.get_base_model().config.vocab_size)
+    probe = probe_batch(loaded.tokenizer, model_vocab_size(loaded.model))  # the embedding's rows, resized or not
     reference = logits_of(loaded.model, probe)
     reference_name = "the adapter model" + (f" on its {loaded.quantized} base" if loaded.quantized else "")
     merged = _merge(loaded)
