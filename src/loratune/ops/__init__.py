@@ -2,6 +2,7 @@
 
   attention       per-example causal attention for packed rows (a blocked bmm kernel on CPU)
   cross_entropy   chunked cross-entropy over the LM head (never holds the full logits)
+  gemm            matrix products split in row halves or column pieces where that is faster
   lora_linear     fused LoRA linear autograd node for a frozen base
   rms_norm        Llama-style RMSNorm with a frozen weight, keeping no fp32 copy for backward
   runtime         process-wide CPU settings the trainer applies (denormals, threads)

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from loratune.ops.gemm import matmul
+
 # Rows per chunk are chosen so one chunk's logits (head dtype) stay near this many bytes: 512 rows of
 # a 49152-token bf16 vocabulary. Head products with 512 rows run ~15-30% faster than with 170.
 CHUNK_BYTES = 48 * 2**20
@@ -67,12 +69,12 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
             stop = min(start + chunk_rows, n_rows)
             h = hidden[start:stop].to(weight.dtype)  # (C, D)
             t = targets[start:stop]  # (C,)
-            d = F.linear(h, weight, bias)  # (C, V) logits in the head dtype, then their gradient
+            d = matmul(h, weight.t(), bias)  # (C, V) logits in the head dtype, then their gradient
             total += _loss_and_grad_(d, t, with_grad=need_h or need_w or need_b)
             if not (need_h or need_w or need_b):
                 continue
             if need_h and grad_h.dtype == weight.dtype:
-                torch.mm(d, weight, out=grad_h[start:stop])
+                matmul(d, weight, out=grad_h[start:stop])
             elif need_h:
                 grad_h[start:stop] = (d @ weight).to(hidden.dtype)
             if need_w:

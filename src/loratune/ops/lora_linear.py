@@ -4,8 +4,12 @@
 (base linear plus an fp32 low-rank branch, the way an unfused LoraLinear computes it).
 
 What the fused node does differently:
-- saves only x (already alive as the caller's input; no copy), h = x A^T (N x R, small) and
-  references to the weights; the reference also keeps an fp32 copy of x for A's gradient;
+- saves only x (already alive as the caller's input; no copy), h = x A^T (N x R, small), the
+  factors as cast for the products (small; backward does not cast them again) and references to
+  the weights; the reference also keeps an fp32 copy of x for A's gradient;
+- runs the two frozen-weight products (x W^T forward, g W backward) through `ops.gemm.matmul`,
+  which splits a product into row halves where oneDNN would run it on one thread (bitwise the
+  same result);
 - never forms B @ A and never copies or casts the frozen weight; only the rank-R factors are cast
   (R x in and out x R, tiny) to the input's dtype, so a bf16 base runs all products in bf16
   (fp32 accumulation inside the kernels) and the fp32 gradients of A and B are cast back from them,
@@ -36,6 +40,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loratune.ops import fast_paths_enabled
+from loratune.ops.gemm import matmul
 
 
 def lora_linear_reference(
@@ -68,25 +73,25 @@ class _LoraLinearFn(torch.autograd.Function):
         xl = x2 if x_lora is None else x_lora.reshape(x2.shape)
         a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)  # rank-R factors only; the base is never cast
         h = xl @ a.t()  # (N, R)
-        y = F.linear(x2, w, bias)  # (N, out)
+        y = matmul(x2, w.t(), bias)  # (N, out), in row halves where that is faster (ops.gemm)
         y.addmm_(h, b.t(), alpha=scaling)
-        ctx.save_for_backward(xl, weight, lora_A, lora_B, h)
+        # The cast factors too (small): backward reuses them instead of casting again.
+        ctx.save_for_backward(xl, weight, lora_A, lora_B, h, a, b)
         ctx.scaling, ctx.fan_in_fan_out, ctx.separate = scaling, fan_in_fan_out, x_lora is not None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        xl, weight, lora_A, lora_B, h = ctx.saved_tensors
+        xl, weight, lora_A, lora_B, h, a, b = ctx.saved_tensors
         s = ctx.scaling
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
         need_xl = ctx.needs_input_grad[7]
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(xl.dtype)  # (N, out)
-        a, b = lora_A.to(xl.dtype), lora_B.to(xl.dtype)
         g_h = g @ b  # (N, R): gradient of h, before scaling
         grad_x = grad_xl = grad_a = grad_b = None
         if need_x:
             w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
-            grad_x = g @ w  # (N, in)
+            grad_x = matmul(g, w)  # (N, in)
             if ctx.separate:
                 grad_xl = (g_h @ a).mul_(s) if need_xl else None
             else:

@@ -1,0 +1,142 @@
+"""Matrix products split into pieces where that is faster: a work-around for oneDNN's threading.
+
+On a 2-core AMX Xeon (torch 2.13, oneDNN brgemm) some bf16 products run far below the machine's
+rate, and the same product in two or three calls does not:
+- 768 or 1024 rows with 576 output columns run on one thread: (1024, 576) @ (576, 576) takes
+  0.50 ms with one thread and 0.53 with two, its two 512-row halves 0.31 ms in all; (1024, 1536) @
+  (1536, 576) 1.54 ms whole, 0.84-0.90 ms in halves. With 512 or 2048 rows both threads work.
+- the LM head, (512, 576) @ (576, 49152), takes 30 ms whole and 13 ms as three 16384-column
+  pieces; its backward, (512, 49152) @ (49152, 576), 30 ms whole and 18 ms in row halves.
+Which shapes are hit depends on the CPU and the library's heuristics, so nothing here is
+hard-coded. The first time a shape is seen (rows rounded to 32, the operands' layout, dtype and
+thread count), `matmul` runs it whole and in each split way once, and keeps in the running only the
+ways that are bitwise equal to the whole product (the same sums in the same order). The next
+products of that shape take turns among those ways, each timed on real work, until each has
+`TRIALS` timings; the shape then keeps the fastest way if its best time is at least 10% below the
+whole product's, else the whole product. The choice is cached for the process.
+
+The ways: "whole"; "rows", two halves of the rows (at least `MIN_ROWS` rows); "cols", two or more
+equal column pieces of at most `PIECE_COLS` (at least `WIDE` columns). `matmul_reference` is the plain product.
+Only CPU half-precision products are considered (fp32 and other devices always run whole), and
+inside `loratune.ops.reference_paths()` everything runs whole.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from loratune.ops import fast_paths_enabled
+
+MIN_ROWS = 512  # fewer rows: a row split cannot pay for the second call
+WIDE = 8192  # at least this many output columns: try column pieces
+PIECE_COLS = 16384  # the widest column piece (a 512 x 16384 bf16 block is 16 MiB)
+BUCKET = 32  # rows are rounded to this for the cache key: nearby row counts behave alike
+GAIN = 0.9  # a split must take at most this fraction of the whole product's best time
+TRIALS = 4  # timed products of each kind before a shape's decision
+_HALF_DTYPES = (torch.bfloat16, torch.float16)
+_LOCK = threading.Lock()
+
+
+@dataclass
+class _Plan:
+    """What is known about one shape: the ways to run it, their timings so far, then the choice."""
+
+    ways: tuple[str, ...]  # "whole" first, then the splits worth trying
+    times: dict[str, list[float]] = field(default_factory=dict)
+    choice: str | None = None  # None while still timing
+
+
+_PLANS: dict[tuple, _Plan] = {}
+
+
+def matmul_reference(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """Return a @ b (+ bias): a (M, K), b (K, N), bias (N,) or None; written into `out` if given."""
+    if bias is None:
+        return torch.mm(a, b) if out is None else torch.mm(a, b, out=out)
+    return torch.addmm(bias, a, b) if out is None else torch.addmm(bias, a, b, out=out)
+
+
+def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None = None) -> Tensor:
+    """Return the same (M, N) product as `matmul_reference`, split where that is faster."""
+    ways = _ways(a, b)
+    if not ways:
+        return matmul_reference(a, b, bias, out)
+    key = _key(a, b, bias)
+    plan = _PLANS.get(key)
+    if plan is None:
+        with _LOCK:
+            plan = _PLANS.setdefault(key, _Plan(("whole", *ways)))
+        whole = matmul_reference(a, b, bias, out)
+        # Only ways that sum in the same order as the whole product stay in the running.
+        plan.ways = ("whole", *(w for w in ways if torch.equal(whole, _run(w, a, b, bias, None))))
+        if len(plan.ways) == 1:
+            plan.choice = "whole"
+        return whole
+    if plan.choice is not None:
+        return _run(plan.choice, a, b, bias, out)
+    return _trial(plan, a, b, bias, out)
+
+
+def _trial(plan: _Plan, a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    """Run the way with the fewest timings so far, record its time, choose once all have TRIALS."""
+    way = min(plan.ways, key=lambda w: len(plan.times.get(w, ())))
+    start = time.perf_counter()
+    result = _run(way, a, b, bias, out)
+    plan.times.setdefault(way, []).append(time.perf_counter() - start)
+    if all(len(plan.times.get(w, ())) >= TRIALS for w in plan.ways):
+        plan.choice = choose(plan.times)
+    return result
+
+
+def choose(times: dict[str, list[float]]) -> str:
+    """The fastest way by best time, if it beats the whole product by the GAIN margin, else "whole"."""
+    best = min(times, key=lambda w: min(times[w]))
+    return best if min(times[best]) <= GAIN * min(times["whole"]) else "whole"
+
+
+def _ways(a: Tensor, b: Tensor) -> tuple[str, ...]:
+    """The splits worth timing for this product (none: always run it whole)."""
+    if not (a.device.type == "cpu" and a.dtype in _HALF_DTYPES and a.dim() == 2 and b.dim() == 2
+            and fast_paths_enabled()):
+        return ()
+    return (("rows",) if a.shape[0] >= MIN_ROWS else ()) + (("cols",) if b.shape[1] >= WIDE else ())
+
+
+def _key(a: Tensor, b: Tensor, bias: Tensor | None) -> tuple:
+    rows = -(-a.shape[0] // BUCKET) * BUCKET
+    return (rows, a.shape[1], b.shape[1], a.stride(), b.stride(), a.dtype, bias is not None,
+            torch.get_num_threads())
+
+
+def _run(way: str, a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
+    if way == "whole":
+        return matmul_reference(a, b, bias, out)
+    if out is None:
+        out = torch.empty(a.shape[0], b.shape[1], dtype=a.dtype, device=a.device)
+    if way == "rows":  # two halves of the rows
+        half = a.shape[0] // 2
+        for rows in (slice(0, half), slice(half, None)):
+            matmul_reference(a[rows], b, bias, out[rows])
+        return out
+    n = b.shape[1]  # "cols": two or more equal pieces of at most PIECE_COLS output columns
+    width = -(-n // max(2, -(-n // PIECE_COLS)))
+    for c in range(0, n, width):
+        cols = slice(c, c + width)
+        matmul_reference(a, b[:, cols], None if bias is None else bias[cols], out[:, cols])
+    return out
+
+
+def plans() -> dict[tuple, str | None]:
+    """The choices so far (for logs and tests): shape key -> "whole", "rows" or "cols" (None: timing)."""
+    return {key: plan.choice for key, plan in _PLANS.items()}
+
+
+def clear_plans() -> None:
+    """Forget every choice (the next products of each shape are timed again)."""
+    with _LOCK:
+        _PLANS.clear()

@@ -1,0 +1,73 @@
+"""Split products against the plain product: always bitwise equal, and the choice logic."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from loratune.ops import gemm, reference_paths
+from loratune.ops.gemm import matmul, matmul_reference
+
+
+@pytest.fixture(autouse=True)
+def fresh_plans():
+    gemm.clear_plans()
+    yield
+    gemm.clear_plans()
+
+
+def operands(rows, k, n, transposed, bias, dtype=torch.bfloat16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(rows, k, generator=g).to(dtype)
+    b = torch.randn(n, k, generator=g).to(dtype).t() if transposed else torch.randn(k, n, generator=g).to(dtype)
+    c = torch.randn(n, generator=g).to(dtype) if bias else None
+    return a, b, c
+
+
+@pytest.mark.parametrize("rows,k,n", [(1024, 576, 576), (1024, 1536, 576), (1000, 576, 192), (2048, 192, 576),
+                                      (64, 64, 8192 + 96), (512, 64, 9000)])
+@pytest.mark.parametrize("transposed", [True, False])
+@pytest.mark.parametrize("bias", [False, True])
+def test_every_call_is_bitwise_the_plain_product(rows, k, n, transposed, bias):
+    a, b, c = operands(rows, k, n, transposed, bias)
+    expected = matmul_reference(a, b, c)
+    out = torch.empty_like(expected)
+    for i in range(3 * gemm.TRIALS + 2):  # the first call, the timed trials, then the chosen way
+        assert torch.equal(matmul(a, b, c), expected)
+        if i % 2:
+            out.zero_()
+            assert matmul(a, b, c, out=out) is out and torch.equal(out, expected)
+    assert list(gemm.plans().values()) in (["whole"], ["rows"], ["cols"])  # chosen, one entry per shape
+
+
+def test_small_fp32_and_reference_products_are_never_planned():
+    a, b, _ = operands(gemm.MIN_ROWS - 1, 64, 64, True, False)
+    matmul(a, b)
+    a32, b32, _ = operands(1024, 64, 64, True, False, dtype=torch.float32)
+    assert torch.equal(matmul(a32, b32), a32 @ b32)
+    big, bb, _ = operands(1024, 64, 64, True, False)
+    with reference_paths():
+        matmul(big, bb)
+    assert gemm.plans() == {}
+
+
+def test_halves_that_are_not_bitwise_equal_are_never_used(monkeypatch):
+    real = gemm._run
+    monkeypatch.setattr(gemm, "_run", lambda way, *args: real(way, *args).add_(way != "whole"))  # wrong
+    a, b, _ = operands(1024, 64, 9000, True, False)
+    for _ in range(3 * gemm.TRIALS + 2):
+        assert torch.equal(matmul(a, b), a @ b)
+    assert list(gemm.plans().values()) == ["whole"]
+
+
+def test_the_choice_needs_a_clear_gain():
+    assert gemm.choose({"whole": [1.0, 1.2], "rows": [0.85, 0.9], "cols": [0.88]}) == "rows"
+    assert gemm.choose({"whole": [1.0, 1.2], "rows": [0.95, 0.91]}) == "whole"  # within noise
+    assert gemm.choose({"whole": [1.0], "cols": [1.5]}) == "whole"
+
+
+def test_nearby_row_counts_share_a_decision():
+    for rows in (1000, 1010, 1024):
+        a, b, _ = operands(rows, 64, 64, True, False)
+        matmul(a, b)
+    assert len(gemm.plans()) == 1
