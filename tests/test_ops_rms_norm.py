@@ -26,8 +26,24 @@ def norm_and_input(dtype, seed=0):
     return norm, x
 
 
+def ulp_close(actual, expected):
+    """Equal up to one unit in the last place of the dtype (a row summed in another order)."""
+    step = torch.finfo(expected.dtype).eps * expected.abs().float().clamp_min(torch.finfo(expected.dtype).tiny)
+    assert ((actual.float() - expected.float()).abs() <= step).all()
+
+
+@pytest.fixture
+def eager_kernels(monkeypatch):
+    import loratune.ops.compiled as compiled
+
+    monkeypatch.setitem(compiled._STATE, "enabled", False)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_llama_forward_and_backward(dtype):
+@pytest.mark.parametrize("kernels", ["eager", "compiled"])
+def test_rms_norm_matches_llama_forward_and_backward(dtype, kernels, request):
+    if kernels == "eager":
+        request.getfixturevalue("eager_kernels")
     norm, x0 = norm_and_input(dtype)
     grad = torch.randn(x0.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
     results = []
@@ -38,8 +54,50 @@ def test_rms_norm_matches_llama_forward_and_backward(dtype):
         results.append((y.detach(), x.grad))
     (y, gx), (y_ref, gx_ref) = results
     assert y.dtype == y_ref.dtype and gx.dtype == gx_ref.dtype == dtype
-    assert torch.equal(y, y_ref)  # the same operations in the same order
+    if kernels == "eager" or dtype == torch.float32:  # fp32 always runs the eager ops
+        assert torch.equal(y, y_ref)  # the same operations in the same order
+    else:
+        ulp_close(y, y_ref)  # the compiled kernel may sum a row in another order
+    assert not torch.equal(y, x0)  # not vacuous: the norm changed its input
     torch.testing.assert_close(gx, gx_ref, **TOL[dtype])
+
+
+def test_bf16_kernels_are_compiled_and_agree_with_the_eager_ops_on_training_shapes():
+    import loratune.ops.compiled as compiled
+    import loratune.ops.rms_norm as module
+
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, 1000, 576, generator=g).to(torch.bfloat16)
+    weight = (torch.rand(576, generator=g) + 0.5).to(torch.bfloat16)
+    grad = torch.randn(x.shape, generator=g).to(torch.bfloat16)
+    y, inv = module._forward_kernel(x, weight, 1e-5)
+    y_eager, inv_eager = module._forward_math(x, weight, 1e-5)
+    assert compiled.enabled()  # the kernel did not fall back
+    ulp_close(y, y_eager)
+    torch.testing.assert_close(inv, inv_eager, rtol=1e-6, atol=0)
+    grad_x = module._backward_kernel(x, weight, inv_eager, grad)
+    torch.testing.assert_close(grad_x, module._backward_math(x, weight, inv_eager, grad), **TOL[torch.bfloat16])
+
+
+def test_a_kernel_that_cannot_compile_falls_back_to_the_eager_ops(monkeypatch, caplog):
+    import loratune.ops.compiled as compiled
+
+    monkeypatch.setitem(compiled._STATE, "enabled", True)
+
+    def broken(fn, **kwargs):
+        def kernel(*args):
+            raise RuntimeError("no C++ compiler")
+        return kernel
+
+    monkeypatch.setattr(torch, "compile", broken)
+    double = compiled.compiled(lambda t: t * 2)
+    x = torch.arange(4.0)
+    with caplog.at_level("WARNING", logger="loratune.ops.compiled"):
+        assert torch.equal(double(x), x * 2)
+        assert torch.equal(double(x), x * 2)
+    assert not compiled.enabled()
+    assert [r.getMessage() for r in caplog.records if "switched off" in r.getMessage()][0].count("no C++ compiler") == 1
+    assert len([r for r in caplog.records if "switched off" in r.getMessage()]) == 1  # said once
 
 
 def test_rms_norm_input_untouched_in_fp32():
