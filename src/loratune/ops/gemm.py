@@ -6,24 +6,27 @@ rate, and the same product in two or three calls does not:
   0.50 ms with one thread and 0.53 with two, its two 512-row halves 0.31 ms in all; (1024, 1536) @
   (1536, 576) 1.54 ms whole, 0.84-0.90 ms in halves. With 512 or 2048 rows both threads work.
 - the LM head, (512, 576) @ (576, 49152), takes 30 ms whole and 13 ms as three 16384-column
-  pieces; its backward, (512, 49152) @ (49152, 576), 30 ms whole and 18 ms in row halves.
+  pieces. Its backward, (512, 49152) @ (49152, 576), takes 30 ms whole and 18-20 ms split, but no
+  split of it is bitwise equal to the whole product, so it runs whole.
 Which shapes are hit depends on the CPU and the library's heuristics, so nothing here is
-hard-coded. The first time a shape is seen (rows rounded to 32, the operands' layout, dtype and
-thread count), `matmul` runs it whole and in each split way once, and keeps in the running only the
-ways that are bitwise equal to the whole product (the same sums in the same order). The next
-products of that shape take turns among those ways, each timed on real work, until each has
-`TRIALS` timings; the shape then keeps the fastest way if its best time is at least 10% below the
-whole product's, else the whole product. The choice is cached for the process.
+hard-coded. The first product with a given row count (and the operands' layout, dtype and thread
+count), `matmul` runs whole and in each split way once, and notes the ways that are bitwise equal to
+the whole product at that row count (the same sums in the same order; it depends on the shape, not
+on the data). The next products of the shape (rows rounded to 32) take turns among those ways, each
+timed on real work, until each has `TRIALS` timings; the shape then keeps the fastest way if its
+best time is at least 10% below the whole product's, else the whole product. A row count where the
+chosen way is not bitwise equal runs whole. So a choice, which depends on timing, never changes a
+result. Choices are cached for the process.
 
 The ways: "whole"; "rows", two halves of the rows (at least `MIN_ROWS` rows); "cols", two or more
-equal column pieces of at most `PIECE_COLS` (at least `WIDE` columns). `matmul_reference` is the plain product.
+equal column pieces of at most `PIECE_COLS` (at least `WIDE` columns). `matmul_reference` is the
+plain product.
 Only CPU half-precision products are considered (fp32 and other devices always run whole), and
 inside `loratune.ops.reference_paths()` everything runs whole.
 """
 
 from __future__ import annotations
 
-import threading
 import time
 from dataclasses import dataclass, field
 
@@ -39,14 +42,13 @@ BUCKET = 32  # rows are rounded to this for the cache key: nearby row counts beh
 GAIN = 0.9  # a split must take at most this fraction of the whole product's best time
 TRIALS = 4  # timed products of each kind before a shape's decision
 _HALF_DTYPES = (torch.bfloat16, torch.float16)
-_LOCK = threading.Lock()
 
 
 @dataclass
 class _Plan:
-    """What is known about one shape: the ways to run it, their timings so far, then the choice."""
+    """What is known about one shape: which ways are exact at which row count, timings, the choice."""
 
-    ways: tuple[str, ...]  # "whole" first, then the splits worth trying
+    exact: dict[int, tuple[str, ...]] = field(default_factory=dict)  # rows -> ways bitwise equal to whole
     times: dict[str, list[float]] = field(default_factory=dict)
     choice: str | None = None  # None while still timing
 
@@ -67,29 +69,29 @@ def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None 
     if not ways:
         return matmul_reference(a, b, bias, out)
     key = _key(a, b, bias)
-    plan = _PLANS.get(key)
-    if plan is None:
-        with _LOCK:
-            plan = _PLANS.setdefault(key, _Plan(("whole", *ways)))
+    plan = _PLANS.get(key) or _PLANS.setdefault(key, _Plan())
+    rows = a.shape[0]
+    exact = plan.exact.get(rows)
+    if exact is None:  # first product with this many rows: which splits sum in the same order?
         whole = matmul_reference(a, b, bias, out)
-        # Only ways that sum in the same order as the whole product stay in the running.
-        plan.ways = ("whole", *(w for w in ways if _same(w, whole, a, b, bias)))
-        if len(plan.ways) == 1:
-            plan.choice = "whole"
+        plan.exact[rows] = ("whole", *(w for w in ways if _same(w, whole, a, b, bias)))
         return whole
     if plan.choice is not None:
-        return _run(plan.choice, a, b, bias, out)
-    return _trial(plan, a, b, bias, out)
+        return _run(plan.choice if plan.choice in exact else "whole", a, b, bias, out)
+    if len(exact) == 1:
+        return matmul_reference(a, b, bias, out)  # nothing to time at this row count
+    return _trial(plan, exact, a, b, bias, out)
 
 
-def _trial(plan: _Plan, a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor | None) -> Tensor:
-    """Run the way with the fewest timings so far, record its time, choose once all have TRIALS."""
-    way = min(plan.ways, key=lambda w: len(plan.times.get(w, ())))
+def _trial(plan: _Plan, exact: tuple[str, ...], a: Tensor, b: Tensor, bias: Tensor | None,
+           out: Tensor | None) -> Tensor:
+    """Run the exact way with the fewest timings so far, record its time, choose once all have TRIALS."""
+    way = min(exact, key=lambda w: len(plan.times.get(w, ())))
     start = time.perf_counter()
     result = _run(way, a, b, bias, out)
     plan.times.setdefault(way, []).append(time.perf_counter() - start)
-    if all(len(plan.times.get(w, ())) >= TRIALS for w in plan.ways):
-        plan.choice = choose(plan.times)
+    if all(len(plan.times.get(w, ())) >= TRIALS for w in exact):
+        plan.choice = choose({w: plan.times[w] for w in exact})
     return result
 
 
@@ -149,7 +151,11 @@ def plans() -> dict[tuple, str | None]:
     return {key: plan.choice for key, plan in _PLANS.items()}
 
 
+def exact_ways() -> dict[tuple, dict[int, tuple[str, ...]]]:
+    """Per shape key and exact row count, the ways found bitwise equal to the whole product."""
+    return {key: dict(plan.exact) for key, plan in _PLANS.items()}
+
+
 def clear_plans() -> None:
     """Forget every choice (the next products of each shape are timed again)."""
-    with _LOCK:
-        _PLANS.clear()
+    _PLANS.clear()
