@@ -98,3 +98,10 @@ def test_a_row_count_where_the_chosen_split_is_not_exact_runs_whole(monkeypatch)
     for _ in range(3):
         assert torch.equal(matmul(a2, b2), a2 @ b2)
     assert next(iter(gemm.exact_ways().values()))[1010] == ("whole",)
+
+
+@pytest.mark.gpu
+def test_cuda_products_always_run_whole():
+    a, b, c = (t.cuda() for t in operands(1024, 576, 576, True, True))
+    assert torch.equal(matmul(a, b, c), matmul_reference(a, b, c))
+    assert gemm.plans() == {}

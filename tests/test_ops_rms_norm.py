@@ -183,3 +183,15 @@ def test_trainable_norm_and_reference_paths_use_the_module_forward(monkeypatch):
     norm.weight.requires_grad_(True)  # e.g. modules_to_save: the weight needs its gradient
     norm(x).sum().backward()
     assert calls == [1] and norm.weight.grad is not None
+
+
+@pytest.mark.gpu
+def test_cuda_rows_run_the_eager_kernels():
+    import loratune.ops.compiled as compiled
+    import loratune.ops.rms_norm as module
+
+    norm, x = norm_and_input(torch.bfloat16)
+    x, weight = x.cuda(), norm.weight.cuda()
+    assert not compiled.use_compiled((x, weight, 1e-5))
+    y, _ = module._forward_kernel(x, weight, 1e-5)
+    assert torch.equal(y, module._forward_math(x, weight, 1e-5)[0])

@@ -13,6 +13,9 @@ inverse root. Its backward is the closed form
     grad_x = r * (g - x_hat * mean(g * x_hat)),   x_hat = x_fp32 * r
 
 It is also faster: fwd + bwd at 2048 x 576 bf16, 2 threads, 2.84 ms vs 3.41 ms (docs/performance.md).
+On CPU, bf16/fp16 rows run the same code as kernels compiled by inductor (`ops.compiled`), which
+sum a row in another order: within one ulp of Llama's forward rather than bit for bit. fp32 rows,
+other devices and the eager fallback run the ops as written, bit for bit.
 The reference is the module's own forward; tests/test_ops_rms_norm.py compares the two.
 
 `enable_fast_rms_norm(model)` switches every norm module whose forward is exactly Llama's (same
@@ -83,8 +86,8 @@ def _backward_math(x: Tensor, weight: Tensor, inv: Tensor, grad_y: Tensor) -> Te
 
 # Half-precision CPU rows go through kernels inductor fuses from the same code (ops.compiled): the
 # forward in two passes instead of six, the backward in one. fwd + bwd, 1024 x 576 bf16, 2 threads:
-# 1.2 ms -> 0.25 ms; a whole Scenario A step -3% (docs/performance.md). They sum a row in another
-# order, so they agree with the eager ops to an ulp; fp32 rows keep the eager ops, bit for bit.
+# 1.2 ms -> 0.25 ms; whole training steps -4.5% (Scenario A) and -7% (B) on an AMX Xeon
+# (docs/performance.md).
 _forward_kernel = compiled(_forward_math)
 _backward_kernel = compiled(_backward_math)
 _HALF = (torch.bfloat16, torch.float16)
