@@ -47,7 +47,6 @@ def compiled(fn: Callable) -> Callable:
             disable(f"compiling {fn.__name__} failed ({type(exc).__name__}: {str(exc)[:200]})")
             return fn(*args)
 
-    run.eager = fn
     return run
 
 
