@@ -100,6 +100,20 @@ def test_a_row_count_where_the_chosen_split_is_not_exact_runs_whole(monkeypatch)
     assert next(iter(gemm.exact_ways().values()))[1010] == ("whole",)
 
 
+def test_a_chosen_split_is_the_one_that_runs(monkeypatch):
+    monkeypatch.setattr(gemm, "choose", lambda times: "cols")  # as if the pieces had been faster
+    a, b, c = operands(64, 64, 9000, True, True)
+    expected = matmul_reference(a, b, c)
+    for _ in range(2 * gemm.TRIALS + 1):
+        matmul(a, b, c)
+    assert list(gemm.plans().values()) == ["cols"]
+    runs = []
+    real = gemm._pieces
+    monkeypatch.setattr(gemm, "_pieces", lambda *args: runs.append(args[0]) or real(*args))
+    assert torch.equal(matmul(a, b, c), expected)
+    assert runs == ["cols"]  # not silently the whole product
+
+
 @pytest.mark.gpu
 def test_cuda_products_always_run_whole():
     a, b, c = (t.cuda() for t in operands(1024, 576, 576, True, True))
