@@ -1,6 +1,7 @@
 """Fast kernels for training, each with its plain reference beside it.
 
   attention       per-example causal attention for packed rows (a blocked bmm kernel on CPU)
+  compiled        torch.compile'd CPU kernels with their eager function as the fallback
   cross_entropy   chunked cross-entropy over the LM head (never holds the full logits)
   gemm            matrix products split in row halves or column pieces where that is faster
   lora_linear     fused LoRA linear autograd node for a frozen base
@@ -18,6 +19,9 @@ import contextlib
 import contextvars
 from collections.abc import Iterator
 
+import torch
+
+HALF_DTYPES = (torch.bfloat16, torch.float16)  # the dtypes the CPU fast paths are tuned for
 _REFERENCE = contextvars.ContextVar("loratune_reference_paths", default=False)
 
 

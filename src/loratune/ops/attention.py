@@ -45,7 +45,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from loratune.ops import fast_paths_enabled
+from loratune.ops import HALF_DTYPES, fast_paths_enabled
 
 logger = logging.getLogger(__name__)
 NAME = "loratune_sdpa"
@@ -145,7 +145,7 @@ def _causal_bias(rows: int, cols: int, block: int, dtype: torch.dtype, device: t
 
 
 def _score_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    return torch.float32 if dtype in HALF_DTYPES else dtype
 
 
 def _grouped(t: Tensor, kv_heads: int, dtype: torch.dtype | None = None) -> Tensor:

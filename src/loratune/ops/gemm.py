@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from loratune.ops import fast_paths_enabled
+from loratune.ops import HALF_DTYPES, fast_paths_enabled
 
 MIN_ROWS = 512  # fewer rows: a row split cannot pay for the second call
 WIDE = 8192  # at least this many output columns: try column pieces
@@ -41,7 +41,6 @@ PIECE_COLS = 16384  # the widest column piece (a 512 x 16384 bf16 block is 16 Mi
 BUCKET = 32  # rows are rounded to this for the cache key: nearby row counts behave alike
 GAIN = 0.9  # a split must take at most this fraction of the whole product's best time
 TRIALS = 4  # timed products of each kind before a shape's decision
-_HALF_DTYPES = (torch.bfloat16, torch.float16)
 
 
 @dataclass
@@ -103,7 +102,7 @@ def choose(times: dict[str, list[float]]) -> str:
 
 def _ways(a: Tensor, b: Tensor) -> tuple[str, ...]:
     """The splits worth timing for this product (none: always run it whole)."""
-    if not (a.device.type == "cpu" and a.dtype in _HALF_DTYPES and a.dim() == 2 and b.dim() == 2
+    if not (a.device.type == "cpu" and a.dtype in HALF_DTYPES and a.dim() == 2 and b.dim() == 2
             and fast_paths_enabled()):
         return ()
     return (("rows",) if a.shape[0] >= MIN_ROWS else ()) + (("cols",) if b.shape[1] >= WIDE else ())
