@@ -72,11 +72,20 @@ def test_bf16_kernels_are_compiled_and_agree_with_the_eager_ops_on_training_shap
     grad = torch.randn(x.shape, generator=g).to(torch.bfloat16)
     y, inv = module._forward_kernel(x, weight, 1e-5)
     y_eager, inv_eager = module._forward_math(x, weight, 1e-5)
-    assert compiled.enabled()  # the kernel did not fall back
+    assert compiled.enabled() and module._forward_kernel.proven  # the compiled kernel ran, no fallback
     ulp_close(y, y_eager)
     torch.testing.assert_close(inv, inv_eager, rtol=1e-6, atol=0)
     grad_x = module._backward_kernel(x, weight, inv_eager, grad)
+    assert module._backward_kernel.proven
     torch.testing.assert_close(grad_x, module._backward_math(x, weight, inv_eager, grad), **TOL[torch.bfloat16])
+
+
+def test_fp32_rows_never_compile():
+    import loratune.ops.compiled as compiled
+
+    x, weight = torch.randn(4, 8), torch.ones(8)
+    assert compiled.use_compiled((x.bfloat16(), weight.bfloat16(), 1e-5), (torch.bfloat16,))
+    assert not compiled.use_compiled((x, weight, 1e-5), (torch.bfloat16,))
 
 
 def test_a_kernel_that_cannot_compile_falls_back_to_the_eager_ops(monkeypatch, caplog):
@@ -90,7 +99,7 @@ def test_a_kernel_that_cannot_compile_falls_back_to_the_eager_ops(monkeypatch, c
         return kernel
 
     monkeypatch.setattr(torch, "compile", broken)
-    double = compiled.compiled(lambda t: t * 2)
+    double = compiled.compiled(lambda t: t * 2, (torch.float32,))
     x = torch.arange(4.0)
     with caplog.at_level("WARNING", logger="loratune.ops.compiled"):
         assert torch.equal(double(x), x * 2)
@@ -195,3 +204,36 @@ def test_cuda_rows_run_the_eager_kernels():
     assert not compiled.use_compiled((x, weight, 1e-5))
     y, _ = module._forward_kernel(x, weight, 1e-5)
     assert torch.equal(y, module._forward_math(x, weight, 1e-5)[0])
+
+
+def test_an_error_after_the_kernel_has_run_is_raised_not_hidden(monkeypatch):
+    import loratune.ops.compiled as compiled
+
+    monkeypatch.setitem(compiled._STATE, "enabled", True)
+    calls = []
+
+    def flaky(fn, **kwargs):
+        def kernel(*args):
+            calls.append(1)
+            if len(calls) > 1:
+                raise ValueError("bad input")
+            return fn(*args)
+        return kernel
+
+    monkeypatch.setattr(torch, "compile", flaky)
+    double = compiled.compiled(lambda t: t * 2, (torch.float32,))
+    assert torch.equal(double(torch.ones(2)), torch.full((2,), 2.0))
+    with pytest.raises(ValueError, match="bad input"):
+        double(torch.ones(2))
+    assert compiled.enabled()  # the caller's error does not switch compiling off
+
+
+@pytest.mark.parametrize("value,expected,warns", [("0", False, False), ("off", False, False), ("1", True, False),
+                                                  ("", True, False), ("maybe", True, True)])
+def test_the_environment_switch(monkeypatch, caplog, value, expected, warns):
+    import loratune.ops.compiled as compiled
+
+    monkeypatch.setenv("LORATUNE_COMPILE", value)
+    with caplog.at_level("WARNING", logger="loratune.ops.compiled"):
+        assert compiled._enabled_by_env() is expected
+    assert any("LORATUNE_COMPILE='maybe'" in r.getMessage() for r in caplog.records) is warns

@@ -4,14 +4,16 @@ A chain of elementwise ops and a row reduction in eager torch reads and writes t
 per op; inductor fuses the chain into one or two passes over memory. It is used only where it
 measured faster on a whole training step (docs/performance.md): the RMSNorm forward and backward.
 
-`compiled(fn)` returns a function with fn's signature that runs the compiled kernel when every
-tensor argument is a CPU tensor, and fn itself otherwise: on other devices, inside
-`loratune.ops.reference_paths()`, while torch.compile is tracing an outer model, with
-`LORATUNE_COMPILE=0` in the environment, or for good once compiling has failed (no C++ compiler,
-say), which is logged once as a warning. Sizes are compiled dynamic, so new packed lengths do not
-recompile. The first call compiles (seconds, once per process and dtype; inductor also caches its
-kernels on disk). A compiled kernel rounds where fn rounds, but may sum a row in another order, so
-its results agree with fn's to an ulp, not bit for bit.
+`compiled(fn, dtypes)` returns a function with fn's signature that runs the compiled kernel when
+every tensor argument is a CPU tensor and the first one has one of `dtypes`, and fn itself
+otherwise: on other devices, for other dtypes, inside `loratune.ops.reference_paths()`, while
+torch.compile is tracing an outer model, with `LORATUNE_COMPILE=0` in the environment, or for good
+once compiling has failed (no C++ compiler, say), which is logged once as a warning. Only a kernel
+that has never run successfully falls back; after that, an error is the caller's and is raised.
+Sizes are compiled dynamic, so new packed lengths do not recompile. The first call compiles
+(seconds, once per process and dtype; inductor also caches its kernels on disk). A compiled kernel
+rounds where fn rounds, but may sum a row in another order, so its results agree with fn's to an
+ulp, not bit for bit.
 """
 
 from __future__ import annotations
@@ -27,35 +29,53 @@ from torch import Tensor
 from loratune.ops import fast_paths_enabled
 
 logger = logging.getLogger(__name__)
-_STATE = {"enabled": os.environ.get("LORATUNE_COMPILE", "1").strip().lower() not in ("0", "false", "no", "off")}
+ENV = "LORATUNE_COMPILE"
+_ON, _OFF = ("1", "true", "yes", "on", ""), ("0", "false", "no", "off")
 
 
-def compiled(fn: Callable) -> Callable:
-    """Wrap `fn` (tensors in, tensors out, no side effects) as described in the module doc."""
-    kernels: dict[str, Callable] = {}
+def _enabled_by_env() -> bool:
+    value = os.environ.get(ENV, "1").strip().lower()
+    if value not in _ON + _OFF:
+        logger.warning("%s=%r is not one of 1/0, true/false, yes/no, on/off: compiled kernels stay on",
+                       ENV, os.environ[ENV])
+    return value not in _OFF
+
+
+_STATE = {"enabled": _enabled_by_env()}
+
+
+def compiled(fn: Callable, dtypes: tuple[torch.dtype, ...]) -> Callable:
+    """Wrap `fn` (tensors in, tensors out, no side effects) as described in the module doc.
+
+    The wrapper's `kernel` attribute is the torch.compile'd function once it has been made.
+    """
 
     @functools.wraps(fn)
     def run(*args):
-        if not use_compiled(args):
+        if not use_compiled(args, dtypes):
             return fn(*args)
-        kernel = kernels.get("cpu")
-        if kernel is None:
-            kernel = kernels["cpu"] = torch.compile(fn, dynamic=True)
+        if run.kernel is None:
+            run.kernel = torch.compile(fn, dynamic=True)
+        if run.proven:
+            return run.kernel(*args)
         try:
-            return kernel(*args)
+            out = run.kernel(*args)
         except Exception as exc:  # noqa: BLE001 - any compiler failure: the eager function is always right
             disable(f"compiling {fn.__name__} failed ({type(exc).__name__}: {str(exc)[:200]})")
             return fn(*args)
+        run.proven = True
+        return out
 
+    run.kernel, run.proven = None, False
     return run
 
 
-def use_compiled(args: tuple) -> bool:
+def use_compiled(args: tuple, dtypes: tuple[torch.dtype, ...]) -> bool:
     """True when the compiled kernel should run for these arguments."""
     if not _STATE["enabled"] or not fast_paths_enabled() or torch.compiler.is_compiling():
         return False
     tensors = [a for a in args if isinstance(a, Tensor)]
-    return bool(tensors) and all(t.device.type == "cpu" for t in tensors)
+    return bool(tensors) and tensors[0].dtype in dtypes and all(t.device.type == "cpu" for t in tensors)
 
 
 def disable(reason: str) -> None:

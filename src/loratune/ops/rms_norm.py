@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from loratune.ops import fast_paths_enabled
+from loratune.ops import HALF_DTYPES, fast_paths_enabled
 from loratune.ops.compiled import compiled
 
 _LLAMA_FORWARD = LlamaRMSNorm.forward.__code__
@@ -88,20 +88,19 @@ def _backward_math(x: Tensor, weight: Tensor, inv: Tensor, grad_y: Tensor) -> Te
 # forward in two passes instead of six, the backward in one. fwd + bwd, 1024 x 576 bf16, 2 threads:
 # 1.2 ms -> 0.25 ms; whole training steps -4.5% (Scenario A) and -7% (B) on an AMX Xeon
 # (docs/performance.md).
-_forward_kernel = compiled(_forward_math)
-_backward_kernel = compiled(_backward_math)
-_HALF = (torch.bfloat16, torch.float16)
+_forward_kernel = compiled(_forward_math, HALF_DTYPES)
+_backward_kernel = compiled(_backward_math, HALF_DTYPES)
 
 
 class _RmsNormFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
-        y, inv = (_forward_kernel if x.dtype in _HALF else _forward_math)(x, weight, eps)
+        y, inv = _forward_kernel(x, weight, eps)
         ctx.save_for_backward(x, weight, inv)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, inv = ctx.saved_tensors
-        grad_x = (_backward_kernel if x.dtype in _HALF else _backward_math)(x, weight, inv, grad_y)
+        grad_x = _backward_kernel(x, weight, inv, grad_y)
         return grad_x, None, None
