@@ -148,6 +148,71 @@ def test_packed_causal_attention_matches_sdpa_per_example(heads, kv_heads, block
             torch.testing.assert_close(got, want, **tol, msg=name)
 
 
+def _score_precisions(monkeypatch):
+    """Record oneDNN's fp32 precision at every score product of the blocked kernel."""
+    from loratune.ops import attention
+
+    seen, real = [], torch.baddbmm
+
+    def spy(*args, **kwargs):
+        seen.append(torch.backends.mkldnn.matmul.fp32_precision)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(attention.torch, "baddbmm", spy)
+    return seen
+
+
+needs_precision_setting = pytest.mark.skipif(
+    not hasattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision"),
+    reason="this torch has no per-backend fp32 precision")
+
+
+@needs_precision_setting
+@pytest.mark.parametrize("dtype,during", [(torch.bfloat16, "bf16"), (torch.float16, None), (torch.float32, None)])
+def test_bf16_score_products_only_for_bf16_inputs_and_setting_put_back(dtype, during, monkeypatch):
+    seen = _score_precisions(monkeypatch)
+    before = torch.backends.mkldnn.matmul.fp32_precision
+    q, k, v, bounds = qkv(6, 2, [5, 9], dtype)
+    packed_causal_attention(q, k, v, bounds, 0.3, block=4)
+    assert len(seen) == 5  # 2 + 3 blocks of 4 rows
+    assert set(seen) == {during or before}
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+@needs_precision_setting
+def test_bf16_score_setting_is_put_back_after_an_error(monkeypatch):
+    from loratune.ops import attention
+
+    before = torch.backends.mkldnn.matmul.fp32_precision
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(attention.torch, "baddbmm", broken)
+    q, k, v, bounds = qkv(2, 2, [4], torch.bfloat16)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        packed_causal_attention(q, k, v, bounds, 0.3)
+    assert torch.backends.mkldnn.matmul.fp32_precision == before
+
+
+def test_bf16_score_products_give_the_fp32_scores(monkeypatch):
+    """bf16 q and k are exact in bf16, so the faster product gives what the fp32 one gives, up to the
+    order of the fp32 sums: outputs and gradients agree far inside bf16's own rounding."""
+    from loratune.ops import attention
+
+    q0, k0, v0, bounds = qkv(6, 2, [37, 128, 91], torch.bfloat16, dim=64)
+    grad = torch.randn(q0.shape[1], 6, 64, generator=torch.Generator().manual_seed(1)).bfloat16()
+    results = []
+    for setting in (attention._MKLDNN_MATMUL, None):
+        monkeypatch.setattr(attention, "_MKLDNN_MATMUL", setting)
+        q, k, v = (t.detach().clone().requires_grad_() for t in (q0, k0, v0))
+        out = packed_causal_attention(q, k, v, bounds, 0.125)
+        out.backward(grad)
+        results.append((out.detach(), q.grad, k.grad, v.grad))
+    for name, fast, plain in zip("out q k v".split(), *results):
+        assert rel_err(fast, plain) < 1e-3, name
+
+
 def test_packed_causal_attention_gradcheck():
     q, k, v, bounds = qkv(4, 2, [3, 5], torch.float64, dim=4)
     q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
