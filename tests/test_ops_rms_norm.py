@@ -9,7 +9,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from factories import tiny_batch, tiny_model
 from loratune import LoraConfig, get_peft_model
-from loratune.ops import reference_paths
+from loratune.ops import HALF_DTYPES, reference_paths
 from loratune.ops.rms_norm import enable_fast_rms_norm, is_llama_rms_norm, rms_norm
 
 # Backward sums in another order: fp32 within an ulp or two, bf16 within one bf16 ulp.
@@ -201,7 +201,7 @@ def test_cuda_rows_run_the_eager_kernels():
 
     norm, x = norm_and_input(torch.bfloat16)
     x, weight = x.cuda(), norm.weight.cuda()
-    assert not compiled.use_compiled((x, weight, 1e-5))
+    assert not compiled.use_compiled((x, weight, 1e-5), HALF_DTYPES)
     y, _ = module._forward_kernel(x, weight, 1e-5)
     assert torch.equal(y, module._forward_math(x, weight, 1e-5)[0])
 
