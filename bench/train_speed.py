@@ -325,14 +325,16 @@ def flop_per_token(mean_len: float) -> float:
 def summarise(results: dict, peak: dict, lengths: dict) -> list[dict]:
     rows = []
     for scenario, per in results.items():
-        ref = statistics.median(per["peft-bf16"]["tokens_per_s"])
-        ref_rss = per["peft-bf16"]["peak_rss_mib"]
+        base = per.get("peft-bf16")  # absent when --contenders leaves it out: no ratios then
+        ref = statistics.median(base["tokens_per_s"]) if base else None
+        ref_rss = base["peak_rss_mib"] if base else None
         for name, r in per.items():
             rates = r["tokens_per_s"]
             med = statistics.median(rates)
             spread = (max(rates) - min(rates)) / med if med else 0.0
             rows.append(dict(scenario=scenario, contender=name, tokens_per_s=med, spread=spread, n=len(rates),
-                             rss=r["peak_rss_mib"], speedup=med / ref, rss_ratio=r["peak_rss_mib"] / ref_rss,
+                             rss=r["peak_rss_mib"], speedup=med / ref if ref else None,
+                             rss_ratio=r["peak_rss_mib"] / ref_rss if ref_rss else None,
                              mfu=med * flop_per_token(lengths[scenario]) / peak["bf16_best"]))
     return rows
 
@@ -350,9 +352,12 @@ def render(rows: list[dict], peak: dict, loss: dict | None, command: str, starte
         "| scenario | contender | tokens/s | vs PEFT bf16 | peak RSS (MiB) | RSS vs PEFT bf16 | MFU | steps | spread |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
+    def ratio(value: float | None) -> str:
+        return "n/a" if value is None else f"{value:.2f}x"
+
     for r in rows:
-        lines.append(f"| {r['scenario']} | {r['contender']} | {r['tokens_per_s']:.0f} | {r['speedup']:.2f}x | "
-                     f"{r['rss']:.0f} | {r['rss_ratio']:.2f}x | {100 * r['mfu']:.1f}% | {r['n']} | "
+        lines.append(f"| {r['scenario']} | {r['contender']} | {r['tokens_per_s']:.0f} | {ratio(r['speedup'])} | "
+                     f"{r['rss']:.0f} | {ratio(r['rss_ratio'])} | {100 * r['mfu']:.1f}% | {r['n']} | "
                      f"{100 * r['spread']:.0f}% |")
     lines += ["", "1-minute load average before/after each scenario (the machine has "
               f"{os.cpu_count()} cores): " + ", ".join(f"{k}: {a:.1f}/{b:.1f}" for k, (a, b) in loads.items())
