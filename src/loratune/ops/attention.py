@@ -147,7 +147,7 @@ def _causal_bias(rows: int, cols: int, block: int, dtype: torch.dtype, device: t
     return strip[:rows * rep, start:start + cols]
 
 
-_MKLDNN_MATMUL = getattr(torch.backends.mkldnn, "matmul", None)  # torch >= 2.9: per-backend precision
+_MKLDNN_MATMUL = getattr(torch.backends.mkldnn, "matmul", None)  # older torch: absent, products stay fp32
 
 
 @contextlib.contextmanager
