@@ -119,3 +119,31 @@ def test_cuda_products_always_run_whole():
     a, b, c = (t.cuda() for t in operands(1024, 576, 576, True, True))
     assert torch.equal(matmul(a, b, c), matmul_reference(a, b, c))
     assert gemm.plans() == {}
+
+
+def test_a_shape_that_runs_whole_checks_no_new_row_count(monkeypatch):
+    """Packed batches bring a new row count nearly every step: once a shape has chosen the whole
+    product, nothing is run split to check exactness at the new count."""
+    monkeypatch.setattr(gemm, "choose", lambda times: "whole")
+    a, b, _ = operands(1024, 64, 9000, True, False)
+    for _ in range(3 * gemm.TRIALS + 1):
+        matmul(a, b)
+    assert list(gemm.plans().values()) == ["whole"]
+    runs = []
+    real = gemm._pieces
+    monkeypatch.setattr(gemm, "_pieces", lambda *args: runs.append(args[0]) or real(*args))
+    a2, b2, _ = operands(1010, 64, 9000, True, False, seed=1)
+    assert torch.equal(matmul(a2, b2), a2 @ b2)
+    assert runs == [] and 1010 not in next(iter(gemm.exact_ways().values()))
+
+
+def test_a_row_count_that_changes_at_every_call_still_reaches_a_choice(monkeypatch):
+    """The checks count as timings, so a shape that never repeats a row count (the last loss chunk
+    of packed batches) is decided after TRIALS of them and then stops running splits to check."""
+    monkeypatch.setattr(gemm, "choose", lambda times: "whole")
+    for i in range(gemm.TRIALS):
+        a, b, _ = operands(1000 + i, 64, 9000, True, False, seed=i)
+        assert torch.equal(matmul(a, b), a @ b)
+    assert list(gemm.plans().values()) == ["whole"]
+    times = next(iter(gemm._PLANS.values())).times
+    assert times.keys() == {"whole", "rows", "cols"} and all(len(t) == gemm.TRIALS for t in times.values())

@@ -12,10 +12,11 @@ Which shapes are hit depends on the CPU and the library's heuristics, so nothing
 hard-coded. The first product with a given row count (and the operands' layout, dtype and thread
 count), `matmul` runs whole and in each split way once, and notes the ways that are bitwise equal to
 the whole product at that row count (the same sums in the same order; it depends on the shape, not
-on the data). The next products of the shape (rows rounded to 32) take turns among those ways, each
+on the data). The next products of the shape (rows rounded up to 256) take turns among those ways, each
 timed on real work, until each has `TRIALS` timings; the shape then keeps the fastest way if its
-best time is at least 10% below the whole product's, else the whole product. A row count where the
-chosen way is not bitwise equal runs whole. So a choice, which depends on timing, never changes a
+best time is at least 10% below the whole product's, else the whole product. Once a shape runs whole,
+new row counts run whole without a check; under a chosen split, a new row count is checked first
+and runs whole where the split is not bitwise equal. So a choice, which depends on timing, never changes a
 result. Choices are cached for the process.
 
 The ways: "whole"; "rows", two halves of the rows (at least `MIN_ROWS` rows); "cols", two or more
@@ -38,7 +39,8 @@ from loratune.ops import HALF_DTYPES, fast_paths_enabled
 MIN_ROWS = 512  # fewer rows: a row split cannot pay for the second call
 WIDE = 8192  # at least this many output columns: try column pieces
 PIECE_COLS = 16384  # the widest column piece (a 512 x 16384 bf16 block is 16 MiB)
-BUCKET = 32  # rows are rounded to this for the cache key: nearby row counts behave alike
+BUCKET = 256  # rows are rounded up to this for the cache key: packed batches, whose row count changes
+# at every step, then share a few decisions instead of making a new one nearly every step
 GAIN = 0.9  # a split must take at most this fraction of the whole product's best time
 TRIALS = 4  # timed products of each kind before a shape's decision
 
@@ -69,17 +71,36 @@ def matmul(a: Tensor, b: Tensor, bias: Tensor | None = None, out: Tensor | None 
         return matmul_reference(a, b, bias, out)
     key = _key(a, b, bias)
     plan = _PLANS.get(key) or _PLANS.setdefault(key, _Plan())
+    if plan.choice == "whole":  # no split for this shape: a new row count needs no exactness check
+        return matmul_reference(a, b, bias, out)
     rows = a.shape[0]
     exact = plan.exact.get(rows)
     if exact is None:  # first product with this many rows: which splits sum in the same order?
-        whole = matmul_reference(a, b, bias, out)
-        plan.exact[rows] = ("whole", *(w for w in ways if _same(w, whole, a, b, bias)))
-        return whole
+        return _check(plan, ways, a, b, bias, out)
     if plan.choice is not None:
         return _run(plan.choice if plan.choice in exact else "whole", a, b, bias, out)
     if len(exact) == 1:
         return matmul_reference(a, b, bias, out)  # nothing to time at this row count
     return _trial(plan, exact, a, b, bias, out)
+
+
+def _check(plan: _Plan, ways: tuple[str, ...], a: Tensor, b: Tensor, bias: Tensor | None,
+           out: Tensor | None) -> Tensor:
+    """Run the whole product and each split, note the splits that are bitwise equal at this row count,
+    and count the runs as timings too: a shape whose row count changes at every call (the last loss
+    chunk of packed batches) reaches its choice through its checks."""
+    start = time.perf_counter()
+    whole = matmul_reference(a, b, bias, out)
+    timed = {"whole": time.perf_counter() - start}
+    for way in ways:
+        seconds = _time_if_same(way, whole, a, b, bias)
+        if seconds is not None:
+            timed[way] = seconds
+    exact = plan.exact[a.shape[0]] = tuple(timed)
+    for way, seconds in timed.items():
+        plan.times.setdefault(way, []).append(seconds)
+    _decide(plan, exact)
+    return whole
 
 
 def _trial(plan: _Plan, exact: tuple[str, ...], a: Tensor, b: Tensor, bias: Tensor | None,
@@ -89,9 +110,13 @@ def _trial(plan: _Plan, exact: tuple[str, ...], a: Tensor, b: Tensor, bias: Tens
     start = time.perf_counter()
     result = _run(way, a, b, bias, out)
     plan.times.setdefault(way, []).append(time.perf_counter() - start)
-    if all(len(plan.times.get(w, ())) >= TRIALS for w in exact):
-        plan.choice = choose({w: plan.times[w] for w in exact})
+    _decide(plan, exact)
     return result
+
+
+def _decide(plan: _Plan, exact: tuple[str, ...]) -> None:
+    if len(exact) > 1 and all(len(plan.times.get(w, ())) >= TRIALS for w in exact):
+        plan.choice = choose({w: plan.times[w] for w in exact})
 
 
 def choose(times: dict[str, list[float]]) -> str:
@@ -138,11 +163,17 @@ def _run(way: str, a: Tensor, b: Tensor, bias: Tensor | None, out: Tensor | None
     return out
 
 
-def _same(way: str, whole: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> bool:
-    """Whether `way` gives `whole` bit for bit; one piece at a time, so the check never holds a
-    second full-size result (the LM head's logits chunk is 48 MiB)."""
-    return all(torch.equal(whole[rows, cols], matmul_reference(a_part, b_part, bias_part))
-               for rows, cols, a_part, b_part, bias_part in _pieces(way, a, b, bias))
+def _time_if_same(way: str, whole: Tensor, a: Tensor, b: Tensor, bias: Tensor | None) -> float | None:
+    """Seconds the split's products take if `way` gives `whole` bit for bit, else None. One piece at
+    a time, so the check never holds a second full-size result (the LM head's logits chunk is 48 MiB)."""
+    seconds = 0.0
+    for rows, cols, a_part, b_part, bias_part in _pieces(way, a, b, bias):
+        start = time.perf_counter()
+        part = matmul_reference(a_part, b_part, bias_part)
+        seconds += time.perf_counter() - start
+        if not torch.equal(whole[rows, cols], part):
+            return None
+    return seconds
 
 
 def plans() -> dict[tuple, str | None]:
