@@ -205,7 +205,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             module = build_lora_layer(module, name)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         module.update_layer(
             adapter_name,
             r=pattern_value(config.rank_pattern, name, config.r),
@@ -219,7 +219,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         module.update_layer(adapter_name)
     return targets
 
@@ -236,7 +236,8 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     return found
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` of `model` (the counterpart of `get_submodule`)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from . import adapter_io, merge
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError, UnsupportedFeatureError
-from .inject import inject_adapter, resolve_config
+from .inject import inject_adapter, resolve_config, set_submodule
 from .layers import BASE_ADAPTER, LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
 
 logger = logging.getLogger(__name__)
@@ -151,8 +151,7 @@ class LoraModel(nn.Module):
         for name, module in list(self.model.named_modules()):
             if isinstance(module, (LoraLayer, ModulesToSave)) and not module.adapter_names:
                 original = module.base_layer if isinstance(module, LoraLayer) else module.original_module
-                parent_name, _, child = name.rpartition(".")
-                setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, original)
+                set_submodule(self.model, name, original)
 
     def _remove_adapter_weights(self, adapter_name: str) -> None:
         for layer in self._layers():
@@ -274,8 +273,7 @@ class LoraModel(nn.Module):
                     replacement = module.modules_to_save[module.active_adapters[0]]
             else:
                 continue
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, replacement)
+            set_submodule(self.model, name, replacement)
         return self.model
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,

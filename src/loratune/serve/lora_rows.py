@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from loratune.inject import set_submodule
+
 
 @dataclass(frozen=True)
 class RowAdapterWeights:
@@ -128,9 +130,7 @@ def ensure_row_lora(model: nn.Module, name: str) -> RowLoraLinear:
     if feats is None:
         raise ValueError(f"module {name!r} is a {type(module).__name__}, not a linear layer")
     wrapped = RowLoraLinear(module, *feats)
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, wrapped)
+    set_submodule(model, name, wrapped)
     return wrapped
 
 
