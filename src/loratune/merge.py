@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from .base_layers import is_quantized
 from .errors import ConfigError, MergeError, UnsupportedFeatureError
 from .layers import LoraEmbedding, LoraLayer
 
@@ -37,7 +38,7 @@ def check_not_tied(model: nn.Module, layers: list[LoraLayer], adapter_names: lis
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
     for layer in layers:
-        if getattr(layer.base_layer, "is_quantized", False):
+        if is_quantized(layer.base_layer):
             continue
         if not any(n in layer.r and n not in layer.merged_adapters for n in adapter_names):
             continue

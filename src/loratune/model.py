@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from . import adapter_io, merge
+from .base_layers import is_quantized
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError, UnsupportedFeatureError
 from .inject import inject_adapter, resolve_config, set_submodule
@@ -288,8 +289,7 @@ class LoraModel(nn.Module):
         """(trainable, all) parameter counts; quantized weights count their logical elements."""
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        total += sum(int(getattr(m, "num_weight_elements", 0)) for m in self.model.modules()
-                     if getattr(m, "is_quantized", False))
+        total += sum(m.num_weight_elements for m in self.model.modules() if is_quantized(m))
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -384,7 +384,7 @@ class LoraModel(nn.Module):
         adapter_io.load_adapter_tensors(self.model, adapter_name, config.bias, tensors, source=source)
         if config.rewrites_base:
             layers = [m for m in self.model.modules() if isinstance(m, LoraLinear) and adapter_name in m.r]
-            if any(getattr(m.base_layer, "is_quantized", False) for m in layers):  # before any base is rewritten
+            if any(is_quantized(m.base_layer) for m in layers):  # before any base is rewritten
                 raise AdapterError(f"{source}: init_lora_weights={config.init_lora_weights!r} adapters need an "
                                    "unquantized base (their init rewrites the base weights)")
             for layer in layers:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from ..base_layers import is_linear_like
 from ..errors import UnsupportedFeatureError
 from .base import BASE_ADAPTER, LoraLayer
 from .conv import LoraConv
@@ -34,11 +34,6 @@ def owned_by_adapter(name: str) -> bool:
 def inside_wrapper(name: str) -> bool:
     """True for any part of an injected wrapper (its adapters or the original it holds): never a target."""
     return any(_adapter_part(p) or p in _ORIGINALS for p in name.split("."))
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """True for modules LoRA treats as a linear map: Linear, Conv1D, quantized linears."""
-    return isinstance(module, (nn.Linear, Conv1D)) or bool(getattr(module, "is_quantized", False))
 
 
 def build_lora_layer(module: nn.Module, name: str) -> LoraLayer:

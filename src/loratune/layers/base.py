@@ -16,6 +16,7 @@ import math
 import torch
 from torch import Tensor, nn
 
+from ..base_layers import is_quantized
 from ..config import lora_scaling
 from ..errors import MergeError, UnsupportedFeatureError
 
@@ -196,7 +197,7 @@ class LoraLayer(nn.Module):
         return weight - self.delta_weight(adapter_name).to(weight.device)
 
     def _merge_target(self) -> nn.Parameter:
-        if getattr(self.base_layer, "is_quantized", False):
+        if is_quantized(self.base_layer):
             raise MergeError(
                 f"cannot merge into the quantized weights of {self._describe()}; "
                 "dequantize the base first (loratune.quant.dequantize_model)"
