@@ -198,6 +198,17 @@ def test_to_dtype_moves_but_never_rounds_scales():
     layer.to(torch.float16)
     assert layer.absmax.dtype == torch.float32 and torch.equal(layer.absmax, before)
     assert layer.bias.dtype == torch.float16 and layer.code.dtype == torch.float32
+
+
+def test_int8_to_dtype_also_keeps_scales_and_both_layers_describe_themselves():
+    layer = Linear8bit.from_linear(nn.Linear(64, 32))
+    before = layer.scale.clone()
+    layer.to(torch.float16)
+    assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale, before)
+    assert repr(layer) == ("Linear8bit(in_features=64, out_features=32, bias=True, quant_type=int8, "
+                           "compute_dtype=torch.bfloat16)")
+    assert "quant_type=nf4, double_quant=True, compute_dtype=torch.bfloat16" in repr(
+        Linear4bit.from_linear(nn.Linear(64, 32), double_quant=True))
     int8 = Linear8bit.from_linear(nn.Linear(64, 32)).half()
     assert int8.scale.dtype == torch.float32 and int8.qweight.dtype == torch.int8
 
