@@ -259,7 +259,7 @@ def test_weighted_adapter_input_errors():
     model = two_adapters("llama", dict(target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="4 problems"):
         model.add_weighted_adapter(["a", "zzz"], [1.0], "a", combination_type="nope")
-    for bad_name in ("__base__", "has.dot", "copy", "keys"):
+    for bad_name in ("__base__", "has/slash", "copy", "keys"):
         with pytest.raises(ConfigError, match=bad_name):
             model.add_weighted_adapter(["a"], [1.0], bad_name, combination_type="cat")
     with pytest.raises(ConfigError, match="one rank"):
@@ -268,6 +268,13 @@ def test_weighted_adapter_input_errors():
     dora = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], use_dora=True))
     with pytest.raises(UnsupportedFeatureError, match="DoRA"):
         dora.add_weighted_adapter(["default"], [1.0], "x")
+
+
+def test_weighted_adapter_takes_a_dotted_name():
+    x = tiny_batch()
+    model = two_adapters("llama", dict(target_modules=["q_proj"]))
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab.v2", combination_type="cat")
+    assert_close(as_logits(model, "ab.v2", x), as_logits(model, ["a", "b"], x))
 
 
 def test_weighted_adapter_saves_and_reloads(tmp_path):

@@ -331,6 +331,38 @@ def test_add_adapter_name_rules():
     assert list(model.peft_config) == ["default"]
 
 
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a b", "é", "x" * 129, "__base__", 3])
+def test_add_adapter_refuses_names_outside_the_one_rule(name):
+    model = lora(target_modules=["q_proj"])
+    with pytest.raises(ConfigError, match="adapter name"):
+        model.add_adapter(name, LoraConfig(target_modules=["q_proj"]))
+    assert list(model.peft_config) == ["default"]
+
+
+def test_a_dotted_adapter_name_trains_saves_loads_and_mixes(tmp_path):
+    """vLLM-style names such as "sql.v2" work everywhere, although torch module names cannot hold "."."""
+    x = tiny_batch()
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    model = get_peft_model(tiny_model("llama"), cfg, adapter_name="sql.v2")
+    base = logits(tiny_model("llama"), x)
+    assert torch.equal(logits(model, x), base)
+    assert "model.model.embed_tokens.lora_embedding_A.sql:v2" in dict(model.named_parameters())
+    perturb(model)
+    adapted = logits(model, x)
+    assert_changed(adapted, base)
+    assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} >= {"sql:v2", "weight"}
+    model.save_pretrained(str(tmp_path))
+    assert (tmp_path / "sql.v2" / "adapter_model.safetensors").exists()  # a sub-folder, as any non-default name
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "sql.v2"), adapter_name="sql.v2")
+    assert loaded.active_adapters == ["sql.v2"] and torch.equal(logits(loaded, x), adapted)
+    mixed = logits(loaded, x, adapter_names=["sql.v2", "__base__"])
+    assert_close(mixed[0], adapted[0])
+    assert_close(mixed[1], base[1])
+    loaded.load_adapter(str(tmp_path / "sql.v2"), adapter_name="sql.v3")
+    loaded.delete_adapter("sql.v2")
+    assert list(loaded.peft_config) == ["sql.v3"] and "sql:v2" not in str(dict(loaded.named_parameters()))
+
+
 def test_user_config_is_never_mutated(tmp_path):
     for cfg in (LoraConfig(target_modules="all-linear", modules_to_save=["lm_head"], task_type=TaskType.CAUSAL_LM),
                 LoraConfig(target_modules=None, rank_pattern={"q_proj": 2}),

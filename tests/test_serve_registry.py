@@ -40,10 +40,30 @@ def shapes():
 
 def test_adapter_names():
     assert check_adapter_name("sql-v1.2_x", base_name="base") == "sql-v1.2_x"
-    for bad in ("", "a b", "../x", "a/b", "é", "x" * 129, "base", "__base__", 3, None):
+    for bad in ("", "a b", "../x", "a/b", "é", "x" * 129, "base", "__base__", 3, None, ".", ".."):
         with pytest.raises(RequestError) as info:
             check_adapter_name(bad, base_name="base")
         assert info.value.status == 400
+
+
+@pytest.mark.parametrize("name", ["sql.v2", "sql-v1.2_x", "a" * 128, "..a", "", ".", "..", "a/b", "a\\b", "a b",
+                                  "x" * 129, "__base__", "é"])
+def test_server_and_library_share_one_name_rule(name):
+    """A name the server serves is a name add_adapter takes (and save_pretrained can use as a folder)."""
+    from loratune import LoraConfig, get_peft_model
+    from loratune.errors import ConfigError
+
+    try:
+        check_adapter_name(name, base_name="base")
+        served = True
+    except RequestError:
+        served = False
+    try:
+        get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"]), adapter_name=name)
+        added = True
+    except ConfigError:
+        added = False
+    assert served == added == (name in ("sql.v2", "sql-v1.2_x", "a" * 128, "..a"))
 
 
 def test_paths_must_resolve_under_a_root(tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -19,15 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from . import adapter_io, merge
+from .adapter_names import BASE_ADAPTER, adapter_name_problem
 from .base_layers import is_quantized
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError, UnsupportedFeatureError
 from .inject import inject_adapter, resolve_config, set_submodule
-from .layers import BASE_ADAPTER, LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
+from .layers import LoraLayer, LoraLinear, ModulesToSave, module_key, owned_by_adapter
 
 logger = logging.getLogger(__name__)
-
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 class LoraModel(nn.Module):
@@ -104,12 +102,14 @@ class LoraModel(nn.Module):
         self._apply_active()
 
     def _check_new_adapter_name(self, adapter_name: str) -> None:
-        """Raise ConfigError unless `adapter_name` can name a new adapter."""
-        if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name) or adapter_name == BASE_ADAPTER:
-            raise ConfigError(f"adapter name {adapter_name!r} must match [A-Za-z0-9_-]+ and not be {BASE_ADAPTER!r}")
+        """Raise ConfigError unless `adapter_name` can name a new adapter (see adapter_names)."""
+        problem = adapter_name_problem(adapter_name)
+        if problem:
+            raise ConfigError(problem)
         # Adapter names become keys of nn.ModuleDict/ParameterDict, which refuse their own attribute
         # names ("train", "eval", "keys", "copy", ...) with a bare KeyError deep inside injection.
-        if hasattr(nn.ModuleDict(), adapter_name) or hasattr(nn.ParameterDict(), adapter_name):
+        key = module_key(adapter_name)
+        if hasattr(nn.ModuleDict(), key) or hasattr(nn.ParameterDict(), key):
             raise ConfigError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; choose another name")
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists; delete_adapter() it first")

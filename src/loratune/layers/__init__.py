@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..adapter_names import BASE_ADAPTER
 from ..base_layers import is_linear_like
 from ..errors import UnsupportedFeatureError
-from .base import BASE_ADAPTER, LoraLayer
+from .base import LoraLayer, module_key
 from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .linear import DoraMagnitude, LoraLinear
@@ -14,7 +15,7 @@ from .modules_to_save import ModulesToSave
 
 __all__ = [
     "BASE_ADAPTER", "DoraMagnitude", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear",
-    "ModulesToSave", "build_lora_layer", "inside_wrapper", "is_linear_like", "owned_by_adapter",
+    "ModulesToSave", "build_lora_layer", "inside_wrapper", "is_linear_like", "module_key", "owned_by_adapter",
 ]
 
 # Names the wrappers give their parts: adapter-owned ones (lora_A, lora_embedding_B, lora_dropout,

@@ -1,6 +1,6 @@
 """Which adapters the server may load, and reading one into per-layer weights before it is visible.
 
-Lives here: adapter name rules, resolving a requested path under the configured roots, and
+Lives here: checking a requested adapter name (the rule itself is loratune.adapter_names), resolving a requested path under the configured roots, and
 `prepare_adapter`, which reads an adapter directory in PEFT's format (safetensors only) and checks
 it against the base model both ways: every tensor must name a linear layer of the base with the
 right shape, and every layer the config targets must have its tensors. It needs only the base's
@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 
 from loratune.adapter_io import SAFETENSORS_NAME, check_finite, read_adapter
+from loratune.adapter_names import adapter_name_problem
 from loratune.config import CONFIG_NAME, LoraConfig
 from loratune.errors import AdapterError, UnsupportedFeatureError
 from loratune.inject import ALL_LINEAR, layer_index, matches, pattern_value
 
 from .lora_rows import RowAdapterWeights
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
 KEY_PREFIX = "base_model.model."
 _KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 
@@ -50,13 +50,12 @@ class PreparedAdapter:
 
 
 def check_adapter_name(name: object, *, base_name: str) -> str:
-    """Return the name if it is a valid adapter name, else raise RequestError (400)."""
-    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name in (".", ".."):
-        raise RequestError(400, f"invalid adapter name {name!r}: use 1-128 characters from [A-Za-z0-9._-]",
-                           type="InvalidUserInput", code=400, param="lora_name")
-    if name == base_name or name == "__base__":
-        raise RequestError(400, f"adapter name {name!r} is reserved for the base model",
-                           type="InvalidUserInput", code=400, param="lora_name")
+    """Return the name if it is a valid adapter name and not the base's, else raise RequestError (400)."""
+    problem = adapter_name_problem(name)
+    if problem is None and name == base_name:
+        problem = f"adapter name {name!r} is reserved for the base model"
+    if problem:
+        raise RequestError(400, problem, type="InvalidUserInput", code=400, param="lora_name")
     return name
 
 
