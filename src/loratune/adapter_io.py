@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 SAFETENSORS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
+PREFIX = "base_model.model."  # every tensor key of PEFT's format starts with it
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 _DORA_SUFFIX = "lora_magnitude_vector.weight"
 # PEFT also saves the full base weight of adapted embedding layers (vocabulary may be resized);

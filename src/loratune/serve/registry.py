@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from loratune.adapter_io import SAFETENSORS_NAME, check_finite, read_adapter
+from loratune.adapter_io import PREFIX, SAFETENSORS_NAME, check_finite, read_adapter
 from loratune.adapter_names import adapter_name_problem
 from loratune.config import CONFIG_NAME, LoraConfig
 from loratune.errors import AdapterError, UnsupportedFeatureError
@@ -25,7 +25,6 @@ from loratune.inject import ALL_LINEAR, layer_index, matches, pattern_value
 
 from .lora_rows import RowAdapterWeights
 
-KEY_PREFIX = "base_model.model."
 _KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 
 
@@ -91,7 +90,7 @@ def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
     targeted = _targeted(config, shapes)
     problems = []
     for module, parts in sorted(modules.items()):
-        key = f"{KEY_PREFIX}{module}"
+        key = f"{PREFIX}{module}"
         if module not in shapes:
             problems.append(f"tensor {key}.lora_A.weight targets {module!r}, which is not a linear layer of the base model")
             continue
@@ -111,7 +110,7 @@ def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
                 problems.append(f"tensor {key}.lora_{part}.weight has shape {tuple(t.shape)}, expected {want} "
                                 f"(adapter_config.json gives this layer r={r})")
     for module in sorted(targeted - set(modules)):
-        problems.append(f"tensor {KEY_PREFIX}{module}.lora_A.weight is missing (adapter_config.json targets {module!r})")
+        problems.append(f"tensor {PREFIX}{module}.lora_A.weight is missing (adapter_config.json targets {module!r})")
     if problems:
         raise AdapterError(f"adapter {name!r} at {path} does not fit the base model:\n  - " + "\n  - ".join(problems))
     layers = {}
@@ -146,8 +145,8 @@ def _read(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
 def _group_by_module(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        m = _KEY.fullmatch(key.removeprefix(KEY_PREFIX))
-        if not key.startswith(KEY_PREFIX) or m is None:
+        m = _KEY.fullmatch(key.removeprefix(PREFIX))
+        if not key.startswith(PREFIX) or m is None:
             what = ("DoRA magnitude" if "lora_magnitude_vector" in key else
                     "embedding LoRA" if "lora_embedding" in key else
                     "a full module copy (modules_to_save)" if "modules_to_save" in key else
