@@ -222,6 +222,35 @@ def test_mixed_batch_refused_while_merged():
     model(input_ids=tiny_batch(), adapter_names=["a", "b"])
 
 
+def test_every_call_that_needs_adapters_apart_is_refused_while_merged_naming_itself():
+    model = two_adapters("llama", dict(target_modules=["q_proj"]))
+    model.merge_adapter(["a"])
+    calls = {
+        "add an adapter": lambda: model.add_adapter("c", LoraConfig(target_modules=["q_proj"])),
+        "delete adapter 'a': it is merged": lambda: model.delete_adapter("a"),
+        "disable adapters": lambda: model.disable_adapter().__enter__(),
+        "disable adapter layers": model.disable_adapter_layers,
+        "enable adapter layers": model.enable_adapter_layers,
+        "route rows with adapter_names": lambda: model(input_ids=tiny_batch(), adapter_names=["a", "b"]),
+    }
+    for action, call in calls.items():
+        with pytest.raises(MergeError, match=f"cannot {action}.*call unmerge_adapter"):
+            call()
+    model.delete_adapter("b")  # only the merged one is pinned
+
+
+def test_every_unknown_adapter_is_named_with_the_argument_it_came_in():
+    model = two_adapters("llama", dict(target_modules=["q_proj"]))
+    calls = {
+        "": lambda: model.set_adapter(["a", "zz"]),
+        "adapter_names has ": lambda: model(input_ids=tiny_batch(), adapter_names=["a", "zz"]),
+        "selected_adapters has ": lambda: model.save_pretrained("unused", selected_adapters=["zz"]),
+    }
+    for where, call in calls.items():
+        with pytest.raises(ConfigError, match=rf"^{where}unknown adapter\(s\) \['zz'\]; loaded adapters: \['a', 'b'\]"):
+            call()
+
+
 @pytest.mark.parametrize("arch,kw", MIXED[:3], ids=["llama", "llama-dora", "gpt2"])  # LoRA layers add up
 def test_set_adapter_list_is_the_sum(arch, kw):
     model = two_adapters(arch, kw)

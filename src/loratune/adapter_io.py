@@ -23,9 +23,10 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .atomic import atomic_directory
+from .base_layers import is_quantized
 from .config import CONFIG_NAME, LoraConfig
 from .errors import AdapterError
-from .layers import LoraLayer, ModulesToSave, owned_by_adapter
+from .layers import LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
 
 logger = logging.getLogger(__name__)
 
@@ -200,6 +201,34 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, bias: str, tensors
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key].to(param.dtype))
+
+
+def load_adapter_weights(model: nn.Module, adapter_name: str, config: LoraConfig, tensors: dict[str, Tensor],
+                         *, source: str) -> None:
+    """Load saved tensors into an adapter injected with plain init, then redo a base-rewriting init.
+
+    A PiSSA or OLoRA adapter's factors belong to the residual base W - scaling * B0 @ A0 that its
+    init made. As in PEFT, that init runs again once the file has fit (rewriting the base), and
+    the saved factors go back over the ones it set, so the loaded model is the trained one.
+
+    Raises:
+        AdapterError: the tensors do not fit (see `load_adapter_tensors`), or a base-rewriting init
+            meets a quantized base.
+    """
+    load_adapter_tensors(model, adapter_name, config.bias, tensors, source=source)
+    if not config.rewrites_base:
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear) and adapter_name in m.r]
+    if any(is_quantized(m.base_layer) for m in layers):  # before any base is rewritten
+        raise AdapterError(f"{source}: init_lora_weights={config.init_lora_weights!r} adapters need an "
+                           "unquantized base (their init rewrites the base weights)")
+    for layer in layers:
+        factors = (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
+        saved = [t.detach().clone() for t in factors]
+        layer.reset_lora_parameters(adapter_name, config.init_lora_weights)  # rewrites W into the residual
+        with torch.no_grad():
+            for t, value in zip(factors, saved):
+                t.copy_(value)
 
 
 def _saved_copy_aliases(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:

@@ -21,9 +21,10 @@ from . import adapter_io, merge
 from .adapter_names import BASE_ADAPTER, adapter_name_problem
 from .base_layers import is_quantized
 from .config import LoraConfig
-from .errors import AdapterError, ConfigError, MergeError, UnsupportedFeatureError
+from .errors import AdapterError, ConfigError, MergeError
 from .inject import inject_adapter, resolve_config, set_submodule
 from .layers import LoraLayer, LoraLinear, ModulesToSave, module_key, owned_by_adapter
+from .peft_kwargs import check_peft_kwargs
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +84,7 @@ class LoraModel(nn.Module):
         if not isinstance(peft_config, LoraConfig):
             raise ConfigError(f"expected a loratune LoraConfig, got {type(peft_config).__name__}")
         self._check_new_adapter_name(adapter_name)
-        if any(layer.merged for layer in self._layers() if isinstance(layer, LoraLayer)):
-            raise MergeError("cannot add an adapter while adapters are merged; call unmerge_adapter() first")
+        self._refuse_if_merged("add an adapter")
         config = resolve_config(self.model, peft_config)
         try:
             targets = inject_adapter(self.model, config, adapter_name)
@@ -117,9 +117,7 @@ class LoraModel(nn.Module):
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters active (a list sums them); only active adapters are trainable."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ConfigError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}")
+        self._require_known(names)
         self._active = names
         self._apply_active()
 
@@ -138,10 +136,8 @@ class LoraModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter's weights; if it was active, the remaining active ones stay."""
-        if adapter_name not in self.peft_config:
-            raise ConfigError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(self.peft_config)}")
-        if any(isinstance(layer, LoraLayer) and adapter_name in layer.merged_adapters for layer in self._layers()):
-            raise MergeError(f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() first")
+        self._require_known([adapter_name])
+        self._refuse_if_merged(f"delete adapter {adapter_name!r}", adapter_name)
         self._remove_adapter_weights(adapter_name)
         del self.peft_config[adapter_name]
         self._active = [n for n in self._active if n != adapter_name]
@@ -154,6 +150,23 @@ class LoraModel(nn.Module):
                 original = module.base_layer if isinstance(module, LoraLayer) else module.original_module
                 set_submodule(self.model, name, original)
 
+    def _require_known(self, names: list[str], *, argument: str | None = None) -> None:
+        """Raise ConfigError naming the adapters in `names` that are not loaded."""
+        unknown = [n for n in dict.fromkeys(names) if n not in self.peft_config]
+        if unknown:
+            where = f"{argument} has " if argument else ""
+            raise ConfigError(f"{where}unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}")
+
+    def _refuse_if_merged(self, action: str, adapter_name: str | None = None) -> None:
+        """Raise MergeError if any adapter (or `adapter_name`) is merged: `action` needs them apart."""
+        layers = [layer for layer in self._layers() if isinstance(layer, LoraLayer)]
+        if adapter_name is None:
+            merged, what = any(layer.merged for layer in layers), "adapters are"
+        else:
+            merged, what = any(adapter_name in layer.merged_adapters for layer in layers), "it is"
+        if merged:
+            raise MergeError(f"cannot {action}: {what} merged into the base weights; call unmerge_adapter() first")
+
     def _remove_adapter_weights(self, adapter_name: str) -> None:
         for layer in self._layers():
             layer.delete_adapter(adapter_name)
@@ -161,9 +174,8 @@ class LoraModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the plain base model inside the block; state is restored even if it raises."""
+        self._refuse_if_merged("disable adapters")
         layers = list(self._layers())
-        if any(isinstance(layer, LoraLayer) and layer.merged for layer in layers):
-            raise MergeError("adapters are merged into the base weights; call unmerge_adapter() before disable_adapter()")
         previous = [layer.disable_adapters for layer in layers]
         for layer in layers:
             layer.disable_adapters = True
@@ -182,10 +194,8 @@ class LoraModel(nn.Module):
         self._set_adapter_layers(enabled=True)
 
     def _set_adapter_layers(self, *, enabled: bool) -> None:
-        layers = list(self._layers())
-        if any(isinstance(layer, LoraLayer) and layer.merged for layer in layers):
-            raise MergeError("adapters are merged into the base weights; call unmerge_adapter() first")
-        for layer in layers:
+        self._refuse_if_merged(f"{'enable' if enabled else 'disable'} adapter layers")
+        for layer in self._layers():
             layer.disable_adapters = not enabled
 
     # ----- running -------------------------------------------------------------------------------
@@ -206,15 +216,12 @@ class LoraModel(nn.Module):
     def _mixed_batch(self, adapter_names: list[str], args, kwargs) -> Iterator[None]:
         """Route rows to adapters for one call: one group of row indices per distinct name."""
         names = list(adapter_names)
-        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
-        if unknown:
-            raise ConfigError(f"adapter_names has unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}")
+        self._require_known([n for n in names if n != BASE_ADAPTER], argument="adapter_names")
         inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
         if isinstance(inputs, Tensor) and inputs.shape[0] != len(names):
             raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {inputs.shape[0]} rows")
+        self._refuse_if_merged("route rows with adapter_names")
         layers = list(self._layers())
-        if any(isinstance(layer, LoraLayer) and layer.merged for layer in layers):
-            raise MergeError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         groups = []
         for name in dict.fromkeys(names):
@@ -259,9 +266,7 @@ class LoraModel(nn.Module):
 
     def _merge_names(self, adapter_names: list[str] | None) -> list[str]:
         names = list(adapter_names) if adapter_names is not None else list(self._active)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ConfigError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}")
+        self._require_known(names)
         return names
 
     def _unload(self, keep_saved_copies: bool) -> nn.Module:
@@ -304,24 +309,18 @@ class LoraModel(nn.Module):
         """Write each adapter in PEFT's format; non-default names go to a sub-folder.
 
         Of PEFT's other keyword arguments, `is_main_process=False` writes nothing (other ranks of a
-        distributed run), `path_initial_model_for_weight_conversion` (PiSSA/OLoRA -> LoRA conversion)
-        is refused by name, and `save_embedding_layers=True` and the rest are ignored with a warning.
+        distributed run); the rest go through `check_peft_kwargs`: PiSSA/OLoRA -> LoRA conversion
+        (`path_initial_model_for_weight_conversion`) is refused by name, and
+        `save_embedding_layers=True` and the like are ignored with a warning.
         """
-        if kwargs.pop("path_initial_model_for_weight_conversion", None) is not None:
-            raise UnsupportedFeatureError("save_pretrained(path_initial_model_for_weight_conversion=...) is not "
-                                          "supported; PiSSA/OLoRA adapters are saved as trained and reload as trained")
-        if not kwargs.pop("is_main_process", True):
+        is_main_process = kwargs.pop("is_main_process", True)
+        check_peft_kwargs("save_pretrained", kwargs)
+        if not is_main_process:
             return
-        ignored = {k: v for k, v in kwargs.items() if v not in (None, False, "auto")}
-        if ignored:
-            logger.warning("save_pretrained: ignoring %s (not supported by loratune)",
-                           ", ".join(f"{k}={v!r}" for k, v in ignored.items()))
         if not safe_serialization:
             logger.warning("loratune writes safetensors only; ignoring safe_serialization=False")
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ConfigError(f"selected_adapters has unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}")
+        self._require_known(names, argument="selected_adapters")
         for name in names:
             config = replace(self.peft_config[name], inference_mode=True)
             tensors = adapter_io.adapter_state_dict(self.model, name, config.bias)
@@ -332,7 +331,12 @@ class LoraModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None,
                         subfolder: str | None = None, revision: str | None = None, **kwargs) -> LoraModel:
-        """Wrap `model` and load a saved adapter into it (strictly: every tensor must fit)."""
+        """Wrap `model` and load a saved adapter into it (strictly: every tensor must fit).
+
+        PEFT's other keyword arguments go through `check_peft_kwargs` (ignored with a warning, or
+        refused by name when they would change the result).
+        """
+        check_peft_kwargs("PeftModel.from_pretrained", kwargs)
         file_config, tensors = adapter_io.read_adapter(model_id, subfolder=subfolder, revision=revision)
         return cls.from_adapter(model, config or file_config, tensors, source=str(model_id),
                                 adapter_name=adapter_name, is_trainable=is_trainable)
@@ -361,7 +365,11 @@ class LoraModel(nn.Module):
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      subfolder: str | None = None, revision: str | None = None, **kwargs) -> None:
-        """Load a saved adapter under a new name (inactive); on any error the model is unchanged."""
+        """Load a saved adapter under a new name (inactive); on any error the model is unchanged.
+
+        PEFT's other keyword arguments go through `check_peft_kwargs`, as in `from_pretrained`.
+        """
+        check_peft_kwargs("load_adapter", kwargs)
         file_config, tensors = adapter_io.read_adapter(model_id, subfolder=subfolder, revision=revision)
         config = replace(file_config, inference_mode=not is_trainable)
         self.add_adapter(adapter_name, replace(config, init_lora_weights=True))
@@ -375,25 +383,8 @@ class LoraModel(nn.Module):
             self.eval()  # as PEFT: the new adapter's dropout modules would otherwise start in training mode
 
     def _fill_adapter(self, adapter_name: str, config: LoraConfig, tensors: dict, source: str) -> None:
-        """Load saved tensors into an adapter injected with plain init; record its real init method.
-
-        A PiSSA or OLoRA adapter's factors belong to the residual base W - scaling * B0 @ A0 that its
-        init made. As in PEFT, that init runs again once the file has fit (rewriting the base), and
-        the saved factors go back over the ones it set, so the loaded model is the trained one.
-        """
-        adapter_io.load_adapter_tensors(self.model, adapter_name, config.bias, tensors, source=source)
-        if config.rewrites_base:
-            layers = [m for m in self.model.modules() if isinstance(m, LoraLinear) and adapter_name in m.r]
-            if any(is_quantized(m.base_layer) for m in layers):  # before any base is rewritten
-                raise AdapterError(f"{source}: init_lora_weights={config.init_lora_weights!r} adapters need an "
-                                   "unquantized base (their init rewrites the base weights)")
-            for layer in layers:
-                factors = (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
-                saved = [t.detach().clone() for t in factors]
-                layer.reset_lora_parameters(adapter_name, config.init_lora_weights)  # rewrites W into the residual
-                with torch.no_grad():
-                    for t, value in zip(factors, saved):
-                        t.copy_(value)
+        """Load saved tensors into an adapter injected with plain init; record its real init method."""
+        adapter_io.load_adapter_weights(self.model, adapter_name, config, tensors, source=source)
         self.peft_config[adapter_name] = replace(self.peft_config[adapter_name],
                                                  init_lora_weights=config.init_lora_weights)
         self._apply_active()
@@ -403,5 +394,10 @@ PeftModelForCausalLM = LoraModel
 
 
 def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs) -> LoraModel:
-    """Inject a LoRA adapter into `model` (in place) and return the wrapping LoraModel."""
+    """Inject a LoRA adapter into `model` (in place) and return the wrapping LoraModel.
+
+    PEFT's other keyword arguments (`mixed`, `autocast_adapter_dtype`, `revision`,
+    `low_cpu_mem_usage`) go through `check_peft_kwargs`: ignored with a warning, or refused by name.
+    """
+    check_peft_kwargs("get_peft_model", kwargs)
     return LoraModel(model, peft_config, adapter_name)
