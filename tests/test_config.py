@@ -155,3 +155,16 @@ def test_defaults_equal_peft(field, _):
     peft = pytest.importorskip("peft")
     ours, theirs = getattr(LoraConfig(), field), getattr(peft.LoraConfig(), field)
     assert ours == theirs or str(ours) == str(theirs)
+
+
+
+def test_config_does_not_import_adapter_io():
+    """config.py finds adapter_config.json through adapter_files; adapter_io (the tensors) builds on config."""
+    import ast
+    import inspect
+
+    import loratune.config
+
+    tree = ast.parse(inspect.getsource(loratune.config))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "adapter_files" in imported and "adapter_io" not in imported

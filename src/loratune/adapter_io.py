@@ -15,25 +15,22 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .adapter_files import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, resolve_adapter_file
 from .atomic import atomic_directory
 from .base_layers import is_quantized
-from .config import CONFIG_NAME, LoraConfig
+from .config import LoraConfig
 from .errors import AdapterError
 from .layers import LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."  # every tensor key of PEFT's format starts with it
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
 _DORA_SUFFIX = "lora_magnitude_vector.weight"
 # PEFT also saves the full base weight of adapted embedding layers (vocabulary may be resized);
 # such a file is valid, so these keys are accepted (and loaded) when present, never required.
@@ -106,35 +103,6 @@ def model_card(config: LoraConfig, tensors: dict[str, Tensor]) -> str:
 
 
 # ----- reading ------------------------------------------------------------------------------------
-
-
-def resolve_adapter_file(path: str, filename: str, *, subfolder: str | None = None,
-                         revision: str | None = None) -> str | None:
-    """Return a local path to `filename` of an adapter (local directory or hub repo), or None."""
-    path = os.fspath(path)
-    local_dir = os.path.join(path, subfolder) if subfolder else path
-    if os.path.isdir(path):
-        candidate = os.path.join(local_dir, filename)
-        return candidate if os.path.isfile(candidate) else None
-    if os.path.exists(path):  # a file: most often one of the adapter's own files
-        parent = os.path.dirname(os.path.abspath(path))
-        hint = (f"did you mean its directory {parent}?" if os.path.isfile(os.path.join(parent, CONFIG_NAME))
-                else f"pass the adapter directory (the one holding {CONFIG_NAME})")
-        raise AdapterError(f"{path}: is a file, not an adapter directory; {hint}")
-    if not _HUB_ID.fullmatch(path):
-        raise AdapterError(f"{path}: no such adapter directory")
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        try:
-            return hf_hub_download(path, filename, subfolder=subfolder, revision=revision)
-        except EntryNotFoundError:
-            return None
-    except AdapterError:
-        raise
-    except Exception as err:  # offline, unknown repo, auth: all mean "cannot get this adapter"
-        raise AdapterError(f"{path}: no such local directory, and it could not be fetched from the hub ({type(err).__name__})") from None
 
 
 def read_adapter(path: str, *, subfolder: str | None = None, revision: str | None = None,

@@ -19,11 +19,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .adapter_files import CONFIG_NAME, resolve_adapter_file
 from .errors import AdapterError, ConfigError, UnsupportedFeatureError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
 INIT_METHODS = (True, False, "gaussian", "pissa", "olora")
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -255,8 +255,6 @@ class LoraConfig:
     @classmethod
     def from_pretrained(cls, path: str, *, subfolder: str | None = None, revision: str | None = None) -> LoraConfig:
         """Read `adapter_config.json` from a local adapter directory or a hub repository."""
-        from .adapter_io import resolve_adapter_file
-
         config_file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder, revision=revision)
         if config_file is None:
             raise AdapterError(f"{path}: no {CONFIG_NAME} found (is this a LoRA adapter directory?)")

@@ -13,6 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
+
 
 def move_keeping_dtypes(module: nn.Module, fn: Callable[[Tensor], Tensor], super_apply: Callable) -> nn.Module:
     """Run nn.Module._apply(fn) but only move (never cast) the module's floating buffers."""
@@ -36,7 +38,5 @@ def storage_nbytes(module: nn.Module) -> int:
 
 def check_weight(weight: Tensor, name: str) -> None:
     """Refuse to quantize a weight holding NaN/Inf: its block scale would poison every neighbour."""
-    from ..errors import ConfigError
-
     if not torch.isfinite(weight).all():
         raise ConfigError(f"cannot quantize {name or 'layer'}: its weight holds NaN or Inf values")
