@@ -189,7 +189,8 @@ WEIGHTED = [
 
 
 def two_adapters(arch, kw, r_b=2, seed=0):
-    model = get_peft_model(tiny_model(arch, seed=seed), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw), "a")
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw)
+    model = get_peft_model(tiny_model(arch, seed=seed), config, "a")
     model.add_adapter("b", LoraConfig(r=r_b, lora_alpha=3, use_rslora=True, init_lora_weights=False, **kw))
     perturb(model)
     return model
@@ -233,7 +234,8 @@ def test_svd_at_full_rank_is_exact_and_truncation_is_best_rank_r(arch, kw):
         flat = target.reshape(target.shape[0], -1)
         U, S, Vh = torch.linalg.svd(flat, full_matrices=False)
         best3 = (U[:, :3] * S[:3]) @ Vh[:3]
-        assert_close(layer.delta_weight("trunc").double().reshape(flat.shape) / norm, best3 / norm, torch.float32)
+        truncated = layer.delta_weight("trunc").double().reshape(flat.shape)
+        assert_close(truncated / norm, best3 / norm, torch.float32)
         assert layer.r["trunc"] == 3
 
 
@@ -290,7 +292,8 @@ def test_weighted_adapter_saves_and_reloads(tmp_path):
 
 
 def test_layer_safe_merge_of_several_adapters_writes_nothing_when_one_is_bad():
-    model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "good")
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(tiny_model(), config, "good")
     model.add_adapter("bad", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     layer = model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():

@@ -53,7 +53,8 @@ def test_get_peft_model(caplog):
 
 def test_from_pretrained_and_load_adapter(tmp_path, caplog):
     get_peft_model(tiny_model(), LoraConfig(**CFG)).save_pretrained(str(tmp_path))
-    with pytest.raises(UnsupportedFeatureError, match="PeftModel.from_pretrained: .*autocast_adapter_dtype=False"):
+    refused = "PeftModel.from_pretrained: .*autocast_adapter_dtype=False"
+    with pytest.raises(UnsupportedFeatureError, match=refused):
         PeftModel.from_pretrained(tiny_model(), str(tmp_path), autocast_adapter_dtype=False)
     with caplog.at_level(logging.WARNING):
         model = PeftModel.from_pretrained(tiny_model(), str(tmp_path), ephemeral_gpu_offload=True)

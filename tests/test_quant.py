@@ -77,7 +77,8 @@ def test_4bit_error_within_block_bound(w, quant_type):
     idx, absmax = bw.quantize_blockwise(w, code, 64)
     deq = bw.dequantize_blockwise(idx, absmax, code)[: w.numel()]
     x, scale = w.reshape(-1), _per_value_absmax(absmax, w.numel(), 64)
-    assert torch.equal(absmax, torch.nn.functional.pad(x, (0, absmax.numel() * 64 - x.numel())).view(-1, 64).abs().amax(1))
+    padded = torch.nn.functional.pad(x, (0, absmax.numel() * 64 - x.numel()))
+    assert torch.equal(absmax, padded.view(-1, 64).abs().amax(1))
     err = (x - deq).abs()
     assert bool((err <= bw.max_half_gap(code) * scale * (1 + EPS)).all())
     # and the chosen code is a nearest one, not just within the worst-case bound
@@ -296,6 +297,7 @@ def test_bitsandbytes_backend_agrees_with_reference():
     quantize_model(model, bits=4, double_quant=True)
     theirs = model[0]
     assert isinstance(theirs, BnbLinear4bit) and theirs.is_quantized
-    torch.testing.assert_close(theirs.dequantize(torch.float32), ours.dequantize(torch.float32), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(theirs.dequantize(torch.float32), ours.dequantize(torch.float32),
+                               atol=1e-2, rtol=1e-2)
     x = torch.randn(4, 256, device="cuda")
     torch.testing.assert_close(theirs(x), ours(x), **TOL[torch.bfloat16])

@@ -44,4 +44,5 @@ def resolve_adapter_file(path: str, filename: str, *, subfolder: str | None = No
     except AdapterError:
         raise
     except Exception as err:  # offline, unknown repo, auth: all mean "cannot get this adapter"
-        raise AdapterError(f"{path}: no such local directory, and it could not be fetched from the hub ({type(err).__name__})") from None
+        raise AdapterError(f"{path}: no such local directory, and it could not be fetched from the hub "
+                           f"({type(err).__name__})") from None

@@ -84,7 +84,8 @@ def model_card(config: LoraConfig, tensors: dict[str, Tensor]) -> str:
     """A short README.md for the hub: what this adapter is and how to load it."""
     base = config.base_model_name_or_path or "unknown"
     n_params = sum(t.numel() for t in tensors.values())
-    targets = config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules or [])
+    targets = config.target_modules
+    targets = targets if isinstance(targets, str) else ", ".join(targets or [])
     return (
         "---\n"
         f"base_model: {base}\n"
@@ -121,15 +122,18 @@ def read_adapter(path: str, *, subfolder: str | None = None, revision: str | Non
         except (SafetensorError, OSError, ValueError) as err:
             raise AdapterError(f"{weights}: not a readable safetensors file ({err})") from None
     else:
-        bin_file = None if safetensors_only else resolve_adapter_file(path, BIN_NAME, subfolder=subfolder, revision=revision)
+        bin_file = None if safetensors_only else resolve_adapter_file(path, BIN_NAME, subfolder=subfolder,
+                                                                      revision=revision)
         if bin_file is None:
             has_bin = os.path.isfile(os.path.join(path, subfolder or "", BIN_NAME))
-            only = f" (only safetensors is accepted here; {BIN_NAME} is not)" if safetensors_only and has_bin else ""
+            only = (f" (only safetensors is accepted here; {BIN_NAME} is not)"
+                    if safetensors_only and has_bin else "")
             raise AdapterError(f"{path}: no {SAFETENSORS_NAME}{only}")
         try:
             tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise AdapterError(f"{bin_file}: cannot be read safely with torch.load(weights_only=True): {err}") from None
+            raise AdapterError(f"{bin_file}: cannot be read safely with torch.load(weights_only=True): "
+                               f"{err}") from None
         if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
             raise AdapterError(f"{bin_file}: expected a dict of tensors")
     return config, _normalise_keys(tensors, source=weights or path)
@@ -138,7 +142,8 @@ def read_adapter(path: str, *, subfolder: str | None = None, revision: str | Non
 def _normalise_keys(tensors: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
-        raise AdapterError(f"{source}: tensor keys must start with {PREFIX!r} (PEFT layout); got e.g. {bad[0]!r}")
+        raise AdapterError(f"{source}: tensor keys must start with {PREFIX!r} (PEFT layout); "
+                           f"got e.g. {bad[0]!r}")
     # Older PEFT files store DoRA magnitudes with a trailing ".weight"; accept both spellings.
     return {(k[: -len(".weight")] if k.endswith(_DORA_SUFFIX) else k): v for k, v in tensors.items()}
 
@@ -162,7 +167,8 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, bias: str, tensors
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)):
         if items:
-            shown = "\n    ".join(items[:8]) + (f"\n    ... and {len(items) - 8} more" if len(items) > 8 else "")
+            more = f"\n    ... and {len(items) - 8} more" if len(items) > 8 else ""
+            shown = "\n    ".join(items[:8]) + more
             problems.append(f"{len(items)} {label} tensor(s):\n    {shown}")
     if problems:
         raise AdapterError(f"{source}: adapter does not fit the model:\n  " + "\n  ".join(problems))
@@ -218,7 +224,8 @@ def _embedding_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def nonfinite_keys(tensors: dict[str, Tensor]) -> list[str]:
     """The keys of the floating-point tensors that hold a NaN or an Inf, sorted."""
-    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    return sorted(k for k, t in tensors.items()
+                  if t.is_floating_point() and not bool(torch.isfinite(t).all()))
 
 
 def check_finite(tensors: dict[str, Tensor], *, source: str) -> None:
@@ -231,4 +238,5 @@ def check_finite(tensors: dict[str, Tensor], *, source: str) -> None:
     if bad:
         shown = ", ".join(bad[:5]) + (f", ... and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise AdapterError(f"{source}: {len(bad)} of {len(tensors)} adapter tensor(s) hold NaN or Inf values "
-                           f"({shown}); the run that saved it diverged: retrain, or use an earlier checkpoint")
+                           f"({shown}); the run that saved it diverged: retrain, "
+                           "or use an earlier checkpoint")

@@ -120,7 +120,8 @@ class LoraConfig:
     rank_pattern: dict[str, int] = field(
         default_factory=dict, metadata=_help("per-module rank overrides: {name or regex suffix: r}"))
     alpha_pattern: dict[str, float] = field(
-        default_factory=dict, metadata=_help("per-module lora_alpha overrides: {name or regex suffix: alpha}"))
+        default_factory=dict,
+        metadata=_help("per-module lora_alpha overrides: {name or regex suffix: alpha}"))
     init_lora_weights: bool | str = field(default=True, metadata=_help(
         'True (A kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), False (random B; tests), '
         '"pissa" / "pissa_niter_N" (principal singular vectors) or "olora" (QR); the last two rewrite '
@@ -160,9 +161,11 @@ class LoraConfig:
     # ----- PEFT's fields that carry no behaviour here: any value accepted, none written ----------
     auto_mapping: dict | None = _inert(None, "PEFT's auto-class bookkeeping")
     peft_version: str | None = _inert(None, "the PEFT version that wrote the file")
-    megatron_core: str | None = _inert("megatron.core", "module for megatron_config (unused while that is off)")
+    megatron_core: str | None = _inert("megatron.core",
+                                       "module for megatron_config (unused while that is off)")
     qalora_group_size: int = _inert(16, "group size for use_qalora (unused while that is off)")
-    runtime_config: Any = _inert(None, "PEFT's runtime options (ephemeral_gpu_offload); not saved by PEFT either")
+    runtime_config: Any = _inert(None,
+                                 "PEFT's runtime options (ephemeral_gpu_offload); not saved by PEFT either")
     use_dora_on_embeddings: bool | None = _inert(None, "DoRA on embeddings (refused by the layer itself)")
 
     @property
@@ -207,7 +210,8 @@ class LoraConfig:
         init = self.init_lora_weights
         if init not in INIT_METHODS and not (isinstance(init, str) and init.startswith("pissa_niter_")):
             hint = " (loftq, eva and corda are not supported)" if isinstance(init, str) else ""
-            out.append(f"init_lora_weights must be one of {INIT_METHODS} or 'pissa_niter_N', got {init!r}{hint}")
+            out.append(f"init_lora_weights must be one of {INIT_METHODS} or 'pissa_niter_N', "
+                       f"got {init!r}{hint}")
         if self.task_type is not None and str(self.task_type) not in TaskType._value2member_map_:
             out.append(f"task_type must be one of {[t.value for t in TaskType]}, got {self.task_type!r}")
         if self.peft_type not in ("LORA", None):
@@ -216,7 +220,8 @@ class LoraConfig:
             out.append("layers_to_transform cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             out.append("layers_pattern is only used together with layers_to_transform")
-        if isinstance(init, str) and init.startswith("pissa_niter_") and not init[len("pissa_niter_"):].isdigit():
+        if isinstance(init, str) and init.startswith("pissa_niter_") \
+                and not init[len("pissa_niter_"):].isdigit():
             out.append(f"init_lora_weights {init!r}: the pissa_niter_ suffix must be a number of iterations")
         for name in ("target_modules", "exclude_modules"):
             out += _module_spec_problems(name, getattr(self, name))
@@ -227,7 +232,8 @@ class LoraConfig:
             for key, value in pattern.items():
                 out += _regex_problems(f"{name} key {key!r}", key)
                 number = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if name == "rank_pattern" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                positive_int = isinstance(value, int) and not isinstance(value, bool) and value > 0
+                if name == "rank_pattern" and not positive_int:
                     out.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
                 elif name == "alpha_pattern" and not number:
                     out.append(f"alpha_pattern[{key!r}] must be a number, got {value!r}")
@@ -258,13 +264,15 @@ class LoraConfig:
         """
         if data.get("peft_type", "LORA") != "LORA":
             raise UnsupportedFeatureError(
-                f"{source}: peft_type {data.get('peft_type')!r} is not supported; loratune reads LoRA adapters only"
+                f"{source}: peft_type {data.get('peft_type')!r} is not supported; "
+                "loratune reads LoRA adapters only"
             )
         known = {f.name for f in dataclasses.fields(cls)}
         refused = _switched_on(data)
         init = data.get("init_lora_weights")
         if isinstance(init, str) and init not in INIT_METHODS and not init.startswith("pissa_niter_"):
-            refused.insert(0, f"init_lora_weights={init!r}")  # PEFT's loftq, eva, corda, ...: other base weights
+            # PEFT's loftq, eva, corda, ...: they start from other base weights
+            refused.insert(0, f"init_lora_weights={init!r}")
         unknown = [k for k in data if k not in known]
         kwargs = {k: v for k, v in data.items() if k in known}
         if refused:
@@ -272,14 +280,16 @@ class LoraConfig:
                 f"{source}: uses PEFT features loratune does not support: {', '.join(refused)}"
             )
         if unknown:
-            logger.warning("%s: ignoring fields unknown to loratune (newer PEFT?): %s", source, ", ".join(sorted(unknown)))
+            logger.warning("%s: ignoring fields unknown to loratune (newer PEFT?): %s", source,
+                           ", ".join(sorted(unknown)))
         try:
             return cls(**kwargs)
         except ConfigError as err:
             raise ConfigError(err.problems, source=source) from None
 
     @classmethod
-    def from_pretrained(cls, path: str, *, subfolder: str | None = None, revision: str | None = None) -> LoraConfig:
+    def from_pretrained(cls, path: str, *, subfolder: str | None = None,
+                        revision: str | None = None) -> LoraConfig:
         """Read `adapter_config.json` from a local adapter directory or a hub repository."""
         config_file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder, revision=revision)
         if config_file is None:

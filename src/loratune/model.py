@@ -92,8 +92,8 @@ class LoraModel(nn.Module):
             self._remove_adapter_weights(adapter_name)
             self._unwrap_empty_layers()
             raise
-        if any(isinstance(self.model.get_submodule(t), LoraLinear) and self.model.get_submodule(t).fan_in_fan_out
-               for t in targets):
+        layers = [self.model.get_submodule(t) for t in targets]
+        if any(isinstance(layer, LoraLinear) and layer.fan_in_fan_out for layer in layers):
             config = replace(config, fan_in_fan_out=True)  # what PEFT writes for Conv1D bases
         if config.base_model_name_or_path is None:
             name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
@@ -110,7 +110,8 @@ class LoraModel(nn.Module):
         # names ("train", "eval", "keys", "copy", ...) with a bare KeyError deep inside injection.
         key = module_key(adapter_name)
         if hasattr(nn.ModuleDict(), key) or hasattr(nn.ParameterDict(), key):
-            raise ConfigError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; choose another name")
+            raise ConfigError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; "
+                              "choose another name")
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists; delete_adapter() it first")
 
@@ -126,8 +127,9 @@ class LoraModel(nn.Module):
         for layer in self._layers():
             layer.set_active(self._active, trainable)
         for name, param in self.model.named_parameters():
+            # a modules_to_save original stays frozen, as in PEFT
             if name.endswith("bias") and not owned_by_adapter(name) \
-                    and ".original_module." not in name:  # a modules_to_save original stays frozen, as in PEFT
+                    and ".original_module." not in name:
                 param.requires_grad_(trainable and self._bias_trains(name))
 
     def _bias_trains(self, param_name: str) -> bool:
@@ -155,7 +157,8 @@ class LoraModel(nn.Module):
         unknown = [n for n in dict.fromkeys(names) if n not in self.peft_config]
         if unknown:
             where = f"{argument} has " if argument else ""
-            raise ConfigError(f"{where}unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}")
+            raise ConfigError(f"{where}unknown adapter(s) {unknown}; "
+                              f"loaded adapters: {sorted(self.peft_config)}")
 
     def _refuse_if_merged(self, action: str, adapter_name: str | None = None) -> None:
         """Raise MergeError if any adapter (or `adapter_name`) is merged: `action` needs them apart."""
@@ -165,7 +168,8 @@ class LoraModel(nn.Module):
         else:
             merged, what = any(adapter_name in layer.merged_adapters for layer in layers), "it is"
         if merged:
-            raise MergeError(f"cannot {action}: {what} merged into the base weights; call unmerge_adapter() first")
+            raise MergeError(f"cannot {action}: {what} merged into the base weights; "
+                             "call unmerge_adapter() first")
 
     def _remove_adapter_weights(self, adapter_name: str) -> None:
         for layer in self._layers():
@@ -219,13 +223,15 @@ class LoraModel(nn.Module):
         self._require_known([n for n in names if n != BASE_ADAPTER], argument="adapter_names")
         inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
         if isinstance(inputs, Tensor) and inputs.shape[0] != len(names):
-            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {inputs.shape[0]} rows")
+            raise ConfigError(f"adapter_names has {len(names)} entries "
+                              f"but the batch has {inputs.shape[0]} rows")
         self._refuse_if_merged("route rows with adapter_names")
         layers = list(self._layers())
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         groups = []
         for name in dict.fromkeys(names):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long, device=device)
+            rows = [i for i, n in enumerate(names) if n == name]
+            rows = torch.tensor(rows, dtype=torch.long, device=device)
             groups.append((name, rows))
         for layer in layers:
             layer.batch_groups = groups
@@ -283,10 +289,12 @@ class LoraModel(nn.Module):
         return self.model
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None, **svd_options) -> None:
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             **svd_options) -> None:
         """Create `adapter_name` as a weighted combination of existing adapters (see merge.py; PEFT's
         svd_clamp, svd_full_matrices and svd_driver are taken)."""
-        merge.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, **svd_options)
+        merge.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank,
+                                   **svd_options)
 
     # ----- parameters ----------------------------------------------------------------------------
 
@@ -393,7 +401,8 @@ PeftModel = LoraModel
 PeftModelForCausalLM = LoraModel
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs) -> LoraModel:
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   **kwargs) -> LoraModel:
     """Inject a LoRA adapter into `model` (in place) and return the wrapping LoraModel.
 
     PEFT's other keyword arguments (`mixed`, `autocast_adapter_dtype`, `revision`,

@@ -4,7 +4,8 @@ An injected layer wraps the original module as `base_layer`, so unloading is put
 Adapter weights live in `AdapterModuleDict`/`AdapterParameterDict`s keyed by adapter name, and
 every adapter parameter name starts with `lora_`: that prefix is the only contract for freezing
 and saving. Torch module names cannot hold ".", so an adapter "sql.v2" is stored under the key
-"sql:v2" (`module_key`); the dicts translate, so code indexes them by the adapter name. Subclasses implement `update_layer`, `delta_weight` and `forward`.
+"sql:v2" (`module_key`); the dicts translate, so code indexes them by the adapter name.
+Subclasses implement `update_layer`, `delta_weight` and `forward`.
 
 Mixed batches: `LoraModel` sets `batch_groups` (a list of `(adapter_name, row_index)` pairs) on
 every layer for the duration of one call and always clears it afterwards.
@@ -95,7 +96,8 @@ def refuse_beyond_plain(kind: str, *, use_dora: bool, init_lora_weights) -> None
 class LoraLayer(nn.Module):
     """A frozen `base_layer` plus any number of named low-rank adapters."""
 
-    adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                           "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()

@@ -66,7 +66,8 @@ class LoraLinear(LoraLayer):
             return
         # "pissa", "pissa_niter_N", "olora": A, B from the base weight, which they rewrite
         if is_quantized(self.base_layer):
-            raise UnsupportedFeatureError(f"init_lora_weights={init_lora_weights!r} needs an unquantized base")
+            raise UnsupportedFeatureError(
+                f"init_lora_weights={init_lora_weights!r} needs an unquantized base")
         init_from_base(self, adapter_name, init_lora_weights)
 
     # ----- weights -------------------------------------------------------------------------------
@@ -134,7 +135,8 @@ class LoraLinear(LoraLayer):
         Conv1D base, exactly one active unmerged non-DoRA adapter, no mixed-batch routing.
         Inside `loratune.ops.reference_paths()` the layer always takes its reference path.
         """
-        if not fast_paths_enabled() or args or kwargs or self.disable_adapters or self.batch_groups is not None:
+        if not fast_paths_enabled() or args or kwargs or self.disable_adapters \
+                or self.batch_groups is not None:
             return None
         if len(self.active_adapters) != 1 or self.merged_adapters or self.lora_magnitude_vector:
             return None

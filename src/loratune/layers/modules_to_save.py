@@ -1,7 +1,8 @@
 """`ModulesToSave`: a module trained in full (e.g. a classifier head), one copy per adapter.
 
 The original stays untouched as `original_module`; each adapter gets a trainable deep copy in
-`modules_to_save[adapter_name]` (an AdapterModuleDict), which PEFT's file format stores under the module's own name.
+`modules_to_save[adapter_name]` (an AdapterModuleDict), which PEFT's file format stores under
+the module's own name.
 """
 
 from __future__ import annotations

@@ -126,7 +126,8 @@ def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", comp
         logger.warning("quantize_model: no nn.Linear layer to quantize (skip_modules=%s)", list(skip_modules))
     else:
         logger.info("quantized %d linear layers to %s: %.1f MiB -> %.1f MiB", len(done),
-                    f"{bits}-bit {quant_type if bits == 4 else 'int8'}", nbytes_before / 2**20, nbytes_after / 2**20)
+                    f"{bits}-bit {quant_type if bits == 4 else 'int8'}", nbytes_before / 2**20,
+                    nbytes_after / 2**20)
     return model
 
 

@@ -30,7 +30,8 @@ class Linear8bit(TiledQuantizedLinear):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  compute_dtype: torch.dtype = torch.bfloat16, device=None):
         super().__init__(in_features, out_features, bias, compute_dtype=compute_dtype, device=device)
-        self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("qweight",
+                             torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
 
     @classmethod

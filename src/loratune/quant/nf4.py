@@ -46,7 +46,8 @@ class Linear4bit(TiledQuantizedLinear):
             self.register_buffer("absmax_q", torch.zeros(nblocks, **u8))
             self.register_buffer("absmax_scale", torch.zeros(math.ceil(nblocks / bw.BLOCKSIZE_ABSMAX), **f32))
             self.register_buffer("absmax_offset", torch.zeros((), **f32))
-            self.register_buffer("absmax_code", bw.code_tensor(bw.dynamic_map_8bit(), device), persistent=False)
+            self.register_buffer("absmax_code", bw.code_tensor(bw.dynamic_map_8bit(), device),
+                                 persistent=False)
         else:
             self.register_buffer("absmax", torch.zeros(nblocks, **f32))
         self.register_buffer("code", bw.code_tensor(bw.CODES_4BIT[quant_type], device), persistent=False)
