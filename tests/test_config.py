@@ -7,6 +7,7 @@ import copy
 import dataclasses
 import json
 import logging
+import re
 
 import pytest
 
@@ -35,8 +36,9 @@ def test_bad_module_specs_are_config_errors_naming_the_field(kwargs, names):
 
 
 def test_valid_module_specs_pass():
-    LoraConfig(target_modules=("q_proj", "v_proj"), exclude_modules=r".*lm_head", rank_pattern={r"layers\.0\.q_proj": 8},
-               alpha_pattern={"q_proj": 2.5}, init_lora_weights="pissa_niter_4")
+    LoraConfig(target_modules=("q_proj", "v_proj"), exclude_modules=r".*lm_head",
+               rank_pattern={r"layers\.0\.q_proj": 8}, alpha_pattern={"q_proj": 2.5},
+               init_lora_weights="pissa_niter_4")
 
 
 def test_layers_use_the_config_scaling():
@@ -104,6 +106,37 @@ def test_unsupported_features_are_refused_by_name(field, value):
     assert repr(value) in str(err.value) and "cfg.json" in str(err.value)
 
 
+@pytest.mark.parametrize("field,value", [
+    ("lora_bias", True), ("use_qalora", True), ("layer_replication", [[0, 2]]),
+    ("loftq_config", {"loftq_bits": 4}), ("target_parameters", ["w"]),
+])
+def test_a_peft_only_field_set_on_is_refused_by_name_when_built(field, value):
+    with pytest.raises(UnsupportedFeatureError, match=f"LoraConfig: .*{re.escape(f'{field}={value!r}')}"):
+        LoraConfig(**{field: value})
+
+
+def test_peft_only_fields_are_real_fields_at_peft_defaults_and_never_written():
+    cfg = LoraConfig(lora_bias=False, use_qalora=None, layer_replication=[], loftq_config={},
+                     qalora_group_size=64, runtime_config={"ephemeral_gpu_offload": True}, megatron_core="x")
+    assert cfg.unsupported_features() == [] and cfg.problems() == []
+    peft_only = {f.name for f in dataclasses.fields(LoraConfig) if "peft_only" in f.metadata}
+    assert {"lora_bias", "use_qalora", "qalora_group_size", "runtime_config"} <= peft_only
+    assert not peft_only & set(cfg.to_dict())
+    assert LoraConfig.from_dict(cfg.to_dict()) == LoraConfig()
+    with pytest.raises(UnsupportedFeatureError):
+        dataclasses.replace(cfg, lora_bias=True)
+
+
+def test_problems_names_a_peft_only_field_switched_on():
+    cfg = LoraConfig()
+    cfg.lora_bias = True  # set after validation, as a caller mutating a config might
+    assert cfg.problems() == ["lora_bias=True: a PEFT feature loratune does not support"]
+
+
+def test_every_field_has_help_text():
+    assert all(f.metadata.get("help") for f in dataclasses.fields(LoraConfig))
+
+
 def test_other_peft_types_are_refused():
     with pytest.raises(UnsupportedFeatureError, match="IA3"):
         LoraConfig.from_dict({"peft_type": "IA3", "r": 8})
@@ -149,9 +182,25 @@ def test_copy_compares_equal():
     assert copy.deepcopy(cfg) == cfg
 
 
-@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(LoraConfig)])
+@pytest.mark.parametrize("field", [f.name for f in dataclasses.fields(LoraConfig)
+                                   if f.metadata.get("peft_only") != "ignored"])  # those carry no behaviour
 @pytest.mark.parametrize("_", [pytest.param(None, marks=pytest.mark.parity)])
 def test_defaults_equal_peft(field, _):
     peft = pytest.importorskip("peft")
+    if not hasattr(peft.LoraConfig(), field):
+        pytest.skip(f"this PEFT has no field {field}")
     ours, theirs = getattr(LoraConfig(), field), getattr(peft.LoraConfig(), field)
     assert ours == theirs or str(ours) == str(theirs)
+
+
+
+def test_config_does_not_import_adapter_io():
+    """config.py finds adapter_config.json through adapter_files; adapter_io (tensors) builds on config."""
+    import ast
+    import inspect
+
+    import loratune.config
+
+    tree = ast.parse(inspect.getsource(loratune.config))
+    imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+    assert "adapter_files" in imported and "adapter_io" not in imported

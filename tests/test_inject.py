@@ -37,7 +37,8 @@ def targets(model, **kw) -> list[str]:
 def test_list_entries_match_names_and_dotted_suffixes():
     m = tiny_model("llama")
     assert targets(m, target_modules=["q_proj"]) == [f"model.layers.{i}.self_attn.q_proj" for i in (0, 1)]
-    assert targets(m, target_modules=["self_attn.v_proj"]) == [f"model.layers.{i}.self_attn.v_proj" for i in (0, 1)]
+    expected = [f"model.layers.{i}.self_attn.v_proj" for i in (0, 1)]
+    assert targets(m, target_modules=["self_attn.v_proj"]) == expected
     assert targets(m, target_modules=["model.layers.1.mlp.up_proj"]) == ["model.layers.1.mlp.up_proj"]
 
 
@@ -97,7 +98,9 @@ def test_exclude_modules():
         targets(m, target_modules=["q_proj"], exclude_modules=["q_proj"])
 
 
-@pytest.mark.parametrize("arch,pattern", [("llama", None), ("llama", "layers"), ("gpt2", "h"), ("gpt2", None)])
+@pytest.mark.parametrize("arch,pattern", [
+    ("llama", None), ("llama", "layers"), ("gpt2", "h"), ("gpt2", None),
+])
 def test_layers_to_transform_and_pattern(arch, pattern):
     m = tiny_model(arch)
     name = "q_proj" if arch == "llama" else "c_attn"
@@ -133,7 +136,8 @@ def test_all_linear_excludes_the_output_head(arch, head):
     names = adapted(model.model)
     assert head not in {n.split(".")[-1] for n in names}
     kinds = (nn.Linear, Conv1D)
-    expected = sorted(n for n, mod in tiny_model(arch).named_modules() if isinstance(mod, kinds) and n != head)
+    expected = sorted(n for n, mod in tiny_model(arch).named_modules()
+                      if isinstance(mod, kinds) and n != head)
     assert names == expected
     assert sorted(model.peft_config["default"].target_modules) == sorted({n.split(".")[-1] for n in expected})
 
@@ -148,7 +152,8 @@ def test_rank_and_alpha_patterns():
         r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
         rank_pattern={"q_proj": 2, "model.layers.1.self_attn.v_proj": 3}, alpha_pattern={"v_proj": 6}))
     layers = dict((n, m) for n, m in model.model.named_modules() if isinstance(m, LoraLayer))
-    q0, v0, v1 = (layers[f"model.layers.{i}.self_attn.{p}"] for i, p in ((0, "q_proj"), (0, "v_proj"), (1, "v_proj")))
+    q0, v0, v1 = (layers[f"model.layers.{i}.self_attn.{p}"]
+                  for i, p in ((0, "q_proj"), (0, "v_proj"), (1, "v_proj")))
     assert (q0.r["default"], q0.scaling["default"]) == (2, 8 / 2)
     assert (v0.r["default"], v0.scaling["default"]) == (4, 6 / 4)
     assert (v1.r["default"], v1.scaling["default"]) == (3, 6 / 3)

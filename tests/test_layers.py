@@ -44,8 +44,8 @@ def make_base(kind: str, fin: int, fout: int, *, dtype=torch.float32, seed: int 
     return base.to(dtype).requires_grad_(False)
 
 
-def make_layer(kind: str, fin: int = 6, fout: int = 5, *, r: int = 2, alpha: float = 4.0, rslora: bool = False,
-               init=True, dtype=torch.float32, seed: int = 0, name: str = "default"):
+def make_layer(kind: str, fin: int = 6, fout: int = 5, *, r: int = 2, alpha: float = 4.0,
+               rslora: bool = False, init=True, dtype=torch.float32, seed: int = 0, name: str = "default"):
     layer = build_lora_layer(make_base(kind, fin, fout, dtype=dtype, seed=seed), "layer")
     layer.update_layer(name, r=r, lora_alpha=alpha, lora_dropout=0.0, init_lora_weights=init,
                        use_rslora=rslora, use_dora=kind.startswith("dora"))
@@ -123,7 +123,8 @@ def test_fresh_layer_equals_base_bitwise(kind, dtype):
 @SETTINGS
 def test_layer_matches_closed_form(kind, fin, fout, r, alpha, rslora, batch, seed):
     layer = make_layer(kind, fin, fout, r=r, alpha=alpha, rslora=rslora, init=False, seed=seed)
-    if kind.startswith("dora"):  # a magnitude different from the row norms exercises the m / ||W + sBA|| factor
+    # a magnitude different from the row norms exercises the m / ||W + sBA|| factor
+    if kind.startswith("dora"):
         with torch.no_grad():
             layer.lora_magnitude_vector["default"].weight.mul_(1.5)
     expected_scaling = alpha / math.sqrt(r) if rslora else alpha / r
@@ -200,7 +201,8 @@ def test_safe_merge_refuses_non_finite_and_leaves_weight(kind, bad):
 @pytest.mark.parametrize("padding_mode", ["reflect", "replicate", "circular"])
 def test_conv_padding_modes_merge_exactly(padding_mode):
     torch.manual_seed(0)
-    layer = build_lora_layer(nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode).requires_grad_(False), "c")
+    conv = nn.Conv2d(2, 3, 3, padding=1, padding_mode=padding_mode).requires_grad_(False)
+    layer = build_lora_layer(conv, "c")
     layer.update_layer("default", r=2, lora_alpha=2, lora_dropout=0.0, init_lora_weights=False,
                        use_rslora=False, use_dora=False)
     layer.set_active(["default"], False)
@@ -230,7 +232,8 @@ def test_shapes_follow_peft_conventions():
     dora = make_layer("dora", 6, 5, r=3)
     m = dora.lora_magnitude_vector["default"].weight
     assert_close(m, dora.base_layer.weight.norm(dim=1))
-    assert all(p.dtype == torch.float32 for p in make_layer("linear", dtype=torch.bfloat16).lora_A.parameters())
+    layer = make_layer("linear", dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in layer.lora_A.parameters())
 
 
 def test_gaussian_init_std_is_one_over_r():

@@ -189,7 +189,8 @@ WEIGHTED = [
 
 
 def two_adapters(arch, kw, r_b=2, seed=0):
-    model = get_peft_model(tiny_model(arch, seed=seed), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw), "a")
+    config = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw)
+    model = get_peft_model(tiny_model(arch, seed=seed), config, "a")
     model.add_adapter("b", LoraConfig(r=r_b, lora_alpha=3, use_rslora=True, init_lora_weights=False, **kw))
     perturb(model)
     return model
@@ -233,7 +234,8 @@ def test_svd_at_full_rank_is_exact_and_truncation_is_best_rank_r(arch, kw):
         flat = target.reshape(target.shape[0], -1)
         U, S, Vh = torch.linalg.svd(flat, full_matrices=False)
         best3 = (U[:, :3] * S[:3]) @ Vh[:3]
-        assert_close(layer.delta_weight("trunc").double().reshape(flat.shape) / norm, best3 / norm, torch.float32)
+        truncated = layer.delta_weight("trunc").double().reshape(flat.shape)
+        assert_close(truncated / norm, best3 / norm, torch.float32)
         assert layer.r["trunc"] == 3
 
 
@@ -259,7 +261,7 @@ def test_weighted_adapter_input_errors():
     model = two_adapters("llama", dict(target_modules=["q_proj"]))
     with pytest.raises(ConfigError, match="4 problems"):
         model.add_weighted_adapter(["a", "zzz"], [1.0], "a", combination_type="nope")
-    for bad_name in ("__base__", "has.dot", "copy", "keys"):
+    for bad_name in ("__base__", "has/slash", "copy", "keys"):
         with pytest.raises(ConfigError, match=bad_name):
             model.add_weighted_adapter(["a"], [1.0], bad_name, combination_type="cat")
     with pytest.raises(ConfigError, match="one rank"):
@@ -268,6 +270,13 @@ def test_weighted_adapter_input_errors():
     dora = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], use_dora=True))
     with pytest.raises(UnsupportedFeatureError, match="DoRA"):
         dora.add_weighted_adapter(["default"], [1.0], "x")
+
+
+def test_weighted_adapter_takes_a_dotted_name():
+    x = tiny_batch()
+    model = two_adapters("llama", dict(target_modules=["q_proj"]))
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab.v2", combination_type="cat")
+    assert_close(as_logits(model, "ab.v2", x), as_logits(model, ["a", "b"], x))
 
 
 def test_weighted_adapter_saves_and_reloads(tmp_path):
@@ -283,7 +292,8 @@ def test_weighted_adapter_saves_and_reloads(tmp_path):
 
 
 def test_layer_safe_merge_of_several_adapters_writes_nothing_when_one_is_bad():
-    model = get_peft_model(tiny_model(), LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False), "good")
+    config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(tiny_model(), config, "good")
     model.add_adapter("bad", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     layer = model.model.model.layers[0].self_attn.q_proj
     with torch.no_grad():

@@ -31,7 +31,8 @@ CASES = [
     ("qwen2", dict(target_modules="all-linear")),
     ("qwen2", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
 ]
-IDS = [f"{a}-{'-'.join(f'{k}' for k in kw if k != 'target_modules') or kw['target_modules']}" for a, kw in CASES]
+IDS = [f"{a}-{'-'.join(f'{k}' for k in kw if k != 'target_modules') or kw['target_modules']}"
+       for a, kw in CASES]
 
 
 def perturb(model: nn.Module, std: float = 0.2, seed: int = 3, adapter: str | None = None) -> None:
@@ -39,7 +40,8 @@ def perturb(model: nn.Module, std: float = 0.2, seed: int = 3, adapter: str | No
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
-            if ("lora_" in name or ".modules_to_save." in name) and (adapter is None or f".{adapter}." in f"{name}."):
+            adapter_owned = "lora_" in name or ".modules_to_save." in name
+            if adapter_owned and (adapter is None or f".{adapter}." in f"{name}."):
                 p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * std)
 
 
@@ -154,7 +156,8 @@ def test_mixed_batch_forward_equals_separate_runs(arch, kw):
     assert_changed(separate["a"], separate["__base__"])
     for row, name in enumerate(names):
         assert_close(mixed[row], separate[name][row])
-    assert all(layer.batch_groups is None for layer in model.modules() if isinstance(layer, (LoraLayer, ModulesToSave)))
+    assert all(layer.batch_groups is None for layer in model.modules()
+               if isinstance(layer, (LoraLayer, ModulesToSave)))
 
 
 @pytest.mark.parametrize("arch,kw", MIXED[:1] + MIXED[2:4], ids=["llama", "gpt2", "qwen2-mts"])
@@ -179,7 +182,8 @@ def test_mixed_batch_beam_search_expands_rows_per_caller_row():
     model = two_adapters("llama", MIXED[0][1])
     x = tiny_batch(batch=2, seq=4)
     gen = dict(max_new_tokens=4, num_beams=2, num_return_sequences=2, pad_token_id=0)
-    mixed = model.generate(input_ids=x, adapter_names=["b", "a"], **gen)  # (4, T): rows 0-1 from b, 2-3 from a
+    # (4, T): rows 0-1 from b, 2-3 from a
+    mixed = model.generate(input_ids=x, adapter_names=["b", "a"], **gen)
     model.set_adapter("b")
     only_b = model.generate(input_ids=x, **gen)
     model.set_adapter("a")
@@ -200,7 +204,8 @@ def test_failed_mixed_call_leaves_model_usable():
         model.generate(input_ids=x, adapter_names=["nope", "a"], max_new_tokens=2)
     with pytest.raises(Exception):  # noqa: B017 - any error raised inside the model's forward
         model(input_ids=torch.full_like(x, VOCAB + 5), adapter_names=["a", "b"])
-    assert all(layer.batch_groups is None for layer in model.modules() if isinstance(layer, (LoraLayer, ModulesToSave)))
+    assert all(layer.batch_groups is None for layer in model.modules()
+               if isinstance(layer, (LoraLayer, ModulesToSave)))
     assert torch.equal(logits(model, x), before)
     assert_close(logits(model, x, adapter_names=["b", "b"]), logits_of(model, "b", x))
 
@@ -220,6 +225,36 @@ def test_mixed_batch_refused_while_merged():
         model(input_ids=tiny_batch(), adapter_names=["a", "b"])
     model.unmerge_adapter()
     model(input_ids=tiny_batch(), adapter_names=["a", "b"])
+
+
+def test_every_call_that_needs_adapters_apart_is_refused_while_merged_naming_itself():
+    model = two_adapters("llama", dict(target_modules=["q_proj"]))
+    model.merge_adapter(["a"])
+    calls = {
+        "add an adapter": lambda: model.add_adapter("c", LoraConfig(target_modules=["q_proj"])),
+        "delete adapter 'a': it is merged": lambda: model.delete_adapter("a"),
+        "disable adapters": lambda: model.disable_adapter().__enter__(),
+        "disable adapter layers": model.disable_adapter_layers,
+        "enable adapter layers": model.enable_adapter_layers,
+        "route rows with adapter_names": lambda: model(input_ids=tiny_batch(), adapter_names=["a", "b"]),
+    }
+    for action, call in calls.items():
+        with pytest.raises(MergeError, match=f"cannot {action}.*call unmerge_adapter"):
+            call()
+    model.delete_adapter("b")  # only the merged one is pinned
+
+
+def test_every_unknown_adapter_is_named_with_the_argument_it_came_in():
+    model = two_adapters("llama", dict(target_modules=["q_proj"]))
+    calls = {
+        "": lambda: model.set_adapter(["a", "zz"]),
+        "adapter_names has ": lambda: model(input_ids=tiny_batch(), adapter_names=["a", "zz"]),
+        "selected_adapters has ": lambda: model.save_pretrained("unused", selected_adapters=["zz"]),
+    }
+    for where, call in calls.items():
+        expected = rf"^{where}unknown adapter\(s\) \['zz'\]; loaded adapters: \['a', 'b'\]"
+        with pytest.raises(ConfigError, match=expected):
+            call()
 
 
 @pytest.mark.parametrize("arch,kw", MIXED[:3], ids=["llama", "llama-dora", "gpt2"])  # LoRA layers add up
@@ -309,7 +344,8 @@ def test_failed_add_adapter_leaves_the_model_as_it_was():
     types = {n: type(m) for n, m in model.named_modules()}
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     with pytest.raises(Exception):  # noqa: B017
-        model.add_adapter("bad", LoraConfig(target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True))
+        bad = LoraConfig(target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=True)
+        model.add_adapter("bad", bad)
     assert {n: type(m) for n, m in model.named_modules()} == types
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
     assert "bad" not in model.peft_config and torch.equal(logits(model, x), before)
@@ -331,8 +367,42 @@ def test_add_adapter_name_rules():
     assert list(model.peft_config) == ["default"]
 
 
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a b", "é", "x" * 129, "__base__", 3])
+def test_add_adapter_refuses_names_outside_the_one_rule(name):
+    model = lora(target_modules=["q_proj"])
+    with pytest.raises(ConfigError, match="adapter name"):
+        model.add_adapter(name, LoraConfig(target_modules=["q_proj"]))
+    assert list(model.peft_config) == ["default"]
+
+
+def test_a_dotted_adapter_name_trains_saves_loads_and_mixes(tmp_path):
+    """vLLM-style names such as "sql.v2" work everywhere, although torch module names cannot hold "."."""
+    x = tiny_batch()
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], modules_to_save=["lm_head"])
+    model = get_peft_model(tiny_model("llama"), cfg, adapter_name="sql.v2")
+    base = logits(tiny_model("llama"), x)
+    assert torch.equal(logits(model, x), base)
+    assert "model.model.embed_tokens.lora_embedding_A.sql:v2" in dict(model.named_parameters())
+    perturb(model)
+    adapted = logits(model, x)
+    assert_changed(adapted, base)
+    assert {n.split(".")[-1] for n, p in model.named_parameters() if p.requires_grad} >= {"sql:v2", "weight"}
+    model.save_pretrained(str(tmp_path))
+    # a sub-folder, as for any non-default name
+    assert (tmp_path / "sql.v2" / "adapter_model.safetensors").exists()
+    loaded = PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "sql.v2"), adapter_name="sql.v2")
+    assert loaded.active_adapters == ["sql.v2"] and torch.equal(logits(loaded, x), adapted)
+    mixed = logits(loaded, x, adapter_names=["sql.v2", "__base__"])
+    assert_close(mixed[0], adapted[0])
+    assert_close(mixed[1], base[1])
+    loaded.load_adapter(str(tmp_path / "sql.v2"), adapter_name="sql.v3")
+    loaded.delete_adapter("sql.v2")
+    assert list(loaded.peft_config) == ["sql.v3"] and "sql:v2" not in str(dict(loaded.named_parameters()))
+
+
 def test_user_config_is_never_mutated(tmp_path):
-    for cfg in (LoraConfig(target_modules="all-linear", modules_to_save=["lm_head"], task_type=TaskType.CAUSAL_LM),
+    for cfg in (LoraConfig(target_modules="all-linear", modules_to_save=["lm_head"],
+                           task_type=TaskType.CAUSAL_LM),
                 LoraConfig(target_modules=None, rank_pattern={"q_proj": 2}),
                 LoraConfig(target_modules=["c_attn"])):
         snapshot = copy.deepcopy(cfg)
@@ -379,7 +449,8 @@ def test_print_trainable_parameters_format(capsys):
     assert total == sum(p.numel() for p in tiny_model("llama").parameters()) + trainable
     model.print_trainable_parameters()
     out = capsys.readouterr().out.strip()
-    assert out == f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}"
+    assert out == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                   f"trainable%: {100 * trainable / total:.4f}")
 
 
 @pytest.mark.parity
@@ -445,9 +516,11 @@ def test_save_pretrained_takes_peft_keyword_arguments(tmp_path, caplog):
     assert not (tmp_path / "rank1").exists()  # other ranks of a distributed run write nothing
     with caplog.at_level(logging.WARNING):
         model.save_pretrained(str(tmp_path / "a"), save_embedding_layers=True)
-    assert (tmp_path / "a" / "adapter_model.safetensors").exists() and "save_embedding_layers=True" in caplog.text
+    assert (tmp_path / "a" / "adapter_model.safetensors").exists()
+    assert "save_embedding_layers=True" in caplog.text
     with pytest.raises(UnsupportedFeatureError, match="path_initial_model_for_weight_conversion"):
-        model.save_pretrained(str(tmp_path / "b"), path_initial_model_for_weight_conversion=str(tmp_path / "init"))
+        model.save_pretrained(str(tmp_path / "b"),
+                              path_initial_model_for_weight_conversion=str(tmp_path / "init"))
 
 
 def test_from_pretrained_on_an_adapter_file_names_its_directory(tmp_path):

@@ -77,7 +77,8 @@ def test_4bit_error_within_block_bound(w, quant_type):
     idx, absmax = bw.quantize_blockwise(w, code, 64)
     deq = bw.dequantize_blockwise(idx, absmax, code)[: w.numel()]
     x, scale = w.reshape(-1), _per_value_absmax(absmax, w.numel(), 64)
-    assert torch.equal(absmax, torch.nn.functional.pad(x, (0, absmax.numel() * 64 - x.numel())).view(-1, 64).abs().amax(1))
+    padded = torch.nn.functional.pad(x, (0, absmax.numel() * 64 - x.numel()))
+    assert torch.equal(absmax, padded.view(-1, 64).abs().amax(1))
     err = (x - deq).abs()
     assert bool((err <= bw.max_half_gap(code) * scale * (1 + EPS)).all())
     # and the chosen code is a nearest one, not just within the worst-case bound
@@ -198,6 +199,17 @@ def test_to_dtype_moves_but_never_rounds_scales():
     layer.to(torch.float16)
     assert layer.absmax.dtype == torch.float32 and torch.equal(layer.absmax, before)
     assert layer.bias.dtype == torch.float16 and layer.code.dtype == torch.float32
+
+
+def test_int8_to_dtype_also_keeps_scales_and_both_layers_describe_themselves():
+    layer = Linear8bit.from_linear(nn.Linear(64, 32))
+    before = layer.scale.clone()
+    layer.to(torch.float16)
+    assert layer.scale.dtype == torch.float32 and torch.equal(layer.scale, before)
+    assert repr(layer) == ("Linear8bit(in_features=64, out_features=32, bias=True, quant_type=int8, "
+                           "compute_dtype=torch.bfloat16)")
+    assert "quant_type=nf4, double_quant=True, compute_dtype=torch.bfloat16" in repr(
+        Linear4bit.from_linear(nn.Linear(64, 32), double_quant=True))
     int8 = Linear8bit.from_linear(nn.Linear(64, 32)).half()
     assert int8.scale.dtype == torch.float32 and int8.qweight.dtype == torch.int8
 
@@ -285,6 +297,7 @@ def test_bitsandbytes_backend_agrees_with_reference():
     quantize_model(model, bits=4, double_quant=True)
     theirs = model[0]
     assert isinstance(theirs, BnbLinear4bit) and theirs.is_quantized
-    torch.testing.assert_close(theirs.dequantize(torch.float32), ours.dequantize(torch.float32), atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(theirs.dequantize(torch.float32), ours.dequantize(torch.float32),
+                               atol=1e-2, rtol=1e-2)
     x = torch.randn(4, 256, device="cuda")
     torch.testing.assert_close(theirs(x), ours(x), **TOL[torch.bfloat16])

@@ -61,7 +61,8 @@ def test_qlora_layer_in_bf16_equals_closed_form():
 @pytest.mark.parametrize("kind", ["nf4-dq", "int8"])
 def test_qlora_training_loss_falls_and_only_lora_changes(kind):
     torch.manual_seed(0)
-    model = get_peft_model(quantize_model(tiny_model(), **KINDS[kind]), _lora_config(r=8, init_lora_weights=True))
+    base = quantize_model(tiny_model(), **KINDS[kind])
+    model = get_peft_model(base, _lora_config(r=8, init_lora_weights=True))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     lora_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     assert lora_before and all("lora_" in n for n in lora_before)
@@ -76,7 +77,8 @@ def test_qlora_training_loss_falls_and_only_lora_changes(kind):
         losses.append(loss.item())
     assert losses[-1] < losses[0] - 0.2 and losses[-1] == min(losses), losses
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
-    changed = [n for n, p in model.named_parameters() if p.requires_grad and not torch.equal(p, lora_before[n])]
+    changed = [n for n, p in model.named_parameters()
+               if p.requires_grad and not torch.equal(p, lora_before[n])]
     assert len(changed) == len(lora_before)   # every A and B moved: gradients reach all layers
 
 

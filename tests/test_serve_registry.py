@@ -40,10 +40,31 @@ def shapes():
 
 def test_adapter_names():
     assert check_adapter_name("sql-v1.2_x", base_name="base") == "sql-v1.2_x"
-    for bad in ("", "a b", "../x", "a/b", "é", "x" * 129, "base", "__base__", 3, None):
+    for bad in ("", "a b", "../x", "a/b", "é", "x" * 129, "base", "__base__", 3, None, ".", ".."):
         with pytest.raises(RequestError) as info:
             check_adapter_name(bad, base_name="base")
         assert info.value.status == 400
+
+
+@pytest.mark.parametrize("name", [
+    "sql.v2", "sql-v1.2_x", "a" * 128, "..a", "", ".", "..", "a/b", "a\\b", "a b", "x" * 129, "__base__", "é",
+])
+def test_server_and_library_share_one_name_rule(name):
+    """A name the server serves is a name add_adapter takes (and save_pretrained can use as a folder)."""
+    from loratune import LoraConfig, get_peft_model
+    from loratune.errors import ConfigError
+
+    try:
+        check_adapter_name(name, base_name="base")
+        served = True
+    except RequestError:
+        served = False
+    try:
+        get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"]), adapter_name=name)
+        added = True
+    except ConfigError:
+        added = False
+    assert served == added == (name in ("sql.v2", "sql-v1.2_x", "a" * 128, "..a"))
 
 
 def test_paths_must_resolve_under_a_root(tmp_path):
@@ -63,11 +84,13 @@ def test_paths_must_resolve_under_a_root(tmp_path):
 
 def test_prepare_reads_scaling_from_config_and_patterns(tmp_path, shapes):
     path = write(tmp_path / "a", {**q_tensors(2, (0,)), **q_tensors(4, (1,))}, lora_alpha=8,
-                 alpha_pattern={"layers.1.self_attn.q_proj": 2}, rank_pattern={"layers.1.self_attn.q_proj": 4},
+                 alpha_pattern={"layers.1.self_attn.q_proj": 2},
+                 rank_pattern={"layers.1.self_attn.q_proj": 4},
                  use_rslora=True)
     prepared = prepare_adapter("a", path, shapes, torch.bfloat16)
     layer0, layer1 = (prepared.layers[f"model.layers.{i}.self_attn.q_proj"] for i in (0, 1))
-    assert layer0.scaling == pytest.approx(8 / math.sqrt(2)) and layer1.scaling == pytest.approx(2 / math.sqrt(4))
+    assert layer0.scaling == pytest.approx(8 / math.sqrt(2))
+    assert layer1.scaling == pytest.approx(2 / math.sqrt(4))
     assert layer0.lora_A.dtype == torch.bfloat16 and layer1.lora_B.shape == (32, 4)
 
 
@@ -83,7 +106,8 @@ def test_prepare_reads_scaling_from_config_and_patterns(tmp_path, shapes):
     ("bin", "only safetensors", AdapterError),
     ("rank_0", "q_proj.lora_A.weight has shape (0, 32), expected (2, 32)", AdapterError),
     ("rank_not_config", "q_proj.lora_B.weight has shape (32, 4), expected (32, 2)", AdapterError),
-    ("untargeted", "lm_head.lora_A.weight is unexpected: adapter_config.json does not target 'lm_head'", AdapterError),
+    ("untargeted", "lm_head.lora_A.weight is unexpected: adapter_config.json does not target 'lm_head'",
+     AdapterError),
     ("int_tensor", "q_proj.lora_A.weight has dtype torch.int32", AdapterError),
 ])
 def test_prepare_names_what_does_not_fit(case, needle, error, tmp_path, shapes):

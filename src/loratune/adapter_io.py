@@ -15,24 +15,22 @@ from __future__ import annotations
 
 import logging
 import os
-import re
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from .adapter_files import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, resolve_adapter_file
 from .atomic import atomic_directory
-from .config import CONFIG_NAME, LoraConfig
+from .base_layers import is_quantized
+from .config import LoraConfig
 from .errors import AdapterError
-from .layers import LoraLayer, ModulesToSave, owned_by_adapter
+from .layers import LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
 
 logger = logging.getLogger(__name__)
 
-SAFETENSORS_NAME = "adapter_model.safetensors"
-BIN_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[A-Za-z0-9][\w.-]*)?")  # "name" or "owner/name"
+PREFIX = "base_model.model."  # every tensor key of PEFT's format starts with it
 _DORA_SUFFIX = "lora_magnitude_vector.weight"
 # PEFT also saves the full base weight of adapted embedding layers (vocabulary may be resized);
 # such a file is valid, so these keys are accepted (and loaded) when present, never required.
@@ -86,7 +84,8 @@ def model_card(config: LoraConfig, tensors: dict[str, Tensor]) -> str:
     """A short README.md for the hub: what this adapter is and how to load it."""
     base = config.base_model_name_or_path or "unknown"
     n_params = sum(t.numel() for t in tensors.values())
-    targets = config.target_modules if isinstance(config.target_modules, str) else ", ".join(config.target_modules or [])
+    targets = config.target_modules
+    targets = targets if isinstance(targets, str) else ", ".join(targets or [])
     return (
         "---\n"
         f"base_model: {base}\n"
@@ -107,35 +106,6 @@ def model_card(config: LoraConfig, tensors: dict[str, Tensor]) -> str:
 # ----- reading ------------------------------------------------------------------------------------
 
 
-def resolve_adapter_file(path: str, filename: str, *, subfolder: str | None = None,
-                         revision: str | None = None) -> str | None:
-    """Return a local path to `filename` of an adapter (local directory or hub repo), or None."""
-    path = os.fspath(path)
-    local_dir = os.path.join(path, subfolder) if subfolder else path
-    if os.path.isdir(path):
-        candidate = os.path.join(local_dir, filename)
-        return candidate if os.path.isfile(candidate) else None
-    if os.path.exists(path):  # a file: most often one of the adapter's own files
-        parent = os.path.dirname(os.path.abspath(path))
-        hint = (f"did you mean its directory {parent}?" if os.path.isfile(os.path.join(parent, CONFIG_NAME))
-                else f"pass the adapter directory (the one holding {CONFIG_NAME})")
-        raise AdapterError(f"{path}: is a file, not an adapter directory; {hint}")
-    if not _HUB_ID.fullmatch(path):
-        raise AdapterError(f"{path}: no such adapter directory")
-    try:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        try:
-            return hf_hub_download(path, filename, subfolder=subfolder, revision=revision)
-        except EntryNotFoundError:
-            return None
-    except AdapterError:
-        raise
-    except Exception as err:  # offline, unknown repo, auth: all mean "cannot get this adapter"
-        raise AdapterError(f"{path}: no such local directory, and it could not be fetched from the hub ({type(err).__name__})") from None
-
-
 def read_adapter(path: str, *, subfolder: str | None = None, revision: str | None = None,
                  safetensors_only: bool = False) -> tuple[LoraConfig, dict[str, Tensor]]:
     """Read and validate an adapter directory: (config, tensors keyed as in the file).
@@ -152,15 +122,18 @@ def read_adapter(path: str, *, subfolder: str | None = None, revision: str | Non
         except (SafetensorError, OSError, ValueError) as err:
             raise AdapterError(f"{weights}: not a readable safetensors file ({err})") from None
     else:
-        bin_file = None if safetensors_only else resolve_adapter_file(path, BIN_NAME, subfolder=subfolder, revision=revision)
+        bin_file = None if safetensors_only else resolve_adapter_file(path, BIN_NAME, subfolder=subfolder,
+                                                                      revision=revision)
         if bin_file is None:
             has_bin = os.path.isfile(os.path.join(path, subfolder or "", BIN_NAME))
-            only = f" (only safetensors is accepted here; {BIN_NAME} is not)" if safetensors_only and has_bin else ""
+            only = (f" (only safetensors is accepted here; {BIN_NAME} is not)"
+                    if safetensors_only and has_bin else "")
             raise AdapterError(f"{path}: no {SAFETENSORS_NAME}{only}")
         try:
             tensors = torch.load(bin_file, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise AdapterError(f"{bin_file}: cannot be read safely with torch.load(weights_only=True): {err}") from None
+            raise AdapterError(f"{bin_file}: cannot be read safely with torch.load(weights_only=True): "
+                               f"{err}") from None
         if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
             raise AdapterError(f"{bin_file}: expected a dict of tensors")
     return config, _normalise_keys(tensors, source=weights or path)
@@ -169,7 +142,8 @@ def read_adapter(path: str, *, subfolder: str | None = None, revision: str | Non
 def _normalise_keys(tensors: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:
     bad = [k for k in tensors if not k.startswith(PREFIX)]
     if bad:
-        raise AdapterError(f"{source}: tensor keys must start with {PREFIX!r} (PEFT layout); got e.g. {bad[0]!r}")
+        raise AdapterError(f"{source}: tensor keys must start with {PREFIX!r} (PEFT layout); "
+                           f"got e.g. {bad[0]!r}")
     # Older PEFT files store DoRA magnitudes with a trailing ".weight"; accept both spellings.
     return {(k[: -len(".weight")] if k.endswith(_DORA_SUFFIX) else k): v for k, v in tensors.items()}
 
@@ -193,13 +167,42 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, bias: str, tensors
     problems = []
     for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", misshapen)):
         if items:
-            shown = "\n    ".join(items[:8]) + (f"\n    ... and {len(items) - 8} more" if len(items) > 8 else "")
+            more = f"\n    ... and {len(items) - 8} more" if len(items) > 8 else ""
+            shown = "\n    ".join(items[:8]) + more
             problems.append(f"{len(items)} {label} tensor(s):\n    {shown}")
     if problems:
         raise AdapterError(f"{source}: adapter does not fit the model:\n  " + "\n  ".join(problems))
     with torch.no_grad():
         for key, param in expected.items():
             param.copy_(tensors[key].to(param.dtype))
+
+
+def load_adapter_weights(model: nn.Module, adapter_name: str, config: LoraConfig, tensors: dict[str, Tensor],
+                         *, source: str) -> None:
+    """Load saved tensors into an adapter injected with plain init, then redo a base-rewriting init.
+
+    A PiSSA or OLoRA adapter's factors belong to the residual base W - scaling * B0 @ A0 that its
+    init made. As in PEFT, that init runs again once the file has fit (rewriting the base), and
+    the saved factors go back over the ones it set, so the loaded model is the trained one.
+
+    Raises:
+        AdapterError: the tensors do not fit (see `load_adapter_tensors`), or a base-rewriting init
+            meets a quantized base.
+    """
+    load_adapter_tensors(model, adapter_name, config.bias, tensors, source=source)
+    if not config.rewrites_base:
+        return
+    layers = [m for m in model.modules() if isinstance(m, LoraLinear) and adapter_name in m.r]
+    if any(is_quantized(m.base_layer) for m in layers):  # before any base is rewritten
+        raise AdapterError(f"{source}: init_lora_weights={config.init_lora_weights!r} adapters need an "
+                           "unquantized base (their init rewrites the base weights)")
+    for layer in layers:
+        factors = (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
+        saved = [t.detach().clone() for t in factors]
+        layer.reset_lora_parameters(adapter_name, config.init_lora_weights)  # rewrites W into the residual
+        with torch.no_grad():
+            for t, value in zip(factors, saved):
+                t.copy_(value)
 
 
 def _saved_copy_aliases(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:
@@ -221,7 +224,8 @@ def _embedding_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def nonfinite_keys(tensors: dict[str, Tensor]) -> list[str]:
     """The keys of the floating-point tensors that hold a NaN or an Inf, sorted."""
-    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    return sorted(k for k, t in tensors.items()
+                  if t.is_floating_point() and not bool(torch.isfinite(t).all()))
 
 
 def check_finite(tensors: dict[str, Tensor], *, source: str) -> None:
@@ -234,4 +238,5 @@ def check_finite(tensors: dict[str, Tensor], *, source: str) -> None:
     if bad:
         shown = ", ".join(bad[:5]) + (f", ... and {len(bad) - 5} more" if len(bad) > 5 else "")
         raise AdapterError(f"{source}: {len(bad)} of {len(tensors)} adapter tensor(s) hold NaN or Inf values "
-                           f"({shown}); the run that saved it diverged: retrain, or use an earlier checkpoint")
+                           f"({shown}); the run that saved it diverged: retrain, "
+                           "or use an earlier checkpoint")

@@ -4,7 +4,8 @@ The user's config object is never mutated: `get_peft_model` validates it and kee
 with `target_modules` resolved (e.g. "all-linear" expanded to real module names).
 `to_dict()` / `from_dict()` speak PEFT's `adapter_config.json`: a config written by a newer PEFT
 loads with a warning for unknown fields, and one that switches on a feature we cannot honour is
-refused by name.
+refused by name. PEFT's fields for such features are real fields at PEFT's defaults (so PEFT code
+that passes them runs unchanged), marked `peft_only` in their metadata and never written.
 """
 
 from __future__ import annotations
@@ -19,11 +20,11 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from .adapter_files import CONFIG_NAME, resolve_adapter_file
 from .errors import AdapterError, ConfigError, UnsupportedFeatureError
 
 logger = logging.getLogger(__name__)
 
-CONFIG_NAME = "adapter_config.json"
 INIT_METHODS = (True, False, "gaussian", "pissa", "olora")
 BIAS_MODES = ("none", "all", "lora_only")
 
@@ -42,32 +43,22 @@ class TaskType(str, enum.Enum):
         return self.value
 
 
-# PEFT LoraConfig fields we do not implement. Loading accepts them only at these "off" values;
-# anything else is a feature we would silently get wrong, so it is refused by name.
-UNSUPPORTED_FIELDS: dict[str, tuple[Any, ...]] = {
-    "loftq_config": ({}, None),
-    "megatron_config": (None,),
-    "trainable_token_indices": (None, [], {}),
-    "eva_config": (None,),
-    "corda_config": (None,),
-    "lora_ga_config": (None,),
-    "velora_config": (None,),
-    "alora_invocation_tokens": (None, []),
-    "use_qalora": (False, None),
-    "monteclora_config": (None,),
-    "layer_replication": (None, []),
-    "lora_bias": (False, None),
-    "target_parameters": (None, []),
-    "use_bdlora": (None, False),
-    "arrow_config": (None,),
-    "kasa_config": (None,),
-    "ensure_weight_tying": (False, None),
-}
-# PEFT fields that carry no behaviour for us; read and dropped silently.
-IGNORED_FIELDS = {
-    "peft_type", "auto_mapping", "peft_version", "megatron_core", "qalora_group_size",
-    "runtime_config", "use_dora_on_embeddings",
-}
+def _help(text: str, **extra) -> dict[str, Any]:
+    return {"help": text, **extra}
+
+
+def _peft_only(default: Any, text: str, *, also_off: tuple[Any, ...] = ()) -> Any:
+    """A PEFT field loratune does not implement: taken at PEFT's default (or an equivalent "off"
+    value), refused by name otherwise (`problems`); never written to adapter_config.json."""
+    off = ({} if default is dict else default, *also_off)
+    if default is dict:
+        return field(default_factory=dict, repr=False, metadata=_help(text, peft_only="refused", off=off))
+    return field(default=default, repr=False, metadata=_help(text, peft_only="refused", off=off))
+
+
+def _inert(default: Any, text: str) -> Any:
+    """A PEFT field that carries no behaviour here: any value is accepted, and none is written."""
+    return field(default=default, repr=False, compare=False, metadata=_help(text, peft_only="ignored"))
 
 
 def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
@@ -101,52 +92,81 @@ def _module_spec_problems(name: str, spec: object) -> list[str]:
 class LoraConfig:
     """Configuration of one LoRA adapter; field names, meanings and defaults are PEFT's.
 
-    scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora.
+    scaling = lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. Each field's help text is in
+    its metadata (`dataclasses.fields(LoraConfig)`). PEFT's fields for features loratune does not
+    implement are declared too (`peft_only` in their metadata), so PEFT code that passes them at
+    their defaults runs unchanged; any other value is refused by name.
     """
 
-    r: int = 8
-    """Rank of the update (the inner dimension R of B @ A)."""
-    lora_alpha: float = 8
-    """Numerator of the scaling factor."""
-    lora_dropout: float = 0.0
-    """Dropout applied to the layer input on the LoRA branch only."""
-    target_modules: list[str] | str | None = None
-    """Module names or dotted suffixes, a full-match regex string, "all-linear", or None for the
-    architecture's defaults."""
-    exclude_modules: list[str] | str | None = None
-    """Names/suffixes or a full-match regex of modules never adapted."""
-    bias: str = "none"
-    """Which biases train and are saved: "none", "all" or "lora_only" (biases of adapted layers)."""
-    fan_in_fan_out: bool = False
-    """The base stores weights as (in, out) (GPT-2's Conv1D); detected automatically."""
-    modules_to_save: list[str] | None = None
-    """Extra modules (e.g. a classifier head) trained in full and saved with the adapter."""
-    layers_to_transform: list[int] | int | None = None
-    """Only adapt these layer indices."""
-    layers_pattern: list[str] | str | None = None
-    """Name of the layer list (e.g. "layers", "h") that layers_to_transform indexes."""
-    rank_pattern: dict[str, int] = field(default_factory=dict)
-    """Per-module rank overrides: {name or regex suffix: r}."""
-    alpha_pattern: dict[str, float] = field(default_factory=dict)
-    """Per-module lora_alpha overrides: {name or regex suffix: alpha}."""
-    init_lora_weights: bool | str = True
-    """True (A kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), False (random B; tests),
-    "pissa" / "pissa_niter_N" (principal singular vectors) or "olora" (QR); the last two rewrite
-    the base weights."""
-    use_rslora: bool = False
-    """Rank-stabilised scaling lora_alpha / sqrt(r)."""
-    use_dora: bool = False
-    """Weight-decomposed LoRA (magnitude vector per output row); Linear layers only."""
-    task_type: TaskType | str | None = None
-    """The model head: CAUSAL_LM, SEQ_CLS, ..."""
-    base_model_name_or_path: str | None = None
-    """Where the base model comes from; filled in when saving."""
-    revision: str | None = None
-    """Revision of the base model."""
-    inference_mode: bool = False
-    """Adapter weights are frozen (loaded for inference)."""
-    peft_type: str = "LORA"
-    """Always "LORA"."""
+    r: int = field(default=8, metadata=_help("rank of the update (the inner dimension R of B @ A)"))
+    lora_alpha: float = field(default=8, metadata=_help("numerator of the scaling factor"))
+    lora_dropout: float = field(
+        default=0.0, metadata=_help("dropout applied to the layer input on the LoRA branch only"))
+    target_modules: list[str] | str | None = field(default=None, metadata=_help(
+        'module names or dotted suffixes, a full-match regex string, "all-linear", or None for the '
+        "architecture's defaults"))
+    exclude_modules: list[str] | str | None = field(
+        default=None, metadata=_help("names/suffixes or a full-match regex of modules never adapted"))
+    bias: str = field(default="none", metadata=_help(
+        'which biases train and are saved: "none", "all" or "lora_only" (biases of adapted layers)'))
+    fan_in_fan_out: bool = field(default=False, metadata=_help(
+        "the base stores weights as (in, out) (GPT-2's Conv1D); detected automatically"))
+    modules_to_save: list[str] | None = field(default=None, metadata=_help(
+        "extra modules (e.g. a classifier head) trained in full and saved with the adapter"))
+    layers_to_transform: list[int] | int | None = field(
+        default=None, metadata=_help("only adapt these layer indices"))
+    layers_pattern: list[str] | str | None = field(default=None, metadata=_help(
+        'name of the layer list (e.g. "layers", "h") that layers_to_transform indexes'))
+    rank_pattern: dict[str, int] = field(
+        default_factory=dict, metadata=_help("per-module rank overrides: {name or regex suffix: r}"))
+    alpha_pattern: dict[str, float] = field(
+        default_factory=dict,
+        metadata=_help("per-module lora_alpha overrides: {name or regex suffix: alpha}"))
+    init_lora_weights: bool | str = field(default=True, metadata=_help(
+        'True (A kaiming-uniform, B zero), "gaussian" (A ~ N(0, 1/r)), False (random B; tests), '
+        '"pissa" / "pissa_niter_N" (principal singular vectors) or "olora" (QR); the last two rewrite '
+        "the base weights"))
+    use_rslora: bool = field(default=False, metadata=_help("rank-stabilised scaling lora_alpha / sqrt(r)"))
+    use_dora: bool = field(default=False, metadata=_help(
+        "weight-decomposed LoRA (magnitude vector per output row); Linear layers only"))
+    task_type: TaskType | str | None = field(
+        default=None, metadata=_help("the model head: CAUSAL_LM, SEQ_CLS, ..."))
+    base_model_name_or_path: str | None = field(
+        default=None, metadata=_help("where the base model comes from; filled in when saving"))
+    revision: str | None = field(default=None, metadata=_help("revision of the base model"))
+    inference_mode: bool = field(
+        default=False, metadata=_help("adapter weights are frozen (loaded for inference)"))
+    peft_type: str = field(default="LORA", metadata=_help('always "LORA"'))
+
+    # ----- PEFT's fields for features loratune does not implement: refused unless off -----------
+    loftq_config: dict = _peft_only(dict, "LoftQ initialisation of a quantized base", also_off=(None,))
+    megatron_config: dict | None = _peft_only(None, "Megatron-LM parallel linear layers")
+    trainable_token_indices: list[int] | dict | None = _peft_only(
+        None, "training only some embedding rows", also_off=([], {}))
+    eva_config: dict | None = _peft_only(None, "EVA initialisation")
+    corda_config: dict | None = _peft_only(None, "CorDA initialisation")
+    lora_ga_config: dict | None = _peft_only(None, "LoRA-GA initialisation")
+    velora_config: dict | None = _peft_only(None, "VeLoRA")
+    alora_invocation_tokens: list[int] | None = _peft_only(None, "activated LoRA (aLoRA)", also_off=([],))
+    use_qalora: bool = _peft_only(False, "QA-LoRA", also_off=(None,))
+    monteclora_config: dict | None = _peft_only(None, "MonteCLoRA")
+    layer_replication: list | None = _peft_only(None, "replicating base layers", also_off=([],))
+    lora_bias: bool = _peft_only(False, "a trainable bias on lora_B", also_off=(None,))
+    target_parameters: list[str] | None = _peft_only(None, "LoRA on bare parameters", also_off=([],))
+    use_bdlora: bool | None = _peft_only(None, "BD-LoRA", also_off=(False,))
+    arrow_config: dict | None = _peft_only(None, "Arrow routing between adapters")
+    kasa_config: dict | None = _peft_only(None, "KaSA")
+    ensure_weight_tying: bool = _peft_only(False, "keeping tied weights tied in adapters", also_off=(None,))
+
+    # ----- PEFT's fields that carry no behaviour here: any value accepted, none written ----------
+    auto_mapping: dict | None = _inert(None, "PEFT's auto-class bookkeeping")
+    peft_version: str | None = _inert(None, "the PEFT version that wrote the file")
+    megatron_core: str | None = _inert("megatron.core",
+                                       "module for megatron_config (unused while that is off)")
+    qalora_group_size: int = _inert(16, "group size for use_qalora (unused while that is off)")
+    runtime_config: Any = _inert(None,
+                                 "PEFT's runtime options (ephemeral_gpu_offload); not saved by PEFT either")
+    use_dora_on_embeddings: bool | None = _inert(None, "DoRA on embeddings (refused by the layer itself)")
 
     @property
     def rewrites_base(self) -> bool:
@@ -155,8 +175,13 @@ class LoraConfig:
         return isinstance(init, str) and (init.startswith("pissa") or init == "olora")
 
     def __post_init__(self) -> None:
+        """Validate; raise UnsupportedFeatureError for PEFT-only features, ConfigError for the rest."""
         if hasattr(self.task_type, "value") and not isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value  # e.g. peft.TaskType.CAUSAL_LM
+        refused = self.unsupported_features()
+        if refused:
+            raise UnsupportedFeatureError(
+                f"LoraConfig: uses PEFT features loratune does not support: {', '.join(refused)}")
         problems = self.problems()
         if problems:
             raise ConfigError(problems, source="LoraConfig")
@@ -167,9 +192,13 @@ class LoraConfig:
         if isinstance(self.modules_to_save, (set, tuple)):
             self.modules_to_save = list(self.modules_to_save)
 
+    def unsupported_features(self) -> list[str]:
+        """Return "name=value" for each PEFT-only field set to something other than its default."""
+        return _switched_on(self.__dict__)
+
     def problems(self) -> list[str]:
-        """Return every problem with this config (empty when valid)."""
-        out = []
+        """Return every problem with this config (empty when valid), PEFT-only features first."""
+        out = [f"{f}: a PEFT feature loratune does not support" for f in self.unsupported_features()]
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
             out.append(f"r must be a positive integer, got {self.r!r}")
         if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
@@ -181,7 +210,8 @@ class LoraConfig:
         init = self.init_lora_weights
         if init not in INIT_METHODS and not (isinstance(init, str) and init.startswith("pissa_niter_")):
             hint = " (loftq, eva and corda are not supported)" if isinstance(init, str) else ""
-            out.append(f"init_lora_weights must be one of {INIT_METHODS} or 'pissa_niter_N', got {init!r}{hint}")
+            out.append(f"init_lora_weights must be one of {INIT_METHODS} or 'pissa_niter_N', "
+                       f"got {init!r}{hint}")
         if self.task_type is not None and str(self.task_type) not in TaskType._value2member_map_:
             out.append(f"task_type must be one of {[t.value for t in TaskType]}, got {self.task_type!r}")
         if self.peft_type not in ("LORA", None):
@@ -190,7 +220,8 @@ class LoraConfig:
             out.append("layers_to_transform cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
             out.append("layers_pattern is only used together with layers_to_transform")
-        if isinstance(init, str) and init.startswith("pissa_niter_") and not init[len("pissa_niter_"):].isdigit():
+        if isinstance(init, str) and init.startswith("pissa_niter_") \
+                and not init[len("pissa_niter_"):].isdigit():
             out.append(f"init_lora_weights {init!r}: the pissa_niter_ suffix must be a number of iterations")
         for name in ("target_modules", "exclude_modules"):
             out += _module_spec_problems(name, getattr(self, name))
@@ -201,7 +232,8 @@ class LoraConfig:
             for key, value in pattern.items():
                 out += _regex_problems(f"{name} key {key!r}", key)
                 number = isinstance(value, (int, float)) and not isinstance(value, bool)
-                if name == "rank_pattern" and (not isinstance(value, int) or isinstance(value, bool) or value <= 0):
+                positive_int = isinstance(value, int) and not isinstance(value, bool) and value > 0
+                if name == "rank_pattern" and not positive_int:
                     out.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
                 elif name == "alpha_pattern" and not number:
                     out.append(f"alpha_pattern[{key!r}] must be a number, got {value!r}")
@@ -214,8 +246,8 @@ class LoraConfig:
     # ----- PEFT's adapter_config.json -----------------------------------------------------------
 
     def to_dict(self) -> dict[str, Any]:
-        """Return a JSON-ready dict in PEFT's adapter_config.json layout."""
-        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        """Return a JSON-ready dict in PEFT's adapter_config.json layout (PEFT-only fields left out)."""
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if "peft_only" not in f.metadata}
         d["task_type"] = None if self.task_type is None else str(self.task_type)
         d["peft_type"] = "LORA"
         if isinstance(d["target_modules"], (set, tuple)):
@@ -232,31 +264,33 @@ class LoraConfig:
         """
         if data.get("peft_type", "LORA") != "LORA":
             raise UnsupportedFeatureError(
-                f"{source}: peft_type {data.get('peft_type')!r} is not supported; loratune reads LoRA adapters only"
+                f"{source}: peft_type {data.get('peft_type')!r} is not supported; "
+                "loratune reads LoRA adapters only"
             )
         known = {f.name for f in dataclasses.fields(cls)}
-        kwargs, refused = _split_peft_only(data)
-        init = kwargs.get("init_lora_weights")
+        refused = _switched_on(data)
+        init = data.get("init_lora_weights")
         if isinstance(init, str) and init not in INIT_METHODS and not init.startswith("pissa_niter_"):
-            refused.insert(0, f"init_lora_weights={init!r}")  # PEFT's loftq, eva, corda, ...: other base weights
-        unknown = [k for k in kwargs if k not in known]
-        kwargs = {k: v for k, v in kwargs.items() if k in known}
+            # PEFT's loftq, eva, corda, ...: they start from other base weights
+            refused.insert(0, f"init_lora_weights={init!r}")
+        unknown = [k for k in data if k not in known]
+        kwargs = {k: v for k, v in data.items() if k in known}
         if refused:
             raise UnsupportedFeatureError(
                 f"{source}: uses PEFT features loratune does not support: {', '.join(refused)}"
             )
         if unknown:
-            logger.warning("%s: ignoring fields unknown to loratune (newer PEFT?): %s", source, ", ".join(sorted(unknown)))
+            logger.warning("%s: ignoring fields unknown to loratune (newer PEFT?): %s", source,
+                           ", ".join(sorted(unknown)))
         try:
             return cls(**kwargs)
         except ConfigError as err:
             raise ConfigError(err.problems, source=source) from None
 
     @classmethod
-    def from_pretrained(cls, path: str, *, subfolder: str | None = None, revision: str | None = None) -> LoraConfig:
+    def from_pretrained(cls, path: str, *, subfolder: str | None = None,
+                        revision: str | None = None) -> LoraConfig:
         """Read `adapter_config.json` from a local adapter directory or a hub repository."""
-        from .adapter_io import resolve_adapter_file
-
         config_file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder, revision=revision)
         if config_file is None:
             raise AdapterError(f"{path}: no {CONFIG_NAME} found (is this a LoRA adapter directory?)")
@@ -281,27 +315,8 @@ class LoraConfig:
             fh.write("\n")
 
 
-_dataclass_init = LoraConfig.__init__
-
-
-def _split_peft_only(fields: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
-    """Drop PEFT's fields loratune does not implement: (the other fields, "name=value" of those
-    switched on, which callers refuse by name). Off values and behaviour-free fields go silently."""
-    refused = [f"{k}={v!r}" for k, v in fields.items()
-               if k in UNSUPPORTED_FIELDS and not any(v == off for off in UNSUPPORTED_FIELDS[k])]
-    kept = {k: v for k, v in fields.items()
-            if k not in UNSUPPORTED_FIELDS and (k not in IGNORED_FIELDS or k == "peft_type")}
-    return kept, refused
-
-
-def _init_accepting_peft_fields(self, *args, **kwargs) -> None:
-    """LoraConfig(...) also takes PEFT's fields that loratune does not implement, as PEFT code passes
-    them, at their off values (`lora_bias=False`, `layer_replication=None`, ...); switched on, they
-    are refused by name (UnsupportedFeatureError), never a TypeError."""
-    kwargs, refused = _split_peft_only(kwargs)
-    if refused:
-        raise UnsupportedFeatureError(f"LoraConfig: uses PEFT features loratune does not support: {', '.join(refused)}")
-    _dataclass_init(self, *args, **kwargs)
-
-
-LoraConfig.__init__ = _init_accepting_peft_fields
+def _switched_on(values: dict[str, Any]) -> list[str]:
+    """Return "name=value" for each PEFT-only field in `values` that is not at an off value."""
+    return [f"{f.name}={values[f.name]!r}" for f in dataclasses.fields(LoraConfig)
+            if f.metadata.get("peft_only") == "refused" and f.name in values
+            and not any(values[f.name] == off for off in f.metadata["off"])]

@@ -137,7 +137,8 @@ def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
         modules_to_save = [m for m in modules_to_save if m not in SEQ_CLS_HEADS or m in names]
         modules_to_save += [h for h in SEQ_CLS_HEADS if h in names and h not in modules_to_save]
     modules_to_save = modules_to_save or None
-    return replace(config, target_modules=expand_target_modules(model, config), modules_to_save=modules_to_save)
+    return replace(config, target_modules=expand_target_modules(model, config),
+                   modules_to_save=modules_to_save)
 
 
 def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -162,7 +163,8 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
         matched = [n for n in matched if layer_index(n, config.layers_pattern) in wanted]
     if not matched:
         raise TargetNotFoundError(
-            f"target_modules {target!r} matched modules, but exclude_modules/layers_to_transform removed them all"
+            f"target_modules {target!r} matched modules, "
+            "but exclude_modules/layers_to_transform removed them all"
         )
     return matched
 
@@ -180,9 +182,10 @@ def _regex_not_found_message(pattern: str, names: list[str]) -> str:
     example = f" (it matches only part of paths such as {partial[0]!r})" if partial else ""
     hint = ""
     if re.escape(pattern) == pattern:  # a plain name, most likely meant as a module name
-        hint = f"; to target modules by name, pass a list (target_modules: [\"{pattern}\"]) or a regex like '.*{pattern}'"
-    return (f"no module matches target_modules {pattern!r}: a single string is a regex that must match the whole "
-            f"module path, as in PEFT{example}{hint}; {_close_names(pattern, names)}")
+        hint = (f"; to target modules by name, pass a list (target_modules: [\"{pattern}\"]) "
+                f"or a regex like '.*{pattern}'")
+    return (f"no module matches target_modules {pattern!r}: a single string is a regex that must match "
+            f"the whole module path, as in PEFT{example}{hint}; {_close_names(pattern, names)}")
 
 
 def _close_names(entry: str, names: list[str]) -> str:
@@ -205,7 +208,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
             module = build_lora_layer(module, name)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         module.update_layer(
             adapter_name,
             r=pattern_value(config.rank_pattern, name, config.r),
@@ -219,7 +222,7 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
         module = model.get_submodule(name)
         if not isinstance(module, ModulesToSave):
             module = ModulesToSave(module)
-            _set_submodule(model, name, module)
+            set_submodule(model, name, module)
         module.update_layer(adapter_name)
     return targets
 
@@ -232,11 +235,13 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     found = [n for n in names if saved_in_full(config.modules_to_save, n)]
     missing = [e for e in config.modules_to_save if not any(saved_in_full([e], n) for n in found)]
     if missing:
-        raise TargetNotFoundError(_not_found_message(missing[0], names).replace("target_modules", "modules_to_save"))
+        message = _not_found_message(missing[0], names)
+        raise TargetNotFoundError(message.replace("target_modules", "modules_to_save"))
     return found
 
 
-def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put `module` at the dotted path `name` of `model` (the counterpart of `get_submodule`)."""
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, module)

@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from .base_layers import is_quantized
 from .errors import ConfigError, MergeError, UnsupportedFeatureError
 from .layers import LoraEmbedding, LoraLayer
 
@@ -37,15 +38,16 @@ def check_not_tied(model: nn.Module, layers: list[LoraLayer], adapter_names: lis
     for name, param in model.named_parameters(remove_duplicate=False):
         owners.setdefault(id(param), []).append(name)
     for layer in layers:
-        if getattr(layer.base_layer, "is_quantized", False):
+        if is_quantized(layer.base_layer):
             continue
         if not any(n in layer.r and n not in layer.merged_adapters for n in adapter_names):
             continue
         names = owners.get(id(layer.base_layer.weight), [])
         if len(names) > 1:
             raise MergeError(
-                f"cannot merge into {names[0]}: it is tied to {', '.join(names[1:])}, which would change too; "
-                "untie them first (give the other module its own copy and set config.tie_word_embeddings=False)"
+                f"cannot merge into {names[0]}: it is tied to {', '.join(names[1:])}, "
+                "which would change too; untie them first (give the other module its own copy and set "
+                "config.tie_word_embeddings=False)"
             )
 
 
@@ -56,7 +58,8 @@ def _get_AB(layer: LoraLayer, name: str) -> tuple[Tensor, Tensor]:
 
 
 def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapter_name: str,
-                         combination_type: str = "svd", svd_rank: int | None = None, svd_clamp: float | None = None,
+                         combination_type: str = "svd", svd_rank: int | None = None,
+                         svd_clamp: float | None = None,
                          svd_full_matrices: bool = True, svd_driver: str | None = None,
                          density: float | None = None, majority_sign_method: str = "total") -> None:
     """Create `adapter_name` on `model` (a LoraModel) from a weighted combination of adapters.
@@ -64,7 +67,8 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     Takes PEFT's arguments: `svd_clamp` clamps the SVD factors to the given quantile of their values,
     `svd_driver` goes to torch.linalg.svd, and `svd_full_matrices` is accepted but has no effect (the
     factors are truncated to the rank either way, so the reduced SVD is always used). PEFT's pruning
-    combinations (ties, dare, magnitude_prune) and their `density` / `majority_sign_method` are refused by name.
+    combinations (ties, dare, magnitude_prune) and their `density` / `majority_sign_method` are
+    refused by name.
     """
     refused = [f"combination_type={combination_type!r}"] if combination_type in PEFT_ONLY_COMBINATIONS else []
     refused += [f"density={density!r}"] if density is not None else []
@@ -104,7 +108,8 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
         modules_to_save=None, layers_to_transform=None, layers_pattern=None, exclude_modules=None,
     )
     for path, layer in layers:
-        layer.update_layer(adapter_name, r=ranks[path], lora_alpha=ranks[path], lora_dropout=first.lora_dropout,
+        layer.update_layer(adapter_name, r=ranks[path], lora_alpha=ranks[path],
+                           lora_dropout=first.lora_dropout,
                            init_lora_weights=True, use_rslora=False, use_dora=False)
         A, B = _combine(layer, adapters, weights, combination_type, ranks[path],
                         clamp=svd_clamp, driver=svd_driver)
@@ -123,7 +128,8 @@ def _combined_rank(path: str, layer: LoraLayer, adapters: list[str], combination
         return sum(present)
     if combination_type == "linear":
         if len(set(present)) != 1 or len(present) != len(adapters):
-            raise ConfigError(f"combination_type='linear' needs every adapter on {path} with one rank; got {present}")
+            raise ConfigError(f"combination_type='linear' needs every adapter on {path} with one rank; "
+                              f"got {present}")
         return present[0]
     return svd_rank or max(present)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -19,14 +18,15 @@ import torch
 from torch import Tensor, nn
 
 from . import adapter_io, merge
+from .adapter_names import BASE_ADAPTER, adapter_name_problem
+from .base_layers import is_quantized
 from .config import LoraConfig
-from .errors import AdapterError, ConfigError, MergeError, UnsupportedFeatureError
-from .inject import inject_adapter, resolve_config
-from .layers import BASE_ADAPTER, LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
+from .errors import AdapterError, ConfigError, MergeError
+from .inject import inject_adapter, resolve_config, set_submodule
+from .layers import LoraLayer, LoraLinear, ModulesToSave, module_key, owned_by_adapter
+from .peft_kwargs import check_peft_kwargs
 
 logger = logging.getLogger(__name__)
-
-_ADAPTER_NAME = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
 class LoraModel(nn.Module):
@@ -84,8 +84,7 @@ class LoraModel(nn.Module):
         if not isinstance(peft_config, LoraConfig):
             raise ConfigError(f"expected a loratune LoraConfig, got {type(peft_config).__name__}")
         self._check_new_adapter_name(adapter_name)
-        if any(layer.merged for layer in self._layers() if isinstance(layer, LoraLayer)):
-            raise MergeError("cannot add an adapter while adapters are merged; call unmerge_adapter() first")
+        self._refuse_if_merged("add an adapter")
         config = resolve_config(self.model, peft_config)
         try:
             targets = inject_adapter(self.model, config, adapter_name)
@@ -93,8 +92,8 @@ class LoraModel(nn.Module):
             self._remove_adapter_weights(adapter_name)
             self._unwrap_empty_layers()
             raise
-        if any(isinstance(self.model.get_submodule(t), LoraLinear) and self.model.get_submodule(t).fan_in_fan_out
-               for t in targets):
+        layers = [self.model.get_submodule(t) for t in targets]
+        if any(isinstance(layer, LoraLinear) and layer.fan_in_fan_out for layer in layers):
             config = replace(config, fan_in_fan_out=True)  # what PEFT writes for Conv1D bases
         if config.base_model_name_or_path is None:
             name_or_path = getattr(getattr(self.model, "config", None), "name_or_path", None) or None
@@ -103,22 +102,23 @@ class LoraModel(nn.Module):
         self._apply_active()
 
     def _check_new_adapter_name(self, adapter_name: str) -> None:
-        """Raise ConfigError unless `adapter_name` can name a new adapter."""
-        if not isinstance(adapter_name, str) or not _ADAPTER_NAME.match(adapter_name) or adapter_name == BASE_ADAPTER:
-            raise ConfigError(f"adapter name {adapter_name!r} must match [A-Za-z0-9_-]+ and not be {BASE_ADAPTER!r}")
+        """Raise ConfigError unless `adapter_name` can name a new adapter (see adapter_names)."""
+        problem = adapter_name_problem(adapter_name)
+        if problem:
+            raise ConfigError(problem)
         # Adapter names become keys of nn.ModuleDict/ParameterDict, which refuse their own attribute
         # names ("train", "eval", "keys", "copy", ...) with a bare KeyError deep inside injection.
-        if hasattr(nn.ModuleDict(), adapter_name) or hasattr(nn.ParameterDict(), adapter_name):
-            raise ConfigError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; choose another name")
+        key = module_key(adapter_name)
+        if hasattr(nn.ModuleDict(), key) or hasattr(nn.ParameterDict(), key):
+            raise ConfigError(f"adapter name {adapter_name!r} is reserved by torch.nn.ModuleDict; "
+                              "choose another name")
         if adapter_name in self.peft_config:
             raise ConfigError(f"an adapter named {adapter_name!r} already exists; delete_adapter() it first")
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters active (a list sums them); only active adapters are trainable."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ConfigError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}")
+        self._require_known(names)
         self._active = names
         self._apply_active()
 
@@ -127,8 +127,9 @@ class LoraModel(nn.Module):
         for layer in self._layers():
             layer.set_active(self._active, trainable)
         for name, param in self.model.named_parameters():
+            # a modules_to_save original stays frozen, as in PEFT
             if name.endswith("bias") and not owned_by_adapter(name) \
-                    and ".original_module." not in name:  # a modules_to_save original stays frozen, as in PEFT
+                    and ".original_module." not in name:
                 param.requires_grad_(trainable and self._bias_trains(name))
 
     def _bias_trains(self, param_name: str) -> bool:
@@ -137,10 +138,8 @@ class LoraModel(nn.Module):
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter's weights; if it was active, the remaining active ones stay."""
-        if adapter_name not in self.peft_config:
-            raise ConfigError(f"unknown adapter {adapter_name!r}; loaded adapters: {sorted(self.peft_config)}")
-        if any(isinstance(layer, LoraLayer) and adapter_name in layer.merged_adapters for layer in self._layers()):
-            raise MergeError(f"adapter {adapter_name!r} is merged into the base weights; call unmerge_adapter() first")
+        self._require_known([adapter_name])
+        self._refuse_if_merged(f"delete adapter {adapter_name!r}", adapter_name)
         self._remove_adapter_weights(adapter_name)
         del self.peft_config[adapter_name]
         self._active = [n for n in self._active if n != adapter_name]
@@ -151,8 +150,26 @@ class LoraModel(nn.Module):
         for name, module in list(self.model.named_modules()):
             if isinstance(module, (LoraLayer, ModulesToSave)) and not module.adapter_names:
                 original = module.base_layer if isinstance(module, LoraLayer) else module.original_module
-                parent_name, _, child = name.rpartition(".")
-                setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, original)
+                set_submodule(self.model, name, original)
+
+    def _require_known(self, names: list[str], *, argument: str | None = None) -> None:
+        """Raise ConfigError naming the adapters in `names` that are not loaded."""
+        unknown = [n for n in dict.fromkeys(names) if n not in self.peft_config]
+        if unknown:
+            where = f"{argument} has " if argument else ""
+            raise ConfigError(f"{where}unknown adapter(s) {unknown}; "
+                              f"loaded adapters: {sorted(self.peft_config)}")
+
+    def _refuse_if_merged(self, action: str, adapter_name: str | None = None) -> None:
+        """Raise MergeError if any adapter (or `adapter_name`) is merged: `action` needs them apart."""
+        layers = [layer for layer in self._layers() if isinstance(layer, LoraLayer)]
+        if adapter_name is None:
+            merged, what = any(layer.merged for layer in layers), "adapters are"
+        else:
+            merged, what = any(adapter_name in layer.merged_adapters for layer in layers), "it is"
+        if merged:
+            raise MergeError(f"cannot {action}: {what} merged into the base weights; "
+                             "call unmerge_adapter() first")
 
     def _remove_adapter_weights(self, adapter_name: str) -> None:
         for layer in self._layers():
@@ -161,9 +178,8 @@ class LoraModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Run the plain base model inside the block; state is restored even if it raises."""
+        self._refuse_if_merged("disable adapters")
         layers = list(self._layers())
-        if any(isinstance(layer, LoraLayer) and layer.merged for layer in layers):
-            raise MergeError("adapters are merged into the base weights; call unmerge_adapter() before disable_adapter()")
         previous = [layer.disable_adapters for layer in layers]
         for layer in layers:
             layer.disable_adapters = True
@@ -182,10 +198,8 @@ class LoraModel(nn.Module):
         self._set_adapter_layers(enabled=True)
 
     def _set_adapter_layers(self, *, enabled: bool) -> None:
-        layers = list(self._layers())
-        if any(isinstance(layer, LoraLayer) and layer.merged for layer in layers):
-            raise MergeError("adapters are merged into the base weights; call unmerge_adapter() first")
-        for layer in layers:
+        self._refuse_if_merged(f"{'enable' if enabled else 'disable'} adapter layers")
+        for layer in self._layers():
             layer.disable_adapters = not enabled
 
     # ----- running -------------------------------------------------------------------------------
@@ -206,19 +220,18 @@ class LoraModel(nn.Module):
     def _mixed_batch(self, adapter_names: list[str], args, kwargs) -> Iterator[None]:
         """Route rows to adapters for one call: one group of row indices per distinct name."""
         names = list(adapter_names)
-        unknown = sorted({n for n in names if n != BASE_ADAPTER and n not in self.peft_config})
-        if unknown:
-            raise ConfigError(f"adapter_names has unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}")
+        self._require_known([n for n in names if n != BASE_ADAPTER], argument="adapter_names")
         inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
         if isinstance(inputs, Tensor) and inputs.shape[0] != len(names):
-            raise ConfigError(f"adapter_names has {len(names)} entries but the batch has {inputs.shape[0]} rows")
+            raise ConfigError(f"adapter_names has {len(names)} entries "
+                              f"but the batch has {inputs.shape[0]} rows")
+        self._refuse_if_merged("route rows with adapter_names")
         layers = list(self._layers())
-        if any(isinstance(layer, LoraLayer) and layer.merged for layer in layers):
-            raise MergeError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first")
         device = next((p.device for p in self.model.parameters()), torch.device("cpu"))
         groups = []
         for name in dict.fromkeys(names):
-            rows = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long, device=device)
+            rows = [i for i, n in enumerate(names) if n == name]
+            rows = torch.tensor(rows, dtype=torch.long, device=device)
             groups.append((name, rows))
         for layer in layers:
             layer.batch_groups = groups
@@ -259,9 +272,7 @@ class LoraModel(nn.Module):
 
     def _merge_names(self, adapter_names: list[str] | None) -> list[str]:
         names = list(adapter_names) if adapter_names is not None else list(self._active)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ConfigError(f"unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)}")
+        self._require_known(names)
         return names
 
     def _unload(self, keep_saved_copies: bool) -> nn.Module:
@@ -274,15 +285,16 @@ class LoraModel(nn.Module):
                     replacement = module.modules_to_save[module.active_adapters[0]]
             else:
                 continue
-            parent_name, _, child = name.rpartition(".")
-            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child, replacement)
+            set_submodule(self.model, name, replacement)
         return self.model
 
     def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str,
-                             combination_type: str = "svd", svd_rank: int | None = None, **svd_options) -> None:
+                             combination_type: str = "svd", svd_rank: int | None = None,
+                             **svd_options) -> None:
         """Create `adapter_name` as a weighted combination of existing adapters (see merge.py; PEFT's
         svd_clamp, svd_full_matrices and svd_driver are taken)."""
-        merge.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank, **svd_options)
+        merge.add_weighted_adapter(self, adapters, weights, adapter_name, combination_type, svd_rank,
+                                   **svd_options)
 
     # ----- parameters ----------------------------------------------------------------------------
 
@@ -290,8 +302,7 @@ class LoraModel(nn.Module):
         """(trainable, all) parameter counts; quantized weights count their logical elements."""
         trainable = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in self.model.parameters())
-        total += sum(int(getattr(m, "num_weight_elements", 0)) for m in self.model.modules()
-                     if getattr(m, "is_quantized", False))
+        total += sum(m.num_weight_elements for m in self.model.modules() if is_quantized(m))
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -306,24 +317,18 @@ class LoraModel(nn.Module):
         """Write each adapter in PEFT's format; non-default names go to a sub-folder.
 
         Of PEFT's other keyword arguments, `is_main_process=False` writes nothing (other ranks of a
-        distributed run), `path_initial_model_for_weight_conversion` (PiSSA/OLoRA -> LoRA conversion)
-        is refused by name, and `save_embedding_layers=True` and the rest are ignored with a warning.
+        distributed run); the rest go through `check_peft_kwargs`: PiSSA/OLoRA -> LoRA conversion
+        (`path_initial_model_for_weight_conversion`) is refused by name, and
+        `save_embedding_layers=True` and the like are ignored with a warning.
         """
-        if kwargs.pop("path_initial_model_for_weight_conversion", None) is not None:
-            raise UnsupportedFeatureError("save_pretrained(path_initial_model_for_weight_conversion=...) is not "
-                                          "supported; PiSSA/OLoRA adapters are saved as trained and reload as trained")
-        if not kwargs.pop("is_main_process", True):
+        is_main_process = kwargs.pop("is_main_process", True)
+        check_peft_kwargs("save_pretrained", kwargs)
+        if not is_main_process:
             return
-        ignored = {k: v for k, v in kwargs.items() if v not in (None, False, "auto")}
-        if ignored:
-            logger.warning("save_pretrained: ignoring %s (not supported by loratune)",
-                           ", ".join(f"{k}={v!r}" for k, v in ignored.items()))
         if not safe_serialization:
             logger.warning("loratune writes safetensors only; ignoring safe_serialization=False")
         names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise ConfigError(f"selected_adapters has unknown adapter(s) {unknown}; loaded: {sorted(self.peft_config)}")
+        self._require_known(names, argument="selected_adapters")
         for name in names:
             config = replace(self.peft_config[name], inference_mode=True)
             tensors = adapter_io.adapter_state_dict(self.model, name, config.bias)
@@ -334,7 +339,12 @@ class LoraModel(nn.Module):
     def from_pretrained(cls, model: nn.Module, model_id: str, adapter_name: str = "default",
                         is_trainable: bool = False, config: LoraConfig | None = None,
                         subfolder: str | None = None, revision: str | None = None, **kwargs) -> LoraModel:
-        """Wrap `model` and load a saved adapter into it (strictly: every tensor must fit)."""
+        """Wrap `model` and load a saved adapter into it (strictly: every tensor must fit).
+
+        PEFT's other keyword arguments go through `check_peft_kwargs` (ignored with a warning, or
+        refused by name when they would change the result).
+        """
+        check_peft_kwargs("PeftModel.from_pretrained", kwargs)
         file_config, tensors = adapter_io.read_adapter(model_id, subfolder=subfolder, revision=revision)
         return cls.from_adapter(model, config or file_config, tensors, source=str(model_id),
                                 adapter_name=adapter_name, is_trainable=is_trainable)
@@ -363,7 +373,11 @@ class LoraModel(nn.Module):
 
     def load_adapter(self, model_id: str, adapter_name: str, is_trainable: bool = False,
                      subfolder: str | None = None, revision: str | None = None, **kwargs) -> None:
-        """Load a saved adapter under a new name (inactive); on any error the model is unchanged."""
+        """Load a saved adapter under a new name (inactive); on any error the model is unchanged.
+
+        PEFT's other keyword arguments go through `check_peft_kwargs`, as in `from_pretrained`.
+        """
+        check_peft_kwargs("load_adapter", kwargs)
         file_config, tensors = adapter_io.read_adapter(model_id, subfolder=subfolder, revision=revision)
         config = replace(file_config, inference_mode=not is_trainable)
         self.add_adapter(adapter_name, replace(config, init_lora_weights=True))
@@ -377,25 +391,8 @@ class LoraModel(nn.Module):
             self.eval()  # as PEFT: the new adapter's dropout modules would otherwise start in training mode
 
     def _fill_adapter(self, adapter_name: str, config: LoraConfig, tensors: dict, source: str) -> None:
-        """Load saved tensors into an adapter injected with plain init; record its real init method.
-
-        A PiSSA or OLoRA adapter's factors belong to the residual base W - scaling * B0 @ A0 that its
-        init made. As in PEFT, that init runs again once the file has fit (rewriting the base), and
-        the saved factors go back over the ones it set, so the loaded model is the trained one.
-        """
-        adapter_io.load_adapter_tensors(self.model, adapter_name, config.bias, tensors, source=source)
-        if config.rewrites_base:
-            layers = [m for m in self.model.modules() if isinstance(m, LoraLinear) and adapter_name in m.r]
-            if any(getattr(m.base_layer, "is_quantized", False) for m in layers):  # before any base is rewritten
-                raise AdapterError(f"{source}: init_lora_weights={config.init_lora_weights!r} adapters need an "
-                                   "unquantized base (their init rewrites the base weights)")
-            for layer in layers:
-                factors = (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
-                saved = [t.detach().clone() for t in factors]
-                layer.reset_lora_parameters(adapter_name, config.init_lora_weights)  # rewrites W into the residual
-                with torch.no_grad():
-                    for t, value in zip(factors, saved):
-                        t.copy_(value)
+        """Load saved tensors into an adapter injected with plain init; record its real init method."""
+        adapter_io.load_adapter_weights(self.model, adapter_name, config, tensors, source=source)
         self.peft_config[adapter_name] = replace(self.peft_config[adapter_name],
                                                  init_lora_weights=config.init_lora_weights)
         self._apply_active()
@@ -404,6 +401,12 @@ PeftModel = LoraModel
 PeftModelForCausalLM = LoraModel
 
 
-def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default", **kwargs) -> LoraModel:
-    """Inject a LoRA adapter into `model` (in place) and return the wrapping LoraModel."""
+def get_peft_model(model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default",
+                   **kwargs) -> LoraModel:
+    """Inject a LoRA adapter into `model` (in place) and return the wrapping LoraModel.
+
+    PEFT's other keyword arguments (`mixed`, `autocast_adapter_dtype`, `revision`,
+    `low_cpu_mem_usage`) go through `check_peft_kwargs`: ignored with a warning, or refused by name.
+    """
+    check_peft_kwargs("get_peft_model", kwargs)
     return LoraModel(model, peft_config, adapter_name)

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from torch import nn
-from transformers.pytorch_utils import Conv1D
 
+from ..adapter_names import BASE_ADAPTER
+from ..base_layers import is_linear_like
 from ..errors import UnsupportedFeatureError
-from .base import BASE_ADAPTER, LoraLayer
+from .base import LoraLayer, module_key
 from .conv import LoraConv
 from .embedding import LoraEmbedding
 from .linear import DoraMagnitude, LoraLinear
@@ -14,7 +15,7 @@ from .modules_to_save import ModulesToSave
 
 __all__ = [
     "BASE_ADAPTER", "DoraMagnitude", "LoraConv", "LoraEmbedding", "LoraLayer", "LoraLinear",
-    "ModulesToSave", "build_lora_layer", "inside_wrapper", "is_linear_like", "owned_by_adapter",
+    "ModulesToSave", "build_lora_layer", "inside_wrapper", "is_linear_like", "module_key", "owned_by_adapter",
 ]
 
 # Names the wrappers give their parts: adapter-owned ones (lora_A, lora_embedding_B, lora_dropout,
@@ -34,11 +35,6 @@ def owned_by_adapter(name: str) -> bool:
 def inside_wrapper(name: str) -> bool:
     """True for any part of an injected wrapper (its adapters or the original it holds): never a target."""
     return any(_adapter_part(p) or p in _ORIGINALS for p in name.split("."))
-
-
-def is_linear_like(module: nn.Module) -> bool:
-    """True for modules LoRA treats as a linear map: Linear, Conv1D, quantized linears."""
-    return isinstance(module, (nn.Linear, Conv1D)) or bool(getattr(module, "is_quantized", False))
 
 
 def build_lora_layer(module: nn.Module, name: str) -> LoraLayer:

@@ -1,9 +1,11 @@
 """`LoraLayer`: what every injected layer shares (adapter bookkeeping, routing, merging).
 
 An injected layer wraps the original module as `base_layer`, so unloading is putting it back.
-Adapter weights live in `nn.ModuleDict`/`nn.ParameterDict`s keyed by adapter name, and every
-adapter parameter name starts with `lora_`: that prefix is the only contract for freezing and
-saving. Subclasses implement `update_layer`, `delta_weight` and `forward`.
+Adapter weights live in `AdapterModuleDict`/`AdapterParameterDict`s keyed by adapter name, and
+every adapter parameter name starts with `lora_`: that prefix is the only contract for freezing
+and saving. Torch module names cannot hold ".", so an adapter "sql.v2" is stored under the key
+"sql:v2" (`module_key`); the dicts translate, so code indexes them by the adapter name.
+Subclasses implement `update_layer`, `delta_weight` and `forward`.
 
 Mixed batches: `LoraModel` sets `batch_groups` (a list of `(adapter_name, row_index)` pairs) on
 every layer for the duration of one call and always clears it afterwards.
@@ -12,14 +14,16 @@ every layer for the duration of one call and always clears it afterwards.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 
 import torch
 from torch import Tensor, nn
 
+from ..adapter_names import BASE_ADAPTER
+from ..base_layers import is_quantized
 from ..config import lora_scaling
 from ..errors import MergeError, UnsupportedFeatureError
 
-BASE_ADAPTER = "__base__"  # the name a mixed batch uses for "no adapter" rows
 PLAIN_INITS = (True, False, "gaussian")  # inits that draw A and B without reading the base weight
 
 
@@ -37,6 +41,50 @@ def init_plain(A: Tensor, B: Tensor, method, r: int) -> None:
         nn.init.zeros_(B)
 
 
+def module_key(adapter_name: str) -> str:
+    """The key of an adapter's weights inside a layer: its name with "." as ":".
+
+    ":" is no adapter-name character, so the mapping is one-to-one (and leaves keys unchanged).
+    """
+    return adapter_name.replace(".", ":")
+
+
+def _adapter_name(key: str) -> str:
+    return key.replace(":", ".")
+
+
+class AdapterModuleDict(nn.ModuleDict):
+    """An nn.ModuleDict indexed by adapter name; it holds each module under `module_key(name)`."""
+
+    def __getitem__(self, name: str) -> nn.Module:
+        return super().__getitem__(module_key(name))
+
+    def __setitem__(self, name: str, module: nn.Module) -> None:
+        super().__setitem__(module_key(name), module)
+
+    def __delitem__(self, name: str) -> None:
+        super().__delitem__(module_key(name))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and super().__contains__(module_key(name))
+
+    def __iter__(self) -> Iterator[str]:
+        return (_adapter_name(key) for key in super().__iter__())
+
+    def keys(self) -> list[str]:
+        return list(self)
+
+    def items(self) -> list[tuple[str, nn.Module]]:
+        return [(_adapter_name(key), module) for key, module in super().items()]
+
+
+class AdapterParameterDict(nn.ParameterDict):
+    """An nn.ParameterDict indexed by adapter name; its parameters are named `module_key(name)`."""
+
+    def _key_to_attr(self, key: str) -> str:
+        return module_key(super()._key_to_attr(key))
+
+
 def refuse_beyond_plain(kind: str, *, use_dora: bool, init_lora_weights) -> None:
     """Raise UnsupportedFeatureError for what only Linear layers support (DoRA, base-derived inits)."""
     if use_dora:
@@ -48,15 +96,16 @@ def refuse_beyond_plain(kind: str, *, use_dora: bool, init_lora_weights) -> None
 class LoraLayer(nn.Module):
     """A frozen `base_layer` plus any number of named low-rank adapters."""
 
-    adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    adapter_param_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B",
+                           "lora_magnitude_vector")
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
         self.base_layer = base_layer
-        self.lora_A = nn.ModuleDict()
-        self.lora_B = nn.ModuleDict()
-        self.lora_dropout = nn.ModuleDict()
-        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA: adapter -> DoraMagnitude
+        self.lora_A = AdapterModuleDict()
+        self.lora_B = AdapterModuleDict()
+        self.lora_dropout = AdapterModuleDict()
+        self.lora_magnitude_vector = AdapterModuleDict()  # DoRA: adapter -> DoraMagnitude
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
@@ -88,10 +137,10 @@ class LoraLayer(nn.Module):
 
         Keys are relative to this layer with the adapter name removed, e.g. "lora_A.weight".
         """
-        out = {}
+        out, key = {}, module_key(adapter_name)
         for name, param in self.named_parameters():
             parts = name.split(".")
-            if parts[0] in self.adapter_param_names and len(parts) >= 2 and parts[1] == adapter_name:
+            if parts[0] in self.adapter_param_names and len(parts) >= 2 and parts[1] == key:
                 out[".".join([parts[0], *parts[2:]])] = param
         return out
 
@@ -196,7 +245,7 @@ class LoraLayer(nn.Module):
         return weight - self.delta_weight(adapter_name).to(weight.device)
 
     def _merge_target(self) -> nn.Parameter:
-        if getattr(self.base_layer, "is_quantized", False):
+        if is_quantized(self.base_layer):
             raise MergeError(
                 f"cannot merge into the quantized weights of {self._describe()}; "
                 "dequantize the base first (loratune.quant.dequantize_model)"

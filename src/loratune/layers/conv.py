@@ -19,7 +19,8 @@ class LoraConv(LoraLayer):
     def __init__(self, base_layer: nn.Conv1d | nn.Conv2d) -> None:
         super().__init__(base_layer)
         if base_layer.groups != 1:
-            raise UnsupportedFeatureError(f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
+            raise UnsupportedFeatureError(
+                f"LoRA on grouped convolutions (groups={base_layer.groups}) is not supported")
         self.in_features, self.out_features = base_layer.in_channels, base_layer.out_channels
         self.ndim = 1 if isinstance(base_layer, nn.Conv1d) else 2
 
@@ -33,7 +34,8 @@ class LoraConv(LoraLayer):
         self._set_dropout(adapter_name, lora_dropout)
         # A must pad like the base (e.g. padding_mode="reflect"), or merged != unmerged at the borders.
         self.lora_A[adapter_name] = conv(self.in_features, r, base.kernel_size, base.stride, base.padding,
-                                         base.dilation, bias=False, padding_mode=base.padding_mode, device=device)
+                                         base.dilation, bias=False, padding_mode=base.padding_mode,
+                                         device=device)
         self.lora_B[adapter_name] = conv(r, self.out_features, 1, 1, bias=False, device=device)
         init_plain(self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, init_lora_weights, r)
 

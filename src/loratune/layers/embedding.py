@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LoraLayer, refuse_beyond_plain
+from .base import AdapterParameterDict, LoraLayer, refuse_beyond_plain
 
 
 class LoraEmbedding(LoraLayer):
@@ -18,8 +18,8 @@ class LoraEmbedding(LoraLayer):
 
     def __init__(self, base_layer: nn.Embedding) -> None:
         super().__init__(base_layer)
-        self.lora_embedding_A = nn.ParameterDict()
-        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_embedding_A = AdapterParameterDict()
+        self.lora_embedding_B = AdapterParameterDict()
         self.in_features, self.out_features = base_layer.num_embeddings, base_layer.embedding_dim
 
     def update_layer(self, adapter_name: str, *, r: int, lora_alpha: float, lora_dropout: float,

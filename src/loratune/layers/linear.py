@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from transformers.pytorch_utils import Conv1D
 
+from ..base_layers import is_conv1d, is_quantized
 from ..errors import UnsupportedFeatureError
 from ..ops import fast_paths_enabled
 from ..ops.lora_linear import lora_linear
@@ -44,7 +44,7 @@ class LoraLinear(LoraLayer):
     def fan_in_fan_out(self) -> bool:
         """The base stores W as (in, out) (Conv1D); follows base_layer if it is swapped
         (e.g. a quantized layer dequantized back to Conv1D)."""
-        return isinstance(self.base_layer, Conv1D)
+        return is_conv1d(self.base_layer)
 
     def update_layer(self, adapter_name: str, *, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights, use_rslora: bool, use_dora: bool) -> None:
@@ -65,15 +65,16 @@ class LoraLinear(LoraLayer):
                        self.r[adapter_name])
             return
         # "pissa", "pissa_niter_N", "olora": A, B from the base weight, which they rewrite
-        if getattr(self.base_layer, "is_quantized", False):
-            raise UnsupportedFeatureError(f"init_lora_weights={init_lora_weights!r} needs an unquantized base")
+        if is_quantized(self.base_layer):
+            raise UnsupportedFeatureError(
+                f"init_lora_weights={init_lora_weights!r} needs an unquantized base")
         init_from_base(self, adapter_name, init_lora_weights)
 
     # ----- weights -------------------------------------------------------------------------------
 
     def base_weight(self) -> Tensor:
         """The frozen weight as (out, in) (a view for Conv1D; dequantized for quantized bases)."""
-        if getattr(self.base_layer, "is_quantized", False):
+        if is_quantized(self.base_layer):
             return self.base_layer.dequantize()
         w = self.base_layer.weight
         return w.T if self.fan_in_fan_out else w
@@ -134,12 +135,14 @@ class LoraLinear(LoraLayer):
         Conv1D base, exactly one active unmerged non-DoRA adapter, no mixed-batch routing.
         Inside `loratune.ops.reference_paths()` the layer always takes its reference path.
         """
-        if not fast_paths_enabled() or args or kwargs or self.disable_adapters or self.batch_groups is not None:
+        if not fast_paths_enabled() or args or kwargs or self.disable_adapters \
+                or self.batch_groups is not None:
             return None
         if len(self.active_adapters) != 1 or self.merged_adapters or self.lora_magnitude_vector:
             return None
-        if not isinstance(self.base_layer, (nn.Linear, Conv1D)) or self.base_layer._forward_hooks \
-                or self.base_layer._forward_pre_hooks:
+        base = self.base_layer
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)) or base._forward_hooks \
+                or base._forward_pre_hooks:
             return None
         return self.active_adapters[0]
 

@@ -1,7 +1,8 @@
 """`ModulesToSave`: a module trained in full (e.g. a classifier head), one copy per adapter.
 
 The original stays untouched as `original_module`; each adapter gets a trainable deep copy in
-`modules_to_save[adapter_name]`, which PEFT's file format stores under the module's own name.
+`modules_to_save[adapter_name]` (an AdapterModuleDict), which PEFT's file format stores under
+the module's own name.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import copy
 import torch
 from torch import Tensor, nn
 
-from .base import _expand_rows
+from .base import AdapterModuleDict, _expand_rows
 
 
 class ModulesToSave(nn.Module):
@@ -20,7 +21,7 @@ class ModulesToSave(nn.Module):
     def __init__(self, original_module: nn.Module) -> None:
         super().__init__()
         self.original_module = original_module
-        self.modules_to_save = nn.ModuleDict()
+        self.modules_to_save = AdapterModuleDict()
         self.active_adapters: list[str] = []
         self.disable_adapters = False
         self.batch_groups: list[tuple[str, Tensor]] | None = None

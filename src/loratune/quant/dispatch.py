@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import torch
 from torch import nn
 
+from ..base_layers import is_conv1d, is_quantized
 from ..errors import ConfigError, UnsupportedFeatureError
 from ..layers import owned_by_adapter
 from ..loading import parse_dtype
@@ -32,18 +33,9 @@ def resolve_dtype(value, field: str = "compute_dtype") -> torch.dtype:
     return parse_dtype(value, field)
 
 
-def is_quantized_module(module: nn.Module) -> bool:
-    """Return True for a layer following the quantized-linear contract (`is_quantized = True`)."""
-    return getattr(module, "is_quantized", False) is True and isinstance(module, nn.Module)
-
-
 def quantized_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Return (name, layer) for every quantized linear layer of the model."""
-    return [(name, m) for name, m in model.named_modules() if is_quantized_module(m)]
-
-
-def _is_conv1d(module: nn.Module) -> bool:
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
+    return [(name, m) for name, m in model.named_modules() if is_quantized(m)]
 
 
 def _skipped(name: str, skip_modules) -> bool:
@@ -58,13 +50,13 @@ def _targets(model: nn.Module, skip_modules) -> list[tuple[nn.Module, str, str, 
     for parent_name, parent in model.named_modules():
         for child_name, child in parent.named_children():
             name = f"{parent_name}.{child_name}" if parent_name else child_name
-            if (type(child) is nn.Linear or _is_conv1d(child)) and not _skipped(name, skip_modules):
+            if (type(child) is nn.Linear or is_conv1d(child)) and not _skipped(name, skip_modules):
                 found.append((parent, child_name, name, child))
     return found
 
 
 def _as_linear(module: nn.Module) -> nn.Module | SimpleNamespace:
-    if not _is_conv1d(module):
+    if not is_conv1d(module):
         return module
     weight = module.weight   # Conv1D computes x @ W + b with W (in, out)
     return SimpleNamespace(weight=weight.t(), bias=module.bias, in_features=weight.shape[0],
@@ -124,7 +116,7 @@ def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", comp
             quantized = _quantize_layer(_as_linear(child), bits=bits, quant_type=quant_type,
                                         compute_dtype=compute_dtype, double_quant=double_quant,
                                         backend=backend, name=name)
-            quantized.from_conv1d = _is_conv1d(child)
+            quantized.from_conv1d = is_conv1d(child)
             nbytes_before += child.weight.numel() * child.weight.element_size()
             nbytes_after += quantized.quantized_nbytes()
             done[id(child)] = quantized
@@ -134,7 +126,8 @@ def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", comp
         logger.warning("quantize_model: no nn.Linear layer to quantize (skip_modules=%s)", list(skip_modules))
     else:
         logger.info("quantized %d linear layers to %s: %.1f MiB -> %.1f MiB", len(done),
-                    f"{bits}-bit {quant_type if bits == 4 else 'int8'}", nbytes_before / 2**20, nbytes_after / 2**20)
+                    f"{bits}-bit {quant_type if bits == 4 else 'int8'}", nbytes_before / 2**20,
+                    nbytes_after / 2**20)
     return model
 
 
@@ -166,7 +159,7 @@ def dequantize_model(model: nn.Module, dtype=torch.bfloat16) -> nn.Module:
     done: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):
-            if is_quantized_module(child):
+            if is_quantized(child):
                 if id(child) not in done:
                     done[id(child)] = _restore(child, dtype)
                 setattr(parent, child_name, done[id(child)])  # a LoRA layer's orientation follows it

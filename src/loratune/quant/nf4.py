@@ -11,14 +11,15 @@ import torch
 from torch import Tensor, nn
 
 from . import blockwise as bw
-from .storage import check_weight, move_keeping_dtypes, storage_nbytes
-from .tiled import TILE_ELEMENTS, plan_tiles, quantized_forward, row_multiple_for_blocks
+from .layer import TiledQuantizedLinear
+from .storage import check_weight
+from .tiled import row_multiple_for_blocks
 
 # byte b holds the code indices (b >> 4, b & 15): one lookup of b yields both dequantized values
 _NIBBLE_PAIRS = torch.stack([torch.arange(256) >> 4, torch.arange(256) & 15], dim=1)   # (256, 2)
 
 
-class Linear4bit(nn.Module):
+class Linear4bit(TiledQuantizedLinear):
     """A frozen linear layer whose weight is 4-bit codes: W ≈ code[q] * absmax, one absmax per 64 values.
 
     Over the flattened (out, in) weight, value i is `code[q[i]] * absmax[i // 64]` with `code` the
@@ -29,17 +30,14 @@ class Linear4bit(nn.Module):
     merges into it (`is_quantized`).
     """
 
-    is_quantized = True
     bits = 4
     blocksize = bw.BLOCKSIZE_4BIT
+    repr_fields = ("quant_type", "double_quant", "compute_dtype")
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, quant_type: str = "nf4",
                  compute_dtype: torch.dtype = torch.bfloat16, double_quant: bool = False, device=None):
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.quant_type, self.compute_dtype, self.double_quant = quant_type, compute_dtype, double_quant
-        self.tile_elements = TILE_ELEMENTS
-        self._tiles: tuple[int, tuple[tuple[int, int], ...]] = (0, ())
+        super().__init__(in_features, out_features, bias, compute_dtype=compute_dtype, device=device)
+        self.quant_type, self.double_quant = quant_type, double_quant
         nblocks = max(1, math.ceil(in_features * out_features / self.blocksize))
         u8 = dict(dtype=torch.uint8, device=device)
         f32 = dict(dtype=torch.float32, device=device)
@@ -48,15 +46,12 @@ class Linear4bit(nn.Module):
             self.register_buffer("absmax_q", torch.zeros(nblocks, **u8))
             self.register_buffer("absmax_scale", torch.zeros(math.ceil(nblocks / bw.BLOCKSIZE_ABSMAX), **f32))
             self.register_buffer("absmax_offset", torch.zeros((), **f32))
-            self.register_buffer("absmax_code", bw.code_tensor(bw.dynamic_map_8bit(), device), persistent=False)
+            self.register_buffer("absmax_code", bw.code_tensor(bw.dynamic_map_8bit(), device),
+                                 persistent=False)
         else:
             self.register_buffer("absmax", torch.zeros(nblocks, **f32))
         self.register_buffer("code", bw.code_tensor(bw.CODES_4BIT[quant_type], device), persistent=False)
         self.register_buffer("nibble_pairs", _NIBBLE_PAIRS.to(device), persistent=False)
-        if bias:
-            self.bias = nn.Parameter(torch.zeros(out_features, device=device), requires_grad=False)
-        else:
-            self.register_parameter("bias", None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, quant_type: str = "nf4", compute_dtype=torch.bfloat16,
@@ -77,15 +72,6 @@ class Linear4bit(nn.Module):
             layer.absmax.copy_(absmax)
         layer.bias = linear.bias
         return layer
-
-    @property
-    def num_weight_elements(self) -> int:
-        """Values of the weight this layer stands for (out * in), for parameter counts."""
-        return self.in_features * self.out_features
-
-    def quantized_nbytes(self) -> int:
-        """Bytes of quantized storage (codes and scales), bias excluded."""
-        return storage_nbytes(self)
 
     def _absmax_blocks(self, b0: int, b1: int) -> Tensor:
         """fp32 absmax of weight blocks b0..b1 (dequantizing only the 256-groups they touch)."""
@@ -114,25 +100,5 @@ class Linear4bit(nn.Module):
         values.mul_(self._absmax_blocks(b0, b1)[:, None])
         return values.view(-1)[: n1 - n0].view(r1 - r0, self.in_features).to(dtype)
 
-    def dequantize(self, dtype: torch.dtype | None = None) -> Tensor:
-        """Return the full weight (out, in) in dtype (default compute_dtype)."""
-        return self.dequantize_rows(0, self.out_features, dtype)
-
-    def tiles(self) -> tuple[tuple[int, int], ...]:
-        """Output-row tiles forward and backward dequantize one at a time."""
-        if self._tiles[0] != self.tile_elements:   # planned once per tile size
-            multiple = row_multiple_for_blocks(self.in_features, self.blocksize)
-            self._tiles = (self.tile_elements, plan_tiles(self.out_features, self.in_features,
-                                                          row_multiple=multiple, tile_elements=self.tile_elements))
-        return self._tiles[1]
-
-    def forward(self, x: Tensor) -> Tensor:
-        return quantized_forward(self, x)
-
-    def _apply(self, fn, recurse=True):
-        return move_keeping_dtypes(self, fn, lambda f: super(Linear4bit, self)._apply(f, recurse))
-
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, quant_type={self.quant_type}, "
-                f"double_quant={self.double_quant}, compute_dtype={self.compute_dtype}")
+    def row_multiple(self) -> int:
+        return row_multiple_for_blocks(self.in_features, self.blocksize)

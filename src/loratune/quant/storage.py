@@ -13,8 +13,11 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from ..errors import ConfigError
 
-def move_keeping_dtypes(module: nn.Module, fn: Callable[[Tensor], Tensor], super_apply: Callable) -> nn.Module:
+
+def move_keeping_dtypes(module: nn.Module, fn: Callable[[Tensor], Tensor],
+                        super_apply: Callable) -> nn.Module:
     """Run nn.Module._apply(fn) but only move (never cast) the module's floating buffers."""
     kept = {name: buf for name, buf in module._buffers.items() if buf is not None and buf.is_floating_point()}
     for name in kept:
@@ -31,12 +34,11 @@ def move_keeping_dtypes(module: nn.Module, fn: Callable[[Tensor], Tensor], super
 def storage_nbytes(module: nn.Module) -> int:
     """Bytes held by the module's persistent buffers (the quantized weight), bias excluded."""
     skip = module._non_persistent_buffers_set
-    return sum(b.numel() * b.element_size() for n, b in module._buffers.items() if b is not None and n not in skip)
+    return sum(b.numel() * b.element_size() for n, b in module._buffers.items()
+               if b is not None and n not in skip)
 
 
 def check_weight(weight: Tensor, name: str) -> None:
     """Refuse to quantize a weight holding NaN/Inf: its block scale would poison every neighbour."""
-    from ..errors import ConfigError
-
     if not torch.isfinite(weight).all():
         raise ConfigError(f"cannot quantize {name or 'layer'}: its weight holds NaN or Inf values")

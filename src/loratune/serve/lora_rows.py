@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from loratune.base_layers import is_conv1d, is_quantized
+from loratune.inject import set_submodule
+
 
 @dataclass(frozen=True)
 class RowAdapterWeights:
@@ -99,9 +102,9 @@ def layer_features(module: nn.Module) -> tuple[int, int] | None:
     """Return (in_features, out_features) of a linear-like module, or None if it is not one."""
     if isinstance(module, RowLoraLinear):
         return module.in_features, module.out_features
-    if isinstance(module, nn.Linear) or getattr(module, "is_quantized", False):
+    if isinstance(module, nn.Linear) or is_quantized(module):
         return int(module.in_features), int(module.out_features)
-    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:
+    if is_conv1d(module):
         in_features, out_features = module.weight.shape  # GPT-2 Conv1D stores (in, out)
         return int(in_features), int(out_features)
     return None
@@ -128,9 +131,7 @@ def ensure_row_lora(model: nn.Module, name: str) -> RowLoraLinear:
     if feats is None:
         raise ValueError(f"module {name!r} is a {type(module).__name__}, not a linear layer")
     wrapped = RowLoraLinear(module, *feats)
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, wrapped)
+    set_submodule(model, name, wrapped)
     return wrapped
 
 

@@ -1,9 +1,10 @@
 """Which adapters the server may load, and reading one into per-layer weights before it is visible.
 
-Lives here: adapter name rules, resolving a requested path under the configured roots, and
-`prepare_adapter`, which reads an adapter directory in PEFT's format (safetensors only) and checks
-it against the base model both ways: every tensor must name a linear layer of the base with the
-right shape, and every layer the config targets must have its tensors. It needs only the base's
+Lives here: checking a requested adapter name (the rule itself is loratune.adapter_names),
+resolving a requested path under the configured roots, and `prepare_adapter`, which reads an
+adapter directory in PEFT's format (safetensors only) and checks it against the base model both
+ways: every tensor must name a linear layer of the base with the right shape, and every layer the
+config targets must have its tensors. It needs only the base's
 layer shapes, so it runs off the engine thread; installing the weights is the engine's job.
 Not here: HTTP (api.py) and the model itself (engine.py).
 """
@@ -17,15 +18,14 @@ from pathlib import Path
 
 import torch
 
-from loratune.adapter_io import SAFETENSORS_NAME, check_finite, read_adapter
+from loratune.adapter_io import PREFIX, SAFETENSORS_NAME, check_finite, read_adapter
+from loratune.adapter_names import adapter_name_problem
 from loratune.config import CONFIG_NAME, LoraConfig
 from loratune.errors import AdapterError, UnsupportedFeatureError
 from loratune.inject import ALL_LINEAR, layer_index, matches, pattern_value
 
 from .lora_rows import RowAdapterWeights
 
-ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
-KEY_PREFIX = "base_model.model."
 _KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
 
 
@@ -50,20 +50,20 @@ class PreparedAdapter:
 
 
 def check_adapter_name(name: object, *, base_name: str) -> str:
-    """Return the name if it is a valid adapter name, else raise RequestError (400)."""
-    if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name in (".", ".."):
-        raise RequestError(400, f"invalid adapter name {name!r}: use 1-128 characters from [A-Za-z0-9._-]",
-                           type="InvalidUserInput", code=400, param="lora_name")
-    if name == base_name or name == "__base__":
-        raise RequestError(400, f"adapter name {name!r} is reserved for the base model",
-                           type="InvalidUserInput", code=400, param="lora_name")
+    """Return the name if it is a valid adapter name and not the base's, else raise RequestError (400)."""
+    problem = adapter_name_problem(name)
+    if problem is None and name == base_name:
+        problem = f"adapter name {name!r} is reserved for the base model"
+    if problem:
+        raise RequestError(400, problem, type="InvalidUserInput", code=400, param="lora_name")
     return name
 
 
 def resolve_adapter_path(lora_path: object, roots: list[Path]) -> Path:
     """Resolve a requested adapter path; it must lie under one of the roots (symlinks followed)."""
     if not roots:
-        raise RequestError(400, "loading adapters at runtime is disabled: start the server with --adapter-root DIR",
+        raise RequestError(400, "loading adapters at runtime is disabled: start the server with "
+                           "--adapter-root DIR",
                            type="InvalidUserInput", code=400, param="lora_path")
     if not isinstance(lora_path, str) or not lora_path or "\x00" in lora_path:
         raise RequestError(400, f"invalid lora_path {lora_path!r}", type="InvalidUserInput", code=400,
@@ -92,12 +92,14 @@ def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
     targeted = _targeted(config, shapes)
     problems = []
     for module, parts in sorted(modules.items()):
-        key = f"{KEY_PREFIX}{module}"
+        key = f"{PREFIX}{module}"
         if module not in shapes:
-            problems.append(f"tensor {key}.lora_A.weight targets {module!r}, which is not a linear layer of the base model")
+            problems.append(f"tensor {key}.lora_A.weight targets {module!r}, "
+                            "which is not a linear layer of the base model")
             continue
         if targeted and module not in targeted:
-            problems.append(f"tensor {key}.lora_A.weight is unexpected: adapter_config.json does not target {module!r}")
+            problems.append(f"tensor {key}.lora_A.weight is unexpected: "
+                            f"adapter_config.json does not target {module!r}")
             continue
         if set(parts) != {"A", "B"}:
             missing = "B" if "A" in parts else "A"
@@ -107,19 +109,24 @@ def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
         r = pattern_value(config.rank_pattern, module, config.r)  # the rank the config gives this layer
         for part, t, want in (("A", parts["A"], (r, in_f)), ("B", parts["B"], (out_f, r))):
             if not t.is_floating_point():
-                problems.append(f"tensor {key}.lora_{part}.weight has dtype {t.dtype}; expected a floating-point dtype")
+                problems.append(f"tensor {key}.lora_{part}.weight has dtype {t.dtype}; "
+                                "expected a floating-point dtype")
             elif tuple(t.shape) != want:
-                problems.append(f"tensor {key}.lora_{part}.weight has shape {tuple(t.shape)}, expected {want} "
+                problems.append(f"tensor {key}.lora_{part}.weight has shape {tuple(t.shape)}, "
+                                f"expected {want} "
                                 f"(adapter_config.json gives this layer r={r})")
     for module in sorted(targeted - set(modules)):
-        problems.append(f"tensor {KEY_PREFIX}{module}.lora_A.weight is missing (adapter_config.json targets {module!r})")
+        problems.append(f"tensor {PREFIX}{module}.lora_A.weight is missing "
+                        f"(adapter_config.json targets {module!r})")
     if problems:
-        raise AdapterError(f"adapter {name!r} at {path} does not fit the base model:\n  - " + "\n  - ".join(problems))
+        raise AdapterError(f"adapter {name!r} at {path} does not fit the base model:\n  - "
+                           + "\n  - ".join(problems))
     layers = {}
     for module, parts in modules.items():
         r = parts["A"].shape[0]
         alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
-        layers[module] = RowAdapterWeights(parts["A"].to(dtype), parts["B"].to(dtype), config.scaling_for(r, alpha))
+        layers[module] = RowAdapterWeights(parts["A"].to(dtype), parts["B"].to(dtype),
+                                           config.scaling_for(r, alpha))
     return PreparedAdapter(name=name, path=str(path), config=config, layers=layers)
 
 
@@ -136,7 +143,8 @@ def _read(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
     if config.bias != "none":
         refused.append(f"bias={config.bias!r} (trained biases change the shared base layers)")
     if config.rewrites_base:
-        refused.append(f"init_lora_weights={config.init_lora_weights!r} (its factors belong to a rewritten base; merge it with "
+        refused.append(f"init_lora_weights={config.init_lora_weights!r} (its factors belong to a "
+                       "rewritten base; merge it with "
                        "`loratune merge` and serve the result)")
     if refused:
         raise UnsupportedFeatureError(f"{path / CONFIG_NAME}: the server cannot serve " + "; ".join(refused))
@@ -147,8 +155,8 @@ def _read(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
 def _group_by_module(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, dict[str, torch.Tensor]]:
     modules: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        m = _KEY.fullmatch(key.removeprefix(KEY_PREFIX))
-        if not key.startswith(KEY_PREFIX) or m is None:
+        m = _KEY.fullmatch(key.removeprefix(PREFIX))
+        if not key.startswith(PREFIX) or m is None:
             what = ("DoRA magnitude" if "lora_magnitude_vector" in key else
                     "embedding LoRA" if "lora_embedding" in key else
                     "a full module copy (modules_to_save)" if "modules_to_save" in key else
