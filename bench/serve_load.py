@@ -30,7 +30,7 @@ import psutil
 import torch
 
 from loratune import LoraConfig, get_peft_model
-from loratune.loading import load_base_model
+from loratune.tools.loading import load_base_model
 
 MODEL = "preset:tiny-llama"
 

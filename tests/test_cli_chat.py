@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from loratune.cli.main import main
-from loratune.generation import ChatSession
-from test_inference import save_tiny_adapter, save_tiny_model_dir
+from loratune.tools.generation import ChatSession
+from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

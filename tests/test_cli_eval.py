@@ -7,7 +7,7 @@ import json
 import pytest
 
 from loratune.cli.main import main
-from test_inference import save_tiny_adapter, save_tiny_model_dir
+from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 ROWS = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]},
         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loratune.cli.main import main
-from test_inference import save_tiny_adapter, save_tiny_model_dir
+from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")

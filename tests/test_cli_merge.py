@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loratune.cli.main import main
-from loratune.export import logits_of, probe_batch
-from loratune.inference import load_model
+from loratune.tools.export import logits_of, probe_batch
+from loratune.tools.load_trained import load_model
 from test_export import MERGED_FILES
-from test_inference import save_tiny_adapter, save_tiny_model_dir
+from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_qlora_adapter_is_dequantized_and_written_in_bf16(dirs, tmp_path, capsys
 
 
 def test_failed_check_exits_1_and_writes_nothing(dirs, tmp_path, capsys, monkeypatch):
-    from loratune import export
+    from loratune.tools import export
 
     _, adapter, _ = dirs
     monkeypatch.setattr(export, "_merge", lambda loaded: loaded.model.unload())  # drops the adapter

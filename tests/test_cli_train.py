@@ -15,7 +15,7 @@ import yaml
 
 from factories import tiny_model
 from loratune.cli.main import main
-from loratune.loading import load_tokenizer
+from loratune.tools.loading import load_tokenizer
 
 QA = [("What is the capital of France?", "Paris."), ("Add 2 and 3.", "5."), ("Opposite of hot?", "Cold."),
       ("Reverse the word cat.", "tac."), ("Capital of Peru?", "Lima."), ("Add 1 and 1.", "2."),
@@ -196,13 +196,13 @@ def test_unreadable_config_paths_are_named(tmp_path, capsys):
 
 def test_output_dir_that_is_a_file_fails_before_anything_loads(model_dir, messages_file, tmp_path, monkeypatch,
                                                                capsys):
-    import loratune.loading
+    import loratune.tools.loading
     import loratune.train.api as api
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded the tokenizer or model before checking output_dir")
 
-    monkeypatch.setattr(loratune.loading, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(loratune.tools.loading, "load_tokenizer", must_not_load)
     monkeypatch.setattr(api, "build_model", must_not_load)
     file = tmp_path / "taken"
     file.write_text("not a directory")

@@ -9,7 +9,7 @@ import pytest
 
 from loratune.data import IGNORE_INDEX, DataConfig, build_datasets, check_vocab, preview
 from loratune.errors import ConfigError, DataError
-from loratune.loading import DEFAULT_MODEL, load_tokenizer
+from loratune.tools.loading import DEFAULT_MODEL, load_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 GOOD = {"prompt": "What is 2 + 3?\n", "completion": "5"}

@@ -14,7 +14,7 @@ from loratune.data import ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX, DataConfig, de
 from loratune.data.formats import DETECT_ORDER, Columns, RowError, Segment, render_chat, row_segments
 from loratune.data.tokenize import SpecialTokens, encode_pretokenized, encode_segments
 from loratune.errors import ConfigError
-from loratune.loading import DEFAULT_MODEL, load_tokenizer
+from loratune.tools.loading import DEFAULT_MODEL, load_tokenizer
 
 PLAIN_TEMPLATE = (  # writes no BOS and no EOS: the pipeline adds both
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loratune.errors import ConfigError
-from loratune.generation import (
+from loratune.tools.generation import (
     ChatSession,
     GenerationSettings,
     chat_ids,
@@ -18,8 +18,8 @@ from loratune.generation import (
     prompt_ids,
     stop_token_ids,
 )
-from loratune.loading import load_base_model, load_tokenizer
-from test_inference import save_tiny_model_dir
+from loratune.tools.loading import load_base_model, load_tokenizer
+from test_load_trained import save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -163,8 +163,8 @@ def test_streamed_pieces_join_to_the_final_text(model_and_tokenizer):
 
 
 def test_a_tiny_temperature_is_greedy_as_in_the_server():
-    from loratune.generation import GREEDY_BELOW, GenerationSettings
     from loratune.serve.engine import SamplingParams
+    from loratune.tools.generation import GREEDY_BELOW, GenerationSettings
 
     for t in (0.0, 1e-30, GREEDY_BELOW / 2):
         assert GenerationSettings(temperature=t).greedy and SamplingParams(temperature=t).greedy

@@ -10,7 +10,7 @@ import torch
 from loratune.adapter_io import PREFIX, save_adapter
 from loratune.config import LoraConfig
 from loratune.errors import AdapterError
-from loratune.inspection import human_size, summarize_adapter
+from loratune.tools.inspection import human_size, summarize_adapter
 
 D = 16
 

@@ -1,4 +1,4 @@
-"""Tests for loratune.loading: presets, local directories, dtype choice, error messages."""
+"""Tests for loratune.tools.loading: presets, local directories, dtype choice, error messages."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from factories import tiny_model
 from loratune.errors import ConfigError, LoratuneError
-from loratune.loading import (
+from loratune.tools.loading import (
     DEFAULT_MODEL,
     PRESETS_DIR,
     bf16_supported,
@@ -82,8 +82,8 @@ def test_resolve_dtype():
 
 
 def test_one_dtype_table_for_loading_quantization_and_export():
-    from loratune.loading import parse_dtype
     from loratune.quant import resolve_dtype as compute_dtype
+    from loratune.tools.loading import parse_dtype
 
     for name in ("half", "fp16", "torch.float16", "float16"):
         assert parse_dtype(name) == compute_dtype(name) == resolve_dtype(name, "cpu") == torch.float16

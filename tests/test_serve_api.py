@@ -15,10 +15,10 @@ import torch
 import uvicorn
 from safetensors.torch import load_file, save_file
 
-from loratune.loading import load_base_model, load_tokenizer
 from loratune.serve.lora_rows import linear_shapes
 from loratune.serve.server import build_server
 from loratune.serve.state import ServeSettings
+from loratune.tools.loading import load_base_model, load_tokenizer
 
 KEY = "test-key"
 BASE = "tiny-base"
@@ -138,7 +138,7 @@ def test_completions_for_base_and_two_adapters(live):
 @pytest.mark.parametrize("model", [BASE, "a2"])
 def test_greedy_text_equals_loratune_generate_for_the_same_adapter_alone(live, model):
     from loratune import LoraModel
-    from loratune.generation import GenerationSettings, chat_ids, generate_text, prompt_ids
+    from loratune.tools.generation import GenerationSettings, chat_ids, generate_text, prompt_ids
 
     tokenizer = live.state.tokenizer
     alone = load_base_model("preset:tiny-llama", dtype="float32")

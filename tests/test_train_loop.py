@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import loratune.train.loop as loop
 from loratune.errors import TrainingDivergedError
-from loratune.loading import load_base_model
+from loratune.tools.loading import load_base_model
 from loratune.train import run
 from test_cli_train import make_model_dir, rows_for, train_cli, write_rows
 

@@ -38,7 +38,7 @@ def run(args) -> int:
     """Print the preview report; bad config or data -> message and exit code 2."""
     from loratune.data import preview
     from loratune.errors import LoratuneError
-    from loratune.loading import load_tokenizer
+    from loratune.tools.loading import load_tokenizer
 
     if getattr(args, "data_command", None) != "preview":
         print("usage: loratune data preview CONFIG.yaml [--key value ...] [-n N]", file=sys.stderr)

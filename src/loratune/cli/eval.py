@@ -38,7 +38,7 @@ def run(args) -> int:
     from loratune.cli.generate import load_from_args
     from loratune.data import DataConfig
     from loratune.errors import ConfigError, LoratuneError
-    from loratune.evaluate import evaluate_base_and_adapter, load_eval_examples, model_vocab_size
+    from loratune.tools.evaluation import evaluate_base_and_adapter, load_eval_examples, model_vocab_size
 
     try:
         if args.batch_size < 1:

@@ -52,14 +52,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args):
-    from loratune.generation import GenerationSettings
+    from loratune.tools.generation import GenerationSettings
 
     return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed)
 
 
 def load_from_args(args):
-    from loratune.inference import load_model
+    from loratune.tools.load_trained import load_model
 
     return load_model(args.model_name_or_path, args.adapter, dtype=args.dtype, quant=quant_overrides(args),
                       device=args.device)
@@ -93,7 +93,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Print the generated text (only the new text) to stdout as it is generated."""
     from loratune.errors import LoratuneError
-    from loratune.generation import chat_ids, check_utf8, generate_text, prompt_ids
+    from loratune.tools.generation import chat_ids, check_utf8, generate_text, prompt_ids
 
     try:
         settings = settings_from_args(args)

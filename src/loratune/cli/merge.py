@@ -38,8 +38,8 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from loratune.errors import LoratuneError
-    from loratune.export import check_output_dir, check_tolerance, merge_to_directory
-    from loratune.inference import load_model, resolve_quant
+    from loratune.tools.export import check_output_dir, check_tolerance, merge_to_directory
+    from loratune.tools.load_trained import load_model, resolve_quant
 
     hf_logging.disable_progress_bar()  # the save/reload bars would bury the check's result
     try:

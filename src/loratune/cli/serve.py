@@ -83,9 +83,9 @@ def run(args: argparse.Namespace) -> int:
     from loratune.errors import ConfigError, LoratuneError
 
     try:
-        from loratune.inference import resolve_device
         from loratune.serve.server import load_and_build, serve_forever
         from loratune.serve.state import ServeSettings
+        from loratune.tools.load_trained import resolve_device
     except ImportError as exc:
         print(f"error: the server needs the 'serve' extra ({exc.name} is missing): "
               "pip install 'loratune[serve]'", file=sys.stderr)

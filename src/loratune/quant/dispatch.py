@@ -16,7 +16,7 @@ from torch import nn
 
 from ..errors import ConfigError, UnsupportedFeatureError
 from ..layers import owned_by_adapter
-from ..loading import parse_dtype
+from ..tools.loading import parse_dtype
 from .bnb import BnbLinear4bit, bnb_available
 from .int8 import Linear8bit
 from .nf4 import Linear4bit

@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratune.errors import ConfigError
-from loratune.generation import chat_ids, prompt_ids
+from loratune.tools.generation import chat_ids, prompt_ids
 
 from . import protocol as p
 from .registry import RequestError

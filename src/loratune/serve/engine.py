@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from loratune.generation import GREEDY_BELOW
+from loratune.tools.generation import GREEDY_BELOW
 
 from .batch_cache import BatchCache, check_cache
 from .lora_rows import RowAdapterWeights, RowLoraLinear, ensure_row_lora, set_rows

@@ -13,8 +13,8 @@ import torch
 from fastapi import FastAPI
 
 from loratune.errors import UnsupportedFeatureError
-from loratune.generation import stop_token_ids
-from loratune.loading import load_base_model, load_tokenizer
+from loratune.tools.generation import stop_token_ids
+from loratune.tools.loading import load_base_model, load_tokenizer
 
 from .api import build_app
 from .engine import Engine, GenerationRequest, SamplingParams

@@ -106,8 +106,8 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
 
 def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from loratune.data import build_datasets, check_vocab
-    from loratune.evaluate import model_vocab_size
-    from loratune.loading import load_tokenizer
+    from loratune.tools.evaluation import model_vocab_size
+    from loratune.tools.loading import load_tokenizer
     from loratune.train.loop import fit
 
     out = cfg.loop.output_dir
@@ -186,9 +186,9 @@ def check_output_dir(path: str) -> None:
 def build_model(cfg: TrainConfig, env: DistEnv):
     """Load the frozen base (bf16 where supported) and inject a fresh fp32 LoRA adapter."""
     from loratune import LoraConfig, get_peft_model
-    from loratune.loading import load_base_model
     from loratune.ops.attention import enable_varlen_attention
     from loratune.ops.rms_norm import enable_fast_rms_norm
+    from loratune.tools.loading import load_base_model
 
     m, lo = cfg.model, cfg.lora
     base = load_base_model(

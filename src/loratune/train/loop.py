@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from loratune.data import collate, plan_batches
 from loratune.errors import LoratuneError, TrainingDivergedError
-from loratune.evaluate import loss_sum_over, perplexity
+from loratune.tools.evaluation import loss_sum_over, perplexity
 from loratune.train import checkpoint as ckpt
 from loratune.train.config import TrainConfig
 from loratune.train.distributed import DistEnv, all_reduce_min, all_reduce_sum, broadcast_flag, gather_objects

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from torch import nn
 
-from loratune import generation
 from loratune.data import IGNORE_INDEX
-from loratune.generation import GenerationSettings
+from loratune.tools import generation
+from loratune.tools.generation import GenerationSettings
 
 PROMPT_TOKENS_FOR_TEXT = 8
 

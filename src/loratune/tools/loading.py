@@ -36,7 +36,7 @@ _WEIGHT_READ_ERRORS: tuple[type[BaseException], ...] = (SafetensorError, Runtime
                                                         EOFError)
 
 PRESET_PREFIX = "preset:"
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEFAULT_MODEL = "preset:tiny-llama"
 # The one table of float dtype names (the trainer, the verbs, quantization and export use it).
 _DTYPES = {

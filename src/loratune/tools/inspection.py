@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .adapter_io import BIN_NAME, PREFIX, SAFETENSORS_NAME, nonfinite_keys, read_adapter
-from .config import CONFIG_NAME, LoraConfig
-from .inject import ALL_LINEAR, matches, pattern_value
+from loratune.adapter_io import BIN_NAME, PREFIX, SAFETENSORS_NAME, nonfinite_keys, read_adapter
+from loratune.config import CONFIG_NAME, LoraConfig
+from loratune.inject import ALL_LINEAR, matches, pattern_value
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B)\.weight$")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from loratune.adapter_io import PREFIX
-from loratune.compat import VLLM_MAX_LORA_RANKS, check_lorax, check_vllm, vllm_max_lora_rank_for
 from loratune.config import LoraConfig
-from loratune.inspection import summarize_adapter
+from loratune.tools.acceptance import VLLM_MAX_LORA_RANKS, check_lorax, check_vllm, vllm_max_lora_rank_for
+from loratune.tools.inspection import summarize_adapter
 from test_inspection import write_adapter
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 
 from loratune.data import IGNORE_INDEX, DataConfig
 from loratune.errors import ConfigError, DataError
-from loratune.evaluate import (
+from loratune.tools.evaluation import (
     evaluate_base_and_adapter,
     evaluate_examples,
     load_eval_examples,
     model_vocab_size,
     perplexity,
 )
-from loratune.inference import load_model
-from test_inference import save_tiny_adapter, save_tiny_model_dir
+from loratune.tools.load_trained import load_model
+from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 ROWS = [
     {"prompt": "What is 2+2?", "completion": " 4"},

@@ -1,6 +1,6 @@
 """Merge an adapter into its base and write a standard Hugging Face model directory, then prove it.
 
-`merge_to_directory` takes an adapter model loaded in float32 (`loratune.inference.load_model`;
+`merge_to_directory` takes an adapter model loaded in float32 (`loratune.tools.load_trained.load_model`;
 a quantized base computing in float32) and:
   1. computes reference logits of the adapter model on a fixed probe batch;
   2. for a quantized base (QLoRA), replaces the quantized layers by float32 ones holding exactly
@@ -27,10 +27,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from .atomic import atomic_directory
-from .errors import ConfigError
-from .evaluate import model_vocab_size
-from .loading import parse_dtype
+from loratune.atomic import atomic_directory
+from loratune.errors import ConfigError
+from loratune.tools.evaluation import model_vocab_size
+from loratune.tools.loading import parse_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -165,7 +165,7 @@ class _CheckFailed(Exception):
 def _merge(loaded) -> nn.Module:
     model = loaded.model
     if loaded.quantized:
-        from .quant import dequantize_model
+        from loratune.quant import dequantize_model
 
         dequantize_model(model.get_base_model(), dtype=torch.float32)
     return model.merge_and_unload(safe_merge=True).eval()

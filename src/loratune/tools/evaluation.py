@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import DataConfig, check_vocab, collate
-from .data.build import DatasetBundle, DataStats, tokenize_rows
-from .data.sources import read_file
-from .train.loss import token_loss_sum
+from loratune.data import DataConfig, check_vocab, collate
+from loratune.data.build import DatasetBundle, DataStats, tokenize_rows
+from loratune.data.sources import read_file
+from loratune.train.loss import token_loss_sum
 
 
 @dataclass(frozen=True)

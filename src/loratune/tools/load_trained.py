@@ -17,9 +17,9 @@ import torch
 import yaml
 from torch import nn
 
-from .adapter_io import check_finite, read_adapter
-from .config import LoraConfig
-from .errors import AdapterError, ConfigError
+from loratune.adapter_io import check_finite, read_adapter
+from loratune.config import LoraConfig
+from loratune.errors import AdapterError, ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -130,8 +130,8 @@ def load_model(model_name_or_path: str | None = None, adapter: str | None = None
         AdapterError: the adapter directory is missing, corrupt, holds NaN/Inf weights or does not fit
             the base.
     """
-    from .loading import load_base_model, load_tokenizer
-    from .model import LoraModel
+    from loratune.model import LoraModel
+    from loratune.tools.loading import load_base_model, load_tokenizer
 
     adapter_config = adapter_tensors = None
     if adapter is not None:

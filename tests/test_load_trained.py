@@ -9,8 +9,14 @@ import torch
 
 from loratune import LoraConfig, get_peft_model
 from loratune.errors import AdapterError, ConfigError
-from loratune.inference import QUANT_DEFAULTS, load_model, read_train_config, resolve_base_name, resolve_quant
-from loratune.loading import load_base_model, load_tokenizer
+from loratune.tools.load_trained import (
+    QUANT_DEFAULTS,
+    load_model,
+    read_train_config,
+    resolve_base_name,
+    resolve_quant,
+)
+from loratune.tools.loading import load_base_model, load_tokenizer
 
 PRESET = "preset:tiny-llama"
 
@@ -123,7 +129,7 @@ def test_nan_or_inf_adapter_weights_are_refused_at_load(tmp_path, model_dir):
 
 
 def test_resolve_device():
-    from loratune.inference import resolve_device
+    from loratune.tools.load_trained import resolve_device
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == "cpu"
