@@ -11,6 +11,7 @@ Where things live:
     model         LoraModel / PeftModel: PEFT's API on the wrapped model
     merge         weighted adapter combinations and the safe_merge check
     adapter_io    adapters on disk in PEFT's exact format
+    dtypes        dtype names, bf16 support, "auto" resolution
     errors        the exceptions raised at boundaries
     atomic        directories and files that appear complete or not at all
   tools/          around the core: load base models and trained adapters, generate, evaluate,

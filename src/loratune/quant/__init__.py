@@ -8,7 +8,13 @@ dispatch.py picks between them; blockwise.py is the arithmetic, tiled.py the til
 """
 
 from .bnb import BnbLinear4bit, bnb_available
-from .dispatch import dequantize_model, is_quantized_module, quantize_model, quantized_layers, resolve_dtype
+from .dispatch import (
+    dequantize_model,
+    is_quantized_module,
+    parse_compute_dtype,
+    quantize_model,
+    quantized_layers,
+)
 from .int8 import Linear8bit
 from .nf4 import Linear4bit
 
@@ -19,7 +25,7 @@ __all__ = [
     "bnb_available",
     "dequantize_model",
     "is_quantized_module",
+    "parse_compute_dtype",
     "quantize_model",
     "quantized_layers",
-    "resolve_dtype",
 ]

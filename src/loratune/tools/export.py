@@ -28,9 +28,9 @@ import torch
 from torch import Tensor, nn
 
 from loratune.atomic import atomic_directory
+from loratune.dtypes import parse_dtype
 from loratune.errors import ConfigError
 from loratune.tools.evaluation import model_vocab_size
-from loratune.tools.loading import parse_dtype
 
 logger = logging.getLogger(__name__)
 
