@@ -94,11 +94,11 @@ def test_output_dir_rules(dirs, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
-        export.check_output_dir(str(tmp_path / "full"), adapter)
+        export.check_merge_output_dir(str(tmp_path / "full"), adapter)
     with pytest.raises(ConfigError, match="is the adapter directory"):
-        export.check_output_dir(adapter, adapter)
+        export.check_merge_output_dir(adapter, adapter)
     (tmp_path / "empty").mkdir()
-    export.check_output_dir(str(tmp_path / "empty"), adapter)
+    export.check_merge_output_dir(str(tmp_path / "empty"), adapter)
     loaded = load_model(dirs[0], dtype="float32")
     with pytest.raises(ConfigError, match="needs an adapter"):
         merge_to_directory(loaded, str(tmp_path / "o"))

@@ -108,7 +108,7 @@ def test_training_samples_stop_where_generate_stops(model_and_tokenizer, monkeyp
     (like Llama 3's <|eot_id|>) ends them as it ends `loratune generate`."""
     import copy
 
-    from loratune.train.sampling import generate_text as sample_text
+    from loratune.train.sampling import sample_completion
 
     model, tok = model_and_tokenizer
     model = copy.deepcopy(model)
@@ -119,7 +119,7 @@ def test_training_samples_stop_where_generate_stops(model_and_tokenizer, monkeyp
     model.generation_config.eos_token_id = [tok.eos_token_id, stop]
     model.config.eos_token_id = tok.eos_token_id
     assert stop in stop_token_ids(model, tok)
-    assert sample_text(model, tok, ids, max_new_tokens=12) == tok.decode(free[:3], skip_special_tokens=True).strip()
+    assert sample_completion(model, tok, ids, max_new_tokens=12) == tok.decode(free[:3], skip_special_tokens=True).strip()
 
 
 def test_chat_template_renders_one_bos_and_the_assistant_header(model_and_tokenizer):

@@ -127,16 +127,16 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
 
 
 def test_run_accepts_a_path_a_dict_or_a_config_plus_overrides(tmp_path):
-    from loratune.train.api import resolve_config
+    from loratune.train.api import build_train_config
 
     path = tmp_path / "c.yaml"
     path.write_text("train_file: t.jsonl\nr: 8\n")
-    from_path = resolve_config(str(path), {"max_steps": "3"})
+    from_path = build_train_config(str(path), {"max_steps": "3"})
     assert (from_path.lora.r, from_path.loop.max_steps) == (8, 3)
-    assert resolve_config({"train_file": "t.jsonl", "r": 8}, {"max_steps": 3}) == from_path
-    assert resolve_config(from_path, {"r": 4}).lora.r == 4
+    assert build_train_config({"train_file": "t.jsonl", "r": 8}, {"max_steps": 3}) == from_path
+    assert build_train_config(from_path, {"r": 4}).lora.r == 4
     with pytest.raises(ConfigError, match="c.yaml"):
-        resolve_config(str(path), {"r": 0})
+        build_train_config(str(path), {"r": 0})
 
 
 @given(st.floats(allow_nan=False, allow_infinity=False), st.integers(-10**9, 10**9), st.booleans())

@@ -104,7 +104,7 @@ def tolerance_for(reference: Tensor) -> float:
     return atol + rtol * float(reference.abs().max())
 
 
-def check_output_dir(output_dir: str, adapter_dir: str | None) -> None:
+def check_merge_output_dir(output_dir: str, adapter_dir: str | None) -> None:
     """Refuse to write into a non-empty directory or into the adapter itself.
 
     Raises:
@@ -131,7 +131,7 @@ def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
     check_tolerance(tolerance)
     if not hasattr(loaded.model, "merge_and_unload"):
         raise ConfigError("merging needs an adapter (--adapter DIR)")
-    check_output_dir(output_dir, loaded.adapter_dir)
+    check_merge_output_dir(output_dir, loaded.adapter_dir)
     probe = probe_batch(loaded.tokenizer, model_vocab_size(loaded.model))  # the embedding's rows, resized or not
     reference = logits_of(loaded.model, probe)
     reference_name = "the adapter model" + (f" on its {loaded.quantized} base" if loaded.quantized else "")

@@ -60,7 +60,7 @@ class TrainResult:
     resumed_from: str | None = None
 
 
-def resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
+def build_train_config(config: TrainConfig | dict | str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
     """Build a TrainConfig from a TrainConfig, a dict of flat keys, or a YAML path, plus overrides."""
     if isinstance(config, TrainConfig):
         return config.replace(**overrides) if overrides else config
@@ -94,7 +94,7 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
     """
     from loratune.ops.runtime import tuned_cpu_runtime
 
-    cfg = resolve_config(config, overrides)
+    cfg = build_train_config(config, overrides)
     env = init_distributed()
     try:
         # flush denormals, keep freed memory, threads; process-wide, so put back afterwards
@@ -111,7 +111,7 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from loratune.train.loop import fit
 
     out = cfg.loop.output_dir
-    check_output_dir(out)
+    check_train_output_dir(out)
     resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
     seed_everything(cfg.loop.seed)
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
@@ -169,7 +169,7 @@ def target_modules_for_peft(value: str | list[str] | tuple[str, ...]) -> str | l
     return value
 
 
-def check_output_dir(path: str) -> None:
+def check_train_output_dir(path: str) -> None:
     """Raise ConfigError if `path` cannot become a directory (it, or a parent, is a file).
 
     Called before the model and data load, so a bad output_dir fails in a second, not after.
@@ -223,15 +223,15 @@ def build_model(cfg: TrainConfig, env: DistEnv):
 
 def before_after_sample(model, tokenizer, datasets) -> dict[str, str] | None:
     """Generate for one example prompt with the adapter disabled (before) and enabled (after)."""
-    from loratune.train.sampling import generate_text, prompt_ids
+    from loratune.train.sampling import example_prompt_ids, sample_completion
 
     source = datasets.eval if datasets.eval is not None and len(datasets.eval) else datasets.train
     if source is None or not len(source):
         return None
-    ids = prompt_ids(source[0])
+    ids = example_prompt_ids(source[0])
     with model.disable_adapter():
-        before = generate_text(model, tokenizer, ids)
-    after = generate_text(model, tokenizer, ids)
+        before = sample_completion(model, tokenizer, ids)
+    after = sample_completion(model, tokenizer, ids)
     return {"prompt": tokenizer.decode(ids, skip_special_tokens=False), "before": before, "after": after}
 
 

@@ -15,7 +15,7 @@ from loratune.tools.generation import GenerationSettings
 PROMPT_TOKENS_FOR_TEXT = 8
 
 
-def prompt_ids(example: dict) -> list[int]:
+def example_prompt_ids(example: dict) -> list[int]:
     """Return the untrained prefix of a tokenized example (its prompt)."""
     ids = [int(i) for i in example["input_ids"]]
     labels = [int(i) for i in example["labels"]]
@@ -25,7 +25,7 @@ def prompt_ids(example: dict) -> list[int]:
     return ids[:first]
 
 
-def generate_text(model: nn.Module, tokenizer, ids: list[int], *, max_new_tokens: int = 32) -> str:
+def sample_completion(model: nn.Module, tokenizer, ids: list[int], *, max_new_tokens: int = 32) -> str:
     """Greedy-decode a continuation of `ids` and return only the new text (`loratune generate`'s decoding,
     with its stop tokens). Puts the model in eval mode for the call and restores its previous mode.
     """
@@ -41,9 +41,9 @@ def sample_generations(model: nn.Module, tokenizer, examples: list[dict], *, max
     """Generate for each example's prompt: [{"prompt": str, "completion": str}]."""
     out = []
     for example in examples:
-        ids = prompt_ids(example)
+        ids = example_prompt_ids(example)
         out.append({
             "prompt": tokenizer.decode(ids, skip_special_tokens=True),
-            "completion": generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens),
+            "completion": sample_completion(model, tokenizer, ids, max_new_tokens=max_new_tokens),
         })
     return out
