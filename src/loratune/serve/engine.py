@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
+from loratune.serve.batch_cache import BatchCache, check_cache
+from loratune.serve.lora_rows import RowAdapterWeights, RowLoraLinear, ensure_row_lora, set_rows
+from loratune.serve.registry import PreparedAdapter
 from loratune.tools.generation import GREEDY_BELOW
-
-from .batch_cache import BatchCache, check_cache
-from .lora_rows import RowAdapterWeights, RowLoraLinear, ensure_row_lora, set_rows
-from .registry import PreparedAdapter
 
 log = logging.getLogger(__name__)
 
