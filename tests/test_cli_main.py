@@ -51,3 +51,20 @@ def test_train_and_preview_keys_take_dashes():
     assert extra == {"num_examples": "2"}
     _, _, problems, _ = split_args(["--lerning-rate", "1"], {})
     assert problems and "--learning_rate" in problems[0]
+
+
+def test_python_dash_m_runs_the_same_command(monkeypatch, capsys):
+    import runpy
+
+    with pytest.raises(SystemExit) as script:
+        main(["inspect", "--help"])
+    expected = capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["python -m loratune", "inspect", "--help"])
+    with pytest.raises(SystemExit) as module:
+        runpy.run_module("loratune", run_name="__main__", alter_sys=True)
+    assert module.value.code == script.value.code == 0
+    assert capsys.readouterr().out == expected
+    monkeypatch.setattr("sys.argv", ["python -m loratune", "no-such-verb"])
+    with pytest.raises(SystemExit) as bad:
+        runpy.run_module("loratune", run_name="__main__", alter_sys=True)
+    assert bad.value.code == 2
