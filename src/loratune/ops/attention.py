@@ -25,11 +25,10 @@ It is attention written as batched matrix products over blocks of 128 query rows
 - the output is written token-major, as Transformers wants it, and the gradients of q, k and v are
   written per example into one buffer each (no per-example slices under autograd, whose backward
   would zero-fill a whole-row gradient once per example).
-fwd + bwd of one example, 9 heads / 3 KV heads of 64, bf16, 1 thread (bench/levers.py): T = 256
-8.4 ms -> 4.0 ms, T = 512 37 ms -> 13 ms against the flash kernel with fp32 casts (the faster of its
-two dtypes here). Its reference is `F.scaled_dot_product_attention(is_causal=True)` per example,
-which is also what runs on other devices and for rows with an example longer than
-`BLOCKED_MAX_LENGTH` tokens (the kept probabilities grow with T^2; flash memory is linear).
+Its timings against the flash kernel are in docs/performance.md ("ops.attention"). Its reference
+is `F.scaled_dot_product_attention(is_causal=True)` per example, which is also what runs on other
+devices and for rows with an example longer than `BLOCKED_MAX_LENGTH` tokens (the kept
+probabilities grow with T^2; flash memory is linear).
 
 `enable_varlen_attention(model)` registers the function under the name "loratune_sdpa" and switches a
 Transformers model that uses "sdpa" to it (its masks are still built by the sdpa mask function).
@@ -93,7 +92,7 @@ def _plain_causal(module: nn.Module, dropout: float, bounds: list[tuple[int, int
     return all(kwargs.get(key) is None for key in _CHANGING_KWARGS)
 
 
-BLOCK = 128  # query rows per block: 64 is within 4% of it either way at T = 128-512, 256 is slower (docs/performance.md)
+BLOCK = 128  # query rows per block, chosen by timing 64, 128 and 256 (docs/performance.md, "ops.attention")
 # The blocked kernel keeps its probabilities for backward: H x T^2 / 2 values per example and layer,
 # about the flash kernel's fp32 q/k/v/output copies at T = 512, 1.7x them at 1024 and growing with T.
 # Rows with a longer example take the flash kernel, whose memory is linear in T.
@@ -156,10 +155,10 @@ def _bf16_inputs_exact(enabled: bool) -> Iterator[None]:
 
     For the score product only: its fp32 operands are copies of bf16 q and k, so rounding them to
     bf16 is exact, the products of bf16 pairs are exact in fp32 and the sums stay fp32. The result
-    is the fp32 product's up to the order of the sums, at the bf16 rate: a (3, 384, 64) @
-    (3, 64, 256) score product 360 -> 224 us on an AVX-512 BF16 EPYC (docs/performance.md). fp16
-    inputs do not round to bf16 exactly and keep the fp32 product. Where torch has no such setting
-    the block runs as it is. The setting is process-wide; it is put back when the block ends.
+    is the fp32 product's up to the order of the sums, at the bf16 rate (timings in
+    docs/performance.md, "ops.attention"). fp16 inputs do not round to bf16 exactly and keep the
+    fp32 product. Where torch has no such setting the block runs as it is. The setting is
+    process-wide; it is put back when the block ends.
     """
     if not enabled or _MKLDNN_MATMUL is None or not hasattr(_MKLDNN_MATMUL, "fp32_precision"):
         yield

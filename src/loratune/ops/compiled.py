@@ -2,7 +2,8 @@
 
 A chain of elementwise ops and a row reduction in eager torch reads and writes the whole tensor once
 per op; inductor fuses the chain into one or two passes over memory. It is used only where it
-measured faster on a whole training step (docs/performance.md): the RMSNorm forward and backward.
+measured faster on a whole training step: the RMSNorm forward and backward (figures in
+docs/performance.md, "ops.compiled").
 
 `compiled(fn, dtypes)` returns a function with fn's signature that runs the compiled kernel when
 every tensor argument is a CPU tensor and the first one has one of `dtypes`, and fn itself

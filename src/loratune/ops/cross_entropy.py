@@ -27,7 +27,8 @@ from torch import Tensor
 from loratune.ops.gemm import matmul
 
 # Rows per chunk are chosen so one chunk's logits (head dtype) stay near this many bytes: 512 rows of
-# a 49152-token bf16 vocabulary. Head products with 512 rows run ~15-30% faster than with 170.
+# a 49152-token bf16 vocabulary, enough rows for the head products to run near the matmul peak
+# (docs/performance.md, "ops.cross_entropy").
 CHUNK_BYTES = 48 * 2**20
 # Rows per fp32 softmax pass: 16 x 49152 fp32 is 3 MiB, small enough to stay in cache.
 SOFTMAX_BYTES = 3 * 2**20
