@@ -289,7 +289,21 @@ def test_example_starts_are_scanned_once_per_position_ids_tensor():
     q = torch.zeros(1, 2, 6, 4)
     pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
     assert packed_bounds(pos, q, q) == [(0, 3), (3, 6)]
-    assert attention._LAST_STARTS[0] is pos
+    assert attention._LAST_STARTS[0]() is pos
     pos[0, 4] = 0  # changed in place: its version moves on, so it is scanned again
     assert packed_bounds(pos, q, q) == [(0, 3), (3, 4), (4, 6)]
     assert packed_bounds(torch.tensor([[0, 1, 0, 1, 2, 3]]), q, q) == [(0, 2), (2, 6)]  # another tensor
+
+
+def test_the_starts_cache_does_not_keep_position_ids_alive():
+    import gc
+    import weakref
+
+    q = torch.zeros(1, 2, 6, 4)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    assert packed_bounds(pos, q, q) == [(0, 3), (3, 6)]
+    alive = weakref.ref(pos)
+    del pos
+    gc.collect()
+    assert alive() is None
+    assert packed_bounds(torch.tensor([[0, 1, 2, 0, 1, 2]]), q, q) == [(0, 3), (3, 6)]  # a new tensor: scanned

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -47,7 +48,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from loratune.ops import HALF_DTYPES, fast_paths_enabled
+from loratune.ops import HALF_DTYPES, fast_paths_enabled, on_clear_caches
 
 logger = logging.getLogger(__name__)
 NAME = "loratune_sdpa"
@@ -262,18 +263,26 @@ def packed_bounds(position_ids: Tensor | None, query: Tensor, key: Tensor) -> li
     return list(zip(starts, starts[1:] + [n]))
 
 
-_LAST_STARTS: list = [None, None, None]  # [position_ids, its version, starts]
+# [weak reference to the last position_ids, its version, its starts]: a weak reference, so the
+# cache never keeps a batch's tensor alive after the batch.
+_LAST_STARTS: list = [None, None, None]
 
 
 def _example_starts(position_ids: Tensor) -> list[int]:
     """Where position ids restart at 0. Every layer of a forward passes the same position_ids
     tensor, so the scan (and on GPU its host sync) happens once per batch, not once per layer."""
-    cached, version, starts = _LAST_STARTS
-    if cached is position_ids and version == position_ids._version:
+    ref, version, starts = _LAST_STARTS
+    if ref is not None and ref() is position_ids and version == position_ids._version:
         return starts
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    _LAST_STARTS[:] = [position_ids, position_ids._version, starts]
+    _LAST_STARTS[:] = [weakref.ref(position_ids), position_ids._version, starts]
     return starts
+
+
+@on_clear_caches
+def _clear_caches() -> None:
+    _STRIPS.clear()
+    _LAST_STARTS[:] = [None, None, None]
 
 
 def enable_varlen_attention(model: nn.Module) -> bool:

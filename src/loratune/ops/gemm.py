@@ -12,7 +12,7 @@ timings; the shape then keeps the fastest way if its best time is at least 10% b
 product's, else the whole product. Once a shape runs whole, new row counts run whole without a
 check; under a chosen split, a new row count is checked first and runs whole where the split is not
 bitwise equal. So a choice, which depends on timing, never changes a result. Choices are cached for
-the process.
+the process (`loratune.ops.clear_caches()` forgets them).
 
 The ways: "whole"; "rows", two halves of the rows (at least `MIN_ROWS` rows); "cols", two or more
 equal column pieces of at most `PIECE_COLS` (at least `WIDE` columns). `matmul_reference` is the
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from loratune.ops import HALF_DTYPES, fast_paths_enabled
+from loratune.ops import HALF_DTYPES, fast_paths_enabled, on_clear_caches
 
 MIN_ROWS = 512  # fewer rows: a row split cannot pay for the second call
 WIDE = 8192  # at least this many output columns: try column pieces
@@ -181,6 +181,7 @@ def exact_ways() -> dict[tuple, dict[int, tuple[str, ...]]]:
     return {key: dict(plan.exact) for key, plan in _PLANS.items()}
 
 
+@on_clear_caches
 def clear_plans() -> None:
     """Forget every choice (the next products of each shape are timed again)."""
     _PLANS.clear()
