@@ -15,7 +15,8 @@ LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 def summary(tmp_path, config: LoraConfig, ranks=None, extra=None):
-    ranks = ranks or {f"model.layers.{i}.self_attn.{t}": config.r for i in range(2) for t in ("q_proj", "v_proj")}
+    ranks = ranks or {f"model.layers.{i}.self_attn.{t}": config.r
+                      for i in range(2) for t in ("q_proj", "v_proj")}
     return summarize_adapter(write_adapter(tmp_path / "a", config, ranks, extra=extra))
 
 
@@ -28,7 +29,8 @@ def test_plain_llama_adapter_is_accepted_by_both(tmp_path):
         assert verdict.notes == []
 
 
-@pytest.mark.parametrize(("rank", "needed"), [(1, 1), (2, 8), (8, 8), (12, 16), (24, 32), (300, 320), (512, 512),
+@pytest.mark.parametrize(("rank", "needed"),
+                         [(1, 1), (2, 8), (8, 8), (12, 16), (24, 32), (300, 320), (512, 512),
                                               (513, None)])
 def test_vllm_max_lora_rank_rounds_up_to_an_allowed_value(rank, needed):
     assert vllm_max_lora_rank_for(rank) == needed

@@ -78,7 +78,8 @@ def test_skip_bad_rows_skips_and_counts_them(setup, tmp_path, capsys):
     assert "skip_bad_rows" in capsys.readouterr().err  # the hint names an option eval has
     assert main(["eval", "--model_name_or_path", base, "--eval_file", str(mixed), "--skip_bad_rows"]) == 0
     assert ": 2 examples (messages)" in capsys.readouterr().out.splitlines()[0]
-    assert main(["eval", "--model_name_or_path", base, "--eval_file", str(mixed), "--skip_bad_rows", "--json"]) == 0
+    assert main(["eval", "--model_name_or_path", base, "--eval_file", str(mixed), "--skip_bad_rows",
+                 "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == 1
 
 

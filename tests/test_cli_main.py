@@ -15,7 +15,8 @@ def parse(argv):
 
 @pytest.mark.parametrize("spelling", ["-", "_"])
 def test_serve_options_take_either_spelling(spelling):
-    flags = ["--" + f.replace("-", spelling) for f in ("load-in-4bit", "max-model-len", "bnb-4bit-quant-type")]
+    names = ("load-in-4bit", "max-model-len", "bnb-4bit-quant-type")
+    flags = ["--" + f.replace("-", spelling) for f in names]
     args = parse(["serve", "--model", "m", flags[0], flags[1], "64", flags[2], "fp4"])
     assert (args.load_in_4bit, args.max_model_len, args.bnb_4bit_quant_type) == (True, 64, "fp4")
 

@@ -101,7 +101,8 @@ def test_token_ids_are_checked_against_the_model_vocabulary(setup, tmp_path):
     rows = tmp_path / "ids.jsonl"
     rows.write_text(f'{{"input_ids": [1, 2, {vocab - 1}]}}\n{{"input_ids": [1, 2, {vocab}]}}\n')
     assert len(load_eval_examples(str(rows), loaded.tokenizer)[0]) == 2  # unchecked without vocab_size
-    with pytest.raises(DataError, match=f"ids.jsonl line 2: token id {vocab} is outside the model's vocabulary"):
+    with pytest.raises(DataError,
+                       match=f"ids.jsonl line 2: token id {vocab} is outside the model's vocabulary"):
         load_eval_examples(str(rows), loaded.tokenizer, vocab_size=vocab)
 
 

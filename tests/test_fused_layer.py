@@ -22,7 +22,8 @@ def _loss_and_grads(model, x):
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_matches_reference_outputs_and_grads(arch, dtype):
-    model = get_peft_model(tiny_model(arch, dtype=dtype), LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
+    model = get_peft_model(tiny_model(arch, dtype=dtype),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
     x = tiny_batch(2, 6)
     with reference_paths():
         fresh, _ = _loss_and_grads(model, x)
@@ -50,7 +51,8 @@ def test_fused_fresh_adapter_is_bitwise_base():
 
 
 def test_fused_path_not_used_for_mixed_batches_or_two_adapters():
-    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False), "a")
+    model = get_peft_model(tiny_model(), LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False),
+                           "a")
     model.add_adapter("b", LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
     x = tiny_batch(2, 5)
     model.set_adapter(["a", "b"])

@@ -150,7 +150,8 @@ def test_truncated_pytorch_bin_weights_name_the_file(tmp_path):
 
 def test_hub_id_offline_is_a_config_error():
     # conftest sets HF_HUB_OFFLINE=1: nothing is downloaded, the message says why
-    with pytest.raises(ConfigError, match=r"cannot load 'loratune-tests/not-cached' from the Hugging Face hub \(there is no local"):
+    with pytest.raises(ConfigError, match=r"cannot load 'loratune-tests/not-cached' from the Hugging Face "
+                                          r"hub \(there is no local"):
         load_tokenizer("loratune-tests/not-cached")
 
 

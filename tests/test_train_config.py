@@ -16,10 +16,11 @@ from loratune.train.config import SECTIONS, TrainConfig, build_config, describe_
 DATA = {"train_file": "train.jsonl"}
 
 ISSUE_KEYS = (
-    "model_name_or_path train_file eval_file dataset_name output_dir max_seq_length packing completion_only_loss "
-    "r lora_alpha lora_dropout target_modules learning_rate lr_scheduler_type warmup_ratio num_train_epochs "
-    "max_steps per_device_train_batch_size gradient_accumulation_steps max_grad_norm weight_decay logging_steps "
-    "eval_steps save_steps save_total_limit seed bf16 gradient_checkpointing resume_from_checkpoint report_to "
+    "model_name_or_path train_file eval_file dataset_name output_dir max_seq_length packing "
+    "completion_only_loss r lora_alpha lora_dropout target_modules learning_rate lr_scheduler_type "
+    "warmup_ratio num_train_epochs max_steps per_device_train_batch_size gradient_accumulation_steps "
+    "max_grad_norm weight_decay logging_steps eval_steps save_steps save_total_limit seed bf16 "
+    "gradient_checkpointing resume_from_checkpoint report_to "
     "load_in_4bit load_in_8bit bnb_4bit_quant_type bnb_4bit_compute_dtype bnb_4bit_use_double_quant "
     "use_rslora use_dora modules_to_save skip_bad_rows num_threads"
 ).split()
@@ -148,7 +149,8 @@ def test_flag_strings_coerce_back_to_the_values_they_print(x, n, b):
     assert coerce(yaml.safe_dump(x).split("\n")[0], float) == x  # PyYAML's own spelling, e.g. 1.0e-05
 
 
-@pytest.mark.parametrize("key", ["learning_rate", "lora_alpha", "weight_decay", "max_grad_norm", "num_train_epochs"])
+@pytest.mark.parametrize("key",
+                         ["learning_rate", "lora_alpha", "weight_decay", "max_grad_norm", "num_train_epochs"])
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
 def test_non_finite_floats_are_rejected(key, value):
     with pytest.raises(ConfigError, match=rf"{key} must be a finite number .*got {value}"):

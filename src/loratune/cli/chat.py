@@ -40,7 +40,8 @@ def run(args) -> int:
         if args.system is not None:
             check_utf8(args.system, "--system")
         loaded = load_from_args(args)
-        chat_ids(loaded.tokenizer, [{"role": "user", "content": "probe"}])  # no template: fail before the loop
+        # no template: fail before the loop
+        chat_ids(loaded.tokenizer, [{"role": "user", "content": "probe"}])
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -12,7 +12,8 @@ import sys
 
 from loratune.cli.train import EXIT_USAGE, add_key_options, load_config_from_args, take_over_parsing
 
-EXTRA_FLAGS = {"-n": ("num_examples", True), "--num_examples": ("num_examples", True), "--color": ("color", False)}
+EXTRA_FLAGS = {"-n": ("num_examples", True), "--num_examples": ("num_examples", True),
+               "--color": ("color", False)}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:

@@ -27,7 +27,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_model_arguments(parser, adapter_required=True, dtypes=("bfloat16", "float32", "float16"),
                         dtype_help="dtype of the written weights (default: bfloat16; always bfloat16 for a "
                                    "quantized base)")
-    parser.add_argument("--output_dir", required=True, metavar="OUT", help="new directory for the merged model")
+    parser.add_argument("--output_dir", required=True, metavar="OUT",
+                        help="new directory for the merged model")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest allowed max |logit difference| of the float32 check, "
                              "a finite number >= 0 (default: 1e-4 + 1e-4 * max |logit|)")
@@ -71,7 +72,8 @@ def run(args) -> int:
     if not report.weights_identical:
         print("error: the directory read back does not hold the merged weights", file=sys.stderr)
     if not report.published:
-        print(f"error: the merged model does not reproduce the adapter model; {args.output_dir} was not written",
+        print(f"error: the merged model does not reproduce the adapter model; {args.output_dir} "
+              "was not written",
               file=sys.stderr)
         return EXIT_CHECK_FAILED
     print(f"Wrote {args.output_dir}: {', '.join(report.files)}")

@@ -109,10 +109,12 @@ def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, bounds: list[tuple[
     `F.scaled_dot_product_attention(..., is_causal=True, scale=scale, enable_gqa=True)` per example.
     """
     if q.dim() != 3 or q.shape[0] % k.shape[0] or k.shape != v.shape or q.shape[1:] != k.shape[1:]:
-        raise ValueError(f"packed_causal_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"packed_causal_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
     bounds = tuple((int(s), int(e)) for s, e in bounds)
     edges = [0] + [e for _, e in bounds]
-    if not bounds or [s for s, _ in bounds] != edges[:-1] or edges[-1] != q.shape[1] or any(e <= s for s, e in bounds):
+    if (not bounds or [s for s, _ in bounds] != edges[:-1] or edges[-1] != q.shape[1]
+            or any(e <= s for s, e in bounds)):
         raise ValueError(f"packed_causal_attention: bounds {list(bounds)} must split [0, {q.shape[1]}) into "
                          "consecutive non-empty examples")
     return _PackedCausalAttentionFn.apply(q, k, v, bounds, float(scale), int(block))
@@ -139,7 +141,8 @@ def _causal_bias(rows: int, cols: int, block: int, dtype: torch.dtype, device: t
     strip = _STRIPS.get(key)
     if strip is None or strip.shape[1] - block < cols:
         width = block + max(cols, 512, 2 * (0 if strip is None else strip.shape[1] - block))
-        future = torch.arange(width, device=device) > (width - block + torch.arange(block, device=device)[:, None])
+        last_allowed = width - block + torch.arange(block, device=device)[:, None]
+        future = torch.arange(width, device=device) > last_allowed
         strip = torch.zeros(block, width, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
         strip = strip.repeat_interleave(rep, dim=0) if rep > 1 else strip
         _STRIPS[key] = strip

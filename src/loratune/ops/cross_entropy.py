@@ -34,7 +34,8 @@ CHUNK_BYTES = 48 * 2**20
 SOFTMAX_BYTES = 3 * 2**20
 
 
-def cross_entropy_sum_reference(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+def cross_entropy_sum_reference(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                                targets: Tensor) -> Tensor:
     """Return sum_i CE(hidden[i] @ weight.T + bias, targets[i]) in fp32; hidden (N, D), weight (V, D)."""
     logits = F.linear(hidden.to(weight.dtype), weight, bias)  # (N, V)
     return F.cross_entropy(logits.float(), targets, reduction="sum")

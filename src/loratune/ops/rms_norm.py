@@ -47,8 +47,8 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
     """True when the module's forward is Transformers' Llama RMSNorm forward, byte for byte."""
     code = getattr(getattr(type(module), "forward", None), "__code__", None)
     return (
-        code is not None and code.co_code == _LLAMA_FORWARD.co_code and code.co_names == _LLAMA_FORWARD.co_names
-        and code.co_consts == _LLAMA_FORWARD.co_consts
+        code is not None and code.co_code == _LLAMA_FORWARD.co_code
+        and code.co_names == _LLAMA_FORWARD.co_names and code.co_consts == _LLAMA_FORWARD.co_consts
         and isinstance(getattr(module, "weight", None), Tensor) and hasattr(module, "variance_epsilon")
     )
 

@@ -79,4 +79,5 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return (bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+            and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))

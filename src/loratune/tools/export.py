@@ -125,14 +125,16 @@ def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
     when the checks pass (`report.published`).
 
     Raises:
-        ConfigError: bad dtype, tolerance or output_dir, or no adapter; MergeError: NaN/Inf in a merged weight.
+        ConfigError: bad dtype, tolerance or output_dir, or no adapter.
+        MergeError: NaN/Inf in a merged weight.
     """
     torch_dtype = parse_dtype(dtype, "--dtype")
     check_tolerance(tolerance)
     if not hasattr(loaded.model, "merge_and_unload"):
         raise ConfigError("merging needs an adapter (--adapter DIR)")
     check_merge_output_dir(output_dir, loaded.adapter_dir)
-    probe = probe_batch(loaded.tokenizer, model_vocab_size(loaded.model))  # the embedding's rows, resized or not
+    # the embedding's rows, resized or not
+    probe = probe_batch(loaded.tokenizer, model_vocab_size(loaded.model))
     reference = logits_of(loaded.model, probe)
     reference_name = "the adapter model" + (f" on its {loaded.quantized} base" if loaded.quantized else "")
     merged = _merge(loaded)

@@ -115,7 +115,8 @@ def resolve_device(device: str) -> str:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"--device {device!r} is not a device; expected auto, cpu, cuda or "
+                          "cuda:N") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device!r}: no CUDA device is available; use --device cpu")
     return device

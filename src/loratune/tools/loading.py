@@ -108,7 +108,8 @@ def load_tokenizer(
     """
     kind, where = _resolve(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, revision=revision,
+                                                  trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if kind == "hub":
             raise _hub_error(where, exc) from exc
@@ -214,7 +215,8 @@ def _build_preset_model(path: Path, dtype: torch.dtype, attn_implementation: str
     return model.to(dtype)
 
 
-def save_preset_as_hf_dir(name: str, out_dir: str | os.PathLike, *, dtype: str | torch.dtype = "float32") -> Path:
+def save_preset_as_hf_dir(name: str, out_dir: str | os.PathLike, *,
+                          dtype: str | torch.dtype = "float32") -> Path:
     """Write a preset as an ordinary Hugging Face directory (weights + tokenizer); return its path.
 
     The result loads with `AutoModelForCausalLM.from_pretrained`, so tests and users can exercise

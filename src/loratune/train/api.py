@@ -60,7 +60,8 @@ class TrainResult:
     resumed_from: str | None = None
 
 
-def build_train_config(config: TrainConfig | dict | str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
+def build_train_config(config: TrainConfig | dict | str | os.PathLike | None,
+                       overrides: dict[str, Any]) -> TrainConfig:
     """Build a TrainConfig from a TrainConfig, a dict of flat keys, or a YAML path, plus overrides."""
     if isinstance(config, TrainConfig):
         return config.replace(**overrides) if overrides else config
@@ -179,7 +180,8 @@ def check_train_output_dir(path: str) -> None:
         probe = os.path.dirname(probe)
     if os.path.isdir(probe):
         return
-    where = "is an existing file" if probe == os.path.abspath(path) else f"is inside {probe!r}, which is a file"
+    where = ("is an existing file" if probe == os.path.abspath(path)
+             else f"is inside {probe!r}, which is a file")
     raise ConfigError(f"output_dir {path!r} {where}; choose a directory (it is created if missing)")
 
 
@@ -194,7 +196,8 @@ def build_model(cfg: TrainConfig, env: DistEnv):
     base = load_base_model(
         m.model_name_or_path, dtype="auto" if m.bf16 else "float32", device=env.device,
         load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit, bnb_4bit_quant_type=m.bnb_4bit_quant_type,
-        bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype, bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype,
+        bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
     )
     if m.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and under DDP.

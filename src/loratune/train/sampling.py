@@ -32,12 +32,14 @@ def sample_completion(model: nn.Module, tokenizer, ids: list[int], *, max_new_to
     was_training = model.training
     model.eval()
     try:
-        return generation.generate_text(model, tokenizer, ids, GenerationSettings(max_new_tokens=max_new_tokens)).strip()
+        settings = GenerationSettings(max_new_tokens=max_new_tokens)
+        return generation.generate_text(model, tokenizer, ids, settings).strip()
     finally:
         model.train(was_training)
 
 
-def sample_generations(model: nn.Module, tokenizer, examples: list[dict], *, max_new_tokens: int = 32) -> list[dict]:
+def sample_generations(model: nn.Module, tokenizer, examples: list[dict], *,
+                       max_new_tokens: int = 32) -> list[dict]:
     """Generate for each example's prompt: [{"prompt": str, "completion": str}]."""
     out = []
     for example in examples:
