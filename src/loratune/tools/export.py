@@ -26,10 +26,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoModelForCausalLM
 
 from loratune.atomic import atomic_directory
 from loratune.dtypes import parse_dtype
 from loratune.errors import ConfigError
+from loratune.quant import dequantize_model
 from loratune.tools.evaluation import model_vocab_size
 
 logger = logging.getLogger(__name__)
@@ -167,16 +169,12 @@ class _CheckFailed(Exception):
 def _merge(loaded) -> nn.Module:
     model = loaded.model
     if loaded.quantized:
-        from loratune.quant import dequantize_model
-
         dequantize_model(model.get_base_model(), dtype=torch.float32)
     return model.merge_and_unload(safe_merge=True).eval()
 
 
 def _reload(directory: str, torch_dtype: torch.dtype) -> nn.Module:
     """Load the written directory the way users will."""
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).eval()
 
 

@@ -20,6 +20,8 @@ from torch import nn
 from loratune.adapter_io import check_finite, read_adapter
 from loratune.config import LoraConfig
 from loratune.errors import AdapterError, ConfigError
+from loratune.model import LoraModel
+from loratune.tools.loading import load_base_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -131,9 +133,6 @@ def load_model(model_name_or_path: str | None = None, adapter: str | None = None
         AdapterError: the adapter directory is missing, corrupt, holds NaN/Inf weights or does not fit
             the base.
     """
-    from loratune.model import LoraModel
-    from loratune.tools.loading import load_base_model, load_tokenizer
-
     adapter_config = adapter_tensors = None
     if adapter is not None:
         check_adapter_path(adapter)

@@ -21,7 +21,8 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
@@ -81,8 +82,6 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
 def _looks_like_hub_id(name: str) -> bool:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
         return False
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -187,8 +186,6 @@ def _from_pretrained(name: str, kind: str, where: str, kwargs: dict) -> PreTrain
 
 def _unreadable_weight_files(directory: str) -> list[str]:
     """The weight files of a local model directory that fail to open (only called after a failed load)."""
-    from safetensors import safe_open
-
     bad = []
     for path in sorted(Path(directory).glob("*.safetensors")):
         try:  # the header must describe the whole file, so a cut-off file fails here
