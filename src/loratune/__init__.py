@@ -24,7 +24,8 @@ Where things live:
   cli/            one file per verb; the only place that prints, reads argv or exits
 
 Imports flow one way: core <- data <- train <- cli and core <- serve <- cli. tools/ uses the core,
-data/ and quant/ and is used by train/, serve/ and cli/; the core imports none of the others.
+data/ and quant/ (and tools.evaluation the trainer's loss, train.loss) and is used by train/, serve/
+and cli/; the core imports none of the others.
 """
 
 from .config import LoraConfig, TaskType
