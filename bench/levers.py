@@ -101,7 +101,8 @@ def attention_variants(length: int) -> dict[str, float]:
     from loratune.ops.attention import packed_causal_attention
 
     heads, kv, dim = 9, 3, 64
-    q = (2 * torch.randn(length, heads, dim)).bfloat16().transpose(0, 1).requires_grad_()  # Transformers' layout
+    # Transformers' layout
+    q = (2 * torch.randn(length, heads, dim)).bfloat16().transpose(0, 1).requires_grad_()
     k = (2 * torch.randn(kv, length, dim)).bfloat16().requires_grad_()
     v = torch.randn(kv, length, dim).bfloat16().requires_grad_()
     g = torch.randn(length, heads, dim).bfloat16()
@@ -113,7 +114,8 @@ def attention_variants(length: int) -> dict[str, float]:
             out.to(q.dtype).transpose(0, 1).backward(g)
         return run
 
-    out = {"sdpa flash, bf16": best_ms(sdpa(torch.bfloat16)), "sdpa flash, fp32 casts": best_ms(sdpa(torch.float32))}
+    out = {"sdpa flash, bf16": best_ms(sdpa(torch.bfloat16)),
+           "sdpa flash, fp32 casts": best_ms(sdpa(torch.float32))}
     for block in (64, 128, 256):
         out[f"blocked bmm kernel, block {block}"] = best_ms(
             lambda b=block: packed_causal_attention(q, k, v, [(0, length)], dim ** -0.5, block=b).backward(g))

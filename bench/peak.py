@@ -67,7 +67,8 @@ def main() -> None:
         print(json.dumps(result))
         return
     for name in args.dtypes.split(","):
-        print(f"{name}: {result[name] / 1e9:8.1f} GFLOP/s  ({args.size}^3 matmul, {result['threads']} threads)")
+        print(f"{name}: {result[name] / 1e9:8.1f} GFLOP/s  "
+              f"({args.size}^3 matmul, {result['threads']} threads)")
 
 
 if __name__ == "__main__":

@@ -150,7 +150,8 @@ def train_lockstep(args) -> dict[str, dict]:
         scheds[variant] = torch.optim.lr_scheduler.LambdaLR(opts[variant], warmup_cosine(args.steps))
     train = language_batches(args.steps, args.batch, args.seq, seed=1)
     held_out = language_batches(args.eval_batches, args.batch, args.seq, seed=2)
-    results = {v: {"eval_before": eval_loss(m, held_out), "step_s": [], "losses": []} for v, m in models.items()}
+    results = {v: {"eval_before": eval_loss(m, held_out), "step_s": [], "losses": []}
+               for v, m in models.items()}
     for step, ids in enumerate(train):
         for variant, model in models.items():
             model.train()
@@ -163,7 +164,8 @@ def train_lockstep(args) -> dict[str, dict]:
             results[variant]["step_s"].append(time.perf_counter() - start)
             results[variant]["losses"].append(loss.item())
         print(f"step {step + 1}/{args.steps}: " + ", ".join(
-            f"{v} {r['losses'][-1]:.3f} ({r['step_s'][-1]:.2f}s)" for v, r in results.items()), file=sys.stderr)
+            f"{v} {r['losses'][-1]:.3f} ({r['step_s'][-1]:.2f}s)" for v, r in results.items()),
+              file=sys.stderr)
     tokens = args.batch * args.seq
     for variant, model in models.items():
         model.eval()
@@ -180,8 +182,10 @@ def memory_table(memory: list[dict]) -> list[str]:
     lines = ["| base | linear weights MiB | x bf16 | process RSS MiB | model RSS MiB | x bf16 |",
              "|---|---:|---:|---:|---:|---:|"]
     for m in memory:
-        lines.append(f"| {m['variant']} | {m['linear_bytes'] / 2**20:.1f} | {m['linear_bytes'] / bf16['linear_bytes']:.3f} "
-                     f"| {m['rss'] / 2**20:.0f} | {m['rss_model'] / 2**20:.0f} | {m['rss_model'] / bf16['rss_model']:.3f} |")
+        lines.append(f"| {m['variant']} | {m['linear_bytes'] / 2**20:.1f} "
+                     f"| {m['linear_bytes'] / bf16['linear_bytes']:.3f} "
+                     f"| {m['rss'] / 2**20:.0f} | {m['rss_model'] / 2**20:.0f} "
+                     f"| {m['rss_model'] / bf16['rss_model']:.3f} |")
     return lines
 
 
@@ -195,8 +199,10 @@ def training_table(training: dict[str, dict], args) -> list[str]:
     base_drop = base["eval_before"] - base["eval_after"]
     for variant, r in training.items():
         drop = r["eval_before"] - r["eval_after"]
-        lines.append(f"| {variant} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f} "
-                     f"| {r['eval_before']:.3f} | {r['eval_after']:.3f} | {r['eval_after'] / base['eval_after']:.3f} "
+        lines.append(f"| {variant} | {r['tokens_per_s']:.0f} "
+                     f"| {r['tokens_per_s'] / base['tokens_per_s']:.2f} "
+                     f"| {r['eval_before']:.3f} | {r['eval_after']:.3f} "
+                     f"| {r['eval_after'] / base['eval_after']:.3f} "
                      f"| {drop / base_drop:.2f} |")
     return lines
 
@@ -204,7 +210,8 @@ def training_table(training: dict[str, dict], args) -> list[str]:
 def report(memory: list[dict], training: dict[str, dict], args) -> str:
     command = " ".join(["python bench/qlora_memory.py", *sys.argv[1:]])
     lines = [f"Command: `{command}`",
-             f"Model: SmolLM-135M shape, random weights; torch {torch.__version__}, {args.threads} threads", ""]
+             f"Model: SmolLM-135M shape, random weights; torch {torch.__version__}, {args.threads} threads",
+             ""]
     if memory:
         lines += memory_table(memory) + [""]
     if training:

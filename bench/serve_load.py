@@ -30,7 +30,7 @@ import psutil
 import torch
 
 from loratune import LoraConfig, get_peft_model
-from loratune.loading import load_base_model
+from loratune.tools.loading import load_base_model
 
 MODEL = "preset:tiny-llama"
 
@@ -55,7 +55,8 @@ def free_port() -> int:
 async def client_loop(http: httpx.AsyncClient, url: str, models: list[str], until: float, stats, latencies):
     i = 0
     while time.monotonic() < until:
-        payload = {"model": models[i % len(models)], "prompt": f"request {i}", "max_tokens": 8, "temperature": 0}
+        payload = {"model": models[i % len(models)], "prompt": f"request {i}", "max_tokens": 8,
+                   "temperature": 0}
         i += 1
         start = time.monotonic()
         try:
@@ -76,7 +77,8 @@ async def load(url: str, clients: int, seconds: float):
     async with httpx.AsyncClient(timeout=60, limits=limits) as http:
         until = time.monotonic() + seconds
         models = ["tiny", "a1", "a2"]
-        await asyncio.gather(*(client_loop(http, url, models, until, stats, latencies) for _ in range(clients)))
+        await asyncio.gather(*(client_loop(http, url, models, until, stats, latencies)
+                               for _ in range(clients)))
     return stats, sorted(latencies)
 
 
@@ -94,7 +96,8 @@ def main() -> int:
         adapters = save_adapters(Path(tmp))
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "loratune.cli.main", "serve", "--model", MODEL, "--served-model-name", "tiny",
+        cmd = [sys.executable, "-m", "loratune.cli.main", "serve", "--model", MODEL,
+               "--served-model-name", "tiny",
                "--port", str(port), "--dtype", "float32", "--threads", str(args.threads),
                "--max-queue", str(args.max_queue), "--max-batch-size", str(args.max_batch_size),
                "--log-level", "warning"]
@@ -114,7 +117,8 @@ def main() -> int:
                     return 1
                 time.sleep(0.2)
             proc = psutil.Process(server.pid)
-            asyncio.run(load(url, args.clients, min(2.0, args.seconds)))  # warm-up: allocator and caches settle
+            # warm-up: allocator and caches settle
+            asyncio.run(load(url, args.clients, min(2.0, args.seconds)))
             rss_before = proc.memory_info().rss
             start = time.monotonic()
             stats, latencies = asyncio.run(load(url, args.clients, args.seconds))
@@ -131,9 +135,11 @@ def main() -> int:
     p50 = latencies[len(latencies) // 2] if latencies else float("nan")
     p99 = latencies[int(len(latencies) * 0.99)] if latencies else float("nan")
     queue_line = next((line for line in metrics.splitlines() if line.startswith("loratune_queue_depth ")), "")
-    print(f"\nserve_load: {args.clients} concurrent clients for {args.seconds:g} s on loopback, {MODEL} + 2 adapters, "
-          f"max batch {args.max_batch_size}, max queue {args.max_queue}, {args.threads} engine thread(s)\n")
-    print("| requests | 200 | 429 | other | 200/s | p50 latency (200) | p99 latency (200) | RSS before | RSS after | result |")
+    print(f"\nserve_load: {args.clients} concurrent clients for {args.seconds:g} s on loopback, "
+          f"{MODEL} + 2 adapters, max batch {args.max_batch_size}, max queue {args.max_queue}, "
+          f"{args.threads} engine thread(s)\n")
+    print("| requests | 200 | 429 | other | 200/s | p50 latency (200) | p99 latency (200) "
+          "| RSS before | RSS after | result |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|:---:|")
     print(f"| {sum(stats.values())} | {stats['200']} | {stats['429']} | {json.dumps(bad) if bad else 0} "
           f"| {stats['200'] / elapsed:.0f} | {p50 * 1000:.0f} ms | {p99 * 1000:.0f} ms "

@@ -23,10 +23,10 @@ from pathlib import Path
 import torch
 
 from loratune import LoraConfig, get_peft_model
-from loratune.loading import load_base_model
 from loratune.serve.engine import Engine, GenerationRequest, SamplingParams
 from loratune.serve.lora_rows import linear_shapes
 from loratune.serve.registry import prepare_adapter
+from loratune.tools.loading import load_base_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -93,7 +93,8 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         paths = save_adapters(base, args.batch, args.rank, Path(tmp))
-        engine = Engine(copy.deepcopy(base), eos_token_ids=set(), context_length=base.config.max_position_embeddings,
+        engine = Engine(copy.deepcopy(base), eos_token_ids=set(),
+                        context_length=base.config.max_position_embeddings,
                         max_batch_size=args.batch, max_queue=4 * args.batch, num_threads=args.threads)
         engine.start()
         shapes = linear_shapes(engine.model)
@@ -114,7 +115,8 @@ def main() -> None:
             for _ in range(args.repeats):
                 t, ours_tokens = run_engine(engine, prompts, [i + 1 for i in adapter_index], args.new_tokens)
                 ours_t.append(t)
-                t, peft_tokens = run_peft(reference, prompts, [f"a{i}" for i in adapter_index], args.new_tokens)
+                t, peft_tokens = run_peft(reference, prompts,
+                                          [f"a{i}" for i in adapter_index], args.new_tokens)
                 peft_t.append(t)
                 same = same and ours_tokens == peft_tokens
             tokens = args.batch * args.new_tokens
@@ -122,8 +124,9 @@ def main() -> None:
         engine.stop()
 
     single = rows[0][1]
-    print(f"\nserve_mixed: {args.model}, batch {args.batch}, {args.prompt_tokens} prompt + {args.new_tokens} new "
-          f"tokens per row, LoRA r={args.rank} on {len(TARGETS)} projections, fp32, {args.threads} thread(s), "
+    print(f"\nserve_mixed: {args.model}, batch {args.batch}, {args.prompt_tokens} prompt + "
+          f"{args.new_tokens} new tokens per row, LoRA r={args.rank} on {len(TARGETS)} projections, fp32, "
+          f"{args.threads} thread(s), "
           f"best of {args.repeats}\n")
     print("| distinct adapters | loratune serve tok/s | PEFT adapter_names tok/s | loratune / PEFT "
           "| vs 1 adapter | same tokens |")

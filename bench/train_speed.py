@@ -21,8 +21,8 @@ and the process's peak RSS (ru_maxrss). loratune runs through its Python entry p
 weight including the LM head; T: mean example length).
 
 Finally a 20-step check: loratune's fast paths and their references (`loratune.ops.reference_paths`)
-train the same adapter from the same start on the same packed Scenario B batches; the losses must agree within bf16
-tolerance. The table goes between the train_speed markers of BENCHMARKS.md.
+train the same adapter from the same start on the same packed Scenario B batches; the losses must agree
+within bf16 tolerance. The table goes between the train_speed markers of BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -61,7 +61,8 @@ def make_examples(scenario: str, n: int, seed: int = 0) -> list[list[int]]:
     """Random token ids; lengths fixed (A) or uniform in [32, 512] (B)."""
     rng = random.Random(f"{scenario}:{seed}")
     spec = SCENARIOS[scenario]
-    return [[rng.randrange(3, MODEL["vocab_size"]) for _ in range(rng.randint(spec["min_len"], spec["max_len"]))]
+    return [[rng.randrange(3, MODEL["vocab_size"])
+             for _ in range(rng.randint(spec["min_len"], spec["max_len"]))]
             for _ in range(n)]
 
 
@@ -314,7 +315,8 @@ def run_scenario(scenario: str, names: list[str], data: str, model_dir: str, war
 
 def flop_per_token(mean_len: float) -> float:
     """F = 4 P_lin + 6 P_lora + 6 L T d_attn for the benchmark model."""
-    d, ff, L, v = MODEL["hidden_size"], MODEL["intermediate_size"], MODEL["num_hidden_layers"], MODEL["vocab_size"]
+    d, ff = MODEL["hidden_size"], MODEL["intermediate_size"]
+    L, v = MODEL["num_hidden_layers"], MODEL["vocab_size"]
     kv = d // MODEL["num_attention_heads"] * MODEL["num_key_value_heads"]
     shapes = [(d, d), (d, kv), (d, kv), (d, d), (d, ff), (d, ff), (ff, d)]  # (in, out) of the 7 projections
     p_lin = L * sum(i * o for i, o in shapes) + d * v
@@ -345,18 +347,23 @@ def render(rows: list[dict], peak: dict, loss: dict | None, command: str, starte
         f"`{command}` — {started}, {machine()}; bf16 matmul peak {peak['bf16_best'] / 1e9:.0f} GFLOP/s "
         f"(median {peak['bf16'] / 1e9:.0f}), fp32 {peak['fp32_best'] / 1e9:.0f} GFLOP/s "
         f"(bench/peak.py, best of 15 repeats, {peak['threads']} threads; MFU divides by the best).", "",
-        f"SmolLM-135M-shaped Llama ({MODEL['num_hidden_layers']} layers), random weights; LoRA r=16, alpha=32, dropout 0, 7 projections; AdamW lr 1e-4. "
-        "A: 4 x 256 tokens. B: lengths uniform 32-512 (PEFT pads each batch of 4 to its longest; loratune packs). "
-        "Median useful tokens/s over the measured steps, each contender in its own process; spread = (max-min)/median.",
+        f"SmolLM-135M-shaped Llama ({MODEL['num_hidden_layers']} layers), random weights; LoRA r=16, "
+        "alpha=32, dropout 0, 7 projections; AdamW lr 1e-4. "
+        "A: 4 x 256 tokens. B: lengths uniform 32-512 (PEFT pads each batch of 4 to its longest; "
+        "loratune packs). "
+        "Median useful tokens/s over the measured steps, each contender in its own process; "
+        "spread = (max-min)/median.",
         "",
-        "| scenario | contender | tokens/s | vs PEFT bf16 | peak RSS (MiB) | RSS vs PEFT bf16 | MFU | steps | spread |",
+        "| scenario | contender | tokens/s | vs PEFT bf16 | peak RSS (MiB) | RSS vs PEFT bf16 | MFU | steps "
+        "| spread |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     def ratio(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.2f}x"
 
     for r in rows:
-        lines.append(f"| {r['scenario']} | {r['contender']} | {r['tokens_per_s']:.0f} | {ratio(r['speedup'])} | "
+        lines.append(f"| {r['scenario']} | {r['contender']} | {r['tokens_per_s']:.0f} "
+                     f"| {ratio(r['speedup'])} | "
                      f"{r['rss']:.0f} | {ratio(r['rss_ratio'])} | {100 * r['mfu']:.1f}% | {r['n']} | "
                      f"{100 * r['spread']:.0f}% |")
     lines += ["", "1-minute load average before/after each scenario (the machine has "
@@ -416,7 +423,8 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="loratune-speed-"))
     try:
         log("measuring the matmul peak")
-        peak = json.loads(subprocess.run([sys.executable, str(ROOT / "bench/peak.py"), "--json", "--repeats", "15"],
+        peak_cmd = [sys.executable, str(ROOT / "bench/peak.py"), "--json", "--repeats", "15"]
+        peak = json.loads(subprocess.run(peak_cmd,
                                          capture_output=True, text=True, check=True).stdout)
         log("writing the random model and data")
         paths = prepare(workdir, n_examples=BATCH * 2 * (warmup + steps + 2))
@@ -425,8 +433,8 @@ def main() -> None:
             lengths[scenario] = statistics.mean(len(x) for x in read_examples(paths[scenario]))
             log(f"scenario {scenario}: {args.contenders}")
             load = os.getloadavg()[0]
-            results[scenario] = run_scenario(scenario, args.contenders.split(","), paths[scenario], paths["model"],
-                                             warmup, steps)
+            results[scenario] = run_scenario(scenario, args.contenders.split(","), paths[scenario],
+                                             paths["model"], warmup, steps)
             loads[scenario] = (load, os.getloadavg()[0])
         loss = None
         if not args.skip_loss_check:
@@ -450,7 +458,8 @@ def log(msg: str) -> None:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="8 layers, 1 warm-up + 5 measured steps")
-    parser.add_argument("--layers", type=int, default=None, help="override the 30 decoder layers (smoke tests)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="override the 30 decoder layers (smoke tests)")
     parser.add_argument("--scenarios", default="A,B")
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
                         help=f"comma-separated, from {CONTENDERS}")

@@ -8,8 +8,8 @@ import sys
 import pytest
 
 from loratune.cli.main import main
-from loratune.generation import ChatSession
-from test_inference import save_tiny_adapter, save_tiny_model_dir
+from loratune.tools.generation import ChatSession
+from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,8 @@ def test_history_reset_and_exit(dirs, monkeypatch, capsys):
         return original(self, text, on_text)
 
     monkeypatch.setattr(ChatSession, "reply", spy)
-    code, out, err = chat(monkeypatch, capsys, "hello\nmore\n/reset\nagain\n/exit\nnever read\n", "--adapter", adapter)
+    code, out, err = chat(monkeypatch, capsys, "hello\nmore\n/reset\nagain\n/exit\nnever read\n",
+                          "--adapter", adapter)
     assert code == 0, err
     lines = out.splitlines()
     assert lines[0].startswith("Chatting with ") and adapter in lines[0]
@@ -47,7 +48,8 @@ def test_history_reset_and_exit(dirs, monkeypatch, capsys):
 
 def test_end_of_input_quits_and_blank_lines_are_skipped(dirs, monkeypatch, capsys):
     base, _ = dirs
-    code, out, _ = chat(monkeypatch, capsys, "\n\nhi\n", "--model_name_or_path", base, "--system", "Be brief.")
+    code, out, _ = chat(monkeypatch, capsys, "\n\nhi\n", "--model_name_or_path", base,
+                        "--system", "Be brief.")
     assert code == 0
     assert sum(line.startswith("assistant> ") for line in out.splitlines()) == 1
 
@@ -73,7 +75,8 @@ def test_ctrl_c_leaves_quietly(dirs, monkeypatch, capsys):
     monkeypatch.setattr(ChatSession, "reply", interrupt)
     code, out, err = chat(monkeypatch, capsys, "hi\nmore\n", "--model_name_or_path", base)
     assert code == 0 and "Traceback" not in err
-    assert [line for line in out.splitlines() if line.startswith("assistant>")] == ["assistant> "]  # "more" unread
+    # "more" unread
+    assert [line for line in out.splitlines() if line.startswith("assistant>")] == ["assistant> "]
 
 
 def test_a_line_that_is_not_utf8_is_reported_and_the_chat_goes_on(dirs, monkeypatch, capsys):

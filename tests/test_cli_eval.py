@@ -7,7 +7,7 @@ import json
 import pytest
 
 from loratune.cli.main import main
-from test_inference import save_tiny_adapter, save_tiny_model_dir
+from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 ROWS = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]},
         {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}]
@@ -78,7 +78,8 @@ def test_skip_bad_rows_skips_and_counts_them(setup, tmp_path, capsys):
     assert "skip_bad_rows" in capsys.readouterr().err  # the hint names an option eval has
     assert main(["eval", "--model_name_or_path", base, "--eval_file", str(mixed), "--skip_bad_rows"]) == 0
     assert ": 2 examples (messages)" in capsys.readouterr().out.splitlines()[0]
-    assert main(["eval", "--model_name_or_path", base, "--eval_file", str(mixed), "--skip_bad_rows", "--json"]) == 0
+    assert main(["eval", "--model_name_or_path", base, "--eval_file", str(mixed), "--skip_bad_rows",
+                 "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["skipped"] == 1
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from loratune.cli.main import main
-from test_inference import save_tiny_adapter, save_tiny_model_dir
+from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -23,9 +23,11 @@ def generate(capsys, *args) -> tuple[int, str, str]:
 
 def test_base_and_adapter_greedy(dirs, capsys):
     base, adapter = dirs
-    code, base_text, err = generate(capsys, "--model_name_or_path", base, "--prompt", "Hello", "--max_new_tokens", "8")
+    code, base_text, err = generate(capsys, "--model_name_or_path", base, "--prompt", "Hello",
+                                    "--max_new_tokens", "8")
     assert code == 0 and f"# {base}" in err
-    code, again, _ = generate(capsys, "--model_name_or_path", base, "--prompt", "Hello", "--max_new_tokens", "8")
+    code, again, _ = generate(capsys, "--model_name_or_path", base, "--prompt", "Hello",
+                              "--max_new_tokens", "8")
     assert again == base_text  # greedy is deterministic
     # the base model defaults to the adapter's base_model_name_or_path
     code, adapted, err = generate(capsys, "--adapter", adapter, "--prompt", "Hello", "--max_new_tokens", "8")
@@ -40,7 +42,8 @@ def test_sampling_with_seed_and_chat(dirs, capsys):
     code, first, _ = generate(capsys, *args)
     assert code == 0
     assert generate(capsys, *args)[1] == first
-    code, _, _ = generate(capsys, "--model_name_or_path", base, "--prompt", "Hi", "--chat", "--max_new_tokens", "4")
+    code, _, _ = generate(capsys, "--model_name_or_path", base, "--prompt", "Hi", "--chat",
+                          "--max_new_tokens", "4")
     assert code == 0
 
 
@@ -51,17 +54,25 @@ def test_preset_model(capsys):
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--adapter", "/no/such/adapter", "--prompt", "x"], "/no/such/adapter: adapter directory does not exist"),
-    (["--model_name_or_path", "/no/such/model", "--prompt", "x"], "'/no/such/model' is not a local directory"),
+    (["--adapter", "/no/such/adapter", "--prompt", "x"],
+     "/no/such/adapter: adapter directory does not exist"),
+    (["--model_name_or_path", "/no/such/model", "--prompt", "x"],
+     "'/no/such/model' is not a local directory"),
     (["--prompt", "x"], "pass --model_name_or_path, --adapter, or both"),
-    (["--adapter", "some-org/some-adapter", "--prompt", "x"], "some-org/some-adapter: no adapter_config.json"),
+    (["--adapter", "some-org/some-adapter", "--prompt", "x"],
+     "some-org/some-adapter: no adapter_config.json"),
     (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "-1"], "temperature must be >= 0"),
-    (["--model_name_or_path", "preset:tiny-llama", "--prompt", "x", "--device", "banana"], "--device 'banana'"),
-    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "1", "--seed", "-1"], "--seed must be an integer"),
-    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "1", "--seed", "99999999999999999999999"],
+    (["--model_name_or_path", "preset:tiny-llama", "--prompt", "x", "--device", "banana"],
+     "--device 'banana'"),
+    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "1", "--seed", "-1"],
+     "--seed must be an integer"),
+    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "1", "--seed",
+      "99999999999999999999999"],
      "--seed must be an integer from 0 to 18446744073709551615"),
-    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "nan"], "--temperature must be >= 0 and finite"),
-    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "inf"], "--temperature must be >= 0 and finite"),
+    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "nan"],
+     "--temperature must be >= 0 and finite"),
+    (["--model_name_or_path", "M", "--prompt", "x", "--temperature", "inf"],
+     "--temperature must be >= 0 and finite"),
     (["--model_name_or_path", "M", "--prompt", "x", "--top_p", "nan"], "--top_p must be in (0, 1]"),
     (["--model_name_or_path", "M", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 (byte(s) 0xe9"),
 ])

@@ -62,11 +62,12 @@ def test_broken_adapters_are_rejected_with_the_reason(tmp_path, capsys):
     assert "vLLM:   REJECTED\n  - no LoRA tensors" in out and "LoRAX:  REJECTED\n  - no LoRA tensors" in out
     nan = write_adapter(tmp_path / "nan", LoraConfig(r=4, target_modules=["q_proj"]),
                         {"model.layers.0.self_attn.q_proj": 4})
-    save_file({f"base_model.model.model.layers.0.self_attn.q_proj.lora_{x}.weight": torch.full((4, 4), float("nan"))
-               for x in "AB"}, f"{nan}/adapter_model.safetensors")
+    save_file({f"base_model.model.model.layers.0.self_attn.q_proj.lora_{x}.weight":
+               torch.full((4, 4), float("nan")) for x in "AB"}, f"{nan}/adapter_model.safetensors")
     assert main(["inspect", nan, "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert data["problems"] == ["2 tensor(s) hold NaN or Inf values: model.layers.0.self_attn.q_proj.lora_A.weight, "
+    assert data["problems"] == ["2 tensor(s) hold NaN or Inf values: "
+                                "model.layers.0.self_attn.q_proj.lora_A.weight, "
                                 "model.layers.0.self_attn.q_proj.lora_B.weight"]
     assert data["servers"]["vLLM"]["reasons"] == data["problems"] == data["servers"]["LoRAX"]["reasons"]
 

@@ -15,7 +15,8 @@ def parse(argv):
 
 @pytest.mark.parametrize("spelling", ["-", "_"])
 def test_serve_options_take_either_spelling(spelling):
-    flags = ["--" + f.replace("-", spelling) for f in ("load-in-4bit", "max-model-len", "bnb-4bit-quant-type")]
+    names = ("load-in-4bit", "max-model-len", "bnb-4bit-quant-type")
+    flags = ["--" + f.replace("-", spelling) for f in names]
     args = parse(["serve", "--model", "m", flags[0], flags[1], "64", flags[2], "fp4"])
     assert (args.load_in_4bit, args.max_model_len, args.bnb_4bit_quant_type) == (True, 64, "fp4")
 
@@ -51,3 +52,20 @@ def test_train_and_preview_keys_take_dashes():
     assert extra == {"num_examples": "2"}
     _, _, problems, _ = split_args(["--lerning-rate", "1"], {})
     assert problems and "--learning_rate" in problems[0]
+
+
+def test_python_dash_m_runs_the_same_command(monkeypatch, capsys):
+    import runpy
+
+    with pytest.raises(SystemExit) as script:
+        main(["inspect", "--help"])
+    expected = capsys.readouterr().out
+    monkeypatch.setattr("sys.argv", ["python -m loratune", "inspect", "--help"])
+    with pytest.raises(SystemExit) as module:
+        runpy.run_module("loratune", run_name="__main__", alter_sys=True)
+    assert module.value.code == script.value.code == 0
+    assert capsys.readouterr().out == expected
+    monkeypatch.setattr("sys.argv", ["python -m loratune", "no-such-verb"])
+    with pytest.raises(SystemExit) as bad:
+        runpy.run_module("loratune", run_name="__main__", alter_sys=True)
+    assert bad.value.code == 2

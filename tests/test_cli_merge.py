@@ -9,17 +9,18 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from loratune.cli.main import main
-from loratune.export import logits_of, probe_batch
-from loratune.inference import load_model
+from loratune.tools.export import logits_of, probe_batch
+from loratune.tools.load_trained import load_model
 from test_export import MERGED_FILES
-from test_inference import save_tiny_adapter, save_tiny_model_dir
+from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
 def dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("cli-merge")
     base = save_tiny_model_dir(root / "base")
-    qlora = save_tiny_adapter(root / "qlora", base, scale=0.3, train_config="load_in_4bit: true\nbf16: true\n")
+    qlora = save_tiny_adapter(root / "qlora", base, scale=0.3,
+                              train_config="load_in_4bit: true\nbf16: true\n")
     return base, save_tiny_adapter(root / "adapter", base, scale=0.3), qlora
 
 
@@ -48,7 +49,8 @@ def test_qlora_adapter_is_dequantized_and_written_in_bf16(dirs, tmp_path, capsys
     lines = captured.out.splitlines()
     assert "(4-bit nf4)" in lines[0] and lines[0].endswith("(bfloat16)")
     assert "vs the adapter model on its 4-bit nf4 base (float32)" in lines[1] and lines[1].endswith("PASS")
-    assert lines[2].startswith("Written bfloat16 model vs the adapter model on its 4-bit nf4 base: max abs diff ")
+    assert lines[2].startswith("Written bfloat16 model vs the adapter model on its 4-bit nf4 base: "
+                               "max abs diff ")
     assert sorted(os.listdir(out)) == MERGED_FILES
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.dtype == torch.bfloat16
@@ -56,7 +58,7 @@ def test_qlora_adapter_is_dequantized_and_written_in_bf16(dirs, tmp_path, capsys
 
 
 def test_failed_check_exits_1_and_writes_nothing(dirs, tmp_path, capsys, monkeypatch):
-    from loratune import export
+    from loratune.tools import export
 
     _, adapter, _ = dirs
     monkeypatch.setattr(export, "_merge", lambda loaded: loaded.model.unload())  # drops the adapter
@@ -74,7 +76,8 @@ def test_non_finite_or_negative_tolerance_exits_2_and_writes_nothing(dirs, tmp_p
     out = tmp_path / "merged"
     assert main(["merge", "--adapter", adapter, "--output_dir", str(out), f"--tolerance={tolerance}"]) == 2
     captured = capsys.readouterr()
-    assert "error: --tolerance must be a finite number >= 0" in captured.err and "Traceback" not in captured.err
+    assert "error: --tolerance must be a finite number >= 0" in captured.err
+    assert "Traceback" not in captured.err
     assert captured.out == "" and not out.exists()
 
 
@@ -119,7 +122,8 @@ def test_trained_adapter_end_to_end(dirs, tmp_path, capsys):
     merged = str(tmp_path / "merged")
     assert main(["merge", "--adapter", out, "--output_dir", merged]) == 0
     assert ": PASS" in capsys.readouterr().out
-    assert main(["generate", "--model_name_or_path", merged, "--prompt", "Q1: say yes.", "--max_new_tokens", "3"]) == 0
+    assert main(["generate", "--model_name_or_path", merged, "--prompt", "Q1: say yes.",
+                 "--max_new_tokens", "3"]) == 0
 
 
 @pytest.mark.parity
@@ -135,7 +139,8 @@ def test_adapter_saved_by_peft_inspects_and_merges(dirs, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Targets:     o_proj, q_proj (4 modules)" in out and "vLLM:   ACCEPTED" in out
     merged = str(tmp_path / "merged")
-    assert main(["merge", "--adapter", str(tmp_path / "peft"), "--output_dir", merged, "--dtype", "float32"]) == 0
+    assert main(["merge", "--adapter", str(tmp_path / "peft"), "--output_dir", merged,
+                 "--dtype", "float32"]) == 0
     assert ": PASS" in capsys.readouterr().out
     probe = probe_batch(load_model(base).tokenizer, 1024)
     with torch.no_grad():

@@ -15,7 +15,7 @@ import yaml
 
 from factories import tiny_model
 from loratune.cli.main import main
-from loratune.loading import load_tokenizer
+from loratune.tools.loading import load_tokenizer
 
 QA = [("What is the capital of France?", "Paris."), ("Add 2 and 3.", "5."), ("Opposite of hot?", "Cold."),
       ("Reverse the word cat.", "tac."), ("Capital of Peru?", "Lima."), ("Add 1 and 1.", "2."),
@@ -86,7 +86,8 @@ def messages_file(tmp_path_factory):
 def test_train_writes_exactly_the_documented_outputs(model_dir, messages_file, tmp_path, capsys):
     out = tmp_path / "run"
     config = tmp_path / "run.yaml"
-    config.write_text(yaml.safe_dump({"max_steps": 4, "save_steps": 2, "save_total_limit": 1, "eval_steps": 2}))
+    config.write_text(yaml.safe_dump({"max_steps": 4, "save_steps": 2, "save_total_limit": 1,
+                                      "eval_steps": 2}))
     rc = train_cli([str(config), *base_flags(model_dir, messages_file, out), "--eval_file", messages_file])
     assert rc == 0
     assert sorted(os.listdir(out)) == sorted([
@@ -132,7 +133,8 @@ def test_each_data_format_trains_through_the_cli(fmt, suffix, model_dir, tmp_pat
 def test_unknown_flag_and_key_name_a_close_match(model_dir, messages_file, tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("lora_alpah: 16\n")
-    rc = train_cli([str(config), *base_flags(model_dir, messages_file, tmp_path / "o"), "--lerning_rate", "1e-3"])
+    rc = train_cli([str(config), *base_flags(model_dir, messages_file, tmp_path / "o"), "--lerning_rate",
+                    "1e-3"])
     err = capsys.readouterr().err
     assert rc == 2
     assert "unknown flag --lerning_rate; did you mean --learning_rate?" in err
@@ -142,11 +144,12 @@ def test_unknown_flag_and_key_name_a_close_match(model_dir, messages_file, tmp_p
 
 
 def test_bad_values_are_reported_together(model_dir, messages_file, tmp_path, capsys):
-    rc = train_cli([*base_flags(model_dir, messages_file, tmp_path / "o"), "--r", "four", "--packing", "maybe",
-                    "--warmup_ratio", "2", "--lr_scheduler_type", "exp"])
+    rc = train_cli([*base_flags(model_dir, messages_file, tmp_path / "o"), "--r", "four",
+                    "--packing", "maybe", "--warmup_ratio", "2", "--lr_scheduler_type", "exp"])
     err = capsys.readouterr().err
     assert rc == 2 and "4 problems" in err and "Traceback" not in err
-    for needle in ("r: expected an integer, got 'four'", "packing: expected a boolean", "warmup_ratio must be in [0, 1]",
+    for needle in ("r: expected an integer, got 'four'", "packing: expected a boolean",
+                   "warmup_ratio must be in [0, 1]",
                    "lr_scheduler_type: expected one of"):
         assert needle in err
 
@@ -194,15 +197,15 @@ def test_unreadable_config_paths_are_named(tmp_path, capsys):
     assert f"{latin}: " in err and "not a UTF-8 text file (byte 0xe9" in err and "Traceback" not in err
 
 
-def test_output_dir_that_is_a_file_fails_before_anything_loads(model_dir, messages_file, tmp_path, monkeypatch,
-                                                               capsys):
-    import loratune.loading
+def test_output_dir_that_is_a_file_fails_before_anything_loads(model_dir, messages_file, tmp_path,
+                                                               monkeypatch, capsys):
+    import loratune.tools.loading
     import loratune.train.api as api
 
     def must_not_load(*args, **kwargs):
         raise AssertionError("loaded the tokenizer or model before checking output_dir")
 
-    monkeypatch.setattr(loratune.loading, "load_tokenizer", must_not_load)
+    monkeypatch.setattr(loratune.tools.loading, "load_tokenizer", must_not_load)
     monkeypatch.setattr(api, "build_model", must_not_load)
     file = tmp_path / "taken"
     file.write_text("not a directory")
@@ -263,7 +266,8 @@ def test_a_single_module_name_is_a_list_of_one(model_dir, messages_file, tmp_pat
 @pytest.mark.parametrize("flag", ["--load_in_4bit", "--use_dora", "--use_rslora"])
 def test_adapter_and_quantization_keys_reach_the_model(flag, model_dir, messages_file, tmp_path):
     out = tmp_path / "run"
-    assert train_cli([*base_flags(model_dir, messages_file, out), "--max_steps", "2", "--save_steps", "0", flag]) == 0
+    assert train_cli([*base_flags(model_dir, messages_file, out), "--max_steps", "2", "--save_steps", "0",
+                      flag]) == 0
     config = json.loads((out / "adapter_config.json").read_text())
     if flag != "--load_in_4bit":
         assert config[flag.lstrip("-")] is True
@@ -272,7 +276,8 @@ def test_adapter_and_quantization_keys_reach_the_model(flag, model_dir, messages
 
 def test_token_ids_past_the_vocabulary_stop_before_training(model_dir, tmp_path, capsys):
     data = tmp_path / "ids.jsonl"
-    data.write_text("\n".join(json.dumps({"input_ids": ids}) for ids in ([1, 2, 3], [1, 2, 10**6], [4, 5])) + "\n")
+    rows = ([1, 2, 3], [1, 2, 10**6], [4, 5])
+    data.write_text("\n".join(json.dumps({"input_ids": ids}) for ids in rows) + "\n")
     rc = train_cli(base_flags(model_dir, str(data), tmp_path / "o"))
     err = capsys.readouterr().err
     assert rc == 2 and "ids.jsonl line 2: token id 1000000 is outside the model's vocabulary" in err

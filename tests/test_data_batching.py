@@ -42,12 +42,14 @@ def test_collate_padded_layout():
     exs = [{"input_ids": [5, 6, 7], "labels": [IGNORE_INDEX, 6, 7]}, {"input_ids": [8], "labels": [8]}]
     batch = collate(exs, packing=False, pad_token_id=0)
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 0, 0]]
-    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]  # first label always ignored
+    # first label always ignored
+    assert batch["labels"].tolist() == [[IGNORE_INDEX, 6, 7], [IGNORE_INDEX] * 3]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
 
 
 def test_collate_packed_layout_and_truncation():
-    exs = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]}, {"input_ids": [8, 9, 10, 11], "labels": [8, 9, 10, 11]}]
+    exs = [{"input_ids": [5, 6, 7], "labels": [5, 6, 7]},
+           {"input_ids": [8, 9, 10, 11], "labels": [8, 9, 10, 11]}]
     batch = collate(exs, packing=True, pad_token_id=0, max_seq_length=3)
     assert set(batch) == {"input_ids", "labels", "position_ids"}
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10]]
@@ -121,9 +123,11 @@ def test_packed_plan_respects_the_token_budget():
     world_size=st.integers(1, 4),
     seed=st.integers(0, 3),
 )
-def test_ddp_shards_are_disjoint_equal_and_match_the_global_plan(lengths, batch_size, packing, world_size, seed):
+def test_ddp_shards_are_disjoint_equal_and_match_the_global_plan(lengths, batch_size, packing, world_size,
+                                                                 seed):
     full = plan_batches(lengths, batch_size, 64, packing, seed, 0)
-    shards = [plan_batches(lengths, batch_size, 64, packing, seed, 0, world_size, r) for r in range(world_size)]
+    shards = [plan_batches(lengths, batch_size, 64, packing, seed, 0, world_size, r)
+              for r in range(world_size)]
     assert len({len(s) for s in shards}) == 1
     assert len(full) - len(shards[0]) * world_size < world_size  # at most world_size-1 batches dropped
     # micro-batch k of rank r is micro-batch k*world_size + r of the single-process plan

@@ -1,4 +1,4 @@
-"""Tests for reading data files, bad-row reporting, stats and preview (loratune.data.build/sources/preview)."""
+"""Reading data files, bad-row reporting, stats and preview (loratune.data.build/sources/preview)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from loratune.data import IGNORE_INDEX, DataConfig, build_datasets, check_vocab, preview
 from loratune.errors import ConfigError, DataError
-from loratune.loading import DEFAULT_MODEL, load_tokenizer
+from loratune.tools.loading import DEFAULT_MODEL, load_tokenizer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "data"
 GOOD = {"prompt": "What is 2 + 3?\n", "completion": "5"}
@@ -45,12 +45,14 @@ def test_example_datasets_build(tok):
 
 def test_invalid_json_names_file_and_line(tok, tmp_path):
     path = write_jsonl(tmp_path / "train.jsonl", [GOOD, GOOD, "", '{"prompt": "x", "completion": }', GOOD])
-    with pytest.raises(DataError, match=r"^train.jsonl line 4: invalid JSON \(Expecting value at column 31\)"):
+    with pytest.raises(DataError,
+                       match=r"^train.jsonl line 4: invalid JSON \(Expecting value at column 31\)"):
         build(tok, path)
 
 
 def test_several_bad_rows_are_listed_together(tok, tmp_path):
-    rows = [GOOD, {"prompt": "x"}, {"prompt": "x", "completion": 3}, {"prompt": "x", "completion": ""}, "[1, 2]", GOOD]
+    rows = [GOOD, {"prompt": "x"}, {"prompt": "x", "completion": 3}, {"prompt": "x", "completion": ""},
+            "[1, 2]", GOOD]
     with pytest.raises(DataError) as err:
         build(tok, write_jsonl(tmp_path / "train.jsonl", rows))
     assert str(err.value).splitlines() == [
@@ -75,7 +77,8 @@ def test_skip_bad_rows_counts_them(tok, tmp_path, caplog):
     assert (bundle.stats.rows, bundle.stats.examples, bundle.stats.skipped) == (5, 2, 3)
     assert "skipped 3 bad row(s) of 5" in caplog.text
     with pytest.raises(DataError, match="the only row is bad"):
-        build(tok, write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "completion": 3}]), skip_bad_rows=True)
+        build(tok, write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "x", "completion": 3}]),
+              skip_bad_rows=True)
 
 
 def test_bad_messages_rows_name_the_line(tok, tmp_path):
@@ -97,7 +100,8 @@ def test_unknown_message_role_names_the_line_and_the_allowed_roles(tok, tmp_path
 
 
 def test_truncation_is_counted_and_untrainable_rows_dropped(tok, tmp_path):
-    rows = [GOOD, {"prompt": "x " * 50, "completion": "y"}, {"prompt": "Q", "completion": "a b c d e f g h i j k l"}]
+    rows = [GOOD, {"prompt": "x " * 50, "completion": "y"},
+            {"prompt": "Q", "completion": "a b c d e f g h i j k l"}]
     bundle = build(tok, write_jsonl(tmp_path / "train.jsonl", rows), max_seq_length=10)
     s = bundle.stats
     assert (s.examples, s.truncated, s.dropped_untrained) == (2, 2, 1)
@@ -131,14 +135,16 @@ def test_pretokenized_ids_and_labels_are_checked(tok, tmp_path):
             {"input_ids": [1, 2, 3], "labels": [-100, -5, 3]},  # a negative label would index from the end
             {"input_ids": [1, 2, 9000], "labels": [-100, 2, 3]},  # past the model's vocabulary
             {"input_ids": [1, 2, 3], "labels": [-100, 2, 9001]}]
-    with pytest.raises(DataError, match=r"t.jsonl line 2: field 'labels' has negative values other than -100"):
+    with pytest.raises(DataError,
+                       match=r"t.jsonl line 2: field 'labels' has negative values other than -100"):
         build(tok, write_jsonl(tmp_path / "t.jsonl", rows))
     bundle = build(tok, write_jsonl(tmp_path / "t.jsonl", [rows[0], rows[2], rows[3]]))
     check_vocab(bundle, 9002)  # all inside
     with pytest.raises(DataError) as err:
         check_vocab(bundle, 9000)
     msg = str(err.value)
-    assert "2 row(s)" in msg and "t.jsonl line 2: token id 9000" in msg and "t.jsonl line 3: token id 9001" in msg
+    assert "2 row(s)" in msg
+    assert "t.jsonl line 2: token id 9000" in msg and "t.jsonl line 3: token id 9001" in msg
     assert "line 1" not in msg
 
 
@@ -172,7 +178,8 @@ def test_eval_samples_holds_out_rows_deterministically(tok):
 
 def test_data_config_collects_all_problems():
     with pytest.raises(ConfigError) as err:
-        DataConfig(train_file="a.jsonl", dataset_name="x", max_seq_length=1, dataset_format="yaml", eval_samples=-1)
+        DataConfig(train_file="a.jsonl", dataset_name="x", max_seq_length=1, dataset_format="yaml",
+                   eval_samples=-1)
     assert len(err.value.problems) == 4
     assert DataConfig.__dataclass_fields__["packing"].metadata["help"]
     assert all(f.metadata.get("help") for f in DataConfig.__dataclass_fields__.values())

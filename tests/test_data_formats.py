@@ -14,13 +14,14 @@ from loratune.data import ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX, DataConfig, de
 from loratune.data.formats import DETECT_ORDER, Columns, RowError, Segment, render_chat, row_segments
 from loratune.data.tokenize import SpecialTokens, encode_pretokenized, encode_segments
 from loratune.errors import ConfigError
-from loratune.loading import DEFAULT_MODEL, load_tokenizer
+from loratune.tools.loading import DEFAULT_MODEL, load_tokenizer
 
 PLAIN_TEMPLATE = (  # writes no BOS and no EOS: the pipeline adds both
     "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
     "{% if add_generation_prompt %}assistant: {% endif %}"
 )
-UNSTABLE_TEMPLATE = "{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}\n{% endfor %}"
+UNSTABLE_TEMPLATE = ("{% for m in messages %}{% if loop.last %}LAST {% endif %}{{ m['content'] }}\n"
+                     "{% endfor %}")
 
 
 @pytest.fixture(scope="module")
@@ -145,7 +146,8 @@ def test_completion_only_off_trains_prompt_too(tok):
 
 
 def test_truncation_keeps_the_head_and_flags_it(tok):
-    enc = encode(tok, {"prompt": "What is 2 + 3?\n", "completion": "5"}, "prompt_completion", max_seq_length=4)
+    enc = encode(tok, {"prompt": "What is 2 + 3?\n", "completion": "5"}, "prompt_completion",
+                 max_seq_length=4)
     assert enc.truncated and len(enc.input_ids) == 4 and all(lab == IGNORE_INDEX for lab in enc.labels)
     assert not encode(tok, {"prompt": "Q", "completion": "A"}, "prompt_completion").truncated
 
@@ -162,7 +164,8 @@ def test_slow_tokenizer_path_matches_offsets_path(tok):
 
     slow = NoOffsets()
     msgs = [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5."}]
-    for record, fmt in [({"messages": msgs}, "messages"), ({"prompt": "Q: cat\n", "completion": "tac"}, "prompt_completion")]:
+    for record, fmt in [({"messages": msgs}, "messages"),
+                        ({"prompt": "Q: cat\n", "completion": "tac"}, "prompt_completion")]:
         assert encode(slow, record, fmt) == encode(tok, record, fmt)
 
 
@@ -185,7 +188,8 @@ def test_messages_without_chat_template_is_a_config_error(tok):
     "record, fmt, message",
     [
         ({"prompt": "Q"}, "prompt_completion", "missing field 'completion'"),
-        ({"prompt": "Q", "completion": 5}, "prompt_completion", "field 'completion' must be a string, got int"),
+        ({"prompt": "Q", "completion": 5}, "prompt_completion",
+         "field 'completion' must be a string, got int"),
         ({"prompt": "Q", "completion": "  "}, "prompt_completion", "field 'completion' is empty"),
         ({"text": ""}, "text", "field 'text' is empty"),
         ({"messages": []}, "messages", "field 'messages' is an empty list"),
@@ -194,7 +198,8 @@ def test_messages_without_chat_template_is_a_config_error(tok):
         ({"messages": [{"role": "user"}]}, "messages", r"messages\[0\] has no 'content'"),
         ({"messages": [{"role": "assistant", "content": ""}]}, "messages", "empty assistant message"),
         ({"conversations": [{"from": "robot", "value": "x"}]}, "sharegpt", "from is 'robot'"),
-        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages", "role is 'wizard'; expected one of system"),
+        ({"messages": [{"role": "wizard", "content": "x"}]}, "messages",
+         "role is 'wizard'; expected one of system"),
         ({"instruction": "x", "input": 3, "output": "y"}, "alpaca", "field 'input' must be a string"),
     ],
 )
@@ -210,7 +215,8 @@ def test_detect_format_by_columns_and_mapping():
     assert detect_format({"prompt", "completion", "id"}, cfg).format == "prompt_completion"
     assert detect_format({"instruction", "input", "output"}, cfg).format == "alpaca"
     assert detect_format({"input_ids", "labels"}, cfg).format == "tokenized"
-    mapped = detect_format({"question", "answer"}, DataConfig(prompt_column="question", completion_column="answer"))
+    mapped = detect_format({"question", "answer"},
+                           DataConfig(prompt_column="question", completion_column="answer"))
     assert mapped == Columns("prompt_completion", {"prompt": "question", "completion": "answer"})
     assert detect_format({"body"}, DataConfig(text_column="body")).names == {"text": "body"}
     with pytest.raises(ConfigError, match=r"cannot tell the data format from the columns \['a', 'b'\]"):
@@ -248,7 +254,8 @@ def test_prompt_completion_masks_property(tok, prompt, completion):
 
 # A turn that starts with a newline could merge with the template's "assistant\n" into one token,
 # which is then (rightly) trained but decodes to more than the turn; keep turns from starting so.
-TURN = st.text(alphabet="abcxyz 12+=?.\n", min_size=1, max_size=20).filter(lambda s: s.strip() and s[0] != "\n")
+TURN = st.text(alphabet="abcxyz 12+=?.\n", min_size=1, max_size=20).filter(
+    lambda s: s.strip() and s[0] != "\n")
 
 
 @settings(max_examples=40, deadline=None)

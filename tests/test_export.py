@@ -8,11 +8,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from loratune import export
 from loratune.errors import ConfigError
-from loratune.export import PROBE_LENGTH, logits_of, merge_to_directory, probe_batch
-from loratune.inference import load_model
-from test_inference import save_tiny_adapter, save_tiny_model_dir
+from loratune.tools import export
+from loratune.tools.export import PROBE_LENGTH, logits_of, merge_to_directory, probe_batch
+from loratune.tools.load_trained import load_model
+from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 MERGED_FILES = ["chat_template.jinja", "config.json", "generation_config.json", "model.safetensors",
                 "tokenizer.json", "tokenizer_config.json"]
@@ -94,11 +94,11 @@ def test_output_dir_rules(dirs, tmp_path):
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("x")
     with pytest.raises(ConfigError, match="not empty"):
-        export.check_output_dir(str(tmp_path / "full"), adapter)
+        export.check_merge_output_dir(str(tmp_path / "full"), adapter)
     with pytest.raises(ConfigError, match="is the adapter directory"):
-        export.check_output_dir(adapter, adapter)
+        export.check_merge_output_dir(adapter, adapter)
     (tmp_path / "empty").mkdir()
-    export.check_output_dir(str(tmp_path / "empty"), adapter)
+    export.check_merge_output_dir(str(tmp_path / "empty"), adapter)
     loaded = load_model(dirs[0], dtype="float32")
     with pytest.raises(ConfigError, match="needs an adapter"):
         merge_to_directory(loaded, str(tmp_path / "o"))
@@ -110,7 +110,7 @@ def save_tiny_gpt2_dir(path) -> str:
     """GPT-2 (Conv1D layers, weights stored (in, out)) with the preset tokenizer."""
     from transformers import GPT2Config
 
-    from loratune.loading import load_tokenizer
+    from loratune.tools.loading import load_tokenizer
 
     config = GPT2Config(vocab_size=1024, n_embd=64, n_layer=2, n_head=4, n_positions=256, bos_token_id=1,
                         eos_token_id=3)
@@ -125,7 +125,7 @@ def save_tiny_qwen2_tied_dir(path) -> str:
     """Qwen2 with tied input/output embeddings, with the preset tokenizer."""
     from transformers import Qwen2Config
 
-    from loratune.loading import load_tokenizer
+    from loratune.tools.loading import load_tokenizer
 
     config = Qwen2Config(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
@@ -140,7 +140,7 @@ def save_tiny_qwen2_tied_dir(path) -> str:
 @pytest.mark.parametrize("kind", ["gpt2-conv1d", "qwen2-tied", "dora", "modules_to_save"])
 def test_merge_other_adapter_kinds(tmp_path, kind):
     from loratune import LoraConfig, get_peft_model
-    from loratune.loading import load_base_model
+    from loratune.tools.loading import load_base_model
 
     if kind == "gpt2-conv1d":
         base = save_tiny_gpt2_dir(tmp_path / "base")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from loratune.errors import ConfigError
-from loratune.generation import (
+from loratune.tools.generation import (
     ChatSession,
     GenerationSettings,
     chat_ids,
@@ -18,8 +18,8 @@ from loratune.generation import (
     prompt_ids,
     stop_token_ids,
 )
-from loratune.loading import load_base_model, load_tokenizer
-from test_inference import save_tiny_model_dir
+from loratune.tools.loading import load_base_model, load_tokenizer
+from test_load_trained import save_tiny_model_dir
 
 
 @pytest.fixture(scope="module")
@@ -53,13 +53,15 @@ def test_out_of_range_and_non_finite_settings_are_refused(settings, message):
 def test_seed_at_the_top_of_the_range_samples(model_and_tokenizer):
     model, tok = model_and_tokenizer
     ids = prompt_ids(tok, "Once upon a time")
-    assert len(generate_ids(model, tok, ids, GenerationSettings(max_new_tokens=2, temperature=1.0, seed=2**64 - 1)))
+    assert len(generate_ids(model, tok, ids,
+                            GenerationSettings(max_new_tokens=2, temperature=1.0, seed=2**64 - 1)))
 
 
 def test_text_that_is_not_utf8_is_a_config_error(model_and_tokenizer):
     _, tok = model_and_tokenizer
     not_utf8 = b"caf\xe9".decode("utf-8", "surrogateescape")  # what argv and stdin hold for such bytes
-    with pytest.raises(ConfigError, match=re.escape("the prompt is not valid UTF-8 (byte(s) 0xe9 at character 3)")):
+    with pytest.raises(ConfigError,
+                       match=re.escape("the prompt is not valid UTF-8 (byte(s) 0xe9 at character 3)")):
         prompt_ids(tok, not_utf8)
     with pytest.raises(ConfigError, match=re.escape("message 2 (user) is not valid UTF-8")):
         chat_ids(tok, [{"role": "system", "content": "hi"}, {"role": "user", "content": not_utf8}])
@@ -89,7 +91,8 @@ def test_sampling_is_reproducible_by_seed(model_and_tokenizer):
     state = torch.random.get_rng_state()
     assert generate_ids(model, tok, ids, hot) == first
     assert torch.equal(torch.random.get_rng_state(), state)  # the caller's RNG is untouched
-    others = {tuple(generate_ids(model, tok, ids, GenerationSettings(max_new_tokens=12, temperature=1.5, seed=s)))
+    others = {tuple(generate_ids(model, tok, ids,
+                                 GenerationSettings(max_new_tokens=12, temperature=1.5, seed=s)))
               for s in (2, 3)}
     assert any(o != tuple(first) for o in others)
 
@@ -108,7 +111,7 @@ def test_training_samples_stop_where_generate_stops(model_and_tokenizer, monkeyp
     (like Llama 3's <|eot_id|>) ends them as it ends `loratune generate`."""
     import copy
 
-    from loratune.train.sampling import generate_text as sample_text
+    from loratune.train.sampling import sample_completion
 
     model, tok = model_and_tokenizer
     model = copy.deepcopy(model)
@@ -119,7 +122,8 @@ def test_training_samples_stop_where_generate_stops(model_and_tokenizer, monkeyp
     model.generation_config.eos_token_id = [tok.eos_token_id, stop]
     model.config.eos_token_id = tok.eos_token_id
     assert stop in stop_token_ids(model, tok)
-    assert sample_text(model, tok, ids, max_new_tokens=12) == tok.decode(free[:3], skip_special_tokens=True).strip()
+    expected = tok.decode(free[:3], skip_special_tokens=True).strip()
+    assert sample_completion(model, tok, ids, max_new_tokens=12) == expected
 
 
 def test_chat_template_renders_one_bos_and_the_assistant_header(model_and_tokenizer):
@@ -145,7 +149,8 @@ def test_chat_session_keeps_history_and_resets(model_and_tokenizer):
     first = session.reply("hello")
     assert [m["role"] for m in session.messages()] == ["system", "user", "assistant"]
     assert session.history[-1]["content"] == first
-    expected = generate_text(model, tok, chat_ids(tok, session.messages() + [{"role": "user", "content": "again"}]),
+    expected = generate_text(model, tok,
+                             chat_ids(tok, session.messages() + [{"role": "user", "content": "again"}]),
                              session.settings)
     assert session.reply("again") == expected  # the second answer sees the first turn
     session.reset()
@@ -163,9 +168,10 @@ def test_streamed_pieces_join_to_the_final_text(model_and_tokenizer):
 
 
 def test_a_tiny_temperature_is_greedy_as_in_the_server():
-    from loratune.generation import GREEDY_BELOW, GenerationSettings
     from loratune.serve.engine import SamplingParams
+    from loratune.tools.generation import GREEDY_BELOW, GenerationSettings
 
     for t in (0.0, 1e-30, GREEDY_BELOW / 2):
         assert GenerationSettings(temperature=t).greedy and SamplingParams(temperature=t).greedy
-    assert not GenerationSettings(temperature=GREEDY_BELOW).greedy and not SamplingParams(temperature=0.5).greedy
+    assert not GenerationSettings(temperature=GREEDY_BELOW).greedy
+    assert not SamplingParams(temperature=0.5).greedy

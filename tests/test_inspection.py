@@ -10,7 +10,7 @@ import torch
 from loratune.adapter_io import PREFIX, save_adapter
 from loratune.config import LoraConfig
 from loratune.errors import AdapterError
-from loratune.inspection import human_size, summarize_adapter
+from loratune.tools.inspection import human_size, summarize_adapter
 
 D = 16
 
@@ -47,17 +47,20 @@ def test_summary_reads_ranks_targets_and_counts_from_tensors(tmp_path):
 
 
 def test_summary_separates_dora_embedding_and_full_tensors(tmp_path):
-    cfg = LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], use_dora=True, modules_to_save=["lm_head"])
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], use_dora=True,
+                     modules_to_save=["lm_head"])
     extra = {
         f"{PREFIX}model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(D),
         f"{PREFIX}model.embed_tokens.lora_embedding_A": torch.zeros(4, 100),
         f"{PREFIX}model.embed_tokens.lora_embedding_B": torch.randn(D, 4),
         f"{PREFIX}lm_head.weight": torch.randn(100, D),
     }
-    s = summarize_adapter(write_adapter(tmp_path / "a", cfg, {"model.layers.0.self_attn.q_proj": 4}, extra=extra))
+    s = summarize_adapter(write_adapter(tmp_path / "a", cfg, {"model.layers.0.self_attn.q_proj": 4},
+                                        extra=extra))
     assert s.dora_modules == ["model.layers.0.self_attn.q_proj"]
     assert s.extra_tensors == ["lm_head.weight"]
-    assert [(m.name, m.r, m.embedding) for m in s.modules] == [("embed_tokens", 4, True), ("q_proj", 4, False)]
+    assert [(m.name, m.r, m.embedding) for m in s.modules] == [("embed_tokens", 4, True),
+                                                               ("q_proj", 4, False)]
 
 
 def test_missing_or_corrupt_adapter_names_the_file(tmp_path):
@@ -100,18 +103,21 @@ def test_files_no_loader_accepts_are_problems(tmp_path, config, ranks, problem):
 def test_nan_and_inf_tensors_are_problems(tmp_path):
     key = f"{PREFIX}model.layers.0.self_attn.q_proj.lora_B.weight"
     path = write_adapter(tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj"]),
-                         {"model.layers.0.self_attn.q_proj": 4}, extra={key: torch.full((D, 4), float("inf"))})
+                         {"model.layers.0.self_attn.q_proj": 4},
+                         extra={key: torch.full((D, 4), float("inf"))})
     s = summarize_adapter(path)
     assert s.problems == ["1 tensor(s) hold NaN or Inf values: model.layers.0.self_attn.q_proj.lora_B.weight"]
 
 
 def test_a_file_given_as_the_adapter_is_named_as_a_file(tmp_path):
     path = write_adapter(tmp_path / "a", LoraConfig(r=2), {"m.q_proj": 2})
-    with pytest.raises(AdapterError, match="adapter_config.json: is a file, not an adapter directory; did you mean its "
+    with pytest.raises(AdapterError,
+                       match="adapter_config.json: is a file, not an adapter directory; did you mean its "
                                            "directory"):
         summarize_adapter(os.path.join(path, "adapter_config.json"))
 
 
-@pytest.mark.parametrize(("n", "text"), [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (3 * 2**20, "3.0 MiB")])
+@pytest.mark.parametrize(("n", "text"),
+                         [(0, "0 B"), (1023, "1023 B"), (1536, "1.5 KiB"), (3 * 2**20, "3.0 MiB")])
 def test_human_size(n, text):
     assert human_size(n) == text

@@ -1,24 +1,22 @@
-"""Tests for loratune.loading: presets, local directories, dtype choice, error messages."""
+"""Tests for loratune.tools.loading: presets, local directories, dtype choice, error messages."""
 
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from factories import tiny_model
-from loratune.errors import ConfigError, LoratuneError
-from loratune.loading import (
+from loratune.errors import ConfigError
+from loratune.tools import loading
+from loratune.tools.loading import (
     DEFAULT_MODEL,
     PRESETS_DIR,
-    bf16_supported,
     list_presets,
     load_base_model,
     load_tokenizer,
-    resolve_dtype,
     save_preset_as_hf_dir,
 )
 
@@ -67,30 +65,6 @@ def test_bf16_preset_is_the_fp32_preset_cast(preset_fp32):
     assert bf16.dtype == torch.bfloat16
     for (name, a), (_, b) in zip(preset_fp32.state_dict().items(), bf16.state_dict().items()):
         assert torch.equal(a.to(torch.bfloat16), b), name
-
-
-def test_resolve_dtype():
-    assert resolve_dtype("float32", "cpu") == torch.float32
-    assert resolve_dtype("bf16", "cpu") == torch.bfloat16
-    assert resolve_dtype("float16", "cpu") == torch.float16
-    assert resolve_dtype(torch.float64, "cpu") == torch.float64
-    expected = torch.bfloat16 if bf16_supported("cpu") else torch.float32
-    assert resolve_dtype("auto", "cpu") == expected
-    with pytest.raises(ConfigError, match="'int8' is not one of"):
-        resolve_dtype("int8", "cpu")
-
-
-
-def test_one_dtype_table_for_loading_quantization_and_export():
-    from loratune.loading import parse_dtype
-    from loratune.quant import resolve_dtype as compute_dtype
-
-    for name in ("half", "fp16", "torch.float16", "float16"):
-        assert parse_dtype(name) == compute_dtype(name) == resolve_dtype(name, "cpu") == torch.float16
-    with pytest.raises(ConfigError, match="bnb_4bit_compute_dtype 'int8' is not one of"):
-        compute_dtype("int8", "bnb_4bit_compute_dtype")
-    with pytest.raises(ConfigError, match="--dtype 'float64' is not one of"):
-        parse_dtype("float64", "--dtype")
 
 
 def test_preset_tokenizer_has_special_tokens_and_chat_template():
@@ -176,28 +150,24 @@ def test_truncated_pytorch_bin_weights_name_the_file(tmp_path):
 
 def test_hub_id_offline_is_a_config_error():
     # conftest sets HF_HUB_OFFLINE=1: nothing is downloaded, the message says why
-    with pytest.raises(ConfigError, match=r"cannot load 'loratune-tests/not-cached' from the Hugging Face hub \(there is no local"):
+    with pytest.raises(ConfigError, match=r"cannot load 'loratune-tests/not-cached' from the Hugging Face "
+                                          r"hub \(there is no local"):
         load_tokenizer("loratune-tests/not-cached")
 
 
-def test_quantized_loading_needs_one_mode_and_the_quant_package(monkeypatch):
+def test_quantized_loading_needs_one_mode():
     with pytest.raises(ConfigError, match="pick one"):
         load_base_model(DEFAULT_MODEL, load_in_4bit=True, load_in_8bit=True)
-    monkeypatch.setitem(sys.modules, "loratune.quant", None)  # import fails like a missing module
-    with pytest.raises(LoratuneError, match="quantize_model"):
-        load_base_model(DEFAULT_MODEL, load_in_4bit=True)
 
 
 def test_quantized_loading_calls_quantize_model(monkeypatch):
     calls = []
 
-    class FakeQuant:
-        @staticmethod
-        def quantize_model(model, **kwargs):
-            calls.append(kwargs)
-            return model
+    def fake_quantize_model(model, **kwargs):
+        calls.append(kwargs)
+        return model
 
-    monkeypatch.setitem(sys.modules, "loratune.quant", FakeQuant)
+    monkeypatch.setattr(loading, "quantize_model", fake_quantize_model)
     load_base_model(DEFAULT_MODEL, load_in_8bit=True)
     load_base_model(DEFAULT_MODEL, load_in_4bit=True, bnb_4bit_use_double_quant=True)
     assert calls == [

@@ -45,7 +45,8 @@ def test_varlen_equals_block_diagonal_sdpa(arch, dtype, monkeypatch):
 
     calls = []
     real = attention.packed_causal_attention
-    monkeypatch.setattr(attention, "packed_causal_attention", lambda q, k, v, b, s: calls.append(b) or real(q, k, v, b, s))
+    monkeypatch.setattr(attention, "packed_causal_attention",
+                        lambda q, k, v, b, s: calls.append(b) or real(q, k, v, b, s))
     batch = packed([5, 9, 1, 7])
     model = tiny_model(arch, dtype=dtype)
     for p in model.parameters():
@@ -69,7 +70,8 @@ def test_varlen_matches_separate_examples_and_padded_batches_still_work():
     enable_varlen_attention(model)
     batch = packed([6, 4])
     with torch.no_grad():
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits
         second = model(input_ids=batch["input_ids"][:, 6:], use_cache=False).logits
         torch.testing.assert_close(logits[:, 6:], second, **TOL[torch.float32])
         ids = batch["input_ids"][:, :6].repeat(2, 1)
@@ -168,7 +170,8 @@ needs_precision_setting = pytest.mark.skipif(
 
 
 @needs_precision_setting
-@pytest.mark.parametrize("dtype,during", [(torch.bfloat16, "bf16"), (torch.float16, None), (torch.float32, None)])
+@pytest.mark.parametrize("dtype,during",
+                         [(torch.bfloat16, "bf16"), (torch.float16, None), (torch.float32, None)])
 def test_bf16_score_products_only_for_bf16_inputs_and_setting_put_back(dtype, during, monkeypatch):
     seen = _score_precisions(monkeypatch)
     before = torch.backends.mkldnn.matmul.fp32_precision
@@ -225,7 +228,8 @@ def test_packed_causal_attention_rejects_bad_shapes():
     with pytest.raises(ValueError, match="packed_causal_attention"):
         packed_causal_attention(q, k, v, bounds, 1.0)
     q, k, v, _ = qkv(4, 2, [3, 5], torch.float32)
-    for bounds in ([(0, 3)], [(0, 3), (4, 8)], [(0, 3), (3, 3), (3, 8)], [(0, 9)], []):  # gap, empty, too long
+    # gap, empty, too long
+    for bounds in ([(0, 3)], [(0, 3), (4, 8)], [(0, 3), (3, 3), (3, 8)], [(0, 9)], []):
         with pytest.raises(ValueError, match="bounds"):
             packed_causal_attention(q, k, v, bounds, 1.0)
 
@@ -248,7 +252,8 @@ def test_fast_kernel_only_where_it_computes_the_same(kwargs, fast, monkeypatch):
     real = attention.packed_causal_attention
     monkeypatch.setattr(attention, "packed_causal_attention", lambda *a: calls.append(1) or real(*a))
     fallback = []
-    monkeypatch.setattr(attention, "sdpa_attention_forward", lambda *a, **k: fallback.append(k) or (None, None))
+    monkeypatch.setattr(attention, "sdpa_attention_forward",
+                        lambda *a, **k: fallback.append(k) or (None, None))
     q, k, v, bounds = qkv(4, 2, [5, 7], torch.float32)
     position_ids = torch.cat([torch.arange(e - s) for s, e in bounds])[None]
     varlen_sdpa_attention(_Module(), q[None], k[None], v[None], None, position_ids=position_ids, **kwargs)
@@ -289,7 +294,22 @@ def test_example_starts_are_scanned_once_per_position_ids_tensor():
     q = torch.zeros(1, 2, 6, 4)
     pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
     assert packed_bounds(pos, q, q) == [(0, 3), (3, 6)]
-    assert attention._LAST_STARTS[0] is pos
+    assert attention._LAST_STARTS[0]() is pos
     pos[0, 4] = 0  # changed in place: its version moves on, so it is scanned again
     assert packed_bounds(pos, q, q) == [(0, 3), (3, 4), (4, 6)]
     assert packed_bounds(torch.tensor([[0, 1, 0, 1, 2, 3]]), q, q) == [(0, 2), (2, 6)]  # another tensor
+
+
+def test_the_starts_cache_does_not_keep_position_ids_alive():
+    import gc
+    import weakref
+
+    q = torch.zeros(1, 2, 6, 4)
+    pos = torch.tensor([[0, 1, 2, 0, 1, 2]])
+    assert packed_bounds(pos, q, q) == [(0, 3), (3, 6)]
+    alive = weakref.ref(pos)
+    del pos
+    gc.collect()
+    assert alive() is None
+    # a new tensor: scanned
+    assert packed_bounds(torch.tensor([[0, 1, 2, 0, 1, 2]]), q, q) == [(0, 3), (3, 6)]

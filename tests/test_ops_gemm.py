@@ -19,7 +19,10 @@ def fresh_plans():
 def operands(rows, k, n, transposed, bias, dtype=torch.bfloat16, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = torch.randn(rows, k, generator=g).to(dtype)
-    b = torch.randn(n, k, generator=g).to(dtype).t() if transposed else torch.randn(k, n, generator=g).to(dtype)
+    if transposed:
+        b = torch.randn(n, k, generator=g).to(dtype).t()
+    else:
+        b = torch.randn(k, n, generator=g).to(dtype)
     c = torch.randn(n, generator=g).to(dtype) if bias else None
     return a, b, c
 

@@ -28,7 +28,8 @@ def norm_and_input(dtype, seed=0):
 
 def ulp_close(actual, expected):
     """Equal up to one unit in the last place of the dtype (a row summed in another order)."""
-    step = torch.finfo(expected.dtype).eps * expected.abs().float().clamp_min(torch.finfo(expected.dtype).tiny)
+    finfo = torch.finfo(expected.dtype)
+    step = finfo.eps * expected.abs().float().clamp_min(finfo.tiny)
     assert ((actual.float() - expected.float()).abs() <= step).all()
 
 
@@ -77,7 +78,8 @@ def test_bf16_kernels_are_compiled_and_agree_with_the_eager_ops_on_training_shap
     torch.testing.assert_close(inv, inv_eager, rtol=1e-6, atol=0)
     grad_x = module._backward_kernel(x, weight, inv_eager, grad)
     assert module._backward_kernel.proven
-    torch.testing.assert_close(grad_x, module._backward_math(x, weight, inv_eager, grad), **TOL[torch.bfloat16])
+    torch.testing.assert_close(grad_x, module._backward_math(x, weight, inv_eager, grad),
+                               **TOL[torch.bfloat16])
 
 
 def test_fp32_rows_never_compile():
@@ -105,7 +107,8 @@ def test_a_kernel_that_cannot_compile_falls_back_to_the_eager_ops(monkeypatch, c
         assert torch.equal(double(x), x * 2)
         assert torch.equal(double(x), x * 2)
     assert not compiled.enabled()
-    assert [r.getMessage() for r in caplog.records if "switched off" in r.getMessage()][0].count("no C++ compiler") == 1
+    switched_off = [r.getMessage() for r in caplog.records if "switched off" in r.getMessage()]
+    assert switched_off[0].count("no C++ compiler") == 1
     assert len([r for r in caplog.records if "switched off" in r.getMessage()]) == 1  # said once
 
 
@@ -147,7 +150,8 @@ class GemmaLikeNorm(nn.Module):
 
     def forward(self, x):
         xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6) * (1 + self.weight.float())).type_as(x)
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return (normed * (1 + self.weight.float())).type_as(x)
 
 
 def test_only_exact_llama_norms_qualify():
@@ -161,7 +165,8 @@ def test_switched_model_trains_like_the_reference(arch):
     batch = tiny_batch(2, 9)
 
     def lora_grads(switch):
-        model = get_peft_model(tiny_model(arch, dtype=torch.bfloat16), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+        model = get_peft_model(tiny_model(arch, dtype=torch.bfloat16),
+                               LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
         for n, p in model.named_parameters():
             if "lora_B" in n:
                 torch.nn.init.normal_(p, std=0.1)  # a non-zero adapter, so every path carries gradient
@@ -228,7 +233,8 @@ def test_an_error_after_the_kernel_has_run_is_raised_not_hidden(monkeypatch):
     assert compiled.enabled()  # the caller's error does not switch compiling off
 
 
-@pytest.mark.parametrize("value,expected,warns", [("0", False, False), ("off", False, False), ("1", True, False),
+@pytest.mark.parametrize("value,expected,warns",
+                         [("0", False, False), ("off", False, False), ("1", True, False),
                                                   ("", True, False), ("maybe", True, True)])
 def test_the_environment_switch(monkeypatch, caplog, value, expected, warns):
     import loratune.ops.compiled as compiled

@@ -30,7 +30,8 @@ CASES = [
     ("llama", dict(target_modules=["q_proj", "k_proj"], layers_to_transform=[1])),
     ("gpt2", dict(target_modules=["c_attn"], layers_to_transform=[0], layers_pattern="h")),
     ("gpt2", dict(target_modules=["c_attn"], modules_to_save=["ln_f", "lm_head"], bias="all")),
-    ("gpt2", dict(target_modules=["c_attn"], bias="lora_only", exclude_modules=["transformer.h.1.attn.c_attn"])),
+    ("gpt2",
+     dict(target_modules=["c_attn"], bias="lora_only", exclude_modules=["transformer.h.1.attn.c_attn"])),
     ("llama", dict(target_modules=r".*\.(q|v)_proj", use_dora=True, use_rslora=True)),
     ("qwen2", dict(target_modules=["embed_tokens"])),  # tied to lm_head
     ("llama", dict(target_modules=["q_proj"], modules_to_save=["norm"])),  # PEFT: plain suffix, every *norm
@@ -57,7 +58,8 @@ def logits(model, x, **kw) -> torch.Tensor:
 def build(lib, arch, kw, name="default"):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        return lib.get_peft_model(tiny_model(arch), lib.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw),
+        return lib.get_peft_model(tiny_model(arch),
+                                  lib.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw),
                                   adapter_name=name)
 
 
@@ -93,7 +95,8 @@ def test_fresh_default_init_is_base_in_both():
     x = tiny_batch()
     base = logits(tiny_model("llama"), x)
     for lib in (loratune, peft):
-        model = lib.get_peft_model(tiny_model("llama"), lib.LoraConfig(target_modules=["q_proj"], use_dora=True))
+        model = lib.get_peft_model(tiny_model("llama"),
+                                   lib.LoraConfig(target_modules=["q_proj"], use_dora=True))
         assert torch.equal(logits(model, x), base)
 
 
@@ -126,7 +129,8 @@ def test_add_weighted_adapter_matches_peft(tmp_path, combination, arch, kw):
     ours = loratune.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path / "a"), adapter_name="a")
     ours.load_adapter(str(tmp_path / "b"), adapter_name="b")
     args = (["a", "b"], [0.7, 1.3], "ab")
-    options = {"svd_clamp": 0.9, "svd_driver": None, "svd_full_matrices": True} if combination == "svd" else {}
+    svd = {"svd_clamp": 0.9, "svd_driver": None, "svd_full_matrices": True}
+    options = svd if combination == "svd" else {}
     theirs.add_weighted_adapter(*args, combination_type=combination, **options)
     ours.add_weighted_adapter(*args, combination_type=combination, **options)
     theirs.set_adapter("ab")
@@ -162,7 +166,8 @@ def test_sequence_classification_both_ways(tmp_path, targets):
         loaded.eval()
         with torch.no_grad():
             assert_close(loaded(input_ids=x).logits, expected)
-    counts = [build_on(lib, seq_cls_model(), targets).get_nb_trainable_parameters() for lib in (loratune, peft)]
+    counts = [build_on(lib, seq_cls_model(), targets).get_nb_trainable_parameters()
+              for lib in (loratune, peft)]
     assert counts[0] == counts[1]
 
 
@@ -218,7 +223,8 @@ def build_on_module(lib, module, targets):
 def test_adapters_loaded_for_inference_run_in_eval_mode(tmp_path):
     """As PEFT: from_pretrained and load_adapter without is_trainable switch dropout off."""
     x = tiny_batch()
-    theirs = peft.get_peft_model(tiny_model("llama"), peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5,
+    theirs = peft.get_peft_model(tiny_model("llama"),
+                                 peft.LoraConfig(r=4, target_modules=["q_proj"], lora_dropout=0.5,
                                                                        init_lora_weights=False))
     theirs.save_pretrained(str(tmp_path))
     ours = loratune.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
@@ -230,9 +236,10 @@ def test_adapters_loaded_for_inference_run_in_eval_mode(tmp_path):
 
 
 def test_config_takes_peft_fields_at_their_off_values_and_peft_task_types():
-    config = loratune.LoraConfig(target_modules=["q_proj"], lora_bias=False, use_qalora=False, layer_replication=None,
-                                 loftq_config={}, trainable_token_indices=None, target_parameters=None,
-                                 ensure_weight_tying=False, runtime_config=None, task_type=peft.TaskType.CAUSAL_LM)
+    config = loratune.LoraConfig(target_modules=["q_proj"], lora_bias=False, use_qalora=False,
+                                 layer_replication=None, loftq_config={}, trainable_token_indices=None,
+                                 target_parameters=None, ensure_weight_tying=False, runtime_config=None,
+                                 task_type=peft.TaskType.CAUSAL_LM)
     assert config.task_type == loratune.TaskType.CAUSAL_LM
     for on in ({"lora_bias": True}, {"ensure_weight_tying": True}, {"layer_replication": [[0, 1]]}):
         with pytest.raises(loratune.errors.UnsupportedFeatureError, match=next(iter(on))):
@@ -264,7 +271,8 @@ def test_rank_pattern_takes_the_first_matching_key_in_order_as_peft():
     for lib in (loratune, peft):
         model = lib.get_peft_model(tiny_model("llama"), lib.LoraConfig(r=4, target_modules=["q_proj"],
                                                                         rank_pattern=patterns))
-        ranks.append(sorted(m.r["default"] for n, m in model.named_modules() if n.endswith("q_proj") and hasattr(m, "r")))
+        ranks.append(sorted(m.r["default"] for n, m in model.named_modules()
+                            if n.endswith("q_proj") and hasattr(m, "r")))
     assert ranks[0] == ranks[1] == [2, 2]
 
 
@@ -285,7 +293,8 @@ def test_pissa_and_olora_adapters_reload_as_trained_in_both(tmp_path, init):
 
 def test_disable_and_enable_adapter_layers_as_peft(tmp_path):
     x = tiny_batch()
-    models = [build(lib, "llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])) for lib in (loratune, peft)]
+    models = [build(lib, "llama", dict(target_modules=["q_proj"], modules_to_save=["lm_head"]))
+              for lib in (loratune, peft)]
     for m in models:
         perturb(m)
     base = logits(tiny_model("llama"), x)

@@ -133,7 +133,7 @@ def test_merge_after_dequantize_matches_adapter_model(arch, tmp_path):
 
 
 def test_load_base_model_in_4bit():
-    from loratune.loading import load_base_model
+    from loratune.tools.loading import load_base_model
 
     model = load_base_model("preset:tiny-llama", dtype="bfloat16", load_in_4bit=True,
                             bnb_4bit_compute_dtype="bfloat16", bnb_4bit_use_double_quant=True)

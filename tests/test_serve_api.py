@@ -15,10 +15,10 @@ import torch
 import uvicorn
 from safetensors.torch import load_file, save_file
 
-from loratune.loading import load_base_model, load_tokenizer
 from loratune.serve.lora_rows import linear_shapes
 from loratune.serve.server import build_server
 from loratune.serve.state import ServeSettings
+from loratune.tools.loading import load_base_model, load_tokenizer
 
 KEY = "test-key"
 BASE = "tiny-base"
@@ -50,8 +50,8 @@ class LiveServer:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=2))
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                    log_level="warning", timeout_graceful_shutdown=2))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -83,7 +83,8 @@ def start_server(tmp: Path, **kwargs) -> LiveServer:
     settings = ServeSettings(base_name=BASE, base_root="preset:tiny-llama", api_keys=[KEY],
                              adapter_roots=[root], max_request_tokens=kwargs.pop("max_request_tokens", 512),
                              max_body_bytes=kwargs.pop("max_body_bytes", 64 * 1024))
-    app, state = build_server(model, tokenizer, settings, adapters={"a1": str(root / "a1"), "a2": str(root / "a2")},
+    app, state = build_server(model, tokenizer, settings,
+                              adapters={"a1": str(root / "a1"), "a2": str(root / "a2")},
                               num_threads=1, **kwargs)
     return LiveServer(app, state)
 
@@ -96,7 +97,8 @@ def live(tmp_path_factory):
 
 
 def complete(client, model, prompt="The capital of France is", max_tokens=12, **kwargs):
-    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0, **kwargs)
+    return client.completions.create(model=model, prompt=prompt, max_tokens=max_tokens, temperature=0,
+                                     **kwargs)
 
 
 def expect_error(status: int, fn, *args, **kwargs) -> dict:
@@ -138,7 +140,7 @@ def test_completions_for_base_and_two_adapters(live):
 @pytest.mark.parametrize("model", [BASE, "a2"])
 def test_greedy_text_equals_loratune_generate_for_the_same_adapter_alone(live, model):
     from loratune import LoraModel
-    from loratune.generation import GenerationSettings, chat_ids, generate_text, prompt_ids
+    from loratune.tools.generation import GenerationSettings, chat_ids, generate_text, prompt_ids
 
     tokenizer = live.state.tokenizer
     alone = load_base_model("preset:tiny-llama", dtype="float32")
@@ -146,10 +148,12 @@ def test_greedy_text_equals_loratune_generate_for_the_same_adapter_alone(live, m
         alone = LoraModel.from_pretrained(alone, str(live.state.settings.adapter_roots[0] / model)).eval()
     settings = GenerationSettings(max_new_tokens=10)
     r = complete(live.client(), model, prompt="Hello world", max_tokens=10)
-    assert r.choices[0].text == generate_text(alone, tokenizer, prompt_ids(tokenizer, "Hello world"), settings)
+    assert r.choices[0].text == generate_text(alone, tokenizer, prompt_ids(tokenizer, "Hello world"),
+                                              settings)
     messages = [{"role": "user", "content": "Say something"}]
     r = live.client().chat.completions.create(model=model, messages=messages, max_tokens=10, temperature=0)
-    assert r.choices[0].message.content == generate_text(alone, tokenizer, chat_ids(tokenizer, messages), settings)
+    assert r.choices[0].message.content == generate_text(alone, tokenizer, chat_ids(tokenizer, messages),
+                                                         settings)
 
 
 def test_concurrent_mixed_requests_equal_sequential_ones(live):
@@ -174,7 +178,8 @@ def test_chat_for_base_and_adapters(live):
         contents.add(r.choices[0].message.content)
         template = live.state.tokenizer.apply_chat_template([{"role": "user", "content": "Hi there"}],
                                                             add_generation_prompt=True, tokenize=False)
-        assert r.usage.prompt_tokens == len(live.state.tokenizer(template, add_special_tokens=False)["input_ids"])
+        template_ids = live.state.tokenizer(template, add_special_tokens=False)["input_ids"]
+        assert r.usage.prompt_tokens == len(template_ids)
     assert len(contents) == 3
 
 
@@ -187,7 +192,8 @@ def test_streaming_completion_and_chat_equal_non_streaming(live):
     assert chunks[-1].usage.completion_tokens == 12
     messages = [{"role": "user", "content": "Tell me"}]
     chat = client.chat.completions.create(model="a2", messages=messages, max_tokens=10, temperature=0)
-    stream = client.chat.completions.create(model="a2", messages=messages, max_tokens=10, temperature=0, stream=True)
+    stream = client.chat.completions.create(model="a2", messages=messages, max_tokens=10, temperature=0,
+                                            stream=True)
     deltas = [c.choices[0].delta for c in stream]
     assert deltas[0].role == "assistant"
     assert "".join(d.content or "" for d in deltas) == chat.choices[0].message.content
@@ -231,7 +237,8 @@ def test_load_and_unload_adapter_at_runtime_vllm_payloads(live):
     assert "a3" not in {m.id for m in client.models.list().data}
     expect_error(404, complete, client, "a3")
     gone = live.post("/v1/unload_lora_adapter", {"lora_name": "a3"})
-    assert gone.status_code == 404 and gone.json()["error"]["message"] == "The lora adapter 'a3' cannot be found."
+    assert gone.status_code == 404
+    assert gone.json()["error"]["message"] == "The lora adapter 'a3' cannot be found."
     assert live.post("/v1/load_lora_adapter", {"lora_name": "a3"}).status_code == 400
     assert live.post("/v1/unload_lora_adapter", {}).status_code == 400
     # a relative path resolves under the adapter root
@@ -279,10 +286,13 @@ def test_malformed_json_and_schema_errors_400(live):
     assert body["param"] == "logprobs"
     body = expect_error(400, live.client().completions.create, model=BASE, prompt="x", presence_penalty=0.5)
     assert body["param"] == "presence_penalty"
-    assert live.client().completions.create(model=BASE, prompt="x", max_tokens=1, presence_penalty=0, echo=False)
+    assert live.client().completions.create(model=BASE, prompt="x", max_tokens=1, presence_penalty=0,
+                                            echo=False)
     expect_error(400, live.client().chat.completions.create, model=BASE, messages=[])
-    body = expect_error(400, live.client().completions.create, model=BASE, prompt="x", temperature=1.0, seed=2**64)
-    assert body["param"] == "seed"  # before: accepted, then the engine failed the whole prefill batch with a 500
+    body = expect_error(400, live.client().completions.create, model=BASE, prompt="x", temperature=1.0,
+                        seed=2**64)
+    # before: accepted, then the engine failed the whole prefill batch with a 500
+    assert body["param"] == "seed"
 
 
 def test_token_limits_400_and_413(live):
@@ -329,7 +339,8 @@ def test_corrupt_adapters_fail_their_load_and_the_server_keeps_serving(live):
                                                               "target_modules": ["q_proj", "k_proj"]}))
     binary = root / "binary"
     binary.mkdir()
-    (binary / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "target_modules": ["q_proj"]}))
+    (binary / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4,
+                                                            "target_modules": ["q_proj"]}))
     (binary / "adapter_model.bin").write_bytes(b"pickle")
     dora = write_adapter(root / "dora", live.state.engine.model, r=4, targets=["q_proj"], seed=5)
     (dora / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "use_dora": True,
@@ -339,8 +350,10 @@ def test_corrupt_adapters_fail_their_load_and_the_server_keeps_serving(live):
     key = next(k for k in tensors if k.endswith("layers.0.self_attn.q_proj.lora_A.weight"))
     tensors[key] = torch.tensor(1.0)  # a 0-d tensor: before, an IndexError and a 500
     save_file(tensors, str(scalar / "adapter_model.safetensors"))
-    expected = {"truncated": "not a readable safetensors file", "misshapen": "k_proj.lora_A.weight is missing",
-                "binary": "only safetensors", "dora": "use_dora", "scalar": "has shape (), expected (4, 256) (adapter_config.json gives this layer r=4)"}
+    expected = {"truncated": "not a readable safetensors file",
+                "misshapen": "k_proj.lora_A.weight is missing",
+                "binary": "only safetensors", "dora": "use_dora",
+                "scalar": "has shape (), expected (4, 256) (adapter_config.json gives this layer r=4)"}
     for name, needle in expected.items():
         r = live.post("/v1/load_lora_adapter", {"lora_name": name, "lora_path": str(root / name)})
         assert r.status_code == 400, (name, r.text)
@@ -446,7 +459,8 @@ def test_unload_refused_by_a_stopped_engine_keeps_the_adapter_listed(live, monke
     monkeypatch.setattr(live.state.engine, "remove_adapter", stopped)
     r = live.post("/v1/unload_lora_adapter", {"lora_name": "a1"})
     assert r.status_code == 503
-    assert "a1" in {m.id for m in live.client().models.list().data}  # before: gone from the list, still loaded
+    # before: gone from the list, still loaded
+    assert "a1" in {m.id for m in live.client().models.list().data}
 
 
 # ----- requests that used to be accepted, ignored or able to hurt other requests -------------------
@@ -466,8 +480,8 @@ def test_a_tiny_temperature_decodes_greedily_and_hurts_no_one(live):
     results = {}
 
     def tiny():
-        results["tiny"] = client.completions.create(model="a1", prompt="The capital of France is", max_tokens=12,
-                                                    temperature=3.5e-38).choices[0].text
+        results["tiny"] = client.completions.create(model="a1", prompt="The capital of France is",
+                                                    max_tokens=12, temperature=3.5e-38).choices[0].text
 
     def other():
         results["other"] = complete(client, "a2", max_tokens=20).choices[0].text
@@ -477,7 +491,8 @@ def test_a_tiny_temperature_decodes_greedily_and_hurts_no_one(live):
 
 
 def test_an_adapter_with_non_finite_logits_fails_only_its_own_requests(live, tmp_path):
-    write_adapter(live.state.settings.adapter_roots[0] / "huge", live.state.engine.model, r=2, targets=["o_proj"], seed=5, scale=1e18,
+    write_adapter(live.state.settings.adapter_roots[0] / "huge", live.state.engine.model, r=2,
+                  targets=["o_proj"], seed=5, scale=1e18,
                   lora_alpha=1e30)
     assert live.post("/v1/load_lora_adapter", {"lora_name": "huge", "lora_path": "huge"}).status_code == 200
     try:
@@ -518,7 +533,8 @@ def test_one_created_time_per_response(live, monkeypatch):
 
 @pytest.mark.parametrize("field, value", [
     ("top_k", 5), ("min_p", 0.1), ("repetition_penalty", 1.2), ("ignore_eos", True), ("min_tokens", 3),
-    ("stop_token_ids", [2]), ("tool_choice", "required"), ("functions", [{"name": "f"}]), ("audio", {"voice": "x"}),
+    ("stop_token_ids", [2]), ("tool_choice", "required"), ("functions", [{"name": "f"}]),
+    ("audio", {"voice": "x"}),
 ])
 def test_sampling_fields_we_cannot_honour_are_400s_naming_them(live, field, value):
     body = expect_error(400, live.client().completions.create, model=BASE, prompt="x", max_tokens=1,
@@ -541,10 +557,12 @@ def test_neutral_values_and_strict_types(live):
 @pytest.mark.parametrize("message, needle", [
     ({"role": "alien", "content": "hi"}, "messages[0].role 'alien' is not supported"),
     ({"role": "user"}, "messages[0].content is missing"),
-    ({"role": "user", "content": [{"type": "text", "text": 5}]}, "messages[0].content[0].text must be a string"),
+    ({"role": "user", "content": [{"type": "text", "text": 5}]},
+     "messages[0].content[0].text must be a string"),
 ])
 def test_bad_chat_messages_are_400s_naming_the_message(live, message, needle):
-    body = expect_error(400, live.client().chat.completions.create, model=BASE, messages=[message], max_tokens=1)
+    body = expect_error(400, live.client().chat.completions.create, model=BASE, messages=[message],
+                        max_tokens=1)
     assert needle in body["message"] and body["param"] == "messages"
 
 
@@ -608,7 +626,8 @@ def test_text_that_is_not_utf8_is_a_400_naming_the_field(live):
     r = httpx.post(f"{live.url}/v1/completions", content=body, timeout=10,
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "prompt" and "UTF-8" in r.text
-    body = b'{"model": "%s", "messages": [{"role": "user", "content": "caf\\udce9"}], "max_tokens": 1}' % BASE.encode()
+    body = (b'{"model": "%s", "messages": [{"role": "user", "content": "caf\\udce9"}], "max_tokens": 1}'
+            % BASE.encode())
     r = httpx.post(f"{live.url}/v1/chat/completions", content=body, timeout=10,
                    headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "messages" and "UTF-8" in r.text
@@ -616,6 +635,7 @@ def test_text_that_is_not_utf8_is_a_400_naming_the_field(live):
 
 def test_a_body_sent_without_a_json_content_type_says_so(live):
     r = httpx.post(f"{live.url}/v1/completions", content=b'{"model": "x", "prompt": "y"}', timeout=10,
-                   headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/x-www-form-urlencoded"})
+                   headers={"Authorization": f"Bearer {KEY}",
+                            "Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
     assert "Content-Type: application/json" in r.json()["error"]["message"]

@@ -37,7 +37,8 @@ def test_serve_starts_and_answers(tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "LORATUNE_API_KEY": "k"}
-    proc = subprocess.Popen([sys.executable, "-m", "loratune.cli.main", "serve", "--model", "preset:tiny-llama",
+    proc = subprocess.Popen([sys.executable, "-m", "loratune.cli.main", "serve",
+                             "--model", "preset:tiny-llama",
                              "--port", str(port), "--threads", "1", "--adapter-root", str(tmp_path)], env=env)
     try:
         deadline = time.monotonic() + 120

@@ -32,7 +32,9 @@ def save_adapters(base, arch: str, tmp_path) -> dict[str, str]:
 
 def reference_tokens(base, path: str | None, prompt: list[int], max_tokens: int) -> list[int]:
     """Greedy tokens of a plain single-adapter generate (the loratune core model)."""
-    model = copy.deepcopy(base) if path is None else LoraModel.from_pretrained(copy.deepcopy(base), path).eval()
+    model = copy.deepcopy(base)
+    if path is not None:
+        model = LoraModel.from_pretrained(model, path).eval()
     ids = torch.tensor([prompt], device=next(base.parameters()).device)
     out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_tokens,
                          do_sample=False, eos_token_id=EOS, pad_token_id=0)
@@ -45,7 +47,8 @@ def start_engine(base, paths: dict[str, str], **kwargs) -> tuple[Engine, dict[st
     shapes = linear_shapes(engine.model)
     ids = {}
     for adapter_id, (name, path) in enumerate(paths.items(), start=1):
-        engine.install_adapter(adapter_id, prepare_adapter(name, path_of(path), shapes, torch.float32)).result()
+        prepared = prepare_adapter(name, path_of(path), shapes, torch.float32)
+        engine.install_adapter(adapter_id, prepared).result()
         ids[name] = adapter_id
     return engine, ids
 
@@ -78,7 +81,8 @@ class Collector:
 def request(prompt, adapter_id, max_tokens, **params):
     sink = Collector()
     params.setdefault("temperature", 0)
-    return GenerationRequest(list(prompt), adapter_id, SamplingParams(max_tokens=max_tokens, **params), sink), sink
+    sampling = SamplingParams(max_tokens=max_tokens, **params)
+    return GenerationRequest(list(prompt), adapter_id, sampling, sink), sink
 
 
 @pytest.mark.parametrize("arch, device", [("llama", "cpu"), ("gpt2", "cpu"),
@@ -162,8 +166,8 @@ def test_a_model_with_a_sliding_window_cache_is_refused_at_startup():
     from loratune.serve.state import ServeSettings
 
     config = Qwen2Config(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True, sliding_window=4,
-                         max_window_layers=0)
+                         num_attention_heads=4, num_key_value_heads=2, use_sliding_window=True,
+                         sliding_window=4, max_window_layers=0)
     model = AutoModelForCausalLM.from_config(config).eval()
 
     class Tokenizer:
@@ -199,7 +203,8 @@ def test_a_failed_prefill_releases_each_request_once_and_spares_finished_ones(tm
     engine, ids = start_engine(base, paths)
     prompt = tiny_batch(1, 5, seed=3)[0].tolist()
     try:
-        (done_req, done_sink), (bad_req, bad_sink) = request(prompt, ids["a1"], 1), request(prompt, ids["a1"], 5)
+        done_req, done_sink = request(prompt, ids["a1"], 1)
+        bad_req, bad_sink = request(prompt, ids["a1"], 5)
         real_accept = engine._accept
         seen = []
 

@@ -16,10 +16,11 @@ from loratune.train.config import SECTIONS, TrainConfig, build_config, describe_
 DATA = {"train_file": "train.jsonl"}
 
 ISSUE_KEYS = (
-    "model_name_or_path train_file eval_file dataset_name output_dir max_seq_length packing completion_only_loss "
-    "r lora_alpha lora_dropout target_modules learning_rate lr_scheduler_type warmup_ratio num_train_epochs "
-    "max_steps per_device_train_batch_size gradient_accumulation_steps max_grad_norm weight_decay logging_steps "
-    "eval_steps save_steps save_total_limit seed bf16 gradient_checkpointing resume_from_checkpoint report_to "
+    "model_name_or_path train_file eval_file dataset_name output_dir max_seq_length packing "
+    "completion_only_loss r lora_alpha lora_dropout target_modules learning_rate lr_scheduler_type "
+    "warmup_ratio num_train_epochs max_steps per_device_train_batch_size gradient_accumulation_steps "
+    "max_grad_norm weight_decay logging_steps eval_steps save_steps save_total_limit seed bf16 "
+    "gradient_checkpointing resume_from_checkpoint report_to "
     "load_in_4bit load_in_8bit bnb_4bit_quant_type bnb_4bit_compute_dtype bnb_4bit_use_double_quant "
     "use_rslora use_dora modules_to_save skip_bad_rows num_threads"
 ).split()
@@ -127,16 +128,16 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
 
 
 def test_run_accepts_a_path_a_dict_or_a_config_plus_overrides(tmp_path):
-    from loratune.train.api import resolve_config
+    from loratune.train.api import build_train_config
 
     path = tmp_path / "c.yaml"
     path.write_text("train_file: t.jsonl\nr: 8\n")
-    from_path = resolve_config(str(path), {"max_steps": "3"})
+    from_path = build_train_config(str(path), {"max_steps": "3"})
     assert (from_path.lora.r, from_path.loop.max_steps) == (8, 3)
-    assert resolve_config({"train_file": "t.jsonl", "r": 8}, {"max_steps": 3}) == from_path
-    assert resolve_config(from_path, {"r": 4}).lora.r == 4
+    assert build_train_config({"train_file": "t.jsonl", "r": 8}, {"max_steps": 3}) == from_path
+    assert build_train_config(from_path, {"r": 4}).lora.r == 4
     with pytest.raises(ConfigError, match="c.yaml"):
-        resolve_config(str(path), {"r": 0})
+        build_train_config(str(path), {"r": 0})
 
 
 @given(st.floats(allow_nan=False, allow_infinity=False), st.integers(-10**9, 10**9), st.booleans())
@@ -148,7 +149,8 @@ def test_flag_strings_coerce_back_to_the_values_they_print(x, n, b):
     assert coerce(yaml.safe_dump(x).split("\n")[0], float) == x  # PyYAML's own spelling, e.g. 1.0e-05
 
 
-@pytest.mark.parametrize("key", ["learning_rate", "lora_alpha", "weight_decay", "max_grad_norm", "num_train_epochs"])
+@pytest.mark.parametrize("key",
+                         ["learning_rate", "lora_alpha", "weight_decay", "max_grad_norm", "num_train_epochs"])
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan"])
 def test_non_finite_floats_are_rejected(key, value):
     with pytest.raises(ConfigError, match=rf"{key} must be a finite number .*got {value}"):

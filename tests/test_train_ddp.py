@@ -27,7 +27,8 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     run(settings(model_dir, data, single, gradient_accumulation_steps=2, eval_file=data, **kw))
 
     out = tmp_path / "ddp"
-    config = tmp_path / "ddp.yaml"  # a file, not flags: torchrun's own parser would take --r=4 for its options
+    # a file, not flags: torchrun's own parser would take --r=4 for its options
+    config = tmp_path / "ddp.yaml"
     config.write_text(yaml.safe_dump(settings(model_dir, data, out, eval_file=data, save_steps=2, **kw)))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 import loratune.train.loop as loop
 from loratune.errors import TrainingDivergedError
-from loratune.loading import load_base_model
+from loratune.tools.loading import load_base_model
 from loratune.train import run
 from test_cli_train import make_model_dir, rows_for, train_cli, write_rows
 
@@ -91,7 +91,8 @@ def test_only_lora_parameters_change_and_the_loss_falls(model_dir, data_file, tm
     assert n_compared == len(fresh_params)
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, data_file, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, data_file, tmp_path, monkeypatch,
+                                                           capsys):
     real = loop.token_loss_sum
     calls = {"n": 0}
 
@@ -107,7 +108,8 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(model_dir, data_file,
     err = capsys.readouterr().err
     assert rc == 1
     assert "loss became nan at step 5" in err and "checkpoint-4" in err and "Traceback" not in err
-    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2", "checkpoint-4"]
+    kept = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-"))
+    assert kept == ["checkpoint-2", "checkpoint-4"]
     assert not (out / "adapter_model.safetensors").exists()  # no final adapter from a diverged run
     last = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 5 and last["diverged"] is True
@@ -163,7 +165,8 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(model
     assert train_cli(flags) == 130
     printed = capsys.readouterr().out
     assert "Interrupted at step 5/7" in printed and "checkpoint-5" in printed
-    assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-3", "checkpoint-5"]
+    kept = sorted(d for d in os.listdir(out) if d.startswith("checkpoint-"))
+    assert kept == ["checkpoint-3", "checkpoint-5"]
     assert not (out / "adapter_model.safetensors").exists()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
 
@@ -240,7 +243,8 @@ def test_resume_into_a_different_shape_or_from_a_corrupt_checkpoint_is_a_clear_e
     assert train_cli([*flags, "--r", "8", "--resume_from_checkpoint", "true"]) == 2
     err = capsys.readouterr().err
     assert "Traceback" not in err and "checkpoint-4" in err
-    assert re.search(r"lora_A\.default\.weight is \(4, (\d+)\) in the checkpoint but \(8, \1\) in this model", err)
+    assert re.search(r"lora_A\.default\.weight is \(4, (\d+)\) in the checkpoint but \(8, \1\) in this model",
+                     err)
 
     newest = out / "checkpoint-4" / "training_state.pt"
     os.truncate(newest, 1000)

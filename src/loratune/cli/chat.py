@@ -33,14 +33,15 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from loratune.cli.generate import load_from_args, settings_from_args
     from loratune.errors import LoratuneError
-    from loratune.generation import ChatSession, chat_ids, check_utf8
+    from loratune.tools.generation import ChatSession, chat_ids, check_utf8
 
     try:
         settings = settings_from_args(args)
         if args.system is not None:
             check_utf8(args.system, "--system")
         loaded = load_from_args(args)
-        chat_ids(loaded.tokenizer, [{"role": "user", "content": "probe"}])  # no template: fail before the loop
+        # no template: fail before the loop
+        chat_ids(loaded.tokenizer, [{"role": "user", "content": "probe"}])
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -60,7 +61,7 @@ def run(args) -> int:
 def converse(session, interactive: bool) -> None:
     """Read lines until /exit or end of input; answer each, handling /reset."""
     from loratune.errors import LoratuneError
-    from loratune.generation import check_utf8
+    from loratune.tools.generation import check_utf8
 
     number = 0
     while True:

@@ -12,7 +12,8 @@ import sys
 
 from loratune.cli.train import EXIT_USAGE, add_key_options, load_config_from_args, take_over_parsing
 
-EXTRA_FLAGS = {"-n": ("num_examples", True), "--num_examples": ("num_examples", True), "--color": ("color", False)}
+EXTRA_FLAGS = {"-n": ("num_examples", True), "--num_examples": ("num_examples", True),
+               "--color": ("color", False)}
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def run(args) -> int:
     """Print the preview report; bad config or data -> message and exit code 2."""
     from loratune.data import preview
     from loratune.errors import LoratuneError
-    from loratune.loading import load_tokenizer
+    from loratune.tools.loading import load_tokenizer
 
     if getattr(args, "data_command", None) != "preview":
         print("usage: loratune data preview CONFIG.yaml [--key value ...] [-n N]", file=sys.stderr)

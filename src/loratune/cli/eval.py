@@ -21,7 +21,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_model_arguments(parser)
-    parser.add_argument("--eval_file", required=True, metavar="F", help=".jsonl, .json, .csv or .parquet file")
+    parser.add_argument("--eval_file", required=True, metavar="F",
+                        help=".jsonl, .json, .csv or .parquet file")
     parser.add_argument("--max_seq_length", type=int, default=1024,
                         help="truncate examples to this many tokens (default: 1024)")
     parser.add_argument("--batch_size", type=int, default=8, help="examples per forward pass (default: 8)")
@@ -38,17 +39,19 @@ def run(args) -> int:
     from loratune.cli.generate import load_from_args
     from loratune.data import DataConfig
     from loratune.errors import ConfigError, LoratuneError
-    from loratune.evaluate import evaluate_base_and_adapter, load_eval_examples, model_vocab_size
+    from loratune.tools.evaluation import evaluate_base_and_adapter, load_eval_examples, model_vocab_size
 
     try:
         if args.batch_size < 1:
             raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
         data_config = DataConfig(max_seq_length=args.max_seq_length, packing=False,
-                                 completion_only_loss=args.completion_only_loss, skip_bad_rows=args.skip_bad_rows)
+                                 completion_only_loss=args.completion_only_loss,
+                                 skip_bad_rows=args.skip_bad_rows)
         loaded = load_from_args(args)
         examples, stats = load_eval_examples(args.eval_file, loaded.tokenizer, data_config,
                                              vocab_size=model_vocab_size(loaded.model))
-        results = evaluate_base_and_adapter(loaded.model, examples, pad_token_id=loaded.tokenizer.pad_token_id,
+        results = evaluate_base_and_adapter(loaded.model, examples,
+                                            pad_token_id=loaded.tokenizer.pad_token_id,
                                             batch_size=args.batch_size)
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -62,7 +65,8 @@ def run(args) -> int:
         }, indent=2))
         return 0
     print(f"{describe(loaded)} on {args.eval_file}: {stats.examples} examples ({stats.format}), "
-          f"{results['base'].tokens} scored tokens" + (f", {stats.truncated} truncated" if stats.truncated else "")
+          f"{results['base'].tokens} scored tokens"
+          + (f", {stats.truncated} truncated" if stats.truncated else "")
           + (f", {stats.skipped} bad rows skipped" if stats.skipped else ""))
     print(format_table(results))
     return 0
@@ -75,5 +79,6 @@ def format_table(results: dict) -> str:
         lines.append(f"{name:<10}{r.loss:>10.4f}{r.perplexity:>14.3f}")
     if "adapter" in results:
         d = results["adapter"].loss - results["base"].loss
-        lines.append(f"{'delta':<10}{d:>+10.4f}{results['adapter'].perplexity / results['base'].perplexity:>13.3f}x")
+        ratio = results["adapter"].perplexity / results["base"].perplexity
+        lines.append(f"{'delta':<10}{d:>+10.4f}{ratio:>13.3f}x")
     return "\n".join(lines)

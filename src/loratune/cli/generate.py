@@ -14,13 +14,15 @@ EXIT_USAGE = 2
 
 def add_model_arguments(parser: argparse.ArgumentParser, *, adapter_required: bool = False,
                         dtypes: tuple[str, ...] = ("auto", "bfloat16", "float32", "float16"),
-                        dtype_help: str = "dtype of the base model (default: auto = bf16 where supported)") -> None:
+                        dtype_help: str = "dtype of the base model (default: auto = bf16 where supported)",
+                        ) -> None:
     """--model_name_or_path, --adapter, --dtype and the quantization flags."""
     parser.add_argument("--model_name_or_path", metavar="M",
                         help="base model: local HF directory, hub id or preset:NAME "
                              "(default: the adapter's base_model_name_or_path)")
     parser.add_argument("--adapter", metavar="DIR", required=adapter_required,
-                        help="adapter directory (PEFT format)" + ("" if adapter_required else "; omit for the base model"))
+                        help="adapter directory (PEFT format)"
+                             + ("" if adapter_required else "; omit for the base model"))
     parser.add_argument("--dtype", default=dtypes[0], choices=list(dtypes), help=dtype_help)
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
@@ -44,7 +46,8 @@ def quant_overrides(args) -> dict:
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max_new_tokens", type=int, default=64, help="tokens to generate at most (default: 64)")
+    parser.add_argument("--max_new_tokens", type=int, default=64,
+                        help="tokens to generate at most (default: 64)")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")
@@ -52,14 +55,14 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def settings_from_args(args):
-    from loratune.generation import GenerationSettings
+    from loratune.tools.generation import GenerationSettings
 
     return GenerationSettings(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                               top_p=args.top_p, seed=args.seed)
 
 
 def load_from_args(args):
-    from loratune.inference import load_model
+    from loratune.tools.load_trained import load_model
 
     return load_model(args.model_name_or_path, args.adapter, dtype=args.dtype, quant=quant_overrides(args),
                       device=args.device)
@@ -93,16 +96,20 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     """Print the generated text (only the new text) to stdout as it is generated."""
     from loratune.errors import LoratuneError
-    from loratune.generation import chat_ids, check_utf8, generate_text, prompt_ids
+    from loratune.tools.generation import chat_ids, check_utf8, generate_text, prompt_ids
 
     try:
         settings = settings_from_args(args)
         check_utf8(args.prompt, "--prompt")  # before the (slow) model load
         loaded = load_from_args(args)
         tok = loaded.tokenizer
-        ids = chat_ids(tok, [{"role": "user", "content": args.prompt}]) if args.chat else prompt_ids(tok, args.prompt)
+        if args.chat:
+            ids = chat_ids(tok, [{"role": "user", "content": args.prompt}])
+        else:
+            ids = prompt_ids(tok, args.prompt)
         print(f"# {describe(loaded)}", file=sys.stderr)
-        generate_text(loaded.model, tok, ids, settings, on_text=lambda piece: print(piece, end="", flush=True))
+        generate_text(loaded.model, tok, ids, settings,
+                      on_text=lambda piece: print(piece, end="", flush=True))
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -25,9 +25,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from loratune.compat import check_all
     from loratune.errors import LoratuneError
-    from loratune.inspection import summarize_adapter
+    from loratune.tools.acceptance import check_all
+    from loratune.tools.inspection import summarize_adapter
 
     try:
         summary = summarize_adapter(args.adapter)
@@ -45,7 +45,7 @@ def run(args) -> int:
 
 
 def format_summary(s, verdicts) -> str:
-    from loratune.inspection import human_size
+    from loratune.tools.inspection import human_size
 
     c = s.config
     ranks = ", ".join(f"r={r} x{n}" for r, n in s.ranks.items())

@@ -27,7 +27,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     add_model_arguments(parser, adapter_required=True, dtypes=("bfloat16", "float32", "float16"),
                         dtype_help="dtype of the written weights (default: bfloat16; always bfloat16 for a "
                                    "quantized base)")
-    parser.add_argument("--output_dir", required=True, metavar="OUT", help="new directory for the merged model")
+    parser.add_argument("--output_dir", required=True, metavar="OUT",
+                        help="new directory for the merged model")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest allowed max |logit difference| of the float32 check, "
                              "a finite number >= 0 (default: 1e-4 + 1e-4 * max |logit|)")
@@ -38,13 +39,13 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from loratune.errors import LoratuneError
-    from loratune.export import check_output_dir, check_tolerance, merge_to_directory
-    from loratune.inference import load_model, resolve_quant
+    from loratune.tools.export import check_merge_output_dir, check_tolerance, merge_to_directory
+    from loratune.tools.load_trained import load_model, resolve_quant
 
     hf_logging.disable_progress_bar()  # the save/reload bars would bury the check's result
     try:
         check_tolerance(args.tolerance)
-        check_output_dir(args.output_dir, args.adapter)
+        check_merge_output_dir(args.output_dir, args.adapter)
         quant = resolve_quant(args.adapter if _is_dir(args.adapter) else None, quant_overrides(args))
         quantized = quant["load_in_4bit"] or quant["load_in_8bit"]
         dtype = args.dtype
@@ -71,7 +72,8 @@ def run(args) -> int:
     if not report.weights_identical:
         print("error: the directory read back does not hold the merged weights", file=sys.stderr)
     if not report.published:
-        print(f"error: the merged model does not reproduce the adapter model; {args.output_dir} was not written",
+        print(f"error: the merged model does not reproduce the adapter model; {args.output_dir} "
+              "was not written",
               file=sys.stderr)
         return EXIT_CHECK_FAILED
     print(f"Wrote {args.output_dir}: {', '.join(report.files)}")

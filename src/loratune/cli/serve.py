@@ -26,7 +26,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--model_name_or_path", "--model", required=True,
                         help="base model: preset:NAME, a local HF directory or a hub id")
     parser.add_argument("--served-model-name", default=None,
-                        help="name of the base model in requests and /v1/models (default: --model_name_or_path)")
+                        help="name of the base model in requests and /v1/models "
+                             "(default: --model_name_or_path)")
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="load the adapter in DIR as model NAME at startup (repeatable)")
     parser.add_argument("--adapter-root", action="extend", nargs="+", default=[], metavar="DIR",
@@ -35,8 +36,10 @@ def add_parser(sub) -> argparse.ArgumentParser:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="port (default: 8000)")
     parser.add_argument("--api-key", action="append", default=[], metavar="KEY",
-                        help="accepted bearer key for /v1/* (repeatable; default: $LORATUNE_API_KEY; none = open)")
-    parser.add_argument("--max-loaded", type=int, default=32, help="most adapters loaded at once (default: 32)")
+                        help="accepted bearer key for /v1/* "
+                             "(repeatable; default: $LORATUNE_API_KEY; none = open)")
+    parser.add_argument("--max-loaded", type=int, default=32,
+                        help="most adapters loaded at once (default: 32)")
     parser.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together (default: 16)")
     parser.add_argument("--max-queue", type=int, default=64,
                         help="requests waiting for a batch slot before 429 (default: 64)")
@@ -52,12 +55,14 @@ def add_parser(sub) -> argparse.ArgumentParser:
     quant.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen base to 4 bits")
     quant.add_argument("--load-in-8bit", action="store_true", help="quantize the frozen base to 8 bits")
     quant.add_argument("--bnb-4bit-quant-type", choices=["nf4", "fp4"], default="nf4", help="4-bit data type")
-    quant.add_argument("--bnb-4bit-compute-dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16",
-                       help="dtype of the 4-bit matmuls")
-    quant.add_argument("--bnb-4bit-use-double-quant", action="store_true", help="quantize the 4-bit scales too")
+    quant.add_argument("--bnb-4bit-compute-dtype", choices=["bfloat16", "float16", "float32"],
+                       default="bfloat16", help="dtype of the 4-bit matmuls")
+    quant.add_argument("--bnb-4bit-use-double-quant", action="store_true",
+                       help="quantize the 4-bit scales too")
     parser.add_argument("--device", default="auto",
                         help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: auto)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--log-level", default="info",
+                        choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
 
@@ -83,9 +88,9 @@ def run(args: argparse.Namespace) -> int:
     from loratune.errors import ConfigError, LoratuneError
 
     try:
-        from loratune.inference import resolve_device
         from loratune.serve.server import load_and_build, serve_forever
         from loratune.serve.state import ServeSettings
+        from loratune.tools.load_trained import resolve_device
     except ImportError as exc:
         print(f"error: the server needs the 'serve' extra ({exc.name} is missing): "
               "pip install 'loratune[serve]'", file=sys.stderr)
@@ -94,7 +99,8 @@ def run(args: argparse.Namespace) -> int:
         problems = [f"--{flag} must be positive, got {value}" for flag, value in (
             ("max-loaded", args.max_loaded), ("max-batch-size", args.max_batch_size),
             ("max-queue", args.max_queue), ("max-request-tokens", args.max_request_tokens),
-            ("max-model-len", args.max_model_len), ("threads", args.threads)) if value is not None and value <= 0]
+            ("max-model-len", args.max_model_len), ("threads", args.threads))
+            if value is not None and value <= 0]
         roots = [Path(r).resolve() for r in args.adapter_root]
         problems += [f"--adapter-root {r} is not a directory" for r in roots if not r.is_dir()]
         if problems:
@@ -108,7 +114,8 @@ def run(args: argparse.Namespace) -> int:
         )
         quantization = {
             "load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit,
-            "bnb_4bit_quant_type": args.bnb_4bit_quant_type, "bnb_4bit_compute_dtype": args.bnb_4bit_compute_dtype,
+            "bnb_4bit_quant_type": args.bnb_4bit_quant_type,
+            "bnb_4bit_compute_dtype": args.bnb_4bit_compute_dtype,
             "bnb_4bit_use_double_quant": args.bnb_4bit_use_double_quant,
         }
         app, state = load_and_build(args.model_name_or_path, settings, dtype=args.dtype,

@@ -48,7 +48,8 @@ def add_key_options(parser: argparse.ArgumentParser) -> None:
                                default=argparse.SUPPRESS)
 
 
-def take_over_parsing(parser: argparse.ArgumentParser, extra_flags: dict[str, tuple[str, bool]] | None = None) -> None:
+def take_over_parsing(parser: argparse.ArgumentParser,
+                      extra_flags: dict[str, tuple[str, bool]] | None = None) -> None:
     """Make `parser` hand its raw arguments to `split_args` (argparse still serves -h/--help).
 
     The sub-command parser is called by its parent through `parse_known_args`, so replacing that
@@ -68,7 +69,8 @@ def take_over_parsing(parser: argparse.ArgumentParser, extra_flags: dict[str, tu
     parser.parse_known_args = parse_known_args
 
 
-def split_args(args: list[str], extra_flags: dict[str, tuple[str, bool]]) -> tuple[str | None, dict, list[str], dict]:
+def split_args(args: list[str],
+               extra_flags: dict[str, tuple[str, bool]]) -> tuple[str | None, dict, list[str], dict]:
     """Split raw arguments into (config path, {key: raw value}, problems, {extra name: value}).
 
     `--key value`, `--key=value`, a bare boolean `--key` (true) or `--no-key` (false), and list keys
@@ -188,7 +190,8 @@ def load_config_from_args(args):
 
 
 def _blame(problem: str, overrides: dict, config: str | None) -> str:
-    """Prefix a problem with its origin: "r must be > 0" -> "--r must be > 0" or "base.yaml: r must be > 0"."""
+    """Prefix a problem with its origin: "r must be > 0" -> "--r must be > 0" or "base.yaml: r must be > 0".
+    """
     key = re.match(r"\w+", problem)
     if key and key.group() in overrides:
         return f"--{problem}"
@@ -226,7 +229,8 @@ def run(args) -> int:
 def print_summary(result) -> None:
     """Tell the user what happened and where everything is."""
     if result.interrupted:
-        print(f"\nInterrupted at step {result.step}/{result.total_steps}. Checkpoint: {result.last_checkpoint}")
+        print(f"\nInterrupted at step {result.step}/{result.total_steps}. "
+              f"Checkpoint: {result.last_checkpoint}")
         print("Resume with: loratune train <same config> --resume_from_checkpoint true")
         return
     loss = ""

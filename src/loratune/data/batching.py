@@ -80,7 +80,8 @@ def collate(
     if not examples:
         raise ValueError("collate needs at least one example")
     if pad_token_id is None:
-        raise ValueError("collate needs a pad_token_id (loratune.loading.load_tokenizer always sets one)")
+        raise ValueError("collate needs a pad_token_id "
+                         "(loratune.tools.loading.load_tokenizer always sets one)")
     seqs = [_as_lists(ex, max_seq_length) for ex in examples]
     if packing:
         return _collate_packed(seqs)

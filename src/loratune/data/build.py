@@ -99,13 +99,15 @@ def check_vocab(bundle: DatasetBundle, vocab_size: int) -> None:
                 where = wheres[i] if i < len(wheres) else f"example {i}"
                 problems.append(f"{where}: token id {top} is outside the model's vocabulary of {vocab_size}")
     if problems:
-        raise DataError(f"{len(problems)} row(s) have token ids the model does not have:\n" + _listed(problems))
+        raise DataError(f"{len(problems)} row(s) have token ids the model does not have:\n"
+                        + _listed(problems))
 
 
 def read_sources(cfg: DataConfig, seed: int = 0) -> tuple[RawRows, RawRows | None]:
     """Read the raw train rows and eval rows (None without eval data), holding out `eval_samples`."""
     if not cfg.has_source:
-        raise ConfigError("no training data: set train_file (a .jsonl/.json/.csv/.parquet file) or dataset_name")
+        raise ConfigError("no training data: set train_file (a .jsonl/.json/.csv/.parquet file) "
+                          "or dataset_name")
     train_raw, eval_raw = _read_train(cfg), _read_eval(cfg)
     if cfg.eval_samples:
         train_raw, eval_raw = _hold_out(train_raw, cfg.eval_samples, seed)
@@ -190,7 +192,8 @@ def _encode_chunk(rows: list[Row], cols: Columns, cfg: DataConfig, tokenizer, sp
     wheres, segments = [], []
     for row in rows:
         try:
-            segments.append(row_segments(row.record, cols, tokenizer, completion_only=cfg.completion_only_loss))
+            segments.append(row_segments(row.record, cols, tokenizer,
+                                         completion_only=cfg.completion_only_loss))
             wheres.append(row.where)
         except RowError as exc:
             problems.append(f"{row.where}: {exc}")

@@ -26,16 +26,19 @@ class DataConfig:
     train_file: str | None = field(
         default=None, metadata=_help("training data: a .jsonl, .json, .csv or .parquet file")
     )
-    eval_file: str | None = field(default=None, metadata=_help("evaluation data file (same formats as train_file)"))
+    eval_file: str | None = field(default=None,
+                                  metadata=_help("evaluation data file (same formats as train_file)"))
     dataset_name: str | None = field(
         default=None, metadata=_help("a `datasets` name or local dataset directory, instead of train_file")
     )
-    dataset_config_name: str | None = field(default=None, metadata=_help("the dataset configuration (subset) name"))
+    dataset_config_name: str | None = field(default=None,
+                                            metadata=_help("the dataset configuration (subset) name"))
     dataset_split: str = field(default="train", metadata=_help("split of dataset_name to train on"))
     eval_split: str | None = field(default=None, metadata=_help("split of dataset_name to evaluate on"))
     eval_samples: int = field(
         default=0,
-        metadata=_help("hold out this many training rows (seeded) as the eval set when no eval data is given"),
+        metadata=_help("hold out this many training rows (seeded) as the eval set when no eval data is "
+                       "given"),
     )
     max_seq_length: int = field(
         default=1024, metadata=_help("examples longer than this many tokens are truncated (and counted)")
@@ -56,7 +59,8 @@ class DataConfig:
         metadata=_help("row format; auto detects it from the column names", choices=FORMATS),
     )
     text_column: str | None = field(default=None, metadata=_help("column holding plain text (format text)"))
-    prompt_column: str | None = field(default=None, metadata=_help("column holding the prompt (format prompt_completion)"))
+    prompt_column: str | None = field(default=None,
+                                      metadata=_help("column holding the prompt (format prompt_completion)"))
     completion_column: str | None = field(
         default=None, metadata=_help("column holding the completion (format prompt_completion)")
     )
@@ -73,7 +77,8 @@ class DataConfig:
         if self.eval_samples < 0:
             problems.append(f"eval_samples must be >= 0, got {self.eval_samples}")
         if self.eval_samples and (self.eval_file or self.eval_split):
-            problems.append("eval_samples holds out training rows; it cannot be combined with eval_file/eval_split")
+            problems.append("eval_samples holds out training rows; it cannot be combined with "
+                            "eval_file/eval_split")
         if self.max_seq_length < 2:
             problems.append(f"max_seq_length must be >= 2, got {self.max_seq_length}")
         if self.dataset_format not in FORMATS:

@@ -109,7 +109,8 @@ def _string(record: dict[str, Any], column: str, *, allow_empty: bool = False) -
     return value
 
 
-def row_segments(record: dict[str, Any], cols: Columns, tokenizer, *, completion_only: bool = True) -> list[Segment]:
+def row_segments(record: dict[str, Any], cols: Columns, tokenizer, *,
+                 completion_only: bool = True) -> list[Segment]:
     """Turn one row into segments (see the module docstring). Raises RowError for a bad row.
 
     With `completion_only` False a conversation is one completion segment (every token trains),
@@ -201,10 +202,13 @@ def render_chat(messages: list[dict[str, str]], tokenizer, *, first_trained: int
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < first_trained:
             continue
-        start = len(_apply(tokenizer, messages[:i], add_generation_prompt=True, expect_prefix_of=full, turn=i))
-        end = len(_apply(tokenizer, messages[: i + 1], add_generation_prompt=False, expect_prefix_of=full, turn=i))
+        start = len(_apply(tokenizer, messages[:i], add_generation_prompt=True, expect_prefix_of=full,
+                           turn=i))
+        end = len(_apply(tokenizer, messages[: i + 1], add_generation_prompt=False, expect_prefix_of=full,
+                         turn=i))
         if start < cursor or end < start:
-            raise RowError(f"chat template is not prefix-stable at message {i}; cannot locate the assistant turn")
+            raise RowError(f"chat template is not prefix-stable at message {i}; "
+                           "cannot locate the assistant turn")
         segments += [Segment(full[cursor:start], False), Segment(full[start:end], True)]
         cursor = end
     segments.append(Segment(full[cursor:], False))
@@ -220,8 +224,9 @@ def _require_template(tokenizer) -> None:
 def _apply(tokenizer, messages, *, add_generation_prompt: bool, expect_prefix_of: str | None = None,
            turn: int = 0) -> str:
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-    except Exception as exc:  # jinja raises TemplateError and anything a template's own raise_exception() throws
+        text = tokenizer.apply_chat_template(messages, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+    except Exception as exc:  # jinja's TemplateError, and anything a template's raise_exception() throws
         raise RowError(f"chat template failed: {exc}") from exc
     if expect_prefix_of is not None and not expect_prefix_of.startswith(text):
         raise RowError(f"chat template is not prefix-stable at message {turn}: rendering the first messages "

@@ -48,7 +48,8 @@ class PreviewReport:
         """Render the report as plain text (trained tokens in [[ ]], or green with `color`)."""
         lines = []
         for ex in self.examples:
-            lines += [f"--- {ex.where}: {ex.n_tokens} tokens, {ex.n_trained} trained", ex.to_text(color=color), ""]
+            lines += [f"--- {ex.where}: {ex.n_tokens} tokens, {ex.n_trained} trained",
+                      ex.to_text(color=color), ""]
         lines += _stats_lines("train", self.stats, self.max_seq_length)
         if self.eval_stats is not None:
             lines += [""] + _stats_lines("eval", self.eval_stats, self.max_seq_length)
@@ -105,7 +106,8 @@ def render_example(example: dict, tokenizer, where: str = "") -> PreviewExample:
     runs, start = [], 0
     for t in range(1, len(ids) + 1):
         if t == len(ids) or (labels[t] != IGNORE_INDEX) != (labels[start] != IGNORE_INDEX):
-            text = tokenizer.decode(ids[start:t], skip_special_tokens=False, clean_up_tokenization_spaces=False)
+            text = tokenizer.decode(ids[start:t], skip_special_tokens=False,
+                                    clean_up_tokenization_spaces=False)
             runs.append((text, labels[start] != IGNORE_INDEX))
             start = t
     n_trained = sum(lab != IGNORE_INDEX for lab in labels)

@@ -87,7 +87,8 @@ def _read_json(p: Path) -> RawRows:
     except json.JSONDecodeError as exc:
         if exc.msg == "Extra data":  # several top-level values: JSON Lines under a .json name
             return _read_jsonl(p, text)
-        return RawRows(p.name, [], [f"{p.name} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"])
+        return RawRows(p.name, [],
+                       [f"{p.name} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"])
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
@@ -154,6 +155,7 @@ def read_dataset(name: str, config_name: str | None, split: str) -> RawRows:
     try:
         ds = datasets.load_dataset(name, config_name, split=split)
     except Exception as exc:  # network, missing split, bad config name: all are the user's to fix
-        raise ConfigError(f"cannot load dataset {name!r} (config {config_name!r}, split {split!r}): {exc}") from exc
+        raise ConfigError(f"cannot load dataset {name!r} (config {config_name!r}, split {split!r}): "
+                          f"{exc}") from exc
     label = f"{name}[{split}]"
     return RawRows(label, [Row(f"{label} row {i}", r) for i, r in enumerate(ds, start=1)], [])

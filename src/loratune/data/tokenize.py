@@ -48,7 +48,8 @@ class Encoded:
 
 
 def encode_segments(
-    examples: list[list[Segment]], tokenizer, special: SpecialTokens, *, completion_only: bool, max_seq_length: int
+    examples: list[list[Segment]], tokenizer, special: SpecialTokens, *, completion_only: bool,
+    max_seq_length: int,
 ) -> list[Encoded]:
     """Tokenize a batch of examples (each a list of segments) into ids and labels."""
     if getattr(tokenizer, "is_fast", False):
@@ -99,7 +100,8 @@ def _add_bos_eos(ids, trained, segs, special: SpecialTokens, completion_only):
             ids, trained = [special.bos_id] + ids, [False] + trained
     last = next((s for s in reversed(segs) if s.text.strip()), None)
     ends_with_completion = last is not None and last.is_completion
-    if special.eos_id is not None and ends_with_completion and not last.text.rstrip().endswith(special.eos_token):
+    if (special.eos_id is not None and ends_with_completion
+            and not last.text.rstrip().endswith(special.eos_token)):
         ids, trained = ids + [special.eos_id], trained + [True]
     return ids, trained
 

@@ -11,18 +11,23 @@
 `reference_paths()` switches every fast path in this package (and `loratune.train.loss`) to its
 reference for the duration of a `with` block, so a whole training run can be compared against the
 plain computation (bench/train_speed.py does this for its 20-step loss check).
+
+Process-wide state: gemm's per-shape choices, attention's causal-mask strips and last scanned
+position_ids, and whether compiled kernels are on. `clear_caches()` resets all of it (each module
+registers its part with `on_clear_caches` when it is imported).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import torch
 
 HALF_DTYPES = (torch.bfloat16, torch.float16)  # the dtypes the CPU fast paths are tuned for
 _REFERENCE = contextvars.ContextVar("loratune_reference_paths", default=False)
+_CLEARERS: list[Callable[[], None]] = []
 
 
 @contextlib.contextmanager
@@ -38,3 +43,15 @@ def reference_paths() -> Iterator[None]:
 def fast_paths_enabled() -> bool:
     """False inside `reference_paths()`."""
     return not _REFERENCE.get()
+
+
+def on_clear_caches(clear: Callable[[], None]) -> Callable[[], None]:
+    """Register `clear` to run on `clear_caches()`; return it (usable as a decorator)."""
+    _CLEARERS.append(clear)
+    return clear
+
+
+def clear_caches() -> None:
+    """Forget every process-wide cache of the fast paths (the next calls start afresh)."""
+    for clear in _CLEARERS:
+        clear()

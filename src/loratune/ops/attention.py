@@ -25,11 +25,10 @@ It is attention written as batched matrix products over blocks of 128 query rows
 - the output is written token-major, as Transformers wants it, and the gradients of q, k and v are
   written per example into one buffer each (no per-example slices under autograd, whose backward
   would zero-fill a whole-row gradient once per example).
-fwd + bwd of one example, 9 heads / 3 KV heads of 64, bf16, 1 thread (bench/levers.py): T = 256
-8.4 ms -> 4.0 ms, T = 512 37 ms -> 13 ms against the flash kernel with fp32 casts (the faster of its
-two dtypes here). Its reference is `F.scaled_dot_product_attention(is_causal=True)` per example,
-which is also what runs on other devices and for rows with an example longer than
-`BLOCKED_MAX_LENGTH` tokens (the kept probabilities grow with T^2; flash memory is linear).
+Its timings against the flash kernel are in docs/performance.md ("ops.attention"). Its reference
+is `F.scaled_dot_product_attention(is_causal=True)` per example, which is also what runs on other
+devices and for rows with an example longer than `BLOCKED_MAX_LENGTH` tokens (the kept
+probabilities grow with T^2; flash memory is linear).
 
 `enable_varlen_attention(model)` registers the function under the name "loratune_sdpa" and switches a
 Transformers model that uses "sdpa" to it (its masks are still built by the sdpa mask function).
@@ -39,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import weakref
 from collections.abc import Iterator
 
 import torch
@@ -48,7 +48,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 
-from loratune.ops import HALF_DTYPES, fast_paths_enabled
+from loratune.ops import HALF_DTYPES, fast_paths_enabled, on_clear_caches
 
 logger = logging.getLogger(__name__)
 NAME = "loratune_sdpa"
@@ -93,7 +93,7 @@ def _plain_causal(module: nn.Module, dropout: float, bounds: list[tuple[int, int
     return all(kwargs.get(key) is None for key in _CHANGING_KWARGS)
 
 
-BLOCK = 128  # query rows per block: 64 is within 4% of it either way at T = 128-512, 256 is slower (docs/performance.md)
+BLOCK = 128  # query rows per block, chosen by timing 64, 128 and 256 (docs/performance.md, "ops.attention")
 # The blocked kernel keeps its probabilities for backward: H x T^2 / 2 values per example and layer,
 # about the flash kernel's fp32 q/k/v/output copies at T = 512, 1.7x them at 1024 and growing with T.
 # Rows with a longer example take the flash kernel, whose memory is linear in T.
@@ -109,10 +109,12 @@ def packed_causal_attention(q: Tensor, k: Tensor, v: Tensor, bounds: list[tuple[
     `F.scaled_dot_product_attention(..., is_causal=True, scale=scale, enable_gqa=True)` per example.
     """
     if q.dim() != 3 or q.shape[0] % k.shape[0] or k.shape != v.shape or q.shape[1:] != k.shape[1:]:
-        raise ValueError(f"packed_causal_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
+        raise ValueError(f"packed_causal_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"v {tuple(v.shape)}")
     bounds = tuple((int(s), int(e)) for s, e in bounds)
     edges = [0] + [e for _, e in bounds]
-    if not bounds or [s for s, _ in bounds] != edges[:-1] or edges[-1] != q.shape[1] or any(e <= s for s, e in bounds):
+    if (not bounds or [s for s, _ in bounds] != edges[:-1] or edges[-1] != q.shape[1]
+            or any(e <= s for s, e in bounds)):
         raise ValueError(f"packed_causal_attention: bounds {list(bounds)} must split [0, {q.shape[1]}) into "
                          "consecutive non-empty examples")
     return _PackedCausalAttentionFn.apply(q, k, v, bounds, float(scale), int(block))
@@ -139,7 +141,8 @@ def _causal_bias(rows: int, cols: int, block: int, dtype: torch.dtype, device: t
     strip = _STRIPS.get(key)
     if strip is None or strip.shape[1] - block < cols:
         width = block + max(cols, 512, 2 * (0 if strip is None else strip.shape[1] - block))
-        future = torch.arange(width, device=device) > (width - block + torch.arange(block, device=device)[:, None])
+        last_allowed = width - block + torch.arange(block, device=device)[:, None]
+        future = torch.arange(width, device=device) > last_allowed
         strip = torch.zeros(block, width, dtype=dtype, device=device).masked_fill_(future, float("-inf"))
         strip = strip.repeat_interleave(rep, dim=0) if rep > 1 else strip
         _STRIPS[key] = strip
@@ -156,10 +159,10 @@ def _bf16_inputs_exact(enabled: bool) -> Iterator[None]:
 
     For the score product only: its fp32 operands are copies of bf16 q and k, so rounding them to
     bf16 is exact, the products of bf16 pairs are exact in fp32 and the sums stay fp32. The result
-    is the fp32 product's up to the order of the sums, at the bf16 rate: a (3, 384, 64) @
-    (3, 64, 256) score product 360 -> 224 us on an AVX-512 BF16 EPYC (docs/performance.md). fp16
-    inputs do not round to bf16 exactly and keep the fp32 product. Where torch has no such setting
-    the block runs as it is. The setting is process-wide; it is put back when the block ends.
+    is the fp32 product's up to the order of the sums, at the bf16 rate (timings in
+    docs/performance.md, "ops.attention"). fp16 inputs do not round to bf16 exactly and keep the
+    fp32 product. Where torch has no such setting the block runs as it is. The setting is
+    process-wide; it is put back when the block ends.
     """
     if not enabled or _MKLDNN_MATMUL is None or not hasattr(_MKLDNN_MATMUL, "fp32_precision"):
         yield
@@ -263,18 +266,26 @@ def packed_bounds(position_ids: Tensor | None, query: Tensor, key: Tensor) -> li
     return list(zip(starts, starts[1:] + [n]))
 
 
-_LAST_STARTS: list = [None, None, None]  # [position_ids, its version, starts]
+# [weak reference to the last position_ids, its version, its starts]: a weak reference, so the
+# cache never keeps a batch's tensor alive after the batch.
+_LAST_STARTS: list = [None, None, None]
 
 
 def _example_starts(position_ids: Tensor) -> list[int]:
     """Where position ids restart at 0. Every layer of a forward passes the same position_ids
     tensor, so the scan (and on GPU its host sync) happens once per batch, not once per layer."""
-    cached, version, starts = _LAST_STARTS
-    if cached is position_ids and version == position_ids._version:
+    ref, version, starts = _LAST_STARTS
+    if ref is not None and ref() is position_ids and version == position_ids._version:
         return starts
     starts = (position_ids[0] == 0).nonzero().flatten().tolist()
-    _LAST_STARTS[:] = [position_ids, position_ids._version, starts]
+    _LAST_STARTS[:] = [weakref.ref(position_ids), position_ids._version, starts]
     return starts
+
+
+@on_clear_caches
+def _clear_caches() -> None:
+    _STRIPS.clear()
+    _LAST_STARTS[:] = [None, None, None]
 
 
 def enable_varlen_attention(model: nn.Module) -> bool:

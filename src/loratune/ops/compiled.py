@@ -2,7 +2,8 @@
 
 A chain of elementwise ops and a row reduction in eager torch reads and writes the whole tensor once
 per op; inductor fuses the chain into one or two passes over memory. It is used only where it
-measured faster on a whole training step (docs/performance.md): the RMSNorm forward and backward.
+measured faster on a whole training step: the RMSNorm forward and backward (figures in
+docs/performance.md, "ops.compiled").
 
 `compiled(fn, dtypes)` returns a function with fn's signature that runs the compiled kernel when
 every tensor argument is a CPU tensor and the first one has one of `dtypes`, and fn itself
@@ -26,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from loratune.ops import fast_paths_enabled
+from loratune.ops import fast_paths_enabled, on_clear_caches
 
 logger = logging.getLogger(__name__)
 ENV = "LORATUNE_COMPILE"
@@ -79,10 +80,16 @@ def use_compiled(args: tuple, dtypes: tuple[torch.dtype, ...]) -> bool:
 
 
 def disable(reason: str) -> None:
-    """Run the eager functions from now on, for the rest of the process."""
+    """Run the eager functions from now on, for the rest of the process (or until `ops.clear_caches()`)."""
     if _STATE["enabled"]:
         logger.warning("compiled CPU kernels switched off, eager ops from now on: %s", reason)
     _STATE["enabled"] = False
+
+
+@on_clear_caches
+def _reset() -> None:
+    """Read LORATUNE_COMPILE again, forgetting a switch-off by `disable`."""
+    _STATE["enabled"] = _enabled_by_env()
 
 
 def enabled() -> bool:

@@ -27,13 +27,15 @@ from torch import Tensor
 from loratune.ops.gemm import matmul
 
 # Rows per chunk are chosen so one chunk's logits (head dtype) stay near this many bytes: 512 rows of
-# a 49152-token bf16 vocabulary. Head products with 512 rows run ~15-30% faster than with 170.
+# a 49152-token bf16 vocabulary, enough rows for the head products to run near the matmul peak
+# (docs/performance.md, "ops.cross_entropy").
 CHUNK_BYTES = 48 * 2**20
 # Rows per fp32 softmax pass: 16 x 49152 fp32 is 3 MiB, small enough to stay in cache.
 SOFTMAX_BYTES = 3 * 2**20
 
 
-def cross_entropy_sum_reference(hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor) -> Tensor:
+def cross_entropy_sum_reference(hidden: Tensor, weight: Tensor, bias: Tensor | None,
+                                targets: Tensor) -> Tensor:
     """Return sum_i CE(hidden[i] @ weight.T + bias, targets[i]) in fp32; hidden (N, D), weight (V, D)."""
     logits = F.linear(hidden.to(weight.dtype), weight, bias)  # (N, V)
     return F.cross_entropy(logits.float(), targets, reduction="sum")

@@ -1,23 +1,18 @@
 """Matrix products split into pieces where that is faster: a work-around for oneDNN's threading.
 
-On a 2-core AMX Xeon (torch 2.13, oneDNN brgemm) some bf16 products run far below the machine's
-rate, and the same product in two or three calls does not:
-- 768 or 1024 rows with 576 output columns run on one thread: (1024, 576) @ (576, 576) takes
-  0.50 ms with one thread and 0.53 with two, its two 512-row halves 0.31 ms in all; (1024, 1536) @
-  (1536, 576) 1.54 ms whole, 0.84-0.90 ms in halves. With 512 or 2048 rows both threads work.
-- the LM head, (512, 576) @ (576, 49152), takes 30 ms whole and 13 ms as three 16384-column
-  pieces. Its backward, (512, 49152) @ (49152, 576), takes 30 ms whole and 18-20 ms split, but no
-  split of it is bitwise equal to the whole product, so it runs whole.
-Which shapes are hit depends on the CPU and the library's heuristics, so nothing here is
-hard-coded. The first product with a given row count (and the operands' layout, dtype and thread
-count), `matmul` runs whole and in each split way once, and notes the ways that are bitwise equal to
-the whole product at that row count (the same sums in the same order; it depends on the shape, not
-on the data). The next products of the shape (rows rounded up to 256) take turns among those ways, each
-timed on real work, until each has `TRIALS` timings; the shape then keeps the fastest way if its
-best time is at least 10% below the whole product's, else the whole product. Once a shape runs whole,
-new row counts run whole without a check; under a chosen split, a new row count is checked first
-and runs whole where the split is not bitwise equal. So a choice, which depends on timing, never changes a
-result. Choices are cached for the process.
+On some CPUs oneDNN runs some bf16 products far below the machine's rate (for instance on one
+thread of two), and the same product in two or three calls does not; the shapes and timings
+measured are in docs/performance.md ("ops.gemm"). Which shapes are hit depends on the CPU and the
+library's heuristics, so nothing here is hard-coded. The first product with a given row count (and
+the operands' layout, dtype and thread count), `matmul` runs whole and in each split way once, and
+notes the ways that are bitwise equal to the whole product at that row count (the same sums in the
+same order; it depends on the shape, not on the data). The next products of the shape (rows
+rounded up to 256) take turns among those ways, each timed on real work, until each has `TRIALS`
+timings; the shape then keeps the fastest way if its best time is at least 10% below the whole
+product's, else the whole product. Once a shape runs whole, new row counts run whole without a
+check; under a chosen split, a new row count is checked first and runs whole where the split is not
+bitwise equal. So a choice, which depends on timing, never changes a result. Choices are cached for
+the process (`loratune.ops.clear_caches()` forgets them).
 
 The ways: "whole"; "rows", two halves of the rows (at least `MIN_ROWS` rows); "cols", two or more
 equal column pieces of at most `PIECE_COLS` (at least `WIDE` columns). `matmul_reference` is the
@@ -34,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from loratune.ops import HALF_DTYPES, fast_paths_enabled
+from loratune.ops import HALF_DTYPES, fast_paths_enabled, on_clear_caches
 
 MIN_ROWS = 512  # fewer rows: a row split cannot pay for the second call
 WIDE = 8192  # at least this many output columns: try column pieces
@@ -186,6 +181,7 @@ def exact_ways() -> dict[tuple, dict[int, tuple[str, ...]]]:
     return {key: dict(plan.exact) for key, plan in _PLANS.items()}
 
 
+@on_clear_caches
 def clear_plans() -> None:
     """Forget every choice (the next products of each shape are timed again)."""
     _PLANS.clear()

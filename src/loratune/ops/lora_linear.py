@@ -60,7 +60,8 @@ def lora_linear(
 ) -> Tensor:
     """Return the same y as `lora_linear_reference` through one fused autograd node (see module doc)."""
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
-    if not frozen or not fast_paths_enabled() or x.dtype != weight.dtype or (x_lora is not None and x_lora.dtype != x.dtype):
+    if (not frozen or not fast_paths_enabled() or x.dtype != weight.dtype
+            or (x_lora is not None and x_lora.dtype != x.dtype)):
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, x_lora)
     return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, float(scaling), fan_in_fan_out, x_lora)
 

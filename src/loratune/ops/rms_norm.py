@@ -12,7 +12,7 @@ inverse root. Its backward is the closed form
     g = (grad_y * weight) in x's dtype, as autograd rounds it, then in fp32:
     grad_x = r * (g - x_hat * mean(g * x_hat)),   x_hat = x_fp32 * r
 
-It is also faster: fwd + bwd at 2048 x 576 bf16, 2 threads, 2.84 ms vs 3.41 ms (docs/performance.md).
+It is also faster than plain autograd (timings in docs/performance.md, "ops.rms_norm").
 On CPU, bf16/fp16 rows run the same code as kernels compiled by inductor (`ops.compiled`), which
 sum a row in another order: within one ulp of Llama's forward rather than bit for bit. fp32 rows,
 other devices and the eager fallback run the ops as written, bit for bit.
@@ -47,8 +47,8 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
     """True when the module's forward is Transformers' Llama RMSNorm forward, byte for byte."""
     code = getattr(getattr(type(module), "forward", None), "__code__", None)
     return (
-        code is not None and code.co_code == _LLAMA_FORWARD.co_code and code.co_names == _LLAMA_FORWARD.co_names
-        and code.co_consts == _LLAMA_FORWARD.co_consts
+        code is not None and code.co_code == _LLAMA_FORWARD.co_code
+        and code.co_names == _LLAMA_FORWARD.co_names and code.co_consts == _LLAMA_FORWARD.co_consts
         and isinstance(getattr(module, "weight", None), Tensor) and hasattr(module, "variance_epsilon")
     )
 
@@ -85,9 +85,7 @@ def _backward_math(x: Tensor, weight: Tensor, inv: Tensor, grad_y: Tensor) -> Te
 
 
 # Half-precision CPU rows go through kernels inductor fuses from the same code (ops.compiled): the
-# forward in two passes instead of six, the backward in one. fwd + bwd, 1024 x 576 bf16, 2 threads:
-# 1.2 ms -> 0.25 ms; whole training steps -4.5% (Scenario A) and -7% (B) on an AMX Xeon
-# (docs/performance.md).
+# forward in two passes over memory instead of six, the backward in one (docs/performance.md).
 _forward_kernel = compiled(_forward_math, HALF_DTYPES)
 _backward_kernel = compiled(_backward_math, HALF_DTYPES)
 

@@ -1,12 +1,12 @@
 """Process-wide CPU settings for training, measured in docs/performance.md; the trainer applies them.
 
-`tune_cpu_runtime()` does three things, each a measured win on x86:
+`tune_cpu_runtime()` does three things, each a measured win on x86 (figures in docs/performance.md,
+"ops.runtime"):
 - flush denormals to zero: AdamW's second moment of small LoRA gradients drifts into the denormal
-  range, where every multiply traps to microcode (AdamW step 3-10x slower);
+  range, where every multiply traps to microcode;
 - keep large freed blocks in the process (glibc `mallopt`): by default every multi-MB tensor is a
-  fresh `mmap`, and its first touch page-faults; a training step allocates hundreds of them
-  (allocating a (1024 x 49152) fp32 buffer: 97 ms -> 8 ms). RSS then stays at its peak instead of
-  shrinking between steps; the peak itself is unchanged;
+  fresh `mmap`, and its first touch page-faults; a training step allocates hundreds of them. RSS
+  then stays at its peak instead of shrinking between steps; the peak itself is unchanged;
 - optionally pin the intra-op thread count (torch's default is one per physical core, which is
   right on a machine of one's own; on a shared, oversubscribed machine fewer threads can win,
   because OpenMP threads that outnumber free cores spin at barriers).
@@ -79,4 +79,5 @@ def keep_freed_memory() -> bool:
         mallopt = libc.mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD)) and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD))
+    return (bool(mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD))
+            and bool(mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))

@@ -12,7 +12,7 @@ Qwen) on the example dataset and writes, into src/loratune/presets/tiny-llama/:
   config.json            a 4-layer Llama config with initializer_range 0.2 (see below)
   preset.json            the seed the weights are drawn with
 
-The weights are not shipped: `loratune.loading` draws them from the config with a fixed seed, so
+The weights are not shipped: `loratune.tools.loading` draws them from the config with a fixed seed, so
 every load gives the same model. initializer_range is 0.2 rather than the usual 0.02: with 0.02
 the logits (unit-RMS hidden state times a small head) stay near uniform and LoRA moves the loss
 slowly. Measured on the example data, 60 steps, batch 16, LoRA r=8 on all linear layers, lr 3e-3:

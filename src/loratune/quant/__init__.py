@@ -11,7 +11,7 @@ the arithmetic, tiled.py the tiled matmul.
 
 from ..base_layers import QuantizedBaseLayer, is_quantized
 from .bnb import BnbLinear4bit, bnb_available
-from .dispatch import dequantize_model, quantize_model, quantized_layers, resolve_dtype
+from .dispatch import dequantize_model, parse_compute_dtype, quantize_model, quantized_layers
 from .int8 import Linear8bit
 from .nf4 import Linear4bit
 
@@ -23,7 +23,7 @@ __all__ = [
     "bnb_available",
     "dequantize_model",
     "is_quantized",
+    "parse_compute_dtype",
     "quantize_model",
     "quantized_layers",
-    "resolve_dtype",
 ]

@@ -15,9 +15,9 @@ import torch
 from torch import nn
 
 from ..base_layers import is_conv1d, is_quantized
+from ..dtypes import parse_dtype
 from ..errors import ConfigError, UnsupportedFeatureError
 from ..layers import owned_by_adapter
-from ..loading import parse_dtype
 from .bnb import BnbLinear4bit, bnb_available
 from .int8 import Linear8bit
 from .nf4 import Linear4bit
@@ -28,7 +28,7 @@ QUANT_TYPES_4BIT = ("nf4", "fp4")
 BACKENDS = ("auto", "torch", "bitsandbytes")
 
 
-def resolve_dtype(value, field: str = "compute_dtype") -> torch.dtype:
+def parse_compute_dtype(value, field: str = "compute_dtype") -> torch.dtype:
     """Turn a torch dtype or a name ('bfloat16', 'torch.float16', 'bf16') into a float dtype."""
     return parse_dtype(value, field)
 
@@ -105,7 +105,7 @@ def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", comp
         UnsupportedFeatureError: backend='bitsandbytes' without bitsandbytes and CUDA.
     """
     _validate(bits, quant_type, backend)
-    compute_dtype = resolve_dtype(compute_dtype)
+    compute_dtype = parse_compute_dtype(compute_dtype)
     done: dict[int, nn.Module] = {}   # a module shared by two parents is quantized once
     nbytes_before = nbytes_after = 0
     targets = _targets(model, tuple(skip_modules))
@@ -155,7 +155,7 @@ def dequantize_model(model: nn.Module, dtype=torch.bfloat16) -> nn.Module:
     adapter trained on the quantized base can then be merged (`merge_and_unload`) into them. Works
     on a bare model (then load the adapter) or on a LoraModel whose base layers are quantized.
     """
-    dtype = resolve_dtype(dtype, "dtype")
+    dtype = parse_compute_dtype(dtype, "dtype")
     done: dict[int, nn.Module] = {}
     for parent in list(model.modules()):
         for child_name, child in list(parent.named_children()):

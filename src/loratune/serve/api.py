@@ -21,7 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratune.errors import ConfigError
-from loratune.generation import chat_ids, prompt_ids
+from loratune.tools.generation import chat_ids, prompt_ids
 
 from . import protocol as p
 from .registry import RequestError
@@ -41,7 +41,8 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/health")
     async def health():
         if not state.engine.alive:
-            raise RequestError(503, "the engine is not running", type="server_error", code="engine_unavailable")
+            raise RequestError(503, "the engine is not running", type="server_error",
+                               code="engine_unavailable")
         return {"status": "ok"}
 
     @app.get("/metrics")
@@ -124,7 +125,8 @@ def _completion_prompt(state: ServerState, prompt) -> list[int]:
                                param="prompt")
         prompt = prompt[0]
     try:
-        return prompt_ids(state.tokenizer, prompt)  # refuses "" and text that is not UTF-8 (JSON can carry it)
+        # refuses "" and text that is not UTF-8 (JSON can carry it)
+        return prompt_ids(state.tokenizer, prompt)
     except ConfigError as exc:
         raise RequestError(400, str(exc), param="prompt") from None
 
@@ -133,7 +135,8 @@ def _chat_prompt(state: ServerState, messages: list[p.ChatMessage]) -> list[int]
     if not getattr(state.tokenizer, "chat_template", None):
         raise RequestError(400, "the base model's tokenizer has no chat template; use /v1/completions",
                            param="messages")
-    conversation = [{"role": m.template_role(), "content": m.text(f"messages[{i}]")} for i, m in enumerate(messages)]
+    conversation = [{"role": m.template_role(), "content": m.text(f"messages[{i}]")}
+                    for i, m in enumerate(messages)]
     try:
         return chat_ids(state.tokenizer, conversation)
     except ConfigError as exc:  # text that is not UTF-8 (JSON escapes can carry lone surrogates)
@@ -171,7 +174,10 @@ async def _respond(state: ServerState, gen: Generation, body, request: Request, 
 
 
 async def _disconnected(request: Request, every: float = 0.25) -> None:
-    """Return once the client has closed its connection (polled: a non-streaming reply sends nothing before)."""
+    """Return once the client has closed its connection.
+
+    Polled: a non-streaming reply sends nothing before it is done.
+    """
     while not await request.is_disconnected():
         await asyncio.sleep(every)
 
@@ -225,14 +231,15 @@ def _add_error_handlers(app: FastAPI) -> None:
             return reply(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
         if kind and kind != "application/json" and not kind.endswith("+json"):  # e.g. curl -d without -H
-            return reply(400, f"the request body must be JSON sent with 'Content-Type: application/json' (got "
-                         f"{kind})", "invalid_request_error", "invalid_content_type")
+            return reply(400, "the request body must be JSON sent with 'Content-Type: application/json' "
+                         f"(got {kind})", "invalid_request_error", "invalid_content_type")
         parts, param = [], None
         for e in errors[:5]:
             loc = [str(x) for x in e.get("loc", ()) if x != "body"]
             param = param or (loc[0] if loc else None)
             parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
-        return reply(400, "invalid request: " + "; ".join(parts), "invalid_request_error", "invalid_request", param)
+        return reply(400, "invalid request: " + "; ".join(parts), "invalid_request_error", "invalid_request",
+                     param)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, exc: StarletteHTTPException):
@@ -242,7 +249,8 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def internal_error(_, exc: Exception):
         log.exception("unhandled error")
-        return reply(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error", "internal_error")
+        return reply(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error",
+                     "internal_error")
 
 
 class GuardMiddleware:
@@ -257,17 +265,21 @@ class GuardMiddleware:
         headers = dict(scope.get("headers") or [])
         if self.api_keys and scope["path"].startswith("/v1/"):
             scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k) for k in self.api_keys):
-                return await _send_error(send, 401, "Invalid or missing API key: send 'Authorization: Bearer KEY'",
+            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k)
+                                                     for k in self.api_keys):
+                return await _send_error(send, 401,
+                                         "Invalid or missing API key: send 'Authorization: Bearer KEY'",
                                          "authentication_error", "invalid_api_key")
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await _send_error(send, 413, f"the request body has {int(length)} bytes, over the limit of "
+            return await _send_error(send, 413,
+                                     f"the request body has {int(length)} bytes, over the limit of "
                                      f"{self.max_body_bytes}", "invalid_request_error", "request_too_large")
         if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
             receive = await self._read_bounded(receive)  # chunked: no length to check up front
             if receive is None:
-                return await _send_error(send, 413, f"the request body is over the limit of {self.max_body_bytes} "
+                return await _send_error(send, 413,
+                                         f"the request body is over the limit of {self.max_body_bytes} "
                                          "bytes", "invalid_request_error", "request_too_large")
         return await self.app(scope, receive, send)
 
@@ -295,6 +307,7 @@ class GuardMiddleware:
 async def _send_error(send, status: int, message: str, type: str, code: str) -> None:
     body = json.dumps(p.error_body(message, type, code)).encode()
     await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                "headers": [(b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})
 

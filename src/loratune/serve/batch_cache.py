@@ -38,7 +38,8 @@ class BatchCache:
         length = max(max(n for _, n in rows), self.length)
         keys = [[] for _ in new_cache.layers]
         values = [[] for _ in new_cache.layers]
-        for li, (layer, new) in enumerate(zip(self.cache.layers if self.cache else new_cache.layers, new_cache.layers)):
+        for li, (layer, new) in enumerate(zip(self.cache.layers if self.cache else new_cache.layers,
+                                              new_cache.layers)):
             if self.cache is not None:
                 keys[li].append(_pad_left(layer.keys, length))
                 values[li].append(_pad_left(layer.values, length))
@@ -47,7 +48,8 @@ class BatchCache:
                 values[li].append(_pad_left(new.values[i : i + 1, :, :n], length))
         masks = [_pad_left(self.mask, length, dim=1)] if self.cache is not None else []
         device = new_cache.layers[0].keys.device
-        masks += [_pad_left(torch.ones(1, n, dtype=torch.long, device=device), length, dim=1) for _, n in rows]
+        masks += [_pad_left(torch.ones(1, n, dtype=torch.long, device=device), length, dim=1)
+                  for _, n in rows]
         if self.cache is None:
             self.cache = new_cache
         for layer, k, v in zip(self.cache.layers, keys, values):

@@ -27,11 +27,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor, nn
 
-from loratune.generation import GREEDY_BELOW
-
-from .batch_cache import BatchCache, check_cache
-from .lora_rows import RowAdapterWeights, RowLoraLinear, ensure_row_lora, set_rows
-from .registry import PreparedAdapter
+from loratune.serve.batch_cache import BatchCache, check_cache
+from loratune.serve.lora_rows import RowAdapterWeights, RowLoraLinear, ensure_row_lora, set_rows
+from loratune.serve.registry import PreparedAdapter
+from loratune.tools.generation import GREEDY_BELOW
 
 log = logging.getLogger(__name__)
 
@@ -298,7 +297,8 @@ class Engine:
     def _prefill(self, requests: list[GenerationRequest]) -> None:
         lengths = [len(r.prompt_ids) for r in requests]
         longest = max(lengths)
-        ids = torch.zeros(len(requests), longest, dtype=torch.long, device=self.device)  # (N, T), right-padded
+        # (N, T), right-padded
+        ids = torch.zeros(len(requests), longest, dtype=torch.long, device=self.device)
         for i, r in enumerate(requests):
             ids[i, : lengths[i]] = torch.tensor(r.prompt_ids, device=self.device)
         self._plan(tuple(r.adapter_id for r in requests))
@@ -308,7 +308,8 @@ class Engine:
                          **({"logits_to_keep": torch.tensor([n - 1 for n in last], device=self.device)}
                             if self._keep_logits else {}))
         column = {n: (last.index(n) if self._keep_logits else n - 1) for n in last}
-        logits = torch.stack([out.logits[i, column[n]] for i, n in enumerate(lengths)]).float().cpu()  # (N, V)
+        # (N, V)
+        logits = torch.stack([out.logits[i, column[n]] for i, n in enumerate(lengths)]).float().cpu()
         check_cache(out.cache)
         finite = _finite_rows(logits)
         accepted = []
@@ -375,7 +376,8 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     """Pick the next token from (V,) logits: argmax when greedy, else temperature + top-p."""
     if params.greedy or generator is None:
         return int(logits.argmax())
-    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)  # <= 0 before scaling: no overflow
+    # <= 0 before scaling: no overflow
+    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
         keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # always keeps the top token

@@ -27,9 +27,12 @@ class ServerMetrics:
                               ["model"], buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("loratune_generated_tokens", "Generated tokens.", ["model"], registry=r)
         self.prompt_tokens = Counter("loratune_prompt_tokens", "Prompt tokens.", ["model"], registry=r)
-        Gauge("loratune_queue_depth", "Requests waiting for a batch slot.", registry=r).set_function(queue_depth)
-        Gauge("loratune_running_requests", "Requests in the running batch.", registry=r).set_function(running)
-        Gauge("loratune_loaded_adapters", "Adapters loaded and visible.", registry=r).set_function(loaded_adapters)
+        Gauge("loratune_queue_depth", "Requests waiting for a batch slot.",
+              registry=r).set_function(queue_depth)
+        Gauge("loratune_running_requests", "Requests in the running batch.",
+              registry=r).set_function(running)
+        Gauge("loratune_loaded_adapters", "Adapters loaded and visible.",
+              registry=r).set_function(loaded_adapters)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

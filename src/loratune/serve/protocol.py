@@ -17,9 +17,10 @@ from .registry import RequestError
 
 # Fields we accept only at their neutral values (OpenAI's defaults, and vLLM's for its extra
 # sampling fields): any other value would be silently ignored, so it is refused by name.
-UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "echo": (False,), "suffix": ("",),
-               "logit_bias": ({},), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0),
-               "tools": ([],), "tool_choice": ("none", "auto"), "functions": ([],), "function_call": ("none", "auto"),
+UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "echo": (False,),
+               "suffix": ("",), "logit_bias": ({},), "presence_penalty": (0, 0.0),
+               "frequency_penalty": (0, 0.0), "tools": ([],), "tool_choice": ("none", "auto"),
+               "functions": ([],), "function_call": ("none", "auto"),
                "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (),
                "top_k": (-1, 0), "min_p": (0, 0.0), "repetition_penalty": (1, 1.0), "ignore_eos": (False,),
                "min_tokens": (0,), "stop_token_ids": ([],), "add_generation_prompt": (True,),
@@ -44,9 +45,11 @@ class _Request(BaseModel):
     def check_supported(self) -> None:
         """Refuse, by name, request fields set to something the server cannot honour."""
         if self.n not in (None, 1):
-            raise RequestError(400, f"n={self.n} is not supported; the server returns one choice (n=1)", param="n")
+            raise RequestError(400, f"n={self.n} is not supported; the server returns one choice (n=1)",
+                               param="n")
         if self.stream_options is not None and not self.stream:
-            raise RequestError(400, "stream_options is only allowed when stream is true", param="stream_options")
+            raise RequestError(400, "stream_options is only allowed when stream is true",
+                               param="stream_options")
         extra = {**(self.model_extra or {}), "logprobs": self.logprobs}
         for name, neutral in UNSUPPORTED.items():
             value = extra.get(name)
@@ -82,7 +85,8 @@ class ChatMessage(BaseModel):
             parts = []
             for i, part in enumerate(self.content):
                 if part.get("type") != "text":
-                    raise RequestError(400, f"{where}.content[{i}] has type {part.get('type')!r}, which is not "
+                    raise RequestError(400,
+                                       f"{where}.content[{i}] has type {part.get('type')!r}, which is not "
                                        "supported; send text parts", param="messages")
                 if not isinstance(part.get("text"), str):
                     raise RequestError(400, f"{where}.content[{i}].text must be a string", param="messages")
@@ -140,7 +144,8 @@ def new_head(prefix: str, model: str) -> Head:
     return Head(new_id(prefix), int(time.time()), model)
 
 
-def completion_body(head: Head, text: str, finish: str | None, use: dict | None, *, chunk: bool = False) -> dict:
+def completion_body(head: Head, text: str, finish: str | None, use: dict | None, *,
+                    chunk: bool = False) -> dict:
     choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
     body = {"id": head.id, "object": "text_completion", "created": head.created, "model": head.model,
             "choices": [choice]}
@@ -156,7 +161,8 @@ def chat_body(head: Head, text: str, finish: str | None, use: dict) -> dict:
             "usage": use}
 
 
-def chat_chunk(head: Head, delta: dict, finish: str | None, *, use: dict | None = None, empty: bool = False) -> dict:
+def chat_chunk(head: Head, delta: dict, finish: str | None, *, use: dict | None = None,
+               empty: bool = False) -> dict:
     choices = [] if empty else [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
     body = {"id": head.id, "object": "chat.completion.chunk", "created": head.created, "model": head.model,
             "choices": choices}

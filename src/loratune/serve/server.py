@@ -13,8 +13,8 @@ import torch
 from fastapi import FastAPI
 
 from loratune.errors import UnsupportedFeatureError
-from loratune.generation import stop_token_ids
-from loratune.loading import load_base_model, load_tokenizer
+from loratune.tools.generation import stop_token_ids
+from loratune.tools.loading import load_base_model, load_tokenizer
 
 from .api import build_app
 from .engine import Engine, GenerationRequest, SamplingParams
@@ -64,13 +64,16 @@ def warm_up(engine: Engine, token_id: int) -> None:
             outcome[kind] = value
             done.set()
 
-    engine.submit(GenerationRequest([token_id, token_id], None, SamplingParams(max_tokens=2, temperature=0), sink))
+    engine.submit(GenerationRequest([token_id, token_id], None, SamplingParams(max_tokens=2, temperature=0),
+                                    sink))
     if not done.wait(300) or "error" in outcome:
-        raise UnsupportedFeatureError(f"the base model cannot be served: {outcome.get('error', 'warm-up timed out')}")
+        reason = outcome.get("error", "warm-up timed out")
+        raise UnsupportedFeatureError(f"the base model cannot be served: {reason}")
 
 
-def load_and_build(model_name_or_path: str, settings: ServeSettings, *, dtype: str = "auto", device: str = "cpu",
-                   quantization: dict | None = None, **kwargs) -> tuple[FastAPI, ServerState]:
+def load_and_build(model_name_or_path: str, settings: ServeSettings, *, dtype: str = "auto",
+                   device: str = "cpu", quantization: dict | None = None,
+                   **kwargs) -> tuple[FastAPI, ServerState]:
     """Load the base model onto `device` (optionally quantized: load_base_model's load_in_4bit/8bit
     keys) and its tokenizer by name or path, then `build_server`."""
     model = load_base_model(model_name_or_path, dtype=dtype, device=device, **(quantization or {}))

@@ -111,7 +111,8 @@ class ServerState:
                 raise RequestError(400, f"Loading lora {name} failed: {exc}", type="BadRequestError",
                                    code=400) from None
             adapter_id = next(self._ids)
-            await asyncio.wrap_future(self._engine_call(lambda: self.engine.install_adapter(adapter_id, prepared)))
+            await asyncio.wrap_future(
+                self._engine_call(lambda: self.engine.install_adapter(adapter_id, prepared)))
             self.adapters[name] = AdapterEntry(name, prepared.path, adapter_id)
         finally:
             self._loading.discard(name)
@@ -125,7 +126,8 @@ class ServerState:
             (e for e in self.adapters.values() if e.adapter_id == adapter_id), None)
         if entry is None:
             shown = f"'{name}'" if name else f"with lora_int_id {adapter_id}"
-            raise RequestError(404, f"The lora adapter {shown} cannot be found.", type="NotFoundError", code=404)
+            raise RequestError(404, f"The lora adapter {shown} cannot be found.", type="NotFoundError",
+                               code=404)
         del self.adapters[entry.name]  # new requests stop finding it at once
         try:
             await asyncio.wrap_future(self._engine_call(lambda: self.engine.remove_adapter(entry.adapter_id)))

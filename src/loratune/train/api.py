@@ -60,7 +60,8 @@ class TrainResult:
     resumed_from: str | None = None
 
 
-def resolve_config(config: TrainConfig | dict | str | os.PathLike | None, overrides: dict[str, Any]) -> TrainConfig:
+def build_train_config(config: TrainConfig | dict | str | os.PathLike | None,
+                       overrides: dict[str, Any]) -> TrainConfig:
     """Build a TrainConfig from a TrainConfig, a dict of flat keys, or a YAML path, plus overrides."""
     if isinstance(config, TrainConfig):
         return config.replace(**overrides) if overrides else config
@@ -94,7 +95,7 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
     """
     from loratune.ops.runtime import tuned_cpu_runtime
 
-    cfg = resolve_config(config, overrides)
+    cfg = build_train_config(config, overrides)
     env = init_distributed()
     try:
         # flush denormals, keep freed memory, threads; process-wide, so put back afterwards
@@ -106,12 +107,12 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
 
 def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from loratune.data import build_datasets, check_vocab
-    from loratune.evaluate import model_vocab_size
-    from loratune.loading import load_tokenizer
+    from loratune.tools.evaluation import model_vocab_size
+    from loratune.tools.loading import load_tokenizer
     from loratune.train.loop import fit
 
     out = cfg.loop.output_dir
-    check_output_dir(out)
+    check_train_output_dir(out)
     resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
     seed_everything(cfg.loop.seed)
     tokenizer = load_tokenizer(cfg.model.model_name_or_path)
@@ -169,7 +170,7 @@ def target_modules_for_peft(value: str | list[str] | tuple[str, ...]) -> str | l
     return value
 
 
-def check_output_dir(path: str) -> None:
+def check_train_output_dir(path: str) -> None:
     """Raise ConfigError if `path` cannot become a directory (it, or a parent, is a file).
 
     Called before the model and data load, so a bad output_dir fails in a second, not after.
@@ -179,22 +180,24 @@ def check_output_dir(path: str) -> None:
         probe = os.path.dirname(probe)
     if os.path.isdir(probe):
         return
-    where = "is an existing file" if probe == os.path.abspath(path) else f"is inside {probe!r}, which is a file"
+    where = ("is an existing file" if probe == os.path.abspath(path)
+             else f"is inside {probe!r}, which is a file")
     raise ConfigError(f"output_dir {path!r} {where}; choose a directory (it is created if missing)")
 
 
 def build_model(cfg: TrainConfig, env: DistEnv):
     """Load the frozen base (bf16 where supported) and inject a fresh fp32 LoRA adapter."""
     from loratune import LoraConfig, get_peft_model
-    from loratune.loading import load_base_model
     from loratune.ops.attention import enable_varlen_attention
     from loratune.ops.rms_norm import enable_fast_rms_norm
+    from loratune.tools.loading import load_base_model
 
     m, lo = cfg.model, cfg.lora
     base = load_base_model(
         m.model_name_or_path, dtype="auto" if m.bf16 else "float32", device=env.device,
         load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit, bnb_4bit_quant_type=m.bnb_4bit_quant_type,
-        bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype, bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype,
+        bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
     )
     if m.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and under DDP.
@@ -223,15 +226,15 @@ def build_model(cfg: TrainConfig, env: DistEnv):
 
 def before_after_sample(model, tokenizer, datasets) -> dict[str, str] | None:
     """Generate for one example prompt with the adapter disabled (before) and enabled (after)."""
-    from loratune.train.sampling import generate_text, prompt_ids
+    from loratune.train.sampling import example_prompt_ids, sample_completion
 
     source = datasets.eval if datasets.eval is not None and len(datasets.eval) else datasets.train
     if source is None or not len(source):
         return None
-    ids = prompt_ids(source[0])
+    ids = example_prompt_ids(source[0])
     with model.disable_adapter():
-        before = generate_text(model, tokenizer, ids)
-    after = generate_text(model, tokenizer, ids)
+        before = sample_completion(model, tokenizer, ids)
+    after = sample_completion(model, tokenizer, ids)
     return {"prompt": tokenizer.decode(ids, skip_special_tokens=False), "before": before, "after": after}
 
 

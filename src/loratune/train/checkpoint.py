@@ -98,7 +98,8 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     for name in os.listdir(output_dir):
         match = _NAME.match(name)
         path = os.path.join(output_dir, name)
-        if match and os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, INFO_FILE)):
+        complete = all(os.path.isfile(os.path.join(path, f)) for f in (STATE_FILE, INFO_FILE))
+        if match and complete:
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -130,8 +131,8 @@ def remove_stale(output_dir: str) -> None:
     """
     old = list_checkpoints(output_dir)
     if old:
-        logger.warning("fresh run in %s: removing %d checkpoint(s) of an earlier run (%s); to continue that run "
-                       "instead, pass --resume_from_checkpoint true", output_dir, len(old),
+        logger.warning("fresh run in %s: removing %d checkpoint(s) of an earlier run (%s); to continue "
+                       "that run instead, pass --resume_from_checkpoint true", output_dir, len(old),
                        ", ".join(os.path.basename(p) for _, p in old))
     for _, path in old:
         shutil.rmtree(path, ignore_errors=True)
@@ -154,7 +155,8 @@ def resolve_resume(resume: bool | str, output_dir: str) -> str | None:
     path = os.fspath(resume)
     if not (os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, INFO_FILE))):
         raise ConfigError(
-            f"resume_from_checkpoint: {path!r} is not a complete checkpoint (needs {STATE_FILE} and {INFO_FILE})"
+            f"resume_from_checkpoint: {path!r} is not a complete checkpoint "
+            f"(needs {STATE_FILE} and {INFO_FILE})"
         )
     return path
 

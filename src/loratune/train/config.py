@@ -89,7 +89,9 @@ class OptimArgs:
     weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay"))
     max_grad_norm: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0: off)"))
     per_device_train_batch_size: int = field(
-        default=8, metadata=_help("examples per micro-batch per process (unpacked); packed rows hold this many rows' worth of tokens")
+        default=8,
+        metadata=_help("examples per micro-batch per process (unpacked); packed rows hold this many rows' "
+                       "worth of tokens")
     )
     gradient_accumulation_steps: int = field(
         default=1, metadata=_help("micro-batches per optimizer step (loss normalised by trained tokens)")
@@ -100,22 +102,28 @@ class OptimArgs:
 class LoopArgs:
     """How long to train, what to write, and where."""
 
-    output_dir: str = field(default="outputs/lora", metadata=_help("where the adapter, checkpoints and logs go"))
+    output_dir: str = field(default="outputs/lora",
+                            metadata=_help("where the adapter, checkpoints and logs go"))
     num_train_epochs: float = field(default=3.0, metadata=_help("passes over the training data"))
-    max_steps: int = field(default=-1, metadata=_help("optimizer steps to run; overrides num_train_epochs when > 0"))
-    logging_steps: int = field(default=10, metadata=_help("log loss, learning rate and tokens/s every N steps"))
-    eval_steps: int = field(default=0, metadata=_help("evaluate every N steps and at the end (0: only at the end)"))
+    max_steps: int = field(default=-1,
+                           metadata=_help("optimizer steps to run; overrides num_train_epochs when > 0"))
+    logging_steps: int = field(default=10,
+                               metadata=_help("log loss, learning rate and tokens/s every N steps"))
+    eval_steps: int = field(default=0,
+                            metadata=_help("evaluate every N steps and at the end (0: only at the end)"))
     save_steps: int = field(default=500, metadata=_help("write checkpoint-<step>/ every N steps (0: never)"))
     save_total_limit: int | None = field(default=2, metadata=_help("keep only the newest N checkpoints"))
     seed: int = field(default=42, metadata=_help("seed for adapter init, data order and dropout"))
     resume_from_checkpoint: bool | str = field(
-        default=False, metadata=_help("true: continue from the newest checkpoint in output_dir; or a checkpoint path")
+        default=False,
+        metadata=_help("true: continue from the newest checkpoint in output_dir; or a checkpoint path")
     )
     report_to: str = field(default="none", metadata=_help("extra metric sink: none or tensorboard",
                                                           choices=("none", "tensorboard")))
     disable_tqdm: bool = field(default=False, metadata=_help("hide the progress bar"))
     num_threads: int = field(
-        default=0, metadata=_help("CPU intra-op threads (0: torch's default, one per core; 1 wins on a busy machine)")
+        default=0,
+        metadata=_help("CPU intra-op threads (0: torch's default, one per core; 1 wins on a busy machine)")
     )
 
 
@@ -201,7 +209,8 @@ def _refuse_duplicate_keys(node, path: str) -> None:
     for key, _ in node.value:
         name, line = str(key.value), key.start_mark.line + 1
         if name in seen:
-            raise ConfigError(f"key {name!r} is set twice (lines {seen[name]} and {line}); keep one", source=path)
+            raise ConfigError(f"key {name!r} is set twice (lines {seen[name]} and {line}); keep one",
+                              source=path)
         seen[name] = line
 
 
@@ -260,7 +269,8 @@ def range_problems(s: dict[str, Any]) -> list[str]:
         ],
         "lora": lambda lo: [
             (lo.r > 0, f"r must be > 0, got {lo.r}"),
-            (_finite(lo.lora_alpha) and lo.lora_alpha > 0, f"lora_alpha must be a finite number > 0, got {lo.lora_alpha}"),
+            (_finite(lo.lora_alpha) and lo.lora_alpha > 0,
+             f"lora_alpha must be a finite number > 0, got {lo.lora_alpha}"),
             (0 <= lo.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {lo.lora_dropout}"),
         ],
         "optim": lambda op: [
@@ -277,7 +287,8 @@ def range_problems(s: dict[str, Any]) -> list[str]:
              f"gradient_accumulation_steps must be >= 1, got {op.gradient_accumulation_steps}"),
         ],
         "loop": lambda lp: [
-            (lp.max_steps == -1 or lp.max_steps > 0, f"max_steps must be > 0 or -1 (use epochs), got {lp.max_steps}"),
+            (lp.max_steps == -1 or lp.max_steps > 0,
+             f"max_steps must be > 0 or -1 (use epochs), got {lp.max_steps}"),
             (_finite(lp.num_train_epochs) and lp.num_train_epochs > 0,
              f"num_train_epochs must be a finite number > 0, got {lp.num_train_epochs}"),
             (lp.logging_steps >= 1, f"logging_steps must be >= 1, got {lp.logging_steps}"),

@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from loratune.data import collate, plan_batches
 from loratune.errors import LoratuneError, TrainingDivergedError
-from loratune.evaluate import loss_sum_over, perplexity
+from loratune.tools.evaluation import loss_sum_over, perplexity
 from loratune.train import checkpoint as ckpt
 from loratune.train.config import TrainConfig
 from loratune.train.distributed import DistEnv, all_reduce_min, all_reduce_sum, broadcast_flag, gather_objects
@@ -125,7 +125,8 @@ def fit(
     total_steps = lp.max_steps if lp.max_steps > 0 else math.ceil(lp.num_train_epochs * steps_per_epoch)
 
     optimizer = build_optimizer(model, op.learning_rate, op.weight_decay)
-    scheduler = build_scheduler(optimizer, op.lr_scheduler_type, warmup_steps_for(total_steps, op.warmup_ratio),
+    scheduler = build_scheduler(optimizer, op.lr_scheduler_type,
+                                warmup_steps_for(total_steps, op.warmup_ratio),
                                 total_steps)
     pos, window = Position(), LogWindow()
     if resume_path is not None:
@@ -134,11 +135,13 @@ def fit(
                     pos.batch_index)
     params = [p for _, p in trainable_parameters(model)]
     logger.info("training %d steps (%d per epoch x %d process(es)), %s trainable parameters, %d examples",
-                total_steps, steps_per_epoch, env.world_size, f"{sum(p.numel() for p in params):,}", len(train_set))
+                total_steps, steps_per_epoch, env.world_size, f"{sum(p.numel() for p in params):,}",
+                len(train_set))
     runner = _LossModule(model)
     if env.enabled:
         runner = nn.parallel.DistributedDataParallel(
-            runner, device_ids=[env.device.index] if env.device.type == "cuda" else None, broadcast_buffers=False
+            runner, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            broadcast_buffers=False
         )
     model.train()
 
@@ -161,7 +164,8 @@ def fit(
             grad_norm = _normalise_and_clip(params, n_trained, op.max_grad_norm, env)
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
                 bar.close()
-                metrics.write({"step": pos.step + 1, "loss": str(loss), "grad_norm": str(grad_norm), "diverged": True})
+                metrics.write({"step": pos.step + 1, "loss": str(loss), "grad_norm": str(grad_norm),
+                               "diverged": True})
                 what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", grad_norm)
                 raise _diverged(what, value, pos.step + 1, last_ckpt)
             lr = scheduler.get_last_lr()[0]
@@ -179,8 +183,9 @@ def fit(
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             epoch_float = pos.epoch + pos.batch_index / max(len(batches), 1)
             if pos.step % lp.logging_steps == 0 or pos.step == total_steps:
-                metrics.write({"step": pos.step, "loss": sum(window.losses) / len(window.losses), "learning_rate": lr,
-                               "tokens_per_s": tokens_per_s, "epoch": round(epoch_float, 4), "grad_norm": grad_norm})
+                metrics.write({"step": pos.step, "loss": sum(window.losses) / len(window.losses),
+                               "learning_rate": lr, "tokens_per_s": tokens_per_s,
+                               "epoch": round(epoch_float, 4), "grad_norm": grad_norm})
                 window, window_start = LogWindow(), now
             if eval_set is not None and len(eval_set) and (
                 (lp.eval_steps and pos.step % lp.eval_steps == 0) or pos.step == total_steps
@@ -188,7 +193,8 @@ def fit(
                 eval_loss = _evaluate_and_log(model, tokenizer, eval_set, cfg, env, metrics, pos.step)
                 window_start = time.perf_counter()  # eval time is not training throughput
             interrupted = broadcast_flag(stop.requested, env)
-            saving = (lp.save_steps and pos.step % lp.save_steps == 0 and pos.step < total_steps) or interrupted
+            saving = ((lp.save_steps and pos.step % lp.save_steps == 0 and pos.step < total_steps)
+                      or interrupted)
             if (saving or pos.step == total_steps) and not _all_finite(params):  # never save NaN/inf weights
                 bar.close()
                 metrics.write({"step": pos.step, "weights": "non-finite", "diverged": True})
@@ -202,7 +208,8 @@ def fit(
     bar.close()
     return FitOutcome(step=pos.step, total_steps=total_steps, interrupted=pos.step < total_steps,
                       last_checkpoint=last_ckpt, train_tokens=seen_tokens,
-                      runtime_s=time.perf_counter() - started, eval_loss=eval_loss, history=list(metrics.records),
+                      runtime_s=time.perf_counter() - started, eval_loss=eval_loss,
+                      history=list(metrics.records),
                       start_step=start_step, resumed_from=resume_path)
 
 
@@ -213,8 +220,8 @@ def _accumulate(runner: nn.Module, train_set, group: list[list[int]], dc, tokeni
     """
     loss_sum, n_trained, n_input = 0.0, 0, 0
     for i, indices in enumerate(group):
-        batch = collate([train_set[j] for j in indices], packing=dc.packing, pad_token_id=tokenizer.pad_token_id,
-                        max_seq_length=dc.max_seq_length)
+        batch = collate([train_set[j] for j in indices], packing=dc.packing,
+                        pad_token_id=tokenizer.pad_token_id, max_seq_length=dc.max_seq_length)
         batch = {k: v.to(env.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
         last = i == len(group) - 1
         sync = contextlib.nullcontext() if last or not env.enabled else runner.no_sync()
@@ -228,7 +235,8 @@ def _accumulate(runner: nn.Module, train_set, group: list[list[int]], dc, tokeni
     return loss_sum, n_trained, n_input
 
 
-def _normalise_and_clip(params: list[nn.Parameter], n_trained: float, max_grad_norm: float, env: DistEnv) -> float:
+def _normalise_and_clip(params: list[nn.Parameter], n_trained: float, max_grad_norm: float,
+                        env: DistEnv) -> float:
     """Turn summed gradients into per-trained-token ones, clip, and return the pre-clip norm.
 
     DDP has already averaged over ranks, hence world_size / N rather than 1 / N.
@@ -239,7 +247,8 @@ def _normalise_and_clip(params: list[nn.Parameter], n_trained: float, max_grad_n
     return float(torch.nn.utils.clip_grad_norm_(params, limit, foreach=True))
 
 
-def _diverged(what: str, value, step: int, last_ckpt: str | None, applied: bool = False) -> TrainingDivergedError:
+def _diverged(what: str, value, step: int, last_ckpt: str | None,
+              applied: bool = False) -> TrainingDivergedError:
     keep = f"the last good checkpoint is {last_ckpt}" if last_ckpt else "no checkpoint was written yet"
     done = "stopped before saving them" if applied else "stopped without applying that step"
     return TrainingDivergedError(
@@ -274,7 +283,8 @@ def _evaluate_and_log(model, tokenizer, eval_set, cfg, env, metrics: MetricsLog,
     record: dict[str, Any] = {"step": step, "eval_loss": eval_loss,
                               "perplexity": perplexity(eval_loss)}
     if env.is_main:
-        samples = sample_generations(model, tokenizer, [eval_set[i] for i in range(min(EVAL_SAMPLES, len(eval_set)))])
+        samples = sample_generations(model, tokenizer,
+                                     [eval_set[i] for i in range(min(EVAL_SAMPLES, len(eval_set)))])
         record["samples"] = samples
         for s in samples:
             logger.info("sample @ step %d: %r -> %r", step, s["prompt"], s["completion"])
@@ -301,9 +311,11 @@ def _save(model, optimizer, scheduler, pos: Position, window: LogWindow, cfg: Tr
             "world_size": env.world_size,
             "log_window": asdict(window),
         }
-        info = {**state["position"], "world_size": env.world_size, "learning_rate": scheduler.get_last_lr()[0]}
-        path = ckpt.save_checkpoint(cfg.loop.output_dir, pos.step, write_adapter=model.save_pretrained, state=state,
-                                    info=info, config_yaml=config_yaml, save_total_limit=cfg.loop.save_total_limit)
+        info = {**state["position"], "world_size": env.world_size,
+                "learning_rate": scheduler.get_last_lr()[0]}
+        path = ckpt.save_checkpoint(cfg.loop.output_dir, pos.step, write_adapter=model.save_pretrained,
+                                    state=state, info=info, config_yaml=config_yaml,
+                                    save_total_limit=cfg.loop.save_total_limit)
     return gather_objects(path, env)[0]
 
 
@@ -340,7 +352,8 @@ def _check_fits(path: str, params: dict[str, torch.Tensor], saved: dict[str, tor
     if wrong:
         more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
         raise LoratuneError(f"checkpoint {path} does not fit this model/config: {wrong[0]}{more}; "
-                            "resume with the r, target_modules and modules_to_save the checkpoint was written with")
+                            "resume with the r, target_modules and modules_to_save the checkpoint was "
+                            "written with")
 
 
 class _InterruptFlag:

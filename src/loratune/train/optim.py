@@ -30,7 +30,8 @@ def build_optimizer(model: nn.Module, learning_rate: float, weight_decay: float)
     if not named:
         raise RuntimeError("the model has no trainable parameters; was the adapter injected?")
     for name, p in named:
-        assert p.dtype == torch.float32, f"trainable parameter {name} is {p.dtype}, expected fp32 master weights"
+        assert p.dtype == torch.float32, (f"trainable parameter {name} is {p.dtype}, "
+                                          "expected fp32 master weights")
     decay = [p for _, p in named if p.ndim >= 2]
     no_decay = [p for _, p in named if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}]
@@ -63,9 +64,11 @@ def lr_lambda(step: int, *, kind: str, warmup_steps: int, total_steps: int) -> f
     raise ValueError(f"unknown lr_scheduler_type {kind!r}")
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int, total_steps: int) -> LambdaLR:
+def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: int,
+                    total_steps: int) -> LambdaLR:
     """A LambdaLR over `lr_lambda`; its state_dict goes into every checkpoint."""
-    return LambdaLR(optimizer, lambda s: lr_lambda(s, kind=kind, warmup_steps=warmup_steps, total_steps=total_steps))
+    return LambdaLR(optimizer,
+                    lambda s: lr_lambda(s, kind=kind, warmup_steps=warmup_steps, total_steps=total_steps))
 
 
 def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:

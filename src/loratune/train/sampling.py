@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from torch import nn
 
-from loratune import generation
 from loratune.data import IGNORE_INDEX
-from loratune.generation import GenerationSettings
+from loratune.tools import generation
+from loratune.tools.generation import GenerationSettings
 
 PROMPT_TOKENS_FOR_TEXT = 8
 
 
-def prompt_ids(example: dict) -> list[int]:
+def example_prompt_ids(example: dict) -> list[int]:
     """Return the untrained prefix of a tokenized example (its prompt)."""
     ids = [int(i) for i in example["input_ids"]]
     labels = [int(i) for i in example["labels"]]
@@ -25,25 +25,27 @@ def prompt_ids(example: dict) -> list[int]:
     return ids[:first]
 
 
-def generate_text(model: nn.Module, tokenizer, ids: list[int], *, max_new_tokens: int = 32) -> str:
+def sample_completion(model: nn.Module, tokenizer, ids: list[int], *, max_new_tokens: int = 32) -> str:
     """Greedy-decode a continuation of `ids` and return only the new text (`loratune generate`'s decoding,
     with its stop tokens). Puts the model in eval mode for the call and restores its previous mode.
     """
     was_training = model.training
     model.eval()
     try:
-        return generation.generate_text(model, tokenizer, ids, GenerationSettings(max_new_tokens=max_new_tokens)).strip()
+        settings = GenerationSettings(max_new_tokens=max_new_tokens)
+        return generation.generate_text(model, tokenizer, ids, settings).strip()
     finally:
         model.train(was_training)
 
 
-def sample_generations(model: nn.Module, tokenizer, examples: list[dict], *, max_new_tokens: int = 32) -> list[dict]:
+def sample_generations(model: nn.Module, tokenizer, examples: list[dict], *,
+                       max_new_tokens: int = 32) -> list[dict]:
     """Generate for each example's prompt: [{"prompt": str, "completion": str}]."""
     out = []
     for example in examples:
-        ids = prompt_ids(example)
+        ids = example_prompt_ids(example)
         out.append({
             "prompt": tokenizer.decode(ids, skip_special_tokens=True),
-            "completion": generate_text(model, tokenizer, ids, max_new_tokens=max_new_tokens),
+            "completion": sample_completion(model, tokenizer, ids, max_new_tokens=max_new_tokens),
         })
     return out

@@ -6,16 +6,17 @@ import pytest
 import torch
 
 from loratune.adapter_io import PREFIX
-from loratune.compat import VLLM_MAX_LORA_RANKS, check_lorax, check_vllm, vllm_max_lora_rank_for
 from loratune.config import LoraConfig
-from loratune.inspection import summarize_adapter
+from loratune.tools.acceptance import VLLM_MAX_LORA_RANKS, check_lorax, check_vllm, vllm_max_lora_rank_for
+from loratune.tools.inspection import summarize_adapter
 from test_inspection import write_adapter
 
 LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
 def summary(tmp_path, config: LoraConfig, ranks=None, extra=None):
-    ranks = ranks or {f"model.layers.{i}.self_attn.{t}": config.r for i in range(2) for t in ("q_proj", "v_proj")}
+    ranks = ranks or {f"model.layers.{i}.self_attn.{t}": config.r
+                      for i in range(2) for t in ("q_proj", "v_proj")}
     return summarize_adapter(write_adapter(tmp_path / "a", config, ranks, extra=extra))
 
 
@@ -28,7 +29,8 @@ def test_plain_llama_adapter_is_accepted_by_both(tmp_path):
         assert verdict.notes == []
 
 
-@pytest.mark.parametrize(("rank", "needed"), [(1, 1), (2, 8), (8, 8), (12, 16), (24, 32), (300, 320), (512, 512),
+@pytest.mark.parametrize(("rank", "needed"),
+                         [(1, 1), (2, 8), (8, 8), (12, 16), (24, 32), (300, 320), (512, 512),
                                               (513, None)])
 def test_vllm_max_lora_rank_rounds_up_to_an_allowed_value(rank, needed):
     assert vllm_max_lora_rank_for(rank) == needed

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from transformers import GenerationConfig
 
-from .errors import ConfigError
+from loratune.errors import ConfigError
 
 MAX_SEED = 2**64 - 1  # the largest seed torch.manual_seed accepts
 # Temperatures below this decode greedily (as vLLM does): dividing logits by a tinier one overflows.

@@ -1,6 +1,6 @@
 """Merge an adapter into its base and write a standard Hugging Face model directory, then prove it.
 
-`merge_to_directory` takes an adapter model loaded in float32 (`loratune.inference.load_model`;
+`merge_to_directory` takes an adapter model loaded in float32 (`loratune.tools.load_trained.load_model`;
 a quantized base computing in float32) and:
   1. computes reference logits of the adapter model on a fixed probe batch;
   2. for a quantized base (QLoRA), replaces the quantized layers by float32 ones holding exactly
@@ -26,11 +26,13 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from transformers import AutoModelForCausalLM
 
-from .atomic import atomic_directory
-from .errors import ConfigError
-from .evaluate import model_vocab_size
-from .loading import parse_dtype
+from loratune.atomic import atomic_directory
+from loratune.dtypes import parse_dtype
+from loratune.errors import ConfigError
+from loratune.quant import dequantize_model
+from loratune.tools.evaluation import model_vocab_size
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +106,7 @@ def tolerance_for(reference: Tensor) -> float:
     return atol + rtol * float(reference.abs().max())
 
 
-def check_output_dir(output_dir: str, adapter_dir: str | None) -> None:
+def check_merge_output_dir(output_dir: str, adapter_dir: str | None) -> None:
     """Refuse to write into a non-empty directory or into the adapter itself.
 
     Raises:
@@ -125,14 +127,16 @@ def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
     when the checks pass (`report.published`).
 
     Raises:
-        ConfigError: bad dtype, tolerance or output_dir, or no adapter; MergeError: NaN/Inf in a merged weight.
+        ConfigError: bad dtype, tolerance or output_dir, or no adapter.
+        MergeError: NaN/Inf in a merged weight.
     """
     torch_dtype = parse_dtype(dtype, "--dtype")
     check_tolerance(tolerance)
     if not hasattr(loaded.model, "merge_and_unload"):
         raise ConfigError("merging needs an adapter (--adapter DIR)")
-    check_output_dir(output_dir, loaded.adapter_dir)
-    probe = probe_batch(loaded.tokenizer, model_vocab_size(loaded.model))  # the embedding's rows, resized or not
+    check_merge_output_dir(output_dir, loaded.adapter_dir)
+    # the embedding's rows, resized or not
+    probe = probe_batch(loaded.tokenizer, model_vocab_size(loaded.model))
     reference = logits_of(loaded.model, probe)
     reference_name = "the adapter model" + (f" on its {loaded.quantized} base" if loaded.quantized else "")
     merged = _merge(loaded)
@@ -165,16 +169,12 @@ class _CheckFailed(Exception):
 def _merge(loaded) -> nn.Module:
     model = loaded.model
     if loaded.quantized:
-        from .quant import dequantize_model
-
         dequantize_model(model.get_base_model(), dtype=torch.float32)
     return model.merge_and_unload(safe_merge=True).eval()
 
 
 def _reload(directory: str, torch_dtype: torch.dtype) -> nn.Module:
     """Load the written directory the way users will."""
-    from transformers import AutoModelForCausalLM
-
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).eval()
 
 

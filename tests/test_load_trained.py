@@ -9,8 +9,14 @@ import torch
 
 from loratune import LoraConfig, get_peft_model
 from loratune.errors import AdapterError, ConfigError
-from loratune.inference import QUANT_DEFAULTS, load_model, read_train_config, resolve_base_name, resolve_quant
-from loratune.loading import load_base_model, load_tokenizer
+from loratune.tools.load_trained import (
+    QUANT_DEFAULTS,
+    load_model,
+    read_train_config,
+    resolve_base_name,
+    resolve_quant,
+)
+from loratune.tools.loading import load_base_model, load_tokenizer
 
 PRESET = "preset:tiny-llama"
 
@@ -71,7 +77,8 @@ def test_base_defaults_to_the_adapter_config(tmp_path, model_dir):
 
 
 def test_quantization_comes_from_train_config_and_flags_win(tmp_path, model_dir):
-    path = save_tiny_adapter(tmp_path / "a", model_dir, train_config="load_in_4bit: true\nbnb_4bit_quant_type: fp4\n")
+    path = save_tiny_adapter(tmp_path / "a", model_dir,
+                             train_config="load_in_4bit: true\nbnb_4bit_quant_type: fp4\n")
     assert read_train_config(path)["load_in_4bit"] is True
     quant = resolve_quant(path)
     assert quant["load_in_4bit"] and quant["bnb_4bit_quant_type"] == "fp4"
@@ -100,11 +107,13 @@ def test_bad_inputs_raise_named_errors(tmp_path):
 
 def test_a_file_given_as_the_adapter_is_named_as_a_file(tmp_path, model_dir):
     path = save_tiny_adapter(tmp_path / "a", model_dir)
-    with pytest.raises(AdapterError, match=r"adapter_model.safetensors: is a file, not an adapter directory; did you mean "
+    with pytest.raises(AdapterError,
+                       match=r"adapter_model.safetensors: is a file, not an adapter directory; did you mean "
                                            rf"its directory {path}\?"):
         load_model(adapter=os.path.join(path, "adapter_model.safetensors"))
     (tmp_path / "notes.txt").write_text("x")
-    with pytest.raises(AdapterError, match="notes.txt: is a file, not an adapter directory; pass the adapter directory"):
+    with pytest.raises(AdapterError,
+                       match="notes.txt: is a file, not an adapter directory; pass the adapter directory"):
         load_model(adapter=str(tmp_path / "notes.txt"))
 
 
@@ -117,13 +126,14 @@ def test_nan_or_inf_adapter_weights_are_refused_at_load(tmp_path, model_dir):
     key = sorted(tensors)[0]
     tensors[key] = torch.full_like(tensors[key], float("nan"))
     save_file(tensors, weights)
-    with pytest.raises(AdapterError, match=rf"{path}: 1 of {len(tensors)} adapter tensor\(s\) hold NaN or Inf "
+    with pytest.raises(AdapterError,
+                       match=rf"{path}: 1 of {len(tensors)} adapter tensor\(s\) hold NaN or Inf "
                                            rf"values \({key}\)"):
         load_model(adapter=path, dtype="float32")
 
 
 def test_resolve_device():
-    from loratune.inference import resolve_device
+    from loratune.tools.load_trained import resolve_device
 
     assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
     assert resolve_device("cpu") == "cpu"

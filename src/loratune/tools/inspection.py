@@ -16,9 +16,9 @@ from dataclasses import dataclass, field
 
 from torch import Tensor
 
-from .adapter_io import BIN_NAME, PREFIX, SAFETENSORS_NAME, nonfinite_keys, read_adapter
-from .config import CONFIG_NAME, LoraConfig
-from .inject import ALL_LINEAR, matches, pattern_value
+from loratune.adapter_io import BIN_NAME, PREFIX, SAFETENSORS_NAME, nonfinite_keys, read_adapter
+from loratune.config import CONFIG_NAME, LoraConfig
+from loratune.inject import ALL_LINEAR, matches, pattern_value
 
 ADAPTER_FILES = (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME, "README.md")
 _LORA_KEY = re.compile(r"^(?P<path>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
@@ -134,7 +134,8 @@ def adapter_problems(config: LoraConfig, tensors: dict[str, Tensor], modules: li
     if not modules:
         return [f"no LoRA tensors (lora_A/lora_B): the weights file holds {len(tensors)} tensor(s)"]
     problems = []
-    wrong = [f"{m.path} has r={m.r}" for m in modules if m.r != pattern_value(config.rank_pattern, m.path, config.r)]
+    wrong = [f"{m.path} has r={m.r}" for m in modules
+             if m.r != pattern_value(config.rank_pattern, m.path, config.r)]
     if wrong:
         problems.append(f"tensor ranks differ from adapter_config.json (r={config.r}"
                         + (f", rank_pattern {config.rank_pattern}" if config.rank_pattern else "")
@@ -153,12 +154,15 @@ def _target_problems(config: LoraConfig, paths: list[str]) -> list[str]:
     if target is None or (isinstance(target, str) and target.lower() == ALL_LINEAR):
         return []  # resolved against the model when loaded; nothing to compare the tensors with
     names = ", ".join(sorted({p.rsplit(".", 1)[-1] for p in paths}))
-    entries = [target] if isinstance(target, str) else [e for e in target if not matches(config.modules_to_save, e)]
-    problems = [f"target_modules entry {e!r} in adapter_config.json matches none of the adapter's modules ({names})"
+    entries = ([target] if isinstance(target, str)
+               else [e for e in target if not matches(config.modules_to_save, e)])
+    problems = [f"target_modules entry {e!r} in adapter_config.json matches none of the adapter's modules "
+                f"({names})"
                 for e in entries if not any(matches(e if isinstance(target, str) else [e], p) for p in paths)]
     unmatched = [p for p in paths if not matches(target, p) or matches(config.exclude_modules, p)]
     if unmatched:
-        problems.append(f"tensors for modules that target_modules {target!r} does not select: {_listed(unmatched)}")
+        problems.append(f"tensors for modules that target_modules {target!r} does not select: "
+                        f"{_listed(unmatched)}")
     return problems
 
 
@@ -168,7 +172,8 @@ def _listed(items: list[str], limit: int = 4) -> str:
 
 def _dir_size(path: str) -> int:
     """Bytes of the adapter's own files (a training output_dir also holds metrics, plots, checkpoints)."""
-    return sum(os.path.getsize(os.path.join(path, f)) for f in ADAPTER_FILES if os.path.isfile(os.path.join(path, f)))
+    files = [os.path.join(path, f) for f in ADAPTER_FILES]
+    return sum(os.path.getsize(f) for f in files if os.path.isfile(f))
 
 
 def human_size(n: int) -> str:

@@ -5,9 +5,10 @@ something else) and `notes` (it loads, but needs a setting or runs slower). The 
 servers' own checks:
   vLLM  (vllm/lora/peft_helper.py `PEFTHelper.validate_legal`, vllm/config/lora.py): rank, including
         every rank_pattern value, <= --max-lora-rank, whose allowed values are VLLM_MAX_LORA_RANKS
-        (default 16; any rank up to it works, e.g. r=24 with --max-lora-rank 32); no DoRA; bias "none"; modules_to_save only a classifier head; init_lora_weights
-        that rewrite the base (PiSSA, OLoRA) refused; LoRA on embed_tokens/lm_head only for the few
-        models that declare it; targets must be linear layers the model's vLLM implementation knows.
+        (default 16; any rank up to it works, e.g. r=24 with --max-lora-rank 32); no DoRA; bias
+        "none"; modules_to_save only a classifier head; init_lora_weights that rewrite the base
+        (PiSSA, OLoRA) refused; LoRA on embed_tokens/lm_head only for the few models that declare
+        it; targets must be linear layers the model's vLLM implementation knows.
   LoRAX (server/lorax_server/adapters/lora.py): reads only r, lora_alpha, use_rslora and the
         lora_A/lora_B tensors, so everything else in the file is ignored (DoRA magnitudes,
         modules_to_save, biases, rank_pattern/alpha_pattern scaling), and a layer type adapted in
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .inspection import AdapterSummary
+from loratune.tools.inspection import AdapterSummary
 
 VLLM_MAX_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
 VLLM_DEFAULT_MAX_LORA_RANK = 16
@@ -80,12 +81,12 @@ def check_vllm(s: AdapterSummary) -> Verdict:
         reasons.append(f"modules_to_save {unsupported_save}: vLLM accepts only None or a classifier head "
                        f"({', '.join(sorted(VLLM_MODULES_TO_SAVE))})")
     if c.init_lora_weights not in VLLM_SUPPORTED_INITS:
-        reasons.append(f"init_lora_weights={c.init_lora_weights!r} rewrites the base weights; vLLM refuses it "
-                       "(serve a base with those weights and set init_lora_weights to true)")
+        reasons.append(f"init_lora_weights={c.init_lora_weights!r} rewrites the base weights; "
+                       "vLLM refuses it (serve a base with those weights and set init_lora_weights to true)")
     embeddings = sorted({m.name for m in s.modules if m.embedding or m.name in EMBEDDING_TARGETS})
     if embeddings:
-        reasons.append(f"LoRA on embedding/output layers {embeddings}: vLLM accepts it only for the few models "
-                       "that declare these modules, and most do not")
+        reasons.append(f"LoRA on embedding/output layers {embeddings}: vLLM accepts it only for the few "
+                       "models that declare these modules, and most do not")
     unknown = sorted({m.name for m in s.modules} - VLLM_KNOWN_TARGETS - EMBEDDING_TARGETS)
     if unknown:
         reasons.append(f"target modules {unknown} are not linear layers vLLM's LoRA models adapt "

@@ -17,9 +17,11 @@ import torch
 import yaml
 from torch import nn
 
-from .adapter_io import check_finite, read_adapter
-from .config import LoraConfig
-from .errors import AdapterError, ConfigError
+from loratune.adapter_io import check_finite, read_adapter
+from loratune.config import LoraConfig
+from loratune.errors import AdapterError, ConfigError
+from loratune.model import LoraModel
+from loratune.tools.loading import load_base_model, load_tokenizer
 
 logger = logging.getLogger(__name__)
 
@@ -115,7 +117,8 @@ def resolve_device(device: str) -> str:
     try:
         parsed = torch.device(device)
     except (RuntimeError, ValueError):
-        raise ConfigError(f"--device {device!r} is not a device; expected auto, cpu, cuda or cuda:N") from None
+        raise ConfigError(f"--device {device!r} is not a device; expected auto, cpu, cuda or "
+                          "cuda:N") from None
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device!r}: no CUDA device is available; use --device cpu")
     return device
@@ -130,9 +133,6 @@ def load_model(model_name_or_path: str | None = None, adapter: str | None = None
         AdapterError: the adapter directory is missing, corrupt, holds NaN/Inf weights or does not fit
             the base.
     """
-    from .loading import load_base_model, load_tokenizer
-    from .model import LoraModel
-
     adapter_config = adapter_tensors = None
     if adapter is not None:
         check_adapter_path(adapter)

@@ -9,12 +9,11 @@
 Everything that fails because of the user's input raises `ConfigError` naming the value and a hint.
 
 The base model is returned frozen (requires_grad False everywhere) and in eval mode. Quantization
-is delegated to `loratune.quant.quantize_model`; this module only decides the dtype.
+is delegated to `loratune.quant.quantize_model`; the dtype to `loratune.dtypes.resolve_dtype`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -22,11 +21,14 @@ import pickle
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from safetensors import SafetensorError, safe_open
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from loratune.errors import ConfigError, LoratuneError
+from loratune.dtypes import resolve_dtype
+from loratune.errors import ConfigError
+from loratune.quant import quantize_model
 
 logger = logging.getLogger(__name__)
 
@@ -36,14 +38,8 @@ _WEIGHT_READ_ERRORS: tuple[type[BaseException], ...] = (SafetensorError, Runtime
                                                         EOFError)
 
 PRESET_PREFIX = "preset:"
-PRESETS_DIR = Path(__file__).resolve().parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
 DEFAULT_MODEL = "preset:tiny-llama"
-# The one table of float dtype names (the trainer, the verbs, quantization and export use it).
-_DTYPES = {
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-}
 
 
 def list_presets() -> list[str]:
@@ -86,8 +82,6 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
 def _looks_like_hub_id(name: str) -> bool:
     if name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep in name.replace("/", ""):
         return False
-    from huggingface_hub.utils import HFValidationError, validate_repo_id
-
     try:
         validate_repo_id(name)
     except HFValidationError:
@@ -103,52 +97,6 @@ def _hub_error(name: str, exc: Exception) -> ConfigError:
                        f"name either): {exc}; {hint}")
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
-
-
-def bf16_supported(device: str | torch.device) -> bool:
-    """Return whether `device` computes in bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        return _cpu_has_bf16()
-    return False
-
-
-def resolve_dtype(spec: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
-    """Turn "auto" | "bfloat16" | "float32" | "float16" (or a torch.dtype) into a torch.dtype.
-
-    "auto" is bf16 where `bf16_supported(device)`, else fp32.
-    """
-    if isinstance(spec, torch.dtype):
-        return spec
-    if spec == "auto":
-        return torch.bfloat16 if bf16_supported(device) else torch.float32
-    return parse_dtype(spec, "dtype", allowed="auto, bfloat16, float32, float16")
-
-
-def parse_dtype(value: str | torch.dtype, field: str = "dtype", *,
-                allowed: str = "bfloat16, float32, float16") -> torch.dtype:
-    """A float dtype from a torch.dtype or a name ('bfloat16', 'bf16', 'torch.float16', 'half', ...).
-
-    Raises:
-        ConfigError: naming `field`, for anything else.
-    """
-    if isinstance(value, torch.dtype) and value in _DTYPES.values():
-        return value
-    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
-        return _DTYPES[value.removeprefix("torch.")]
-    raise ConfigError(f"{field} {value!r} is not one of: {allowed}")
-
-
 def load_tokenizer(
     name_or_path: str | os.PathLike, *, revision: str | None = None, trust_remote_code: bool = False
 ) -> PreTrainedTokenizerBase:
@@ -159,7 +107,8 @@ def load_tokenizer(
     """
     kind, where = _resolve(name_or_path)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, revision=revision, trust_remote_code=trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(where, revision=revision,
+                                                  trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:
         if kind == "hub":
             raise _hub_error(where, exc) from exc
@@ -205,7 +154,7 @@ def load_base_model(
         model = _from_pretrained(str(name_or_path), kind, where, kwargs)
     model = model.to(device)
     if load_in_4bit or load_in_8bit:
-        model = _quantize(model, bits=4 if load_in_4bit else 8, quant_type=bnb_4bit_quant_type,
+        model = quantize_model(model, bits=4 if load_in_4bit else 8, quant_type=bnb_4bit_quant_type,
                           compute_dtype=bnb_4bit_compute_dtype, double_quant=bnb_4bit_use_double_quant)
     model.requires_grad_(False)
     return model.eval()
@@ -237,8 +186,6 @@ def _from_pretrained(name: str, kind: str, where: str, kwargs: dict) -> PreTrain
 
 def _unreadable_weight_files(directory: str) -> list[str]:
     """The weight files of a local model directory that fail to open (only called after a failed load)."""
-    from safetensors import safe_open
-
     bad = []
     for path in sorted(Path(directory).glob("*.safetensors")):
         try:  # the header must describe the whole file, so a cut-off file fails here
@@ -265,15 +212,8 @@ def _build_preset_model(path: Path, dtype: torch.dtype, attn_implementation: str
     return model.to(dtype)
 
 
-def _quantize(model: PreTrainedModel, **kwargs) -> PreTrainedModel:
-    try:
-        from loratune.quant import quantize_model
-    except ImportError as exc:
-        raise LoratuneError(f"4/8-bit loading needs loratune.quant.quantize_model, which is not available ({exc})") from exc
-    return quantize_model(model, **kwargs)
-
-
-def save_preset_as_hf_dir(name: str, out_dir: str | os.PathLike, *, dtype: str | torch.dtype = "float32") -> Path:
+def save_preset_as_hf_dir(name: str, out_dir: str | os.PathLike, *,
+                          dtype: str | torch.dtype = "float32") -> Path:
     """Write a preset as an ordinary Hugging Face directory (weights + tokenizer); return its path.
 
     The result loads with `AutoModelForCausalLM.from_pretrained`, so tests and users can exercise

@@ -17,10 +17,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .data import DataConfig, check_vocab, collate
-from .data.build import DatasetBundle, DataStats, tokenize_rows
-from .data.sources import read_file
-from .train.loss import token_loss_sum
+from loratune.data import DataConfig, check_vocab, collate
+from loratune.data.build import DatasetBundle, DataStats, tokenize_rows
+from loratune.data.sources import read_file
+from loratune.train.loss import token_loss_sum
 
 
 @dataclass(frozen=True)
@@ -33,7 +33,8 @@ class EvalResult:
     examples: int
 
     def to_dict(self) -> dict:
-        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens, "examples": self.examples}
+        return {"loss": self.loss, "perplexity": self.perplexity, "tokens": self.tokens,
+                "examples": self.examples}
 
 
 def load_eval_examples(path: str, tokenizer, data_config: DataConfig | None = None, *,
@@ -83,7 +84,8 @@ def loss_sum_over(model: nn.Module, batches: Iterable[list[dict]], *, pad_token_
     loss_sum, n_tokens = 0.0, 0
     try:
         for examples in batches:
-            batch = collate(examples, packing=packing, pad_token_id=pad_token_id, max_seq_length=max_seq_length)
+            batch = collate(examples, packing=packing, pad_token_id=pad_token_id,
+                            max_seq_length=max_seq_length)
             batch = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
             part, count = token_loss_sum(model, batch)
             loss_sum, n_tokens = loss_sum + float(part), n_tokens + int(count)
@@ -110,8 +112,10 @@ def evaluate_base_and_adapter(model: nn.Module, examples: list[dict], *, pad_tok
     results = {}
     if hasattr(model, "disable_adapter"):
         with model.disable_adapter():
-            results["base"] = evaluate_examples(model, examples, pad_token_id=pad_token_id, batch_size=batch_size)
-        results["adapter"] = evaluate_examples(model, examples, pad_token_id=pad_token_id, batch_size=batch_size)
+            results["base"] = evaluate_examples(model, examples, pad_token_id=pad_token_id,
+                                                batch_size=batch_size)
+        results["adapter"] = evaluate_examples(model, examples, pad_token_id=pad_token_id,
+                                               batch_size=batch_size)
     else:
         results["base"] = evaluate_examples(model, examples, pad_token_id=pad_token_id, batch_size=batch_size)
     return results

@@ -11,15 +11,15 @@ import torch.nn.functional as F
 
 from loratune.data import IGNORE_INDEX, DataConfig
 from loratune.errors import ConfigError, DataError
-from loratune.evaluate import (
+from loratune.tools.evaluation import (
     evaluate_base_and_adapter,
     evaluate_examples,
     load_eval_examples,
     model_vocab_size,
     perplexity,
 )
-from loratune.inference import load_model
-from test_inference import save_tiny_adapter, save_tiny_model_dir
+from loratune.tools.load_trained import load_model
+from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 ROWS = [
     {"prompt": "What is 2+2?", "completion": " 4"},
@@ -101,7 +101,8 @@ def test_token_ids_are_checked_against_the_model_vocabulary(setup, tmp_path):
     rows = tmp_path / "ids.jsonl"
     rows.write_text(f'{{"input_ids": [1, 2, {vocab - 1}]}}\n{{"input_ids": [1, 2, {vocab}]}}\n')
     assert len(load_eval_examples(str(rows), loaded.tokenizer)[0]) == 2  # unchecked without vocab_size
-    with pytest.raises(DataError, match=f"ids.jsonl line 2: token id {vocab} is outside the model's vocabulary"):
+    with pytest.raises(DataError,
+                       match=f"ids.jsonl line 2: token id {vocab} is outside the model's vocabulary"):
         load_eval_examples(str(rows), loaded.tokenizer, vocab_size=vocab)
 
 

@@ -1,0 +1,66 @@
+"""Float dtypes by name, and the "auto" choice: bf16 where the device computes it natively, else fp32.
+
+The one table of dtype names for the trainer, the verbs, quantization and export. This is a core
+module: `loratune.tools.loading` and `loratune.quant` both import it, and it imports neither.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+
+from .errors import ConfigError
+
+_DTYPES = {
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_supported(device: str | torch.device) -> bool:
+    """Return whether `device` computes in bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return _cpu_has_bf16()
+    return False
+
+
+def resolve_dtype(spec: str | torch.dtype, device: str | torch.device = "cpu") -> torch.dtype:
+    """Turn "auto" | "bfloat16" | "float32" | "float16" (or a torch.dtype) into a torch.dtype.
+
+    "auto" is bf16 where `bf16_supported(device)`, else fp32.
+    """
+    if isinstance(spec, torch.dtype):
+        return spec
+    if spec == "auto":
+        return torch.bfloat16 if bf16_supported(device) else torch.float32
+    return parse_dtype(spec, "dtype", allowed="auto, bfloat16, float32, float16")
+
+
+def parse_dtype(value: str | torch.dtype, field: str = "dtype", *,
+                allowed: str = "bfloat16, float32, float16") -> torch.dtype:
+    """A float dtype from a torch.dtype or a name ('bfloat16', 'bf16', 'torch.float16', 'half', ...).
+
+    Raises:
+        ConfigError: naming `field`, for anything else.
+    """
+    if isinstance(value, torch.dtype) and value in _DTYPES.values():
+        return value
+    if isinstance(value, str) and value.removeprefix("torch.") in _DTYPES:
+        return _DTYPES[value.removeprefix("torch.")]
+    raise ConfigError(f"{field} {value!r} is not one of: {allowed}")
