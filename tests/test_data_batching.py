@@ -115,6 +115,25 @@ def test_packed_plan_respects_the_token_budget():
     assert len(plan) < len(lengths)  # short examples share rows
 
 
+def test_packed_plan_makes_the_same_steps_as_padding_when_the_budget_allows():
+    lengths = [30] * 20
+    padded = plan_batches(lengths, 8, 1024, False, 5, 0)
+    assert plan_batches(lengths, 8, 1024, True, 5, 0) == padded  # 8 x 30 tokens fit: same batches
+    assert plan_batches(lengths, 8, 1024, True, 5, 0, token_budget=100) != padded
+
+
+def test_packed_plan_caps_tokens_and_examples_and_sends_a_long_example_alone():
+    lengths = [100, 10, 10, 10, 500, 10, 10, 10, 10, 10]
+    plan = plan_batches(lengths, 4, 1024, True, 1, 0, token_budget=120)
+    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
+    assert all(len(b) <= 4 for b in plan)
+    assert [4] in plan  # longer than the budget: alone
+    assert all(sum(lengths[i] for i in b) <= 120 for b in plan if b != [4])
+    # examples longer than max_seq_length count as truncated
+    assert plan_batches([300, 300], 2, 100, True, 0, 0, token_budget=200) == [[1, 0]] or \
+        sorted(map(sorted, plan_batches([300, 300], 2, 100, True, 0, 0, token_budget=200))) == [[0, 1]]
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, 64), min_size=0, max_size=60),

@@ -40,6 +40,7 @@ def run(args) -> int:
     from loratune.data import preview
     from loratune.errors import LoratuneError
     from loratune.tools.loading import load_tokenizer
+    from loratune.train.api import base_source
 
     if getattr(args, "data_command", None) != "preview":
         print("usage: loratune data preview CONFIG.yaml [--key value ...] [-n N]", file=sys.stderr)
@@ -55,7 +56,7 @@ def run(args) -> int:
         return EXIT_USAGE
     try:
         cfg = load_config_from_args(args)
-        tokenizer = load_tokenizer(cfg.model.model_name_or_path)
+        tokenizer = load_tokenizer(base_source(cfg))
         report = preview(cfg.data, tokenizer, n, seed=cfg.loop.seed)
     except LoratuneError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -34,11 +34,15 @@ def plan_batches(
     epoch: int = 0,
     world_size: int = 1,
     rank: int = 0,
+    token_budget: int | None = None,
 ) -> list[list[int]]:
     """Return this rank's micro-batches as lists of example indices, shuffled by (seed, epoch).
 
-    Unpacked: `batch_size` examples per micro-batch (the last one may be smaller). Packed: whole
-    examples, greedily in shuffled order, up to `batch_size * max_seq_length` tokens each. With
+    Unpacked: `batch_size` examples per micro-batch (the last one may be smaller). Packed: the same
+    shuffled order cut into micro-batches of at most `batch_size` examples and at most
+    `token_budget` tokens (default `batch_size * max_seq_length`), so packing never makes fewer,
+    larger optimizer steps than padding would; it only removes the padding. An example longer than
+    the budget goes alone. With
     several ranks, micro-batch k of the global plan goes to rank k % world_size, and the trailing
     micro-batches that cannot give every rank one more are dropped, so all ranks get the same count
     of disjoint micro-batches. Micro-batches (r*W .. r*W+W-1) together are the global batch a
@@ -49,18 +53,19 @@ def plan_batches(
     order = list(range(len(lengths)))
     random.Random(f"loratune-batches:{seed}:{epoch}").shuffle(order)
     if packing:
-        batches = _pack(order, lengths, batch_size * max_seq_length)
+        budget = token_budget or batch_size * max_seq_length
+        batches = _pack(order, [min(n, max_seq_length) for n in lengths], budget, batch_size)
     else:
         batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     usable = len(batches) - len(batches) % world_size
     return batches[rank:usable:world_size]
 
 
-def _pack(order: list[int], lengths: Sequence[int], budget: int) -> list[list[int]]:
+def _pack(order: list[int], lengths: Sequence[int], budget: int, max_examples: int) -> list[list[int]]:
     batches, current, used = [], [], 0
     for i in order:
-        n = min(lengths[i], budget)
-        if current and used + n > budget:
+        n = lengths[i]
+        if current and (used + n > budget or len(current) == max_examples):
             batches.append(current)
             current, used = [], 0
         current.append(i)

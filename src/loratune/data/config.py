@@ -47,6 +47,12 @@ class DataConfig:
         default=True,
         metadata=_help("pack several examples per row, padding-free, attention kept inside each example"),
     )
+    max_tokens_per_batch: int = field(
+        default=0,
+        metadata=_help("packed micro-batches hold at most this many tokens (0: auto, sized from the "
+                       "model so activations stay near 2.5 GiB; the value used is written to "
+                       "train_config.yaml)"),
+    )
     completion_only_loss: bool = field(
         default=True,
         metadata=_help("train only on completion / assistant tokens (false: on every token)"),
@@ -79,6 +85,8 @@ class DataConfig:
         if self.eval_samples and (self.eval_file or self.eval_split):
             problems.append("eval_samples holds out training rows; it cannot be combined with "
                             "eval_file/eval_split")
+        if self.max_tokens_per_batch < 0:
+            problems.append(f"max_tokens_per_batch must be >= 0 (0: auto), got {self.max_tokens_per_batch}")
         if self.max_seq_length < 2:
             problems.append(f"max_seq_length must be >= 2, got {self.max_seq_length}")
         if self.dataset_format not in FORMATS:

