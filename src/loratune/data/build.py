@@ -73,6 +73,7 @@ class PromptAnswer:
     where: str  # "eval.jsonl line 3"
     prompt: str  # the text the model saw before the answer in training
     answer: str
+    question: str  # the row's own words for what is asked (for tables; `prompt` may be a whole template)
     prompt_ids: list[int] = field(repr=False)  # `prompt` tokenized as training tokenizes it (BOS rule)
 
 
@@ -134,7 +135,7 @@ def answer_rows(raw: RawRows, cfg: DataConfig, tokenizer) -> list[PromptAnswer]:
     problems, out = list(raw.problems), []
     for row in raw.rows:
         try:
-            prompt, answer = prompt_and_answer(row.record, cols, tokenizer)
+            prompt, answer, question = prompt_and_answer(row.record, cols, tokenizer)
             ids = encode_prompt(prompt, tokenizer, special)
             if not ids:
                 raise RowError("the prompt is empty (and this tokenizer adds no BOS), so there is nothing "
@@ -142,7 +143,7 @@ def answer_rows(raw: RawRows, cfg: DataConfig, tokenizer) -> list[PromptAnswer]:
         except RowError as exc:
             problems.append(f"{row.where}: {exc}")
             continue
-        out.append(PromptAnswer(row.where, prompt, answer, ids))
+        out.append(PromptAnswer(row.where, prompt, answer, question, ids))
     _check_problems(raw.name, problems, len(raw.rows) + len(raw.problems), cfg.skip_bad_rows)
     if not out:
         raise DataError(f"{raw.name}: no rows to score")

@@ -142,13 +142,15 @@ def row_segments(record: dict[str, Any], cols: Columns, tokenizer, *,
     raise AssertionError(f"row_segments called for format {fmt!r}")
 
 
-def prompt_and_answer(record: dict[str, Any], cols: Columns, tokenizer) -> tuple[str, str]:
-    """Split one row into (prompt text, expected answer) for answer-scoring evaluation (exact match).
+def prompt_and_answer(record: dict[str, Any], cols: Columns, tokenizer) -> tuple[str, str, str]:
+    """Split one row into (prompt text, expected answer, question) for exact-match evaluation.
 
     The prompt is exactly the text the model saw in training before the answer: a string prompt as
     it is (training applies no chat template to it), the Alpaca template, or, for conversations, the
     chat template of the turns before the last assistant turn with add_generation_prompt=True. The
-    answer is the completion, the Alpaca output, or the last assistant turn's content.
+    answer is the completion, the Alpaca output, or the last assistant turn's content. The question
+    is the row's own words, for showing: the prompt, the instruction (+ input), or the turn before
+    the answer.
 
     Raises:
         ConfigError: the tokenizer has no chat template (conversations).
@@ -156,10 +158,12 @@ def prompt_and_answer(record: dict[str, Any], cols: Columns, tokenizer) -> tuple
     """
     names, fmt = cols.names, cols.format
     if fmt == "prompt_completion" and not isinstance(record.get(names["prompt"]), list):
-        return _string(record, names["prompt"], allow_empty=True), _string(record, names["completion"])
+        prompt = _string(record, names["prompt"], allow_empty=True)
+        return prompt, _string(record, names["completion"]), prompt
     if fmt == "alpaca":
         prompt, output = row_segments(record, cols, tokenizer)
-        return prompt.text, output.text
+        question = "\n".join(str(record[k]) for k in (names["instruction"], "input") if record.get(k))
+        return prompt.text, output.text, question
     if fmt == "prompt_completion":
         messages = (_messages(record, names["prompt"], sharegpt=False, need_assistant=False)
                     + _messages(record, names["completion"], sharegpt=False))
@@ -172,7 +176,8 @@ def prompt_and_answer(record: dict[str, Any], cols: Columns, tokenizer) -> tuple
         raise RowError("the conversation starts with its answer (the last assistant turn); "
                        "exact match needs a turn before it to use as the prompt")
     _require_template(tokenizer)
-    return _apply(tokenizer, messages[:last], add_generation_prompt=True), messages[last]["content"]
+    prompt = _apply(tokenizer, messages[:last], add_generation_prompt=True)
+    return prompt, messages[last]["content"], messages[last - 1]["content"]
 
 
 def _conversational_prompt_completion(record, names, tokenizer, completion_only) -> list[Segment]:

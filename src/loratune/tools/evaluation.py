@@ -137,6 +137,7 @@ class AnswerRecord:
 
     where: str
     prompt: str
+    question: str
     expected: str
     answer: str
     correct: bool
@@ -200,7 +201,7 @@ def exact_match(model: nn.Module, tokenizer, rows: list[PromptAnswer], *, max_ne
                 answers[i] = tokenizer.decode(ids, skip_special_tokens=True).strip()
     finally:
         model.train(was_training)
-    records = [AnswerRecord(r.where, r.prompt, r.answer.strip(), a, is_exact_match(a, r.answer))
+    records = [AnswerRecord(r.where, r.prompt, r.question, r.answer.strip(), a, is_exact_match(a, r.answer))
                for r, a in zip(rows, answers)]
     correct = sum(r.correct for r in records)
     return ExactMatchResult(correct / len(records) if records else 0.0, correct, len(records), records)
