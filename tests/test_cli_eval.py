@@ -1,4 +1,4 @@
-"""`loratune eval` in-process: the base vs adapter table, --json, clean errors."""
+"""`loratune eval` in-process: the base vs adapter table, --json, exact match, clean errors."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import json
 import pytest
 
 from loratune.cli.main import main
+from loratune.tools.evaluation import ANSWER_MARGIN
+from test_evaluation import CHAT_ROWS, save_answering_model
 from test_load_trained import save_tiny_adapter, save_tiny_model_dir
 
 ROWS = [{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello there"}]},
@@ -96,3 +98,80 @@ def test_nan_adapter_weights_exit_2_instead_of_printing_nan(setup, tmp_path, cap
     assert main(["eval", "--adapter", path, "--eval_file", data]) == 2
     captured = capsys.readouterr()
     assert "hold NaN or Inf values" in captured.err and captured.out == ""
+
+
+@pytest.fixture(scope="module")
+def answering(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli-exact-match")
+    base, adapter = save_answering_model(root)
+    data = root / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
+    return base, adapter, str(data)
+
+
+def test_exact_match_json_holds_accuracy_per_model_and_every_row(answering, capsys):
+    base, adapter, data = answering
+    assert main(["eval", "--adapter", adapter, "--eval_file", data, "--metric", "exact_match", "--json",
+                 "--batch_size", "2", "--max_new_tokens", "5"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["metric"] == "exact_match" and result["n"] == 3 and result["max_new_tokens"] == 5
+    assert (result["model"], result["adapter_dir"], result["eval_file"]) == (base, adapter, data)
+    assert result["base"] == {"accuracy": 2 / 3, "correct": 2, "n": 3}
+    assert result["adapter"] == {"accuracy": 1 / 3, "correct": 1, "n": 3}
+    assert [r["expected"] for r in result["rows"]] == ["yes", "no", "yes"]
+    assert [r["base_answer"] for r in result["rows"]] == ["yes"] * 3
+    assert [r["adapter_answer"] for r in result["rows"]] == ["no"] * 3
+    assert [r["base_correct"] for r in result["rows"]] == [True, False, True]
+    assert [r["adapter_correct"] for r in result["rows"]] == [False, True, False]
+    assert result["rows"][0]["where"] == "chat.jsonl line 1"
+    assert result["rows"][0]["prompt"].endswith("Is it raining?<|im_end|>\n<|im_start|>assistant\n")
+    assert [r["question"] for r in result["rows"]] == ["Is it raining?", "Sure?", "Is it late?"]
+    assert main(["eval", "--model_name_or_path", base, "--eval_file", data, "--metric", "exact_match",
+                 "--json"]) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert plain["adapter"] is None and plain["base"]["correct"] == 2
+    assert "adapter_answer" not in plain["rows"][0]
+    assert plain["max_new_tokens"] == ANSWER_MARGIN + 2  # "yes" is two tokens, "y" "es"
+
+
+def test_exact_match_table_shows_before_after_and_the_answers(answering, capsys):
+    base, adapter, data = answering
+    assert main(["eval", "--adapter", adapter, "--eval_file", data, "--metric", "exact_match"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"{base} + adapter {adapter} on {data}: 3 rows, greedy answers of up to 18 tokens"
+    assert out[1] == "exact match: base 66.7% (2/3) -> adapter 33.3% (1/3)"
+    assert out[2].split() == ["question", "base", "adapter", "expected"]
+    assert [line.split()[-5:] for line in out[3:]] == [["=", "yes", "x", "no", "yes"],
+                                                       ["x", "yes", "=", "no", "no"],
+                                                       ["=", "yes", "x", "no", "yes"]]
+    assert [line[:26] for line in out[3:]] == ["Is it raining?            ", "Sure?                     ",
+                                               "Is it late?               "]
+
+
+def test_exact_match_bad_inputs_exit_2_naming_the_problem(answering, tmp_path, capsys):
+    base, adapter, _ = answering
+    missing = tmp_path / "missing.jsonl"
+    missing.write_text('{"prompt": "a\\n", "completion": "b"}\n{"prompt": "c\\n"}\n')
+    text = tmp_path / "text.jsonl"
+    text.write_text('{"text": "plain"}\n')
+    for path, message in ((missing, "missing.jsonl line 2: missing field 'completion'"),
+                          (text, "text.jsonl: its rows are 'text' (columns ['text'])")):
+        assert main(["eval", "--adapter", adapter, "--eval_file", str(path), "--metric", "exact_match"]) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and "Traceback" not in captured.err and captured.out == ""
+    assert main(["eval", "--adapter", adapter, "--eval_file", str(missing), "--metric", "exact_match",
+                 "--max_new_tokens", "0", "--batch_size", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--max_new_tokens must be >= 1, got 0" in err and "--batch_size must be >= 1, got 0" in err
+    with pytest.raises(SystemExit) as exc:
+        main(["eval", "--adapter", adapter, "--eval_file", str(missing), "--metric", "bleu"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "argument --metric: invalid choice: 'bleu'" in err and "exact_match" in err  # quoting varies
+
+
+def test_the_help_states_the_library_answer_margin():
+    from loratune.cli import eval as cli_eval
+    from loratune.tools import evaluation
+
+    assert cli_eval.ANSWER_MARGIN == evaluation.ANSWER_MARGIN

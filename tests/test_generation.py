@@ -13,6 +13,7 @@ from loratune.tools.generation import (
     GenerationSettings,
     chat_ids,
     check_utf8,
+    generate_batch_ids,
     generate_ids,
     generate_text,
     prompt_ids,
@@ -81,6 +82,43 @@ def test_greedy_equals_an_argmax_loop(model_and_tokenizer):
             seq.append(int(model(input_ids=torch.tensor([seq])).logits[0, -1].argmax()))
     assert seq[len(ids):] == new
     assert 0 < len(new) <= 6
+
+
+@pytest.mark.parametrize("adapter", [False, True])
+def test_batched_greedy_equals_one_prompt_at_a_time(model_and_tokenizer, adapter, tmp_path):
+    model, tok = model_and_tokenizer
+    if adapter:  # LoRA rows go through the same left-padded batch
+        from loratune.tools.load_trained import load_model
+        from test_load_trained import save_tiny_adapter, save_tiny_model_dir
+
+        base = save_tiny_model_dir(tmp_path / "base")
+        loaded = load_model(adapter=save_tiny_adapter(tmp_path / "a", base, scale=0.3), dtype="float32")
+        model, tok = loaded.model, loaded.tokenizer
+    texts = ("Hi", "Once upon a time there was", "2+2=", "The quick brown fox")
+    prompts = [prompt_ids(tok, p) for p in texts]
+    prompts.append(chat_ids(tok, [{"role": "user", "content": "hello"}]))
+    assert len({len(p) for p in prompts}) == len(prompts)  # every row is padded differently
+    settings = GenerationSettings(max_new_tokens=8)
+    one_by_one = [generate_ids(model, tok, ids, settings) for ids in prompts]
+    assert generate_batch_ids(model, tok, prompts, settings) == one_by_one
+    assert generate_batch_ids(model, tok, prompts[::-1], settings) == one_by_one[::-1]
+    assert len({tuple(new) for new in one_by_one}) > 1 and all(one_by_one)  # not vacuous
+
+
+def test_a_batch_cuts_each_row_at_its_own_stop(model_and_tokenizer):
+    model, tok = model_and_tokenizer
+    prompts = [prompt_ids(tok, "Hello there"), prompt_ids(tok, "A much longer prompt than that")]
+    first = generate_ids(model, tok, prompts[0], GenerationSettings(max_new_tokens=6))
+    assert len(first) >= 2
+    stop = first[1]  # make the first row's second token a stop token
+    original = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = stop
+    try:
+        batch = generate_batch_ids(model, tok, prompts, GenerationSettings(max_new_tokens=6))
+    finally:
+        model.generation_config.eos_token_id = original
+    assert batch[0] == first[:1]
+    assert stop not in batch[0] and len(batch[1]) >= 1
 
 
 def test_sampling_is_reproducible_by_seed(model_and_tokenizer):

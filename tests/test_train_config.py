@@ -174,3 +174,18 @@ def test_a_key_set_twice_in_the_yaml_is_refused_with_both_lines(tmp_path):
         read_yaml(path)
     path.write_text("r: 4\ntarget_modules:\n  - q_proj\n  - v_proj\n")
     assert read_yaml(path) == {"r": 4, "target_modules": ["q_proj", "v_proj"]}
+
+
+def test_eval_metric_is_loss_or_exact_match_and_exact_match_needs_eval_rows():
+    cfg = build_config(DATA)
+    assert (cfg.loop.eval_metric, cfg.loop.eval_max_new_tokens) == ("loss", None)
+    exact = {"eval_metric": "exact_match"}
+    cfg = build_config({**DATA, **exact, "eval_file": "e.jsonl", "eval_max_new_tokens": "8"})
+    assert (cfg.loop.eval_metric, cfg.loop.eval_max_new_tokens) == ("exact_match", 8)
+    assert build_config({**DATA, **exact, "eval_samples": 4}).loop.eval_metric == "exact_match"
+    with pytest.raises(ConfigError) as err:
+        build_config({**DATA, "eval_metric": "bleu", "eval_max_new_tokens": 0})
+    assert err.value.problems == ["eval_metric: expected one of 'loss', 'exact_match', got 'bleu'",
+                                  "eval_max_new_tokens must be >= 1 or null, got 0"]
+    with pytest.raises(ConfigError, match="exact_match scores answers to eval rows; set eval_file"):
+        build_config({**DATA, **exact})

@@ -7,6 +7,7 @@ normalised by the global trained-token count the two runs must agree step by ste
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from test_train_loop import adapter, assert_same_adapter, losses, settings
 def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
     model_dir = make_model_dir(tmp_path / "model")
     data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 32))
-    kw = {"max_steps": 4, "lora_dropout": 0.0, "per_device_train_batch_size": 2, "eval_steps": 2}
+    kw = {"max_steps": 4, "lora_dropout": 0.0, "per_device_train_batch_size": 2, "eval_steps": 2,
+          "eval_metric": "exact_match", "eval_max_new_tokens": 4}
     single = tmp_path / "single"
     run(settings(model_dir, data, single, gradient_accumulation_steps=2, eval_file=data, **kw))
 
@@ -42,3 +44,10 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines)) == 4 + 2  # 4 train + 2 eval records, written once
+    # each process answers every other eval row; the shares are summed over both
+    assert exact_matches(out) == exact_matches(single) and len(exact_matches(out)) == 2
+
+
+def exact_matches(out) -> list[float]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r["eval_exact_match"] for r in map(json.loads, lines) if "eval_exact_match" in r]

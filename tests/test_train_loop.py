@@ -16,6 +16,7 @@ from loratune.errors import TrainingDivergedError
 from loratune.tools.loading import load_base_model
 from loratune.train import run
 from test_cli_train import make_model_dir, rows_for, train_cli, write_rows
+from test_evaluation import CHAT_ROWS, save_answering_model
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +253,62 @@ def test_resume_into_a_different_shape_or_from_a_corrupt_checkpoint_is_a_clear_e
     err = capsys.readouterr().err
     assert "Traceback" not in err and f"cannot read {newest}: it is truncated or corrupt" in err
     assert f"--resume_from_checkpoint {out / 'checkpoint-2'}" in err
+
+
+def test_exact_match_is_logged_at_every_eval_and_drawn_in_the_plot(tmp_path, monkeypatch):
+    from matplotlib.figure import Figure
+
+    base_dir, _ = save_answering_model(tmp_path)  # answers "yes" to every prompt (2 of 3 rows right)
+    data = write_rows(tmp_path / "chat.jsonl", CHAT_ROWS * 4)
+    evals = write_rows(tmp_path / "eval.jsonl", CHAT_ROWS)
+    figures = []
+    real_savefig = Figure.savefig
+
+    def keep_figure(fig, *args, **kwargs):
+        figures.append(fig)
+        return real_savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", keep_figure)
+    # a learning rate too small to change an answer, so the expected share is known
+    result = run(settings(base_dir, data, tmp_path / "o", eval_file=evals, eval_metric="exact_match",
+                          eval_steps=2, max_steps=4, learning_rate=1e-9, per_device_train_batch_size=2))
+    records = [json.loads(line) for line in open(tmp_path / "o" / "metrics.jsonl")]
+    scored = [(r["step"], r["eval_exact_match"]) for r in records if "eval_loss" in r]
+    assert scored == [(2, 2 / 3), (4, 2 / 3)]
+    assert result.eval_exact_match == 2 / 3
+    loss_axis, match_axis = figures[-1].axes  # loss.png: exact match on a second axis
+    assert match_axis.get_ylabel().startswith("exact match")
+    assert [list(line.get_xydata().tolist()) for line in match_axis.get_lines()] == [[[2, 2 / 3], [4, 2 / 3]]]
+    assert [line.get_label() for line in loss_axis.get_lines()] == ["train loss", "eval loss"]
+    assert os.path.getsize(tmp_path / "o" / "loss.png") > 0
+
+
+def test_exact_match_without_answers_in_the_eval_rows_names_the_file(model_dir, data_file, tmp_path):
+    from loratune.errors import ConfigError
+
+    text = write_rows(tmp_path / "text.jsonl", rows_for("text", 4))
+    with pytest.raises(ConfigError, match=r"text.jsonl: its rows are 'text' \(columns \['text'\]\)"):
+        run(settings(model_dir, data_file, tmp_path / "o", eval_file=text, eval_metric="exact_match",
+                     max_steps=1))
+    assert not os.path.exists(tmp_path / "o")  # refused before anything was written
+
+
+def test_each_process_answers_its_share_of_the_eval_rows_and_the_counts_are_summed(tmp_path, monkeypatch):
+    from loratune.data import DataConfig
+    from loratune.tools.evaluation import load_answer_rows
+    from loratune.tools.load_trained import load_model
+    from loratune.train.config import build_config
+    from loratune.train.distributed import DistEnv
+
+    base_dir, adapter_dir = save_answering_model(tmp_path)
+    loaded = load_model(adapter=adapter_dir, dtype="float32")
+    with loaded.model.disable_adapter():  # the base answers "yes": rows 0 and 2 are right, row 1 is not
+        evals = write_rows(tmp_path / "eval.jsonl", CHAT_ROWS)
+        rows = load_answer_rows(evals, loaded.tokenizer, DataConfig())
+        cfg = build_config({"train_file": evals, "eval_file": evals, "eval_metric": "exact_match"})
+        sent = []
+        monkeypatch.setattr(loop, "all_reduce_sum", lambda values, env: sent.append(values) or [4, 6])
+        shares = [loop.evaluate_exact_match(loaded.model, loaded.tokenizer, rows, cfg, DistEnv(rank, 2))
+                  for rank in (0, 1)]
+    assert sent == [[2, 2], [0, 1]]  # (right, rows) per process: rows 0, 2 and row 1
+    assert shares == [4 / 6, 4 / 6]  # what the reduced counts say, on every process

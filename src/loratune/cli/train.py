@@ -237,6 +237,8 @@ def print_summary(result) -> None:
     if result.first_loss is not None:
         loss = f"; loss {result.first_loss:.3f} -> {result.final_loss:.3f}"
     evals = f", eval loss {result.eval_loss:.3f}" if result.eval_loss is not None else ""
+    if result.eval_exact_match is not None:
+        evals += f", eval exact match {result.eval_exact_match:.1%}"
     print(f"\nTrained {_steps_done(result)} in {result.runtime_s:.0f}s{loss}{evals}")
     print(f"Adapter:  {result.adapter_dir}  (PEFT format: adapter_config.json + adapter_model.safetensors)")
     print(f"Config:   {result.config_path}")

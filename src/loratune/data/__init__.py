@@ -4,6 +4,7 @@ Public API (the trainer and CLI use only these names):
   IGNORE_INDEX                  label of tokens that take no loss (-100, HF convention)
   DataConfig                    every data setting and default
   build_datasets(cfg, tok, seed) -> DatasetBundle(train, eval, stats, eval_stats)
+  answer_rows(raw, cfg, tok)    -> [PromptAnswer(where, prompt, answer, prompt_ids)] for exact match
   check_vocab(bundle, vocab_size) DataError naming rows with token ids the model does not have
   plan_batches(lengths, batch_size, max_seq_length, packing, seed, epoch, world_size, rank)
   collate(examples, packing=, pad_token_id=, max_seq_length=) -> dict of tensors
@@ -16,6 +17,8 @@ from loratune.data.batching import collate, plan_batches
 from loratune.data.build import (
     DatasetBundle,
     DataStats,
+    PromptAnswer,
+    answer_rows,
     build_datasets,
     check_vocab,
     read_sources,
@@ -28,7 +31,8 @@ from loratune.data.tokenize import IGNORE_INDEX
 
 __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT", "FORMATS", "IGNORE_INDEX", "DataConfig", "DataStats",
-    "DatasetBundle", "PreviewExample", "PreviewReport", "Segment", "build_datasets", "check_vocab", "collate",
+    "DatasetBundle", "PreviewExample", "PreviewReport", "PromptAnswer", "Segment", "answer_rows",
+    "build_datasets", "check_vocab", "collate",
     "detect_format", "plan_batches", "preview", "read_sources", "render_chat", "render_example",
     "tokenize_rows",
 ]

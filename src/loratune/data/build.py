@@ -14,9 +14,23 @@ import random
 from dataclasses import dataclass, field
 
 from loratune.data.config import DataConfig
-from loratune.data.formats import Columns, RowError, detect_format, row_segments
+from loratune.data.formats import (
+    ANSWER_FORMATS,
+    Columns,
+    RowError,
+    detect_format,
+    prompt_and_answer,
+    row_segments,
+)
 from loratune.data.sources import RawRows, Row, read_dataset, read_file
-from loratune.data.tokenize import IGNORE_INDEX, Encoded, SpecialTokens, encode_pretokenized, encode_segments
+from loratune.data.tokenize import (
+    IGNORE_INDEX,
+    Encoded,
+    SpecialTokens,
+    encode_pretokenized,
+    encode_prompt,
+    encode_segments,
+)
 from loratune.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -52,6 +66,17 @@ class DataStats:
         return {k: ordered[min(len(ordered) - 1, int(q * len(ordered)))] for k, q in pick.items()}
 
 
+@dataclass(frozen=True)
+class PromptAnswer:
+    """One row as a question with one right answer (see `formats.prompt_and_answer`)."""
+
+    where: str  # "eval.jsonl line 3"
+    prompt: str  # the text the model saw before the answer in training
+    answer: str
+    question: str  # the row's own words for what is asked (for tables; `prompt` may be a whole template)
+    prompt_ids: list[int] = field(repr=False)  # `prompt` tokenized as training tokenizes it (BOS rule)
+
+
 @dataclass
 class DatasetBundle:
     """Tokenized examples for training and (optionally) evaluation, with their stats."""
@@ -62,24 +87,67 @@ class DatasetBundle:
     eval_stats: DataStats | None = None
     wheres: list[str] = field(default_factory=list, repr=False)  # "train.jsonl line 3" per train example
     eval_wheres: list[str] = field(default_factory=list, repr=False)
+    eval_answers: list[PromptAnswer] | None = None  # the eval rows as prompts and answers, when asked for
 
 
-def build_datasets(cfg: DataConfig, tokenizer, seed: int = 0) -> DatasetBundle:
+def build_datasets(cfg: DataConfig, tokenizer, seed: int = 0, *, eval_answers: bool = False) -> DatasetBundle:
     """Read, validate and tokenize the train (and eval) data described by `cfg`.
 
-    `seed` only matters for `eval_samples` (which training rows are held out).
+    `seed` only matters for `eval_samples` (which training rows are held out). With `eval_answers`
+    the eval rows are also kept as prompts and answers (`answer_rows`), for exact-match evaluation.
 
     Raises:
-        ConfigError: no data source, a missing file, an undetectable format, no chat template.
+        ConfigError: no data source, a missing file, an undetectable format, no chat template; with
+            `eval_answers`, no eval data or eval rows without a separate answer (plain text).
         DataError: malformed rows (listed by file and line) when skip_bad_rows is off, or no
             usable row at all.
     """
     train_raw, eval_raw = read_sources(cfg, seed)
+    if eval_answers and eval_raw is None:
+        raise ConfigError("exact-match evaluation needs eval data: set eval_file, eval_split or eval_samples")
     train, stats, wheres = tokenize_rows(train_raw, cfg, tokenizer)
     if eval_raw is None:
         return DatasetBundle(train, None, stats, wheres=wheres)
     evals, eval_stats, eval_wheres = tokenize_rows(eval_raw, cfg, tokenizer)
-    return DatasetBundle(train, evals, stats, eval_stats, wheres=wheres, eval_wheres=eval_wheres)
+    answers = answer_rows(eval_raw, cfg, tokenizer) if eval_answers else None
+    return DatasetBundle(train, evals, stats, eval_stats, wheres=wheres, eval_wheres=eval_wheres,
+                         eval_answers=answers)
+
+
+def answer_rows(raw: RawRows, cfg: DataConfig, tokenizer) -> list[PromptAnswer]:
+    """Every row of one source as a prompt and its expected answer; raise or skip bad rows as the
+    config says (`skip_bad_rows`), like `tokenize_rows`.
+
+    Raises:
+        ConfigError: the rows' format has no separate answer (text, input_ids), or no chat template.
+        DataError: rows with a missing or malformed prompt/answer field, named by file and line.
+    """
+    columns = set().union(*(r.record.keys() for r in raw.rows)) if raw.rows else set()
+    try:
+        cols = detect_format(columns, cfg) if raw.rows else Columns("prompt_completion", {})
+    except ConfigError as exc:
+        raise ConfigError(f"{raw.name}: {exc}") from None
+    if cols.format not in ANSWER_FORMATS:
+        raise ConfigError(f"{raw.name}: its rows are {cols.format!r} (columns {sorted(columns)}), which "
+                          "have no separate answer to score; exact match needs prompt + completion, "
+                          "messages, conversations or instruction + output rows")
+    special = SpecialTokens.of(tokenizer)
+    problems, out = list(raw.problems), []
+    for row in raw.rows:
+        try:
+            prompt, answer, question = prompt_and_answer(row.record, cols, tokenizer)
+            ids = encode_prompt(prompt, tokenizer, special)
+            if not ids:
+                raise RowError("the prompt is empty (and this tokenizer adds no BOS), so there is nothing "
+                               "to generate from")
+        except RowError as exc:
+            problems.append(f"{row.where}: {exc}")
+            continue
+        out.append(PromptAnswer(row.where, prompt, answer, question, ids))
+    _check_problems(raw.name, problems, len(raw.rows) + len(raw.problems), cfg.skip_bad_rows)
+    if not out:
+        raise DataError(f"{raw.name}: no rows to score")
+    return out
 
 
 def check_vocab(bundle: DatasetBundle, vocab_size: int) -> None:

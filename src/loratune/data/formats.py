@@ -50,6 +50,10 @@ DETECT_ORDER = (
 )
 
 
+# Formats whose rows hold a prompt and a separate answer (what exact-match evaluation scores).
+ANSWER_FORMATS = ("prompt_completion", "alpaca", "messages", "sharegpt")
+
+
 class RowError(ValueError):
     """A problem with one row; `build_datasets` prefixes it with the row's file and line."""
 
@@ -136,6 +140,44 @@ def row_segments(record: dict[str, Any], cols: Columns, tokenizer, *,
         messages = _messages(record, names["messages"], sharegpt=fmt == "sharegpt")
         return _chat_segments(messages, tokenizer, completion_only)
     raise AssertionError(f"row_segments called for format {fmt!r}")
+
+
+def prompt_and_answer(record: dict[str, Any], cols: Columns, tokenizer) -> tuple[str, str, str]:
+    """Split one row into (prompt text, expected answer, question) for exact-match evaluation.
+
+    The prompt is exactly the text the model saw in training before the answer: a string prompt as
+    it is (training applies no chat template to it), the Alpaca template, or, for conversations, the
+    chat template of the turns before the last assistant turn with add_generation_prompt=True. The
+    answer is the completion, the Alpaca output, or the last assistant turn's content. The question
+    is the row's own words, for showing: the prompt, the instruction (+ input), or the turn before
+    the answer.
+
+    Raises:
+        ConfigError: the tokenizer has no chat template (conversations).
+        RowError: a missing or malformed field, or a conversation with no turn before its answer.
+    """
+    names, fmt = cols.names, cols.format
+    if fmt == "prompt_completion" and not isinstance(record.get(names["prompt"]), list):
+        prompt = _string(record, names["prompt"], allow_empty=True)
+        return prompt, _string(record, names["completion"]), prompt
+    if fmt == "alpaca":
+        prompt, output = row_segments(record, cols, tokenizer)
+        question = "\n".join(str(record[k]) for k in (names["instruction"], "input") if record.get(k))
+        return prompt.text, output.text, question
+    if fmt == "prompt_completion":
+        messages = (_messages(record, names["prompt"], sharegpt=False, need_assistant=False)
+                    + _messages(record, names["completion"], sharegpt=False))
+    elif fmt in ("messages", "sharegpt"):
+        messages = _messages(record, names["messages"], sharegpt=fmt == "sharegpt")
+    else:
+        raise AssertionError(f"prompt_and_answer called for format {fmt!r}, not one of {ANSWER_FORMATS}")
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if last == 0:
+        raise RowError("the conversation starts with its answer (the last assistant turn); "
+                       "exact match needs a turn before it to use as the prompt")
+    _require_template(tokenizer)
+    prompt = _apply(tokenizer, messages[:last], add_generation_prompt=True)
+    return prompt, messages[last]["content"], messages[last - 1]["content"]
 
 
 def _conversational_prompt_completion(record, names, tokenizer, completion_only) -> list[Segment]:

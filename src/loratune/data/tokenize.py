@@ -64,6 +64,14 @@ def encode_segments(
     return out
 
 
+def encode_prompt(text: str, tokenizer, special: SpecialTokens) -> list[int]:
+    """Token ids of a prompt on its own, with training's BOS rule (rule 2) and no EOS: what the model
+    is given when it has to produce the completion itself."""
+    ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+    ids, _ = _add_bos_eos(ids, [False] * len(ids), [Segment(text, False)], special, True)
+    return ids
+
+
 def _flags_from_offsets(examples, tokenizer, completion_only) -> list[tuple[list[int], list[bool]]]:
     texts = ["".join(s.text for s in segs) for segs in examples]
     enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)

@@ -4,6 +4,8 @@ Greedy decoding is the default (temperature 0); a temperature > 0 samples, optio
 nucleus (top_p) filtering, from a seeded generator so a given seed always gives the same text.
 Prompts are either plain text (the tokenizer adds BOS as it normally does) or chat messages
 rendered with the tokenizer's own chat template (which writes its own BOS, so none is added).
+`generate_batch_ids` decodes several prompts together (left padding, one forward per step for the
+batch, KV cache); a single prompt is a batch of one, so there is one decoding path.
 Nothing here prints; `ChatSession` keeps the conversation history for the interactive loop.
 """
 
@@ -145,16 +147,38 @@ class TextStream:
             self.sent = len(text)
 
 
-@torch.no_grad()
 def generate_ids(model: nn.Module, tokenizer, ids: list[int], settings: GenerationSettings,
                  on_text: Callable[[str], None] | None = None) -> list[int]:
     """Return only the newly generated token ids for one prompt (stop tokens excluded).
 
     With `on_text`, the text is also handed over piece by piece while it is generated.
     """
+    return generate_batch_ids(model, tokenizer, [ids], settings, on_text=on_text)[0]
+
+
+@torch.no_grad()
+def generate_batch_ids(model: nn.Module, tokenizer, batch: list[list[int]], settings: GenerationSettings,
+                       *, on_text: Callable[[str], None] | None = None) -> list[list[int]]:
+    """Return the new token ids of every prompt in `batch`, decoded together, each cut at its first stop.
+
+    The prompts are left-padded to one (B, T) tensor with an attention mask, so each step is one
+    forward for all rows over the KV cache; a row that stops early waits (padded) for the others.
+    Greedy rows come out as one-at-a-time generation gives them (tested); sampled rows draw from
+    one generator, so a row's text depends on its batch. `on_text` streams a batch of one only.
+    """
+    if not batch or any(not ids for ids in batch):
+        raise ValueError("generate_batch_ids needs at least one prompt and no empty one")
+    if on_text is not None and len(batch) != 1:
+        raise ValueError(f"on_text streams one prompt at a time, got a batch of {len(batch)}")
     device = next(model.parameters()).device
-    input_ids = torch.tensor([ids], device=device)  # (1, T)
     stops = stop_token_ids(model, tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0]
+    width = max(len(ids) for ids in batch)
+    input_ids = torch.full((len(batch), width), pad, dtype=torch.long)  # (B, T), left padding
+    attention_mask = torch.zeros_like(input_ids)
+    for row, ids in enumerate(batch):
+        input_ids[row, width - len(ids):] = torch.tensor(ids)
+        attention_mask[row, width - len(ids):] = 1
     config = GenerationConfig(
         max_new_tokens=settings.max_new_tokens,
         do_sample=not settings.greedy,
@@ -162,17 +186,23 @@ def generate_ids(model: nn.Module, tokenizer, ids: list[int], settings: Generati
         top_p=settings.top_p if not settings.greedy else None,
         top_k=None,
         eos_token_id=stops or None,
-        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stops or [0])[0],
+        pad_token_id=pad,
+        use_cache=True,
     )
     with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
         if settings.seed is not None:
             torch.manual_seed(settings.seed)
         streamer = TextStream(tokenizer, on_text, stops) if on_text is not None else None
-        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+        out = model.generate(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device),
                              generation_config=config, streamer=streamer)
-    new = out[0, len(ids):].tolist()
-    while new and new[-1] in stops:
-        new.pop()
+    return [_until_stop(row, stops) for row in out[:, width:].tolist()]
+
+
+def _until_stop(new: list[int], stops: list[int]) -> list[int]:
+    """The tokens before the first stop token (after it come only the padding of finished rows)."""
+    for i, token in enumerate(new):
+        if token in stops:
+            return new[:i]
     return new
 
 

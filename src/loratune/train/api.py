@@ -54,6 +54,7 @@ class TrainResult:
     first_loss: float | None
     final_loss: float | None
     eval_loss: float | None
+    eval_exact_match: float | None = None  # with eval_metric: exact_match, at the last eval
     sample: dict[str, str] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     start_step: int = 0
@@ -116,7 +117,8 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
     seed_everything(cfg.loop.seed)
     tokenizer = load_tokenizer(base_source(cfg))
-    datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed)
+    datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed,
+                              eval_answers=cfg.loop.eval_metric == "exact_match")
     model = build_model(cfg, env)
     check_vocab(datasets, model_vocab_size(model))
     cfg = fit_memory(cfg, model, datasets)

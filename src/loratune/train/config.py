@@ -26,6 +26,7 @@ from loratune.train.coerce import coerce
 
 MAX_SEED = 2**32 - 1  # np.random.seed rejects anything outside [0, 2**32 - 1]
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
+EVAL_METRICS = ("loss", "exact_match")
 
 
 def _help(text: str, **extra) -> dict[str, Any]:
@@ -116,6 +117,17 @@ class LoopArgs:
                                metadata=_help("log loss, learning rate and tokens/s every N steps"))
     eval_steps: int = field(default=0,
                             metadata=_help("evaluate every N steps and at the end (0: only at the end)"))
+    eval_metric: str = field(
+        default="loss",
+        metadata=_help("loss: eval loss and perplexity; exact_match: also the share of eval rows whose "
+                       "greedy answer equals the completion / last assistant turn (eval_exact_match)",
+                       choices=EVAL_METRICS),
+    )
+    eval_max_new_tokens: int | None = field(
+        default=None,
+        metadata=_help("exact_match: tokens generated per answer at most (null: the longest eval answer in "
+                       "tokens + 16)"),
+    )
     save_steps: int = field(default=500, metadata=_help("write checkpoint-<step>/ every N steps (0: never)"))
     save_total_limit: int | None = field(default=2, metadata=_help("keep only the newest N checkpoints"))
     seed: int = field(default=42, metadata=_help("seed for adapter init, data order and dropout"))
@@ -298,6 +310,8 @@ def range_problems(s: dict[str, Any]) -> list[str]:
              f"num_train_epochs must be a finite number > 0, got {lp.num_train_epochs}"),
             (lp.logging_steps >= 1, f"logging_steps must be >= 1, got {lp.logging_steps}"),
             (lp.eval_steps >= 0, f"eval_steps must be >= 0, got {lp.eval_steps}"),
+            (lp.eval_max_new_tokens is None or lp.eval_max_new_tokens >= 1,
+             f"eval_max_new_tokens must be >= 1 or null, got {lp.eval_max_new_tokens}"),
             (lp.save_steps >= 0, f"save_steps must be >= 0, got {lp.save_steps}"),
             (lp.save_total_limit is None or lp.save_total_limit >= 1,
              f"save_total_limit must be >= 1 or null, got {lp.save_total_limit}"),
@@ -306,7 +320,13 @@ def range_problems(s: dict[str, Any]) -> list[str]:
             (lp.num_threads >= 0, f"num_threads must be >= 0 (0: torch's default), got {lp.num_threads}"),
         ],
     }
-    return [msg for name, check in checks.items() if name in s for ok, msg in check(s[name]) if not ok]
+    problems = [msg for name, check in checks.items() if name in s for ok, msg in check(s[name]) if not ok]
+    if "loop" in s and "data" in s and s["loop"].eval_metric == "exact_match":
+        d = s["data"]
+        if not (d.eval_file or d.eval_split or d.eval_samples):
+            problems.append("eval_metric: exact_match scores answers to eval rows; set eval_file, eval_split "
+                            "or eval_samples")
+    return problems
 
 
 def _finite(x: float) -> bool:

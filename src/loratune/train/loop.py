@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 
 from loratune.data import collate, plan_batches
 from loratune.errors import LoratuneError, TrainingDivergedError
-from loratune.tools.evaluation import loss_sum_over, perplexity
+from loratune.tools.evaluation import default_max_new_tokens, exact_match, loss_sum_over, perplexity
 from loratune.train import checkpoint as ckpt
 from loratune.train.config import TrainConfig
 from loratune.train.distributed import DistEnv, all_reduce_min, all_reduce_sum, broadcast_flag, gather_objects
@@ -72,6 +72,7 @@ class FitOutcome:
     train_tokens: int
     runtime_s: float
     eval_loss: float | None = None
+    eval_exact_match: float | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     start_step: int = 0  # steps already done when this run began (> 0 when resumed)
     resumed_from: str | None = None
@@ -149,7 +150,7 @@ def fit(
     bar = tqdm(total=total_steps, initial=pos.step, disable=not env.is_main or lp.disable_tqdm,
                desc="training", unit="step", dynamic_ncols=True)
     start_step, window_start = pos.step, time.perf_counter() - window.elapsed_s
-    started, seen_tokens, last_ckpt, eval_loss = time.perf_counter(), 0, resume_path, None
+    started, seen_tokens, last_ckpt, evals = time.perf_counter(), 0, resume_path, {}
     batches = first_epoch if pos.epoch == 0 else plan(pos.epoch)
     with stop.installed():
         while pos.step < total_steps:
@@ -190,7 +191,7 @@ def fit(
             if eval_set is not None and len(eval_set) and (
                 (lp.eval_steps and pos.step % lp.eval_steps == 0) or pos.step == total_steps
             ):
-                eval_loss = _evaluate_and_log(model, tokenizer, eval_set, cfg, env, metrics, pos.step)
+                evals = _evaluate_and_log(model, tokenizer, datasets, cfg, env, metrics, pos.step)
                 window_start = time.perf_counter()  # eval time is not training throughput
             interrupted = broadcast_flag(stop.requested, env)
             saving = ((lp.save_steps and pos.step % lp.save_steps == 0 and pos.step < total_steps)
@@ -208,7 +209,8 @@ def fit(
     bar.close()
     return FitOutcome(step=pos.step, total_steps=total_steps, interrupted=pos.step < total_steps,
                       last_checkpoint=last_ckpt, train_tokens=seen_tokens,
-                      runtime_s=time.perf_counter() - started, eval_loss=eval_loss,
+                      runtime_s=time.perf_counter() - started, eval_loss=evals.get("eval_loss"),
+                      eval_exact_match=evals.get("eval_exact_match"),
                       history=list(metrics.records),
                       start_step=start_step, resumed_from=resume_path)
 
@@ -278,10 +280,29 @@ def evaluate(model: nn.Module, tokenizer, eval_set, cfg: TrainConfig, env: DistE
     return loss_sum / max(n_tokens, 1)
 
 
-def _evaluate_and_log(model, tokenizer, eval_set, cfg, env, metrics: MetricsLog, step: int) -> float:
+def evaluate_exact_match(model: nn.Module, tokenizer, rows, cfg: TrainConfig, env: DistEnv) -> float:
+    """Share of eval rows answered exactly right by greedy decoding (all ranks together).
+
+    Each rank answers every world_size-th row; the counts are summed, so every row counts once.
+    The answer length comes from all rows, so it does not depend on how they are dealt out.
+    """
+    max_new = cfg.loop.eval_max_new_tokens or default_max_new_tokens(tokenizer, rows)
+    mine = rows[env.rank::env.world_size]
+    result = exact_match(model, tokenizer, mine, max_new_tokens=max_new,
+                         batch_size=cfg.optim.per_device_train_batch_size) if mine else None
+    correct, n = all_reduce_sum([result.correct if result else 0, len(mine)], env)
+    return correct / max(n, 1)
+
+
+def _evaluate_and_log(model, tokenizer, datasets, cfg, env, metrics: MetricsLog,
+                      step: int) -> dict[str, float]:
+    """Evaluate, write the eval record, and return its eval_* numbers."""
+    eval_set = datasets.eval
     eval_loss = evaluate(model, tokenizer, eval_set, cfg, env)
     record: dict[str, Any] = {"step": step, "eval_loss": eval_loss,
                               "perplexity": perplexity(eval_loss)}
+    if cfg.loop.eval_metric == "exact_match":
+        record["eval_exact_match"] = evaluate_exact_match(model, tokenizer, datasets.eval_answers, cfg, env)
     if env.is_main:
         samples = sample_generations(model, tokenizer,
                                      [eval_set[i] for i in range(min(EVAL_SAMPLES, len(eval_set)))])
@@ -289,8 +310,9 @@ def _evaluate_and_log(model, tokenizer, eval_set, cfg, env, metrics: MetricsLog,
         for s in samples:
             logger.info("sample @ step %d: %r -> %r", step, s["prompt"], s["completion"])
     metrics.write(record)
-    logger.info("step %d: eval_loss %.4f, perplexity %.2f", step, eval_loss, record["perplexity"])
-    return eval_loss
+    logger.info("step %d: eval_loss %.4f, perplexity %.2f%s", step, eval_loss, record["perplexity"],
+                f", exact match {record['eval_exact_match']:.3f}" if "eval_exact_match" in record else "")
+    return {k: v for k, v in record.items() if k.startswith("eval_")}
 
 
 def _save(model, optimizer, scheduler, pos: Position, window: LogWindow, cfg: TrainConfig, env: DistEnv,

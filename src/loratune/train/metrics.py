@@ -2,8 +2,9 @@
 
 `metrics.jsonl` holds one JSON object per line: training records (step, loss, learning_rate,
 tokens_per_s, epoch, grad_norm) every `logging_steps`, and eval records (step, eval_loss,
-perplexity, samples). A resumed run appends to the same file, first dropping records past the
-checkpoint it resumes from, so the file always reads as one run.
+perplexity, eval_exact_match with eval_metric: exact_match, samples). A resumed run appends to
+the same file, first dropping records past the checkpoint it resumes from, so the file always
+reads as one run. `loss.png` draws eval_exact_match, when there is one, on a second axis.
 """
 
 from __future__ import annotations
@@ -84,10 +85,12 @@ def _finite(value: Any) -> bool:
 
 
 def plot_losses(records: list[dict[str, Any]], path: str) -> str | None:
-    """Draw train and eval loss against step into `path` (PNG); return the path or None if no data."""
+    """Draw train and eval loss against step into `path` (PNG), and eval exact match on a second axis
+    when the run measured it; return the path or None if there is nothing to draw."""
     train = [(r["step"], r["loss"]) for r in records if _finite(r.get("loss"))]
     evals = [(r["step"], r["eval_loss"]) for r in records if _finite(r.get("eval_loss"))]
-    if not train and not evals:
+    matches = [(r["step"], r["eval_exact_match"]) for r in records if _finite(r.get("eval_exact_match"))]
+    if not train and not evals and not matches:
         return None
     import matplotlib
 
@@ -95,14 +98,20 @@ def plot_losses(records: list[dict[str, Any]], path: str) -> str | None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    lines = []
     if train:
-        ax.plot(*zip(*train), label="train loss", color="tab:blue")
+        lines += ax.plot(*zip(*train), label="train loss", color="tab:blue")
     if evals:
-        ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o")
+        lines += ax.plot(*zip(*evals), label="eval loss", color="tab:orange", marker="o")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if matches:  # a share in [0, 1], not nats: its own axis on the right
+        right = ax.twinx()
+        lines += right.plot(*zip(*matches), label="eval exact match", color="tab:green", marker="s")
+        right.set_ylabel("exact match (share of eval rows)")
+        right.set_ylim(-0.02, 1.02)
+    ax.legend(lines, [line.get_label() for line in lines])
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
