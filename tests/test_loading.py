@@ -103,7 +103,8 @@ def test_local_dir_from_factory_model_and_missing_pad_token(tmp_path):
 @pytest.mark.parametrize(
     "name, expected",
     [
-        ("preset:nope", "unknown preset 'preset:nope'; available presets: preset:smollm2-135m-instruct, preset:tiny-llama"),
+        ("preset:nope",
+         "unknown preset 'preset:nope'; available presets: preset:smollm2-135m-instruct, preset:tiny-llama"),
         ("./no/such/dir", "is not a local directory, a hub id"),
         ("a/b/c", "is not a local directory, a hub id"),
     ],

@@ -47,7 +47,8 @@ def test_refuses_up_front_with_the_estimate_when_memory_is_short(monkeypatch):
     model = _model()
     monkeypatch.setattr(memory, "available_bytes", lambda: 10 * 2**20)
     with pytest.raises(ConfigError) as err:
-        memory.check_fits(model, longest_batch_tokens=8192, per_token=2**20, what="a micro-batch of 8192 tokens")
+        memory.check_fits(model, longest_batch_tokens=8192, per_token=2**20,
+                          what="a micro-batch of 8192 tokens")
     msg = str(err.value)
     assert "a micro-batch of 8192 tokens needs about 8.0 GiB" in msg and "only 0.0 GiB is free" in msg
     assert "gradient_checkpointing" in msg
