@@ -47,7 +47,7 @@ $(SQL)/adapter_model.safetensors: | $(STAMP)
 
 # Two task adapters on one base behind the OpenAI-compatible server (trains whichever is missing).
 demo-serve: $(ORDERS)/adapter_model.safetensors $(SQL)/adapter_model.safetensors
-	@sed -n '/^## Serve the demo adapters/,/^## /p' README.md | sed '$$d'
+	@sed -n '/^### Serve the demo adapters/,/^## /p' README.md | sed '$$d'
 	$(BIN)/loratune serve --adapter orders=$(ORDERS) --adapter sql=$(SQL) --port 8000
 
 # The random 4-layer preset: the whole pipeline in about a minute, nothing learned.
