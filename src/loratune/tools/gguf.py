@@ -209,6 +209,8 @@ def model_tensors(state: dict[str, Tensor], hp: Hparams) -> Iterator[tuple[str, 
     Raises:
         ConfigError: a weight with no GGUF name (the architecture has something we cannot write).
     """
+    if any(".lora_A." in k or ".base_layer." in k for k in state):
+        raise ConfigError("the model still holds LoRA layers: merge them first (merge_and_unload())")
     unknown = []
     for hf_name, tensor in state.items():
         if hf_name.endswith("rotary_emb.inv_freq"):
@@ -275,3 +277,72 @@ def write_gguf_model(model: nn.Module, tokenizer, path: str | os.PathLike, outty
     with atomic_gguf_path(path) as tmp:
         write_tensors_and_close(writer, tmp)
     return path
+
+
+def write_gguf_adapter(adapter_dir: str, base_config, path: str | os.PathLike, outtype: str = "f32") -> str:
+    """Write a PEFT LoRA adapter as a llama.cpp GGUF adapter (`llama-cli --lora`, Ollama ADAPTER).
+
+    Laid out as llama.cpp's convert_lora_to_gguf.py does: per module `<gguf name>.lora_a` (ne [in, r])
+    and `.lora_b` (ne [r, out]), lora_b rows permuted for q/k; keys general.type=adapter,
+    adapter.type=lora, adapter.lora.alpha, and the model card metadata. rsLoRA is written with
+    alpha = lora_alpha * sqrt(r) (the converter writes lora_alpha, which llama.cpp would divide by r).
+    `base_config`: the base model's Transformers config (object or dict). Returns the path written.
+
+    Raises:
+        UnsupportedFeatureError: what llama.cpp cannot load (`acceptance.check_llama_cpp`), by name.
+        ConfigError: base architecture or outtype not supported; LoRA on a tied output head.
+    """
+    from pathlib import Path
+
+    from loratune.adapter_io import read_adapter
+    from loratune.errors import UnsupportedFeatureError
+    from loratune.tools.acceptance import check_llama_cpp, rslora_alpha
+    from loratune.tools.inspection import summarize_adapter
+
+    _, qtype = parse_outtype(outtype)
+    hp = hparams_of(base_config, source="base model config")
+    verdict = check_llama_cpp(summarize_adapter(adapter_dir))
+    if not verdict.accepted:
+        raise UnsupportedFeatureError(f"{adapter_dir}: llama.cpp cannot load this adapter: "
+                                      + "; ".join(verdict.reasons))
+    config, tensors = read_adapter(adapter_dir)
+    writer = gguf.GGUFWriter(None, hp.arch)
+    ranks = set()
+    for name, lora_a, lora_b in adapter_pairs(tensors, hp):
+        ranks.add(lora_a.shape[0])
+        for suffix, data in ((".lora_a", lora_a), (".lora_b", lora_b)):
+            encoded, tensor_type = encode_tensor(name + suffix, data, qtype)
+            writer.add_tensor(name + suffix, encoded, raw_dtype=tensor_type)
+    alpha = rslora_alpha(config.lora_alpha, ranks.pop()) if config.use_rslora else float(config.lora_alpha)
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    metadata = gguf.Metadata.load(None, Path(adapter_dir), None, writer.get_total_parameter_count()[0])
+    metadata.name = metadata.name or Path(adapter_dir).name
+    metadata.set_gguf_meta_model(writer)
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
+    path = os.fspath(path)
+    with atomic_gguf_path(path) as tmp:
+        write_tensors_and_close(writer, tmp)
+    return path
+
+
+def adapter_pairs(tensors: dict[str, Tensor], hp: Hparams) -> Iterator[tuple[str, Tensor, Tensor]]:
+    """Yield (GGUF weight name, lora_A (R, in), lora_B (out, R)) per module, in file order, lora_B rows
+    permuted for q/k; a pair of mixed dtypes, or not float16/float32, goes through float32."""
+    from loratune.adapter_io import PREFIX
+
+    pairs: dict[str, dict[str, Tensor]] = {}
+    for key, tensor in tensors.items():
+        module, kind = key.removeprefix(PREFIX).rsplit(".", 2)[:2]
+        pairs.setdefault(module, {})[kind] = tensor
+    for module, pair in pairs.items():
+        if module == "lm_head" and hp.tie_word_embeddings:
+            raise ConfigError("LoRA on lm_head: the base model ties it to embed_tokens, and llama.cpp has no "
+                              "separate output tensor to apply it to")
+        name = gguf_tensor_name(module + ".weight")
+        lora_a, lora_b = pair["lora_A"], pair["lora_B"]
+        if lora_a.dtype != lora_b.dtype or lora_a.dtype not in (torch.float16, torch.float32):
+            lora_a, lora_b = lora_a.float(), lora_b.float()
+        heads = qk_heads(name, hp)
+        yield name, lora_a, (rope_row_order(lora_b, heads) if heads else lora_b)
