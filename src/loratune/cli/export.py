@@ -8,6 +8,7 @@ For vLLM and LoRAX no export is needed: they read the PEFT adapter directory as 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 
 from loratune.cli.generate import EXIT_USAGE
@@ -38,6 +39,7 @@ def run(args) -> int:
     from loratune.errors import LoratuneError
     from loratune.tools.gguf_export import export_adapter_gguf
 
+    quiet_gguf_writer()
     output_dir = args.output_dir or args.adapter.rstrip("/") + "-gguf"
     try:
         result = export_adapter_gguf(args.adapter, output_dir, outtype=args.outtype, base=args.base)
@@ -46,6 +48,11 @@ def run(args) -> int:
         return EXIT_USAGE
     print_result(result)
     return 0
+
+
+def quiet_gguf_writer() -> None:
+    """The gguf package logs every file it writes at INFO; the summary printed here says it once."""
+    logging.getLogger("gguf").setLevel(logging.WARNING)
 
 
 def print_result(result) -> None:

@@ -89,9 +89,10 @@ def run(args) -> int:
 
 
 def _run_gguf(args, loaded) -> int:
-    from loratune.cli.export import print_result
+    from loratune.cli.export import print_result, quiet_gguf_writer
     from loratune.tools.gguf_export import merge_to_gguf
 
+    quiet_gguf_writer()
     print(f"Merging {describe(loaded)} -> {args.output_dir}/model.gguf ({args.outtype})")
     result = merge_to_gguf(loaded, args.output_dir, outtype=args.outtype, tolerance=args.tolerance)
     verdict = "PASS" if result.passed else "FAIL"
