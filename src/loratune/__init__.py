@@ -15,7 +15,8 @@ Where things live:
     errors        the exceptions raised at boundaries
     atomic        directories and files that appear complete or not at all
   tools/          around the core: load base models and trained adapters, generate, evaluate,
-                  export merged models, inspect adapters, check vLLM/LoRAX acceptance
+                  export merged models (HF directories, GGUF) and GGUF adapters for llama.cpp/Ollama,
+                  inspect adapters, check vLLM/LoRAX/llama.cpp acceptance
   data/           read rows, detect formats, tokenize with loss masks, batch and collate
   train/          the trainer: config, loop, loss, optimizer, checkpoints, `run`
   serve/          one base and many adapters behind an OpenAI-compatible API

@@ -1,4 +1,4 @@
-"""`loratune inspect ADAPTER`: ranks, targets, size, and whether vLLM and LoRAX will serve it.
+"""`loratune inspect ADAPTER`: ranks, targets, size, and whether vLLM, LoRAX and llama.cpp serve it.
 
 Reads only the adapter's files (no base model is loaded). `--json` prints one JSON object.
 """
@@ -14,9 +14,11 @@ from loratune.cli.generate import EXIT_USAGE
 
 def add_parser(sub) -> argparse.ArgumentParser:
     parser = sub.add_parser(
-        "inspect", help="Show an adapter's ranks, targets and size, and whether vLLM/LoRAX accept it.",
-        description="Describe an adapter directory (PEFT format) and say whether vLLM and LoRAX will "
-                    "load it, with the reasons when they will not.",
+        "inspect",
+        help="Show an adapter's ranks, targets and size, and whether vLLM/LoRAX/llama.cpp accept it.",
+        description="Describe an adapter directory (PEFT format) and say whether vLLM, LoRAX and "
+                    "llama.cpp (after `loratune export --format gguf`) will load it, with the reasons "
+                    "when they will not.",
         allow_abbrev=False,
     )
     parser.add_argument("adapter", metavar="ADAPTER", help="adapter directory")
@@ -73,7 +75,8 @@ def format_summary(s, verdicts) -> str:
         lines.append(f"Bias:        {c.bias}")
     lines.append("")
     for v in verdicts:
-        lines.append(f"{v.server + ':':<7} {'ACCEPTED' if v.accepted else 'REJECTED'}")
+        lines.append(f"{v.server + ':':<7} {'ACCEPTED' if v.accepted else 'REJECTED'}"
+                     + (" (after loratune export --format gguf)" if v.server == "llama.cpp" else ""))
         lines += [f"  - {r}" for r in v.reasons]
         lines += [f"  note: {n}" for n in v.notes]
     return "\n".join(lines)

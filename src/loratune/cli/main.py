@@ -19,7 +19,8 @@ VERBS = {
     "chat": "Chat interactively with the base model or an adapter.",
     "eval": "Loss and perplexity on a data file, base vs adapter.",
     "merge": "Merge an adapter into its base and write a standard HF model directory.",
-    "inspect": "Show an adapter's ranks, targets and size, and whether vLLM/LoRAX accept it.",
+    "export": "Export an adapter as GGUF for llama.cpp and Ollama.",
+    "inspect": "Show an adapter's ranks, targets and size, and whether vLLM/LoRAX/llama.cpp accept it.",
     "serve": "Serve one base model and many adapters behind an OpenAI-compatible API.",
 }
 

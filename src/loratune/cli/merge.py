@@ -29,6 +29,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
                                    "quantized base)")
     parser.add_argument("--output_dir", required=True, metavar="OUT",
                         help="new directory for the merged model")
+    parser.add_argument("--format", default="hf", choices=["hf", "gguf"],
+                        help="hf: a Hugging Face model directory (default); gguf: OUT/model.gguf for "
+                             "llama.cpp and Ollama, with a Modelfile")
+    parser.add_argument("--outtype", default="f16", choices=["f32", "f16", "bf16", "q8_0"],
+                        help="GGUF tensor type with --format gguf (default: f16)")
     parser.add_argument("--tolerance", type=float, default=None,
                         help="largest allowed max |logit difference| of the float32 check, "
                              "a finite number >= 0 (default: 1e-4 + 1e-4 * max |logit|)")
@@ -58,6 +63,8 @@ def run(args) -> int:
         overrides = {**quant_overrides(args), **({"bnb_4bit_compute_dtype": "float32"} if quantized else {})}
         loaded = load_model(args.model_name_or_path, args.adapter, dtype="float32", quant=overrides,
                             device=args.device)
+        if args.format == "gguf":
+            return _run_gguf(args, loaded)
         print(f"Merging {describe(loaded)} -> {args.output_dir} ({dtype})")
         report = merge_to_directory(loaded, args.output_dir, dtype=dtype, tolerance=args.tolerance)
     except LoratuneError as exc:
@@ -78,6 +85,26 @@ def run(args) -> int:
         return EXIT_CHECK_FAILED
     print(f"Wrote {args.output_dir}: {', '.join(report.files)}")
     print(f"Load it with: AutoModelForCausalLM.from_pretrained({args.output_dir!r})")
+    return 0
+
+
+def _run_gguf(args, loaded) -> int:
+    from loratune.cli.export import print_result, quiet_gguf_writer
+    from loratune.tools.gguf_export import merge_to_gguf
+
+    quiet_gguf_writer()
+    print(f"Merging {describe(loaded)} -> {args.output_dir}/model.gguf ({args.outtype})")
+    result = merge_to_gguf(loaded, args.output_dir, outtype=args.outtype, tolerance=args.tolerance)
+    verdict = "PASS" if result.passed else "FAIL"
+    print(f"Logit check, merged vs the adapter model (float32): max abs diff {result.max_abs_diff:.3e} "
+          f"(tolerance {result.tolerance:.3e}): {verdict}")
+    if not result.passed:
+        print(f"error: the merged model does not reproduce the adapter model; {args.output_dir} "
+              "was not written", file=sys.stderr)
+        return EXIT_CHECK_FAILED
+    print(f"Written {args.outtype} GGUF, read back by Transformers, vs the adapter model: max abs diff "
+          f"{result.written_diff:.3e} ({args.outtype} rounding of the weights)")
+    print_result(result)
     return 0
 
 

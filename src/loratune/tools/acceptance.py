@@ -1,4 +1,4 @@
-"""Will vLLM or LoRAX serve this adapter? Their acceptance rules, applied to an `AdapterSummary`.
+"""Will vLLM, LoRAX or llama.cpp serve this adapter? Their acceptance rules, applied to an `AdapterSummary`.
 
 A `Verdict` lists `reasons` (the server refuses the adapter, or would load it and compute
 something else) and `notes` (it loads, but needs a setting or runs slower). The rules follow the
@@ -13,10 +13,16 @@ servers' own checks:
         lora_A/lora_B tensors, so everything else in the file is ignored (DoRA magnitudes,
         modules_to_save, biases, rank_pattern/alpha_pattern scaling), and a layer type adapted in
         only some layers is dropped entirely; ranks are padded, any rank loads.
+  llama.cpp (src/llama-adapter.cpp, convert_lora_to_gguf.py; after `loratune export --format gguf`):
+        reads lora_a/lora_b pairs and one `adapter.lora.alpha` per file, scaling each tensor by
+        alpha / (its own rank); so rank_pattern works, alpha_pattern and rsLoRA with mixed ranks
+        cannot be expressed (rsLoRA with one rank is written as alpha * sqrt(r)); no DoRA, biases,
+        modules_to_save or embedding LoRA; only modules with a llama.cpp tensor (Llama family).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from loratune.tools.inspection import AdapterSummary
@@ -124,5 +130,49 @@ def check_lorax(s: AdapterSummary) -> Verdict:
     return Verdict("LoRAX", reasons, notes)
 
 
+def check_llama_cpp(s: AdapterSummary) -> Verdict:
+    """Apply llama.cpp's LoRA adapter rules (see the module docstring); a broken adapter is refused."""
+    from loratune.tools.gguf import gguf_tensor_name
+
+    c, reasons, notes = s.config, list(s.problems), []
+    if c.use_dora or s.dora_modules:
+        reasons.append("DoRA (use_dora): llama.cpp adapters hold only lora_a/lora_b, the magnitude "
+                       "vectors would be lost (merge instead: loratune merge --format gguf)")
+    if c.modules_to_save:
+        reasons.append(f"modules_to_save {c.modules_to_save}: llama.cpp adapters cannot replace whole "
+                       "modules (merge instead: loratune merge --format gguf)")
+    if c.bias != "none":
+        reasons.append(f"bias={c.bias!r}: llama.cpp adapters carry no biases")
+    alphas = sorted({float(a) for a in c.alpha_pattern.values()} - {float(c.lora_alpha)})
+    if alphas:
+        reasons.append(f"alpha_pattern {dict(c.alpha_pattern)}: a llama.cpp adapter has one "
+                       "adapter.lora.alpha for every module")
+    ranks = sorted({m.r for m in s.modules}) or [c.r]
+    if c.use_rslora and len(ranks) > 1:
+        reasons.append(f"rsLoRA with ranks {ranks} (rank_pattern): llama.cpp scales by alpha / r, so one "
+                       "alpha can stand for lora_alpha / sqrt(r) only when every module has the same rank")
+    elif c.use_rslora:
+        alpha = rslora_alpha(c.lora_alpha, ranks[0])
+        notes.append(f"rsLoRA: written with adapter.lora.alpha = lora_alpha * sqrt(r) = {alpha:g}, "
+                     "so llama.cpp's alpha / r is lora_alpha / sqrt(r)")
+    if c.init_lora_weights not in VLLM_SUPPORTED_INITS:
+        reasons.append(f"init_lora_weights={c.init_lora_weights!r} rewrites the base weights; a llama.cpp "
+                       "adapter applies to the original base (merge instead)")
+    embeddings = sorted({m.name for m in s.modules if m.embedding})
+    if embeddings:
+        reasons.append(f"LoRA on embedding layers {embeddings} is not exported to llama.cpp")
+    unknown = sorted({m.path for m in s.modules if not m.embedding
+                      and gguf_tensor_name(m.path + ".weight") is None})
+    if unknown:
+        reasons.append(f"modules {unknown[:4]}{' ...' if len(unknown) > 4 else ''} have no llama.cpp tensor "
+                       "(GGUF export covers Llama, Mistral and Qwen2 attention and MLP projections)")
+    return Verdict("llama.cpp", reasons, notes)
+
+
+def rslora_alpha(lora_alpha: float, r: int) -> float:
+    """The alpha llama.cpp needs for rsLoRA: its alpha / r must equal lora_alpha / sqrt(r)."""
+    return float(lora_alpha) * math.sqrt(r)
+
+
 def check_all(s: AdapterSummary) -> list[Verdict]:
-    return [check_vllm(s), check_lorax(s)]
+    return [check_vllm(s), check_lorax(s), check_llama_cpp(s)]
