@@ -61,7 +61,7 @@ def test_failed_check_exits_1_and_writes_nothing(dirs, tmp_path, capsys, monkeyp
     from loratune.tools import export
 
     _, adapter, _ = dirs
-    monkeypatch.setattr(export, "_merge", lambda loaded: loaded.model.unload())  # drops the adapter
+    monkeypatch.setattr(export, "merge_into_base", lambda loaded: loaded.model.unload())  # drops the adapter
     out = tmp_path / "merged"
     assert main(["merge", "--adapter", adapter, "--output_dir", str(out)]) == 1
     captured = capsys.readouterr()

@@ -68,7 +68,7 @@ def test_bfloat16_merge_and_qlora_merge(dirs, tmp_path):
 
 def test_a_wrong_merge_fails_and_writes_nothing(dirs, tmp_path, monkeypatch):
     _, adapter = dirs
-    monkeypatch.setattr(export, "_merge", lambda loaded: loaded.model.unload())  # drops the adapter
+    monkeypatch.setattr(export, "merge_into_base", lambda loaded: loaded.model.unload())  # drops the adapter
     out = tmp_path / "merged"
     report = merge_to_directory(load_model(adapter=adapter, dtype="float32"), str(out), dtype="float32")
     assert not report.passed and not report.published

@@ -139,7 +139,7 @@ def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
     probe = probe_batch(loaded.tokenizer, model_vocab_size(loaded.model))
     reference = logits_of(loaded.model, probe)
     reference_name = "the adapter model" + (f" on its {loaded.quantized} base" if loaded.quantized else "")
-    merged = _merge(loaded)
+    merged = merge_into_base(loaded)
     diff = float((logits_of(merged, probe) - reference).abs().max())
     tol = tolerance if tolerance is not None else tolerance_for(reference)
     merged = merged.to(torch_dtype)
@@ -166,7 +166,8 @@ class _CheckFailed(Exception):
     """Raised inside the atomic block so that nothing is published."""
 
 
-def _merge(loaded) -> nn.Module:
+def merge_into_base(loaded) -> nn.Module:
+    """Merge a loaded adapter into its base (a quantized base is made float32 first); the plain model."""
     model = loaded.model
     if loaded.quantized:
         dequantize_model(model.get_base_model(), dtype=torch.float32)

@@ -21,9 +21,16 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from loratune.atomic import atomic_directory
 from loratune.config import LoraConfig
 from loratune.errors import ConfigError
-from loratune.tools.export import _merge, check_merge_output_dir, logits_of, probe_batch, tolerance_for
+from loratune.tools.export import (
+    check_merge_output_dir,
+    logits_of,
+    merge_into_base,
+    probe_batch,
+    tolerance_for,
+)
 from loratune.tools.gguf import parse_outtype, write_gguf_adapter, write_gguf_model
 from loratune.tools.load_trained import resolve_base_name
+from loratune.tools.loading import gguf_file_of, load_tokenizer, model_dir
 from loratune.tools.ollama import OllamaTemplate, convert_chat_template, llama_cpp_commands, modelfile
 
 
@@ -46,30 +53,14 @@ class GgufExport:
         return self.max_abs_diff is None or self.max_abs_diff <= self.tolerance
 
 
-def gguf_file_of(name_or_path: str) -> Path | None:
-    """The GGUF file a base model name points at: a .gguf path, or a directory holding exactly one
-    .gguf and no config.json; None for anything else."""
-    path = Path(name_or_path).expanduser()
-    if path.is_file() and path.suffix == ".gguf":
-        return path.resolve()
-    if path.is_dir() and not (path / "config.json").is_file():
-        found = sorted(path.glob("*.gguf"))
-        if len(found) == 1:
-            return found[0].resolve()
-    return None
-
-
 def base_config_and_tokenizer(name: str):
     """(Transformers config, tokenizer, GGUF file or None) of a base model, without loading weights."""
-    from loratune.tools.loading import _resolve, load_tokenizer
-
     gguf_file = gguf_file_of(name)
     if gguf_file is not None:
         kwargs = {"gguf_file": gguf_file.name}
         return (AutoConfig.from_pretrained(gguf_file.parent, **kwargs),
                 AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs), gguf_file)
-    _, where = _resolve(name)
-    return AutoConfig.from_pretrained(where), load_tokenizer(name), None
+    return AutoConfig.from_pretrained(model_dir(name)), load_tokenizer(name), None
 
 
 def export_adapter_gguf(adapter_dir: str, output_dir: str, *, outtype: str = "f32",
@@ -120,7 +111,7 @@ def merge_to_gguf(loaded, output_dir: str, *, outtype: str = "f16", tolerance: f
     check_merge_output_dir(output_dir, loaded.adapter_dir)
     probe = probe_batch(loaded.tokenizer, loaded.model.get_input_embeddings().weight.shape[0])
     reference = logits_of(loaded.model, probe)
-    merged = _merge(loaded)
+    merged = merge_into_base(loaded)
     diff = float((logits_of(merged, probe) - reference).abs().max())
     tol = tolerance if tolerance is not None else tolerance_for(reference)
     template = convert_chat_template(loaded.tokenizer)

@@ -78,20 +78,31 @@ def model_source(name_or_path: str | os.PathLike, gguf_file: str | None = None) 
     return str(path)
 
 
+def gguf_file_of(name_or_path: str | os.PathLike) -> Path | None:
+    """The GGUF file behind a base name (a .gguf path or a packaged-model preset); None for any other."""
+    name = str(name_or_path)
+    if name.startswith(PRESET_PREFIX):
+        spec = json.loads((preset_dir(name) / "preset.json").read_text()).get("gguf")
+        return packaged_gguf(name, spec).resolve() if spec else None
+    return Path(name).expanduser().resolve() if is_gguf_file(name) else None
+
+
+def model_dir(name_or_path: str | os.PathLike) -> str:
+    """The folder (or hub id) `from_pretrained` reads for a base; GGUF files give their dense folder."""
+    return _resolve(name_or_path)[1]
+
+
 def _resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
     """Classify `name_or_path` as ("preset", dir), ("local", dir) or ("hub", id).
 
     GGUF files and packaged-model presets resolve to ("local", their converted dense folder).
     """
     name = str(name_or_path)
+    gguf = gguf_file_of(name)
+    if gguf is not None:
+        return "local", str(dense_model_dir(gguf))
     if name.startswith(PRESET_PREFIX):
-        where = preset_dir(name)
-        spec = json.loads((where / "preset.json").read_text()).get("gguf")
-        if spec:
-            return "local", str(dense_model_dir(packaged_gguf(name, spec)))
-        return "preset", str(where)
-    if is_gguf_file(name):
-        return "local", str(dense_model_dir(name))
+        return "preset", str(preset_dir(name))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
