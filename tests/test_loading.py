@@ -9,6 +9,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from factories import tiny_model
+from loratune.dtypes import bf16_supported
 from loratune.errors import ConfigError
 from loratune.tools import loading
 from loratune.tools.loading import (
@@ -170,11 +171,25 @@ def test_quantized_loading_calls_quantize_model(monkeypatch):
 
     monkeypatch.setattr(loading, "quantize_model", fake_quantize_model)
     load_base_model(DEFAULT_MODEL, load_in_8bit=True)
-    load_base_model(DEFAULT_MODEL, load_in_4bit=True, bnb_4bit_use_double_quant=True)
+    load_base_model(DEFAULT_MODEL, load_in_4bit=True, bnb_4bit_use_double_quant=True,
+                    bnb_4bit_compute_dtype="float16")
+    auto = torch.bfloat16 if bf16_supported("cpu") else torch.float32  # the compute dtype follows the CPU
     assert calls == [
-        {"bits": 8, "quant_type": "nf4", "compute_dtype": "bfloat16", "double_quant": False},
-        {"bits": 4, "quant_type": "nf4", "compute_dtype": "bfloat16", "double_quant": True},
+        {"bits": 8, "quant_type": "nf4", "compute_dtype": auto, "double_quant": False},
+        {"bits": 4, "quant_type": "nf4", "compute_dtype": torch.float16, "double_quant": True},
     ]
+
+
+def test_bf16_by_name_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplog):
+    from loratune import dtypes
+
+    monkeypatch.setattr(dtypes, "_cpu_has_bf16", lambda: False)
+    dtypes._warn_emulated_bf16.cache_clear()
+    with caplog.at_level("WARNING", logger="loratune.dtypes"):
+        assert dtypes.resolve_dtype("bfloat16") == torch.bfloat16
+        assert dtypes.resolve_dtype("auto") == torch.float32
+        dtypes.resolve_dtype(torch.bfloat16)
+    assert [r.message for r in caplog.records if "emulates" in r.message] == [caplog.records[0].message]
 
 
 def _lora_losses(base, steps: int) -> list[float]:

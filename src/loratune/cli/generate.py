@@ -32,7 +32,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, *, adapter_required: bo
     group.add_argument("--load_in_8bit", action=argparse.BooleanOptionalAction, default=None,
                        help="quantize the base to 8 bits")
     group.add_argument("--bnb_4bit_quant_type", choices=["nf4", "fp4"], default=None, help="4-bit data type")
-    group.add_argument("--bnb_4bit_compute_dtype", choices=["bfloat16", "float16", "float32"], default=None,
+    group.add_argument("--bnb_4bit_compute_dtype", choices=["auto", "bfloat16", "float16", "float32"],
+                       default=None,
                        help="dtype of the 4-bit matmuls")
     group.add_argument("--bnb_4bit_use_double_quant", action=argparse.BooleanOptionalAction, default=None,
                        help="quantize the 4-bit scales too")

@@ -56,8 +56,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     quant.add_argument("--load-in-4bit", action="store_true", help="quantize the frozen base to 4 bits")
     quant.add_argument("--load-in-8bit", action="store_true", help="quantize the frozen base to 8 bits")
     quant.add_argument("--bnb-4bit-quant-type", choices=["nf4", "fp4"], default="nf4", help="4-bit data type")
-    quant.add_argument("--bnb-4bit-compute-dtype", choices=["bfloat16", "float16", "float32"],
-                       default="bfloat16", help="dtype of the 4-bit matmuls")
+    quant.add_argument("--bnb-4bit-compute-dtype", choices=["auto", "bfloat16", "float16", "float32"],
+                       default="auto", help="dtype of the 4-bit matmuls")
     quant.add_argument("--bnb-4bit-use-double-quant", action="store_true",
                        help="quantize the 4-bit scales too")
     parser.add_argument("--device", default="auto",

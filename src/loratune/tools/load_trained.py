@@ -30,7 +30,7 @@ QUANT_DEFAULTS: dict[str, Any] = {
     "load_in_4bit": False,
     "load_in_8bit": False,
     "bnb_4bit_quant_type": "nf4",
-    "bnb_4bit_compute_dtype": "bfloat16",
+    "bnb_4bit_compute_dtype": "auto",
     "bnb_4bit_use_double_quant": False,
 }
 

@@ -171,7 +171,7 @@ def load_base_model(
     load_in_4bit: bool = False,
     load_in_8bit: bool = False,
     bnb_4bit_quant_type: str = "nf4",
-    bnb_4bit_compute_dtype: str = "bfloat16",
+    bnb_4bit_compute_dtype: str = "auto",
     bnb_4bit_use_double_quant: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM frozen (requires_grad False), in eval mode, on `device`.
@@ -194,8 +194,9 @@ def load_base_model(
         model.config._name_or_path = model.name_or_path = str(name_or_path)
     model = model.to(device)
     if load_in_4bit or load_in_8bit:
+        compute_dtype = resolve_dtype(bnb_4bit_compute_dtype, device)
         model = quantize_model(model, bits=4 if load_in_4bit else 8, quant_type=bnb_4bit_quant_type,
-                          compute_dtype=bnb_4bit_compute_dtype, double_quant=bnb_4bit_use_double_quant)
+                               compute_dtype=compute_dtype, double_quant=bnb_4bit_use_double_quant)
     model.requires_grad_(False)
     return model.eval()
 

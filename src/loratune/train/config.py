@@ -57,7 +57,9 @@ class ModelArgs:
     load_in_8bit: bool = field(default=False, metadata=_help("quantize the frozen base to 8 bits"))
     bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("4-bit data type: nf4 or fp4"))
     bnb_4bit_compute_dtype: str = field(
-        default="bfloat16", metadata=_help("dtype of the 4-bit matmuls: bfloat16, float16 or float32")
+        default="auto",
+        metadata=_help("dtype of the 4-bit matmuls: auto (bf16 where the device computes it natively, "
+                       "else float32), bfloat16, float16 or float32"),
     )
     bnb_4bit_use_double_quant: bool = field(
         default=False, metadata=_help("quantize the 4-bit scales too (saves ~0.4 bit/parameter)")
