@@ -26,7 +26,9 @@ from .atomic import atomic_directory
 from .base_layers import is_quantized
 from .config import LoraConfig
 from .errors import AdapterError
+from .inject import pattern_value
 from .layers import LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
+from .module_patterns import match_budget, shown
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +138,40 @@ def read_adapter(path: str, *, subfolder: str | None = None, revision: str | Non
                                f"{err}") from None
         if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
             raise AdapterError(f"{bin_file}: expected a dict of tensors")
-    return config, _normalise_keys(tensors, source=weights or path)
+    tensors = _normalise_keys(tensors, source=weights or path)
+    check_ranks(config, tensors, source=weights or path)
+    return config, tensors
+
+
+# the tensors whose rank dimension is dim 0 (A) or dim 1 (B)
+_RANK_DIM = {".lora_A.weight": 0, ".lora_embedding_A": 0, ".lora_B.weight": 1, ".lora_embedding_B": 1}
+
+
+def check_ranks(config: LoraConfig, tensors: dict[str, Tensor], *, source: str) -> None:
+    """Check every LoRA tensor's rank dimension against the config's r, before anything is allocated.
+
+    A config saying r=1000000000 over small tensors must fail here, not after injecting a terabyte
+    of zeros for the load to overwrite.
+
+    Raises:
+        AdapterError: naming the first tensors whose shape disagrees with the config.
+    """
+    wrong = []
+    with match_budget():
+        for key, tensor in tensors.items():
+            suffix = next((s for s in _RANK_DIM if key.endswith(s)), None)
+            if suffix is None:
+                continue
+            module = key[len(PREFIX): -len(suffix)]
+            r = pattern_value(config.rank_pattern, module, config.r)
+            dim = _RANK_DIM[suffix]
+            if tensor.dim() <= dim or tensor.shape[dim] != r:
+                wrong.append(f"{key} has shape {tuple(tensor.shape)}, but adapter_config.json gives this "
+                             f"layer r={shown(r)}")
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise AdapterError(f"{source}: {len(wrong)} tensor(s) of the wrong shape for the config's rank: "
+                           + "; ".join(wrong[:3]) + more)
 
 
 def _normalise_keys(tensors: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:

@@ -356,6 +356,7 @@ class LoraModel(nn.Module):
 
         On a load error the user's model is left as it came (modules and trainable flags).
         """
+        adapter_io.check_ranks(config, tensors, source=source)
         config = replace(config, inference_mode=not is_trainable)
         trainable = {param: param.requires_grad for param in model.parameters()}
         # Injected with the plain init: nothing of the user's model changes until the file has fit.
