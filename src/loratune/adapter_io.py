@@ -165,9 +165,13 @@ def check_ranks(config: LoraConfig, tensors: dict[str, Tensor], *, source: str) 
             module = key[len(PREFIX): -len(suffix)]
             r = pattern_value(config.rank_pattern, module, config.r)
             dim = _RANK_DIM[suffix]
-            if tensor.dim() <= dim or tensor.shape[dim] != r:
-                wrong.append(f"{key} has shape {tuple(tensor.shape)}, but adapter_config.json gives this "
-                             f"layer r={shown(r)}")
+            if tensor.dim() <= dim:
+                continue  # no rank dimension at all: the full shape check names it
+            if tensor.shape[dim] != r:
+                want = list(tensor.shape)
+                want[dim] = r
+                wrong.append(f"{key} has shape {tuple(tensor.shape)}, expected {tuple(want)} "
+                             f"(adapter_config.json gives this layer r={shown(r)})")
     if wrong:
         more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
         raise AdapterError(f"{source}: {len(wrong)} tensor(s) of the wrong shape for the config's rank: "
