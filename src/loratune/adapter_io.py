@@ -75,7 +75,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") 
 
 def save_adapter(directory: str, config: LoraConfig, tensors: dict[str, Tensor]) -> None:
     """Write an adapter directory atomically: config, safetensors weights and a model card."""
-    with atomic_directory(directory) as tmp:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_directory(directory, size_hint=size) as tmp:
         save_file(tensors, os.path.join(tmp, SAFETENSORS_NAME), metadata={"format": "pt"})
         config.save_json(os.path.join(tmp, CONFIG_NAME))
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
