@@ -44,14 +44,15 @@ def write_adapter(path: Path, model, *, r: int, targets: list[str], seed: int, s
 class LiveServer:
     """A real uvicorn server on a free loopback port, running in a thread."""
 
-    def __init__(self, app, state):
+    def __init__(self, app, state, **config):
         self.app, self.state = app, state
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", timeout_graceful_shutdown=2))
+                                                    log_level="warning", timeout_graceful_shutdown=2,
+                                                    **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20

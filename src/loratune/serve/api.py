@@ -245,6 +245,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, exc: StarletteHTTPException):
         kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's words for a body that is not UTF-8 or nests too deeply to parse
+            return reply(400, "the request body is not valid JSON (not UTF-8, or nested too deeply)",
+                         kind, "invalid_json")
         return reply(exc.status_code, str(exc.detail), kind, exc.status_code)
 
     @app.exception_handler(Exception)
@@ -276,12 +280,17 @@ class GuardMiddleware:
                                      f"the request body has {int(length)} bytes, over the limit of "
                                      f"{self.max_body_bytes}", "invalid_request_error", "request_too_large")
         if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            receive = await self._read_bounded(receive)  # chunked: no length to check up front
+            try:
+                receive = await self._read_bounded(receive)  # chunked: no length to check up front
+            except BodyTimeoutError:
+                return await _send_error(send, 408, f"the request body did not arrive within "
+                                         f"{self.body_timeout_s:g}s", "invalid_request_error",
+                                         "request_timeout")
             if receive is None:
                 return await _send_error(send, 413,
                                          f"the request body is over the limit of {self.max_body_bytes} "
                                          "bytes", "invalid_request_error", "request_too_large")
-        return await self._call_guarded(scope, _timed_receive(receive, self.body_timeout_s), send)
+        return await self._call_guarded(scope, TimedReceive(receive, self.body_timeout_s), send)
 
     def _authorized(self, header: bytes) -> bool:
         """Compare the bearer token as bytes, in constant time, against every key (any bytes: no 500)."""
@@ -292,21 +301,28 @@ class GuardMiddleware:
             ok |= hmac.compare_digest(token, key)
         return scheme.lower() == b"bearer" and ok
 
-    async def _call_guarded(self, scope, receive, send):
-        """Run the app; an unhandled error is logged once with a request id and answered 500 with it."""
+    async def _call_guarded(self, scope, receive: TimedReceive, send):
+        """Run the app; an unhandled error is logged once with a request id and answered 500 with it.
+
+        A body that timed out is answered 408, whatever the route made of the failed read.
+        """
         started = False
 
         async def tracked_send(message):
             nonlocal started
+            if receive.timed_out:
+                if not started:
+                    started = True
+                    await _send_error(send, 408, "the request body did not arrive within "
+                                      f"{self.body_timeout_s:g}s", "invalid_request_error", "request_timeout")
+                return
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, receive, tracked_send)
         except BodyTimeoutError:
-            if not started:
-                await _send_error(send, 408, "the request body did not arrive within "
-                                  f"{self.body_timeout_s:g}s", "invalid_request_error", "request_timeout")
+            await tracked_send({"type": "http.response.start"})
         except Exception:
             request_id = p.new_id("req")
             log.exception("internal error in %s %s (request id %s)", scope.get("method"), scope.get("path"),
@@ -318,7 +334,7 @@ class GuardMiddleware:
     async def _read_bounded(self, receive):
         """Read the whole body (at most max_body_bytes); return a receive that replays it, or None."""
         chunks, size = [], 0
-        receive = _timed_receive(receive, self.body_timeout_s)
+        receive = TimedReceive(receive, self.body_timeout_s)
         while True:
             message = await receive()
             if message["type"] != "http.request":
@@ -341,25 +357,27 @@ class BodyTimeoutError(Exception):
     """The client sent the request body too slowly (HTTP 408)."""
 
 
-def _timed_receive(receive, seconds: float):
-    """Wrap an ASGI receive: waiting over `seconds` for the next body chunk raises BodyTimeoutError.
+class TimedReceive:
+    """An ASGI receive where waiting over `seconds` for the next body chunk raises BodyTimeoutError.
 
     Only while the body is still arriving: once it has ended, receive waits for a disconnect, which
-    may take as long as a streamed reply.
+    may take as long as a streamed reply. `timed_out` stays set once it fired.
     """
-    done = False
 
-    async def timed():
-        nonlocal done
-        if done:
-            return await receive()
+    def __init__(self, receive, seconds: float):
+        self.receive, self.seconds = receive, seconds
+        self.timed_out = self.done = False
+
+    async def __call__(self):
+        if self.done:
+            return await self.receive()
         try:
-            message = await asyncio.wait_for(receive(), seconds)
+            message = await asyncio.wait_for(self.receive(), self.seconds)
         except asyncio.TimeoutError:
+            self.timed_out = True
             raise BodyTimeoutError from None
-        done = message["type"] != "http.request" or not message.get("more_body", False)
+        self.done = message["type"] != "http.request" or not message.get("more_body", False)
         return message
-    return timed
 
 
 async def _send_error(send, status: int, message: str, type: str, code: str) -> None:
