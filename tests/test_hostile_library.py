@@ -199,3 +199,11 @@ def test_hostile_adapter_paths_are_named(where, tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(AdapterError):
         PeftModel.from_pretrained(tiny_model(), path)
+
+
+def test_load_adapter_checks_ranks_before_injecting(saved, tmp_path):
+    path = copy_with(saved, tmp_path, config={"r": 10**9})
+    model = get_peft_model(tiny_model(), LoraConfig(target_modules=["v_proj"]))
+    with pytest.raises(AdapterError, match="gives this layer r=1000000000"):
+        model.load_adapter(str(path), adapter_name="big")
+    assert "big" not in model.peft_config

@@ -139,9 +139,7 @@ def read_adapter(path: str, *, subfolder: str | None = None, revision: str | Non
                                f"{err}") from None
         if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
             raise AdapterError(f"{bin_file}: expected a dict of tensors")
-    tensors = _normalise_keys(tensors, source=weights or path)
-    check_ranks(config, tensors, source=weights or path)
-    return config, tensors
+    return config, _normalise_keys(tensors, source=weights or path)
 
 
 # the tensors whose rank dimension is dim 0 (A) or dim 1 (B)

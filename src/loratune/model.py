@@ -380,6 +380,7 @@ class LoraModel(nn.Module):
         """
         check_peft_kwargs("load_adapter", kwargs)
         file_config, tensors = adapter_io.read_adapter(model_id, subfolder=subfolder, revision=revision)
+        adapter_io.check_ranks(file_config, tensors, source=str(model_id))  # before anything is allocated
         config = replace(file_config, inference_mode=not is_trainable)
         self.add_adapter(adapter_name, replace(config, init_lora_weights=True))
         try:
