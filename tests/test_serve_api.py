@@ -44,14 +44,15 @@ def write_adapter(path: Path, model, *, r: int, targets: list[str], seed: int, s
 class LiveServer:
     """A real uvicorn server on a free loopback port, running in a thread."""
 
-    def __init__(self, app, state):
+    def __init__(self, app, state, **config):
         self.app, self.state = app, state
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
-                                                    log_level="warning", timeout_graceful_shutdown=2))
+                                                    log_level="warning", timeout_graceful_shutdown=2,
+                                                    **config))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 20
@@ -390,14 +391,44 @@ def test_metrics_report_requests_ttft_queue_and_adapters(live):
     assert "loratune_queue_depth 0.0" in text and "loratune_loaded_adapters 2.0" in text
 
 
-def test_full_queue_429_and_stopped_engine_503(tmp_path):
+def hold_decoding(engine, monkeypatch) -> tuple[threading.Event, threading.Event]:
+    """Make the engine's decode steps wait for `release`; `decoding` is set once one is waiting.
+
+    With max_batch_size=1 a first request is then running and stays running, so a second one
+    waits in the queue however fast or slow the machine is.
+    """
+    decoding, release = threading.Event(), threading.Event()
+    step = engine._decode_step
+
+    def held():
+        decoding.set()
+        release.wait(30)
+        step()
+
+    monkeypatch.setattr(engine, "_decode_step", held)
+    return decoding, release
+
+
+def fill_the_queue(server, monkeypatch) -> tuple[list, threading.Event]:
+    """One request running (held in its decode step), one waiting: the queue (max_queue=1) is full."""
+    engine = server.state.engine
+    decoding, release = hold_decoding(engine, monkeypatch)
+    client = server.client()
+    first = complete(client, "a1", max_tokens=500, stream=True)
+    assert decoding.wait(30) and engine.running == 1
+    second = complete(client, "a1", max_tokens=500, stream=True)
+    assert engine.queue_depth == 1  # submitted before the handler returned
+    return [first, second], release
+
+
+def test_full_queue_429_and_stopped_engine_503(tmp_path, monkeypatch):
     server = start_server(tmp_path, max_batch_size=1, max_queue=1)
     try:
         client = server.client()
-        streams = [complete(client, "a1", max_tokens=500, stream=True) for _ in range(2)]
-        next(iter(streams[0]))  # one running, one waiting
+        streams, release = fill_the_queue(server, monkeypatch)
         body = expect_error(429, complete, client, BASE)
         assert body["type"] == "rate_limit_error"
+        release.set()
         for s in streams:
             s.close()
         server.state.engine.stop()
@@ -407,7 +438,7 @@ def test_full_queue_429_and_stopped_engine_503(tmp_path):
         server.stop()
 
 
-def test_a_failing_step_fails_its_requests_and_the_server_keeps_serving(live, monkeypatch):
+def test_a_failing_step_fails_its_requests_and_the_server_keeps_serving(live, monkeypatch, caplog):
     engine = live.state.engine
     forward = engine._forward
     calls = {"n": 0}
@@ -420,7 +451,10 @@ def test_a_failing_step_fails_its_requests_and_the_server_keeps_serving(live, mo
 
     monkeypatch.setattr(engine, "_forward", flaky)
     body = expect_error(500, complete, live.client(), "a1")
-    assert "injected failure" in body["message"] and body["type"] == "server_error"
+    # the client gets a request id; the exception itself goes to the log only
+    assert "internal error (request id" in body["message"] and body["type"] == "server_error"
+    assert "injected failure" not in body["message"]
+    assert "injected failure" in caplog.text
     assert engine.alive and engine.running == 0
     assert complete(live.client(), "a1").choices[0].finish_reason == "length"
 
@@ -579,14 +613,13 @@ def test_developer_messages_are_system_messages(live):
         {"role": "developer", "content": "Be brief."}, {"role": "user", "content": "hi"}]).choices
 
 
-def test_full_queue_429_says_when_to_retry(tmp_path):
+def test_full_queue_429_says_when_to_retry(tmp_path, monkeypatch):
     server = start_server(tmp_path, max_batch_size=1, max_queue=1)
     try:
-        client = server.client()
-        streams = [complete(client, "a1", max_tokens=500, stream=True) for _ in range(2)]
-        next(iter(streams[0]))
+        streams, release = fill_the_queue(server, monkeypatch)
         r = server.post("/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 1})
         assert r.status_code == 429 and r.headers["retry-after"] == "1"
+        release.set()
         for s in streams:
             s.close()
     finally:

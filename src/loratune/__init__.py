@@ -13,7 +13,9 @@ Where things live:
     adapter_io    adapters on disk in PEFT's exact format
     dtypes        dtype names, bf16 support, "auto" resolution
     errors        the exceptions raised at boundaries
-    atomic        directories and files that appear complete or not at all
+    atomic        directories and files that appear complete or not at all (and a full disk named)
+    module_patterns  user regexes over module names, matched in bounded time
+    memory        free memory, and refusing an adapter that cannot fit before allocating it
   tools/          around the core: load base models and trained adapters, generate, evaluate,
                   export merged models (HF directories, GGUF) and GGUF adapters for llama.cpp/Ollama,
                   inspect adapters, check vLLM/LoRAX/llama.cpp acceptance

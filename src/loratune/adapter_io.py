@@ -26,7 +26,9 @@ from .atomic import atomic_directory
 from .base_layers import is_quantized
 from .config import LoraConfig
 from .errors import AdapterError
+from .inject import pattern_value
 from .layers import LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
+from .module_patterns import match_budget, shown
 
 logger = logging.getLogger(__name__)
 
@@ -73,7 +75,8 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") 
 
 def save_adapter(directory: str, config: LoraConfig, tensors: dict[str, Tensor]) -> None:
     """Write an adapter directory atomically: config, safetensors weights and a model card."""
-    with atomic_directory(directory) as tmp:
+    size = sum(t.numel() * t.element_size() for t in tensors.values())
+    with atomic_directory(directory, size_hint=size) as tmp:
         save_file(tensors, os.path.join(tmp, SAFETENSORS_NAME), metadata={"format": "pt"})
         config.save_json(os.path.join(tmp, CONFIG_NAME))
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
@@ -137,6 +140,41 @@ def read_adapter(path: str, *, subfolder: str | None = None, revision: str | Non
         if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
             raise AdapterError(f"{bin_file}: expected a dict of tensors")
     return config, _normalise_keys(tensors, source=weights or path)
+
+
+# the tensors whose rank dimension is dim 0 (A) or dim 1 (B)
+_RANK_DIM = {".lora_A.weight": 0, ".lora_embedding_A": 0, ".lora_B.weight": 1, ".lora_embedding_B": 1}
+
+
+def check_ranks(config: LoraConfig, tensors: dict[str, Tensor], *, source: str) -> None:
+    """Check every LoRA tensor's rank dimension against the config's r, before anything is allocated.
+
+    A config saying r=1000000000 over small tensors must fail here, not after injecting a terabyte
+    of zeros for the load to overwrite.
+
+    Raises:
+        AdapterError: naming the first tensors whose shape disagrees with the config.
+    """
+    wrong = []
+    with match_budget():
+        for key, tensor in tensors.items():
+            suffix = next((s for s in _RANK_DIM if key.endswith(s)), None)
+            if suffix is None:
+                continue
+            module = key[len(PREFIX): -len(suffix)]
+            r = pattern_value(config.rank_pattern, module, config.r)
+            dim = _RANK_DIM[suffix]
+            if tensor.dim() <= dim:
+                continue  # no rank dimension at all: the full shape check names it
+            if tensor.shape[dim] != r:
+                want = list(tensor.shape)
+                want[dim] = r
+                wrong.append(f"{key} has shape {tuple(tensor.shape)}, expected {tuple(want)} "
+                             f"(adapter_config.json gives this layer r={shown(r)})")
+    if wrong:
+        more = f" (and {len(wrong) - 3} more)" if len(wrong) > 3 else ""
+        raise AdapterError(f"{source}: {len(wrong)} tensor(s) of the wrong shape for the config's rank: "
+                           + "; ".join(wrong[:3]) + more)
 
 
 def _normalise_keys(tensors: dict[str, Tensor], *, source: str) -> dict[str, Tensor]:

@@ -20,7 +20,10 @@ ADAPTER_NAME_RULE = "1-128 characters from [A-Za-z0-9._-], not '.' or '..'"
 def adapter_name_problem(name: object) -> str | None:
     """Return why `name` cannot name an adapter, or None when it can."""
     if not isinstance(name, str) or not ADAPTER_NAME.fullmatch(name) or name in (".", ".."):
-        return f"invalid adapter name {name!r}: use {ADAPTER_NAME_RULE}"
+        text = repr(name)
+        if len(text) > 80:  # a hostile name can be megabytes long
+            text = f"{text[:80]}... ({len(name) if isinstance(name, str) else len(text)} characters)"
+        return f"invalid adapter name {text}: use {ADAPTER_NAME_RULE}"
     if name == BASE_ADAPTER:
         return f"adapter name {name!r} is reserved for the base model (mixed batches use it for no adapter)"
     return None

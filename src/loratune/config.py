@@ -20,13 +20,15 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from .adapter_files import CONFIG_NAME, resolve_adapter_file
+from .adapter_files import CONFIG_NAME, read_json_file, resolve_adapter_file
 from .errors import AdapterError, ConfigError, UnsupportedFeatureError
+from .module_patterns import pattern_problem, shown
 
 logger = logging.getLogger(__name__)
 
 INIT_METHODS = (True, False, "gaussian", "pissa", "olora")
 BIAS_MODES = ("none", "all", "lora_only")
+_FLOAT32_MAX = 3.4028234663852886e38  # LoRA weights are float32 (or narrower) when scaling applies
 
 
 class TaskType(str, enum.Enum):
@@ -67,13 +69,32 @@ def lora_scaling(r: int, lora_alpha: float, use_rslora: bool) -> float:
 
 
 def _regex_problems(what: str, pattern: object) -> list[str]:
-    if not isinstance(pattern, str):
-        return [f"{what} must be a string, got {pattern!r}"]
+    problem = pattern_problem(what, pattern)
+    if problem:
+        return [problem]
     try:
         re.compile(pattern)
     except re.error as exc:
         return [f"{what} is not a valid regular expression: {exc}"]
     return []
+
+
+def _alpha_problem(what: str, alpha: object, ranks: list[int], use_rslora: bool) -> str | None:
+    """A lora_alpha must be finite, and alpha / r (or / sqrt(r)) must fit float32 for every rank."""
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool):
+        return f"{what} must be a number, got {shown(alpha)}"
+    try:
+        finite = math.isfinite(alpha)
+    except OverflowError:  # an int beyond any float
+        finite = False
+    if not finite:
+        return f"{what} must be a finite number, got {shown(alpha)}"
+    for r in ranks:
+        scaling = lora_scaling(r, alpha, use_rslora)
+        if not abs(scaling) <= _FLOAT32_MAX:
+            return (f"{what}={shown(alpha)} gives scaling {scaling:.3g} at r={r}, which overflows float32 "
+                    f"(largest {_FLOAT32_MAX:.3g}); typical values are r to 2*r")
+    return None
 
 
 def _module_spec_problems(name: str, spec: object) -> list[str]:
@@ -200,9 +221,13 @@ class LoraConfig:
         """Return every problem with this config (empty when valid), PEFT-only features first."""
         out = [f"{f}: a PEFT feature loratune does not support" for f in self.unsupported_features()]
         if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r <= 0:
-            out.append(f"r must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            out.append(f"lora_alpha must be a number, got {self.lora_alpha!r}")
+            out.append(f"r must be a positive integer, got {shown(self.r)}")
+        ranks = [self.r] if isinstance(self.r, int) and not isinstance(self.r, bool) and self.r > 0 else []
+        if isinstance(self.rank_pattern, dict):
+            ranks += [v for v in self.rank_pattern.values() if isinstance(v, int) and v > 0]
+        problem = _alpha_problem("lora_alpha", self.lora_alpha, ranks, self.use_rslora)
+        if problem:
+            out.append(problem)
         if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
             out.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
@@ -225,6 +250,9 @@ class LoraConfig:
             out.append(f"init_lora_weights {init!r}: the pissa_niter_ suffix must be a number of iterations")
         for name in ("target_modules", "exclude_modules"):
             out += _module_spec_problems(name, getattr(self, name))
+        for pattern in [self.layers_pattern] if isinstance(self.layers_pattern, str) else \
+                self.layers_pattern or []:
+            out += _regex_problems("layers_pattern", pattern)
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict):
                 out.append(f"{name} must be a dict of module pattern -> value, got {pattern!r}")
@@ -234,9 +262,13 @@ class LoraConfig:
                 number = isinstance(value, (int, float)) and not isinstance(value, bool)
                 positive_int = isinstance(value, int) and not isinstance(value, bool) and value > 0
                 if name == "rank_pattern" and not positive_int:
-                    out.append(f"rank_pattern[{key!r}] must be a positive integer, got {value!r}")
+                    out.append(f"rank_pattern[{shown(key)}] must be a positive integer, got {shown(value)}")
                 elif name == "alpha_pattern" and not number:
-                    out.append(f"alpha_pattern[{key!r}] must be a number, got {value!r}")
+                    out.append(f"alpha_pattern[{shown(key)}] must be a number, got {shown(value)}")
+                elif name == "alpha_pattern":
+                    problem = _alpha_problem(f"alpha_pattern[{shown(key)}]", value, ranks, self.use_rslora)
+                    if problem:
+                        out.append(problem)
         return out
 
     def scaling_for(self, r: int, lora_alpha: float) -> float:
@@ -299,11 +331,7 @@ class LoraConfig:
     @classmethod
     def from_json_file(cls, config_file: str) -> LoraConfig:
         """Read and validate one adapter_config.json file."""
-        try:
-            with open(config_file, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except json.JSONDecodeError as err:
-            raise AdapterError(f"{config_file}: invalid JSON at line {err.lineno}: {err.msg}") from None
+        data = read_json_file(config_file, what=CONFIG_NAME)
         if not isinstance(data, dict):
             raise AdapterError(f"{config_file}: expected a JSON object, got {type(data).__name__}")
         return cls.from_dict(data, source=os.fspath(config_file))
@@ -320,3 +348,4 @@ def _switched_on(values: dict[str, Any]) -> list[str]:
     return [f"{f.name}={values[f.name]!r}" for f in dataclasses.fields(LoraConfig)
             if f.metadata.get("peft_only") == "refused" and f.name in values
             and not any(values[f.name] == off for off in f.metadata["off"])]
+

@@ -47,3 +47,11 @@ class MergeError(LoratuneError, RuntimeError):
 
 class TrainingDivergedError(LoratuneError, RuntimeError):
     """The loss or gradient became NaN/Inf; the run stopped without applying that step."""
+
+
+class InsufficientMemoryError(LoratuneError, MemoryError):
+    """An allocation would not fit in the memory available (estimated up front, or an OOM caught)."""
+
+
+class DiskFullError(LoratuneError, OSError):
+    """A save ran out of disk space; the message names the folder and the bytes it needed."""

@@ -17,9 +17,11 @@ from dataclasses import replace
 
 from torch import nn
 
+from . import module_patterns
 from .config import LoraConfig, TaskType
 from .errors import ConfigError, TargetNotFoundError
 from .layers import LoraLayer, LoraLinear, ModulesToSave, build_lora_layer, inside_wrapper, is_linear_like
+from .memory import check_fits
 
 ALL_LINEAR = "all-linear"
 
@@ -58,7 +60,7 @@ def matches(patterns: list[str] | str | None, name: str) -> bool:
     if patterns is None:
         return False
     if isinstance(patterns, str):
-        return re.fullmatch(patterns, name) is not None
+        return module_patterns.fullmatch(patterns, name)
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
@@ -80,7 +82,7 @@ def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None
         return int(found.group(1)) if found else None
     patterns = [layers_pattern] if isinstance(layers_pattern, str) else layers_pattern
     for pattern in patterns:
-        found = re.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
+        found = module_patterns.match(rf"(?:^|.*?\.){pattern}\.(\d+)\.", name)
         if found:
             return int(found.group(1))
     return None
@@ -90,7 +92,7 @@ def pattern_value(patterns: dict, name: str, default):
     """Look up a rank/alpha override as PEFT does: the first key, in the dict's order, that matches
     the end of the name as a regex (an exact module path is such a regex too)."""
     for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", name):
+        if module_patterns.match(rf"(.*\.)?({key})$", name):
             return value
     return default
 
@@ -176,8 +178,8 @@ def _not_found_message(entry: str, names: list[str]) -> str:
 def _regex_not_found_message(pattern: str, names: list[str]) -> str:
     """Explain PEFT's rule that a single string is a full-match regex on the module path."""
     try:
-        partial = [n for n in names if re.search(pattern, n)]
-    except re.error:
+        partial = [n for n in names if module_patterns.search(pattern, n)]
+    except ConfigError:  # too slow or not a valid regex: the hint is optional
         partial = []
     example = f" (it matches only part of paths such as {partial[0]!r})" if partial else ""
     hint = ""
@@ -203,7 +205,15 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
     Layers already wrapped by another adapter get the new adapter added beside the old one.
     Returns the adapted module names.
     """
+    with module_patterns.match_budget():
+        return _inject(model, config, adapter_name)
+
+
+def _inject(model: nn.Module, config: LoraConfig, adapter_name: str) -> list[str]:
     targets = find_targets(model, config)
+    count = lora_parameter_count(model, config, targets)
+    check_fits(count * 4, _device_of(model), f"adapter {adapter_name!r} ({count:,} LoRA parameters in fp32)",
+               "lower r (or rank_pattern) or target fewer modules")
     for name in targets:
         module = model.get_submodule(name)
         if not isinstance(module, LoraLayer):
@@ -225,6 +235,29 @@ def inject_adapter(model: nn.Module, config: LoraConfig, adapter_name: str) -> l
             set_submodule(model, name, module)
         module.update_layer(adapter_name)
     return targets
+
+
+def lora_parameter_count(model: nn.Module, config: LoraConfig, targets: list[str]) -> int:
+    """How many parameters LoRA adds on these targets: r * (in + out) per layer (A and B)."""
+    total = 0
+    for name in targets:
+        module = model.get_submodule(name)
+        r = pattern_value(config.rank_pattern, name, config.r)
+        base = getattr(module, "base_layer", module)
+        if hasattr(base, "in_features") and hasattr(base, "out_features"):
+            fan_in, fan_out = int(base.in_features), int(base.out_features)
+        elif getattr(base, "weight", None) is not None and base.weight.dim() >= 2:
+            shape = base.weight.shape  # Linear/Embedding (out, in), Conv1D (in, out), Conv (out, in, k...)
+            fan_in, fan_out = base.weight[0].numel(), shape[0]
+        else:
+            continue
+        total += r * (fan_in + fan_out)
+    return total
+
+
+def _device_of(model: nn.Module):
+    param = next(model.parameters(), None)
+    return param.device if param is not None else "cpu"
 
 
 def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:

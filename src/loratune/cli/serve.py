@@ -46,6 +46,12 @@ def add_parser(sub) -> argparse.ArgumentParser:
                         help="requests waiting for a batch slot before 429 (default: 64)")
     parser.add_argument("--max-request-tokens", type=int, default=None,
                         help="largest prompt + max_tokens per request; above is 413 (default: the context)")
+    parser.add_argument("--max-connections", type=int, default=512,
+                        help="connections at once; over it requests get 503 (default: 512)")
+    parser.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="close a connection whose request headers take longer (default: 10)")
+    parser.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                        help="answer 408 when the next chunk of a request body takes longer (default: 30)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context length (default: the model's max_position_embeddings)")
     parser.add_argument("--threads", type=int, default=None,
@@ -125,6 +131,8 @@ def run(args: argparse.Namespace) -> int:
             base_name=args.served_model_name or args.model_name_or_path, base_root=args.model_name_or_path,
             api_keys=args.api_key or ([env_key] if env_key else []), adapter_roots=roots,
             max_loaded=args.max_loaded, max_request_tokens=args.max_request_tokens,
+            max_connections=args.max_connections, header_timeout_s=args.header_timeout,
+            body_timeout_s=args.body_timeout,
         )
         quantization = {
             "load_in_4bit": args.load_in_4bit, "load_in_8bit": args.load_in_8bit,

@@ -35,7 +35,8 @@ def build_app(state: ServerState) -> FastAPI:
     app = FastAPI(title="loratune serve", docs_url=None, redoc_url=None, openapi_url=None)
     app.state.serving = state
     app.add_middleware(GuardMiddleware, api_keys=state.settings.api_keys,
-                       max_body_bytes=state.settings.max_body_bytes)
+                       max_body_bytes=state.settings.max_body_bytes,
+                       body_timeout_s=state.settings.body_timeout_s)
     _add_error_handlers(app)
 
     @app.get("/health")
@@ -244,29 +245,32 @@ def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_, exc: StarletteHTTPException):
         kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
+        if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
+            # FastAPI's words for a body that is not UTF-8 or nests too deeply to parse
+            return reply(400, "the request body is not valid JSON (not UTF-8, or nested too deeply)",
+                         kind, "invalid_json")
         return reply(exc.status_code, str(exc.detail), kind, exc.status_code)
 
     @app.exception_handler(Exception)
-    async def internal_error(_, exc: Exception):
-        log.exception("unhandled error")
-        return reply(500, f"internal server error: {type(exc).__name__}: {exc}", "server_error",
-                     "internal_error")
+    async def internal_error(_, exc: Exception):  # only reached when GuardMiddleware is bypassed
+        request_id = p.new_id("req")
+        log.error("internal error (request id %s)", request_id, exc_info=exc)
+        return reply(500, f"internal error (request id {request_id})", "server_error", "internal_error")
 
 
 class GuardMiddleware:
     """Check the bearer key on /v1/* and the body size before any route parses the request."""
 
-    def __init__(self, app, *, api_keys: list[str], max_body_bytes: int):
-        self.app, self.api_keys, self.max_body_bytes = app, list(api_keys), max_body_bytes
+    def __init__(self, app, *, api_keys: list[str], max_body_bytes: int, body_timeout_s: float = 30.0):
+        self.app, self.max_body_bytes, self.body_timeout_s = app, max_body_bytes, body_timeout_s
+        self.api_keys = [k.encode("utf-8") for k in api_keys]
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         if self.api_keys and scope["path"].startswith("/v1/"):
-            scheme, _, token = headers.get(b"authorization", b"").decode("latin-1").partition(" ")
-            if scheme.lower() != "bearer" or not any(hmac.compare_digest(token.strip(), k)
-                                                     for k in self.api_keys):
+            if not self._authorized(headers.get(b"authorization", b"")):
                 return await _send_error(send, 401,
                                          "Invalid or missing API key: send 'Authorization: Bearer KEY'",
                                          "authentication_error", "invalid_api_key")
@@ -276,16 +280,61 @@ class GuardMiddleware:
                                      f"the request body has {int(length)} bytes, over the limit of "
                                      f"{self.max_body_bytes}", "invalid_request_error", "request_too_large")
         if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            receive = await self._read_bounded(receive)  # chunked: no length to check up front
+            try:
+                receive = await self._read_bounded(receive)  # chunked: no length to check up front
+            except BodyTimeoutError:
+                return await _send_error(send, 408, f"the request body did not arrive within "
+                                         f"{self.body_timeout_s:g}s", "invalid_request_error",
+                                         "request_timeout")
             if receive is None:
                 return await _send_error(send, 413,
                                          f"the request body is over the limit of {self.max_body_bytes} "
                                          "bytes", "invalid_request_error", "request_too_large")
-        return await self.app(scope, receive, send)
+        return await self._call_guarded(scope, TimedReceive(receive, self.body_timeout_s), send)
+
+    def _authorized(self, header: bytes) -> bool:
+        """Compare the bearer token as bytes, in constant time, against every key (any bytes: no 500)."""
+        scheme, _, token = header.partition(b" ")
+        token = token.strip()
+        ok = False
+        for key in self.api_keys:
+            ok |= hmac.compare_digest(token, key)
+        return scheme.lower() == b"bearer" and ok
+
+    async def _call_guarded(self, scope, receive: TimedReceive, send):
+        """Run the app; an unhandled error is logged once with a request id and answered 500 with it.
+
+        A body that timed out is answered 408, whatever the route made of the failed read.
+        """
+        started = False
+
+        async def tracked_send(message):
+            nonlocal started
+            if receive.timed_out:
+                if not started:
+                    started = True
+                    await _send_error(send, 408, "the request body did not arrive within "
+                                      f"{self.body_timeout_s:g}s", "invalid_request_error", "request_timeout")
+                return
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked_send)
+        except BodyTimeoutError:
+            await tracked_send({"type": "http.response.start"})
+        except Exception:
+            request_id = p.new_id("req")
+            log.exception("internal error in %s %s (request id %s)", scope.get("method"), scope.get("path"),
+                          request_id)
+            if not started:
+                await _send_error(send, 500, f"internal error (request id {request_id})", "server_error",
+                                  "internal_error")
 
     async def _read_bounded(self, receive):
         """Read the whole body (at most max_body_bytes); return a receive that replays it, or None."""
         chunks, size = [], 0
+        receive = TimedReceive(receive, self.body_timeout_s)
         while True:
             message = await receive()
             if message["type"] != "http.request":
@@ -302,6 +351,33 @@ class GuardMiddleware:
         async def replayed():
             return replay.pop() if replay else await receive()
         return replayed
+
+
+class BodyTimeoutError(Exception):
+    """The client sent the request body too slowly (HTTP 408)."""
+
+
+class TimedReceive:
+    """An ASGI receive where waiting over `seconds` for the next body chunk raises BodyTimeoutError.
+
+    Only while the body is still arriving: once it has ended, receive waits for a disconnect, which
+    may take as long as a streamed reply. `timed_out` stays set once it fired.
+    """
+
+    def __init__(self, receive, seconds: float):
+        self.receive, self.seconds = receive, seconds
+        self.timed_out = self.done = False
+
+    async def __call__(self):
+        if self.done:
+            return await self.receive()
+        try:
+            message = await asyncio.wait_for(self.receive(), self.seconds)
+        except asyncio.TimeoutError:
+            self.timed_out = True
+            raise BodyTimeoutError from None
+        self.done = message["type"] != "http.request" or not message.get("more_body", False)
+        return message
 
 
 async def _send_error(send, status: int, message: str, type: str, code: str) -> None:

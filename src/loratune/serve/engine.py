@@ -67,6 +67,7 @@ class GenerationRequest:
     sink: Callable[[str, object], None]
     cancelled: bool = False
     released: bool = False  # its adapter use was given back (exactly once)
+    error_detail: str | None = None  # why it failed, for the log and the operator; never sent to clients
     request_id: int = field(default_factory=itertools.count().__next__)
 
 
@@ -257,7 +258,7 @@ class Engine:
         rows, self._rows, self._batch, self._planned = self._rows, [], BatchCache(), None
         for row in rows:
             self._release(row.request)
-            self._emit(row.request, "error", f"generation failed: {exc}")
+            self._fail_row(row.request, exc)
 
     def _admit(self) -> None:
         """Prefill waiting requests (together, up to the free slots and a token budget) into the batch."""
@@ -280,13 +281,29 @@ class Engine:
             log.exception("prefill failed for %d requests", len(admitted))
             for request in admitted:
                 if not request.released:  # those already finished got their events
-                    self._emit(request, "error", f"generation failed: {exc}")
+                    self._fail_row(request, exc)
                     self._release(request)
 
-    def _plan(self, adapter_ids: tuple) -> None:
-        if adapter_ids != self._planned:
-            set_rows(self.model, adapter_ids)
-            self._planned = adapter_ids
+    def _plan(self, adapter_ids: tuple) -> set[int]:
+        """Plan the batch's rows; return the rows that cannot run (their adapter's weights are bad)."""
+        if adapter_ids == self._planned:
+            return set()
+        failed = set_rows(self.model, adapter_ids)
+        self._planned = None if failed else adapter_ids
+        for adapter_id in sorted({adapter_ids[i] for i in failed}):
+            log.error("adapter id %s cannot be applied (weights or scaling out of range for the model's "
+                      "dtype); failing its requests only", adapter_id)
+        return failed
+
+    def _fail_row(self, request: GenerationRequest, exc: BaseException | str) -> None:
+        """Fail one request: the details go to the log under its request id, the client gets the id."""
+        if isinstance(exc, str):
+            message = exc
+        else:
+            request.error_detail = f"{type(exc).__name__}: {exc}"
+            log.error("request %s failed: %s", request.request_id, request.error_detail)
+            message = f"generation failed: internal error (request id {request.request_id})"
+        self._emit(request, "error", message)
 
     def _forward(self, **kwargs) -> tuple[Tensor, object]:
         if self._keep_logits:
@@ -301,7 +318,7 @@ class Engine:
         ids = torch.zeros(len(requests), longest, dtype=torch.long, device=self.device)
         for i, r in enumerate(requests):
             ids[i, : lengths[i]] = torch.tensor(r.prompt_ids, device=self.device)
-        self._plan(tuple(r.adapter_id for r in requests))
+        unplanned = self._plan(tuple(r.adapter_id for r in requests))
         last = sorted(set(lengths))
         # Causal attention only: a real token never attends to the padding on its right.
         out = self.model(input_ids=ids, use_cache=True,
@@ -322,7 +339,10 @@ class Engine:
                 else:
                     generator.manual_seed(request.params.seed)
             row = _Row(request, last_token=-1, position=lengths[i] - 1, generated=0, generator=generator)
-            if self._accept(row, logits[i], finite[i]):
+            if i in unplanned:
+                self._fail_row(request, _UNUSABLE_ADAPTER)
+                self._release(request)
+            elif self._accept(row, logits[i], finite[i]):
                 accepted.append((i, row))
             else:
                 self._release(request)
@@ -332,7 +352,7 @@ class Engine:
 
     def _decode_step(self) -> None:
         rows = self._rows
-        self._plan(tuple(r.request.adapter_id for r in rows))
+        unplanned = self._plan(tuple(r.request.adapter_id for r in rows))
         ids = torch.tensor([[r.last_token] for r in rows], dtype=torch.long, device=self.device)      # (N, 1)
         positions = torch.tensor([[r.position] for r in rows], dtype=torch.long, device=self.device)  # (N, 1)
         logits, _ = self._forward(input_ids=ids, position_ids=positions,
@@ -340,7 +360,10 @@ class Engine:
         self.decode_steps += 1
         self.decoded_tokens += len(rows)
         finite = _finite_rows(logits)
-        finished = [i for i, row in enumerate(rows) if not self._accept(row, logits[i], finite[i])]
+        for i in unplanned:
+            self._fail_row(rows[i].request, _UNUSABLE_ADAPTER)
+        finished = [i for i, row in enumerate(rows)
+                    if i in unplanned or not self._accept(row, logits[i], finite[i])]
         self._finish_rows(finished)
 
     def _accept(self, row: _Row, logits: Tensor, finite: bool) -> bool:
@@ -365,6 +388,10 @@ class Engine:
             return not request.cancelled
         self._emit(request, "finish", reason)
         return False
+
+
+_UNUSABLE_ADAPTER = ("generation failed: its adapter's weights or scaling are out of range for the "
+                     "served dtype")
 
 
 def _finite_rows(logits: Tensor) -> list[bool]:

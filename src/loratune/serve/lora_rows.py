@@ -53,26 +53,38 @@ class RowLoraLinear(nn.Module):
     def remove_adapter(self, adapter_id: int) -> None:
         self.adapters.pop(adapter_id, None)
 
-    def plan_rows(self, adapter_ids: tuple[int | None, ...]) -> None:
-        """Gather the rows' weights into stacked tensors used by every forward until the next plan."""
+    def plan_rows(self, adapter_ids: tuple[int | None, ...]) -> set[int]:
+        """Gather the rows' weights into stacked tensors used by every forward until the next plan.
+
+        Returns the rows whose weights could not be planned (e.g. a scaling the dtype cannot hold);
+        they get zero weights, so they compute the base model and never disturb the other rows.
+        """
         rows = [self.adapters.get(a) if a is not None else None for a in adapter_ids]
         if all(w is None for w in rows):
             self._plan = None
-            return
+            return set()
         rank = max(w.lora_A.shape[0] for w in rows if w is not None)
         ref = next(w for w in rows if w is not None).lora_A
         n = len(rows)
         a = ref.new_zeros(n, self.in_features, rank)   # (N, in, R)
         b = ref.new_zeros(n, rank, self.out_features)  # (N, R, out)
         s = ref.new_zeros(n, 1, 1)
+        failed = set()
         for i, w in enumerate(rows):
             if w is None:
                 continue
             r = w.lora_A.shape[0]
-            a[i, :, :r] = w.lora_A.T
-            b[i, :r, :] = w.lora_B.T
-            s[i] = w.scaling
+            try:
+                s[i] = w.scaling
+                if not bool(torch.isfinite(s[i]).all()):
+                    raise ValueError(f"scaling {w.scaling!r} is not finite in {s.dtype}")
+                a[i, :, :r] = w.lora_A.T
+                b[i, :r, :] = w.lora_B.T
+            except (RuntimeError, ValueError, OverflowError):
+                a[i].zero_(), b[i].zero_(), s[i].zero_()
+                failed.add(i)
         self._plan = (a, b, s)
+        return failed
 
     def forward(self, x: Tensor) -> Tensor:
         y = self.base_layer(x)                     # (N, T, out)
@@ -135,8 +147,13 @@ def ensure_row_lora(model: nn.Module, name: str) -> RowLoraLinear:
     return wrapped
 
 
-def set_rows(model: nn.Module, adapter_ids: tuple[int | None, ...]) -> None:
-    """Plan every RowLoraLinear of the model for a batch with these per-row adapter ids."""
+def set_rows(model: nn.Module, adapter_ids: tuple[int | None, ...]) -> set[int]:
+    """Plan every RowLoraLinear of the model for a batch with these per-row adapter ids.
+
+    Returns the rows that some layer could not plan (see `RowLoraLinear.plan_rows`).
+    """
+    failed: set[int] = set()
     for module in model.modules():
         if isinstance(module, RowLoraLinear):
-            module.plan_rows(adapter_ids)
+            failed |= module.plan_rows(adapter_ids)
+    return failed

@@ -11,6 +11,8 @@ Not here: HTTP (api.py) and the model itself (engine.py).
 
 from __future__ import annotations
 
+import math
+import os
 import re
 import time
 from dataclasses import dataclass, field
@@ -18,11 +20,13 @@ from pathlib import Path
 
 import torch
 
+from loratune.adapter_files import BIN_NAME
 from loratune.adapter_io import PREFIX, SAFETENSORS_NAME, check_finite, read_adapter
 from loratune.adapter_names import adapter_name_problem
 from loratune.config import CONFIG_NAME, LoraConfig
 from loratune.errors import AdapterError, UnsupportedFeatureError
 from loratune.inject import ALL_LINEAR, layer_index, matches, pattern_value
+from loratune.module_patterns import match_budget, shown
 
 from .lora_rows import RowAdapterWeights
 
@@ -65,31 +69,93 @@ def resolve_adapter_path(lora_path: object, roots: list[Path]) -> Path:
         raise RequestError(400, "loading adapters at runtime is disabled: start the server with "
                            "--adapter-root DIR",
                            type="InvalidUserInput", code=400, param="lora_path")
-    if not isinstance(lora_path, str) or not lora_path or "\x00" in lora_path:
-        raise RequestError(400, f"invalid lora_path {lora_path!r}", type="InvalidUserInput", code=400,
-                           param="lora_path")
+    problem = _path_problem(lora_path)
+    if problem:
+        raise RequestError(400, f"invalid lora_path {shown(lora_path)}: {problem}", type="InvalidUserInput",
+                           code=400, param="lora_path")
     raw = Path(lora_path)
     candidates = [raw] if raw.is_absolute() else [root / raw for root in roots]
     for candidate in candidates:
-        resolved = candidate.resolve()
-        if any(resolved.is_relative_to(root) for root in roots):
+        try:
+            resolved = candidate.resolve()
+        except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop on Python < 3.13
+            raise RequestError(400, f"lora_path {shown(lora_path)} cannot be resolved "
+                               f"({getattr(exc, 'strerror', None) or type(exc).__name__})",
+                               type="InvalidUserInput", code=400, param="lora_path") from None
+        if inside_roots(resolved, roots):
             return resolved
-    shown = ", ".join(str(r) for r in roots)
-    raise RequestError(400, f"lora_path {lora_path!r} is outside the adapter roots ({shown})",
+    raise RequestError(400, f"lora_path {shown(lora_path)} is outside the adapter roots "
+                       "(--adapter-root); give a path relative to a root",
                        type="InvalidUserInput", code=400, param="lora_path")
 
 
-def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
-                    dtype: torch.dtype) -> PreparedAdapter:
-    """Read an adapter directory and check it fits a base with these linear layer shapes.
+MAX_PATH_CHARS = 4096  # PATH_MAX on Linux
+MAX_NAME_BYTES = 255   # NAME_MAX: the longest file or folder name
+
+
+def _path_problem(lora_path: object) -> str | None:
+    if not isinstance(lora_path, str) or not lora_path:
+        return "expected a non-empty string"
+    if len(lora_path) > MAX_PATH_CHARS:
+        return f"{len(lora_path)} characters, over the limit of {MAX_PATH_CHARS}"
+    if any(ord(c) < 32 or c == "\x7f" for c in lora_path):
+        return "it holds control characters"
+    try:
+        parts = [part.encode("utf-8") for part in lora_path.split("/")]
+    except UnicodeEncodeError:
+        return "it is not valid Unicode (a lone surrogate)"
+    longest = max(len(part) for part in parts)
+    if longest > MAX_NAME_BYTES:
+        return f"a path component of {longest} bytes, over the limit of {MAX_NAME_BYTES}"
+    return None
+
+
+def inside_roots(path: Path | str, roots: list[Path]) -> bool:
+    """True when `path`, with every symlink resolved, lies inside one of the (resolved) roots."""
+    real = Path(os.path.realpath(path))
+    return any(real.is_relative_to(os.path.realpath(root)) for root in roots)
+
+
+def check_files_inside(path: Path, roots: list[Path]) -> None:
+    """Refuse an adapter folder whose files resolve outside the roots (a symlink to /etc/passwd...).
 
     Raises:
-        AdapterError: missing/corrupt files, a missing, extra or misshapen tensor (named).
-        UnsupportedFeatureError: DoRA, embedding LoRA, modules_to_save, trained biases.
+        AdapterError: naming the file by its name in the folder, never where it points.
     """
+    for name in (CONFIG_NAME, SAFETENSORS_NAME, BIN_NAME):
+        file = path / name
+        if (file.is_symlink() or file.exists()) and not inside_roots(file, roots):
+            raise AdapterError(f"{name} in the adapter folder is a link to a file outside the adapter "
+                               "roots; copy the file into the folder instead")
+
+
+def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
+                    dtype: torch.dtype, *, roots: list[Path] | None = None) -> PreparedAdapter:
+    """Read an adapter directory and check it fits a base with these linear layer shapes.
+
+    With `roots`, every file read must resolve inside one of them. Regex matching shares one time
+    budget (module_patterns), so a backtracking target_modules fails fast instead of stalling.
+
+    Raises:
+        AdapterError: missing/corrupt files, a missing, extra or misshapen tensor (named), targets
+            that match nothing, a scaling or weights the serving dtype cannot hold.
+        UnsupportedFeatureError: DoRA, embedding LoRA, modules_to_save, trained biases.
+        ConfigError: a config field with a bad value, or a regex that takes too long.
+    """
+    if roots is not None:
+        check_files_inside(path, roots)
+    with match_budget():
+        return _prepare(name, path, shapes, dtype)
+
+
+def _prepare(name: str, path: Path, shapes: dict[str, tuple[int, int]],
+             dtype: torch.dtype) -> PreparedAdapter:
     config, tensors = _read(path)
     modules = _group_by_module(tensors, path)
     targeted = _targeted(config, shapes)
+    if targeted is not None and not targeted:
+        raise AdapterError(f"adapter {name!r}: target_modules {shown(config.target_modules)} (with "
+                           "exclude_modules / layers_to_transform) match no linear layer of the base model")
     problems = []
     for module, parts in sorted(modules.items()):
         key = f"{PREFIX}{module}"
@@ -97,7 +163,7 @@ def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
             problems.append(f"tensor {key}.lora_A.weight targets {module!r}, "
                             "which is not a linear layer of the base model")
             continue
-        if targeted and module not in targeted:
+        if targeted is not None and module not in targeted:
             problems.append(f"tensor {key}.lora_A.weight is unexpected: "
                             f"adapter_config.json does not target {module!r}")
             continue
@@ -115,7 +181,7 @@ def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
                 problems.append(f"tensor {key}.lora_{part}.weight has shape {tuple(t.shape)}, "
                                 f"expected {want} "
                                 f"(adapter_config.json gives this layer r={r})")
-    for module in sorted(targeted - set(modules)):
+    for module in sorted((targeted or set()) - set(modules)):
         problems.append(f"tensor {PREFIX}{module}.lora_A.weight is missing "
                         f"(adapter_config.json targets {module!r})")
     if problems:
@@ -125,9 +191,23 @@ def prepare_adapter(name: str, path: Path, shapes: dict[str, tuple[int, int]],
     for module, parts in modules.items():
         r = parts["A"].shape[0]
         alpha = pattern_value(config.alpha_pattern, module, config.lora_alpha)
-        layers[module] = RowAdapterWeights(parts["A"].to(dtype), parts["B"].to(dtype),
-                                           config.scaling_for(r, alpha))
+        layers[module] = _row_weights(name, module, parts, config.scaling_for(r, alpha), dtype)
     return PreparedAdapter(name=name, path=str(path), config=config, layers=layers)
+
+
+def _row_weights(name: str, module: str, parts: dict[str, torch.Tensor], scaling: float,
+                 dtype: torch.dtype) -> RowAdapterWeights:
+    """Cast one layer's weights to the serving dtype; refuse what that dtype cannot hold."""
+    limit = torch.finfo(dtype).max
+    if not math.isfinite(scaling) or abs(scaling) > limit:
+        raise AdapterError(f"adapter {name!r}: layer {module!r} has scaling {scaling:.3g} (lora_alpha / r), "
+                           f"beyond what {dtype} holds (largest {limit:.3g}); lower lora_alpha")
+    a, b = parts["A"].to(dtype), parts["B"].to(dtype)
+    for part, t in (("A", a), ("B", b)):
+        if not bool(torch.isfinite(t).all()):
+            raise AdapterError(f"adapter {name!r}: tensor {PREFIX}{module}.lora_{part}.weight overflows "
+                               f"{dtype} (values beyond its range); serve it in a wider dtype")
+    return RowAdapterWeights(a, b, scaling)
 
 
 def _read(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
@@ -167,11 +247,11 @@ def _group_by_module(tensors: dict[str, torch.Tensor], path: Path) -> dict[str, 
     return modules
 
 
-def _targeted(config: LoraConfig, shapes: dict[str, tuple[int, int]]) -> set[str]:
-    """The base's linear layers that the config's target_modules selects (empty when undecidable)."""
+def _targeted(config: LoraConfig, shapes: dict[str, tuple[int, int]]) -> set[str] | None:
+    """The base's linear layers that the config's target_modules selects (None when undecidable)."""
     targets = config.target_modules
     if targets is None:
-        return set()
+        return None
     if targets == ALL_LINEAR:
         return {n for n in shapes if not n.endswith("lm_head")}
     chosen = {n for n in shapes if matches(targets, n) and not matches(config.exclude_modules, n)}

@@ -64,10 +64,10 @@ def warm_up(engine: Engine, token_id: int) -> None:
             outcome[kind] = value
             done.set()
 
-    engine.submit(GenerationRequest([token_id, token_id], None, SamplingParams(max_tokens=2, temperature=0),
-                                    sink))
+    request = GenerationRequest([token_id, token_id], None, SamplingParams(max_tokens=2, temperature=0), sink)
+    engine.submit(request)
     if not done.wait(300) or "error" in outcome:
-        reason = outcome.get("error", "warm-up timed out")
+        reason = request.error_detail or outcome.get("error", "warm-up timed out")
         raise UnsupportedFeatureError(f"the base model cannot be served: {reason}")
 
 
@@ -81,11 +81,25 @@ def load_and_build(model_name_or_path: str, settings: ServeSettings, *, dtype: s
     return build_server(model, tokenizer, settings, **kwargs)
 
 
+def uvicorn_settings(settings: ServeSettings) -> dict:
+    """uvicorn's limits against slow or too many clients (the body timeout is GuardMiddleware's).
+
+    A connection that has not sent its headers within header_timeout_s is closed (HeaderTimeoutH11);
+    an idle keep-alive connection after keep_alive_s; beyond max_connections uvicorn answers 503.
+    """
+    from .slow_clients import header_timeout_protocol
+
+    return {"timeout_keep_alive": settings.keep_alive_s, "limit_concurrency": settings.max_connections,
+            "h11_max_incomplete_event_size": 64 * 1024, "backlog": 256,
+            "http": header_timeout_protocol(settings.header_timeout_s)}
+
+
 def serve_forever(app: FastAPI, state: ServerState, *, host: str, port: int, log_level: str = "info") -> None:
     """Run uvicorn until interrupted, then stop the engine."""
     import uvicorn
 
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
+        uvicorn.run(app, **uvicorn_settings(state.settings), host=host, port=port, log_level=log_level,
+                    timeout_graceful_shutdown=5)
     finally:
         state.engine.stop()

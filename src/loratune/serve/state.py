@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from loratune.errors import ConfigError, LoratuneError
+from loratune.module_patterns import shown
 
 from .engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError, SamplingParams
 from .metrics import ServerMetrics
@@ -41,6 +42,14 @@ class ServeSettings:
     """Largest prompt + max_tokens one request may ask for (413 above)."""
     max_body_bytes: int = 1 << 20
     """Largest request body (413 above)."""
+    body_timeout_s: float = 30.0
+    """Longest wait for the next chunk of a request body (408 after)."""
+    header_timeout_s: float = 10.0
+    """Longest time a new connection may take to send its request line and headers (then closed)."""
+    keep_alive_s: float = 5.0
+    """How long an idle keep-alive connection stays open."""
+    max_connections: int = 512
+    """Most connections at once; over it new requests get 503 (uvicorn's limit_concurrency)."""
 
 
 @dataclass
@@ -73,7 +82,8 @@ class ServerState:
             return None
         entry = self.adapters.get(model)
         if entry is None:
-            raise RequestError(404, f"The model `{model}` does not exist.", type="NotFoundError",
+            shown_model = model if len(model) <= 200 else f"{model[:200]}... ({len(model)} characters)"
+            raise RequestError(404, f"The model `{shown_model}` does not exist.", type="NotFoundError",
                                code="model_not_found", param="model")
         return entry.adapter_id
 
@@ -92,13 +102,13 @@ class ServerState:
 
     async def load_adapter(self, name: str, lora_path: str) -> None:
         """Validate, read and install an adapter requested over HTTP; raises RequestError."""
+        check_adapter_name(name, base_name=self.settings.base_name)
         if name in self.adapters or name in self._loading:
             raise RequestError(400, f"The lora adapter '{name}' has already been loaded.",
                                type="InvalidUserInput", code=400)
-        check_adapter_name(name, base_name=self.settings.base_name)
         path = resolve_adapter_path(lora_path, self.settings.adapter_roots)
         if not path.is_dir():
-            raise RequestError(404, f"Loading lora {name} failed: No adapter found for {lora_path}",
+            raise RequestError(404, f"Loading lora {name} failed: No adapter found for {shown(lora_path)}",
                                type="NotFoundError", code=404)
         if len(self.adapters) + len(self._loading) >= self.settings.max_loaded:
             raise RequestError(400, f"cannot load {name!r}: {self.settings.max_loaded} adapters are loaded "
@@ -106,9 +116,15 @@ class ServerState:
         self._loading.add(name)
         try:
             try:
-                prepared = await asyncio.to_thread(prepare_adapter, name, path, self.shapes, self.dtype)
+                prepared = await asyncio.to_thread(prepare_adapter, name, path, self.shapes, self.dtype,
+                                                   roots=self.settings.adapter_roots)
             except LoratuneError as exc:
-                raise RequestError(400, f"Loading lora {name} failed: {exc}", type="BadRequestError",
+                message = str(exc).replace(str(path), lora_path)  # the client's words, not the server's paths
+                raise RequestError(400, f"Loading lora {name} failed: {_cut(message)}",
+                                   type="BadRequestError", code=400) from None
+            except OSError as exc:  # e.g. a name too long for the file system; the path stays private
+                raise RequestError(400, f"Loading lora {name} failed: cannot read the adapter files "
+                                   f"({exc.strerror or type(exc).__name__})", type="BadRequestError",
                                    code=400) from None
             adapter_id = next(self._ids)
             await asyncio.wrap_future(
@@ -125,8 +141,8 @@ class ServerState:
         entry = self.adapters.get(name) if name else next(
             (e for e in self.adapters.values() if e.adapter_id == adapter_id), None)
         if entry is None:
-            shown = f"'{name}'" if name else f"with lora_int_id {adapter_id}"
-            raise RequestError(404, f"The lora adapter {shown} cannot be found.", type="NotFoundError",
+            which = shown(name) if name else f"with lora_int_id {adapter_id}"
+            raise RequestError(404, f"The lora adapter {which} cannot be found.", type="NotFoundError",
                                code=404)
         del self.adapters[entry.name]  # new requests stop finding it at once
         try:
@@ -165,6 +181,11 @@ class ServerState:
                                param="max_tokens", code="request_too_large")
         return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
                               top_p=1.0 if top_p is None else top_p, seed=seed)
+
+
+def _cut(message: str, limit: int = 2000) -> str:
+    """An error message short enough for a reply (a hostile file can make it megabytes long)."""
+    return message if len(message) <= limit else f"{message[:limit]}... ({len(message)} characters)"
 
 
 class Generation:

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 from torch import nn
 
 from loratune.adapter_io import check_finite, read_adapter
@@ -22,6 +21,7 @@ from loratune.config import LoraConfig
 from loratune.errors import AdapterError, ConfigError
 from loratune.model import LoraModel
 from loratune.tools.loading import load_base_model, load_tokenizer
+from loratune.tools.yaml_reader import MAX_YAML_BYTES, load_yaml
 
 logger = logging.getLogger(__name__)
 
@@ -67,9 +67,9 @@ def read_train_config(adapter_dir: str) -> dict[str, Any]:
         return {}
     try:
         with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+            _, data = load_yaml(fh.read(MAX_YAML_BYTES + 1), source=path)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte at offset {exc.start})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -11,7 +11,7 @@ main process writes the final adapter (PEFT format), `train_config.yaml`, `metri
 
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
 import os
 import random
@@ -24,7 +24,7 @@ import torch
 import yaml
 
 from loratune.atomic import atomic_file
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, InsufficientMemoryError
 from loratune.train import checkpoint as ckpt
 from loratune.train.config import TrainConfig, build_config, read_yaml
 from loratune.train.distributed import DistEnv, barrier, init_distributed, shutdown_distributed
@@ -100,10 +100,52 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
     env = init_distributed()
     try:
         # flush denormals, keep freed memory, threads; process-wide, so put back afterwards
-        with tuned_cpu_runtime(threads=cfg.loop.num_threads or None):
+        with tuned_cpu_runtime(threads=cfg.loop.num_threads or None), out_of_memory_explained(cfg):
             return _run(cfg, env)
     finally:
         shutdown_distributed(env)
+
+
+_OOM_TEXT = ("out of memory", "not enough memory", "DefaultCPUAllocator", "can't allocate memory")
+
+
+@contextlib.contextmanager
+def out_of_memory_explained(cfg: TrainConfig):
+    """Turn an out-of-memory failure anywhere in training into InsufficientMemoryError with a hint."""
+    try:
+        yield
+    except InsufficientMemoryError:
+        raise
+    except (MemoryError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not any(t in str(exc) for t in _OOM_TEXT):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise InsufficientMemoryError(
+            f"training ran out of memory ({first}); with r={cfg.lora.r}, "
+            f"per_device_train_batch_size={cfg.optim.per_device_train_batch_size} and "
+            f"max_seq_length={cfg.data.max_seq_length}: lower one of them, or set "
+            "gradient_checkpointing: true") from None
+
+
+def check_adapter_memory(base, lora_config, device) -> None:
+    """Refuse, before allocating, an adapter whose training state cannot fit in free memory.
+
+    Training holds per LoRA parameter fp32 weights, gradients and AdamW's two moments: 16 bytes.
+
+    Raises:
+        InsufficientMemoryError: with the estimate and what is free.
+    """
+    from loratune.inject import find_targets, lora_parameter_count, resolve_config
+    from loratune.memory import check_fits
+    from loratune.module_patterns import match_budget
+
+    resolved = resolve_config(base, lora_config)
+    with match_budget():
+        targets = find_targets(base, resolved)
+        count = lora_parameter_count(base, resolved, targets)
+    check_fits(count * 16, device,
+               f"training r={lora_config.r} on {len(targets)} layers ({count:,} LoRA parameters; fp32 "
+               "weights, gradients and two AdamW moments)", "lower r or target fewer modules")
 
 
 def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
@@ -252,6 +294,7 @@ def build_model(cfg: TrainConfig, env: DistEnv):
         modules_to_save=list(lo.modules_to_save) if lo.modules_to_save else None,
         task_type="CAUSAL_LM", base_model_name_or_path=base_source(cfg),
     )
+    check_adapter_memory(base, lora_config, env.device)
     model = get_peft_model(base, lora_config)
     # Packed rows (the default) attend per example instead of through an N x N block mask.
     enable_varlen_attention(model)
@@ -281,5 +324,4 @@ def before_after_sample(model, tokenizer, datasets) -> dict[str, str] | None:
 def _checkpoint_step(path: str | None) -> int | None:
     if path is None:
         return None
-    with open(os.path.join(path, ckpt.INFO_FILE), encoding="utf-8") as fh:
-        return int(json.load(fh)["step"])
+    return ckpt.read_info(path)["step"]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loratune.atomic import atomic_directory
+from loratune.atomic import atomic_directory, remove_leftovers
 from loratune.errors import ConfigError, LoratuneError
 
 logger = logging.getLogger(__name__)
@@ -78,7 +78,10 @@ def save_checkpoint(
     `write_adapter(dir)` saves the adapter in PEFT format into `dir`. Returns the final path.
     """
     final = os.path.join(output_dir, f"{PREFIX}{step}")
-    with atomic_directory(final) as tmp:  # hidden ".checkpoint-<step>.tmp-*" sibling, renamed when complete
+    # the adapter's tensors are also in state["trainable"]: twice those, plus the optimizer and the rest
+    size = tensor_bytes(state) + tensor_bytes(state.get("trainable", {}))
+    # built in a hidden ".checkpoint-<step>.tmp-*" sibling, renamed when complete
+    with atomic_directory(final, size_hint=size) as tmp:
         write_adapter(tmp)
         torch.save(state, os.path.join(tmp, STATE_FILE))
         with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as fh:
@@ -113,14 +116,48 @@ def rotate_checkpoints(output_dir: str, limit: int | None) -> None:
         logger.debug("deleted old checkpoint %s", path)
 
 
+# What a killed run can leave in output_dir: temp copies of checkpoints (nested ones too, from the
+# adapter save inside a checkpoint's temp folder) and of the files written at the end.
+_LEFTOVERS = (rf"{PREFIX}\d+|{re.escape(CONFIG_FILE)}|adapter_model\.safetensors|adapter_config\.json"
+              r"|README\.md")
+
+
 def remove_incomplete(output_dir: str) -> None:
-    """Delete temp directories left by a run that died while writing a checkpoint."""
-    if not os.path.isdir(output_dir):
-        return
-    for name in os.listdir(output_dir):
-        if name.startswith(f".{PREFIX}") and ".tmp-" in name:
-            shutil.rmtree(os.path.join(output_dir, name), ignore_errors=True)
-            logger.info("removed incomplete checkpoint %s", name)
+    """Delete temp folders and files left by a run that died while writing (e.g. SIGKILL)."""
+    for name in remove_leftovers(output_dir, _LEFTOVERS):
+        logger.info("removed incomplete save %s", name)
+    parent, base = os.path.split(os.path.abspath(output_dir))
+    for name in remove_leftovers(parent, re.escape(base)):  # the final save's temp sibling
+        logger.info("removed incomplete save %s", os.path.join(parent, name))
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes held by the tensors in a nest of dicts, lists and tuples."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(v) for v in obj)
+    return 0
+
+
+def read_info(path: str) -> dict[str, Any]:
+    """Read a checkpoint's trainer_state.json (a JSON object with an integer "step").
+
+    Raises:
+        LoratuneError: the file is not such JSON; names it and the previous good checkpoint.
+    """
+    file = os.path.join(path, INFO_FILE)
+    try:
+        with open(file, encoding="utf-8") as fh:
+            info = json.load(fh)
+        if not isinstance(info, dict) or not isinstance(info.get("step"), int) or info["step"] < 0:
+            raise ValueError('not a JSON object with an integer "step"')
+    except (OSError, ValueError, RecursionError) as exc:  # JSONDecodeError and UnicodeDecodeError too
+        raise LoratuneError(f"cannot read {file}: it is corrupt ({_first_line(exc)}); "
+                            f"{_older_hint(path)}") from None
+    return info
 
 
 def remove_stale(output_dir: str) -> None:
@@ -151,6 +188,7 @@ def resolve_resume(resume: bool | str, output_dir: str) -> str | None:
         if not found:
             logger.warning("resume_from_checkpoint: no checkpoint in %s; starting from scratch", output_dir)
             return None
+        read_info(found[-1][1])
         return found[-1][1]
     path = os.fspath(resume)
     if not (os.path.isfile(os.path.join(path, STATE_FILE)) and os.path.isfile(os.path.join(path, INFO_FILE))):
@@ -158,6 +196,7 @@ def resolve_resume(resume: bool | str, output_dir: str) -> str | None:
             f"resume_from_checkpoint: {path!r} is not a complete checkpoint "
             f"(needs {STATE_FILE} and {INFO_FILE})"
         )
+    read_info(path)  # fail now, not after the model has loaded
     return path
 
 

@@ -194,12 +194,14 @@ def field_types(cls: type) -> dict[str, Any]:
 
 def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
     """Read a YAML mapping of flat keys; raise ConfigError naming the file on any problem."""
+    from loratune.tools.yaml_reader import MAX_YAML_BYTES, load_yaml
+
     path = os.fspath(path)
     try:
         with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-        _refuse_duplicate_keys(yaml.compose(text), path)
-        data = yaml.safe_load(text)
+            text = fh.read(MAX_YAML_BYTES + 1)  # load_yaml refuses more: bounded size, depth and aliases
+        node, data = load_yaml(text, source=path)
+        _refuse_duplicate_keys(node, path)
     except FileNotFoundError:
         raise ConfigError(f"config file not found: {path}") from None
     except IsADirectoryError:
@@ -209,10 +211,6 @@ def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
                           "save the config as UTF-8", source=path) from None
     except OSError as exc:
         raise ConfigError(f"cannot read config file {path}: {exc.strerror or exc}") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
-        raise ConfigError(f"invalid YAML{where}: {getattr(exc, 'problem', exc)}", source=path) from None
     if data is None:
         return {}
     if not isinstance(data, dict):
