@@ -7,7 +7,8 @@ import torch
 from transformers import LlamaConfig
 
 from loratune import LoraConfig, get_peft_model
-from loratune.errors import ConfigError
+from loratune import memory as core_memory
+from loratune.errors import InsufficientMemoryError
 from loratune.train import memory
 
 SMOLLM2 = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
@@ -45,19 +46,19 @@ def _model():
 
 def test_refuses_up_front_with_the_estimate_when_memory_is_short(monkeypatch):
     model = _model()
-    monkeypatch.setattr(memory, "available_bytes", lambda: 10 * 2**20)
-    with pytest.raises(ConfigError) as err:
-        memory.check_fits(model, longest_batch_tokens=8192, per_token=2**20,
-                          what="a micro-batch of 8192 tokens")
+    monkeypatch.setattr(core_memory, "available_bytes", lambda device: 10 * 2**20)
+    with pytest.raises(InsufficientMemoryError) as err:
+        memory.check_training_fits(model, longest_batch_tokens=8192, per_token=2**20,
+                                   what="micro-batches of 8192 tokens")
     msg = str(err.value)
-    assert "a micro-batch of 8192 tokens needs about 8.0 GiB" in msg and "only 0.0 GiB is free" in msg
-    assert "gradient_checkpointing" in msg
+    assert "micro-batches of 8192 tokens (adapter state" in msg and "needs about 8.0 GiB" in msg
+    assert "only 10.0 MiB is available" in msg and "gradient_checkpointing" in msg
 
 
 def test_accepts_and_returns_the_peak_when_memory_is_enough(monkeypatch):
     model = _model()
-    monkeypatch.setattr(memory, "available_bytes", lambda: 2**40)
-    peak = memory.check_fits(model, longest_batch_tokens=100, per_token=1000, what="x")
+    monkeypatch.setattr(core_memory, "available_bytes", lambda device: 2**40)
+    peak = memory.check_training_fits(model, longest_batch_tokens=100, per_token=1000, what="x")
     assert peak == memory.model_bytes(model) + memory.trainable_state_bytes(model) + 100 * 1000
     assert memory.trainable_state_bytes(model) == 3 * 4 * sum(p.numel() for p in model.parameters()
                                                               if p.requires_grad)

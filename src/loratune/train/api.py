@@ -205,8 +205,8 @@ def fit_memory(cfg: TrainConfig, model, datasets) -> TrainConfig:
     """Resolve an automatic max_tokens_per_batch from the model; refuse a run that cannot fit in memory.
 
     Raises:
-        ConfigError: the largest micro-batch, with the adapter's optimizer state, needs more memory
-            than is free (the message has the estimate).
+        InsufficientMemoryError: the largest micro-batch, with the adapter's optimizer state, needs
+            more memory than is free (the message has the estimate).
     """
     from loratune.train import memory
 
@@ -225,8 +225,9 @@ def fit_memory(cfg: TrainConfig, model, datasets) -> TrainConfig:
         biggest = max(longest, min(cfg.data.max_tokens_per_batch, op.per_device_train_batch_size * longest))
     else:
         biggest = op.per_device_train_batch_size * longest
-    peak = memory.check_fits(model, longest_batch_tokens=biggest, per_token=per_token,
-                             what=f"a micro-batch of {biggest} tokens")
+    peak = memory.check_training_fits(model, longest_batch_tokens=biggest, per_token=per_token,
+                                      what=f"training on micro-batches of up to {biggest} tokens",
+                                      device=next(model.parameters()).device)
     logger.info("estimated peak memory of training: %.1f GiB", peak / 2**30)
     return cfg
 

@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import nn
 
-from loratune.errors import ConfigError
+from loratune.memory import check_fits, format_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -68,36 +68,21 @@ def trainable_state_bytes(model: nn.Module) -> int:
     return sum(3 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
 
 
-def available_bytes() -> int | None:
-    """MemAvailable from /proc/meminfo (None where there is no such file)."""
-    try:
-        with open("/proc/meminfo", encoding="ascii") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        return None
-    return None
-
-
-def check_fits(model: nn.Module, *, longest_batch_tokens: int, per_token: int, what: str) -> int:
+def check_training_fits(model: nn.Module, *, longest_batch_tokens: int, per_token: int, what: str,
+                        device: torch.device | str = "cpu") -> int:
     """Estimate the peak of the largest micro-batch; refuse before training when memory cannot hold it.
 
-    `model_bytes` is already resident, so only the growth is compared with free memory.
+    `model_bytes` is already resident, so only the growth (adapter state, activations) is compared
+    with free memory (`loratune.memory.check_fits`). Returns the estimated peak in bytes.
 
     Raises:
-        ConfigError: with the estimate, what is free and what would bring it down.
+        InsufficientMemoryError: with the estimate, what is free and what would bring it down.
     """
-    growth = trainable_state_bytes(model) + longest_batch_tokens * per_token
-    free = available_bytes()
-    if free is not None and growth > free:
-        raise ConfigError(
-            f"{what} needs about {_gb(growth)} more memory for training (adapter state "
-            f"{_gb(trainable_state_bytes(model))}, activations of {longest_batch_tokens} tokens at "
-            f"{per_token / 2**20:.2f} MiB each) but only {_gb(free)} is free; lower max_seq_length, "
-            "per_device_train_batch_size, max_tokens_per_batch or r, or set gradient_checkpointing: true")
+    state = trainable_state_bytes(model)
+    growth = state + longest_batch_tokens * per_token
+    check_fits(growth, device,
+               f"{what} (adapter state {format_bytes(state)}, activations at {per_token / 2**20:.2f} MiB "
+               "a token)",
+               "lower max_seq_length, per_device_train_batch_size, max_tokens_per_batch or r, or set "
+               "gradient_checkpointing: true")
     return model_bytes(model) + growth
-
-
-def _gb(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
