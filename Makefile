@@ -36,7 +36,8 @@ SQL := outputs/sql
 # held-out test rows (names, cities and items never seen in training) before and after.
 demo: $(STAMP)
 	$(BIN)/loratune train examples/orders.yaml --output_dir $(ORDERS)
-	$(BIN)/loratune eval --adapter $(ORDERS) --eval_file examples/tasks/orders/test.jsonl --metric exact_match
+	$(BIN)/loratune eval --adapter $(ORDERS) --eval_file examples/tasks/orders/test.jsonl --metric exact_match \
+	  --batch_size 32
 	@echo "adapter: $(ORDERS)/  metrics: $(ORDERS)/metrics.jsonl  loss plot: $(ORDERS)/loss.png"
 
 $(ORDERS)/adapter_model.safetensors: | $(STAMP)

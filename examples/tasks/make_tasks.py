@@ -38,11 +38,21 @@ LAST = ["Natarajan", "Novak", "Tanaka", "Fischer", "Haddad", "Rossi", "Garcia", 
 CITIES = ["Lisbon", "Denver", "Osaka", "Leeds", "Cairo", "Porto", "Quito", "Lyon", "Tallinn", "Accra", "Perth",
           "Bergen", "Austin", "Krakow", "Hobart", "Seville", "Turin", "Dublin", "Nairobi", "Bilbao", "Malmo",
           "Lagos", "Boise", "Ghent", "Split", "Graz", "Kyoto", "Tucson", "Zurich", "Riga", "Antwerp", "Halifax",
-          "Cusco", "Dakar", "Galway", "Mumbai", "Salta", "Tromso", "Utrecht", "Valencia", "Windhoek", "Yokohama"]
-ITEMS = ["green tea", "honey", "olive oil", "coffee beans", "dark chocolate", "rice", "maple syrup", "oat milk",
-         "almonds", "lentils", "jasmine tea", "peanut butter", "rye bread", "sea salt", "dried mango", "pasta",
-         "black pepper", "granola", "walnuts", "cocoa powder", "basmati rice", "apple juice", "soy sauce",
-         "cashews", "chickpeas", "brown sugar", "vanilla extract", "raisins", "oolong tea", "cornflakes"]
+          "Cusco", "Dakar", "Galway", "Mumbai", "Salta", "Tromso", "Utrecht", "Valencia", "Windhoek", "Yokohama",
+          "Aarhus", "Adelaide", "Bologna", "Bremen", "Brno", "Calgary", "Cardiff", "Chennai", "Cordoba", "Dresden",
+          "Durban", "Fresno", "Gdansk", "Geneva", "Glasgow", "Hanoi", "Havana", "Helsinki", "Houston", "Innsbruck",
+          "Izmir", "Jaipur", "Kampala", "Kaunas", "Kochi", "Leipzig", "Lima", "Linz", "Lublin", "Madison", "Malaga",
+          "Marseille", "Medellin", "Memphis", "Mombasa", "Montreal", "Nantes", "Naples", "Oaxaca", "Odense",
+          "Omaha", "Oslo", "Ottawa", "Palermo", "Pisa", "Pune", "Quebec", "Recife", "Reno", "Rosario", "Sapporo",
+          "Seattle", "Sendai", "Sofia", "Tampere", "Toledo", "Toulouse", "Tunis", "Uppsala", "Verona", "Vilnius",
+          "Wellington", "Wroclaw", "Zagreb"]
+# Items are built from two disjoint word lists, so held-out items are new phrases, not only new picks.
+ITEM_WORDS = ["green", "black", "smoked", "dried", "organic", "spiced", "roasted", "wild", "salted", "sweet",
+              "golden", "red", "white", "honey", "lemon", "mint", "ginger", "garlic", "toasted", "raw", "pickled",
+              "creamy", "crunchy", "bitter", "fresh", "sour", "mild", "hot", "vanilla", "cocoa"]
+ITEM_NOUNS = ["tea", "rice", "beans", "almonds", "lentils", "pasta", "granola", "walnuts", "cashews", "chickpeas",
+              "raisins", "oats", "olives", "crackers", "noodles", "peppers", "mustard", "jam", "cookies", "coffee",
+              "salsa", "pesto", "quinoa", "barley", "dates", "figs", "prunes", "pretzels", "biscuits", "syrup"]
 CONTAINERS = ["jars", "bags", "boxes", "bottles", "packs", "tins"]
 
 ORDER_TEMPLATES = [
@@ -107,7 +117,8 @@ def chat_row(prompt: str, answer: str) -> dict:
 
 def order_row(rng: random.Random, pools: dict, templates: list[str], quantities: range) -> dict:
     name = f"{rng.choice(pools['first'])} {rng.choice(pools['last'])}"
-    city, item, q = rng.choice(pools["city"]), rng.choice(pools["item"]), rng.choice(quantities)
+    item = f"{rng.choice(pools['item_word'])} {rng.choice(pools['item_noun'])}"
+    city, q = rng.choice(pools["city"]), rng.choice(quantities)
     message = rng.choice(templates).format(name=name, city=city, item=item, q=q, c=rng.choice(CONTAINERS))
     answer = json.dumps({"name": name, "city": city, "item": item, "quantity": q})
     return chat_row(ORDER_PROMPT.format(message=message), answer)
@@ -138,10 +149,11 @@ def unique_rows(make, count: int) -> list[dict]:
 
 def build_orders(rng: random.Random) -> dict[str, list[dict]]:
     train_pools, test_pools = {}, {}
-    for key, pool in (("first", FIRST), ("last", LAST), ("city", CITIES), ("item", ITEMS)):
+    for key, pool in (("first", FIRST), ("last", LAST), ("city", CITIES), ("item_word", ITEM_WORDS),
+                      ("item_noun", ITEM_NOUNS)):
         train_pools[key], test_pools[key] = split_pool(pool, rng)
     return {
-        "train": unique_rows(lambda: order_row(rng, train_pools, ORDER_TEMPLATES, range(1, 13)), 320),
+        "train": unique_rows(lambda: order_row(rng, train_pools, ORDER_TEMPLATES, range(1, 13)), 240),
         "test": unique_rows(lambda: order_row(rng, test_pools, ORDER_TEMPLATES, range(1, 13)), 100),
         "test_ood": unique_rows(lambda: order_row(rng, test_pools, ORDER_TEMPLATES_OOD, range(13, 60)), 60),
     }
@@ -152,7 +164,7 @@ def build_sql(rng: random.Random) -> dict[str, list[dict]]:
     for col, pool in FILTER_VALUES.items():
         train_values[col], test_values[col] = split_pool(pool, rng)
     return {
-        "train": unique_rows(lambda: sql_row(rng, train_values, SQL_TEMPLATES, range(10, 100, 5)), 320),
+        "train": unique_rows(lambda: sql_row(rng, train_values, SQL_TEMPLATES, range(10, 100, 5)), 240),
         "test": unique_rows(lambda: sql_row(rng, test_values, SQL_TEMPLATES, range(10, 100, 5)), 100),
         "test_ood": unique_rows(lambda: sql_row(rng, test_values, SQL_TEMPLATES_OOD, range(100, 1000, 7)), 60),
     }
