@@ -33,7 +33,12 @@ from pathlib import Path
 
 import torch
 import transformers
-from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+try:  # Transformers 5 keeps GGUF weights packed unless asked; 4.x always dequantizes and has no such option
+    from transformers import GgufConfig
+except ImportError:  # pragma: no cover - depends on the installed Transformers
+    GgufConfig = None
 
 from loratune.atomic import atomic_directory
 from loratune.errors import ConfigError
@@ -91,9 +96,9 @@ def dense_model_dir(gguf_path: str | os.PathLike) -> Path:
         return target
     logger.info("converting %s to a dense model in %s (once; later loads read the folder)", path, target)
     try:
+        dense = {"quantization_config": GgufConfig(dequantize=True)} if GgufConfig is not None else {}
         model = AutoModelForCausalLM.from_pretrained(
-            str(path.parent), gguf_file=path.name, dtype=torch.float32,
-            quantization_config=GgufConfig(dequantize=True))
+            str(path.parent), gguf_file=path.name, dtype=torch.float32, **dense)
         tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     except ImportError as exc:
         raise ConfigError(f"reading {path} needs the 'gguf' package ({exc}); "
