@@ -27,7 +27,7 @@ def test_estimate_matches_the_calibration_on_smollm2_shape():
     assert half * 2 == with_dropout
     checkpointed = memory.activation_bytes_per_token(SMOLLM2, torch.float32, lora_dropout=0.05,
                                                      gradient_checkpointing=True)
-    assert checkpointed < with_dropout / 5
+    assert checkpointed == with_dropout  # measured: no saving yet, so none is assumed
 
 
 def test_auto_budget_is_896_tokens_for_smollm2_fp32_and_a_multiple_of_the_step():
@@ -52,7 +52,7 @@ def test_refuses_up_front_with_the_estimate_when_memory_is_short(monkeypatch):
                                    what="micro-batches of 8192 tokens")
     msg = str(err.value)
     assert "micro-batches of 8192 tokens (adapter state" in msg and "needs about 8.0 GiB" in msg
-    assert "only 10.0 MiB is available" in msg and "gradient_checkpointing" in msg
+    assert "only 10.0 MiB is available" in msg and "max_tokens_per_batch" in msg
 
 
 def test_accepts_and_returns_the_peak_when_memory_is_enough(monkeypatch):
