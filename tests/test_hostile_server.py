@@ -460,27 +460,28 @@ def test_a_connection_that_sends_nothing_is_closed(live):
     sock.close()
 
 
+def _post_slowly(port: int, headers: bytes, first_body_bytes: bytes) -> bytes:
+    """Send a POST whose body stops after `first_body_bytes`; return everything until the server closes."""
+    sock = _connect(port)
+    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
+                 + b"\r\nContent-Type: application/json\r\n" + headers + b"\r\n" + first_body_bytes)
+    reply = b""
+    while chunk := sock.recv(4096):  # headers and body may arrive in separate segments
+        reply += chunk
+    sock.close()
+    return reply
+
+
 def test_a_slow_body_gets_408_and_is_closed(live):
     _, server = live
-    sock = _connect(server.port)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
-                 + b"\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"model\"")
-    sock.settimeout(5)
-    reply = b""
-    while chunk := sock.recv(4096):  # headers and body may come in separate segments; the server closes
-        reply += chunk
+    reply = _post_slowly(server.port, b"Content-Length: 100\r\n", b'{"model"')
     assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5s" in reply
-    sock.close()
 
 
 def test_a_chunked_slow_body_gets_408(live):
     _, server = live
-    sock = _connect(server.port)
-    sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + KEY.encode()
-                 + b"\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{\"\r\n")
-    sock.settimeout(5)
-    assert sock.recv(4096).startswith(b"HTTP/1.1 408")
-    sock.close()
+    reply = _post_slowly(server.port, b"Transfer-Encoding: chunked\r\n", b'2\r\n{"\r\n')
+    assert reply.startswith(b"HTTP/1.1 408") and b"did not arrive within 0.5s" in reply
 
 
 def test_connections_over_the_limit_get_503_and_the_server_recovers(live):
