@@ -55,3 +55,17 @@ def test_serve_starts_and_answers(tmp_path):
     finally:
         proc.terminate()
         assert proc.wait(30) is not None
+
+
+def test_the_base_defaults_to_the_first_adapters_base(tmp_path, capsys):
+    from loratune.cli.serve import base_of
+
+    adapter = tmp_path / "a"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["q_proj"], '
+        '"base_model_name_or_path": "preset:tiny-llama"}')
+    assert base_of(None, {"a": str(adapter)}) == "preset:tiny-llama"
+    assert base_of("preset:other", {"a": str(adapter)}) == "preset:other"  # the flag wins
+    assert main(["serve", "--threads", "1"]) == 2  # neither a model nor an adapter
+    assert "no model given" in capsys.readouterr().err
