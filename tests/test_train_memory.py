@@ -27,7 +27,7 @@ def test_estimate_matches_the_calibration_on_smollm2_shape():
     assert half * 2 == with_dropout
     checkpointed = memory.activation_bytes_per_token(SMOLLM2, torch.float32, lora_dropout=0.05,
                                                      gradient_checkpointing=True)
-    assert checkpointed == with_dropout  # measured: no saving yet, so none is assumed
+    assert checkpointed / 2**20 == pytest.approx(0.77, abs=0.02)  # measured slope with checkpointing
 
 
 def test_auto_budget_is_896_tokens_for_smollm2_fp32_and_a_multiple_of_the_step():

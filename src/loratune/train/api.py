@@ -227,7 +227,8 @@ def fit_memory(cfg: TrainConfig, model, datasets) -> TrainConfig:
         biggest = op.per_device_train_batch_size * longest
     peak = memory.check_training_fits(model, longest_batch_tokens=biggest, per_token=per_token,
                                       what=f"training on micro-batches of up to {biggest} tokens",
-                                      device=next(model.parameters()).device)
+                                      device=next(model.parameters()).device,
+                                      checkpointed=cfg.model.gradient_checkpointing)
     logger.info("estimated peak memory of training: %.1f GiB", peak / 2**30)
     return cfg
 
