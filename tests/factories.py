@@ -5,6 +5,8 @@ Factories, not fixtures, so each test picks the architecture, dtype and seed it 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -15,6 +17,9 @@ from transformers import (
 )
 
 VOCAB = 128
+# the packaged real model (slow tests) and the tasks shipped for it
+SMOLLM2 = "preset:smollm2-135m-instruct"
+TASKS = Path(__file__).resolve().parents[1] / "examples" / "tasks"
 
 
 def tiny_config(arch: str = "llama", **overrides) -> PretrainedConfig:

