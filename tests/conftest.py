@@ -63,7 +63,8 @@ def smollm2():
 
 @pytest.fixture(scope="session")
 def smollm2_adapters(smollm2, tmp_path_factory) -> dict[str, Path]:
-    """Short real fine-tunes of both shipped tasks ({"orders": dir, "sql": dir}), trained once per run."""
+    """Short real fine-tunes of both shipped tasks ({"orders": dir, "sql": dir}), trained once per run
+    with the settings of examples/orders.yaml (30 steps: one epoch of orders)."""
     from loratune.train import run
 
     root = tmp_path_factory.mktemp("smollm2")
@@ -71,6 +72,7 @@ def smollm2_adapters(smollm2, tmp_path_factory) -> dict[str, Path]:
     for task, steps in (("orders", 30), ("sql", 20)):
         out[task] = root / task
         run(model_name_or_path=smollm2, train_file=str(TASKS / task / "train.jsonl"),
-            output_dir=str(out[task]), max_steps=steps, learning_rate=5e-4, per_device_train_batch_size=8,
-            max_seq_length=256, save_steps=0, logging_steps=5, disable_tqdm=True)
+            output_dir=str(out[task]), max_steps=steps, learning_rate=1e-3, lora_dropout=0.0,
+            per_device_train_batch_size=8, max_seq_length=256, save_steps=0,
+            logging_steps=5, disable_tqdm=True)
     return out

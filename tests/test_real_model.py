@@ -36,7 +36,7 @@ def test_a_short_fine_tune_raises_exact_match_on_held_out_rows(adapters, tmp_pat
     rows = load_answer_rows(str(test_file), loaded.tokenizer)
     result = exact_match_base_and_adapter(loaded.model, loaded.tokenizer, rows, batch_size=8)
     assert result["base"].correct <= 2, result["base"].records[:2]  # the base answers in prose
-    assert result["adapter"].accuracy >= 0.5, result["adapter"].records[:4]  # 30 steps: ~72% of 100 rows
+    assert result["adapter"].accuracy >= 0.8, result["adapter"].records[:4]  # measured: 100 of 100 rows
 
 
 def test_serve_answers_both_demo_adapters_through_the_openai_client(adapters):
@@ -56,7 +56,7 @@ def test_serve_answers_both_demo_adapters_through_the_openai_client(adapters):
             row = _rows(task)[0]["messages"]
             reply = client.chat.completions.create(model=name, messages=row[:1], max_tokens=48, temperature=0)
             answers[name] = (reply.choices[0].message.content.strip(), row[1]["content"])
-        assert json.loads(answers["orders"][0]) == json.loads(answers["orders"][1])
+        assert answers["orders"][0] == answers["orders"][1]
         assert answers["sql"][0].startswith("SELECT ") and answers["sql"][0].endswith(";")
         assert answers[SMOLLM2][0] != answers["orders"][1]  # the base alone does not answer in the format
     finally:
