@@ -60,7 +60,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     start_step: int = 0
     resumed_from: str | None = None
-    peak_rss_mib: list[float] = field(default_factory=list)  # per rank, at the end of training
+    peak_rss_mib: list[float] = field(default_factory=list)  # per rank, at the last step
 
 
 def build_train_config(config: TrainConfig | dict | str | os.PathLike | None,
@@ -99,10 +99,12 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
     from loratune.ops.runtime import tuned_cpu_runtime
 
     cfg = build_train_config(config, overrides)
-    env = init_distributed()
+    env = init_distributed(alone=cfg.distributed.fsdp)
     try:
-        # flush denormals, keep freed memory, threads; process-wide, so put back afterwards
-        with tuned_cpu_runtime(threads=cfg.loop.num_threads or None), out_of_memory_explained(cfg):
+        # flush denormals, allocator thresholds, threads: process-wide (ops.runtime says what is put back)
+        allocator = "return" if cfg.distributed.fsdp else "keep"  # ops.runtime says why
+        with tuned_cpu_runtime(threads=cfg.loop.num_threads or None, allocator=allocator), \
+                out_of_memory_explained(cfg):
             return _run(cfg, env)
     finally:
         shutdown_distributed(env)
@@ -163,7 +165,7 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     tokenizer = load_tokenizer(base_source(cfg))
     datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed,
                               eval_answers=cfg.loop.eval_metric == "exact_match")
-    sharded = cfg.distributed.fsdp and env.enabled
+    sharded = cfg.distributed.fsdp and env.joined
     model, root = build_sharded_model(cfg, env) if sharded else (build_model(cfg, env), None)
     check_vocab(datasets, model_vocab_size(model))
     cfg = fit_memory(cfg, model, datasets)

@@ -214,8 +214,6 @@ def _init_non_persistent_buffers(hf: nn.Module) -> None:
 
 def _load_rows(hf: nn.Module, files: dict[str, str], env: DistEnv) -> None:
     """Copy this rank's rows of every frozen parameter (and every persistent buffer) from the files."""
-    from safetensors import safe_open
-
     wanted = [(n, t) for n, t in hf.named_parameters() if "lora_" not in n]
     persistent = [(n, t) for n, t in hf.named_buffers() if n.rsplit(".", 1)[-1] not in
                   hf.get_submodule(n.rsplit(".", 1)[0] if "." in n else "")._non_persistent_buffers_set]
@@ -224,17 +222,57 @@ def _load_rows(hf: nn.Module, files: dict[str, str], env: DistEnv) -> None:
     if missing:
         raise ConfigError(f"fsdp: the weight files lack {len(missing)} tensor(s) the model has, e.g. "
                           f"{', '.join(missing[:3])}; train this model without fsdp")
-    handles: dict[str, object] = {}
+    readers: dict[str, _RowReader] = {}
     with contextlib.ExitStack() as stack, torch.no_grad():
         for name, tensor in wanted + persistent:
             file = files[keys[name]]
-            if file not in handles:
-                handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+            if file not in readers:
+                readers[file] = stack.enter_context(_RowReader(file))
             local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
             start = _first_row(tensor, env) if isinstance(tensor, DTensor) else 0
             if local.numel():
-                rows = handles[file].get_slice(keys[name])[start:start + local.shape[0]]
-                local.copy_(rows.to(local.dtype))
+                readers[file].read_rows(keys[name], start, local)
+
+
+# safetensors dtype names -> torch dtypes (https://github.com/huggingface/safetensors, format)
+_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+           "BOOL": torch.bool}
+
+
+class _RowReader:
+    """Reads row ranges of tensors from a safetensors file with plain reads: only the bytes asked for
+    are read, and nothing is memory-mapped (mapped pages would count in RSS until the file closes)."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def __enter__(self) -> _RowReader:
+        self.fh = open(self.path, "rb")  # closed in __exit__
+        size = int.from_bytes(self.fh.read(8), "little")
+        self.header = json.loads(self.fh.read(size))
+        self.data_start = 8 + size
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.fh.close()
+
+    def read_rows(self, key: str, start: int, out: torch.Tensor) -> None:
+        """Fill `out` (rows, ...) with rows start.. of tensor `key`, cast to out's dtype."""
+        entry = self.header[key]
+        dtype, shape = _DTYPES.get(entry["dtype"]), entry["shape"] or [1]  # a scalar reads as one row
+        rows = out.shape[0] if out.dim() else 1
+        if dtype is None or tuple(shape[1:]) != tuple(out.shape[1:]) or start + rows > shape[0]:
+            raise ConfigError(f"fsdp: {key} in {self.path} is {entry['dtype']} {entry['shape']}; the model "
+                              f"expects rows {start}..{start + rows} of {tuple(out.shape[1:])}")
+        row_bytes = math.prod(shape[1:]) * dtype.itemsize
+        self.fh.seek(self.data_start + entry["data_offsets"][0] + start * row_bytes)
+        target = out if out.dtype == dtype and out.is_contiguous() else torch.empty(out.shape, dtype=dtype)
+        view = target.reshape(-1).view(torch.uint8).numpy()
+        if self.fh.readinto(view) != view.nbytes:
+            raise ConfigError(f"fsdp: {self.path} ends inside {key}: the file is truncated")
+        if target is not out:
+            out.copy_(target)
 
 
 def _first_row(tensor: DTensor, env: DistEnv) -> int:

@@ -66,7 +66,7 @@ class FitOutcome:
     history: list[dict[str, Any]] = field(default_factory=list)
     start_step: int = 0  # steps already done when this run began (> 0 when resumed)
     resumed_from: str | None = None
-    peak_rss_mib: list[float] = field(default_factory=list)  # per rank, at the end of training
+    peak_rss_mib: list[float] = field(default_factory=list)  # per rank, at the last step
 
 
 def fit(
@@ -131,7 +131,7 @@ def fit(
     bar = tqdm(total=total_steps, initial=pos.step, disable=not env.is_main or lp.disable_tqdm,
                desc="training", unit="step", dynamic_ncols=True)
     start_step, window_start = pos.step, time.perf_counter() - window.elapsed_s
-    started, seen_tokens, last_ckpt, evals = time.perf_counter(), 0, resume_path, {}
+    started, seen_tokens, last_ckpt, evals, peaks = time.perf_counter(), 0, resume_path, {}, []
     batches = first_epoch if pos.epoch == 0 else plan(pos.epoch)
     with stop.installed():
         while pos.step < total_steps:
@@ -166,9 +166,13 @@ def fit(
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             epoch_float = pos.epoch + pos.batch_index / max(len(batches), 1)
             if pos.step % lp.logging_steps == 0 or pos.step == total_steps:
-                metrics.write({"step": pos.step, "loss": sum(window.losses) / len(window.losses),
-                               "learning_rate": lr, "tokens_per_s": tokens_per_s,
-                               "epoch": round(epoch_float, 4), "grad_norm": grad_norm})
+                record = {"step": pos.step, "loss": sum(window.losses) / len(window.losses),
+                          "learning_rate": lr, "tokens_per_s": tokens_per_s,
+                          "epoch": round(epoch_float, 4), "grad_norm": grad_norm}
+                if pos.step == total_steps:  # the last record also says how much memory each rank used
+                    peaks = [round(b / 2**20, 1) for b in gather_objects(peak_rss_bytes(), env)]
+                    record["peak_rss_mib"] = peaks
+                metrics.write(record)
                 window, window_start = LogWindow(), now
             if eval_set is not None and len(eval_set) and (
                 (lp.eval_steps and pos.step % lp.eval_steps == 0) or pos.step == total_steps
@@ -190,12 +194,9 @@ def fit(
                 logger.warning("interrupted: saved %s; resume with --resume_from_checkpoint true", last_ckpt)
                 break
     bar.close()
-    runtime_s = time.perf_counter() - started
-    peaks = [round(b / 2**20, 1) for b in gather_objects(peak_rss_bytes(), env)]
-    metrics.write({"step": pos.step, "peak_rss_mib": peaks, "world_size": env.world_size})
     return FitOutcome(step=pos.step, total_steps=total_steps, interrupted=pos.step < total_steps,
                       last_checkpoint=last_ckpt, train_tokens=seen_tokens,
-                      runtime_s=runtime_s, eval_loss=evals.get("eval_loss"),
+                      runtime_s=time.perf_counter() - started, eval_loss=evals.get("eval_loss"),
                       eval_exact_match=evals.get("eval_exact_match"),
                       history=list(metrics.records),
                       start_step=start_step, resumed_from=resume_path, peak_rss_mib=peaks)

@@ -90,12 +90,13 @@ def _save_sharded(model, optimizer, cfg: TrainConfig, env: DistEnv, step: int, f
     from loratune import adapter_io
     from loratune.train.fsdp import adapter_tensors
 
+    alone = not torch.distributed.is_initialized()  # one process without a group: no collectives
     tensors = adapter_tensors(model)  # gathered on every rank, written by the main one
     sharded = _sharded_state(model, optimizer)
     config = model.peft_config["default"]
     files["state"]["sharded"] = ckpt.SHARDED_DIR
     return ckpt.save_sharded_checkpoint(
-        cfg.loop.output_dir, step, write_shards=lambda d: dcp.save(sharded, checkpoint_id=d),
+        cfg.loop.output_dir, step, write_shards=lambda d: dcp.save(sharded, checkpoint_id=d, no_dist=alone),
         share=lambda path: gather_objects(path, env)[0], is_main=env.is_main,
         size_hint=4 * ckpt.tensor_bytes(tensors), save_total_limit=cfg.loop.save_total_limit,
         write_adapter=lambda d: adapter_io.save_adapter(d, config, tensors), **files)
@@ -189,7 +190,7 @@ def _restore_sharded(directory: str, model, optimizer) -> None:
     prefix = "model."
     saved = {k[len(prefix):]: v.size for k, v in stored.items() if k.startswith(prefix)}
     check_fits(os.path.dirname(directory), {n: t.shape for n, t in target["model"].items()}, saved)
-    dcp.load(target, checkpoint_id=directory)
+    dcp.load(target, checkpoint_id=directory, no_dist=not torch.distributed.is_initialized())
     result = set_state_dict(model, optimizer, model_state_dict=target["model"],
                             optim_state_dict=target["optimizer"],
                             options=StateDictOptions(ignore_frozen_params=True, strict=False))
