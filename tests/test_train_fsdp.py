@@ -143,6 +143,33 @@ def test_the_adapter_of_a_sharded_run_loads_in_peft_with_loratunes_logits(runs):
     torch.testing.assert_close(theirs, ours, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize("quantization", [{"load_in_4bit": True, "bnb_4bit_use_double_quant": True},
+                                          {"load_in_8bit": True}], ids=["nf4-double-quant", "int8"])
+def test_a_quantized_base_is_sharded_and_trains_as_on_one_process(runs, quantization, tmp_path):
+    """Each rank quantizes one dense weight at a time and keeps its rows of the codes and scales."""
+    kw = {**RUN, **quantization, "bnb_4bit_compute_dtype": "float32"}
+    single = tmp_path / "single"
+    run(settings(runs["model_dir"], runs["data"], single, gradient_accumulation_steps=2, **kw))
+    sharded = tmp_path / "sharded"
+    torchrun(settings(runs["model_dir"], runs["data"], sharded, fsdp=True, **kw), tmp_path / "sharded.yaml")
+    assert losses(sharded) == pytest.approx(losses(single), rel=RTOL)
+    assert_same_adapter(adapter(single), adapter(sharded), atol=ATOL)
+
+
+def test_quantized_storage_becomes_frozen_parameters_fsdp_can_shard(runs):
+    from loratune.quant import quantize_model, quantized_layers
+    from loratune.tools.loading import load_base_model
+    from loratune.train.fsdp import _storage_as_parameters
+
+    model = quantize_model(load_base_model(runs["model_dir"], dtype="float32"), bits=4, double_quant=True)
+    keys = set(model.state_dict())
+    _storage_as_parameters(model)
+    _, layer = quantized_layers(model)[0]
+    assert isinstance(layer.qweight, torch.nn.Parameter) and not layer.qweight.requires_grad
+    assert "absmax_offset" in layer._buffers  # a scalar: FSDP2 shards along dim 0, so it stays a buffer
+    assert set(model.state_dict()) == keys
+
+
 @pytest.mark.slow
 def test_each_rank_holds_less_memory_than_one_process_when_the_base_dominates(tmp_path):
     """A base of ~250 MB in wide MLPs over 20 layers: each of 2 sharded ranks loads and keeps half of it

@@ -298,6 +298,8 @@ def build_model(cfg: TrainConfig, env: DistEnv):
         load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit, bnb_4bit_quant_type=m.bnb_4bit_quant_type,
         bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype,
         bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
+        # FSDP2 shards loratune's own quantized layers, not bitsandbytes' packed weights
+        quant_backend="torch" if cfg.distributed.fsdp else "auto",
     )
     return adapt_base(base, cfg, env.device)
 
@@ -306,31 +308,35 @@ def build_sharded_model(cfg: TrainConfig, env: DistEnv):
     """fsdp: the model sharded over the ranks as it loads, and its FSDP root: (model, root).
 
     From a directory of safetensors files, each rank reads only its own rows of each weight (a
-    meta-device skeleton, filled after sharding); any other base (a preset, .bin files, a hub id,
-    a quantized base) is loaded whole by every rank first, and a warning says so.
+    meta-device skeleton, filled after sharding; fsdp_load.py); any other base (a preset, .bin
+    files, a hub id) is loaded whole by every rank first, and a warning says so.
     """
     import transformers
 
     from loratune.dtypes import resolve_dtype
+    from loratune.quant import quantize_model
     from loratune.tools.loading import model_dir
-    from loratune.train import fsdp
+    from loratune.train import fsdp, fsdp_load
 
     m, d = cfg.model, cfg.distributed
     shard = partial(fsdp.shard_model, env=env, cpu_offload=d.fsdp_cpu_offload,
                     reshard_after_forward=d.fsdp_reshard_after_forward)
     directory = model_dir(base_source(cfg))
-    files = fsdp.safetensors_files(directory) if os.path.isdir(directory) else None
-    why = ("the base is quantized when it loads" if m.load_in_4bit or m.load_in_8bit
-           else "it is not a directory of safetensors files" if files is None
-           else "that needs transformers >= 5" if int(transformers.__version__.split(".")[0]) < 5 else None)
-    if why is not None:
-        logger.warning("fsdp: every rank loads the whole base before sharding it: %s", why)
+    files = fsdp_load.safetensors_files(directory) if os.path.isdir(directory) else None
+    if files is None or int(transformers.__version__.split(".")[0]) < 5:
+        why = "not a directory of safetensors files" if files is None else "that needs transformers >= 5"
+        logger.warning("fsdp: every rank loads the whole base before sharding it (%s)", why)
         model = build_model(cfg, env)
         return model, shard(model)
     dtype = resolve_dtype("auto" if m.bf16 else "float32", env.device)
-    model = adapt_base(fsdp.build_skeleton(directory, dtype, base_source(cfg)), cfg, env.device)
+    base = fsdp_load.build_skeleton(directory, dtype, base_source(cfg))
+    if m.load_in_4bit or m.load_in_8bit:  # empty quantized layers, filled by materialize
+        quantize_model(base, bits=4 if m.load_in_4bit else 8, quant_type=m.bnb_4bit_quant_type,
+                       compute_dtype=resolve_dtype(m.bnb_4bit_compute_dtype, env.device),
+                       double_quant=m.bnb_4bit_use_double_quant, backend="torch")
+    model = adapt_base(base, cfg, env.device)
     root = shard(model)
-    fsdp.materialize(root, model, files, env)
+    fsdp_load.materialize(root, model, files, dtype, env)
     return model, root
 
 
