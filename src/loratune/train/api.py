@@ -102,7 +102,7 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
     env = init_distributed(alone=cfg.distributed.fsdp)
     try:
         # flush denormals, allocator thresholds, threads: process-wide (ops.runtime says what is put back)
-        allocator = "return" if cfg.distributed.fsdp else "keep"  # ops.runtime says why
+        allocator = "return" if cfg.distributed.fsdp and env.joined else "keep"  # ops.runtime says why
         with tuned_cpu_runtime(threads=cfg.loop.num_threads or None, allocator=allocator), \
                 out_of_memory_explained(cfg):
             return _run(cfg, env)
