@@ -159,11 +159,11 @@ def test_a_quantized_base_is_sharded_and_trains_as_on_one_process(runs, quantiza
 def test_quantized_storage_becomes_frozen_parameters_fsdp_can_shard(runs):
     from loratune.quant import quantize_model, quantized_layers
     from loratune.tools.loading import load_base_model
-    from loratune.train.fsdp import _storage_as_parameters
+    from loratune.train.fsdp import quantized_storage_as_parameters
 
     model = quantize_model(load_base_model(runs["model_dir"], dtype="float32"), bits=4, double_quant=True)
     keys = set(model.state_dict())
-    _storage_as_parameters(model)
+    quantized_storage_as_parameters(model)
     _, layer = quantized_layers(model)[0]
     assert isinstance(layer.qweight, torch.nn.Parameter) and not layer.qweight.requires_grad
     assert "absmax_offset" in layer._buffers  # a scalar: FSDP2 shards along dim 0, so it stays a buffer

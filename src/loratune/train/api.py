@@ -324,7 +324,8 @@ def build_sharded_model(cfg: TrainConfig, env: DistEnv):
     directory = model_dir(base_source(cfg))
     files = fsdp_load.safetensors_files(directory) if os.path.isdir(directory) else None
     if files is None or int(transformers.__version__.split(".")[0]) < 5:
-        why = "not a directory of safetensors files" if files is None else "that needs transformers >= 5"
+        why = ("not a directory of safetensors files" if files is None
+               else "loading shard by shard needs transformers 5")
         logger.warning("fsdp: every rank loads the whole base before sharding it (%s)", why)
         model = build_model(cfg, env)
         return model, shard(model)

@@ -51,7 +51,7 @@ def shard_model(model: nn.Module, env: DistEnv, *, cpu_offload: bool,
     if cpu_offload:
         options["offload_policy"] = CPUOffloadPolicy()
     layers = decoder_layers(model)
-    _storage_as_parameters(model)
+    quantized_storage_as_parameters(model)
     for layer in layers:
         fully_shard(layer, reshard_after_forward=reshard_after_forward, **options)
     root = LossModule(model)
@@ -65,16 +65,18 @@ def shard_model(model: nn.Module, env: DistEnv, *, cpu_offload: bool,
     return root
 
 
-def _storage_as_parameters(model: nn.Module) -> None:
+def quantized_storage_as_parameters(model: nn.Module) -> None:
     """Make the codes and scales of quantized layers frozen parameters, so FSDP2 shards them too.
 
     They are buffers on one device (quant.storage); a scalar (double quantization's mean) stays one.
     The state dict keeps the same keys, and the layers read them by the same names.
     """
+    from loratune.quant.layer import TiledQuantizedLinear
+
     for module in model.modules():
         if not is_quantized(module):
             continue
-        if not hasattr(module, "init_tables"):
+        if not isinstance(module, TiledQuantizedLinear):
             raise ConfigError(f"fsdp: cannot shard {type(module).__name__} (bitsandbytes' packed weights); "
                               "quantize with loratune's own layers (they are used with fsdp on any device)")
         for name, buf in list(module._buffers.items()):
@@ -104,7 +106,10 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def init_as_root(root: nn.Module) -> None:
-    """Make `root` FSDP's root now: it must be before anything runs a layer on its own (generation)."""
+    """Make `root` FSDP's root now: it must be before anything runs a layer on its own (generation).
+
+    FSDP2 makes the first module whose forward runs the root, and has no public call to say which.
+    """
     from torch.distributed.fsdp import fully_shard
 
     fully_shard.state(root)._lazy_init()
