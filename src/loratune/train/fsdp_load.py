@@ -208,7 +208,8 @@ class _RowReader:
                               f"expects rows {start}..{start + rows} of {tuple(out.shape[1:])}")
         row_bytes = math.prod(shape[1:]) * dtype.itemsize
         self.fh.seek(self.data_start + entry["data_offsets"][0] + start * row_bytes)
-        target = out if out.dtype == dtype and out.is_contiguous() else torch.empty(out.shape, dtype=dtype)
+        direct = out.dtype == dtype and out.is_contiguous() and out.device.type == "cpu"
+        target = out if direct else torch.empty(out.shape, dtype=dtype)  # read on the CPU, then cast/move
         view = target.reshape(-1).view(torch.uint8).numpy()
         if self.fh.readinto(view) != view.nbytes:
             raise ConfigError(f"fsdp: {self.path} ends inside {key}: the file is truncated")
