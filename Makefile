@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-dev
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo demo-serve demo-tiny test test-slow test-all lint bench bench-serve bench-qlora venv browser clean llama-cpp llama-cpp-src
+.PHONY: demo demo-serve demo-tiny test test-slow test-all lint bench bench-serve bench-qlora bench-distributed venv browser clean llama-cpp llama-cpp-src
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -76,6 +76,9 @@ bench-serve: $(STAMP)
 
 bench-qlora: $(STAMP)
 	$(BIN)/python bench/qlora_memory.py
+
+bench-distributed: $(STAMP)
+	$(BIN)/python bench/distributed.py
 
 # llama.cpp, outside the repo: its converter (convert_lora_to_gguf.py) is the reference the GGUF export
 # tests compare against, and llama-server runs the exported files in the slow tests.

@@ -22,10 +22,11 @@ QA = [("What is the capital of France?", "Paris."), ("Add 2 and 3.", "5."), ("Op
       ("Opposite of big?", "Small."), ("Reverse the word dog.", "god.")]
 
 
-def make_model_dir(path) -> str:
-    """A 2-layer random Llama with the preset's byte-level tokenizer, saved as an HF directory."""
+def make_model_dir(path, **overrides) -> str:
+    """A 2-layer random Llama with the preset's byte-level tokenizer, saved as an HF directory
+    (`overrides` change its config, e.g. intermediate_size)."""
     model = tiny_model("llama", vocab_size=1024, bos_token_id=1, eos_token_id=3, pad_token_id=0,
-                       initializer_range=0.2)
+                       initializer_range=0.2, **overrides)
     model.save_pretrained(path)
     load_tokenizer("preset:tiny-llama").save_pretrained(path)
     return str(path)

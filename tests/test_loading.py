@@ -172,11 +172,12 @@ def test_quantized_loading_calls_quantize_model(monkeypatch):
     monkeypatch.setattr(loading, "quantize_model", fake_quantize_model)
     load_base_model(DEFAULT_MODEL, load_in_8bit=True)
     load_base_model(DEFAULT_MODEL, load_in_4bit=True, bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype="float16")
+                    bnb_4bit_compute_dtype="float16", quant_backend="torch")
     auto = torch.bfloat16 if bf16_supported("cpu") else torch.float32  # the compute dtype follows the CPU
     assert calls == [
-        {"bits": 8, "quant_type": "nf4", "compute_dtype": auto, "double_quant": False},
-        {"bits": 4, "quant_type": "nf4", "compute_dtype": torch.float16, "double_quant": True},
+        {"bits": 8, "quant_type": "nf4", "compute_dtype": auto, "double_quant": False, "backend": "auto"},
+        {"bits": 4, "quant_type": "nf4", "compute_dtype": torch.float16, "double_quant": True,
+         "backend": "torch"},
     ]
 
 

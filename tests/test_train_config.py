@@ -22,7 +22,8 @@ ISSUE_KEYS = (
     "max_grad_norm weight_decay logging_steps eval_steps save_steps save_total_limit seed bf16 "
     "gradient_checkpointing resume_from_checkpoint report_to "
     "load_in_4bit load_in_8bit bnb_4bit_quant_type bnb_4bit_compute_dtype bnb_4bit_use_double_quant "
-    "use_rslora use_dora modules_to_save skip_bad_rows num_threads"
+    "use_rslora use_dora modules_to_save skip_bad_rows num_threads "
+    "fsdp fsdp_cpu_offload fsdp_reshard_after_forward"
 ).split()
 
 
@@ -189,3 +190,15 @@ def test_eval_metric_is_loss_or_exact_match_and_exact_match_needs_eval_rows():
                                   "eval_max_new_tokens must be >= 1 or null, got 0"]
     with pytest.raises(ConfigError, match="exact_match scores answers to eval rows; set eval_file"):
         build_config({**DATA, **exact})
+
+
+def test_fsdp_settings_and_what_fsdp_cannot_do_are_refused_by_name():
+    assert build_config({**DATA, "fsdp": "true", "fsdp_reshard_after_forward": "false"}).distributed.fsdp
+    with pytest.raises(ConfigError) as err:
+        build_config({**DATA, "fsdp_cpu_offload": True, "fsdp_reshard_after_forward": False})
+    assert err.value.problems == ["fsdp_cpu_offload: only applies with fsdp: true",
+                                  "fsdp_reshard_after_forward: only applies with fsdp: true"]
+    with pytest.raises(ConfigError) as err:
+        build_config({**DATA, "fsdp": True, "use_dora": True, "modules_to_save": ["lm_head"]})
+    assert [p.split(":")[0] for p in err.value.problems] == ["use_dora", "modules_to_save"]
+    assert all("fsdp" in p for p in err.value.problems)

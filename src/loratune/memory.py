@@ -3,10 +3,13 @@
 A config can ask for any rank: `r: 100000` on a 2048-wide model is gigabytes per layer. Allocating
 first and failing later takes the machine into swap or the OOM killer, so the size is estimated
 from the target layers' shapes and compared with what the device has free. CPU memory is read from
-/proc/meminfo (MemAvailable); where that cannot be read, nothing is refused.
+/proc/meminfo (MemAvailable); where that cannot be read, nothing is refused. `peak_rss_bytes`
+reports what a process has used at most (training records it per rank).
 """
 
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -33,6 +36,14 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def peak_rss_bytes() -> int:
+    """The most resident memory (RSS) this process has held so far, in bytes (getrusage's ru_maxrss)."""
+    import resource  # POSIX only
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak if sys.platform == "darwin" else peak * 1024  # macOS counts bytes, Linux KiB
 
 
 def format_bytes(n: float) -> str:

@@ -243,6 +243,9 @@ def print_summary(result) -> None:
     print(f"Adapter:  {result.adapter_dir}  (PEFT format: adapter_config.json + adapter_model.safetensors)")
     print(f"Config:   {result.config_path}")
     print(f"Metrics:  {result.metrics_path}")
+    if result.peak_rss_mib:
+        per_rank = " per rank" if len(result.peak_rss_mib) > 1 else ""
+        print(f"Memory:   peak RSS {', '.join(f'{m:,.0f}' for m in result.peak_rss_mib)} MiB{per_rank}")
     if result.plot_path:
         print(f"Plot:     {result.plot_path}")
     if result.sample:

@@ -41,6 +41,14 @@ def init_plain(A: Tensor, B: Tensor, method, r: int) -> None:
         nn.init.zeros_(B)
 
 
+def adapter_device(base_layer: nn.Module) -> torch.device:
+    """Where a new adapter's weights go: the base layer's device, or the CPU when the base is on the
+    meta device (a skeleton whose weights load later, as in sharded training). Adapter weights are
+    thus always drawn at injection, and a seed gives the same adapter however the base is loaded."""
+    first = next(iter([*base_layer.parameters(), *base_layer.buffers()]))
+    return torch.device("cpu") if first.device.type == "meta" else first.device
+
+
 def module_key(adapter_name: str) -> str:
     """The key of an adapter's weights inside a layer: its name with "." as ":".
 

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import UnsupportedFeatureError
-from .base import LoraLayer, init_plain, refuse_beyond_plain
+from .base import LoraLayer, adapter_device, init_plain, refuse_beyond_plain
 
 
 class LoraConv(LoraLayer):
@@ -29,7 +29,7 @@ class LoraConv(LoraLayer):
         refuse_beyond_plain("convolutions", use_dora=use_dora, init_lora_weights=init_lora_weights)
         base = self.base_layer
         conv = nn.Conv1d if self.ndim == 1 else nn.Conv2d
-        device = base.weight.device
+        device = adapter_device(base)
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self._set_dropout(adapter_name, lora_dropout)
         # A must pad like the base (e.g. padding_mode="reflect"), or merged != unmerged at the borders.

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import AdapterParameterDict, LoraLayer, refuse_beyond_plain
+from .base import AdapterParameterDict, LoraLayer, adapter_device, refuse_beyond_plain
 
 
 class LoraEmbedding(LoraLayer):
@@ -25,7 +25,7 @@ class LoraEmbedding(LoraLayer):
     def update_layer(self, adapter_name: str, *, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights, use_rslora: bool, use_dora: bool) -> None:
         refuse_beyond_plain("nn.Embedding", use_dora=use_dora, init_lora_weights=init_lora_weights)
-        device = self.base_layer.weight.device
+        device = adapter_device(self.base_layer)
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self._set_dropout(adapter_name, lora_dropout)  # kept for bookkeeping; PEFT applies none here
         A = torch.zeros(r, self.in_features, device=device)

@@ -17,7 +17,7 @@ from ..base_layers import is_conv1d, is_quantized
 from ..errors import UnsupportedFeatureError
 from ..ops import fast_paths_enabled
 from ..ops.lora_linear import lora_linear
-from .base import PLAIN_INITS, LoraLayer, init_plain
+from .base import PLAIN_INITS, LoraLayer, adapter_device, init_plain
 from .init import init_from_base
 
 
@@ -49,7 +49,7 @@ class LoraLinear(LoraLayer):
     def update_layer(self, adapter_name: str, *, r: int, lora_alpha: float, lora_dropout: float,
                      init_lora_weights, use_rslora: bool, use_dora: bool) -> None:
         """Create (or replace) one adapter's A, B (fp32, on the base layer's device)."""
-        device = next(iter([*self.base_layer.parameters(), *self.base_layer.buffers()])).device
+        device = adapter_device(self.base_layer)
         self._set_scaling(adapter_name, r, lora_alpha, use_rslora)
         self._set_dropout(adapter_name, lora_dropout)
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False, device=device)

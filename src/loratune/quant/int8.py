@@ -36,11 +36,17 @@ class Linear8bit(TiledQuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, compute_dtype=torch.bfloat16, name: str = "") -> Linear8bit:
-        """Quantize an nn.Linear (on its own device); the bias is kept as is, not copied."""
+        """Quantize an nn.Linear (on its own device); the bias is kept as is, not copied.
+
+        A layer on the meta device gives an empty layer of the right shapes (to be filled by loading).
+        """
         weight = linear.weight.detach()
-        check_weight(weight, name)
         layer = cls(linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype,
                     device=weight.device)
+        if weight.is_meta:
+            layer.bias = linear.bias
+            return layer
+        check_weight(weight, name)
         for r0, r1 in layer.tiles():   # row tiles keep the fp32 temporaries small
             rows = weight[r0:r1].float()
             scale = rows.abs().amax(dim=1) / INT8_MAX

@@ -43,6 +43,9 @@ class TiledQuantizedLinear(nn.Module):
         """Bytes of quantized storage (codes and scales), bias excluded."""
         return storage_nbytes(self)
 
+    def init_tables(self, device=None) -> None:
+        """(Re)compute lookup tables that are not saved with the layer (none here; nf4.py has some)."""
+
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype | None = None) -> Tensor:
         """Return weight rows r0..r1 as (r1 - r0, in) in dtype (default compute_dtype)."""
         raise NotImplementedError

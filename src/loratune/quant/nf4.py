@@ -46,21 +46,34 @@ class Linear4bit(TiledQuantizedLinear):
             self.register_buffer("absmax_q", torch.zeros(nblocks, **u8))
             self.register_buffer("absmax_scale", torch.zeros(math.ceil(nblocks / bw.BLOCKSIZE_ABSMAX), **f32))
             self.register_buffer("absmax_offset", torch.zeros((), **f32))
-            self.register_buffer("absmax_code", bw.code_tensor(bw.dynamic_map_8bit(), device),
-                                 persistent=False)
         else:
             self.register_buffer("absmax", torch.zeros(nblocks, **f32))
-        self.register_buffer("code", bw.code_tensor(bw.CODES_4BIT[quant_type], device), persistent=False)
-        self.register_buffer("nibble_pairs", _NIBBLE_PAIRS.to(device), persistent=False)
+        self.init_tables(device)
+
+    def init_tables(self, device=None) -> None:
+        """(Re)compute the lookup tables (code values, nibble pairs), which are not saved with the layer."""
+        device = device if device is not None else self.qweight.device
+        tables = {"code": bw.code_tensor(bw.CODES_4BIT[self.quant_type], device),
+                  "nibble_pairs": _NIBBLE_PAIRS.to(device)}
+        if self.double_quant:
+            tables["absmax_code"] = bw.code_tensor(bw.dynamic_map_8bit(), device)
+        for name, table in tables.items():
+            self.register_buffer(name, table, persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, quant_type: str = "nf4", compute_dtype=torch.bfloat16,
                     double_quant: bool = False, name: str = "") -> Linear4bit:
-        """Quantize an nn.Linear (on its own device); the bias is kept as is, not copied."""
+        """Quantize an nn.Linear (on its own device); the bias is kept as is, not copied.
+
+        A layer on the meta device gives an empty layer of the right shapes (to be filled by loading).
+        """
         weight = linear.weight.detach()
-        check_weight(weight, name)
         layer = cls(linear.in_features, linear.out_features, bias=False, quant_type=quant_type,
                     compute_dtype=compute_dtype, double_quant=double_quant, device=weight.device)
+        if weight.is_meta:
+            layer.bias = linear.bias
+            return layer
+        check_weight(weight, name)
         indices, absmax = bw.quantize_blockwise(weight, layer.code, cls.blocksize)
         layer.qweight.copy_(bw.pack_nibbles(indices))
         if double_quant:

@@ -23,11 +23,9 @@ def move_keeping_dtypes(module: nn.Module, fn: Callable[[Tensor], Tensor],
     for name in kept:
         module._buffers[name] = None
     super_apply(fn)
-    if kept:
-        probe = next(iter(kept.values()))
-        device = fn(torch.empty(0, device=probe.device)).device   # where fn sends tensors
-        for name, buf in kept.items():
-            module._buffers[name] = buf.to(device)
+    for name, buf in kept.items():
+        moved = fn(buf)  # a cast is undone: only the device change is kept
+        module._buffers[name] = moved if moved.dtype == buf.dtype else buf.to(moved.device)
     return module
 
 

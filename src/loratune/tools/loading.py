@@ -173,11 +173,12 @@ def load_base_model(
     bnb_4bit_quant_type: str = "nf4",
     bnb_4bit_compute_dtype: str = "auto",
     bnb_4bit_use_double_quant: bool = False,
+    quant_backend: str = "auto",
 ) -> PreTrainedModel:
     """Load a causal LM frozen (requires_grad False), in eval mode, on `device`.
 
     With `load_in_4bit` / `load_in_8bit` the linear layers are replaced by
-    `loratune.quant.quantize_model` after loading in `dtype`.
+    `loratune.quant.quantize_model` (with `quant_backend`) after loading in `dtype`.
     """
     if load_in_4bit and load_in_8bit:
         raise ConfigError("load_in_4bit and load_in_8bit are both set; pick one")
@@ -196,7 +197,8 @@ def load_base_model(
     if load_in_4bit or load_in_8bit:
         compute_dtype = resolve_dtype(bnb_4bit_compute_dtype, device)
         model = quantize_model(model, bits=4 if load_in_4bit else 8, quant_type=bnb_4bit_quant_type,
-                               compute_dtype=compute_dtype, double_quant=bnb_4bit_use_double_quant)
+                               compute_dtype=compute_dtype, double_quant=bnb_4bit_use_double_quant,
+                               backend=quant_backend)
     model.requires_grad_(False)
     return model.eval()
 

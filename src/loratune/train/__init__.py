@@ -1,9 +1,10 @@
 """The trainer: `run(config, **overrides) -> TrainResult` and the config it reads.
 
 Submodules: config (flat keys -> frozen sections), coerce (values by field type), loop (`fit`),
-optim (AdamW + schedule), checkpoint (atomic checkpoint-<step>/), metrics (metrics.jsonl,
-TensorBoard, loss.png),
-distributed (torchrun/DDP), sampling (generations), api (`run`), loss (token loss, owned by ops).
+optim (AdamW + schedule), checkpoint (atomic checkpoint-<step>/), resume (what a checkpoint holds,
+and resuming with any number of processes), metrics (metrics.jsonl, TensorBoard, loss.png),
+distributed (torchrun/DDP), fsdp and fsdp_load (sharded training and loading, `fsdp: true`),
+sampling (generations), api (`run`), loss (token loss, owned by ops).
 Names are resolved lazily so `import loratune.train.loss` stays light.
 """
 

@@ -17,6 +17,7 @@ import os
 import random
 import re
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -59,6 +60,7 @@ class TrainResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     start_step: int = 0
     resumed_from: str | None = None
+    peak_rss_mib: list[float] = field(default_factory=list)  # per rank, at the last step
 
 
 def build_train_config(config: TrainConfig | dict | str | os.PathLike | None,
@@ -97,10 +99,12 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
     from loratune.ops.runtime import tuned_cpu_runtime
 
     cfg = build_train_config(config, overrides)
-    env = init_distributed()
+    env = init_distributed(alone=cfg.distributed.fsdp)
     try:
-        # flush denormals, keep freed memory, threads; process-wide, so put back afterwards
-        with tuned_cpu_runtime(threads=cfg.loop.num_threads or None), out_of_memory_explained(cfg):
+        # flush denormals, allocator thresholds, threads: process-wide (ops.runtime says what is put back)
+        allocator = "return" if cfg.distributed.fsdp and env.joined else "keep"  # ops.runtime says why
+        with tuned_cpu_runtime(threads=cfg.loop.num_threads or None, allocator=allocator), \
+                out_of_memory_explained(cfg):
             return _run(cfg, env)
     finally:
         shutdown_distributed(env)
@@ -161,7 +165,8 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     tokenizer = load_tokenizer(base_source(cfg))
     datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed,
                               eval_answers=cfg.loop.eval_metric == "exact_match")
-    model = build_model(cfg, env)
+    sharded = cfg.distributed.fsdp and env.joined
+    model, root = build_sharded_model(cfg, env) if sharded else (build_model(cfg, env), None)
     check_vocab(datasets, model_vocab_size(model))
     cfg = fit_memory(cfg, model, datasets)
     config_yaml = config_to_yaml(cfg)
@@ -176,7 +181,7 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                          resume_step=_checkpoint_step(resume_path))
     try:
         outcome = fit(model, tokenizer, datasets, cfg, env, resume_path=resume_path, metrics=metrics,
-                      config_yaml=config_yaml)
+                      config_yaml=config_yaml, runner=root)
     finally:
         metrics.close()
         if env.is_main:
@@ -186,10 +191,8 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     if env.is_main:
         with atomic_file(os.path.join(out, ckpt.CONFIG_FILE)) as fh:
             fh.write(config_yaml)
-        if not outcome.interrupted:
-            model.save_pretrained(out)
-            adapter_dir = out
-            sample = before_after_sample(model, tokenizer, datasets)
+    if not outcome.interrupted:
+        adapter_dir, sample = _save_final(model, root, tokenizer, datasets, cfg, env)
     barrier(env)
     losses = [r["loss"] for r in metrics.records if isinstance(r.get("loss"), float)]
     plot = os.path.join(out, PLOT_FILE)
@@ -199,6 +202,23 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         plot_path=plot if os.path.exists(plot) else None, config_path=os.path.join(out, ckpt.CONFIG_FILE),
         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None, sample=sample,
     )
+
+
+def _save_final(model, root, tokenizer, datasets, cfg: TrainConfig, env: DistEnv):
+    """Write the final adapter into output_dir and generate the before/after sample: (adapter_dir, sample)
+    on the main rank, (None, None) elsewhere. A sharded run gathers the adapter, and every rank generates."""
+    from loratune.train import fsdp
+
+    out = cfg.loop.output_dir
+    if cfg.distributed.fsdp:
+        fsdp.save_adapter(model, out, env)
+    elif env.is_main:
+        model.save_pretrained(out)
+    sample = None
+    if env.is_main or fsdp.is_sharded(root):
+        with fsdp.gathered_root(root):
+            sample = before_after_sample(model, tokenizer, datasets)
+    return (out, sample) if env.is_main else (None, None)
 
 
 def fit_memory(cfg: TrainConfig, model, datasets) -> TrainConfig:
@@ -271,18 +291,67 @@ def base_source(cfg: TrainConfig) -> str:
 
 def build_model(cfg: TrainConfig, env: DistEnv):
     """Load the frozen base (bf16 where supported) and inject a fresh fp32 LoRA adapter."""
-    from loratune import LoraConfig, get_peft_model
-    from loratune.ops.attention import enable_varlen_attention
-    from loratune.ops.rms_norm import enable_fast_rms_norm
     from loratune.tools.loading import load_base_model
 
-    m, lo = cfg.model, cfg.lora
+    m = cfg.model
     base = load_base_model(
         base_source(cfg), dtype="auto" if m.bf16 else "float32", device=env.device,
         load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit, bnb_4bit_quant_type=m.bnb_4bit_quant_type,
         bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype,
         bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
+        # FSDP2 shards loratune's own quantized layers, not bitsandbytes' packed weights
+        quant_backend="torch" if cfg.distributed.fsdp else "auto",
     )
+    return adapt_base(base, cfg, env.device)
+
+
+def build_sharded_model(cfg: TrainConfig, env: DistEnv):
+    """fsdp: the model sharded over the ranks as it loads, and its FSDP root: (model, root).
+
+    From a directory of safetensors files, each rank reads only its own rows of each weight (a
+    meta-device skeleton, filled after sharding; fsdp_load.py); any other base (a preset, .bin
+    files, a hub id) is loaded whole by every rank first, and a warning says so.
+    """
+    import transformers
+
+    from loratune.dtypes import resolve_dtype
+    from loratune.quant import quantize_model
+    from loratune.tools.loading import model_dir
+    from loratune.train import fsdp, fsdp_load
+
+    m, d = cfg.model, cfg.distributed
+    shard = partial(fsdp.shard_model, env=env, cpu_offload=d.fsdp_cpu_offload,
+                    reshard_after_forward=d.fsdp_reshard_after_forward)
+    directory = model_dir(base_source(cfg))
+    files = fsdp_load.safetensors_files(directory) if os.path.isdir(directory) else None
+    if files is None or int(transformers.__version__.split(".")[0]) < 5:
+        why = ("not a directory of safetensors files" if files is None
+               else "loading shard by shard needs transformers 5")
+        logger.warning("fsdp: every rank loads the whole base before sharding it (%s)", why)
+        model = build_model(cfg, env)
+        return model, shard(model)
+    dtype = resolve_dtype("auto" if m.bf16 else "float32", env.device)
+    base = fsdp_load.build_skeleton(directory, dtype, base_source(cfg))
+    if m.load_in_4bit or m.load_in_8bit:  # empty quantized layers, filled by materialize
+        quantize_model(base, bits=4 if m.load_in_4bit else 8, quant_type=m.bnb_4bit_quant_type,
+                       compute_dtype=resolve_dtype(m.bnb_4bit_compute_dtype, env.device),
+                       double_quant=m.bnb_4bit_use_double_quant, backend="torch")
+    model = adapt_base(base, cfg, env.device)
+    root = shard(model)
+    fsdp_load.materialize(root, model, files, dtype, env)
+    return model, root
+
+
+def adapt_base(base, cfg: TrainConfig, device: torch.device):
+    """Inject a fresh fp32 LoRA adapter into a frozen base, with the trainer's fast paths switched on.
+
+    The base may sit on the meta device (sharded loading); the adapter is then drawn on the CPU.
+    """
+    from loratune import LoraConfig, get_peft_model
+    from loratune.ops.attention import enable_varlen_attention
+    from loratune.ops.rms_norm import enable_fast_rms_norm
+
+    m, lo = cfg.model, cfg.lora
     if m.gradient_checkpointing:
         # Non-reentrant: works with frozen inputs (no enable_input_require_grads hack) and under DDP.
         if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5
@@ -296,7 +365,7 @@ def build_model(cfg: TrainConfig, env: DistEnv):
         modules_to_save=list(lo.modules_to_save) if lo.modules_to_save else None,
         task_type="CAUSAL_LM", base_model_name_or_path=base_source(cfg),
     )
-    check_adapter_memory(base, lora_config, env.device)
+    check_adapter_memory(base, lora_config, device)
     model = get_peft_model(base, lora_config)
     # Packed rows (the default) attend per example instead of through an N x N block mask.
     enable_varlen_attention(model)

@@ -3,6 +3,8 @@
 A checkpoint holds the adapter in PEFT format (so any checkpoint can be loaded or served as is),
 `training_state.pt` (trainable weights, optimizer, scheduler, RNG states of every rank, data
 position), `trainer_state.json` (the same position, human-readable) and `train_config.yaml`.
+A sharded run (fsdp) keeps the trainable weights and the optimizer in `distributed/` instead,
+written by every rank with torch.distributed.checkpoint, so it resumes with any number of processes.
 It is assembled in a hidden temp directory and renamed into place, so a directory named
 `checkpoint-<step>` is always complete; a crash mid-write leaves only a temp directory, which
 resume ignores and the next run deletes.
@@ -10,6 +12,7 @@ resume ignores and the next run deletes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -32,6 +35,7 @@ PREFIX = "checkpoint-"
 STATE_FILE = "training_state.pt"
 INFO_FILE = "trainer_state.json"
 CONFIG_FILE = "train_config.yaml"
+SHARDED_DIR = "distributed"  # torch.distributed.checkpoint files of a sharded (fsdp) run
 _NAME = re.compile(rf"^{PREFIX}(\d+)$")
 
 
@@ -77,20 +81,62 @@ def save_checkpoint(
 
     `write_adapter(dir)` saves the adapter in PEFT format into `dir`. Returns the final path.
     """
-    final = os.path.join(output_dir, f"{PREFIX}{step}")
+    final = checkpoint_path(output_dir, step)
     # the adapter's tensors are also in state["trainable"]: twice those, plus the optimizer and the rest
     size = tensor_bytes(state) + tensor_bytes(state.get("trainable", {}))
     # built in a hidden ".checkpoint-<step>.tmp-*" sibling, renamed when complete
     with atomic_directory(final, size_hint=size) as tmp:
-        write_adapter(tmp)
-        torch.save(state, os.path.join(tmp, STATE_FILE))
-        with open(os.path.join(tmp, INFO_FILE), "w", encoding="utf-8") as fh:
-            json.dump(info, fh, indent=2)
-        with open(os.path.join(tmp, CONFIG_FILE), "w", encoding="utf-8") as fh:
-            fh.write(config_yaml)
+        write_files(tmp, write_adapter=write_adapter, state=state, info=info, config_yaml=config_yaml)
     rotate_checkpoints(output_dir, save_total_limit)
     logger.info("saved %s", final)
     return final
+
+
+def save_sharded_checkpoint(
+    output_dir: str,
+    step: int,
+    *,
+    write_shards: Callable[[str], None],
+    share: Callable[[str | None], str],
+    is_main: bool,
+    size_hint: int,
+    save_total_limit: int | None,
+    **files: Any,
+) -> str:
+    """`save_checkpoint` for a run whose weights and optimizer are spread over processes; every rank calls it.
+
+    The main rank makes the temp directory and `share` hands its path to every rank; each writes its
+    shards with `write_shards(dir / SHARDED_DIR)` (a collective); then the main rank writes the
+    `files` (`save_checkpoint`'s write_adapter, state, info, config_yaml) and renames the directory
+    into place. Needs a file system every rank sees at the same path.
+    """
+    final = checkpoint_path(output_dir, step)
+    with contextlib.ExitStack() as stack:
+        tmp = stack.enter_context(atomic_directory(final, size_hint=size_hint)) if is_main else None
+        tmp = share(tmp)
+        write_shards(os.path.join(tmp, SHARDED_DIR))
+        if is_main:
+            write_files(tmp, **files)
+    if is_main:
+        rotate_checkpoints(output_dir, save_total_limit)
+        logger.info("saved %s", final)
+    return final
+
+
+def checkpoint_path(output_dir: str, step: int) -> str:
+    """Where the checkpoint of `step` goes."""
+    return os.path.join(output_dir, f"{PREFIX}{step}")
+
+
+def write_files(directory: str, *, write_adapter: Callable[[str], None], state: dict[str, Any],
+                info: dict[str, Any], config_yaml: str) -> None:
+    """Write the adapter, training_state.pt, trainer_state.json and train_config.yaml into `directory`."""
+    write_adapter(directory)
+    torch.save(state, os.path.join(directory, STATE_FILE))
+    with open(os.path.join(directory, INFO_FILE), "w", encoding="utf-8") as fh:
+        json.dump(info, fh, indent=2)
+    with open(os.path.join(directory, CONFIG_FILE), "w", encoding="utf-8") as fh:
+        fh.write(config_yaml)
 
 
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:

@@ -146,8 +146,31 @@ class LoopArgs:
     )
 
 
+@dataclass(frozen=True)
+class DistributedArgs:
+    """How several processes under `torchrun` share the work: DDP (the default) or FSDP2."""
+
+    fsdp: bool = field(
+        default=False,
+        metadata=_help("shard the frozen base and the adapter over the processes with FSDP2 (fully_shard per "
+                       "decoder layer, then the root) instead of a full copy per process (DDP); checkpoints "
+                       "are sharded and resume with any number of processes"),
+    )
+    fsdp_cpu_offload: bool = field(
+        default=False,
+        metadata=_help("fsdp on GPUs: keep the parameter shards, gradients and optimizer state in host "
+                       "memory and copy each layer to the GPU when it runs"),
+    )
+    fsdp_reshard_after_forward: bool = field(
+        default=True,
+        metadata=_help("fsdp: free each layer's gathered weights after its forward and gather them again for "
+                       "backward (false: keep them, more memory, less communication)"),
+    )
+
+
 SECTIONS: dict[str, type] = {
     "model": ModelArgs, "lora": LoraArgs, "data": DataConfig, "optim": OptimArgs, "loop": LoopArgs,
+    "distributed": DistributedArgs,
 }
 
 
@@ -160,6 +183,7 @@ class TrainConfig:
     data: DataConfig
     optim: OptimArgs
     loop: LoopArgs
+    distributed: DistributedArgs = field(default_factory=DistributedArgs)
 
     def to_flat_dict(self) -> dict[str, Any]:
         """Return {flat key: value}, the form written to train_config.yaml."""
@@ -321,11 +345,33 @@ def range_problems(s: dict[str, Any]) -> list[str]:
         ],
     }
     problems = [msg for name, check in checks.items() if name in s for ok, msg in check(s[name]) if not ok]
+    problems.extend(_fsdp_problems(s))
     if "loop" in s and "data" in s and s["loop"].eval_metric == "exact_match":
         d = s["data"]
         if not (d.eval_file or d.eval_split or d.eval_samples):
             problems.append("eval_metric: exact_match scores answers to eval rows; set eval_file, eval_split "
                             "or eval_samples")
+    return problems
+
+
+def _fsdp_problems(s: dict[str, Any]) -> list[str]:
+    """Settings that only mean something with fsdp, and features the sharded path cannot honour."""
+    d = s.get("distributed")
+    if d is None:
+        return []
+    if not d.fsdp:
+        return [f"{key}: only applies with fsdp: true" for key, on in
+                (("fsdp_cpu_offload", d.fsdp_cpu_offload),
+                 ("fsdp_reshard_after_forward", not d.fsdp_reshard_after_forward)) if on]
+    problems = []
+    lora = s.get("lora")
+    if lora is not None and lora.use_dora:
+        problems.append("use_dora: not supported with fsdp (the DoRA magnitude is drawn from the whole base "
+                        "weight when the adapter is injected, before any rank holds it); use DDP "
+                        "(fsdp: false)")
+    if lora is not None and lora.modules_to_save:
+        problems.append("modules_to_save: not supported with fsdp (the trained copies start from the base "
+                        "weights, which no rank holds whole); use DDP (fsdp: false)")
     return problems
 
 

@@ -2,7 +2,9 @@
 
 `torchrun --nproc_per_node N` sets RANK / WORLD_SIZE / LOCAL_RANK; `init_distributed` then joins
 the process group (NCCL on CUDA, gloo on CPU). Without those variables everything here is a no-op
-for a single process, so the loop calls these helpers unconditionally.
+for a single process, so the loop calls these helpers unconditionally. A single process under
+torchrun joins a group of one only when asked (`alone=True`: fsdp shards over it, so the sharded
+code path runs on one GPU too).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class DistEnv:
     world_size: int = 1
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
+    joined: bool = False  # this process joined a process group (and leaves it in shutdown_distributed)
 
     @property
     def is_main(self) -> bool:
@@ -37,8 +40,11 @@ class DistEnv:
         return self.world_size > 1
 
 
-def init_distributed() -> DistEnv:
-    """Join the process group torchrun described in the environment, or return a 1-process env."""
+def init_distributed(*, alone: bool = False) -> DistEnv:
+    """Join the process group torchrun described in the environment, or return a 1-process env.
+
+    `alone`: join even a group of one process (torchrun --nproc_per_node 1).
+    """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -46,16 +52,19 @@ def init_distributed() -> DistEnv:
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    joined = False
+    if (world_size > 1 or (alone and launched)) and not dist.is_initialized():
         backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
         logger.info("joined %s process group: rank %d of %d", backend, rank, world_size)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
+        joined = True
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, joined=joined)
 
 
 def shutdown_distributed(env: DistEnv) -> None:
     """Leave the process group (only if we joined one)."""
-    if env.enabled and dist.is_initialized():
+    if env.joined and dist.is_initialized():
         dist.destroy_process_group()
 
 

@@ -8,57 +8,47 @@ are split into micro-batches and processes; a run with gradient accumulation, or
 follows the same trajectory as one big batch.
 
 Data position: the batch plan of an epoch is a pure function of (seed, epoch, rank), so a
-checkpoint only stores (epoch, batch_index) and resume re-plans and skips.
+checkpoint only stores (epoch, batch_index) and resume re-plans and skips. Dropout draws from a
+generator seeded by (seed, epoch, index of the micro-batch in the global plan), so the masks do not
+depend on how many processes share the plan, nor on where a run was resumed (resume.py).
+
+Sharded runs (fsdp: true) get their FSDP root from the caller (`runner`, fsdp.py): every rank then
+runs every forward, evaluation and generation included, and the gradients are shards.
 """
 
 from __future__ import annotations
 
 import contextlib
-import io
+import hashlib
 import logging
 import math
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from loratune.data import collate, plan_batches
 from loratune.errors import LoratuneError, TrainingDivergedError
+from loratune.memory import peak_rss_bytes
 from loratune.tools.evaluation import default_max_new_tokens, exact_match, loss_sum_over, perplexity
-from loratune.train import checkpoint as ckpt
+from loratune.train import fsdp, resume
 from loratune.train.config import TrainConfig
 from loratune.train.distributed import DistEnv, all_reduce_min, all_reduce_sum, broadcast_flag, gather_objects
-from loratune.train.loss import token_loss_sum
+from loratune.train.loss import LossModule, token_loss_sum
 from loratune.train.metrics import MetricsLog
 from loratune.train.optim import build_optimizer, build_scheduler, trainable_parameters, warmup_steps_for
+from loratune.train.resume import LogWindow, Position
 from loratune.train.sampling import sample_generations
 
 logger = logging.getLogger(__name__)
 EVAL_SAMPLES = 2
-
-
-@dataclass
-class Position:
-    """Where training stands: optimizer steps done, and the next micro-batch of which epoch."""
-
-    step: int = 0
-    epoch: int = 0
-    batch_index: int = 0
-
-
-@dataclass
-class LogWindow:
-    """Losses and input tokens since the last metrics line, checkpointed so a resumed run logs the
-    same means as an uninterrupted one."""
-
-    losses: list[float] = field(default_factory=list)
-    tokens: int = 0
-    elapsed_s: float = 0.0  # training time the window had run when it was checkpointed
 
 
 @dataclass
@@ -76,21 +66,7 @@ class FitOutcome:
     history: list[dict[str, Any]] = field(default_factory=list)
     start_step: int = 0  # steps already done when this run began (> 0 when resumed)
     resumed_from: str | None = None
-
-
-class _LossModule(nn.Module):
-    """Wraps the model so DDP sees one forward that returns (token loss sum, n tokens).
-
-    token_loss_sum may call the decoder body and LM head separately; going through this module
-    keeps DDP's gradient hooks in charge whatever it does inside.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, batch: dict[str, torch.Tensor]):
-        return token_loss_sum(self.model, batch)
+    peak_rss_mib: list[float] = field(default_factory=list)  # per rank, at the last step
 
 
 def fit(
@@ -103,8 +79,12 @@ def fit(
     resume_path: str | None,
     metrics: MetricsLog,
     config_yaml: str,
+    runner: nn.Module | None = None,
 ) -> FitOutcome:
     """Train the trainable parameters of `model` on `datasets.train`; return where it stopped.
+
+    `runner` is the FSDP root around `model` of a sharded run (fsdp.shard_model); without one the
+    model is trained as it is, wrapped in DDP under torchrun.
 
     Raises:
         TrainingDivergedError: a NaN/Inf loss or gradient; the step is not applied and the last
@@ -131,26 +111,27 @@ def fit(
                                 total_steps)
     pos, window = Position(), LogWindow()
     if resume_path is not None:
-        pos, window = _restore(resume_path, model, optimizer, scheduler, env)
+        pos, window = resume.restore(resume_path, model, optimizer, scheduler, cfg, env)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, pos.step, pos.epoch,
                     pos.batch_index)
     params = [p for _, p in trainable_parameters(model)]
     logger.info("training %d steps (%d per epoch x %d process(es)), %s trainable parameters, %d examples",
                 total_steps, steps_per_epoch, env.world_size, f"{sum(p.numel() for p in params):,}",
                 len(train_set))
-    runner = _LossModule(model)
-    if env.enabled:
-        runner = nn.parallel.DistributedDataParallel(
-            runner, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            broadcast_buffers=False
-        )
+    if runner is None:
+        runner = LossModule(model, token_loss_sum)
+        if env.enabled:
+            runner = nn.parallel.DistributedDataParallel(
+                runner, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+                broadcast_buffers=False
+            )
     model.train()
 
     stop = _InterruptFlag()
     bar = tqdm(total=total_steps, initial=pos.step, disable=not env.is_main or lp.disable_tqdm,
                desc="training", unit="step", dynamic_ncols=True)
     start_step, window_start = pos.step, time.perf_counter() - window.elapsed_s
-    started, seen_tokens, last_ckpt, evals = time.perf_counter(), 0, resume_path, {}
+    started, seen_tokens, last_ckpt, evals, peaks = time.perf_counter(), 0, resume_path, {}, []
     batches = first_epoch if pos.epoch == 0 else plan(pos.epoch)
     with stop.installed():
         while pos.step < total_steps:
@@ -159,7 +140,8 @@ def fit(
                 batches = plan(pos.epoch)
                 continue
             group = batches[pos.batch_index: pos.batch_index + op.gradient_accumulation_steps]
-            loss_sum, n_trained, n_input = _accumulate(runner, train_set, group, dc, tokenizer, env)
+            first = (lp.seed, pos.epoch, pos.batch_index * env.world_size + env.rank)  # global index
+            loss_sum, n_trained, n_input = _accumulate(runner, train_set, group, dc, tokenizer, env, first)
             loss_sum, n_trained, n_input = all_reduce_sum([loss_sum, n_trained, n_input], env)
             loss = loss_sum / max(n_trained, 1)
             grad_norm = _normalise_and_clip(params, n_trained, op.max_grad_norm, env)
@@ -184,25 +166,30 @@ def fit(
             bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tokens_per_s:,.0f}", refresh=False)
             epoch_float = pos.epoch + pos.batch_index / max(len(batches), 1)
             if pos.step % lp.logging_steps == 0 or pos.step == total_steps:
-                metrics.write({"step": pos.step, "loss": sum(window.losses) / len(window.losses),
-                               "learning_rate": lr, "tokens_per_s": tokens_per_s,
-                               "epoch": round(epoch_float, 4), "grad_norm": grad_norm})
+                record = {"step": pos.step, "loss": sum(window.losses) / len(window.losses),
+                          "learning_rate": lr, "tokens_per_s": tokens_per_s,
+                          "epoch": round(epoch_float, 4), "grad_norm": grad_norm}
+                if pos.step == total_steps:  # the last record also says how much memory each rank used
+                    peaks = [round(b / 2**20, 1) for b in gather_objects(peak_rss_bytes(), env)]
+                    record["peak_rss_mib"] = peaks
+                metrics.write(record)
                 window, window_start = LogWindow(), now
             if eval_set is not None and len(eval_set) and (
                 (lp.eval_steps and pos.step % lp.eval_steps == 0) or pos.step == total_steps
             ):
-                evals = _evaluate_and_log(model, tokenizer, datasets, cfg, env, metrics, pos.step)
+                evals = _evaluate_and_log(model, tokenizer, datasets, cfg, env, metrics, pos.step, runner)
                 window_start = time.perf_counter()  # eval time is not training throughput
             interrupted = broadcast_flag(stop.requested, env)
             saving = ((lp.save_steps and pos.step % lp.save_steps == 0 and pos.step < total_steps)
                       or interrupted)
-            if (saving or pos.step == total_steps) and not _all_finite(params):  # never save NaN/inf weights
+            # never save NaN/inf weights
+            if (saving or pos.step == total_steps) and not _all_finite(params, env):
                 bar.close()
                 metrics.write({"step": pos.step, "weights": "non-finite", "diverged": True})
                 raise _diverged("the LoRA weights", "NaN or inf", pos.step, last_ckpt, applied=True)
             if saving:
                 window.elapsed_s = time.perf_counter() - window_start
-                last_ckpt = _save(model, optimizer, scheduler, pos, window, cfg, env, config_yaml)
+                last_ckpt = resume.save(model, optimizer, scheduler, pos, window, cfg, env, config_yaml)
             if interrupted:
                 logger.warning("interrupted: saved %s; resume with --resume_from_checkpoint true", last_ckpt)
                 break
@@ -212,22 +199,24 @@ def fit(
                       runtime_s=time.perf_counter() - started, eval_loss=evals.get("eval_loss"),
                       eval_exact_match=evals.get("eval_exact_match"),
                       history=list(metrics.records),
-                      start_step=start_step, resumed_from=resume_path)
+                      start_step=start_step, resumed_from=resume_path, peak_rss_mib=peaks)
 
 
-def _accumulate(runner: nn.Module, train_set, group: list[list[int]], dc, tokenizer, env: DistEnv):
+def _accumulate(runner: nn.Module, train_set, group: list[list[int]], dc, tokenizer, env: DistEnv,
+                first: tuple[int, int, int]):
     """Forward/backward each micro-batch of one step; return (loss sum, trained tokens, input tokens).
 
-    Gradients hold the un-normalised sum; DDP syncs only on the last micro-batch.
+    Gradients hold the un-normalised sum; DDP and FSDP sync only on the last micro-batch. `first` is
+    (seed, epoch, global index of the group's first micro-batch): it keys each micro-batch's dropout.
     """
+    seed, epoch, index = first
     loss_sum, n_trained, n_input = 0.0, 0, 0
     for i, indices in enumerate(group):
         batch = collate([train_set[j] for j in indices], packing=dc.packing,
                         pad_token_id=tokenizer.pad_token_id, max_seq_length=dc.max_seq_length)
         batch = {k: v.to(env.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        last = i == len(group) - 1
-        sync = contextlib.nullcontext() if last or not env.enabled else runner.no_sync()
-        with sync:
+        with _gradient_sync(runner, i == len(group) - 1, env), \
+                _micro_batch_rng(seed, epoch, index + i * env.world_size, env.device):
             micro_loss, micro_tokens = runner(batch)
             micro_loss.backward()
         loss_sum += float(micro_loss.detach())
@@ -237,16 +226,36 @@ def _accumulate(runner: nn.Module, train_set, group: list[list[int]], dc, tokeni
     return loss_sum, n_trained, n_input
 
 
+def _gradient_sync(runner: nn.Module, last: bool, env: DistEnv):
+    """Average gradients over ranks only in the last micro-batch's backward (DDP or FSDP)."""
+    if fsdp.is_sharded(runner):
+        runner.set_requires_gradient_sync(last)
+        return contextlib.nullcontext()
+    return contextlib.nullcontext() if last or not env.enabled else runner.no_sync()
+
+
+@contextlib.contextmanager
+def _micro_batch_rng(seed: int, epoch: int, index: int, device: torch.device):
+    """Draw this micro-batch's random numbers (dropout) from a generator keyed by its place in the global
+    plan, and leave the process's generators as they were."""
+    key = hashlib.blake2b(f"loratune-dropout:{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(int.from_bytes(key, "little") >> 1)
+        yield
+
+
 def _normalise_and_clip(params: list[nn.Parameter], n_trained: float, max_grad_norm: float,
                         env: DistEnv) -> float:
     """Turn summed gradients into per-trained-token ones, clip, and return the pre-clip norm.
 
-    DDP has already averaged over ranks, hence world_size / N rather than 1 / N.
+    DDP and FSDP have already averaged over ranks, hence world_size / N rather than 1 / N. Sharded
+    gradients give a sharded norm, made whole (a collective) before it is returned.
     """
     if n_trained > 0:
         torch._foreach_mul_([p.grad for p in params if p.grad is not None], env.world_size / n_trained)
     limit = max_grad_norm if max_grad_norm > 0 else float("inf")
-    return float(torch.nn.utils.clip_grad_norm_(params, limit, foreach=True))
+    norm = torch.nn.utils.clip_grad_norm_(params, limit, foreach=True)
+    return float(norm.full_tensor() if isinstance(norm, DTensor) else norm)
 
 
 def _diverged(what: str, value, step: int, last_ckpt: str | None,
@@ -259,123 +268,79 @@ def _diverged(what: str, value, step: int, last_ckpt: str | None,
     )
 
 
-def _all_finite(params: list[nn.Parameter]) -> bool:
-    """True when no trainable weight holds NaN or inf (checked before anything is saved)."""
-    return all(bool(torch.isfinite(p).all()) for p in params)
+def _all_finite(params: list[nn.Parameter], env: DistEnv) -> bool:
+    """True when no trainable weight holds NaN or inf on any rank (checked before anything is saved)."""
+    local = [p.to_local() if isinstance(p, DTensor) else p for p in params]
+    return not broadcast_flag(not all(bool(torch.isfinite(t).all()) for t in local), env)
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, tokenizer, eval_set, cfg: TrainConfig, env: DistEnv) -> float:
-    """Mean next-token loss per trained token over the eval set (all ranks together)."""
+def evaluate(model: nn.Module, tokenizer, eval_set, cfg: TrainConfig, env: DistEnv, *,
+             sharded: bool = False) -> float:
+    """Mean next-token loss per trained token over the eval set (all ranks together).
+
+    Sharded: every rank must run as many forwards as the others, so a rank with one batch fewer
+    scores a batch again and drops the result.
+    """
     op, dc = cfg.optim, cfg.data
     lengths = [len(ex["input_ids"]) for ex in eval_set]
     # Plan for one process and deal the batches out, so every eval example counts exactly once
     # (the training plan drops a ragged tail to keep ranks in step; eval must not).
-    batches = plan_batches(lengths, op.per_device_train_batch_size, dc.max_seq_length, dc.packing,
-                           cfg.loop.seed, 0, 1, 0, dc.max_tokens_per_batch)[env.rank::env.world_size]
-    loss_sum, n_tokens = loss_sum_over(model, ([eval_set[j] for j in indices] for indices in batches),
-                                       pad_token_id=tokenizer.pad_token_id, packing=dc.packing,
-                                       max_seq_length=dc.max_seq_length, device=env.device)
+    planned = plan_batches(lengths, op.per_device_train_batch_size, dc.max_seq_length, dc.packing,
+                           cfg.loop.seed, 0, 1, 0, dc.max_tokens_per_batch)
+    batches = planned[env.rank::env.world_size]
+    spare = math.ceil(len(planned) / env.world_size) - len(batches) if sharded else 0
+    score = partial(loss_sum_over, model, pad_token_id=tokenizer.pad_token_id, packing=dc.packing,
+                    max_seq_length=dc.max_seq_length, device=env.device)
+    loss_sum, n_tokens = score([eval_set[j] for j in indices] for indices in batches)
+    if spare:
+        score([[eval_set[j] for j in planned[0]]] * spare)
     loss_sum, n_tokens = all_reduce_sum([loss_sum, n_tokens], env)
     return loss_sum / max(n_tokens, 1)
 
 
-def evaluate_exact_match(model: nn.Module, tokenizer, rows, cfg: TrainConfig, env: DistEnv) -> float:
+def evaluate_exact_match(model: nn.Module, tokenizer, rows, cfg: TrainConfig, env: DistEnv, *,
+                         sharded: bool = False) -> float:
     """Share of eval rows answered exactly right by greedy decoding (all ranks together).
 
     Each rank answers every world_size-th row; the counts are summed, so every row counts once.
     The answer length comes from all rows, so it does not depend on how they are dealt out.
+    Sharded: every rank decodes as many batches as the others (a short rank answers a row again and
+    does not count it), and generation keeps the ranks stepping together.
     """
     max_new = cfg.loop.eval_max_new_tokens or default_max_new_tokens(tokenizer, rows)
     mine = rows[env.rank::env.world_size]
-    result = exact_match(model, tokenizer, mine, max_new_tokens=max_new,
-                         batch_size=cfg.optim.per_device_train_batch_size) if mine else None
-    correct, n = all_reduce_sum([result.correct if result else 0, len(mine)], env)
+    spare = math.ceil(len(rows) / env.world_size) - len(mine) if sharded else 0
+    asked = mine + rows[:spare]
+    result = exact_match(model, tokenizer, asked, max_new_tokens=max_new,
+                         batch_size=cfg.optim.per_device_train_batch_size) if asked else None
+    correct = sum(r.correct for r in result.records[:len(mine)]) if result else 0
+    correct, n = all_reduce_sum([correct, len(mine)], env)
     return correct / max(n, 1)
 
 
-def _evaluate_and_log(model, tokenizer, datasets, cfg, env, metrics: MetricsLog,
-                      step: int) -> dict[str, float]:
+def _evaluate_and_log(model, tokenizer, datasets, cfg, env, metrics: MetricsLog, step: int,
+                      runner: nn.Module) -> dict[str, float]:
     """Evaluate, write the eval record, and return its eval_* numbers."""
-    eval_set = datasets.eval
-    eval_loss = evaluate(model, tokenizer, eval_set, cfg, env)
-    record: dict[str, Any] = {"step": step, "eval_loss": eval_loss,
-                              "perplexity": perplexity(eval_loss)}
-    if cfg.loop.eval_metric == "exact_match":
-        record["eval_exact_match"] = evaluate_exact_match(model, tokenizer, datasets.eval_answers, cfg, env)
+    eval_set, sharded = datasets.eval, fsdp.is_sharded(runner)
+    with fsdp.gathered_root(runner):
+        eval_loss = evaluate(model, tokenizer, eval_set, cfg, env, sharded=sharded)
+        record: dict[str, Any] = {"step": step, "eval_loss": eval_loss,
+                                  "perplexity": perplexity(eval_loss)}
+        if cfg.loop.eval_metric == "exact_match":
+            record["eval_exact_match"] = evaluate_exact_match(model, tokenizer, datasets.eval_answers, cfg,
+                                                              env, sharded=sharded)
+        if env.is_main or sharded:  # sharded: every rank runs the generation, the main one logs it
+            samples = sample_generations(model, tokenizer,
+                                         [eval_set[i] for i in range(min(EVAL_SAMPLES, len(eval_set)))])
+            record["samples"] = samples
     if env.is_main:
-        samples = sample_generations(model, tokenizer,
-                                     [eval_set[i] for i in range(min(EVAL_SAMPLES, len(eval_set)))])
-        record["samples"] = samples
-        for s in samples:
+        for s in record["samples"]:
             logger.info("sample @ step %d: %r -> %r", step, s["prompt"], s["completion"])
     metrics.write(record)
     logger.info("step %d: eval_loss %.4f, perplexity %.2f%s", step, eval_loss, record["perplexity"],
                 f", exact match {record['eval_exact_match']:.3f}" if "eval_exact_match" in record else "")
     return {k: v for k, v in record.items() if k.startswith("eval_")}
-
-
-def _save(model, optimizer, scheduler, pos: Position, window: LogWindow, cfg: TrainConfig, env: DistEnv,
-          config_yaml: str) -> str:
-    """Write checkpoint-<step>; every rank calls this (RNG states are gathered), the main one writes."""
-    # Gathered as torch.save bytes: all_gather_object cannot pickle tensors on every torch version.
-    buf = io.BytesIO()
-    torch.save(ckpt.rng_state(), buf)
-    rngs = [torch.load(io.BytesIO(b), weights_only=True) for b in gather_objects(buf.getvalue(), env)]
-    path = None
-    if env.is_main:
-        state = {
-            "trainable": {n: p.detach().cpu() for n, p in trainable_parameters(model)},
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rngs,
-            "position": {"step": pos.step, "epoch": pos.epoch, "batch_index": pos.batch_index},
-            "world_size": env.world_size,
-            "log_window": asdict(window),
-        }
-        info = {**state["position"], "world_size": env.world_size,
-                "learning_rate": scheduler.get_last_lr()[0]}
-        path = ckpt.save_checkpoint(cfg.loop.output_dir, pos.step, write_adapter=model.save_pretrained,
-                                    state=state, info=info, config_yaml=config_yaml,
-                                    save_total_limit=cfg.loop.save_total_limit)
-    return gather_objects(path, env)[0]
-
-
-def _restore(path: str, model, optimizer, scheduler, env: DistEnv) -> tuple[Position, LogWindow]:
-    """Load weights, optimizer, scheduler, RNG, data position and logging window from a checkpoint.
-
-    Checkpoints written before the logging window was stored resume with an empty window.
-    """
-    state = ckpt.load_training_state(path)
-    params = dict(trainable_parameters(model))
-    saved = state["trainable"]
-    _check_fits(path, params, saved)
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name])
-    optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    if state["world_size"] != env.world_size:
-        logger.warning("checkpoint was written by %d processes, resuming with %d: data order will differ",
-                       state["world_size"], env.world_size)
-    rngs = state["rng"]
-    ckpt.set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
-    return Position(**state["position"]), LogWindow(**state.get("log_window", {}))
-
-
-def _check_fits(path: str, params: dict[str, torch.Tensor], saved: dict[str, torch.Tensor]) -> None:
-    """Raise if the checkpoint's trainable tensors are not exactly this model's (names and shapes)."""
-    missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-    if missing or extra:
-        raise LoratuneError(f"checkpoint {path} does not fit this model/config: missing {missing[:5]}, "
-                            f"unexpected {extra[:5]}")
-    wrong = [f"{name} is {tuple(saved[name].shape)} in the checkpoint but {tuple(p.shape)} in this model"
-             for name, p in params.items() if saved[name].shape != p.shape]
-    if wrong:
-        more = f" (and {len(wrong) - 1} more)" if len(wrong) > 1 else ""
-        raise LoratuneError(f"checkpoint {path} does not fit this model/config: {wrong[0]}{more}; "
-                            "resume with the r, target_modules and modules_to_save the checkpoint was "
-                            "written with")
 
 
 class _InterruptFlag:

@@ -26,6 +26,22 @@ from loratune.ops.cross_entropy import chunked_cross_entropy_sum
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
 
+class LossModule(nn.Module):
+    """Wraps the model so one forward returns (token loss sum, n tokens): what DDP and FSDP wrap.
+
+    token_loss_sum may call the decoder body and read the LM head's weight directly; going through
+    this module keeps DDP's gradient hooks and FSDP's gathering in charge whatever it does inside.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn=None):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn or token_loss_sum
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
+        return self.loss_fn(self.model, batch)
+
+
 def token_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, int]:
     """Return (fp32 scalar sum of next-token CE over trained tokens, number of trained tokens).
 

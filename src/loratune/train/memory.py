@@ -25,6 +25,7 @@ import logging
 
 import torch
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from loratune.memory import check_fits, format_bytes
 
@@ -59,14 +60,19 @@ def auto_token_budget(per_token: int, max_seq_length: int) -> int:
 
 
 def model_bytes(model: nn.Module) -> int:
-    """Bytes of every parameter and buffer (frozen base, adapter, quantized storage)."""
+    """Bytes of every parameter and buffer (frozen base, adapter, quantized storage) this process holds:
+    of a sharded one, its shard."""
     tensors = list(model.parameters()) + list(model.buffers())
-    return sum(t.numel() * t.element_size() for t in tensors)
+    return sum(_local(t).numel() * t.element_size() for t in tensors)
 
 
 def trainable_state_bytes(model: nn.Module) -> int:
-    """Bytes of the trainable weights' gradients and AdamW's two moments (all fp32)."""
-    return sum(3 * p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    """Bytes of the trainable weights' gradients and AdamW's two moments (all fp32) this process holds."""
+    return sum(3 * _local(p).numel() * 4 for p in model.parameters() if p.requires_grad)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 def check_training_fits(model: nn.Module, *, longest_batch_tokens: int, per_token: int, what: str,

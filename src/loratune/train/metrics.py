@@ -1,8 +1,9 @@
 """What a run records: `metrics.jsonl`, optional TensorBoard, and `loss.png` at the end.
 
 `metrics.jsonl` holds one JSON object per line: training records (step, loss, learning_rate,
-tokens_per_s, epoch, grad_norm) every `logging_steps`, and eval records (step, eval_loss,
-perplexity, eval_exact_match with eval_metric: exact_match, samples). A resumed run appends to
+tokens_per_s, epoch, grad_norm; the last one also peak_rss_mib, one number per rank) every
+`logging_steps`, and eval records (step, eval_loss, perplexity, eval_exact_match with eval_metric:
+exact_match, samples). A resumed run appends to
 the same file, first dropping records past the checkpoint it resumes from, so the file always
 reads as one run. `loss.png` draws eval_exact_match, when there is one, on a second axis.
 """
