@@ -9,8 +9,9 @@ base) and fp32 elsewhere; PEFT keeps the LoRA weights in fp32 either way.
 
 Loss on the answer only: each `messages` row becomes a conversational prompt-completion row
 (prompt = every turn but the last, completion = the last assistant turn), for which TRL's
-`completion_only_loss` (on by default there) masks the prompt. The rendered text is the one
-loratune trains on: the chat template's prompt, then the answer, `<|im_end|>` and newline trained.
+`completion_only_loss` (on by default there) masks the prompt. The token ids and the trained
+tokens are exactly loratune's: the chat template's prompt, then the answer, `<|im_end|>` and the
+newline trained (tests/test_bench_quality.py checks both tasks).
 `assistant_only_loss` would need `{% generation %}` markers, which SmolLM2's template lacks.
 TRL's own defaults that would change what is compared are set off: gradient checkpointing (TRL
 turns it on; loratune does not) and packing (TRL's default; loratune packs without changing the

@@ -192,3 +192,45 @@ def test_quick_run_trains_and_scores_every_contender(tmp_path):
     assert all(r["train_s"] > 0 and r["size_bytes"] > 0 for r in rows if r["contender"] != "base")
     assert {r["contender"] for r in rows if r["curve"]} == {"loratune", "trl-peft"}
     assert "| orders | trl-peft |" in proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["orders", "sql"])
+def test_trl_trains_on_the_same_tokens_and_answer_mask_as_loratune(task, tmp_path):
+    if importlib.util.find_spec("trl") is None:
+        pytest.skip("TRL is not installed: pip install -e '.[bench]'")
+    from loratune.data import DataConfig
+    from loratune.data.build import tokenize_rows
+    from loratune.data.sources import read_file
+    from loratune.errors import ConfigError
+    from loratune.tools.loading import load_tokenizer, model_dir
+
+    try:
+        folder = model_dir(quality.PRESET)
+    except ConfigError as exc:
+        pytest.skip(str(exc))
+    data = tmp_path / "train.jsonl"
+    quality.write_subset(quality.ROOT / "examples/tasks" / task / "train.jsonl", data, 8)
+    tokenizer = load_tokenizer(quality.PRESET)
+    ours, _, _ = tokenize_rows(read_file(data), DataConfig(max_seq_length=256), tokenizer)
+    theirs = _trl_examples(folder, [json.loads(line) for line in data.read_text().splitlines()], tmp_path)
+    assert [ex["input_ids"] for ex in theirs] == [ex["input_ids"] for ex in ours]
+    trained = [[label != -100 for label in ex["labels"]] for ex in theirs]
+    assert trained == [[label != -100 for label in ex["labels"]] for ex in ours]
+
+
+def _trl_examples(folder: str, rows: list[dict], tmp_path: Path) -> list[dict]:
+    """The tokenized rows an SFTTrainer set up as bench/quality_trl.py sets it up would train on."""
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    config = SFTConfig(output_dir=str(tmp_path / "trl"), max_length=256, packing=False, use_cpu=True,
+                       completion_only_loss=True, gradient_checkpointing=False, bf16=False, report_to="none")
+    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
+                         args=config, train_dataset=Dataset.from_list([prompt_completion(r) for r in rows]),
+                         processing_class=AutoTokenizer.from_pretrained(folder),
+                         peft_config=LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM"))
+    return list(trainer.train_dataset)
