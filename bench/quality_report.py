@@ -1,8 +1,9 @@
 """The table, the targets and the learning curve of bench/quality.py, as Markdown (pure functions).
 
 A row is a dict: task, contender, and either "error" or dtype, test / test_ood ({"correct", "n"}),
-final_loss, train_s, tokens_per_s, peak_rss_mib, size_bytes (None where a column does not apply:
-the base model trains nothing). Exact match is shown in percent; targets compare percentage points.
+steps (optimizer steps), final_loss, train_s, tokens_per_s, peak_rss_mib, size_bytes, curve (None
+where a column does not apply: the base model trains nothing). Exact match is shown in percent;
+targets compare percentage points.
 
 Targets (issue #15): loratune's exact match at least TRL + PEFT's minus 2 points on every task and
 split, in at most half its wall time; NF4 QLoRA at most 3 points below LoRA; LoRA at most 3 points
@@ -48,17 +49,18 @@ def _num(value: float | None, fmt: str) -> str:
 
 def format_table(rows: list[dict]) -> list[str]:
     """The main table: one line per task and contender (a failed one says where its log is)."""
-    lines = ["| task | contender | dtype | test EM | test_ood EM | final train loss | train wall (s) "
+    lines = ["| task | contender | dtype | test EM | test_ood EM | steps | final train loss | train wall (s) "
              "| tokens/s | peak RSS (MiB) | size on disk |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         if "error" in r:
-            lines.append(f"| {r['task']} | {r['contender']} | failed: {r['error']} |||||||")
+            lines.append(f"| {r['task']} | {r['contender']} | failed: {r['error']} ||||||||")
             continue
         em = [f"{percent(r[s]):.1f}% ({r[s]['correct']}/{r[s]['n']})" for s in SPLITS]
         lines.append(f"| {r['task']} | {r['contender']} | {r['dtype']} | {em[0]} | {em[1]} "
-                     f"| {_num(r['final_loss'], '.4f')} | {_num(r['train_s'], '.0f')} "
-                     f"| {_num(r['tokens_per_s'], '.0f')} | {_num(r['peak_rss_mib'], '.0f')} "
+                     f"| {_num(r['steps'], 'd')} | {_num(r['final_loss'], '.4f')} "
+                     f"| {_num(r['train_s'], '.0f')} | {_num(r['tokens_per_s'], '.0f')} "
+                     f"| {_num(r['peak_rss_mib'], '.0f')} "
                      f"| {format_size(r['size_bytes'])} |")
     return lines
 

@@ -149,9 +149,9 @@ def test_table_rows_show_exact_match_with_counts_and_failures_with_their_log():
     rows = [_row("base", 0, 0, train_s=None), _row("loratune", 90, 30),
             {"task": "orders", "contender": "full", "error": "exit 1, see x/log.txt"}]
     lines = report.format_table(rows)
-    assert lines[2] == "| orders | base | - | 0.0% (0/100) | 0.0% (0/60) | - | - | - | - | - |"
-    assert lines[3] == ("| orders | loratune | bf16 | 90.0% (90/100) | 50.0% (30/60) | 0.0500 | 100 | 480 "
-                        "| 3000 | 18.7 MiB |")
+    assert lines[2] == "| orders | base | - | 0.0% (0/100) | 0.0% (0/60) | - | - | - | - | - | - |"
+    assert lines[3] == ("| orders | loratune | bf16 | 90.0% (90/100) | 50.0% (30/60) | 60 | 0.0500 | 100 "
+                        "| 480 | 3000 | 18.7 MiB |")
     assert "failed: exit 1, see x/log.txt" in lines[4]
 
 
