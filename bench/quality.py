@@ -40,6 +40,7 @@ The table goes between the quality markers of BENCHMARKS.md; bench/quality_repor
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import math
 import os
@@ -348,6 +349,9 @@ def main(argv: list[str] | None = None) -> None:
     command = "python bench/quality.py" + "".join(f" {a}" for a in (sys.argv[1:] if argv is None else argv))
     from loratune.tools.loading import model_dir as dense_dir
 
+    if "trl-peft" in args.contenders and importlib.util.find_spec("trl") is None:
+        raise SystemExit("the trl-peft contender needs TRL: pip install -e '.[bench]' (make bench-quality "
+                         "installs it), or leave it out with --contenders")
     logline(f"the dense folder of {PRESET}")
     model_dir = dense_dir(PRESET)  # converts the GGUF once (~40 s); every contender then reads the folder
     plans = [prepare_task(task, args, out) for task in args.tasks]
