@@ -11,10 +11,11 @@ The loratune contenders live here; TRL in quality_trl.py, the full fine-tune in 
 from __future__ import annotations
 
 import json
-import resource
 import sys
 import time
 from pathlib import Path
+
+from train_speed import peak_rss_mib  # bench/ is on sys.path: the driver runs this file as a script
 
 
 class EvalClock:
@@ -39,10 +40,6 @@ class EvalClock:
         self.eval_s += time.perf_counter() - t
         self.points.append({"step": step, "train_s": at, "exact_match": value})
         return value
-
-
-def peak_rss_mib() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
 def size_on_disk(folder: str) -> int:
