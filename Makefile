@@ -7,7 +7,7 @@ TORCH := torch==2.13.0
 STAMP := $(VENV)/.installed-dev
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: demo demo-serve demo-tiny test test-slow test-all lint bench bench-serve bench-qlora bench-distributed venv browser clean llama-cpp llama-cpp-src
+.PHONY: demo demo-serve demo-tiny test test-slow test-all lint bench bench-serve bench-qlora bench-distributed bench-quality venv browser clean llama-cpp llama-cpp-src
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -79,6 +79,17 @@ bench-qlora: $(STAMP)
 
 bench-distributed: $(STAMP)
 	$(BIN)/python bench/distributed.py
+
+# The bench extra (TRL) is only for this benchmark, so it is installed here, not by `make venv`.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+# Learning quality on the real model against TRL + PEFT, QLoRA and full fine-tuning (under an hour on
+# 2 cores; `python bench/quality.py --dry_run` prints the plan and an estimate).
+bench-quality: $(BENCH_STAMP)
+	$(BIN)/python bench/quality.py
 
 # llama.cpp, outside the repo: its converter (convert_lora_to_gguf.py) is the reference the GGUF export
 # tests compare against, and llama-server runs the exported files in the slow tests.
