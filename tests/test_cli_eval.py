@@ -175,3 +175,15 @@ def test_the_help_states_the_library_answer_margin():
     from loratune.tools import evaluation
 
     assert cli_eval.ANSWER_MARGIN == evaluation.ANSWER_MARGIN
+
+
+def test_exact_match_table_shows_the_part_of_each_question_that_differs():
+    from loratune.cli.eval import format_answers
+    from loratune.tools.evaluation import AnswerRecord, ExactMatchResult
+
+    shared = "Extract the order's name, city, item and quantity, one 'key: value' line each."
+    records = [AnswerRecord("t.jsonl:1", "p", f"{shared}\n\nOrder for Ada (Leeds): 2 tins.", "name: Ada", "x",
+                            False),
+               AnswerRecord("t.jsonl:2", "p", "One paragraph only", "y", "y", True)]
+    table = format_answers(ExactMatchResult(0.5, 1, 2, records), None, 5).splitlines()
+    assert table[1].startswith("Order for Ada (Leeds)...") and table[2].startswith("One paragraph only")

@@ -163,7 +163,7 @@ def format_answers(base, adapter, n: int) -> str:
     lines = ["  ".join(f"{h:<24}" for h in heads).rstrip()]
     for i in range(min(n, base.n)):
         rec = base.records[i]
-        cells = [rec.question, _mark(rec.answer, rec.correct)]
+        cells = [_last_paragraph(rec.question), _mark(rec.answer, rec.correct)]
         if adapter is not None:
             cells.append(_mark(adapter.records[i].answer, adapter.records[i].correct))
         cells.append(rec.expected)
@@ -171,6 +171,12 @@ def format_answers(base, adapter, n: int) -> str:
     if base.n > n:
         lines.append(f"... {base.n - n} more rows (--json lists them all)")
     return "\n".join(lines)
+
+
+def _last_paragraph(question: str) -> str:
+    """What differs between rows: an instruction shared by every row comes first, the input last."""
+    paragraphs = [p for p in question.split("\n\n") if p.strip()]
+    return paragraphs[-1] if paragraphs else question
 
 
 def _mark(answer: str, correct: bool) -> str:
