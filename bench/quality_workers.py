@@ -57,11 +57,11 @@ def train_loratune(job: dict, clock: EvalClock) -> dict:
 
     evaluate_and_log = loop._evaluate_and_log
 
-    def timed(model, tokenizer, datasets, cfg, env, metrics, step):
+    def timed(model, tokenizer, datasets, cfg, env, metrics, step, *rest):
         out = {}
 
         def evaluate() -> float:
-            out.update(evaluate_and_log(model, tokenizer, datasets, cfg, env, metrics, step))
+            out.update(evaluate_and_log(model, tokenizer, datasets, cfg, env, metrics, step, *rest))
             return out["eval_exact_match"]
 
         clock.measure(step, evaluate)
