@@ -31,7 +31,7 @@ def saved(tmp_path_factory):
 
 @pytest.fixture
 def fast_budget(monkeypatch):
-    monkeypatch.setattr(module_patterns, "MATCH_BUDGET_S", 0.2)
+    monkeypatch.setattr(module_patterns, "MATCH_BUDGET_S", 0.0001)  # far below any machine's time
     module_patterns._too_slow.clear()
 
 
@@ -137,14 +137,14 @@ BOMBS = [r"(.|..)+\d", r"(.|..)*[0-9]", r"(\w|\w\w|.)+\d"]
 def test_a_backtracking_target_regex_fails_fast(pattern, saved, tmp_path, fast_budget):
     path = copy_with(saved, tmp_path, config={"target_modules": pattern})
     t0 = time.monotonic()
-    load_refused(path, "took over 0.2s to match", ConfigError)
+    load_refused(path, "took over 0.0001s to match", ConfigError)
     assert time.monotonic() - t0 < 10
 
 
 @pytest.mark.parametrize("pattern", BOMBS)
 def test_a_backtracking_rank_pattern_key_fails_fast(pattern, saved, tmp_path, fast_budget):
     path = copy_with(saved, tmp_path, config={"rank_pattern": {pattern: 4}})
-    load_refused(path, "took over 0.2s to match", ConfigError)
+    load_refused(path, "took over 0.0001s to match", ConfigError)
 
 
 def test_a_backtracking_regex_in_code_fails_fast_too(fast_budget):

@@ -235,11 +235,11 @@ def test_a_hostile_adapter_config_fails_its_load_only(name, served):
 
 @pytest.mark.parametrize("pattern", [r"(.|..)+\d", r"(.|..)*[0-9]", r"(\w|\w\w|.)+\d"])
 def test_a_backtracking_target_regex_fails_fast_and_health_stays_fast(pattern, served, monkeypatch):
-    monkeypatch.setattr(module_patterns, "MATCH_BUDGET_S", 0.2)
+    monkeypatch.setattr(module_patterns, "MATCH_BUDGET_S", 0.0001)  # far below any machine's time
     module_patterns._too_slow.clear()
     folder = write_adapter(served.root / "bomb", served.model, r=4, targets=["q_proj"], seed=3)
     (folder / "adapter_config.json").write_bytes(_config(target_modules=pattern))
-    check(served, load(served, "bomb", "bomb"), 400, "took over 0.2s to match")
+    check(served, load(served, "bomb", "bomb"), 400, "took over 0.0001s to match")
 
 
 @pytest.mark.parametrize("damage", ["overflow_fp", "nan", "scalar", "int_dtype"])

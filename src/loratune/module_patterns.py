@@ -93,12 +93,15 @@ def _expansion(items) -> int:
 
 
 @contextlib.contextmanager
-def match_budget(seconds: float = MATCH_BUDGET_S) -> Iterator[None]:
-    """Let every match inside the block share one deadline (an enclosing budget wins)."""
+def match_budget(seconds: float | None = None) -> Iterator[None]:
+    """Let every match inside the block share one deadline (an enclosing budget wins).
+
+    `seconds` defaults to MATCH_BUDGET_S as it is when the block starts.
+    """
     if _deadline.get() is not None:
         yield
         return
-    token = _deadline.set(time.monotonic() + seconds)
+    token = _deadline.set(time.monotonic() + (MATCH_BUDGET_S if seconds is None else seconds))
     try:
         yield
     finally:
