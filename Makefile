@@ -23,6 +23,12 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 venv: $(STAMP)
 
+# The bench extra (TRL) is for bench/quality.py and its slow tests only, so `make venv` leaves it out.
+BENCH_STAMP := $(VENV)/.installed-bench
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(BIN)/pip install -q -e '.[bench]'
+	touch $(BENCH_STAMP)
+
 # Headless Chromium for the playground test (Debian packages; the test skips when unavailable).
 browser:
 	@command -v chromium >/dev/null 2>&1 || { \
@@ -58,10 +64,10 @@ demo-tiny: $(STAMP)
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
-test-slow: $(STAMP) browser
+test-slow: $(BENCH_STAMP) browser
 	$(BIN)/python -m pytest -q -m slow
 
-test-all: $(STAMP) browser
+test-all: $(BENCH_STAMP) browser
 	$(BIN)/python -m pytest -q -m "slow or not slow"
 
 lint: $(STAMP)
@@ -79,12 +85,6 @@ bench-qlora: $(STAMP)
 
 bench-distributed: $(STAMP)
 	$(BIN)/python bench/distributed.py
-
-# The bench extra (TRL) is only for this benchmark, so it is installed here, not by `make venv`.
-BENCH_STAMP := $(VENV)/.installed-bench
-$(BENCH_STAMP): $(STAMP) pyproject.toml
-	$(BIN)/pip install -q -e '.[bench]'
-	touch $(BENCH_STAMP)
 
 # Learning quality on the real model against TRL + PEFT, QLoRA and full fine-tuning (under an hour on
 # 2 cores; `python bench/quality.py --dry_run` prints the plan and an estimate).
