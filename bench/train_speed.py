@@ -17,9 +17,12 @@ Every contender runs in its own subprocess, all of a scenario's at once but step
 the driver (one optimizer step each in turn), so load from other users of a shared machine hits them
 alike: warm-up steps, then the median over the measured steps of useful (non-pad) tokens per second,
 and the process's peak RSS (ru_maxrss). loratune runs through its Python entry point
-`loratune.train.run` with its defaults. MFU = tokens/s x F / bf16 matmul peak
-(bench/peak.py, best repeat), F = 4 P_lin + 6 P_lora + 6 L T d_attn FLOP per token (P_lin: every frozen matmul
-weight including the LM head; T: mean example length).
+`loratune.train.run` with its defaults. The PEFT contenders are its plain settings the CPU can run:
+fp32 everywhere, bf16 only where the CPU computes it natively (AVX512-BF16 or AMX; emulated bf16 is
+about 100x slower than fp32 and would make any ratio meaningless). Ratios are against the faster of
+them, PEFT's best setting on this machine. MFU = tokens/s x F / the matmul peak of the dtype the
+contender computes in (bench/peak.py, best repeat), F = 4 P_lin + 6 P_lora + 6 L T d_attn FLOP per
+token (P_lin: every frozen matmul weight including the LM head; T: mean example length).
 
 Finally a 20-step check: loratune's fast paths and their references (`loratune.ops.reference_paths`)
 train the same adapter from the same start on the same packed Scenario B batches; the losses must agree
@@ -58,6 +61,16 @@ LR = 1e-4
 BATCH = 4
 SCENARIOS = {"A": dict(min_len=256, max_len=256), "B": dict(min_len=32, max_len=512)}
 CONTENDERS = ["peft-fp32", "peft-bf16", "loratune"]
+
+
+def default_contenders() -> list[str]:
+    """Every contender, less PEFT bf16 where this CPU only emulates bf16 (module docstring)."""
+    return CONTENDERS if real.peft_dtype() == "bf16" else ["peft-fp32", "loratune"]
+
+
+def peak_dtypes() -> str:
+    """bench/peak.py's --dtypes: bf16 is only measured where it is native (emulated, it takes minutes)."""
+    return "bf16,fp32" if real.peft_dtype() == "bf16" else "fp32"
 LOSS_TOL = 2e-2  # relative, bf16
 MARK_START, MARK_END = "<!-- train_speed:start -->", "<!-- train_speed:end -->"
 
@@ -346,18 +359,29 @@ def flop_per_token(mean_len: float) -> float:
 
 
 def summarise(results: dict, peak: dict, lengths: dict) -> list[dict]:
+    """One row per scenario and contender, with ratios against the fastest PEFT contender of the
+    scenario (`reference`; none when --contenders leaves PEFT out) and MFU against its dtype's peak."""
     rows = []
     for scenario, per in results.items():
-        base = per.get("peft-bf16")  # absent when --contenders leaves it out: no ratios then
-        ref = statistics.median(base["tokens_per_s"]) if base else None
-        ref_rss = base["peak_rss_mib"] if base else None
+        pefts = {n: statistics.median(r["tokens_per_s"]) for n, r in per.items() if n.startswith("peft")}
+        best = max(pefts, key=pefts.get) if pefts else None
+        ref = pefts.get(best)
+        ref_rss = per[best]["peak_rss_mib"] if best else None
         for name, r in per.items():
             row = contender_row(scenario, name, r)
             med = row["tokens_per_s"]
-            rows.append(dict(row, speedup=med / ref if ref else None,
+            dtype_peak = dtype_peak_of(peak, r["dtype"])
+            flops = med * flop_per_token(lengths[scenario])
+            rows.append(dict(row, speedup=med / ref if ref else None, reference=best,
                              rss_ratio=r["peak_rss_mib"] / ref_rss if ref_rss else None,
-                             mfu=med * flop_per_token(lengths[scenario]) / peak["bf16_best"]))
+                             mfu=flops / dtype_peak if dtype_peak else None))
     return rows
+
+
+def dtype_peak_of(peak: dict, dtype: str) -> float | None:
+    """The best-repeat matmul peak of the dtype a contender computes in ("bfloat16", "float32", ...)."""
+    key = {"bfloat16": "bf16_best", "float32": "fp32_best"}.get(dtype.removeprefix("torch."))
+    return peak.get(key) if key else None
 
 
 def contender_row(scenario: str, name: str, r: dict) -> dict:
@@ -370,11 +394,14 @@ def contender_row(scenario: str, name: str, r: dict) -> dict:
 
 
 def render(rows: list[dict], peak: dict, loss: dict | None, command: str, started: str, loads: dict) -> str:
+    peaks = ", ".join(f"{name} matmul peak {peak[name + '_best'] / 1e9:.0f} GFLOP/s (median "
+                      f"{peak[name] / 1e9:.0f})" for name in ("bf16", "fp32") if name in peak)
+    native = "native bf16" if "bf16" in peak else "bf16 emulated, so no PEFT bf16 contender"
+    references = sorted({r["reference"] for r in rows if r.get("reference")})
     lines = [
         "## Training speed: loratune vs PEFT + Transformers (CPU)", "",
-        f"`{command}` — {started}, {machine()}; bf16 matmul peak {peak['bf16_best'] / 1e9:.0f} GFLOP/s "
-        f"(median {peak['bf16'] / 1e9:.0f}), fp32 {peak['fp32_best'] / 1e9:.0f} GFLOP/s "
-        f"(bench/peak.py, best of 15 repeats, {peak['threads']} threads; MFU divides by the best).", "",
+        f"`{command}` — {started}, {machine()} ({native}); {peaks} (bench/peak.py, best of 15 repeats, "
+        f"{peak['threads']} threads; MFU divides by the best of the contender's dtype).", "",
         f"SmolLM-135M-shaped Llama ({MODEL['num_hidden_layers']} layers), random weights; LoRA r=16, "
         "alpha=32, dropout 0, 7 projections; AdamW lr 1e-4. "
         "A: 4 x 256 tokens. B: lengths uniform 32-512 (PEFT pads each batch of 4 to its longest; "
@@ -382,17 +409,19 @@ def render(rows: list[dict], peak: dict, loss: dict | None, command: str, starte
         "Median useful tokens/s over the measured steps, each contender in its own process; "
         "spread = (max-min)/median.",
         "",
-        "| scenario | contender | tokens/s | vs PEFT bf16 | peak RSS (MiB) | RSS vs PEFT bf16 | MFU | steps "
-        "| spread |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"Ratios are against PEFT's faster plain setting here: {', '.join(references) or 'none run'}.", "",
+        "| scenario | contender | dtype | tokens/s | vs PEFT best | peak RSS (MiB) | RSS vs PEFT best | MFU "
+        "| steps | spread |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     def ratio(value: float | None) -> str:
         return "n/a" if value is None else f"{value:.2f}x"
 
     for r in rows:
-        lines.append(f"| {r['scenario']} | {r['contender']} | {r['tokens_per_s']:.0f} "
+        mfu = "n/a" if r["mfu"] is None else f"{100 * r['mfu']:.1f}%"
+        lines.append(f"| {r['scenario']} | {r['contender']} | {r['dtype']} | {r['tokens_per_s']:.0f} "
                      f"| {ratio(r['speedup'])} | "
-                     f"{r['rss']:.0f} | {ratio(r['rss_ratio'])} | {100 * r['mfu']:.1f}% | {r['n']} | "
+                     f"{r['rss']:.0f} | {ratio(r['rss_ratio'])} | {mfu} | {r['n']} | "
                      f"{100 * r['spread']:.0f}% |")
     lines += ["", "1-minute load average before/after each scenario (the machine has "
               f"{os.cpu_count()} cores): " + ", ".join(f"{k}: {a:.1f}/{b:.1f}" for k, (a, b) in loads.items())
@@ -460,6 +489,7 @@ def main() -> None:
     steps = args.measured_steps or steps
     if args.layers or args.quick:
         MODEL["num_hidden_layers"] = args.layers or 8
+    args.contenders = args.contenders or ",".join(default_contenders())
     scenarios = args.scenarios.split(",")
     unknown = [s for s in scenarios if s not in [*SCENARIOS, "R"]]
     if unknown:
@@ -488,7 +518,8 @@ def run_random_model(args, scenarios: list[str], warmup: int, steps: int, comman
     workdir = Path(tempfile.mkdtemp(prefix="loratune-speed-"))
     try:
         log("measuring the matmul peak")
-        peak_cmd = [sys.executable, str(ROOT / "bench/peak.py"), "--json", "--repeats", "15"]
+        peak_cmd = [sys.executable, str(ROOT / "bench/peak.py"), "--json", "--repeats", "15",
+                    "--dtypes", peak_dtypes()]
         peak = json.loads(subprocess.run(peak_cmd,
                                          capture_output=True, text=True, check=True).stdout)
         log("writing the random model and data")
@@ -535,9 +566,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--scenarios", default="A,B,R",
                         help="comma-separated, from A, B (random SmolLM-shaped model) and R (the real "
                              "SmolLM2-135M-Instruct on the orders task)")
-    parser.add_argument("--contenders", default=",".join(CONTENDERS),
-                        help=f"Scenarios A/B only, comma-separated, from {CONTENDERS} (R always runs "
-                             "PEFT in the CPU's best dtype against loratune)")
+    parser.add_argument("--contenders", default=None,
+                        help=f"Scenarios A/B only, comma-separated, from {CONTENDERS} (default: all, less "
+                             "peft-bf16 where bf16 is emulated; R always runs PEFT in the CPU's best dtype "
+                             "against loratune)")
     parser.add_argument("--warmup-steps", type=int, default=None,
                         help="untimed steps per contender first (default 2, --quick 1)")
     parser.add_argument("--measured-steps", type=int, default=None,
