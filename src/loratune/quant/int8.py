@@ -1,13 +1,17 @@
 """Linear8bit: a frozen nn.Linear stored as int8 with one absmax scale per output row (weight-only).
 
 Pure PyTorch, CPU and CUDA; the matmul is tiled.py. Activations stay in compute_dtype: this is
-weight-only storage, not LLM.int8() outlier decomposition.
+weight-only storage, not LLM.int8() outlier decomposition. With `int8_compute` (the trainer's
+`base_compute: int8`, CPU) the activations are quantized too and the matmuls run in int8
+(loratune.ops.int8_matmul).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from loratune.ops.int8_matmul import int8_linear
 
 from .layer import TiledQuantizedLinear
 from .storage import check_weight
@@ -26,6 +30,7 @@ class Linear8bit(TiledQuantizedLinear):
 
     bits = 8
     quant_type = "int8"
+    int8_compute = False  # set per layer: activations quantized too, int8 matmuls (module docstring)
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *,
                  compute_dtype: torch.dtype = torch.bfloat16, device=None):
@@ -55,6 +60,11 @@ class Linear8bit(TiledQuantizedLinear):
             layer.scale[r0:r1] = scale
         layer.bias = linear.bias
         return layer
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.int8_compute and x.device.type == "cpu":
+            return int8_linear(x, self.qweight, self.scale, self.bias)
+        return super().forward(x)
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype | None = None) -> Tensor:
         """Return weight rows r0..r1 as (r1 - r0, in) in dtype (default compute_dtype), rounded once."""

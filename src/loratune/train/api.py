@@ -294,14 +294,24 @@ def build_model(cfg: TrainConfig, env: DistEnv):
     from loratune.tools.loading import load_base_model
 
     m = cfg.model
+    int8_compute = m.base_compute == "int8"
+    if int8_compute and env.device.type != "cpu":
+        raise ConfigError(f"base_compute: int8 runs on the CPU only for now (this run is on {env.device}); "
+                          "use base_compute: exact or load_in_8bit")
     base = load_base_model(
         base_source(cfg), dtype="auto" if m.bf16 else "float32", device=env.device,
-        load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit, bnb_4bit_quant_type=m.bnb_4bit_quant_type,
+        load_in_4bit=m.load_in_4bit, load_in_8bit=m.load_in_8bit or int8_compute,
+        bnb_4bit_quant_type=m.bnb_4bit_quant_type,
         bnb_4bit_compute_dtype=m.bnb_4bit_compute_dtype,
         bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
         # FSDP2 shards loratune's own quantized layers, not bitsandbytes' packed weights
         quant_backend="torch" if cfg.distributed.fsdp else "auto",
     )
+    if int8_compute:
+        from loratune.quant.dispatch import quantized_layers
+
+        for _, layer in quantized_layers(base):
+            layer.int8_compute = True  # Linear8bit: int8 activations and matmuls (ops/int8_matmul.py)
     return adapt_base(base, cfg, env.device)
 
 

@@ -64,6 +64,11 @@ class ModelArgs:
     bnb_4bit_use_double_quant: bool = field(
         default=False, metadata=_help("quantize the 4-bit scales too (saves ~0.4 bit/parameter)")
     )
+    base_compute: str = field(
+        default="exact",
+        metadata=_help("exact, or int8: store the frozen base as int8 and run its matmuls in int8 "
+                       "(forward and input gradient; CPU), faster, slightly less exact"),
+    )
 
 
 @dataclass(frozen=True)
@@ -307,6 +312,10 @@ def range_problems(s: dict[str, Any]) -> list[str]:
         ],
         "model": lambda m: [
             (not (m.load_in_4bit and m.load_in_8bit), "load_in_4bit and load_in_8bit are mutually exclusive"),
+            (m.base_compute in ("exact", "int8"),
+             f"base_compute must be exact or int8, got {m.base_compute!r}"),
+            (not (m.base_compute == "int8" and m.load_in_4bit),
+             "base_compute: int8 computes with an int8 base; it cannot be combined with load_in_4bit"),
         ],
         "lora": lambda lo: [
             (lo.r > 0, f"r must be > 0, got {lo.r}"),
@@ -372,6 +381,10 @@ def _fsdp_problems(s: dict[str, Any]) -> list[str]:
     if lora is not None and lora.modules_to_save:
         problems.append("modules_to_save: not supported with fsdp (the trained copies start from the base "
                         "weights, which no rank holds whole); use DDP (fsdp: false)")
+    model = s.get("model")
+    if model is not None and model.base_compute == "int8":
+        problems.append("base_compute: int8 is not supported with fsdp yet; use DDP (fsdp: false) or "
+                        "base_compute: exact")
     return problems
 
 

@@ -1,0 +1,99 @@
+"""base_compute: int8 — int8 matmuls of a frozen int8 weight, forward and input gradient."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from loratune import LoraConfig, get_peft_model
+from loratune.errors import ConfigError
+from loratune.ops.int8_matmul import int8_linear, int8_linear_reference, quantize_rows
+from loratune.quant.int8 import Linear8bit
+from loratune.train import run
+from loratune.train.config import build_config
+from test_cli_train import make_model_dir, rows_for, write_rows
+from test_train_loop import adapter, losses, settings
+
+
+def _layer(out_features=48, in_features=64, bias=True, seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_features, out_features, bias=bias)
+    return Linear8bit.from_linear(linear, compute_dtype=torch.float32)
+
+
+def test_rows_are_quantized_to_their_absmax_and_zero_rows_stay_zero():
+    x = torch.tensor([[1.0, -0.5, 0.25], [0.0, 0.0, 0.0]])
+    codes, scale = quantize_rows(x)
+    assert codes.dtype == torch.int8 and codes[0].tolist() == [127, -64, 32] and codes[1].abs().sum() == 0
+    assert scale.tolist() == pytest.approx([1 / 127, 0.0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_matmuls_equal_the_float_reference_forward_and_backward(dtype):
+    layer = _layer()
+    x = torch.randn(3, 5, 64, dtype=dtype, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    y = int8_linear(x, layer.qweight, layer.scale, layer.bias)
+    y_ref = int8_linear_reference(x_ref, layer.qweight, layer.scale, layer.bias)
+    assert y.shape == (3, 5, 48) and y.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    grad = torch.randn_like(y)
+    y.backward(grad)
+    y_ref.backward(grad)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
+
+
+def test_int8_matmuls_stay_close_to_the_exact_float_product():
+    layer = _layer(out_features=256, in_features=512, bias=False)
+    x = torch.randn(64, 512, requires_grad=True)
+    weight = layer.dequantize(torch.float32)
+    exact = x @ weight.T
+    y = layer.__class__.forward(_with_int8(layer), x)
+    rel = (y - exact).norm() / exact.norm()
+    assert 0 < rel < 0.01, rel  # activations rounded to 255 levels of their row's absmax
+    grad = torch.randn_like(y)
+    (dx,) = torch.autograd.grad(y, x, grad)
+    dx_exact = grad @ weight
+    assert (dx - dx_exact).norm() / dx_exact.norm() < 0.01
+
+
+def _with_int8(layer):
+    layer.int8_compute = True
+    return layer
+
+
+def test_lora_on_an_int8_compute_base_trains_only_the_adapter():
+    net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
+    base = nn.Sequential(_with_int8(Linear8bit.from_linear(net[0], compute_dtype=torch.float32)), nn.ReLU(),
+                         _with_int8(Linear8bit.from_linear(net[2], compute_dtype=torch.float32)))
+    model = get_peft_model(base, LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
+    model(torch.randn(6, 32)).square().sum().backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads.values())
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
+
+
+def test_trainer_with_base_compute_int8_tracks_the_exact_run(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model")
+    data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 16))
+    kw = {"max_steps": 4, "lora_dropout": 0.0}
+    run(settings(model_dir, data, tmp_path / "exact", **kw))
+    run(settings(model_dir, data, tmp_path / "int8", base_compute="int8", **kw))
+    exact, int8 = losses(tmp_path / "exact"), losses(tmp_path / "int8")
+    assert exact[0] == pytest.approx(int8[0], rel=0.02)  # the same start, computed in int8
+    assert int8[-1] < int8[0]  # and it learns
+    assert adapter(tmp_path / "int8").keys() == adapter(tmp_path / "exact").keys()  # a plain PEFT adapter
+
+
+@pytest.mark.parametrize(("extra", "needle"), [
+    ({"base_compute": "int4"}, "base_compute must be exact or int8, got 'int4'"),
+    ({"base_compute": "int8", "load_in_4bit": True}, "cannot be combined with load_in_4bit"),
+    ({"base_compute": "int8", "fsdp": True}, "base_compute: int8 is not supported with fsdp"),
+])
+def test_base_compute_settings_that_cannot_work_are_refused_by_name(extra, needle):
+    with pytest.raises(ConfigError) as err:
+        build_config({"train_file": "x.jsonl", **extra})
+    assert needle in str(err.value)
