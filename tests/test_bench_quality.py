@@ -65,7 +65,7 @@ def test_curve_none_turns_the_learning_curve_off():
 
 def test_task_settings_are_the_yaml_plus_the_trainer_defaults():
     hp = quality.task_settings("orders", epochs=None)
-    assert hp["learning_rate"] == 1e-3 and hp["num_train_epochs"] == 1 and hp["r"] == 16
+    assert hp["learning_rate"] == 1e-3 and hp["num_train_epochs"] == 1 and hp["r"] == 64
     assert hp["lr_scheduler_type"] == "cosine" and hp["warmup_ratio"] == 0.03  # not in the YAML: defaults
     assert quality.task_settings("orders", epochs=2.0)["num_train_epochs"] == 2.0
 
