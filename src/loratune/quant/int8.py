@@ -11,12 +11,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from loratune.ops.int8_matmul import int8_linear
+from loratune.ops.int8_matmul import int8_linear, quantize_rows
 
 from .layer import TiledQuantizedLinear
 from .storage import check_weight
-
-INT8_MAX = 127
 
 
 class Linear8bit(TiledQuantizedLinear):
@@ -53,11 +51,7 @@ class Linear8bit(TiledQuantizedLinear):
             return layer
         check_weight(weight, name)
         for r0, r1 in layer.tiles():   # row tiles keep the fp32 temporaries small
-            rows = weight[r0:r1].float()
-            scale = rows.abs().amax(dim=1) / INT8_MAX
-            q = torch.round(rows / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
-            layer.qweight[r0:r1] = q.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8)
-            layer.scale[r0:r1] = scale
+            layer.qweight[r0:r1], layer.scale[r0:r1] = quantize_rows(weight[r0:r1])
         layer.bias = linear.bias
         return layer
 
