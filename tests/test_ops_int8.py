@@ -9,6 +9,7 @@ from torch import nn
 from loratune import LoraConfig, get_peft_model
 from loratune.errors import ConfigError
 from loratune.ops.int8_matmul import int8_linear, int8_linear_reference, quantize_rows
+from loratune.quant import int8 as int8_module
 from loratune.quant.int8 import Linear8bit
 from loratune.train import run
 from loratune.train.config import build_config
@@ -45,23 +46,23 @@ def test_int8_matmuls_equal_the_float_reference_forward_and_backward(dtype):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
 
 
+def _with_int8(layer):
+    layer.int8_compute = True
+    return layer
+
+
 def test_int8_matmuls_stay_close_to_the_exact_float_product():
     layer = _layer(out_features=256, in_features=512, bias=False)
     x = torch.randn(64, 512, requires_grad=True)
     weight = layer.dequantize(torch.float32)
     exact = x @ weight.T
-    y = layer.__class__.forward(_with_int8(layer), x)
+    y = _with_int8(layer)(x)
     rel = (y - exact).norm() / exact.norm()
     assert 0 < rel < 0.01, rel  # activations rounded to 255 levels of their row's absmax
     grad = torch.randn_like(y)
     (dx,) = torch.autograd.grad(y, x, grad)
     dx_exact = grad @ weight
     assert (dx - dx_exact).norm() / dx_exact.norm() < 0.01
-
-
-def _with_int8(layer):
-    layer.int8_compute = True
-    return layer
 
 
 def test_lora_on_an_int8_compute_base_trains_only_the_adapter():
@@ -76,12 +77,17 @@ def test_lora_on_an_int8_compute_base_trains_only_the_adapter():
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in frozen.items())
 
 
-def test_trainer_with_base_compute_int8_tracks_the_exact_run(tmp_path):
+def test_trainer_with_base_compute_int8_tracks_the_exact_run(tmp_path, monkeypatch):
     model_dir = make_model_dir(tmp_path / "model")
     data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 16))
     kw = {"max_steps": 4, "lora_dropout": 0.0}
+    calls = []
+    counted = lambda *a: calls.append(1) or int8_linear(*a)  # noqa: E731
+    monkeypatch.setattr(int8_module, "int8_linear", counted)
     run(settings(model_dir, data, tmp_path / "exact", **kw))
+    assert not calls  # the exact run never quantizes activations
     run(settings(model_dir, data, tmp_path / "int8", base_compute="int8", **kw))
+    assert len(calls) >= 4 * 7 * 2  # every step runs the base projections of both layers in int8
     exact, int8 = losses(tmp_path / "exact"), losses(tmp_path / "int8")
     assert exact[0] == pytest.approx(int8[0], rel=0.02)  # the same start, computed in int8
     assert int8[-1] < int8[0]  # and it learns
