@@ -175,9 +175,10 @@ def test_quantized_loading_calls_quantize_model(monkeypatch):
                     bnb_4bit_compute_dtype="float16", quant_backend="torch")
     auto = torch.bfloat16 if bf16_supported("cpu") else torch.float32  # the compute dtype follows the CPU
     assert calls == [
-        {"bits": 8, "quant_type": "nf4", "compute_dtype": auto, "double_quant": False, "backend": "auto"},
+        {"bits": 8, "quant_type": "nf4", "compute_dtype": auto, "double_quant": False, "backend": "auto",
+         "int8_compute": False},
         {"bits": 4, "quant_type": "nf4", "compute_dtype": torch.float16, "double_quant": True,
-         "backend": "torch"},
+         "backend": "torch", "int8_compute": False},
     ]
 
 
@@ -191,6 +192,28 @@ def test_bf16_by_name_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplo
         assert dtypes.resolve_dtype("auto") == torch.float32
         dtypes.resolve_dtype(torch.bfloat16)
     assert [r.message for r in caplog.records if "emulates" in r.message] == [caplog.records[0].message]
+
+
+@pytest.mark.parametrize(("cap", "native"), [("AVX2", False), ("avx512_core", False),
+                                             ("AVX512_CORE_BF16", None), (None, None)])
+def test_an_instruction_set_cap_below_avx512_bf16_makes_bf16_emulated(monkeypatch, cap, native):
+    """ONEDNN_MAX_CPU_ISA below AVX512-BF16 sends torch's bf16 matmuls down the emulated path."""
+    from pathlib import Path
+
+    from loratune import dtypes
+
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    has_flags = "avx512_bf16" in flags or "amx_bf16" in flags
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    if cap is None:
+        monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+    else:
+        monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+    dtypes._cpu_has_bf16.cache_clear()
+    try:
+        assert dtypes._cpu_has_bf16() is (has_flags if native is None else native)
+    finally:
+        dtypes._cpu_has_bf16.cache_clear()
 
 
 def _lora_losses(base, steps: int) -> list[float]:

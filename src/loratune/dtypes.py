@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -23,9 +24,23 @@ _DTYPES = {
 }
 
 
+# oneDNN's instruction-set caps (ONEDNN_MAX_CPU_ISA) below AVX512-BF16: under one of them torch's
+# bf16 matmuls take the emulated path even on a CPU that has the instructions.
+_ISA_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE",
+                          "AVX512_CORE_VNNI"}
+
+
 @functools.lru_cache(maxsize=1)
 def _cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 dot products (AVX512-BF16 or AMX), read from /proc/cpuinfo."""
+    """True when torch computes bf16 natively on this CPU.
+
+    That is: /proc/cpuinfo lists AVX512-BF16 or AMX-BF16, and no ONEDNN_MAX_CPU_ISA (or its older
+    name DNNL_MAX_CPU_ISA) caps oneDNN below them. The cap is how an AVX2-only CPU is reproduced on
+    a newer one (bench/train_speed.py --cpu_isa avx2).
+    """
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap in _ISA_CAPS_WITHOUT_BF16:
+        return False
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
