@@ -163,3 +163,12 @@ def test_merge_other_adapter_kinds(tmp_path, kind):
     assert sorted(os.listdir(tmp_path / "merged")) == MERGED_FILES
     merged = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
     assert not any("lora" in n or "modules_to_save" in n for n, _ in merged.named_parameters())
+
+
+def test_a_bf16_written_model_is_checked_in_float32_where_bf16_is_emulated(monkeypatch):
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    monkeypatch.setattr(export, "bf16_supported", lambda device: False)
+    assert next(export._computable(model).parameters()).dtype == torch.float32
+    model = torch.nn.Linear(4, 4).to(torch.bfloat16)
+    monkeypatch.setattr(export, "bf16_supported", lambda device: True)
+    assert next(export._computable(model).parameters()).dtype == torch.bfloat16

@@ -29,7 +29,7 @@ from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
 from loratune.atomic import atomic_directory
-from loratune.dtypes import parse_dtype
+from loratune.dtypes import bf16_supported, parse_dtype
 from loratune.errors import ConfigError
 from loratune.quant import dequantize_model
 from loratune.tools.evaluation import model_vocab_size
@@ -56,7 +56,7 @@ class MergeReport:
     max_abs_diff: float  # merged (float32) vs adapter model: the PASS/FAIL number
     tolerance: float
     max_abs_logit: float
-    written_diff: float  # the written model, in its dtype, vs the adapter model
+    written_diff: float  # the written model vs the adapter model (in float32 where bf16 is emulated)
     weights_identical: bool  # the reloaded directory holds exactly the merged weights
     published: bool
 
@@ -152,7 +152,7 @@ def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
             files = sorted(os.listdir(tmp))
             reloaded = _reload(tmp, torch_dtype).to(next(merged.parameters()).device)
             identical = _same_weights(merged, reloaded)
-            written_diff = float((logits_of(reloaded, probe) - reference).abs().max())
+            written_diff = float((logits_of(_computable(reloaded), probe) - reference).abs().max())
             if not check_passed(diff, tol, identical):
                 raise _CheckFailed
         published = True
@@ -177,6 +177,15 @@ def merge_into_base(loaded) -> nn.Module:
 def _reload(directory: str, torch_dtype: torch.dtype) -> nn.Module:
     """Load the written directory the way users will."""
     return AutoModelForCausalLM.from_pretrained(directory, dtype=torch_dtype).eval()
+
+
+def _computable(model: nn.Module) -> nn.Module:
+    """The model itself, or made float32 where its bf16 would be emulated (a CPU without AVX512-BF16 or
+    AMX, ~100x slower): the written weights, exactly, computed in float32 instead of bf16."""
+    param = next(model.parameters())
+    if param.dtype == torch.bfloat16 and not bf16_supported(param.device):
+        return model.float()
+    return model
 
 
 def _same_weights(expected: nn.Module, loaded: nn.Module) -> bool:
