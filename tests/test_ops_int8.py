@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
 
 from loratune import LoraConfig, get_peft_model
 from loratune.errors import ConfigError
+from loratune.ops import int8_matmul, reference_paths
 from loratune.ops.int8_matmul import int8_linear, int8_linear_reference, quantize_rows
-from loratune.quant import int8 as int8_module
 from loratune.quant.int8 import Linear8bit
 from loratune.train import run
 from loratune.train.config import build_config
@@ -18,9 +23,10 @@ from test_train_loop import adapter, losses, settings
 
 
 def _layer(out_features=48, in_features=64, bias=True, seed=0):
+    """An int8-computing layer, its weight rounded to the levels this CPU keeps exact."""
     torch.manual_seed(seed)
     linear = nn.Linear(in_features, out_features, bias=bias)
-    return Linear8bit.from_linear(linear, compute_dtype=torch.float32)
+    return Linear8bit.from_linear(linear, compute_dtype=torch.float32, int8_compute=True)
 
 
 def test_rows_are_quantized_to_their_absmax_and_zero_rows_stay_zero():
@@ -46,9 +52,8 @@ def test_int8_matmuls_equal_the_float_reference_forward_and_backward(dtype):
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
 
 
-def _with_int8(layer):
-    layer.int8_compute = True
-    return layer
+def _with_int8(linear):
+    return Linear8bit.from_linear(linear, compute_dtype=torch.float32, int8_compute=True)
 
 
 def test_int8_matmuls_stay_close_to_the_exact_float_product():
@@ -56,7 +61,7 @@ def test_int8_matmuls_stay_close_to_the_exact_float_product():
     x = torch.randn(64, 512, requires_grad=True)
     weight = layer.dequantize(torch.float32)
     exact = x @ weight.T
-    y = _with_int8(layer)(x)
+    y = layer(x)
     rel = (y - exact).norm() / exact.norm()
     assert 0 < rel < 0.01, rel  # activations rounded to 255 levels of their row's absmax
     grad = torch.randn_like(y)
@@ -67,8 +72,7 @@ def test_int8_matmuls_stay_close_to_the_exact_float_product():
 
 def test_lora_on_an_int8_compute_base_trains_only_the_adapter():
     net = nn.Sequential(nn.Linear(32, 32), nn.ReLU(), nn.Linear(32, 8))
-    base = nn.Sequential(_with_int8(Linear8bit.from_linear(net[0], compute_dtype=torch.float32)), nn.ReLU(),
-                         _with_int8(Linear8bit.from_linear(net[2], compute_dtype=torch.float32)))
+    base = nn.Sequential(_with_int8(net[0]), nn.ReLU(), _with_int8(net[2]))
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["0", "2"], init_lora_weights=False))
     frozen = {k: v.clone() for k, v in model.state_dict().items() if "lora_" not in k}
     model(torch.randn(6, 32)).square().sum().backward()
@@ -82,12 +86,12 @@ def test_trainer_with_base_compute_int8_tracks_the_exact_run(tmp_path, monkeypat
     data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 16))
     kw = {"max_steps": 4, "lora_dropout": 0.0}
     calls = []
-    counted = lambda *a: calls.append(1) or int8_linear(*a)  # noqa: E731
-    monkeypatch.setattr(int8_module, "int8_linear", counted)
+    int_mm = torch._int_mm
+    monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: calls.append(1) or int_mm(*a, **k))
     run(settings(model_dir, data, tmp_path / "exact", **kw))
-    assert not calls  # the exact run never quantizes activations
+    assert not calls  # the exact run never multiplies in int8
     run(settings(model_dir, data, tmp_path / "int8", base_compute="int8", **kw))
-    assert len(calls) >= 4 * 7 * 2  # every step runs the base projections of both layers in int8
+    assert len(calls) >= 4 * 7 * 2 * 2  # every step: 7 projections x 2 layers, forward and backward
     exact, int8 = losses(tmp_path / "exact"), losses(tmp_path / "int8")
     assert exact[0] == pytest.approx(int8[0], rel=0.02)  # the same start, computed in int8
     assert int8[-1] < int8[0]  # and it learns
@@ -103,3 +107,77 @@ def test_base_compute_settings_that_cannot_work_are_refused_by_name(extra, needl
     with pytest.raises(ConfigError) as err:
         build_config({"train_file": "x.jsonl", **extra})
     assert needle in str(err.value)
+
+
+def test_weights_are_rounded_to_seven_bits_where_int8_products_saturate(monkeypatch):
+    """Without VNNI (AVX2 vpmaddubsw) an int8 product is exact only for weights up to 64."""
+    monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", "AVX2")
+    int8_matmul.int8_weight_levels.cache_clear()
+    try:
+        assert int8_matmul.int8_weight_levels() == 63
+        layer = _layer()
+        assert int(layer.qweight.abs().max()) == 63
+        plain = Linear8bit.from_linear(nn.Linear(64, 48), compute_dtype=torch.float32)
+        assert int(plain.qweight.abs().max()) == 127  # weight-only storage keeps all 8 bits
+    finally:
+        int8_matmul.int8_weight_levels.cache_clear()
+
+
+_CAPPED = """
+import torch
+from torch import nn
+from loratune.ops.int8_matmul import int8_linear, int8_linear_reference
+from loratune.quant.int8 import Linear8bit
+torch.manual_seed(0)
+layer = Linear8bit.from_linear(nn.Linear(512, 256), compute_dtype=torch.float32, int8_compute=True)
+x = torch.randn(64, 512) * 4
+args = (layer.qweight, layer.scale, layer.bias)
+torch.testing.assert_close(int8_linear(x, *args), int8_linear_reference(x, *args), rtol=1e-5, atol=1e-5)
+print("exact")
+"""
+
+
+def test_int8_products_are_exact_on_an_avx2_only_instruction_set():
+    """oneDNN capped at AVX2 runs the kernels an AVX2-only CPU runs (the cap is read at start-up)."""
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", _CAPPED], env=env, capture_output=True, text=True)
+    assert done.returncode == 0 and "exact" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_the_fused_lora_op_on_an_int8_base_equals_its_reference_path(dropout):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
+    base = nn.Sequential(_with_int8(net[0]), nn.ReLU(), _with_int8(net[2]))
+    model = get_peft_model(base, LoraConfig(r=4, lora_dropout=dropout, target_modules=["0", "2"],
+                                            init_lora_weights=False))
+    model.train()
+    x = torch.randn(2, 7, 64)
+    results = []
+    for ctx in (contextlib.nullcontext, reference_paths):
+        torch.manual_seed(1)
+        with ctx():
+            loss = model(x).square().sum()
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+        model.zero_grad()
+    (fast, fast_grads), (ref, ref_grads) = results
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for name, grad in ref_grads.items():
+        torch.testing.assert_close(fast_grads[name], grad, rtol=1e-4, atol=1e-5)
+
+
+def test_consecutive_layers_on_the_same_input_quantize_it_once(monkeypatch):
+    calls = []
+    real = int8_matmul.quantize_rows
+    monkeypatch.setattr(int8_matmul, "quantize_rows", lambda *a: calls.append(a[0].shape) or real(*a))
+    layers = [_layer(seed=s) for s in range(3)]
+    x = torch.randn(4, 64)
+    ys = [layer(x) for layer in layers]  # q, k and v read the same normed rows
+    assert len(calls) == 1
+    x.mul_(2)  # changed in place: quantized again
+    layers[0](x)
+    assert len(calls) == 2
+    second = layers[1]
+    torch.testing.assert_close(ys[1], int8_linear_reference(x / 2, second.qweight, second.scale, second.bias))

@@ -132,7 +132,8 @@ class LoraLinear(LoraLayer):
         """The one adapter the fused op can compute alone, or None to take the reference path.
 
         The fused op (loratune.ops.lora_linear) covers the training hot path: a plain Linear or
-        Conv1D base, exactly one active unmerged non-DoRA adapter, no mixed-batch routing.
+        Conv1D base (or a Linear8bit computing in int8), exactly one active unmerged non-DoRA
+        adapter, no mixed-batch routing.
         Inside `loratune.ops.reference_paths()` the layer always takes its reference path.
         """
         if not fast_paths_enabled() or args or kwargs or self.disable_adapters \
@@ -141,18 +142,25 @@ class LoraLinear(LoraLayer):
         if len(self.active_adapters) != 1 or self.merged_adapters or self.lora_magnitude_vector:
             return None
         base = self.base_layer
-        if not (isinstance(base, nn.Linear) or is_conv1d(base)) or base._forward_hooks \
-                or base._forward_pre_hooks:
+        if not (isinstance(base, nn.Linear) or is_conv1d(base) or self._int8_base()) \
+                or base._forward_hooks or base._forward_pre_hooks:
             return None
         return self.active_adapters[0]
+
+    def _int8_base(self) -> bool:
+        """A Linear8bit base set to compute in int8 (`base_compute: int8`), on the CPU."""
+        base = self.base_layer
+        return getattr(base, "int8_compute", False) and base.qweight.device.type == "cpu"
 
     def _fused_forward(self, x: Tensor, adapter_name: str) -> Tensor:
         dropout = self.lora_dropout[adapter_name]
         x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and dropout.training else None
+        base = self.base_layer
+        weight, weight_scale = (base.qweight, base.scale) if self._int8_base() else (base.weight, None)
         return lora_linear(
-            x, self.base_layer.weight, self.base_layer.bias, self.lora_A[adapter_name].weight,
+            x, weight, base.bias, self.lora_A[adapter_name].weight,
             self.lora_B[adapter_name].weight, self.scaling[adapter_name],
-            fan_in_fan_out=self.fan_in_fan_out, x_lora=x_lora,
+            fan_in_fan_out=self.fan_in_fan_out, x_lora=x_lora, weight_scale=weight_scale,
         )
 
     def _adapter_delta(self, x: Tensor, adapter_name: str) -> Tensor:

@@ -18,29 +18,105 @@ numbers with float matmuls of the dequantized codes, for tests.
 
 from __future__ import annotations
 
+import functools
+import os
+import weakref
+from pathlib import Path
+
 import torch
 from torch import Tensor
 
 INT8_MAX = 127
 
 
-def quantize_rows(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(codes int8 (m, k), scale fp32 (m,)) with x[t] ~ codes[t] * scale[t]; an all-zero row gets scale 0."""
+# oneDNN's instruction-set caps that leave out int8 dot products (VNNI); ONEDNN_MAX_CPU_ISA as in dtypes.py.
+_ISA_CAPS_WITHOUT_VNNI = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
+# Weight levels where int8 products go through AVX2's vpmaddubsw: it adds two u8 x s8 products into
+# a saturating int16, and oneDNN shifts the signed activations to u8 (0..255), so a pair stays exact
+# only while |weight| <= 64 (2 x 255 x 64 = 32640 < 32767). Measured: with weights up to 127,
+# torch._int_mm returns wrong sums on such a CPU; up to 64 it is exact.
+SATURATION_SAFE_LEVELS = 63
+
+
+@functools.lru_cache(maxsize=1)
+def int8_weight_levels() -> int:
+    """127 where the CPU multiplies int8 with VNNI (AVX512-VNNI, AVX-VNNI, AMX-INT8: exact int32 sums),
+    else SATURATION_SAFE_LEVELS: weights for `base_compute: int8` are rounded to 7 bits there."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
+    if cap in _ISA_CAPS_WITHOUT_VNNI:
+        return SATURATION_SAFE_LEVELS
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return SATURATION_SAFE_LEVELS
+    vnni = any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    return INT8_MAX if vnni else SATURATION_SAFE_LEVELS
+
+
+def quantize_rows(x: Tensor, levels: int = INT8_MAX) -> tuple[Tensor, Tensor]:
+    """(codes int8 (m, k), scale fp32 (m,)) with x[t] ~ codes[t] * scale[t], |codes| <= levels; an
+    all-zero row gets scale 0.
+
+    The row absmax comes from the row max and min (no |x| temporary; `vector_norm(x, inf)` measured
+    20x slower on CPU), then one fp32 temporary is divided, rounded in place and cast.
+    |x / scale| <= levels up to one rounding, so no clamp is needed.
+    """
     x = x.float()
-    scale = x.abs().amax(dim=1) / INT8_MAX
-    codes = torch.round(x / scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None])
-    return codes.clamp_(-INT8_MAX, INT8_MAX).to(torch.int8), scale
+    scale = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).div_(levels)
+    codes = torch.div(x, scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).round_()
+    return codes.to(torch.int8), scale
+
+
+class _SharedInput:
+    """The codes of the last input quantized in forward, kept while that tensor lives unchanged.
+
+    q/k/v (and gate/up) read the same normed rows: their forwards quantize them once, not three
+    times. The entry holds a weak reference to the input and its version counter, so an input
+    that is freed, replaced or modified in place is quantized again.
+    """
+
+    def __init__(self):
+        self.ref, self.version, self.codes = None, -1, None
+
+    def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """quantize_rows of x's rows (x (..., k)), reusing the last result for the same x."""
+        if self.ref is not None and self.ref() is x and x._version == self.version:
+            return self.codes
+        self.codes = quantize_rows(x.reshape(-1, x.shape[-1]))
+        self.ref, self.version = weakref.ref(x), x._version
+        return self.codes
+
+
+_SHARED = _SharedInput()
+
+
+def _scaled_product(codes: Tensor, codes_scale: Tensor, qweight: Tensor,
+                    weight_scale: Tensor | None) -> Tensor:
+    """fp32 (m, n) = codes_scale[:, None] * (codes @ qweight) (* weight_scale[None, :]); exact int32 sums."""
+    y = torch.mul(torch._int_mm(codes, qweight), codes_scale[:, None])  # int32 * fp32 -> fp32, one pass
+    return y.mul_(weight_scale[None, :]) if weight_scale is not None else y
+
+
+def int8_forward(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+    """fp32 (m, out) = x (..., in) as m rows @ (qweight * scale[:, None]).T (+ bias), x rounded per row
+    to int8 (once for consecutive calls on the same x: `_SharedInput`)."""
+    codes, x_scale = _SHARED.quantize(x)
+    y = _scaled_product(codes, x_scale, qweight.t(), scale)
+    return y.add_(bias.float()) if bias is not None else y
+
+
+def int8_input_grad(grad2: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
+    """fp32 (m, in) = grad2 (m, out) @ (qweight * scale[:, None]): s_w is folded into the gradient,
+    which is then rounded per row to int8."""
+    codes, g_scale = quantize_rows(grad2.float() * scale[None, :])
+    return _scaled_product(codes, g_scale, qweight, None)
 
 
 class _Int8Linear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
         shape = x.shape
-        codes, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
-        y = torch._int_mm(codes, qweight.t()).float()  # (m, out), exact int32 sums
-        y = y.mul_(x_scale[:, None]).mul_(scale[None, :])
-        if bias is not None:
-            y = y.add_(bias.float())
+        y = int8_forward(x, qweight, scale, bias)
         ctx.save_for_backward(qweight, scale)
         ctx.x_dtype = x.dtype
         return y.to(x.dtype).reshape(*shape[:-1], qweight.shape[0])
@@ -49,9 +125,7 @@ class _Int8Linear(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         qweight, scale = ctx.saved_tensors
         shape = grad.shape
-        g = grad.reshape(-1, shape[-1]).float() * scale[None, :]  # fold s_w into the gradient
-        codes, g_scale = quantize_rows(g)
-        dx = torch._int_mm(codes, qweight).float().mul_(g_scale[:, None])  # (m, in)
+        dx = int8_input_grad(grad.reshape(-1, shape[-1]), qweight, scale)
         return dx.to(ctx.x_dtype).reshape(*shape[:-1], qweight.shape[1]), None, None, None
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from loratune.ops.int8_matmul import int8_linear, quantize_rows
+from loratune.ops.int8_matmul import INT8_MAX, int8_linear, int8_weight_levels, quantize_rows
 
 from .layer import TiledQuantizedLinear
 from .storage import check_weight
@@ -38,20 +38,26 @@ class Linear8bit(TiledQuantizedLinear):
         self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, compute_dtype=torch.bfloat16, name: str = "") -> Linear8bit:
+    def from_linear(cls, linear: nn.Linear, *, compute_dtype=torch.bfloat16, name: str = "",
+                    int8_compute: bool = False) -> Linear8bit:
         """Quantize an nn.Linear (on its own device); the bias is kept as is, not copied.
 
-        A layer on the meta device gives an empty layer of the right shapes (to be filled by loading).
+        int8_compute: the layer will compute in int8 (`base_compute: int8`); its weight is then
+        rounded to the levels this CPU's int8 products keep exact (`int8_weight_levels`: 127, or 63
+        without VNNI). A layer on the meta device gives an empty layer of the right shapes (to be
+        filled by loading).
         """
         weight = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype,
                     device=weight.device)
+        layer.int8_compute = int8_compute
+        levels = int8_weight_levels() if int8_compute else INT8_MAX
         if weight.is_meta:
             layer.bias = linear.bias
             return layer
         check_weight(weight, name)
         for r0, r1 in layer.tiles():   # row tiles keep the fp32 temporaries small
-            layer.qweight[r0:r1], layer.scale[r0:r1] = quantize_rows(weight[r0:r1])
+            layer.qweight[r0:r1], layer.scale[r0:r1] = quantize_rows(weight[r0:r1], levels)
         layer.bias = linear.bias
         return layer
 

@@ -174,11 +174,13 @@ def load_base_model(
     bnb_4bit_compute_dtype: str = "auto",
     bnb_4bit_use_double_quant: bool = False,
     quant_backend: str = "auto",
+    int8_compute: bool = False,
 ) -> PreTrainedModel:
     """Load a causal LM frozen (requires_grad False), in eval mode, on `device`.
 
     With `load_in_4bit` / `load_in_8bit` the linear layers are replaced by
-    `loratune.quant.quantize_model` (with `quant_backend`) after loading in `dtype`.
+    `loratune.quant.quantize_model` (with `quant_backend`, and `int8_compute` for an int8 base that
+    also multiplies in int8) after loading in `dtype`.
     """
     if load_in_4bit and load_in_8bit:
         raise ConfigError("load_in_4bit and load_in_8bit are both set; pick one")
@@ -198,7 +200,7 @@ def load_base_model(
         compute_dtype = resolve_dtype(bnb_4bit_compute_dtype, device)
         model = quantize_model(model, bits=4 if load_in_4bit else 8, quant_type=bnb_4bit_quant_type,
                                compute_dtype=compute_dtype, double_quant=bnb_4bit_use_double_quant,
-                               backend=quant_backend)
+                               backend=quant_backend, int8_compute=int8_compute and load_in_8bit)
     model.requires_grad_(False)
     return model.eval()
 

@@ -101,9 +101,10 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
     cfg = build_train_config(config, overrides)
     env = init_distributed(alone=cfg.distributed.fsdp)
     try:
-        # flush denormals, allocator thresholds, threads: process-wide (ops.runtime says what is put back)
-        allocator = "return" if cfg.distributed.fsdp and env.joined else "keep"  # ops.runtime says why
-        with tuned_cpu_runtime(threads=cfg.loop.num_threads or None, allocator=allocator), \
+        # flush denormals, allocator thresholds, threads: process-wide (ops.runtime says what is put back).
+        # Loading hands freed blocks back (a base quantized as it loads frees its float weights);
+        # _run keeps them from the first step on, unless sharded (ops.runtime says why).
+        with tuned_cpu_runtime(threads=cfg.loop.num_threads or None, allocator="return"), \
                 out_of_memory_explained(cfg):
             return _run(cfg, env)
     finally:
@@ -154,6 +155,7 @@ def check_adapter_memory(base, lora_config, device) -> None:
 
 def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from loratune.data import build_datasets, check_vocab
+    from loratune.ops.runtime import keep_freed_memory
     from loratune.tools.evaluation import model_vocab_size
     from loratune.tools.loading import load_tokenizer
     from loratune.train.loop import fit
@@ -169,6 +171,8 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     model, root = build_sharded_model(cfg, env) if sharded else (build_model(cfg, env), None)
     check_vocab(datasets, model_vocab_size(model))
     cfg = fit_memory(cfg, model, datasets)
+    if not sharded:
+        keep_freed_memory()
     config_yaml = config_to_yaml(cfg)
     # Only now that model and data are known good does output_dir change.
     if env.is_main:
@@ -306,12 +310,8 @@ def build_model(cfg: TrainConfig, env: DistEnv):
         bnb_4bit_use_double_quant=m.bnb_4bit_use_double_quant,
         # FSDP2 shards loratune's own quantized layers, not bitsandbytes' packed weights
         quant_backend="torch" if cfg.distributed.fsdp else "auto",
+        int8_compute=int8_compute,  # Linear8bit: int8 activations and matmuls (ops/int8_matmul.py)
     )
-    if int8_compute:
-        from loratune.quant.dispatch import quantized_layers
-
-        for _, layer in quantized_layers(base):
-            layer.int8_compute = True  # Linear8bit: int8 activations and matmuls (ops/int8_matmul.py)
     return adapt_base(base, cfg, env.device)
 
 
