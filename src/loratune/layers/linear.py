@@ -156,11 +156,12 @@ class LoraLinear(LoraLayer):
         dropout = self.lora_dropout[adapter_name]
         x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and dropout.training else None
         base = self.base_layer
-        weight, weight_scale = (base.qweight, base.scale) if self._int8_base() else (base.weight, None)
+        int8 = self._int8_base()
         return lora_linear(
-            x, weight, base.bias, self.lora_A[adapter_name].weight,
+            x, base.qweight if int8 else base.weight, base.bias, self.lora_A[adapter_name].weight,
             self.lora_B[adapter_name].weight, self.scaling[adapter_name],
-            fan_in_fan_out=self.fan_in_fan_out, x_lora=x_lora, weight_scale=weight_scale,
+            fan_in_fan_out=self.fan_in_fan_out, x_lora=x_lora,
+            weight_scale=base.scale if int8 else None, weight_smooth=base.smooth if int8 else None,
         )
 
     def _adapter_delta(self, x: Tensor, adapter_name: str) -> Tensor:

@@ -76,14 +76,17 @@ class _SharedInput:
     """
 
     def __init__(self):
-        self.ref, self.version, self.codes = None, -1, None
+        self.ref, self.version, self.smooth, self.codes = None, -1, None, None
 
-    def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """quantize_rows of x's rows (x (..., k)), reusing the last result for the same x."""
-        if self.ref is not None and self.ref() is x and x._version == self.version:
+    def quantize(self, x: Tensor, smooth: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """quantize_rows of x's rows (x (..., k)) divided by `smooth` (k,) if given, reusing the last
+        result for the same x and the same smooth tensor."""
+        if (self.ref is not None and self.ref() is x and x._version == self.version
+                and self.smooth is smooth):
             return self.codes
-        self.codes = quantize_rows(x.reshape(-1, x.shape[-1]))
-        self.ref, self.version = weakref.ref(x), x._version
+        rows = x.reshape(-1, x.shape[-1])
+        self.codes = quantize_rows(rows if smooth is None else rows.float() * smooth.reciprocal())
+        self.ref, self.version, self.smooth = weakref.ref(x), x._version, smooth
         return self.codes
 
 
@@ -97,51 +100,58 @@ def _scaled_product(codes: Tensor, codes_scale: Tensor, qweight: Tensor,
     return y.mul_(weight_scale[None, :]) if weight_scale is not None else y
 
 
-def int8_forward(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """fp32 (m, out) = x (..., in) as m rows @ (qweight * scale[:, None]).T (+ bias), x rounded per row
-    to int8 (once for consecutive calls on the same x: `_SharedInput`)."""
-    codes, x_scale = _SHARED.quantize(x)
+def int8_forward(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None,
+                 smooth: Tensor | None = None) -> Tensor:
+    """fp32 (m, out) = x (..., in) as m rows @ W.T (+ bias), W = qweight * scale[:, None] (/ smooth[None, :]),
+    x (* 1 / smooth) rounded per row to int8 (once for consecutive calls on the same x: `_SharedInput`)."""
+    codes, x_scale = _SHARED.quantize(x, smooth)
     y = _scaled_product(codes, x_scale, qweight.t(), scale)
     return y.add_(bias.float()) if bias is not None else y
 
 
-def int8_input_grad(grad2: Tensor, qweight: Tensor, scale: Tensor) -> Tensor:
-    """fp32 (m, in) = grad2 (m, out) @ (qweight * scale[:, None]): s_w is folded into the gradient,
-    which is then rounded per row to int8."""
+def int8_input_grad(grad2: Tensor, qweight: Tensor, scale: Tensor, smooth: Tensor | None = None) -> Tensor:
+    """fp32 (m, in) = grad2 (m, out) @ W for int8_forward's W: s_w is folded into the gradient, which is
+    then rounded per row to int8; the columns are divided by `smooth` after the product."""
     codes, g_scale = quantize_rows(grad2.float() * scale[None, :])
-    return _scaled_product(codes, g_scale, qweight, None)
+    dx = _scaled_product(codes, g_scale, qweight, None)
+    return dx.div_(smooth[None, :]) if smooth is not None else dx
 
 
 class _Int8Linear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None) -> Tensor:
+    def forward(ctx, x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None,
+                smooth: Tensor | None) -> Tensor:
         shape = x.shape
-        y = int8_forward(x, qweight, scale, bias)
-        ctx.save_for_backward(qweight, scale)
+        y = int8_forward(x, qweight, scale, bias, smooth)
+        ctx.save_for_backward(qweight, scale, smooth)
         ctx.x_dtype = x.dtype
         return y.to(x.dtype).reshape(*shape[:-1], qweight.shape[0])
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        qweight, scale = ctx.saved_tensors
+        qweight, scale, smooth = ctx.saved_tensors
         shape = grad.shape
-        dx = int8_input_grad(grad.reshape(-1, shape[-1]), qweight, scale)
-        return dx.to(ctx.x_dtype).reshape(*shape[:-1], qweight.shape[1]), None, None, None
+        dx = int8_input_grad(grad.reshape(-1, shape[-1]), qweight, scale, smooth)
+        return dx.to(ctx.x_dtype).reshape(*shape[:-1], qweight.shape[1]), None, None, None, None
 
 
-def int8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
-    """x (..., in) @ (qweight * scale[:, None]).T (+ bias), computed in int8 (module docstring)."""
-    return _Int8Linear.apply(x, qweight, scale, bias)
+def int8_linear(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None,
+                smooth: Tensor | None = None) -> Tensor:
+    """x (..., in) @ W.T (+ bias) for W = qweight * scale[:, None] (/ smooth[None, :]), computed in int8
+    (module docstring)."""
+    return _Int8Linear.apply(x, qweight, scale, bias, smooth)
 
 
-def int8_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None) -> Tensor:
+def int8_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None = None,
+                          smooth: Tensor | None = None) -> Tensor:
     """The same numbers from float matmuls of the dequantized codes (differentiable in x)."""
 
     class _Reference(torch.autograd.Function):
         @staticmethod
         def forward(ctx, x):
             shape = x.shape
-            codes, x_scale = quantize_rows(x.reshape(-1, shape[-1]))
+            rows = x.reshape(-1, shape[-1]).float()
+            codes, x_scale = quantize_rows(rows if smooth is None else rows / smooth)
             y = (codes.double() @ qweight.double().t()) * x_scale.double()[:, None] * scale.double()[None, :]
             y = y.float() + (bias.float() if bias is not None else 0)
             ctx.x_dtype = x.dtype
@@ -152,6 +162,7 @@ def int8_linear_reference(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tenso
             shape = grad.shape
             codes, g_scale = quantize_rows(grad.reshape(-1, shape[-1]).float() * scale[None, :])
             dx = (codes.double() @ qweight.double()) * g_scale.double()[:, None]
+            dx = dx if smooth is None else dx / smooth.double()
             return dx.float().to(ctx.x_dtype).reshape(*shape[:-1], qweight.shape[1])
 
     return _Reference.apply(x)

@@ -36,37 +36,47 @@ class Linear8bit(TiledQuantizedLinear):
         self.register_buffer("qweight",
                              torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scale", torch.zeros(out_features, dtype=torch.float32, device=device))
+        # int8_compute with activation smoothing: the stored weight is W * smooth[None, :] and the input
+        # is divided by smooth (quant/smoothing.py); None when not smoothed.
+        self.register_buffer("smooth", None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, compute_dtype=torch.bfloat16, name: str = "",
-                    int8_compute: bool = False) -> Linear8bit:
+                    int8_compute: bool = False, smooth: Tensor | None = None) -> Linear8bit:
         """Quantize an nn.Linear (on its own device); the bias is kept as is, not copied.
 
         int8_compute: the layer will compute in int8 (`base_compute: int8`); its weight is then
         rounded to the levels this CPU's int8 products keep exact (`int8_weight_levels`: 127, or 63
-        without VNNI). A layer on the meta device gives an empty layer of the right shapes (to be
-        filled by loading).
+        without VNNI). smooth (in,), with int8_compute: per-input-channel factors moved from the
+        activations into the weight before rounding (quant/smoothing.py); layers that read the same
+        input share the one tensor. A layer on the meta device gives an empty layer of the right
+        shapes (to be filled by loading).
         """
         weight = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype,
                     device=weight.device)
         layer.int8_compute = int8_compute
         levels = int8_weight_levels() if int8_compute else INT8_MAX
+        if int8_compute and smooth is not None:
+            layer.smooth = smooth
         if weight.is_meta:
             layer.bias = linear.bias
             return layer
         check_weight(weight, name)
         for r0, r1 in layer.tiles():   # row tiles keep the fp32 temporaries small
-            layer.qweight[r0:r1], layer.scale[r0:r1] = quantize_rows(weight[r0:r1], levels)
+            rows = weight[r0:r1] if layer.smooth is None else weight[r0:r1].float() * layer.smooth
+            layer.qweight[r0:r1], layer.scale[r0:r1] = quantize_rows(rows, levels)
         layer.bias = linear.bias
         return layer
 
     def forward(self, x: Tensor) -> Tensor:
         if self.int8_compute and x.device.type == "cpu":
-            return int8_linear(x, self.qweight, self.scale, self.bias)
+            return int8_linear(x, self.qweight, self.scale, self.bias, self.smooth)
         return super().forward(x)
 
     def dequantize_rows(self, r0: int, r1: int, dtype: torch.dtype | None = None) -> Tensor:
         """Return weight rows r0..r1 as (r1 - r0, in) in dtype (default compute_dtype), rounded once."""
         rows = torch.mul(self.qweight[r0:r1], self.scale[r0:r1, None])   # int8 * fp32 -> fp32, one pass
+        if self.smooth is not None:
+            rows = rows.div_(self.smooth)
         return rows.to(dtype or self.compute_dtype)

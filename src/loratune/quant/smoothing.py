@@ -1,0 +1,103 @@
+"""Activation smoothing for `base_compute: int8`: per-channel factors moved from inputs into weights.
+
+Rounding an activation row to int8 spends its levels on the row's largest value. The inputs of a
+language model's projections have a few outlier channels (SmolLM2-135M on the orders rows: the
+row absmax is 6-15 times the row RMS at the q/k/v and gate/up inputs, up to 29 at down_proj), so
+every other channel of the row gets only a few levels. Smoothing (SmoothQuant, Xiao et al. 2023)
+divides input channel j by s_j and multiplies column j of the frozen weight by s_j: the product is
+unchanged, and with
+
+    s_j = max|x_j| ** ALPHA / max|W_j| ** (1 - ALPHA)
+
+the outliers are shared between the activations and the weight, which is rounded once, at load.
+Measured on SmolLM2 (orders rows, calibration on other rows, activations 8-bit, weights 7-bit):
+the relative error of a projection's output falls from 6.6% to 2.1% at v_proj, 2.9% to 1.4% at
+q_proj, 3.0% to 2.1% at up_proj and 3.4% to 2.9% at down_proj; o_proj is unchanged (2.2%).
+
+`activation_smoothing(model, rows)` runs the float model on a few token rows (the trainer passes its
+first training rows, up to CALIBRATION_TOKENS) and returns {module name: s}. Layers that read the
+same input (q/k/v, gate/up) get one shared tensor, made with the largest weight column of the group,
+so their common input is divided and rounded once (ops.int8_matmul's shared-input cache).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+ALPHA = 0.5
+CALIBRATION_TOKENS = 1024
+_FLOOR = 1e-5  # a channel that never fires (or a zero weight column) must not give s = 0 or inf
+
+
+@torch.no_grad()
+def activation_smoothing(model: nn.Module, rows: list[list[int]], names: set[str] | None = None,
+                         alpha: float = ALPHA) -> dict[str, Tensor]:
+    """{name: s (in,) fp32} for every plain nn.Linear of `model` but its LM head (never quantized;
+    only those in `names`, if given) that the rows reach; each row (token ids) runs alone, unpadded."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    linears = {n: m for n, m in model.named_modules()
+               if type(m) is nn.Linear and m is not head and (names is None or n in names)}
+    amax: dict[str, Tensor] = {}
+    calls: list[tuple[str, int, tuple[int, ...]]] = []  # (name, input address, shape), in call order
+
+    def hook(name: str):
+        def record(module, args, output):
+            x = args[0]
+            seen = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
+            amax[name] = seen if name not in amax else torch.maximum(amax[name], seen)
+            calls.append((name, x.data_ptr(), tuple(x.shape)))
+        return record
+
+    handles = [module.register_forward_hook(hook(name)) for name, module in linears.items()]
+    device = next(model.parameters()).device
+    try:
+        for ids in rows:
+            model(input_ids=torch.tensor([ids], device=device), use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    smooth = {}
+    for group in _shared_inputs(calls):
+        w_amax = torch.stack([linears[n].weight.abs().amax(dim=0).float() for n in group]).amax(dim=0)
+        x_amax = amax[group[0]]
+        s = x_amax.clamp_min(_FLOOR).pow(alpha) / w_amax.clamp_min(_FLOOR).pow(1 - alpha)
+        for name in group:
+            smooth[name] = s
+    return smooth
+
+
+def _shared_inputs(calls: list[tuple[str, int, tuple[int, ...]]]) -> list[list[str]]:
+    """Groups of layers that read one tensor: consecutive calls on the same address and shape.
+
+    Only consecutive calls are joined: the input is alive through them, so the address is that one
+    tensor's; a later layer may reuse a freed address. The first call of each layer decides.
+    """
+    groups: list[list[str]] = []
+    placed: set[str] = set()
+    last = None
+    for name, address, shape in calls:
+        if name in placed:
+            last = None
+            continue
+        if last is not None and (address, shape) == last:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        placed.add(name)
+        last = (address, shape)
+    return groups
+
+
+def calibration_rows(examples, max_seq_length: int, tokens: int = CALIBRATION_TOKENS) -> list[list[int]]:
+    """The first rows of `examples` (dicts with input_ids), each cut to max_seq_length, until `tokens`."""
+    rows, total = [], 0
+    for example in examples:
+        ids = list(example["input_ids"])[:max_seq_length]
+        if not ids:
+            continue
+        rows.append(ids[:tokens - total])
+        total += len(rows[-1])
+        if total >= tokens:
+            break
+    return rows
