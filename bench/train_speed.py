@@ -60,19 +60,34 @@ LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)
 LR = 1e-4
 BATCH = 4
 SCENARIOS = {"A": dict(min_len=256, max_len=256), "B": dict(min_len=32, max_len=512)}
-CONTENDERS = ["peft-fp32", "peft-bf16", "loratune"]
+CONTENDERS = ["peft-fp32", "peft-bf16", "loratune", "loratune-int8"]
 
 
 def default_contenders() -> list[str]:
     """Every contender, less PEFT bf16 where this CPU only emulates bf16 (module docstring)."""
-    return CONTENDERS if real.peft_dtype() == "bf16" else ["peft-fp32", "loratune"]
+    return [c for c in CONTENDERS if c != "peft-bf16" or real.peft_dtype() == "bf16"]
 
 
 def peak_dtypes() -> str:
     """bench/peak.py's --dtypes: bf16 is only measured where it is native (emulated, it takes minutes)."""
-    return "bf16,fp32" if real.peft_dtype() == "bf16" else "fp32"
+    return "bf16,fp32,int8" if real.peft_dtype() == "bf16" else "fp32,int8"
 LOSS_TOL = 2e-2  # relative, bf16
-MARK_START, MARK_END = "<!-- train_speed:start -->", "<!-- train_speed:end -->"
+INT8_LOSS_TOL = 1e-2  # base_compute: int8 vs exact, eval loss after INT8_CHECK_STEPS (relative)
+INT8_CHECK_STEPS = 20
+# --cpu_isa avx2: torch's kernels limited to what an AVX2-only CPU runs (no AVX-512, no bf16 or
+# VNNI dot products: bf16 matmuls are emulated, int8 ones go through vpmaddubsw), read by torch,
+# oneDNN and MKL at start-up and inherited by every contender's process.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+
+
+def cpu_kind() -> str:
+    """The table a run belongs in: "native-bf16" (AVX512-BF16 or AMX) or "avx2" (everything else)."""
+    return "native-bf16" if real.peft_dtype() == "bf16" else "avx2"
+
+
+def marks(section: str) -> tuple[str, str]:
+    """BENCHMARKS.md markers of `section` ("train_speed", "train_speed_real") for this CPU kind."""
+    return f"<!-- {section}:{cpu_kind()}:start -->", f"<!-- {section}:{cpu_kind()}:end -->"
 
 
 # ----- data and model on disk ---------------------------------------------------------------------
@@ -208,6 +223,8 @@ def run_loratune(config: dict, steps: int, sync: Lockstep) -> None:
             params = list(runner.parameters())
             sync.trainable = sum(p.numel() for p in params if p.requires_grad)
             sync.dtype = str(next(p for p in params if not p.requires_grad).dtype).removeprefix("torch.")
+            if config.get("base_compute") == "int8":
+                sync.dtype = f"int8 base, {sync.dtype}"
         if sync.wait():
             state["start"] = time.perf_counter()
         out = accumulate(runner, *args, **kwargs)
@@ -227,7 +244,7 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
     """Train `steps` steps twice from the same start: fast paths, then `reference_paths()`.
 
     The batches are laid out as the trainer lays them out by default (packed rows, per-example
-    attention and the fused RMSNorm switched on), so every fast path the trainer uses is in the
+    attention, the fused RMSNorm and SwiGLU switched on), so every fast path the trainer uses is in the
     comparison; under `reference_paths()` the same rows go through Transformers' block-diagonal
     sdpa and its own norms, the full logits and the unfused LoRA linear.
     """
@@ -241,6 +258,7 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
     from loratune.ops import reference_paths
     from loratune.ops.attention import enable_varlen_attention
     from loratune.ops.rms_norm import enable_fast_rms_norm
+    from loratune.ops.swiglu import enable_fused_mlp
     from loratune.train.loss import token_loss_sum
 
     torch.set_flush_denormal(True)
@@ -252,6 +270,7 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
         enable_varlen_attention(base)
         enable_fast_rms_norm(base)
+        enable_fused_mlp(base)
         model = get_peft_model(base, LoraConfig(**LORA, target_modules=PROJECTIONS))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
@@ -269,14 +288,39 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
     return {"losses": losses}
 
 
+def run_int8_check(steps: int) -> dict:
+    """Scenario R's training for `steps` steps, exact and with `base_compute: int8`, from the same start
+    in the dtype this CPU trains in; the eval loss of each on the orders test rows."""
+    from loratune.ops.int8_matmul import int8_weight_levels
+    from loratune.train import run
+
+    test = real.ROOT / "examples/tasks/orders/test.jsonl"
+    result = {"steps": steps, "dtype": "bf16" if real.peft_dtype() == "bf16" else "fp32",
+              "rows": sum(1 for _ in open(test)), "levels": int8_weight_levels()}
+    for mode in ("exact", "int8"):
+        out = tempfile.mkdtemp(prefix="loratune-int8-check-")
+        try:
+            done = run({**real.loratune_config(str(real.DATA)), "base_compute": mode, "max_steps": steps,
+                        "eval_file": str(test), "output_dir": out, "save_steps": 0, "disable_tqdm": True})
+        finally:
+            shutil.rmtree(out, ignore_errors=True)
+        result[mode] = done.eval_loss
+    return result
+
+
 def worker(args: argparse.Namespace) -> None:
     if args.worker == "loss-check":
         Lockstep().send(**run_loss_check(args.data, args.model_dir, args.steps))
+        return
+    if args.worker == "int8-check":
+        Lockstep().send(**run_int8_check(args.steps))
         return
     sync = Lockstep()
     if args.worker.startswith("loratune"):
         config = (real.loratune_config(args.data) if args.scenario == "R"
                   else loratune_config(args.scenario, args.data, args.model_dir))
+        if args.worker == "loratune-int8":
+            config["base_compute"] = "int8"
         run_loratune(config, args.steps, sync)
     else:
         peft = real.run_peft if args.scenario == "R" else run_peft
@@ -380,6 +424,8 @@ def summarise(results: dict, peak: dict, lengths: dict) -> list[dict]:
 
 def dtype_peak_of(peak: dict, dtype: str) -> float | None:
     """The best-repeat matmul peak of the dtype a contender computes in ("bfloat16", "float32", ...)."""
+    if dtype.startswith("int8"):  # base_compute: int8: against the int8 peak its base matmuls run at
+        return peak.get("int8_best")
     key = {"bfloat16": "bf16_best", "float32": "fp32_best"}.get(dtype.removeprefix("torch."))
     return peak.get(key) if key else None
 
@@ -393,9 +439,10 @@ def contender_row(scenario: str, name: str, r: dict) -> dict:
                 rss=r["peak_rss_mib"], trainable=r["trainable"], dtype=r["dtype"])
 
 
-def render(rows: list[dict], peak: dict, loss: dict | None, command: str, started: str, loads: dict) -> str:
+def render(rows: list[dict], peak: dict, loss: dict | None, command: str, started: str, loads: dict,
+           int8: dict | None = None) -> str:
     peaks = ", ".join(f"{name} matmul peak {peak[name + '_best'] / 1e9:.0f} GFLOP/s (median "
-                      f"{peak[name] / 1e9:.0f})" for name in ("bf16", "fp32") if name in peak)
+                      f"{peak[name] / 1e9:.0f})" for name in ("bf16", "fp32", "int8") if name in peak)
     native = "native bf16" if "bf16" in peak else "bf16 emulated, so no PEFT bf16 contender"
     references = sorted({r["reference"] for r in rows if r.get("reference")})
     lines = [
@@ -409,7 +456,9 @@ def render(rows: list[dict], peak: dict, loss: dict | None, command: str, starte
         "Median useful tokens/s over the measured steps, each contender in its own process; "
         "spread = (max-min)/median.",
         "",
-        f"Ratios are against PEFT's faster plain setting here: {', '.join(references) or 'none run'}.", "",
+        f"Ratios are against PEFT's faster plain setting here: {', '.join(references) or 'none run'}. "
+        "loratune-int8 is loratune with `base_compute: int8` (opt-in; its MFU is against the int8 "
+        "peak, which only its frozen base matmuls run at).", "",
         "| scenario | contender | dtype | tokens/s | vs PEFT best | peak RSS (MiB) | RSS vs PEFT best | MFU "
         "| steps | spread |",
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
@@ -428,7 +477,19 @@ def render(rows: list[dict], peak: dict, loss: dict | None, command: str, starte
               + ". Above the core count, other jobs shared the CPU: compare ratios, not absolute figures."]
     if loss is not None:
         lines += ["", loss_line(loss)]
+    if int8 is not None:
+        lines += ["", int8_line(int8)]
     return "\n".join(lines) + "\n"
+
+
+def int8_line(check: dict) -> str:
+    exact, int8 = check["exact"], check["int8"]
+    rel = abs(int8 - exact) / abs(exact)
+    verdict = "within" if rel <= INT8_LOSS_TOL else "NOT within"
+    return (f"int8 check ({check['steps']} steps of Scenario R's training, {check['dtype']}, then the eval "
+            f"loss on the {check['rows']} rows of examples/tasks/orders/test.jsonl): exact {exact:.4f}, "
+            f"`base_compute: int8` {int8:.4f} (weights rounded to {check['levels']} levels a side); "
+            f"relative difference {rel:.1%} ({verdict} {INT8_LOSS_TOL:.0%}).")
 
 
 def loss_line(loss: dict) -> str:
@@ -461,10 +522,13 @@ def machine() -> str:
     simd = " ".join(f if f in flags else f"no {f}" for f in SIMD_FLAGS) if flags else "flags unknown"
     import torch
 
-    return f"{cpu}, {os.cpu_count()} cores, {simd}, torch {torch.__version__}"
+    capped = all(os.environ.get(k) == v for k, v in AVX2_ENV.items())
+    cap = (" (run with " + " ".join(f"{k}={v}" for k, v in AVX2_ENV.items()) + ": torch limited to the "
+           "kernels of an AVX2-only CPU)") if capped else ""
+    return f"{cpu}, {os.cpu_count()} cores, {simd}{cap}, torch {torch.__version__}"
 
 
-def write_section(text: str, path: Path, marks: tuple[str, str] = (MARK_START, MARK_END)) -> None:
+def write_section(text: str, path: Path, marks: tuple[str, str]) -> None:
     """Replace the text between the `marks` of `path` (append the section if absent)."""
     start, end = marks
     old = path.read_text() if path.exists() else "# Benchmarks\n"
@@ -484,6 +548,8 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.cpu_isa == "avx2":
+        os.environ.update(AVX2_ENV)  # before torch loads here, and inherited by every contender
     warmup, steps = (1, 5) if args.quick else (2, 10)
     warmup = args.warmup_steps if args.warmup_steps is not None else warmup
     steps = args.measured_steps or steps
@@ -505,12 +571,12 @@ def main() -> None:
         text = run_random_model(args, random_scenarios, warmup, steps, command, started)
         print(text)
         if not args.no_write:
-            write_section(text, ROOT / "BENCHMARKS.md")
+            write_section(text, ROOT / "BENCHMARKS.md", marks("train_speed"))
     if real_dir is not None:
         text = run_real_model(real_dir, warmup, steps, command, started)
         print(text)
         if not args.no_write:
-            write_section(text, ROOT / "BENCHMARKS.md", (real.MARK_START, real.MARK_END))
+            write_section(text, ROOT / "BENCHMARKS.md", marks("train_speed_real"))
 
 
 def run_random_model(args, scenarios: list[str], warmup: int, steps: int, command: str, started: str) -> str:
@@ -539,7 +605,14 @@ def run_random_model(args, scenarios: list[str], warmup: int, steps: int, comman
             loss = read_reply("loss-check", proc)
             proc.wait()
             os.unlink(proc.errors_path)
-        return render(summarise(results, peak, lengths), peak, loss, command, started, loads)
+        int8 = None
+        if "loratune-int8" in args.contenders.split(",") and not args.skip_loss_check:
+            log(f"{INT8_CHECK_STEPS}-step int8 check on the real model: exact vs base_compute: int8")
+            proc = start_worker("int8-check", steps=INT8_CHECK_STEPS)
+            int8 = read_reply("int8-check", proc)
+            proc.wait()
+            os.unlink(proc.errors_path)
+        return render(summarise(results, peak, lengths), peak, loss, command, started, loads, int8)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
 
@@ -575,6 +648,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--measured-steps", type=int, default=None,
                         help="timed steps per contender (default 10, --quick 5)")
     parser.add_argument("--no-write", action="store_true", help="do not touch BENCHMARKS.md")
+    parser.add_argument("--cpu_isa", choices=["native", "avx2"], default="native",
+                        help="avx2: limit torch to an AVX2-only CPU's kernels (AVX2_ENV), to measure that "
+                             "CPU kind on a newer one; the table is written as the avx2 kind's")
     parser.add_argument("--skip-loss-check", action="store_true")
     # worker mode (internal)
     parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -156,6 +156,7 @@ def check_adapter_memory(base, lora_config, device) -> None:
 def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     from loratune.data import build_datasets, check_vocab
     from loratune.ops.runtime import keep_freed_memory
+    from loratune.quant.smoothing import calibration_rows
     from loratune.tools.evaluation import model_vocab_size
     from loratune.tools.loading import load_tokenizer
     from loratune.train.loop import fit
@@ -168,7 +169,12 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed,
                               eval_answers=cfg.loop.eval_metric == "exact_match")
     sharded = cfg.distributed.fsdp and env.joined
-    model, root = build_sharded_model(cfg, env) if sharded else (build_model(cfg, env), None)
+    if sharded:
+        model, root = build_sharded_model(cfg, env)
+    else:
+        calibration = (calibration_rows(datasets.train, cfg.data.max_seq_length)
+                       if cfg.model.base_compute == "int8" else None)
+        model, root = build_model(cfg, env, calibration), None
     check_vocab(datasets, model_vocab_size(model))
     cfg = fit_memory(cfg, model, datasets)
     if not sharded:
@@ -293,8 +299,11 @@ def base_source(cfg: TrainConfig) -> str:
     return model_source(cfg.model.model_name_or_path, cfg.model.gguf_file)
 
 
-def build_model(cfg: TrainConfig, env: DistEnv):
-    """Load the frozen base (bf16 where supported) and inject a fresh fp32 LoRA adapter."""
+def build_model(cfg: TrainConfig, env: DistEnv, calibration_rows: list[list[int]] | None = None):
+    """Load the frozen base (bf16 where supported) and inject a fresh fp32 LoRA adapter.
+
+    calibration_rows: token rows that set the activation smoothing of a `base_compute: int8` base.
+    """
     from loratune.tools.loading import load_base_model
 
     m = cfg.model
@@ -311,6 +320,7 @@ def build_model(cfg: TrainConfig, env: DistEnv):
         # FSDP2 shards loratune's own quantized layers, not bitsandbytes' packed weights
         quant_backend="torch" if cfg.distributed.fsdp else "auto",
         int8_compute=int8_compute,  # Linear8bit: int8 activations and matmuls (ops/int8_matmul.py)
+        calibration_rows=calibration_rows if int8_compute else None,
     )
     return adapt_base(base, cfg, env.device)
 
@@ -360,6 +370,7 @@ def adapt_base(base, cfg: TrainConfig, device: torch.device):
     from loratune import LoraConfig, get_peft_model
     from loratune.ops.attention import enable_varlen_attention
     from loratune.ops.rms_norm import enable_fast_rms_norm
+    from loratune.ops.swiglu import enable_fused_mlp
 
     m, lo = cfg.model, cfg.lora
     if m.gradient_checkpointing:
@@ -381,6 +392,8 @@ def adapt_base(base, cfg: TrainConfig, device: torch.device):
     enable_varlen_attention(model)
     # Llama-style norms keep no fp32 copy of their input for backward (docs/performance.md).
     enable_fast_rms_norm(model)
+    # SwiGLU MLPs keep gate and up outputs for backward, not four (T, intermediate) tensors.
+    enable_fused_mlp(model)
     with torch.no_grad():
         for _, p in model.named_parameters():
             if p.requires_grad and p.dtype != torch.float32:
