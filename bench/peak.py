@@ -17,25 +17,36 @@ import time
 
 import torch
 
-DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16, "int8": torch.int8}
 
 
 def matmul_flops_per_s(dtype: torch.dtype, size: int = 2048, repeats: int = 7, device: str = "cpu",
                        best: bool = False) -> float:
-    """Return the median (or best) FLOP/s of `a @ b` for (size, size) operands of this dtype."""
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
+    """Return the median (or best) FLOP/s of `a @ b` for (size, size) operands of this dtype.
+
+    int8 is `torch._int_mm` (int32 sums), the product `base_compute: int8` runs: its "FLOP" are
+    integer multiply-adds counted the same way.
+    """
+    if dtype == torch.int8:
+        a = torch.randint(-127, 128, (size, size), device=device, dtype=dtype)
+        b = torch.randint(-127, 128, (size, size), device=device, dtype=dtype)
+        out = torch.empty(size, size, device=device, dtype=torch.int32)
+        mm = lambda: torch._int_mm(a, b, out=out)  # noqa: E731
+    else:
+        a = torch.randn(size, size, device=device).to(dtype)
+        b = torch.randn(size, size, device=device).to(dtype)
+        out = torch.empty(size, size, device=device, dtype=dtype)
+        mm = lambda: torch.mm(a, b, out=out)  # noqa: E731
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     for _ in range(2):  # warm-up: kernel selection, page faults
-        torch.mm(a, b, out=out)
+        mm()
     sync()
     inner = max(1, int(4e12 // (2 * size**3))) if device.startswith("cuda") else 1
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         for _ in range(inner):
-            torch.mm(a, b, out=out)
+            mm()
         sync()
         times.append((time.perf_counter() - start) / inner)
     return 2 * size**3 / (min(times) if best else statistics.median(times))

@@ -34,7 +34,6 @@ BATCH = 8
 MAX_SEQ_LENGTH = 256
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0)  # examples/orders.yaml at rank 16 (it trains rank 64)
 LR = 1e-3
-MARK_START, MARK_END = "<!-- train_speed_real:start -->", "<!-- train_speed_real:end -->"
 
 
 def peft_dtype() -> str:
@@ -45,7 +44,7 @@ def peft_dtype() -> str:
 
 
 def contenders() -> list[str]:
-    return [f"peft-{peft_dtype()}", "loratune"]
+    return [f"peft-{peft_dtype()}", "loratune", "loratune-int8"]
 
 
 def base_model_dir() -> str:
@@ -136,7 +135,8 @@ def render(rows: list[dict], command: str, started: str, machine: str, load: tup
         f"`{PRESET}` (dense fp32 from the packaged GGUF, both contenders read the same folder) on the "
         f"{sum(1 for _ in open(DATA))} chat rows of examples/tasks/orders/train.jsonl, loss on the assistant "
         "answer only; LoRA r=16, alpha=32, dropout 0, all-linear; batch 8, lr 1e-3. loratune: "
-        "`loratune.train.run` with its defaults (packing, automatic token budget). PEFT + Transformers: "
+        "`loratune.train.run` with its defaults (packing, automatic token budget); loratune-int8 adds "
+        "`base_compute: int8`. PEFT + Transformers: "
         f"{base['dtype']} (bf16 only where the CPU has native bf16), batches of 8 padded to their "
         "longest row, completion-only labels. Tokens/s counts real (non-pad) tokens for both; median "
         "over the measured steps, contenders stepped in lockstep; spread = (max-min)/median.", "",
