@@ -339,3 +339,34 @@ def test_only_silu_mlps_with_llamas_forward_are_switched_and_only_once():
 
     assert not is_llama_mlp(SwappedMLP())
     assert enable_fused_mlp(SwappedMLP()) == 0
+
+
+_KERNEL_CHECK = """
+import os, torch
+from loratune.ops import swiglu
+torch.manual_seed(0)
+g, u = torch.randn(64, 96), torch.randn(64, 96)
+h = swiglu._forward_kernel(g, u)
+assert swiglu._forward_kernel.proven, "the compiled kernel did not run"
+assert (h - swiglu._forward_math(g, u)).abs().max() < 1e-5, "wrong values"
+print(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+"""
+
+
+@pytest.mark.slow  # two cold compiles, ~40 s
+def test_a_kernel_cached_without_an_isa_cap_is_not_reused_under_one(tmp_path):
+    """Inductor's disk cache mixes kernels built with and without ATEN_CPU_CAPABILITY (wrong values)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("TORCHINDUCTOR_CACHE_DIR", "ATEN_CPU_CAPABILITY")}
+    env.update(TMPDIR=str(tmp_path), OMP_NUM_THREADS="1", LORATUNE_COMPILE="1")
+    dirs = []
+    for cap in (None, "avx2"):
+        run_env = dict(env, **({"ATEN_CPU_CAPABILITY": cap} if cap else {}))
+        done = subprocess.run([sys.executable, "-c", _KERNEL_CHECK], env=run_env, capture_output=True,
+                              text=True)
+        assert done.returncode == 0, done.stderr[-2000:]
+        dirs.append(done.stdout.strip().splitlines()[-1])
+    assert dirs[1] == dirs[0] + "-avx2"
