@@ -262,12 +262,13 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
     from loratune.train.loss import token_loss_sum
 
     torch.set_flush_denormal(True)
+    dtype = torch.bfloat16 if real.peft_dtype() == "bf16" else torch.float32  # the trainer's "auto"
     examples = [{"input_ids": ids, "labels": ids} for ids in read_examples(data)]
     batches = [collate(examples[i * BATCH:(i + 1) * BATCH], packing=True, pad_token_id=0) for i in range(2)]
     losses = {}
     for mode in ("fast", "reference"):
         torch.manual_seed(0)
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         enable_varlen_attention(base)
         enable_fast_rms_norm(base)
         enable_fused_mlp(base)
@@ -285,7 +286,7 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
                 optimizer.zero_grad()
                 trace.append(float(loss_sum) / n)
         losses[mode] = trace
-    return {"losses": losses}
+    return {"losses": losses, "dtype": str(dtype).removeprefix("torch.")}
 
 
 def run_int8_check(steps: int) -> dict:
@@ -496,7 +497,8 @@ def loss_line(loss: dict) -> str:
     fast, ref = loss["losses"]["fast"], loss["losses"]["reference"]
     rel = abs(fast[-1] - ref[-1]) / abs(ref[-1])
     verdict = "match" if rel <= LOSS_TOL else "DO NOT match"
-    return (f"Loss check ({len(fast)} steps, bf16 base, lr 1e-3, packed rows of Scenario B's examples as the "
+    return (f"Loss check ({len(fast)} steps, {loss.get('dtype', 'bfloat16')} base, lr 1e-3, packed rows of "
+            "Scenario B's examples as the "
             f"trainer lays them out): fast paths {fast[0]:.4f} -> {fast[-1]:.4f}, "
             f"reference paths {ref[0]:.4f} -> {ref[-1]:.4f}; relative difference at the last step {rel:.1e} "
             f"({verdict} within {LOSS_TOL:g}).")

@@ -10,10 +10,18 @@ Backward needs only the input gradient (the weight is frozen): g' = g * s_w is q
 the same way and dx = s_g' * (p_g' @ q). Nothing of x is kept for backward, only the weight.
 
 Rounding each activation to one of 255 levels of its row's absmax gives a relative error of about
-0.4% per value, which mostly averages out in the sums; the cost on training is measured in
-docs/performance.md. CPUs with int8 dot products (AVX2 `vpmaddubsw`, AVX-VNNI, AVX512-VNNI, AMX)
-run these matmuls several times faster than fp32. `int8_linear_reference` computes the same
-numbers with float matmuls of the dequantized codes, for tests.
+0.4% per value, which mostly averages out in the sums; outlier channels make it worse, which the
+optional per-channel `smooth` factors (quant/smoothing.py) counter: x is divided by them and the
+stored weight was multiplied by them. The cost on training is measured in docs/performance.md.
+
+CPUs with int8 dot products run these matmuls faster than fp32: 9-10x with AVX512-VNNI (Zen 5),
+2.2x with AVX2 alone. Without VNNI, oneDNN multiplies through `vpmaddubsw`, which saturates a pair
+of products at int16 unless the weight codes stay within 64; `int8_weight_levels()` says how many
+levels the weights may use on this CPU (127 or 63) and quant/int8.py rounds them to that.
+
+A row quantization costs three passes over the row (`quantize_rows`); q/k/v (and gate/up) read the
+same input, which `int8_forward` quantizes once. `int8_linear_reference` computes the same numbers
+with float matmuls of the dequantized codes, for tests.
 """
 
 from __future__ import annotations

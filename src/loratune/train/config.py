@@ -67,7 +67,8 @@ class ModelArgs:
     base_compute: str = field(
         default="exact",
         metadata=_help("exact, or int8: store the frozen base as int8 and run its matmuls in int8 "
-                       "(forward and input gradient; CPU), faster, slightly less exact"),
+                       "(forward and input gradient; CPU; activation outliers smoothed from the first "
+                       "training rows), faster, slightly less exact"),
     )
 
 
