@@ -30,22 +30,29 @@ _ISA_CAPS_WITHOUT_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "A
                           "AVX512_CORE_VNNI"}
 
 
-@functools.lru_cache(maxsize=1)
-def _cpu_has_bf16() -> bool:
-    """True when torch computes bf16 natively on this CPU.
+def onednn_isa_cap() -> str:
+    """oneDNN's instruction-set cap (ONEDNN_MAX_CPU_ISA, or its older name DNNL_MAX_CPU_ISA), upper
+    case; "" when unset."""
+    return (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
 
-    That is: /proc/cpuinfo lists AVX512-BF16 or AMX-BF16, and no ONEDNN_MAX_CPU_ISA (or its older
-    name DNNL_MAX_CPU_ISA) caps oneDNN below them. The cap is how an AVX2-only CPU is reproduced on
-    a newer one (bench/train_speed.py --cpu_isa avx2).
-    """
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap in _ISA_CAPS_WITHOUT_BF16:
-        return False
+
+def cpu_has_flag(*names: str) -> bool:
+    """True when /proc/cpuinfo lists any of these flags (False where it cannot be read)."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
     except OSError:
         return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return any(name in flags for name in names)
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_bf16() -> bool:
+    """True when torch computes bf16 natively on this CPU.
+
+    That is: /proc/cpuinfo lists AVX512-BF16 or AMX-BF16, and no `onednn_isa_cap()` below them.
+    The cap is how an AVX2-only CPU is reproduced on a newer one (bench/train_speed.py --cpu_isa avx2).
+    """
+    return onednn_isa_cap() not in _ISA_CAPS_WITHOUT_BF16 and cpu_has_flag("avx512_bf16", "amx_bf16")
 
 
 def bf16_supported(device: str | torch.device) -> bool:

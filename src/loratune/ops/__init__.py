@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import types
 from collections.abc import Callable, Iterator
 
 import torch
@@ -43,6 +44,18 @@ def reference_paths() -> Iterator[None]:
 def fast_paths_enabled() -> bool:
     """False inside `reference_paths()`."""
     return not _REFERENCE.get()
+
+
+def switch_forward(model: torch.nn.Module, matches: Callable[[torch.nn.Module], bool],
+                   forward: Callable) -> int:
+    """Bind `forward` as the forward of every module of `model` that `matches` and has no forward of
+    its own yet (so switching twice changes nothing); return how many were switched."""
+    switched = 0
+    for module in model.modules():
+        if matches(module) and "forward" not in vars(module):
+            module.forward = types.MethodType(forward, module)
+            switched += 1
+    return switched
 
 
 def on_clear_caches(clear: Callable[[], None]) -> Callable[[], None]:

@@ -27,17 +27,17 @@ with float matmuls of the dequantized codes, for tests.
 from __future__ import annotations
 
 import functools
-import os
 import weakref
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from loratune.dtypes import cpu_has_flag, onednn_isa_cap
+
 INT8_MAX = 127
 
 
-# oneDNN's instruction-set caps that leave out int8 dot products (VNNI); ONEDNN_MAX_CPU_ISA as in dtypes.py.
+# oneDNN's instruction-set caps that leave out int8 dot products (VNNI).
 _ISA_CAPS_WITHOUT_VNNI = {"SSE41", "AVX", "AVX2", "AVX512_CORE"}
 # Weight levels where int8 products go through AVX2's vpmaddubsw: it adds two u8 x s8 products into
 # a saturating int16, and oneDNN shifts the signed activations to u8 (0..255), so a pair stays exact
@@ -50,14 +50,8 @@ SATURATION_SAFE_LEVELS = 63
 def int8_weight_levels() -> int:
     """127 where the CPU multiplies int8 with VNNI (AVX512-VNNI, AVX-VNNI, AMX-INT8: exact int32 sums),
     else SATURATION_SAFE_LEVELS: weights for `base_compute: int8` are rounded to 7 bits there."""
-    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    if cap in _ISA_CAPS_WITHOUT_VNNI:
-        return SATURATION_SAFE_LEVELS
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return SATURATION_SAFE_LEVELS
-    vnni = any(f in flags for f in ("avx512_vnni", "avx_vnni", "amx_int8"))
+    vnni = (onednn_isa_cap() not in _ISA_CAPS_WITHOUT_VNNI
+            and cpu_has_flag("avx512_vnni", "avx_vnni", "amx_int8"))
     return INT8_MAX if vnni else SATURATION_SAFE_LEVELS
 
 

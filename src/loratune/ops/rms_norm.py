@@ -26,13 +26,11 @@ weight product do not). A switched norm still runs its own forward when its weig
 
 from __future__ import annotations
 
-import types
-
 import torch
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-from loratune.ops import HALF_DTYPES, fast_paths_enabled
+from loratune.ops import HALF_DTYPES, fast_paths_enabled, switch_forward
 from loratune.ops.compiled import compiled
 
 _LLAMA_FORWARD = LlamaRMSNorm.forward.__code__
@@ -55,12 +53,7 @@ def is_llama_rms_norm(module: nn.Module) -> bool:
 
 def enable_fast_rms_norm(model: nn.Module) -> int:
     """Route every Llama-style RMSNorm in `model` through `rms_norm`; return how many were switched."""
-    switched = 0
-    for module in model.modules():
-        if is_llama_rms_norm(module) and "forward" not in vars(module):
-            module.forward = types.MethodType(_forward, module)
-            switched += 1
-    return switched
+    return switch_forward(model, is_llama_rms_norm, _forward)
 
 
 def _forward(self: nn.Module, hidden_states: Tensor) -> Tensor:

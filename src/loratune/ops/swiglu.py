@@ -39,14 +39,12 @@ switched at all.
 
 from __future__ import annotations
 
-import types
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from transformers.models.llama.modeling_llama import LlamaMLP
 
-from loratune.ops import HALF_DTYPES, fast_paths_enabled
+from loratune.ops import HALF_DTYPES, fast_paths_enabled, switch_forward
 from loratune.ops.compiled import compiled
 
 try:  # Transformers 5's ACT2FN["silu"]; older releases use nn.SiLU
@@ -84,12 +82,7 @@ def enable_fused_mlp(model: nn.Module) -> int:
     """
     if any(getattr(m, "gradient_checkpointing", False) is True for m in model.modules()):
         return 0
-    switched = 0
-    for module in model.modules():
-        if is_llama_mlp(module) and "forward" not in vars(module):
-            module.forward = types.MethodType(_forward, module)
-            switched += 1
-    return switched
+    return switch_forward(model, is_llama_mlp, _forward)
 
 
 def _is_silu(act) -> bool:
