@@ -4,6 +4,9 @@
     python bench/train_speed.py --quick          # 8 layers, fewer steps: a smoke test, not the benchmark
     python bench/train_speed.py --scenarios R    # only the real model (see bench/train_speed_real.py)
     python bench/train_speed.py --no-write       # print the tables, leave BENCHMARKS.md alone
+    python bench/train_speed.py --cpu_isa avx2   # as on an AVX2-only CPU (AVX2_ENV); its own tables
+
+BENCHMARKS.md keeps one pair of tables per CPU kind (`cpu_kind()`: native bf16, or AVX2 only).
 
 Model: a SmolLM-135M-shaped Llama built from a config with random weights (hidden 576, 30 layers,
 9 heads / 3 KV heads, intermediate 1536, vocab 49152, tied embeddings). LoRA r=16, lora_alpha=32,
@@ -83,6 +86,9 @@ AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_EN
 def cpu_kind() -> str:
     """The table a run belongs in: "native-bf16" (AVX512-BF16 or AMX) or "avx2" (everything else)."""
     return "native-bf16" if real.peft_dtype() == "bf16" else "avx2"
+
+
+KIND_TITLES = {"native-bf16": "native bf16", "avx2": "AVX2 only: no bf16 or VNNI dot products"}
 
 
 def marks(section: str) -> tuple[str, str]:
@@ -447,7 +453,7 @@ def render(rows: list[dict], peak: dict, loss: dict | None, command: str, starte
     native = "native bf16" if "bf16" in peak else "bf16 emulated, so no PEFT bf16 contender"
     references = sorted({r["reference"] for r in rows if r.get("reference")})
     lines = [
-        "## Training speed: loratune vs PEFT + Transformers (CPU)", "",
+        f"## Training speed: loratune vs PEFT + Transformers (CPU, {KIND_TITLES[cpu_kind()]})", "",
         f"`{command}` — {started}, {machine()} ({native}); {peaks} (bench/peak.py, best of 15 repeats, "
         f"{peak['threads']} threads; MFU divides by the best of the contender's dtype).", "",
         f"SmolLM-135M-shaped Llama ({MODEL['num_hidden_layers']} layers), random weights; LoRA r=16, "
@@ -626,7 +632,7 @@ def run_real_model(model_dir: str, warmup: int, steps: int, command: str, starte
     load = os.getloadavg()[0]
     results = run_scenario("R", names, str(real.DATA), model_dir, warmup, steps)
     rows = [contender_row("R", name, r) for name, r in results.items()]
-    return real.render(rows, command, started, machine(), (load, os.getloadavg()[0]))
+    return real.render(rows, command, started, machine(), (load, os.getloadavg()[0]), KIND_TITLES[cpu_kind()])
 
 
 def log(msg: str) -> None:

@@ -124,13 +124,14 @@ def run_peft(dtype_name: str, data: str, model_dir: str, steps: int, sync) -> No
 
 # ----- the table -----------------------------------------------------------------------------------
 
-def render(rows: list[dict], command: str, started: str, machine: str, load: tuple[float, float]) -> str:
+def render(rows: list[dict], command: str, started: str, machine: str, load: tuple[float, float],
+           kind: str) -> str:
     """The Scenario R section of BENCHMARKS.md; ratios are against the PEFT contender."""
     base = next(r for r in rows if r["contender"].startswith("peft"))
     cores = os.cpu_count()
     loaded = max(load) > cores
     lines = [
-        "## Training speed on the real model: SmolLM2-135M-Instruct, orders task (CPU)", "",
+        f"## Training speed on the real model: SmolLM2-135M-Instruct, orders task (CPU, {kind})", "",
         f"`{command}` — {started}, {machine}.", "",
         f"`{PRESET}` (dense fp32 from the packaged GGUF, both contenders read the same folder) on the "
         f"{sum(1 for _ in open(DATA))} chat rows of examples/tasks/orders/train.jsonl, loss on the assistant "
