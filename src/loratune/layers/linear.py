@@ -142,21 +142,17 @@ class LoraLinear(LoraLayer):
         if len(self.active_adapters) != 1 or self.merged_adapters or self.lora_magnitude_vector:
             return None
         base = self.base_layer
-        if not (isinstance(base, nn.Linear) or is_conv1d(base) or self._int8_base()) \
+        int8 = getattr(base, "computes_in_int8", False)  # Linear8bit with base_compute: int8
+        if not (isinstance(base, nn.Linear) or is_conv1d(base) or int8) \
                 or base._forward_hooks or base._forward_pre_hooks:
             return None
         return self.active_adapters[0]
-
-    def _int8_base(self) -> bool:
-        """A Linear8bit base set to compute in int8 (`base_compute: int8`), on the CPU."""
-        base = self.base_layer
-        return getattr(base, "int8_compute", False) and base.qweight.device.type == "cpu"
 
     def _fused_forward(self, x: Tensor, adapter_name: str) -> Tensor:
         dropout = self.lora_dropout[adapter_name]
         x_lora = dropout(x) if isinstance(dropout, nn.Dropout) and dropout.training else None
         base = self.base_layer
-        int8 = self._int8_base()
+        int8 = getattr(base, "computes_in_int8", False)
         return lora_linear(
             x, base.qweight if int8 else base.weight, base.bias, self.lora_A[adapter_name].weight,
             self.lora_B[adapter_name].weight, self.scaling[adapter_name],

@@ -63,9 +63,15 @@ def quantize_rows(x: Tensor, levels: int = INT8_MAX) -> tuple[Tensor, Tensor]:
     20x slower on CPU), then one fp32 temporary is divided, rounded in place and cast.
     |x / scale| <= levels up to one rounding, so no clamp is needed.
     """
-    x = x.float()
+    return _quantize_scratch(x.float(), levels, owned=False)
+
+
+def _quantize_scratch(x: Tensor, levels: int = INT8_MAX, *, owned: bool = True) -> tuple[Tensor, Tensor]:
+    """quantize_rows of an fp32 (m, k) x; `owned`: x is the caller's temporary, rounded in place
+    (one full-size temporary fewer)."""
     scale = torch.maximum(x.amax(dim=1), x.amin(dim=1).neg_()).div_(levels)
-    codes = torch.div(x, scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]).round_()
+    divisor = scale.clamp_min(torch.finfo(torch.float32).tiny)[:, None]
+    codes = (x.div_(divisor) if owned else torch.div(x, divisor)).round_()
     return codes.to(torch.int8), scale
 
 
@@ -87,7 +93,8 @@ class _SharedInput:
                 and self.smooth is smooth):
             return self.codes
         rows = x.reshape(-1, x.shape[-1])
-        self.codes = quantize_rows(rows if smooth is None else rows.float() * smooth.reciprocal())
+        self.codes = (quantize_rows(rows) if smooth is None
+                      else _quantize_scratch(rows.float() * smooth.reciprocal()))
         self.ref, self.version, self.smooth = weakref.ref(x), x._version, smooth
         return self.codes
 
@@ -114,7 +121,7 @@ def int8_forward(x: Tensor, qweight: Tensor, scale: Tensor, bias: Tensor | None 
 def int8_input_grad(grad2: Tensor, qweight: Tensor, scale: Tensor, smooth: Tensor | None = None) -> Tensor:
     """fp32 (m, in) = grad2 (m, out) @ W for int8_forward's W: s_w is folded into the gradient, which is
     then rounded per row to int8; the columns are divided by `smooth` after the product."""
-    codes, g_scale = quantize_rows(grad2.float() * scale[None, :])
+    codes, g_scale = _quantize_scratch(grad2.float() * scale[None, :])  # a new fp32 temporary
     dx = _scaled_product(codes, g_scale, qweight, None)
     return dx.div_(smooth[None, :]) if smooth is not None else dx
 

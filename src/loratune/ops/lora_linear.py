@@ -19,8 +19,10 @@ What the fused node does differently:
 - returns gradients for x, lora_A and lora_B only.
 
 Conditions (`lora_linear` checks them and falls back to the reference otherwise, so calling it is
-always correct): the base weight and bias do not require grad, x has the base weight's dtype, and
-we are not inside `loratune.ops.reference_paths()`.
+always correct): the base weight and bias do not require grad, x has the base weight's dtype (or
+is a float tensor, for an int8 base), and we are not inside `loratune.ops.reference_paths()`.
+An int8 base (`base_compute: int8`) passes its codes as `weight` with `weight_scale` (out,) and
+optional `weight_smooth` (in,): both frozen products then run in `ops.int8_matmul`.
 Callers (LoraLinear.forward) use it for a single active, unmerged, non-DoRA adapter:
 
     y = lora_linear(x, base.weight, base.bias, lora_A.weight, lora_B.weight, scaling,

@@ -69,8 +69,13 @@ class Linear8bit(TiledQuantizedLinear):
         layer.bias = linear.bias
         return layer
 
+    @property
+    def computes_in_int8(self) -> bool:
+        """int8_compute on a CPU-resident layer: its products run in int8 (elsewhere it dequantizes)."""
+        return self.int8_compute and self.qweight.device.type == "cpu"
+
     def forward(self, x: Tensor) -> Tensor:
-        if self.int8_compute and x.device.type == "cpu":
+        if self.computes_in_int8:
             return int8_linear(x, self.qweight, self.scale, self.bias, self.smooth)
         return super().forward(x)
 
