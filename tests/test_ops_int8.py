@@ -14,7 +14,9 @@ from torch import nn
 from loratune import LoraConfig, get_peft_model
 from loratune.errors import ConfigError
 from loratune.ops import int8_matmul, reference_paths
+from loratune.ops import lora_linear as lora_linear_module
 from loratune.ops.int8_matmul import int8_linear, int8_linear_reference, quantize_rows
+from loratune.quant import smoothing as quant_smoothing
 from loratune.quant.int8 import Linear8bit
 from loratune.train import run
 from loratune.train.config import build_config
@@ -85,13 +87,18 @@ def test_trainer_with_base_compute_int8_tracks_the_exact_run(tmp_path, monkeypat
     model_dir = make_model_dir(tmp_path / "model")
     data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 16))
     kw = {"max_steps": 4, "lora_dropout": 0.0}
-    calls = []
+    calls, calibrated = [], []
     int_mm = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: calls.append(1) or int_mm(*a, **k))
+    smoothing = quant_smoothing.activation_smoothing
+    monkeypatch.setattr(quant_smoothing, "activation_smoothing",
+                        lambda model, rows: calibrated.append(rows) or smoothing(model, rows))
     run(settings(model_dir, data, tmp_path / "exact", **kw))
-    assert not calls  # the exact run never multiplies in int8
+    assert not calls and not calibrated  # the exact run never multiplies in int8
     run(settings(model_dir, data, tmp_path / "int8", base_compute="int8", **kw))
     assert len(calls) >= 4 * 7 * 2 * 2  # every step: 7 projections x 2 layers, forward and backward
+    (rows,) = calibrated  # smoothed once, from the training rows (token ids, not empty)
+    assert rows and all(rows) and sum(map(len, rows)) <= quant_smoothing.CALIBRATION_TOKENS
     exact, int8 = losses(tmp_path / "exact"), losses(tmp_path / "int8")
     assert exact[0] == pytest.approx(int8[0], rel=0.02)  # the same start, computed in int8
     assert int8[-1] < int8[0]  # and it learns
@@ -145,14 +152,19 @@ def test_int8_products_are_exact_on_an_avx2_only_instruction_set():
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_the_fused_lora_op_on_an_int8_base_equals_its_reference_path(dropout):
+def test_the_fused_lora_op_on_an_int8_base_equals_its_reference_path(dropout, monkeypatch):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
-    base = nn.Sequential(_with_int8(net[0]), nn.ReLU(), _with_int8(net[2]))
+    smoothed = Linear8bit.from_linear(net[0], compute_dtype=torch.float32, int8_compute=True,
+                                      smooth=torch.rand(64) + 0.5)
+    base = nn.Sequential(smoothed, nn.ReLU(), _with_int8(net[2]))
     model = get_peft_model(base, LoraConfig(r=4, lora_dropout=dropout, target_modules=["0", "2"],
                                             init_lora_weights=False))
     model.train()
     x = torch.randn(2, 7, 64)
+    fused = []
+    apply = lora_linear_module._LoraLinearFn.apply
+    monkeypatch.setattr(lora_linear_module._LoraLinearFn, "apply", lambda *a: fused.append(1) or apply(*a))
     results = []
     for ctx in (contextlib.nullcontext, reference_paths):
         torch.manual_seed(1)
@@ -162,6 +174,7 @@ def test_the_fused_lora_op_on_an_int8_base_equals_its_reference_path(dropout):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         results.append((loss.detach(), grads))
         model.zero_grad()
+    assert len(fused) == 2  # both layers took the fused op on the fast path, none on the reference
     (fast, fast_grads), (ref, ref_grads) = results
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     for name, grad in ref_grads.items():
