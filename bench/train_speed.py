@@ -250,9 +250,9 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
     """Train `steps` steps twice from the same start: fast paths, then `reference_paths()`.
 
     The batches are laid out as the trainer lays them out by default (packed rows, per-example
-    attention, the fused RMSNorm and SwiGLU switched on), so every fast path the trainer uses is in the
-    comparison; under `reference_paths()` the same rows go through Transformers' block-diagonal
-    sdpa and its own norms, the full logits and the unfused LoRA linear.
+    attention, the fused RMSNorm and, in float32, SwiGLU switched on), so every fast path the trainer
+    uses is in the comparison; under `reference_paths()` the same rows go through Transformers'
+    block-diagonal sdpa and its own norms, the full logits and the unfused LoRA linear.
     """
     import contextlib
 
@@ -277,7 +277,8 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         enable_varlen_attention(base)
         enable_fast_rms_norm(base)
-        enable_fused_mlp(base)
+        if dtype == torch.float32:  # as the trainer switches it on (train.api.adapt_base)
+            enable_fused_mlp(base)
         model = get_peft_model(base, LoraConfig(**LORA, target_modules=PROJECTIONS))
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]

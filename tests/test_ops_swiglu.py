@@ -370,3 +370,15 @@ def test_a_kernel_cached_without_an_isa_cap_is_not_reused_under_one(tmp_path):
         assert done.returncode == 0, done.stderr[-2000:]
         dirs.append(done.stdout.strip().splitlines()[-1])
     assert dirs[1] == dirs[0] + "-avx2"
+
+
+@pytest.mark.parametrize(("dtype", "switched"), [(torch.float32, True), (torch.bfloat16, False)])
+def test_the_trainer_fuses_mlps_of_a_float32_base_only(dtype, switched):
+    """Measured on SmolLM2: worth it in float32, a net loss in bf16 (train.api.adapt_base)."""
+    from loratune.train.api import adapt_base
+    from loratune.train.config import build_config
+
+    cfg = build_config({"train_file": "x.jsonl"})
+    model = adapt_base(tiny_model().to(dtype), cfg, torch.device("cpu"))
+    mlps = [m for m in model.modules() if is_llama_mlp(m)]
+    assert mlps and all(("forward" in vars(m)) is switched for m in mlps)
