@@ -15,7 +15,8 @@ optional per-channel `smooth` factors (quant/smoothing.py) counter: x is divided
 stored weight was multiplied by them. The cost on training is measured in docs/performance.md.
 
 CPUs with int8 dot products run these matmuls faster than fp32: 9-10x with AVX512-VNNI (Zen 5),
-2.2x with AVX2 alone. Without VNNI, oneDNN multiplies through `vpmaddubsw`, which saturates a pair
+2.2x with AVX2 alone (the same Zen 5 with oneDNN capped at AVX2; 2048^3, 2 threads). Without
+VNNI, oneDNN multiplies through `vpmaddubsw`, which saturates a pair
 of products at int16 unless the weight codes stay within 64; `int8_weight_levels()` says how many
 levels the weights may use on this CPU (127 or 63) and quant/int8.py rounds them to that.
 

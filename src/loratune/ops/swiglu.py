@@ -15,9 +15,11 @@ are needed; silu(g) and h are cheap elementwise functions of them. The switched 
 SmolLM-135M shape (30 layers, D 576, I 1536), fp32, 4 x 256 tokens, LoRA r=16 on all seven
 projections, trainer's chunked loss: saved activations 1187 -> 827 MiB (2 x 30 x 6 MiB fewer).
 The price is one more silu(g) * u per layer in backward. One MLP forward + backward (1024 tokens,
-min of 40, AMD EPYC shared with another job, 2026-12-07): fp32 1 thread 116-120 ms before and
-after; bf16 1 thread 29-31 ms before, +0-2 ms after (+1-2.5 ms with eager kernels); 2 threads bf16
-18.3 -> 19.4 ms, fp32 65.9 -> 65.9 ms. The elementwise part alone: 2.0 -> 2.6 ms (eager 3.4-3.8).
+min of 40, AMD EPYC Zen 5 with native bf16, shared with another job, 2026-12-07): fp32 1 thread
+116-120 ms before and after; bf16 1 thread 29-31 ms before, +0-2 ms after (+1-2.5 ms with eager
+kernels); 2 threads bf16 18.3 -> 19.4 ms, fp32 65.9 -> 65.9 ms. The elementwise part alone: 2.0 ->
+2.6 ms (eager 3.4-3.8). On the whole SmolLM2 demo in bf16 it cost 12-17% of the training time, so
+the trainer switches it on for a float32 base only (docs/performance.md, "SwiGLU MLP").
 
 Semantics: with eager kernels (other devices, `LORATUNE_COMPILE=0`) the forward and both gradients
 run plain autograd's ops on `act_fn(g) * u` (silu, product, aten's silu_backward, in g's dtype):
