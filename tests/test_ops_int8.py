@@ -49,9 +49,42 @@ def test_int8_matmuls_equal_the_float_reference_forward_and_backward(dtype):
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
     grad = torch.randn_like(y)
-    y.backward(grad)
-    y_ref.backward(grad)
+    for out in (y, y_ref):  # the same draws for the stochastic rounding of the gradient
+        torch.manual_seed(7)
+        out.backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=tol, atol=tol)
+
+
+def test_stochastic_rounding_is_right_on_average_where_rounding_to_nearest_is_not():
+    x = torch.full((1, 64), 0.3)
+    x[0, 0] = 127.0  # scale 1: every other value is 0.3 of a level, which rounds to nearest as 0
+    nearest, _ = int8_matmul._quantize_scratch(x.clone())
+    assert nearest[0, 1:].abs().sum() == 0
+    torch.manual_seed(0)
+    draws = torch.stack([int8_matmul._quantize_scratch(x.clone(), stochastic=True)[0][0, 1:]
+                         for _ in range(400)]).float()
+    assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    assert abs(float(draws.mean()) - 0.3) < 0.02
+
+
+def test_stochastic_codes_stay_within_the_levels_and_repeat_under_the_same_seed():
+    x = torch.randn(32, 96) * 5
+    x[:, 7] = x.abs().amax(1)  # rows that reach their absmax exactly: x / scale = levels
+    results = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        results.append(int8_matmul._quantize_scratch(x.clone(), 63, stochastic=True)[0])
+    assert torch.equal(results[0], results[1]) and int(results[0].abs().max()) <= 63
+
+
+def test_the_dither_table_does_not_change_as_it_grows():
+    small, large = int8_matmul._Dither(), int8_matmul._Dither()
+    small.uniform(torch.Size([10]))
+    large.uniform(torch.Size([3 * int8_matmul._Dither.CHUNK]))
+    assert large.table.numel() > small.table.numel()
+    torch.testing.assert_close(large.table[:small.table.numel()], small.table, rtol=0, atol=0)
+    values = large.uniform(torch.Size([4, 5]))
+    assert values.shape == (4, 5) and bool(((values >= 0) & (values < 1)).all())
 
 
 def _with_int8(linear):
@@ -151,17 +184,21 @@ def test_int8_products_are_exact_on_an_avx2_only_instruction_set():
     assert done.returncode == 0 and "exact" in done.stdout, done.stderr[-2000:]
 
 
-@pytest.mark.parametrize("dropout", [0.0, 0.2])
-def test_the_fused_lora_op_on_an_int8_base_equals_its_reference_path(dropout, monkeypatch):
+@pytest.mark.parametrize("dropout,outliers", [(0.0, False), (0.2, False), (0.0, True), (0.2, True)])
+def test_the_fused_lora_op_on_an_int8_base_equals_its_reference_path(dropout, outliers, monkeypatch):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(64, 96), nn.ReLU(), nn.Linear(96, 32))
-    smoothed = Linear8bit.from_linear(net[0], compute_dtype=torch.float32, int8_compute=True,
-                                      smooth=torch.rand(64) + 0.5)
+    smooth = torch.rand(64) + 0.5
+    if outliers:
+        smooth[[5, 40]] = torch.inf  # two input channels computed in float
+    smoothed = Linear8bit.from_linear(net[0], compute_dtype=torch.float32, int8_compute=True, smooth=smooth)
+    assert (smoothed.outliers is not None) == outliers
     base = nn.Sequential(smoothed, nn.ReLU(), _with_int8(net[2]))
     model = get_peft_model(base, LoraConfig(r=4, lora_dropout=dropout, target_modules=["0", "2"],
                                             init_lora_weights=False))
     model.train()
     x = torch.randn(2, 7, 64)
+    x[..., 5] *= 50
     fused = []
     apply = lora_linear_module._LoraLinearFn.apply
     monkeypatch.setattr(lora_linear_module._LoraLinearFn, "apply", lambda *a: fused.append(1) or apply(*a))

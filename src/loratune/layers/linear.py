@@ -158,6 +158,7 @@ class LoraLinear(LoraLayer):
             self.lora_B[adapter_name].weight, self.scaling[adapter_name],
             fan_in_fan_out=self.fan_in_fan_out, x_lora=x_lora,
             weight_scale=base.scale if int8 else None, weight_smooth=base.smooth if int8 else None,
+            weight_outliers=base.outliers if int8 else None,
         )
 
     def _adapter_delta(self, x: Tensor, adapter_name: str) -> Tensor:

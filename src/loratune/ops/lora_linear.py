@@ -21,8 +21,9 @@ What the fused node does differently:
 Conditions (`lora_linear` checks them and falls back to the reference otherwise, so calling it is
 always correct): the base weight and bias do not require grad, x has the base weight's dtype (or
 is a float tensor, for an int8 base), and we are not inside `loratune.ops.reference_paths()`.
-An int8 base (`base_compute: int8`) passes its codes as `weight` with `weight_scale` (out,) and
-optional `weight_smooth` (in,): both frozen products then run in `ops.int8_matmul`.
+An int8 base (`base_compute: int8`) passes its codes as `weight` with `weight_scale` (out,),
+optional `weight_smooth` (in,) and `weight_outliers` (its float outlier channels): both frozen
+products then run in `ops.int8_matmul`.
 Callers (LoraLinear.forward) use it for a single active, unmerged, non-DoRA adapter:
 
     y = lora_linear(x, base.weight, base.bias, lora_A.weight, lora_B.weight, scaling,
@@ -43,17 +44,17 @@ from torch import Tensor
 
 from loratune.ops import fast_paths_enabled
 from loratune.ops.gemm import matmul
-from loratune.ops.int8_matmul import int8_forward, int8_input_grad, int8_linear
+from loratune.ops.int8_matmul import Outliers, int8_forward, int8_input_grad, int8_linear
 
 
 def lora_linear_reference(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
     fan_in_fan_out: bool = False, x_lora: Tensor | None = None, weight_scale: Tensor | None = None,
-    weight_smooth: Tensor | None = None,
+    weight_smooth: Tensor | None = None, weight_outliers: Outliers | None = None,
 ) -> Tensor:
     """Return base(x) + scaling * B(A(x_lora)) computed the plain way (low-rank branch in A's dtype)."""
     if weight_scale is not None:  # an int8 base computed in int8, through its own autograd node
-        y = int8_linear(x, weight, weight_scale, bias, weight_smooth)
+        y = int8_linear(x, weight, weight_scale, bias, weight_smooth, weight_outliers)
     else:
         y = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)  # (..., out)
     h = (x if x_lora is None else x_lora).to(lora_A.dtype)
@@ -63,7 +64,7 @@ def lora_linear_reference(
 def lora_linear(
     x: Tensor, weight: Tensor, bias: Tensor | None, lora_A: Tensor, lora_B: Tensor, scaling: float,
     fan_in_fan_out: bool = False, x_lora: Tensor | None = None, weight_scale: Tensor | None = None,
-    weight_smooth: Tensor | None = None,
+    weight_smooth: Tensor | None = None, weight_outliers: Outliers | None = None,
 ) -> Tensor:
     """Return the same y as `lora_linear_reference` through one fused autograd node (see module doc)."""
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
@@ -71,33 +72,34 @@ def lora_linear(
     if (not frozen or not fast_paths_enabled() or not same_dtype
             or (x_lora is not None and x_lora.dtype != x.dtype)):
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, x_lora,
-                                     weight_scale, weight_smooth)
+                                     weight_scale, weight_smooth, weight_outliers)
     return _LoraLinearFn.apply(x, weight, bias, lora_A, lora_B, float(scaling), fan_in_fan_out, x_lora,
-                               weight_scale, weight_smooth)
+                               weight_scale, weight_smooth, weight_outliers)
 
 
 class _LoraLinearFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, x_lora, weight_scale,
-                weight_smooth):
+                weight_smooth, weight_outliers):
         w = weight.t() if fan_in_fan_out else weight  # (out, in), a view
         x2 = x.reshape(-1, x.shape[-1])  # (N, in)
         xl = x2 if x_lora is None else x_lora.reshape(x2.shape)
         a, b = lora_A.to(x.dtype), lora_B.to(x.dtype)  # rank-R factors only; the base is never cast
         h = xl @ a.t()  # (N, R)
         if weight_scale is not None:  # int8 codes, rows of x rounded to int8 (ops.int8_matmul)
-            y = int8_forward(x, weight, weight_scale, bias, weight_smooth).to(x.dtype)
+            y = int8_forward(x, weight, weight_scale, bias, weight_smooth, weight_outliers).to(x.dtype)
         else:
             y = matmul(x2, w.t(), bias)  # (N, out), in row halves where that is faster (ops.gemm)
         y.addmm_(h, b.t(), alpha=scaling)
         # The cast factors too (small): backward reuses them instead of casting again.
-        ctx.save_for_backward(xl, weight, lora_A, lora_B, h, a, b, weight_scale, weight_smooth)
+        ctx.save_for_backward(xl, weight, lora_A, lora_B, h, a, b, weight_scale, weight_smooth,
+                              *(weight_outliers or (None, None)))
         ctx.scaling, ctx.fan_in_fan_out, ctx.separate = scaling, fan_in_fan_out, x_lora is not None
         return y.reshape(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        xl, weight, lora_A, lora_B, h, a, b, weight_scale, weight_smooth = ctx.saved_tensors
+        xl, weight, lora_A, lora_B, h, a, b, weight_scale, weight_smooth, index, columns = ctx.saved_tensors
         s = ctx.scaling
         need_x, _, _, need_a, need_b = ctx.needs_input_grad[:5]
         need_xl = ctx.needs_input_grad[7]
@@ -106,7 +108,8 @@ class _LoraLinearFn(torch.autograd.Function):
         grad_x = grad_xl = grad_a = grad_b = None
         if need_x:
             if weight_scale is not None:
-                grad_x = int8_input_grad(g, weight, weight_scale, weight_smooth).to(g.dtype)  # (N, in)
+                outliers = None if index is None else (index, columns)
+                grad_x = int8_input_grad(g, weight, weight_scale, weight_smooth, outliers).to(g.dtype)  # (N, in)
             else:
                 grad_x = matmul(g, weight.t() if ctx.fan_in_fan_out else weight)  # (N, in)
             if ctx.separate:
@@ -123,4 +126,4 @@ class _LoraLinearFn(torch.autograd.Function):
         if need_b:
             # (h^T g)^T, not g^T h: the same (out, R) product, 30-45% faster in this orientation on CPU
             grad_b = (h.t() @ g).t().to(lora_B.dtype, memory_format=torch.contiguous_format).mul_(s)
-        return grad_x, None, None, grad_a, grad_b, None, None, grad_xl, None, None
+        return grad_x, None, None, grad_a, grad_b, None, None, grad_xl, None, None, None

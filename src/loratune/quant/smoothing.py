@@ -18,6 +18,14 @@ q_proj, 3.0% to 2.1% at up_proj and 3.4% to 2.9% at down_proj; o_proj is unchang
 first training rows, up to CALIBRATION_TOKENS) and returns {module name: s}. Layers that read the
 same input (q/k/v, gate/up) get one shared tensor, made with the largest weight column of the group,
 so their common input is divided and rounded once (ops.int8_matmul's shared-input cache).
+
+Smoothing alone leaves much of the error at down_proj, whose input (act(gate) * up) has a few
+channels far above the rest; rounding down_proj alone to int8 raised SmolLM2's eval loss on the
+demo chat rows (examples/data) by 1.3%, every other projection by 0.6% at most. So in each group
+the channels whose max|x_j| * max|W_j| is more than OUTLIER_RATIO times the median (at most
+OUTLIER_CHANNELS of them; on SmolLM2 the largest is 5-490 times the median) get s_j = inf: they
+leave the int8 product and are computed in float (quant/int8.py, ops.int8_matmul). A group without
+such channels pays nothing. Measured in docs/performance.md ("int8 base compute").
 """
 
 from __future__ import annotations
@@ -26,6 +34,8 @@ import torch
 from torch import Tensor, nn
 
 ALPHA = 0.5
+OUTLIER_CHANNELS = 8  # at most this many input channels per layer group computed in float, not int8
+OUTLIER_RATIO = 16  # ... those whose max|x| * max|W| is above this many times the group's median
 CALIBRATION_TOKENS = 1024
 _FLOOR = 1e-5  # a channel that never fires (or a zero weight column) must not give s = 0 or inf
 
@@ -39,14 +49,19 @@ def activation_smoothing(model: nn.Module, rows: list[list[int]], names: set[str
     linears = {n: m for n, m in model.named_modules()
                if type(m) is nn.Linear and m is not head and (names is None or n in names)}
     amax: dict[str, Tensor] = {}
-    calls: list[tuple[str, int, tuple[int, ...]]] = []  # (name, input address, shape), in call order
+    calls: list[tuple[str, int, tuple[int, ...]]] = []  # (name, input number, shape), in call order
+    last: list[Tensor] = []  # the previous call's input, held so that "the same tensor" is identity
 
     def hook(name: str):
         def record(module, args, output):
             x = args[0]
             seen = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
             amax[name] = seen if name not in amax else torch.maximum(amax[name], seen)
-            calls.append((name, x.data_ptr(), tuple(x.shape)))
+            # Not the data address: a tensor freed between two calls (o_proj's input, before the
+            # post-attention norm) can hand its address to the next one (gate/up's input).
+            same = bool(last) and last[0] is x
+            calls.append((name, calls[-1][1] if same else len(calls), tuple(x.shape)))
+            last[:] = [x]
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in linears.items()]
@@ -57,21 +72,30 @@ def activation_smoothing(model: nn.Module, rows: list[list[int]], names: set[str
     finally:
         for handle in handles:
             handle.remove()
+        last.clear()
     smooth = {}
     for group in _shared_inputs(calls):
         w_amax = torch.stack([linears[n].weight.abs().amax(dim=0).float() for n in group]).amax(dim=0)
         x_amax = amax[group[0]]
         s = x_amax.clamp_min(_FLOOR).pow(alpha) / w_amax.clamp_min(_FLOOR).pow(1 - alpha)
+        s[outlier_channels(x_amax, w_amax)] = torch.inf
         for name in group:
             smooth[name] = s
     return smooth
 
 
-def _shared_inputs(calls: list[tuple[str, int, tuple[int, ...]]]) -> list[list[str]]:
-    """Groups of layers that read one tensor: consecutive calls on the same address and shape.
+def outlier_channels(x_amax: Tensor, w_amax: Tensor, k: int = OUTLIER_CHANNELS) -> Tensor:
+    """Indices of the channels (at most min(k, in // 16)) whose max|x_j| * max|W_j| is above
+    OUTLIER_RATIO times its median: for any alpha, max|x_j / s_j| and max|W_j * s_j| both grow with it."""
+    size = x_amax * w_amax
+    top = size.topk(min(k, size.numel() // 16))
+    return top.indices[top.values > OUTLIER_RATIO * size.median()]
 
-    Only consecutive calls are joined: the input is alive through them, so the address is that one
-    tensor's; a later layer may reuse a freed address. The first call of each layer decides.
+
+def _shared_inputs(calls: list[tuple[str, int, tuple[int, ...]]]) -> list[list[str]]:
+    """Groups of layers that read one tensor: consecutive calls on the same input number and shape.
+
+    Only consecutive calls are joined. The first call of each layer decides.
     """
     groups: list[list[str]] = []
     placed: set[str] = set()
