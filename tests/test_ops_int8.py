@@ -21,7 +21,7 @@ from loratune.quant.int8 import Linear8bit
 from loratune.train import run
 from loratune.train.config import build_config
 from test_cli_train import make_model_dir, rows_for, write_rows
-from test_train_loop import adapter, losses, settings
+from test_train_loop import adapter, assert_same_adapter, losses, settings
 
 
 def _layer(out_features=48, in_features=64, bias=True, seed=0):
@@ -85,6 +85,11 @@ def test_the_dither_table_does_not_change_as_it_grows():
     torch.testing.assert_close(large.table[:small.table.numel()], small.table, rtol=0, atol=0)
     values = large.uniform(torch.Size([4, 5]))
     assert values.shape == (4, 5) and bool(((values >= 0) & (values < 1)).all())
+    draws = []
+    for table in (small, large):  # what a process ran before (its table's size) changes nothing
+        torch.manual_seed(5)
+        draws.append(table.uniform(torch.Size([6, 7])))
+    torch.testing.assert_close(draws[0], draws[1], rtol=0, atol=0)
 
 
 def _with_int8(linear):
@@ -136,6 +141,21 @@ def test_trainer_with_base_compute_int8_tracks_the_exact_run(tmp_path, monkeypat
     assert exact[0] == pytest.approx(int8[0], rel=0.02)  # the same start, computed in int8
     assert int8[-1] < int8[0]  # and it learns
     assert adapter(tmp_path / "int8").keys() == adapter(tmp_path / "exact").keys()  # a plain PEFT adapter
+
+
+def test_an_int8_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
+    """The gradient's stochastic rounding draws from the per-micro-batch generator: a resumed run
+    (here after another run in the same process, so with the dither table already grown) draws the same."""
+    model_dir = make_model_dir(tmp_path / "model")
+    data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 16))
+    kw = {"max_steps": 6, "lora_dropout": 0.1, "save_steps": 3, "save_total_limit": None,
+          "base_compute": "int8"}
+    straight = tmp_path / "straight"
+    run(settings(model_dir, data, straight, **kw))
+    resumed = tmp_path / "resumed"
+    run(settings(model_dir, data, resumed, resume_from_checkpoint=str(straight / "checkpoint-3"), **kw))
+    assert_same_adapter(adapter(straight), adapter(resumed))
+    assert losses(resumed) == pytest.approx(losses(straight)[3:], rel=1e-6)
 
 
 @pytest.mark.parametrize(("extra", "needle"), [

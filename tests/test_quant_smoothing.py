@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -70,6 +71,10 @@ def _outlier_rows(n=32, k=64, seed=0):
     return x
 
 
+def _error(layer, x, exact):
+    return float((layer(x).detach() - exact).norm() / exact.norm())
+
+
 def test_smoothing_leaves_the_product_unchanged_and_cuts_the_rounding_error():
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
@@ -80,27 +85,7 @@ def test_smoothing_leaves_the_product_unchanged_and_cuts_the_rounding_error():
     smoothed = Linear8bit.from_linear(linear, compute_dtype=torch.float32, int8_compute=True, smooth=s)
     weight = linear.weight.detach()
     torch.testing.assert_close(smoothed.dequantize(torch.float32), weight, rtol=0.05, atol=0.02)
-
-    def error(layer):
-        return float((layer(x).detach() - exact).norm() / exact.norm())
-    assert error(smoothed) < 0.5 * error(plain)
-
-
-def test_a_smoothed_int8_product_equals_its_float_reference_forward_and_backward():
-    torch.manual_seed(0)
-    linear = nn.Linear(64, 48)
-    x = _outlier_rows().requires_grad_(True)
-    x_ref = x.detach().clone().requires_grad_(True)
-    s = torch.rand(64) + 0.5
-    layer = Linear8bit.from_linear(linear, compute_dtype=torch.float32, int8_compute=True, smooth=s)
-    args = (layer.qweight, layer.scale, layer.bias, layer.smooth)
-    y, y_ref = int8_linear(x, *args), int8_linear_reference(x_ref, *args)
-    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-4)
-    grad = torch.randn_like(y)
-    for out in (y, y_ref):  # the same draws for the stochastic rounding of the gradient
-        torch.manual_seed(7)
-        out.backward(grad)
-    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
+    assert _error(smoothed, x, exact) < 0.5 * _error(plain, x, exact)
 
 
 def test_outlier_channels_are_those_with_the_largest_activation_times_weight():
@@ -135,17 +120,16 @@ def test_outlier_channels_leave_the_int8_product_and_cut_its_error():
     dequantized = split.dequantize(torch.float32)
     torch.testing.assert_close(dequantized[:, 3], linear.weight.detach()[:, 3])  # the float column, exact
     torch.testing.assert_close(dequantized, linear.weight.detach(), rtol=0.05, atol=0.02)
-
-    def error(layer):
-        return float((layer(x).detach() - exact).norm() / exact.norm())
-    assert error(split) < 0.3 * error(smoothed)
+    assert _error(split, x, exact) < 0.3 * _error(smoothed, x, exact)
 
 
-def test_an_int8_product_with_outlier_channels_equals_its_float_reference_forward_and_backward():
+@pytest.mark.parametrize("outliers", [(), (3, 17)])
+def test_a_smoothed_int8_product_equals_its_float_reference_forward_and_backward(outliers):
     torch.manual_seed(0)
     linear = nn.Linear(64, 48)
     x = _outlier_rows().requires_grad_(True)
-    layer = _outlier_layer(linear, x.detach(), outliers=(3, 17))
+    layer = _outlier_layer(linear, x.detach(), outliers=outliers)
+    assert (layer.outliers is not None) == bool(outliers)
     x_ref = x.detach().clone().requires_grad_(True)
     args = (layer.qweight, layer.scale, layer.bias, layer.smooth, layer.outliers)
     y, y_ref = int8_linear(x, *args), int8_linear_reference(x_ref, *args)
@@ -156,7 +140,8 @@ def test_an_int8_product_with_outlier_channels_equals_its_float_reference_forwar
         out.backward(grad)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-5)
     # The outlier channels' input gradient is the float product with their exact columns.
-    torch.testing.assert_close(x.grad[:, [3, 17]], grad @ linear.weight.detach()[:, [3, 17]],
+    columns = list(outliers)
+    torch.testing.assert_close(x.grad[:, columns], grad @ linear.weight.detach()[:, columns],
                                rtol=1e-5, atol=1e-5)
 
 
