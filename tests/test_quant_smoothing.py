@@ -9,6 +9,7 @@ from torch import nn
 from factories import tiny_model
 from loratune.ops.int8_matmul import int8_linear, int8_linear_reference
 from loratune.quant import quantize_model
+from loratune.quant import smoothing as quant_smoothing
 from loratune.quant.int8 import Linear8bit
 from loratune.quant.smoothing import (OUTLIER_CHANNELS, _shared_inputs, activation_smoothing, calibration_rows,
                                       outlier_channels)
@@ -17,8 +18,7 @@ from test_cli_train import make_model_dir
 
 
 def test_layers_called_in_a_row_on_one_tensor_share_a_group():
-    calls = [("q", 1, (2, 4)), ("k", 1, (2, 4)), ("v", 1, (2, 4)), ("o", 2, (2, 4)),
-             ("gate", 3, (2, 4)), ("up", 3, (2, 4)), ("down", 1, (2, 8)), ("q", 1, (2, 4))]
+    calls = [("q", 1), ("k", 1), ("v", 1), ("o", 2), ("gate", 3), ("up", 3), ("down", 4), ("q", 5)]
     assert _shared_inputs(calls) == [["q", "k", "v"], ["o"], ["gate", "up"], ["down"]]
 
 
@@ -155,6 +155,28 @@ def test_loading_an_int8_compute_base_with_calibration_rows_smooths_its_layers(t
     for layer in (attn.q_proj, attn.k_proj):  # the inf factors are the channels computed in float
         index = layer.outlier_index if layer.outliers is not None else torch.empty(0, dtype=torch.long)
         assert index.tolist() == torch.isinf(layer.smooth).nonzero().flatten().tolist()
+
+
+def test_outlier_channels_reach_the_loaded_layers_and_their_forward(tmp_path, monkeypatch):
+    """Every channel above the median counts as an outlier here, so every layer has some."""
+    monkeypatch.setattr(quant_smoothing, "OUTLIER_RATIO", 0)
+    directory = make_model_dir(tmp_path / "model")
+    rows = [[5, 9, 2, 7, 1, 3]]
+    model = load_base_model(directory, dtype="float32", load_in_8bit=True, int8_compute=True,
+                            calibration_rows=rows)
+    mlp = model.model.layers[0].mlp
+    for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+        assert layer.outliers is not None and layer.qweight[:, layer.outlier_index].abs().sum() == 0
+    assert mlp.gate_proj.outlier_index.tolist() == mlp.up_proj.outlier_index.tolist()
+    float_model = load_base_model(directory, dtype="float32")
+    ids = torch.tensor(rows)
+    with torch.no_grad():
+        exact = float_model(ids).logits
+        error = float((model(ids).logits - exact).norm() / exact.norm())
+        for layer in (mlp.gate_proj, mlp.up_proj, mlp.down_proj):
+            layer.outlier_weight.zero_()  # the float columns no longer added back
+        dropped = float((model(ids).logits - exact).norm() / exact.norm())
+    assert error < 0.05 and dropped > 2 * error
     q_proj = load_base_model(directory, dtype="float32", load_in_8bit=True).model.layers[0].self_attn.q_proj
     assert q_proj.smooth is None and not q_proj.int8_compute
 

@@ -49,7 +49,7 @@ def activation_smoothing(model: nn.Module, rows: list[list[int]], names: set[str
     linears = {n: m for n, m in model.named_modules()
                if type(m) is nn.Linear and m is not head and (names is None or n in names)}
     amax: dict[str, Tensor] = {}
-    calls: list[tuple[str, int, tuple[int, ...]]] = []  # (name, input number, shape), in call order
+    calls: list[tuple[str, int]] = []  # (name, input number), in call order
     last: list[Tensor] = []  # the previous call's input, held so that "the same tensor" is identity
 
     def hook(name: str):
@@ -60,7 +60,7 @@ def activation_smoothing(model: nn.Module, rows: list[list[int]], names: set[str
             # Not the data address: a tensor freed between two calls (o_proj's input, before the
             # post-attention norm) can hand its address to the next one (gate/up's input).
             same = bool(last) and last[0] is x
-            calls.append((name, calls[-1][1] if same else len(calls), tuple(x.shape)))
+            calls.append((name, calls[-1][1] if same else len(calls)))
             last[:] = [x]
         return record
 
@@ -92,24 +92,24 @@ def outlier_channels(x_amax: Tensor, w_amax: Tensor, k: int = OUTLIER_CHANNELS) 
     return top.indices[top.values > OUTLIER_RATIO * size.median()]
 
 
-def _shared_inputs(calls: list[tuple[str, int, tuple[int, ...]]]) -> list[list[str]]:
-    """Groups of layers that read one tensor: consecutive calls on the same input number and shape.
+def _shared_inputs(calls: list[tuple[str, int]]) -> list[list[str]]:
+    """Groups of layers that read one tensor: consecutive calls with the same input number.
 
     Only consecutive calls are joined. The first call of each layer decides.
     """
     groups: list[list[str]] = []
     placed: set[str] = set()
     last = None
-    for name, address, shape in calls:
+    for name, number in calls:
         if name in placed:
             last = None
             continue
-        if last is not None and (address, shape) == last:
+        if last is not None and number == last:
             groups[-1].append(name)
         else:
             groups.append([name])
         placed.add(name)
-        last = (address, shape)
+        last = number
     return groups
 
 
