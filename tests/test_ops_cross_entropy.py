@@ -8,6 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loratune.ops.cross_entropy import chunked_cross_entropy_sum, cross_entropy_sum_reference
+from loratune.ops.int8_matmul import quantize_rows
 
 TOL = {
     torch.float32: dict(rtol=1e-5, atol=1e-5),
@@ -25,7 +26,7 @@ def make_inputs(n, d, v, dtype, bias, seed=0):
 
 
 def run(fn, hidden, weight, bias, targets, **kw):
-    tensors = [t for t in (hidden, weight, bias) if t is not None]
+    tensors = [t for t in (hidden, weight, bias) if t is not None and t.requires_grad]
     for t in tensors:
         t.grad = None
     loss = fn(hidden, weight, bias, targets, **kw)
@@ -69,6 +70,56 @@ def test_frozen_weight_gets_no_grad_and_no_grad_mode_works():
     with torch.no_grad():
         again = chunked_cross_entropy_sum(hidden, weight, None, targets, chunk_rows=4)
     torch.testing.assert_close(again, loss.detach())
+
+
+def _int8_head_inputs(dtype=torch.float32):
+    hidden, weight, _, targets = make_inputs(48, 32, 300, dtype, bias=False, seed=1)
+    with torch.no_grad():
+        hidden.mul_(4)  # peaked softmax rows, as a trained model's are
+    weight.requires_grad_(False)
+    return hidden, weight, targets, quantize_rows(weight)  # as quant.int8.attach_head_codes rounds it
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int8_head_gradient_keeps_the_loss_and_is_right_on_average(dtype):
+    hidden, weight, targets, codes = _int8_head_inputs(dtype)
+    ref_loss, (ref_grad,) = run(chunked_cross_entropy_sum, hidden, weight, None, targets, chunk_rows=20)
+    draws = []
+    for seed in range(64):
+        torch.manual_seed(seed)
+        loss, (grad,) = run(chunked_cross_entropy_sum, hidden, weight, None, targets, chunk_rows=20,
+                            int8_weight=codes)
+        assert grad.dtype == dtype
+        torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)  # logits and loss stay in float
+        draws.append(grad.float())
+    # What the rounding of the gradient averages to: the other classes' share through the weight's
+    # int8 codes, the target's through the float weight.
+    w_int8 = codes[0].float() * codes[1][:, None]
+    probs = torch.softmax(hidden.detach().float() @ weight.float().T, dim=-1)
+    rows = torch.arange(len(targets))
+    p_target = probs[rows, targets].clone()
+    probs[rows, targets] = 0
+    expected = 3.0 * (probs @ w_int8 + (p_target - 1)[:, None] * weight.float()[targets])
+    one, mean = draws[0], torch.stack(draws).mean(0)
+    rel = lambda g: float((g - expected).norm() / expected.norm())  # noqa: E731
+    # Each draw is noisy, their mean is not (down to bf16's own rounding of the result).
+    assert rel(one) < 0.1 and rel(mean) < rel(one) / (4 if dtype == torch.float32 else 2)
+    exact = ref_grad.float()
+    assert (mean - exact).norm() / exact.norm() < (0.02 if dtype == torch.float32 else 0.05)
+    torch.manual_seed(0)
+    again = run(chunked_cross_entropy_sum, hidden, weight, None, targets, chunk_rows=20, int8_weight=codes)
+    torch.testing.assert_close(again[1][0].float(), draws[0], rtol=0, atol=0)  # the generator decides
+
+
+def test_int8_head_codes_are_ignored_where_the_head_itself_trains():
+    hidden, weight, targets, codes = _int8_head_inputs()
+    weight.requires_grad_(True)
+    ref_loss, ref_grads = run(chunked_cross_entropy_sum, hidden, weight, None, targets, chunk_rows=20)
+    loss, grads = run(chunked_cross_entropy_sum, hidden, weight, None, targets, chunk_rows=20,
+                      int8_weight=codes)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
+    for g, rg in zip(grads, ref_grads):
+        torch.testing.assert_close(g, rg, rtol=0, atol=0)
 
 
 @pytest.mark.gpu

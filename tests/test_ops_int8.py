@@ -17,7 +17,8 @@ from loratune.ops import int8_matmul, reference_paths
 from loratune.ops import lora_linear as lora_linear_module
 from loratune.ops.int8_matmul import int8_linear, int8_linear_reference, quantize_rows
 from loratune.quant import smoothing as quant_smoothing
-from loratune.quant.int8 import Linear8bit
+from loratune.quant.int8 import HEAD_CODES, Linear8bit
+from loratune.tools.loading import load_base_model
 from loratune.train import run
 from loratune.train.config import build_config
 from test_cli_train import make_model_dir, rows_for, write_rows
@@ -127,7 +128,7 @@ def test_trainer_with_base_compute_int8_tracks_the_exact_run(tmp_path, monkeypat
     kw = {"max_steps": 4, "lora_dropout": 0.0}
     calls, calibrated = [], []
     int_mm = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda *a, **k: calls.append(1) or int_mm(*a, **k))
+    monkeypatch.setattr(torch, "_int_mm", lambda a, b: calls.append(a.shape) or int_mm(a, b))
     smoothing = quant_smoothing.activation_smoothing
     monkeypatch.setattr(quant_smoothing, "activation_smoothing",
                         lambda model, rows: calibrated.append(rows) or smoothing(model, rows))
@@ -135,12 +136,27 @@ def test_trainer_with_base_compute_int8_tracks_the_exact_run(tmp_path, monkeypat
     assert not calls and not calibrated  # the exact run never multiplies in int8
     run(settings(model_dir, data, tmp_path / "int8", base_compute="int8", **kw))
     assert len(calls) >= 4 * 7 * 2 * 2  # every step: 7 projections x 2 layers, forward and backward
+    # ... and the hidden rows' gradient through the LM head: (hidden, vocab) codes of its weight
+    assert sum(shape[1] == 1024 for shape in calls) >= 4
     (rows,) = calibrated  # smoothed once, from the training rows (token ids, not empty)
     assert rows and all(rows) and sum(map(len, rows)) <= quant_smoothing.CALIBRATION_TOKENS
     exact, int8 = losses(tmp_path / "exact"), losses(tmp_path / "int8")
     assert exact[0] == pytest.approx(int8[0], rel=0.02)  # the same start, computed in int8
     assert int8[-1] < int8[0]  # and it learns
     assert adapter(tmp_path / "int8").keys() == adapter(tmp_path / "exact").keys()  # a plain PEFT adapter
+
+
+def test_an_int8_base_gives_its_head_8_bit_codes_and_an_exact_base_none(tmp_path):
+    model_dir = make_model_dir(tmp_path / "model")
+    exact = load_base_model(model_dir, dtype="float32")
+    int8 = load_base_model(model_dir, dtype="float32", load_in_8bit=True, int8_compute=True)
+    assert getattr(exact.get_output_embeddings(), HEAD_CODES, None) is None
+    head = int8.get_output_embeddings()
+    codes, scale = getattr(head, HEAD_CODES)
+    assert type(head) is nn.Linear and codes.dtype == torch.int8 and codes.shape == head.weight.shape
+    assert int(codes.abs().max()) == 127  # the weight is the operand that keeps 8 bits on every CPU
+    torch.testing.assert_close(codes.float() * scale[:, None], head.weight, rtol=0,
+                               atol=float(scale.max()) / 2)
 
 
 def test_an_int8_run_resumed_from_a_checkpoint_matches_the_uninterrupted_run(tmp_path):
@@ -193,6 +209,13 @@ layer = Linear8bit.from_linear(nn.Linear(512, 256), compute_dtype=torch.float32,
 x = torch.randn(64, 512) * 4
 args = (layer.qweight, layer.scale, layer.bias)
 torch.testing.assert_close(int8_linear(x, *args), int8_linear_reference(x, *args), rtol=1e-5, atol=1e-5)
+# The LM head's gradient product: 8-bit weight codes first, the softmax's codes (7 bits here) second.
+from loratune.ops.cross_entropy import int8_softmax_product
+from loratune.ops.int8_matmul import int8_weight_levels
+w = torch.full((3000, 64), 127, dtype=torch.int8)
+p = torch.full((16, 3000), int8_weight_levels(), dtype=torch.int8)
+ones = torch.ones(16)
+assert torch.equal(int8_softmax_product(p, ones, w).double(), p.double() @ w.double())
 print("exact")
 """
 

@@ -16,6 +16,14 @@ dtype as the reference rounds it, back over the logits it came from. The chunk's
 is then its logits, and chunks can be big enough for the head products to run near the matmul peak.
 The head products go through `ops.gemm.matmul`, which runs them in column pieces or row halves where
 that is faster and bitwise the same.
+
+With `base_compute: int8` the trainer also passes the head weight as int8 codes (`int8_weight`), and
+the hidden rows' gradient, (softmax - onehot) @ W, is computed in two parts: the other classes'
+share, softmax @ W without the target's entry, in int8, and the target's, (p[target] - 1) W[target],
+in float: each softmax block is rounded per row to int8 (stochastically, so the
+gradient is right on average; ops.int8_matmul) while it is still in cache, and the product of the
+codes (`int8_softmax_product`) replaces one of the head's two float products. The loss and the logits stay in
+float, so the loss value is unchanged. Measured in docs/performance.md ("int8 base compute").
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from loratune.ops.gemm import matmul
+from loratune.ops.int8_matmul import int8_weight_levels, quantize_gradient_rows
 
 # Rows per chunk are chosen so one chunk's logits (head dtype) stay near this many bytes: 512 rows of
 # a 49152-token bf16 vocabulary, enough rows for the head products to run near the matmul peak
@@ -42,16 +51,20 @@ def cross_entropy_sum_reference(hidden: Tensor, weight: Tensor, bias: Tensor | N
 
 
 def chunked_cross_entropy_sum(
-    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int | None = None
+    hidden: Tensor, weight: Tensor, bias: Tensor | None, targets: Tensor, chunk_rows: int | None = None,
+    int8_weight: tuple[Tensor, Tensor] | None = None,
 ) -> Tensor:
     """Return the same fp32 scalar as `cross_entropy_sum_reference` without materialising (N, V).
 
     Every target must be a valid class index (drop ignored rows before calling).
     Gradients flow to hidden, weight and bias, each only if it requires grad.
+    int8_weight: (codes int8 (V, D), scale (V,)) of `weight` (ops.int8_matmul.quantize_rows): the
+    hidden rows' gradient is then computed in int8 (module docstring). Used only where neither the
+    weight nor the bias needs a gradient.
     """
     if chunk_rows is None:
         chunk_rows = max(1, CHUNK_BYTES // (weight.element_size() * weight.shape[0]))
-    return _ChunkedCrossEntropySum.apply(hidden, weight, bias, targets, chunk_rows)
+    return _ChunkedCrossEntropySum.apply(hidden, weight, bias, targets, chunk_rows, int8_weight)
 
 
 class _ChunkedCrossEntropySum(torch.autograd.Function):
@@ -62,8 +75,10 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, targets, chunk_rows):
+    def forward(ctx, hidden, weight, bias, targets, chunk_rows, int8_weight):
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if need_w or need_b or not need_h:
+            int8_weight = None
         n_rows = hidden.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
@@ -74,6 +89,15 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
             h = hidden[start:stop].to(weight.dtype)  # (C, D)
             t = targets[start:stop]  # (C,)
             d = matmul(h, weight.t(), bias)  # (C, V) logits in the head dtype, then their gradient
+            if int8_weight is not None:
+                loss, p_codes, p_scale, p_target = _loss_and_int8_softmax(d, t, int8_weight[1])
+                total += loss
+                del d
+                # (softmax - onehot) @ W: the other classes' share in int8, the target's in float
+                grad_h[start:stop] = (int8_softmax_product(p_codes, p_scale, int8_weight[0])
+                                      .addcmul_(p_target.sub_(1)[:, None], weight[t].float())
+                                      .to(hidden.dtype))
+                continue
             total += _loss_and_grad_(d, t, with_grad=need_h or need_w or need_b)
             if not (need_h or need_w or need_b):
                 continue
@@ -97,7 +121,7 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
         grad_h = next(saved) * grad_out.to(ctx.saved_tensors[0].dtype) if need_h else None
         grad_w = (next(saved) * grad_out).to(ctx.dtypes[0]) if need_w else None
         grad_b = (next(saved) * grad_out).to(ctx.dtypes[1]) if need_b else None
-        return grad_h, grad_w, grad_b, None, None
+        return grad_h, grad_w, grad_b, None, None, None
 
 
 def _loss_and_grad_(logits: Tensor, targets: Tensor, with_grad: bool) -> Tensor:
@@ -117,6 +141,39 @@ def _loss_and_grad_(logits: Tensor, targets: Tensor, with_grad: bool) -> Tensor:
             probs[rows, t] -= 1.0  # d loss / d logits = softmax - onehot
             part.copy_(probs)
     return total
+
+
+def _loss_and_int8_softmax(logits: Tensor, targets: Tensor,
+                           scale: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(sum of -log softmax(logits)[target] (fp32), codes int8, row scales, p[target] fp32), a few
+    rows at a time as in `_loss_and_grad_`: softmax * scale[None, :] with the target's entry set to 0,
+    rounded per row to int8, stochastically. Leaving the target out (its share is computed in float)
+    sets each row's scale by the other classes alone: a confident row's target probability would
+    otherwise take the top level and round all the others to a few."""
+    total = torch.zeros((), dtype=torch.float32, device=logits.device)
+    levels = int8_weight_levels()  # the second operand's limit (int8_softmax_product)
+    codes = torch.empty(logits.shape, dtype=torch.int8, device=logits.device)
+    row_scale = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    p_target = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
+    step = max(1, SOFTMAX_BYTES // (4 * logits.shape[1]))
+    for r in range(0, logits.shape[0], step):
+        part, t = logits[r:r + step], targets[r:r + step]
+        probs = torch.softmax(part, dim=-1, dtype=torch.float32)
+        rows = torch.arange(part.shape[0], device=probs.device)
+        p_target[r:r + step] = probs[rows, t]
+        total += _nll_from_probs(p_target[r:r + step], part, t)
+        probs[rows, t] = 0.0
+        codes[r:r + step], row_scale[r:r + step] = quantize_gradient_rows(probs.mul_(scale[None, :]), levels)
+    return total, codes, row_scale, p_target
+
+
+def int8_softmax_product(codes: Tensor, row_scale: Tensor, weight_codes: Tensor) -> Tensor:
+    """fp32 (C, D) ~ (codes * row_scale[:, None]) @ (weight_codes * weight_scale[:, None]), the weight
+    scale already folded into the codes. Computed as (weight_codes.T @ codes.T).T: where int8 products
+    go through AVX2's vpmaddubsw, only the second operand must stay within 7 bits (ops.int8_matmul),
+    so the weight keeps 8 and the rounded softmax, right on average anyway, takes 7; the product in
+    this orientation is also the faster one there (460 against 330 GOP/s on SmolLM2's head)."""
+    return torch._int_mm(weight_codes.t(), codes.t()).t().mul(row_scale[:, None])
 
 
 # Below this, -log(p) loses precision to underflow (p is fp32); those rows (a loss above ~69 nats)

@@ -92,6 +92,12 @@ def _quantize_scratch(x: Tensor, levels: int = INT8_MAX, *, owned: bool = True,
     return codes.to(torch.int8), scale
 
 
+def quantize_gradient_rows(x: Tensor, levels: int = INT8_MAX) -> tuple[Tensor, Tensor]:
+    """quantize_rows of an fp32 (m, k) gradient, rounded stochastically (each code is right on
+    average) and in place: x is the caller's temporary."""
+    return _quantize_scratch(x, levels, stochastic=True)
+
+
 class _Dither:
     """Uniform [0, 1) numbers for stochastic rounding, read from a fixed table at random offsets.
 
@@ -182,7 +188,7 @@ def int8_input_grad(grad2: Tensor, qweight: Tensor, scale: Tensor, smooth: Tenso
     """fp32 (m, in) = grad2 (m, out) @ W for int8_forward's W: s_w is folded into the gradient, which is
     then rounded per row to int8; the columns are divided by `smooth` after the product, and the
     outlier channels' columns come from a float product."""
-    codes, g_scale = _quantize_scratch(grad2.float() * scale[None, :], stochastic=True)  # a new temporary
+    codes, g_scale = quantize_gradient_rows(grad2.float() * scale[None, :])  # a new temporary
     dx = _scaled_product(codes, g_scale, qweight, None)
     if smooth is not None:
         dx.div_(smooth[None, :])  # 0 in the outlier channels (inf factors)

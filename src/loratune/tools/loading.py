@@ -209,6 +209,10 @@ def load_base_model(
                                compute_dtype=compute_dtype, double_quant=bnb_4bit_use_double_quant,
                                backend=quant_backend, int8_compute=int8_compute and load_in_8bit,
                                smooth=smooth)
+        if int8_compute and load_in_8bit:
+            from loratune.quant.int8 import attach_head_codes
+
+            attach_head_codes(model)
     model.requires_grad_(False)
     return model.eval()
 

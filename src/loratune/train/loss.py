@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from loratune.data.tokenize import IGNORE_INDEX
 from loratune.ops import fast_paths_enabled
 from loratune.ops.cross_entropy import chunked_cross_entropy_sum
+from loratune.quant.int8 import HEAD_CODES
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "position_ids")
 
@@ -56,7 +57,8 @@ def token_loss_sum(model: nn.Module, batch: dict[str, Tensor]) -> tuple[Tensor, 
     labels = batch["labels"][:, 1:]  # (B, T-1): position t predicts token t+1
     keep = labels != IGNORE_INDEX
     rows = hidden[:, :-1][keep]  # (N, D), only trained positions
-    loss = chunked_cross_entropy_sum(rows, head.weight, head.bias, labels[keep])
+    loss = chunked_cross_entropy_sum(rows, head.weight, head.bias, labels[keep],
+                                     int8_weight=getattr(head, HEAD_CODES, None))
     return loss, rows.shape[0]  # the boolean index already counted them
 
 
