@@ -11,8 +11,13 @@ from loratune.ops.int8_matmul import int8_linear, int8_linear_reference
 from loratune.quant import quantize_model
 from loratune.quant import smoothing as quant_smoothing
 from loratune.quant.int8 import Linear8bit
-from loratune.quant.smoothing import (OUTLIER_CHANNELS, _shared_inputs, activation_smoothing, calibration_rows,
-                                      outlier_channels)
+from loratune.quant.smoothing import (
+    OUTLIER_CHANNELS,
+    _shared_inputs,
+    activation_smoothing,
+    calibration_rows,
+    outlier_channels,
+)
 from loratune.tools.loading import load_base_model
 from test_cli_train import make_model_dir
 

@@ -109,7 +109,7 @@ class _LoraLinearFn(torch.autograd.Function):
         if need_x:
             if weight_scale is not None:
                 outliers = None if index is None else (index, columns)
-                grad_x = int8_input_grad(g, weight, weight_scale, weight_smooth, outliers).to(g.dtype)  # (N, in)
+                grad_x = int8_input_grad(g, weight, weight_scale, weight_smooth, outliers).to(g.dtype)
             else:
                 grad_x = matmul(g, weight.t() if ctx.fan_in_fan_out else weight)  # (N, in)
             if ctx.separate:
