@@ -84,15 +84,19 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros_like(weight, dtype=torch.float32) if need_w else None
         grad_b = torch.zeros_like(bias, dtype=torch.float32) if need_b else None
+        # One logits buffer for every chunk: a new one per chunk is allocated while the last is still
+        # held, and each such block lands wherever the heap has room at the end of the forward,
+        # raising the peak (docs/performance.md, "The allocator").
+        logits = torch.empty(min(chunk_rows, n_rows), weight.shape[0], dtype=weight.dtype, device=hidden.device)
         for start in range(0, n_rows, chunk_rows):
             stop = min(start + chunk_rows, n_rows)
             h = hidden[start:stop].to(weight.dtype)  # (C, D)
             t = targets[start:stop]  # (C,)
-            d = matmul(h, weight.t(), bias)  # (C, V) logits in the head dtype, then their gradient
+            # (C, V) logits in the head dtype, then their gradient
+            d = matmul(h, weight.t(), bias, out=logits[:stop - start])
             if int8_weight is not None:
                 loss, p_codes, p_scale, p_target = _loss_and_int8_softmax(d, t, int8_weight[1])
                 total += loss
-                del d
                 # (softmax - onehot) @ W: the other classes' share in int8, the target's in float
                 grad_h[start:stop] = (int8_softmax_product(p_codes, p_scale, int8_weight[0])
                                       .addcmul_(p_target.sub_(1)[:, None], weight[t].float())
