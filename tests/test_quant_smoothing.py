@@ -13,6 +13,7 @@ from loratune.quant import smoothing as quant_smoothing
 from loratune.quant.int8 import Linear8bit
 from loratune.quant.smoothing import (
     OUTLIER_CHANNELS,
+    OUTLIER_RATIO,
     _shared_inputs,
     activation_smoothing,
     calibration_rows,
@@ -100,7 +101,7 @@ def test_outlier_channels_are_those_with_the_largest_activation_times_weight():
     w_amax[2] = 100.0
     assert sorted(outlier_channels(x_amax, w_amax, k=2).tolist()) == [1, 2]
     assert outlier_channels(x_amax, w_amax, k=8).numel() == 2  # at most one channel in 16
-    x_amax[1] = 10.0  # 10x the median: not an outlier
+    x_amax[1] = OUTLIER_RATIO - 1  # below OUTLIER_RATIO times the median: not an outlier
     assert outlier_channels(x_amax, w_amax, k=2).tolist() == [2]
     assert outlier_channels(torch.ones(32), torch.ones(32)).numel() == 0  # no outliers, no float columns
 

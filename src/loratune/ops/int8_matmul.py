@@ -19,7 +19,7 @@ optional per-channel `smooth` factors (quant/smoothing.py) counter: x is divided
 stored weight was multiplied by them. The few channels that stay far above the rest even so (the
 down_proj input of SmolLM2) are taken out of the int8 product: their factor is inf (x / inf = 0,
 and their int8 weight columns are 0), and a float product of those k columns adds them back
-(`outliers`: k = 8 of 1536 channels adds 0.5% to a layer's FLOPs), as LLM.int8() does. The cost on
+(`outliers`: k = 32 of 1536 channels adds 2% to a layer's FLOPs), as LLM.int8() does. The cost on
 training is measured in docs/performance.md.
 
 CPUs with int8 dot products run these matmuls faster than fp32: 9-10x with AVX512-VNNI (Zen 5),
