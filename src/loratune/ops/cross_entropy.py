@@ -20,10 +20,10 @@ that is faster and bitwise the same.
 With `base_compute: int8` the trainer also passes the head weight as int8 codes (`int8_weight`), and
 the hidden rows' gradient, (softmax - onehot) @ W, is computed in two parts: the other classes'
 share, softmax @ W without the target's entry, in int8, and the target's, (p[target] - 1) W[target],
-in float: each softmax block is rounded per row to int8 (stochastically, so the
-gradient is right on average; ops.int8_matmul) while it is still in cache, and the product of the
-codes (`int8_softmax_product`) replaces one of the head's two float products. The loss and the logits stay in
-float, so the loss value is unchanged. Measured in docs/performance.md ("int8 base compute").
+in float. Each softmax block is rounded per row to int8 while it is still in cache (stochastically,
+so the gradient is right on average; ops.int8_matmul), and the product of the codes
+(`int8_softmax_product`) replaces one of the head's two float products. The logits and the loss stay
+in float, so the loss value is unchanged. Measured in docs/performance.md ("int8 base compute").
 """
 
 from __future__ import annotations
@@ -87,7 +87,8 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
         # One logits buffer for every chunk: a new one per chunk is allocated while the last is still
         # held, and each such block lands wherever the heap has room at the end of the forward,
         # raising the peak (docs/performance.md, "The allocator").
-        logits = torch.empty(min(chunk_rows, n_rows), weight.shape[0], dtype=weight.dtype, device=hidden.device)
+        logits = torch.empty(min(chunk_rows, n_rows), weight.shape[0], dtype=weight.dtype,
+                             device=hidden.device)
         for start in range(0, n_rows, chunk_rows):
             stop = min(start + chunk_rows, n_rows)
             h = hidden[start:stop].to(weight.dtype)  # (C, D)
@@ -176,7 +177,8 @@ def int8_softmax_product(codes: Tensor, row_scale: Tensor, weight_codes: Tensor)
     scale already folded into the codes. Computed as (weight_codes.T @ codes.T).T: where int8 products
     go through AVX2's vpmaddubsw, only the second operand must stay within 7 bits (ops.int8_matmul),
     so the weight keeps 8 and the rounded softmax, right on average anyway, takes 7; the product in
-    this orientation is also the faster one there (460 against 330 GOP/s on SmolLM2's head)."""
+    this orientation is also the faster one there (460 against 330 GOP/s on SmolLM2's head, Zen 5
+    capped at AVX2, 2 threads)."""
     return torch._int_mm(weight_codes.t(), codes.t()).t().mul(row_scale[:, None])
 
 
