@@ -555,8 +555,8 @@ def int8_line(check: dict) -> str:
             f"{seeds}): mean exact {exact:.4f}, `base_compute: int8` {int8:.4f} (weights rounded to "
             f"{check['levels']} levels a side); relative difference of the means {rel:+.1%} ({verdict} "
             f"{INT8_LOSS_TOL:.0%})."
-            + (f" Relative error of the LoRA gradient against exact's, on two batches of the same rows: "
-               f"{check['gradient_error']:.1%}." if "gradient_error" in check else ""))
+            + (" Relative error of the LoRA gradient against exact's (float32), on two batches of the same "
+               f"rows: {check['gradient_error']:.1%}." if "gradient_error" in check else ""))
 
 
 def loss_line(loss: dict) -> str:

@@ -129,6 +129,16 @@ class _ChunkedCrossEntropySum(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None
 
 
+def _softmax_blocks(logits: Tensor, targets: Tensor):
+    """Yield (block, rows, fp32 softmax, arange over the rows) a few rows of (C, V) logits at a time,
+    SOFTMAX_BYTES of fp32 each, so the softmax stays in cache; `block` slices logits and targets."""
+    step = max(1, SOFTMAX_BYTES // (4 * logits.shape[1]))
+    for r in range(0, logits.shape[0], step):
+        part = logits[r:r + step]
+        yield slice(r, r + step), part, torch.softmax(part, dim=-1, dtype=torch.float32), \
+            torch.arange(part.shape[0], device=logits.device)
+
+
 def _loss_and_grad_(logits: Tensor, targets: Tensor, with_grad: bool) -> Tensor:
     """Sum of -log softmax(logits)[target] (fp32); with_grad overwrites logits with softmax - onehot.
 
@@ -136,11 +146,8 @@ def _loss_and_grad_(logits: Tensor, targets: Tensor, with_grad: bool) -> Tensor:
     gradient, which is rounded to the logits' dtype as the reference rounds it.
     """
     total = torch.zeros((), dtype=torch.float32, device=logits.device)
-    step = max(1, SOFTMAX_BYTES // (4 * logits.shape[1]))
-    for r in range(0, logits.shape[0], step):
-        part, t = logits[r:r + step], targets[r:r + step]
-        probs = torch.softmax(part, dim=-1, dtype=torch.float32)
-        rows = torch.arange(part.shape[0], device=probs.device)
+    for block, part, probs, rows in _softmax_blocks(logits, targets):
+        t = targets[block]
         total += _nll_from_probs(probs[rows, t], part, t)
         if with_grad:
             probs[rows, t] -= 1.0  # d loss / d logits = softmax - onehot
@@ -160,15 +167,12 @@ def _loss_and_int8_softmax(logits: Tensor, targets: Tensor,
     codes = torch.empty(logits.shape, dtype=torch.int8, device=logits.device)
     row_scale = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
     p_target = torch.empty(logits.shape[0], dtype=torch.float32, device=logits.device)
-    step = max(1, SOFTMAX_BYTES // (4 * logits.shape[1]))
-    for r in range(0, logits.shape[0], step):
-        part, t = logits[r:r + step], targets[r:r + step]
-        probs = torch.softmax(part, dim=-1, dtype=torch.float32)
-        rows = torch.arange(part.shape[0], device=probs.device)
-        p_target[r:r + step] = probs[rows, t]
-        total += _nll_from_probs(p_target[r:r + step], part, t)
+    for block, part, probs, rows in _softmax_blocks(logits, targets):
+        t = targets[block]
+        p_target[block] = probs[rows, t]
+        total += _nll_from_probs(p_target[block], part, t)
         probs[rows, t] = 0.0
-        codes[r:r + step], row_scale[r:r + step] = quantize_gradient_rows(probs.mul_(scale[None, :]), levels)
+        codes[block], row_scale[block] = quantize_gradient_rows(probs.mul_(scale[None, :]), levels)
     return total, codes, row_scale, p_target
 
 

@@ -10,8 +10,8 @@ Backward needs only the input gradient (the weight is frozen): g' = g * s_w is q
 the same way and dx = s_g' * (p_g' @ q). Nothing of x is kept for backward, only the weight. The
 gradient is rounded stochastically (up or down, with the probabilities that make each code right
 on average): rounded to nearest, its errors are the same at every step and add up in the adapter;
-measured on SmolLM2 (20 steps, three seeds), stochastic rounding took the eval-loss cost of int8
-from +1.5% to +0.8% (docs/performance.md).
+measured on SmolLM2 (20 steps, three seeds, Zen 5 capped at AVX2), stochastic rounding took the
+eval-loss cost of int8 from +1.5% to +0.8% (docs/performance.md).
 
 Rounding each activation to one of 255 levels of its row's absmax gives a relative error of about
 0.4% per value, which mostly averages out in the sums; outlier channels make it worse, which the
@@ -188,13 +188,14 @@ def int8_input_grad(grad2: Tensor, qweight: Tensor, scale: Tensor, smooth: Tenso
     """fp32 (m, in) = grad2 (m, out) @ W for int8_forward's W: s_w is folded into the gradient, which is
     then rounded per row to int8; the columns are divided by `smooth` after the product, and the
     outlier channels' columns come from a float product."""
-    codes, g_scale = quantize_gradient_rows(grad2.float() * scale[None, :])  # a new temporary
+    grad2 = grad2.float()  # a no-op for the fp32 gradients of an AVX2 CPU
+    codes, g_scale = quantize_gradient_rows(grad2 * scale[None, :])  # a new temporary
     dx = _scaled_product(codes, g_scale, qweight, None)
     if smooth is not None:
         dx.div_(smooth[None, :])  # 0 in the outlier channels (inf factors)
     if outliers is not None:
         index, columns = outliers
-        dx.index_copy_(1, index, grad2.float() @ columns)
+        dx.index_copy_(1, index, grad2 @ columns)
     return dx
 
 

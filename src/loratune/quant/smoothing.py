@@ -27,7 +27,8 @@ OUTLIER_CHANNELS of them; on SmolLM2 the largest is 5-490 times the median) get 
 leave the int8 product and are computed in float (quant/int8.py, ops.int8_matmul). A group without
 such channels pays nothing. The thresholds were 16 and 8 at first; at 4 and 32 SmolLM2 gets 2802
 float channels over its 210 layers instead of 246, and the relative error of its LoRA gradient
-falls from 19.3% to 15.9%. Measured in docs/performance.md ("int8 base compute").
+falls from 19.3% to 15.9% (Zen 5 capped at AVX2: 7-bit weights, float32). Measured in
+docs/performance.md ("int8 base compute").
 """
 
 from __future__ import annotations
@@ -52,18 +53,18 @@ def activation_smoothing(model: nn.Module, rows: list[list[int]], names: set[str
                if type(m) is nn.Linear and m is not head and (names is None or n in names)}
     amax: dict[str, Tensor] = {}
     calls: list[tuple[str, int]] = []  # (name, input number), in call order
-    last: list[Tensor] = []  # the previous call's input, held so that "the same tensor" is identity
+    previous: Tensor | None = None  # the last call's input, held so that "the same tensor" is identity
 
     def hook(name: str):
         def record(module, args, output):
+            nonlocal previous
             x = args[0]
             seen = x.reshape(-1, x.shape[-1]).abs().amax(dim=0).float()
             amax[name] = seen if name not in amax else torch.maximum(amax[name], seen)
             # Not the data address: a tensor freed between two calls (o_proj's input, before the
             # post-attention norm) can hand its address to the next one (gate/up's input).
-            same = bool(last) and last[0] is x
-            calls.append((name, calls[-1][1] if same else len(calls)))
-            last[:] = [x]
+            calls.append((name, calls[-1][1] if x is previous else len(calls)))
+            previous = x
         return record
 
     handles = [module.register_forward_hook(hook(name)) for name, module in linears.items()]
@@ -74,7 +75,7 @@ def activation_smoothing(model: nn.Module, rows: list[list[int]], names: set[str
     finally:
         for handle in handles:
             handle.remove()
-        last.clear()
+        previous = None
     smooth = {}
     for group in _shared_inputs(calls):
         w_amax = torch.stack([linears[n].weight.abs().amax(dim=0).float() for n in group]).amax(dim=0)
