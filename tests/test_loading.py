@@ -176,9 +176,9 @@ def test_quantized_loading_calls_quantize_model(monkeypatch):
     auto = torch.bfloat16 if bf16_supported("cpu") else torch.float32  # the compute dtype follows the CPU
     assert calls == [
         {"bits": 8, "quant_type": "nf4", "compute_dtype": auto, "double_quant": False, "backend": "auto",
-         "int8_compute": False, "smooth": None},
+         "int8_compute": False, "smooth": None, "codes": None},
         {"bits": 4, "quant_type": "nf4", "compute_dtype": torch.float16, "double_quant": True,
-         "backend": "torch", "int8_compute": False, "smooth": None},
+         "backend": "torch", "int8_compute": False, "smooth": None, "codes": None},
     ]
 
 

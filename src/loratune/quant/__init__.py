@@ -6,7 +6,8 @@ nn.Linear and never merges into it;
 `dequantize_model(model)` puts plain layers back (before `merge_and_unload`). One file per backend:
 nf4.py (4-bit, pure PyTorch), int8.py (8-bit, pure PyTorch), bnb.py (bitsandbytes on CUDA, optional),
 dispatch.py picks between them; layer.py is what the two pure PyTorch layers share, blockwise.py
-the arithmetic, tiled.py the tiled matmul.
+the arithmetic, tiled.py the tiled matmul. For `base_compute: int8`, smoothing.py moves activation
+outliers into the weights and gptq.py rounds the weights against the calibration rows.
 """
 
 from ..base_layers import QuantizedBaseLayer, is_quantized

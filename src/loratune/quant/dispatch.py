@@ -76,7 +76,7 @@ def _validate(bits, quant_type, backend) -> None:
 
 
 def _quantize_layer(linear, *, bits, quant_type, compute_dtype, double_quant, backend, name,
-                    int8_compute=False, smooth=None) -> nn.Module:
+                    int8_compute=False, smooth=None, codes=None) -> nn.Module:
     on_cuda = linear.weight.is_cuda
     if backend == "bitsandbytes" or (backend == "auto" and bits == 4 and on_cuda and bnb_available()):
         if bits != 4:
@@ -88,13 +88,14 @@ def _quantize_layer(linear, *, bits, quant_type, compute_dtype, double_quant, ba
         return Linear4bit.from_linear(linear, quant_type=quant_type, compute_dtype=compute_dtype,
                                       double_quant=double_quant, name=name)
     return Linear8bit.from_linear(linear, compute_dtype=compute_dtype, name=name, int8_compute=int8_compute,
-                                  smooth=smooth)
+                                  smooth=smooth, codes=codes)
 
 
 @torch.no_grad()
 def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", compute_dtype=torch.bfloat16,
                    double_quant: bool = False, skip_modules=("lm_head",), backend: str = "auto",
-                   int8_compute: bool = False, smooth: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                   int8_compute: bool = False, smooth: dict[str, torch.Tensor] | None = None,
+                   codes: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None) -> nn.Module:
     """Replace every nn.Linear (and Conv1D) child not in skip_modules by a quantized layer, in place.
 
     bits=4 stores NF4 or FP4 codes (`quant_type`, `double_quant` as bitsandbytes' `bnb_4bit_*`);
@@ -102,7 +103,8 @@ def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", comp
     skip_modules entry matches a module name exactly, as a dotted suffix, or as one name component.
     int8_compute (bits=8, CPU): the layers also round their inputs to int8 and multiply in int8
     (`base_compute: int8`; quant/int8.py); `smooth` maps module names to their activation smoothing
-    factors (quant/smoothing.py).
+    factors (quant/smoothing.py), `codes` to their weights' rounding where it was done already
+    (quant/gptq.py).
     Layers inside LoRA adapters (`lora_*`, `modules_to_save`) are never quantized. Quantizing an
     already-wrapped LoraModel quantizes its base layers. Returns the model.
 
@@ -122,7 +124,7 @@ def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", comp
             quantized = _quantize_layer(_as_linear(child), bits=bits, quant_type=quant_type,
                                         compute_dtype=compute_dtype, double_quant=double_quant,
                                         backend=backend, name=name, int8_compute=int8_compute,
-                                        smooth=(smooth or {}).get(name))
+                                        smooth=(smooth or {}).get(name), codes=(codes or {}).get(name))
             quantized.from_conv1d = is_conv1d(child)
             nbytes_before += child.weight.numel() * child.weight.element_size()
             nbytes_after += quantized.quantized_nbytes()

@@ -45,7 +45,8 @@ class Linear8bit(TiledQuantizedLinear):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, *, compute_dtype=torch.bfloat16, name: str = "",
-                    int8_compute: bool = False, smooth: Tensor | None = None) -> Linear8bit:
+                    int8_compute: bool = False, smooth: Tensor | None = None,
+                    codes: tuple[Tensor, Tensor] | None = None) -> Linear8bit:
         """Quantize an nn.Linear (on its own device); the bias is kept as is, not copied.
 
         int8_compute: the layer will compute in int8 (`base_compute: int8`); its weight is then
@@ -54,7 +55,9 @@ class Linear8bit(TiledQuantizedLinear):
         activations into the weight before rounding (quant/smoothing.py); layers that read the same
         input share the one tensor. A layer on the meta device gives an empty layer of the right
         shapes (to be filled by loading). An inf in smooth marks an outlier channel: it is left out of
-        the int8 weight and kept as a float column (`outliers`).
+        the int8 weight and kept as a float column (`outliers`). codes, with int8_compute: the
+        (codes, scale) of the weight so smoothed, rounded already (quant/gptq.py); else it is rounded
+        to nearest here.
         """
         weight = linear.weight.detach()
         layer = cls(linear.in_features, linear.out_features, bias=False, compute_dtype=compute_dtype,
@@ -73,6 +76,11 @@ class Linear8bit(TiledQuantizedLinear):
             layer.bias = linear.bias
             return layer
         check_weight(weight, name)
+        if int8_compute and codes is not None:
+            layer.qweight.copy_(codes[0])
+            layer.scale.copy_(codes[1])
+            layer.bias = linear.bias
+            return layer
         for r0, r1 in layer.tiles():   # row tiles keep the fp32 temporaries small
             rows = weight[r0:r1] if factor is None else weight[r0:r1].float() * factor
             layer.qweight[r0:r1], layer.scale[r0:r1] = quantize_rows(rows, levels)

@@ -182,7 +182,8 @@ def load_base_model(
     With `load_in_4bit` / `load_in_8bit` the linear layers are replaced by
     `loratune.quant.quantize_model` (with `quant_backend`, and `int8_compute` for an int8 base that
     also multiplies in int8) after loading in `dtype`. With int8_compute, `calibration_rows` (token
-    ids) set the activation smoothing of each layer first (`loratune.quant.smoothing`).
+    ids) set the activation smoothing of each layer first (`loratune.quant.smoothing`), and the
+    rounding of its weight (`loratune.quant.gptq`).
     """
     if load_in_4bit and load_in_8bit:
         raise ConfigError("load_in_4bit and load_in_8bit are both set; pick one")
@@ -200,15 +201,18 @@ def load_base_model(
     model = model.to(device)
     if load_in_4bit or load_in_8bit:
         compute_dtype = resolve_dtype(bnb_4bit_compute_dtype, device)
-        smooth = None
+        smooth = codes = None
         if int8_compute and load_in_8bit and calibration_rows:
+            from loratune.ops.int8_matmul import int8_weight_levels
+            from loratune.quant.gptq import gptq_codes
             from loratune.quant.smoothing import activation_smoothing
 
             smooth = activation_smoothing(model, calibration_rows)
+            codes = gptq_codes(model, calibration_rows, smooth, int8_weight_levels())
         model = quantize_model(model, bits=4 if load_in_4bit else 8, quant_type=bnb_4bit_quant_type,
                                compute_dtype=compute_dtype, double_quant=bnb_4bit_use_double_quant,
                                backend=quant_backend, int8_compute=int8_compute and load_in_8bit,
-                               smooth=smooth)
+                               smooth=smooth, codes=codes)
         if int8_compute and load_in_8bit:
             from loratune.quant.int8 import attach_head_codes
 
