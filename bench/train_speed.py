@@ -313,7 +313,8 @@ def run_int8_check(steps: int) -> dict:
     from loratune.train import run
 
     train, test = (real.ROOT / INT8_CHECK_DATA / name for name in ("train.jsonl", "eval.jsonl"))
-    result = {"steps": steps, "dtype": "bf16" if real.peft_dtype() == "bf16" else "fp32",
+    result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "steps": steps,
+              "dtype": "bf16" if real.peft_dtype() == "bf16" else "fp32",
               "rows": sum(1 for _ in open(test)), "levels": int8_weight_levels(),
               "seeds": list(INT8_CHECK_SEEDS), "exact": [], "int8": [], "deployed_exact": [],
               "deployed_int8": []}
@@ -573,7 +574,7 @@ def int8_line(check: dict) -> str:
     seeds = ", ".join(f"{e:.4f} / {d:.4f} / {i:.4f}"
                       for e, d, i in zip(check["exact"], check["deployed_int8"], check["int8"]))
     seed_list = ", ".join(map(str, check["seeds"]))
-    return (f"int8 check ({check['steps']} steps of Scenario R's training settings on "
+    return (f"int8 check ({check['when']}: {check['steps']} steps of Scenario R's training settings on "
             f"{INT8_CHECK_DATA}/train.jsonl, {check['dtype']}, then the eval loss on the {check['rows']} "
             f"rows of {INT8_CHECK_DATA}/eval.jsonl, {len(check['seeds'])} seeds, weights rounded to "
             f"{check['levels']} levels a side): mean exact {exact:.4f}; the `base_compute: int8` adapters "
