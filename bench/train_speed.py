@@ -340,7 +340,7 @@ def deployed_eval_loss(adapter_dir: str, config: dict) -> float:
     from loratune.tools.load_trained import load_model
     from loratune.train.api import build_train_config
 
-    cfg = build_train_config(config, {"base_compute": "exact"})
+    cfg = build_train_config(config, {})
     loaded = load_model(config["model_name_or_path"], adapter_dir, dtype="auto", device="cpu")
     examples, _ = load_eval_examples(config["eval_file"], loaded.tokenizer, cfg.data,
                                      vocab_size=model_vocab_size(loaded.model))

@@ -28,6 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from loratune.ops.int8_matmul import quantize_rows
+from loratune.quant.smoothing import weight_factors
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def gptq_codes(model: nn.Module, rows: list[list[int]], smooth: dict[str, Tensor
         hessians = _input_hessians(model, rows, {group[0]: linears[group[0]] for group in chunk})
         for group in chunk:
             h = hessians.pop(group[0])
-            factor = smooth[group[0]].float().masked_fill(torch.isinf(smooth[group[0]]), 0.0)
+            factor = weight_factors(smooth[group[0]])
             h.mul_(factor[:, None]).mul_(factor[None, :])  # H of x / s; an outlier channel's row is 0
             # One pass over the columns for the whole group: rows are rounded independently.
             weights = [linears[name].weight.detach().float() * factor for name in group]
@@ -68,19 +69,22 @@ def gptq_codes(model: nn.Module, rows: list[list[int]], smooth: dict[str, Tensor
 def gptq_round(weight: Tensor, hessian: Tensor, levels: int) -> tuple[Tensor, Tensor]:
     """(codes int8, scale fp32) of an fp32 (out, in) weight, scale = row absmax / levels as in
     `quantize_rows`, the codes rounded column by column against the input correlations `hessian`
-    (in, in). Falls back to round to nearest when H cannot be factored."""
+    (in, in). Falls back to round to nearest when H is not finite or cannot be factored."""
+    nearest, scale = quantize_rows(weight, levels)
     n_in = weight.shape[1]
-    scale = torch.maximum(weight.amax(dim=1), weight.amin(dim=1).neg()).div_(levels)
     h = hessian.to(weight.device, torch.float32, copy=True)
     dead = h.diagonal() == 0  # channels the calibration rows never reached: rounded to nearest
     h[dead, dead] = 1.0
     h.diagonal().add_(DAMPING * h.diagonal().mean())
     try:
+        if not torch.isfinite(h).all():
+            raise RuntimeError("non-finite input correlations")
         factor = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
-    except RuntimeError:  # not positive definite even when damped
-        return quantize_rows(weight, levels)
+    except RuntimeError as exc:  # not positive definite even when damped, or NaN/inf activations
+        logger.debug("GPTQ rounding fell back to round to nearest: %s", exc)
+        return nearest, scale
     step = scale.clamp_min(torch.finfo(torch.float32).tiny)
-    rest = weight.t().contiguous()  # (in, out): a column of the weight is a contiguous row here
+    rest = weight.float().t().contiguous()  # (in, out): a column of the weight is a contiguous row
     codes = torch.empty_like(rest, dtype=torch.int8)
     for c0 in range(0, n_in, BLOCK):
         c1 = min(c0 + BLOCK, n_in)

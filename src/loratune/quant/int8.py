@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from loratune.ops.int8_matmul import INT8_MAX, Outliers, int8_linear, int8_weight_levels, quantize_rows
 
 from .layer import TiledQuantizedLinear
+from .smoothing import weight_factors
 from .storage import check_weight
 
 
@@ -68,7 +69,7 @@ class Linear8bit(TiledQuantizedLinear):
         if int8_compute and smooth is not None:
             layer.smooth = smooth
             outlier = torch.isinf(smooth)
-            factor = smooth.masked_fill(outlier, 0.0)  # an outlier's int8 column is 0
+            factor = weight_factors(smooth)  # an outlier's int8 column is 0
             if outlier.any():
                 layer.outlier_index = outlier.nonzero().flatten().to(weight.device)
                 layer.outlier_weight = weight[:, layer.outlier_index].float()

@@ -87,6 +87,12 @@ def activation_smoothing(model: nn.Module, rows: list[list[int]], names: set[str
     return smooth
 
 
+def weight_factors(smooth: Tensor) -> Tensor:
+    """The factors the stored int8 weight's columns are multiplied by: s, and 0 in the outlier
+    channels (inf in s), which leave the int8 product for a float one."""
+    return smooth.float().masked_fill(torch.isinf(smooth), 0.0)
+
+
 def outlier_channels(x_amax: Tensor, w_amax: Tensor, k: int = OUTLIER_CHANNELS) -> Tensor:
     """Indices of the channels (at most min(k, in // 16)) whose max|x_j| * max|W_j| is above
     OUTLIER_RATIO times its median: for any alpha, max|x_j / s_j| and max|W_j * s_j| both grow with it."""
