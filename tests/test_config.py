@@ -193,6 +193,15 @@ def test_defaults_equal_peft(field, _):
     assert ours == theirs or str(ours) == str(theirs)
 
 
+@pytest.mark.parity
+def test_every_field_of_the_installed_peft_is_known():
+    # A field PEFT adds (astra_config in 0.22) is written into every adapter_config.json it saves:
+    # unknown here, each of those files would load with a warning, and a switched-on feature unseen.
+    peft = pytest.importorskip("peft")
+    theirs = {f.name for f in dataclasses.fields(peft.LoraConfig)}
+    assert theirs - {f.name for f in dataclasses.fields(LoraConfig)} == set()
+
+
 
 def test_config_does_not_import_adapter_io():
     """config.py finds adapter_config.json through adapter_files; adapter_io (tensors) builds on config."""

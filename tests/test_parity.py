@@ -3,6 +3,7 @@ same logits; trainable parameter counts agree; add_weighted_adapter matches PEFT
 
 from __future__ import annotations
 
+import json
 import warnings
 
 import pytest
@@ -34,7 +35,7 @@ CASES = [
      dict(target_modules=["c_attn"], bias="lora_only", exclude_modules=["transformer.h.1.attn.c_attn"])),
     ("llama", dict(target_modules=r".*\.(q|v)_proj", use_dora=True, use_rslora=True)),
     ("qwen2", dict(target_modules=["embed_tokens"])),  # tied to lm_head
-    ("llama", dict(target_modules=["q_proj"], modules_to_save=["norm"])),  # PEFT: plain suffix, every *norm
+    ("llama", dict(target_modules=["q_proj"], modules_to_save=["norm"])),  # model.norm only (PEFT 0.22 on)
 ]
 IDS = ["llama", "rslora", "rank-alpha-pattern", "dora", "gpt2-conv1d", "gpt2-dora", "embedding",
        "gpt2-all-linear", "qwen2-bias-all", "modules-to-save", "layers-to-transform", "layers-pattern",
@@ -140,35 +141,60 @@ def test_add_weighted_adapter_matches_peft(tmp_path, combination, arch, kw):
     assert_close(logits(ours, x), expected)
 
 
-def seq_cls_model():
-    from transformers import AutoModelForSequenceClassification
+def seq_cls_model(arch: str = "qwen2"):
+    from transformers import AutoModelForSequenceClassification, DistilBertConfig
 
     from factories import tiny_config
 
     torch.manual_seed(0)
-    cfg = tiny_config("qwen2", num_labels=3, pad_token_id=0)
+    if arch == "distilbert":  # a head of two layers: pre_classifier, then classifier
+        cfg = DistilBertConfig(vocab_size=128, dim=32, hidden_dim=64, n_layers=2, n_heads=4, num_labels=3)
+    else:
+        cfg = tiny_config(arch, num_labels=3, pad_token_id=0)
     return AutoModelForSequenceClassification.from_config(cfg).eval()
 
 
-@pytest.mark.parametrize("targets", [["q_proj"], "all-linear"], ids=["q_proj", "all-linear"])
-def test_sequence_classification_both_ways(tmp_path, targets):
-    # PEFT adds the classifier head to modules_to_save as ["classifier", "score"] and never puts LoRA
-    # on a module it trains in full, also under "all-linear".
+@pytest.mark.parametrize("arch,targets", [("qwen2", ["q_proj"]), ("qwen2", "all-linear"),
+                                          ("distilbert", ["q_lin"]), ("distilbert", "all-linear")],
+                         ids=["q_proj", "all-linear", "distilbert-q_lin", "distilbert-all-linear"])
+def test_sequence_classification_both_ways(tmp_path, arch, targets):
+    # PEFT adds the head to modules_to_save (every name it knows: classifier, score, pre_classifier)
+    # and never puts LoRA on a module it trains in full, also under "all-linear".
     x = tiny_batch()
     for src, dst in ((peft, loratune), (loratune, peft)):
-        model = build_on(src, seq_cls_model(), targets)
+        model = build_on(src, seq_cls_model(arch), targets)
         perturb(model)
         model.eval()
         expected = model(input_ids=x).logits.detach()
         out = tmp_path / src.__name__
         model.save_pretrained(str(out))
-        loaded = dst.PeftModel.from_pretrained(seq_cls_model(), str(out))
+        loaded = dst.PeftModel.from_pretrained(seq_cls_model(arch), str(out))
         loaded.eval()
         with torch.no_grad():
             assert_close(loaded(input_ids=x).logits, expected)
-    counts = [build_on(lib, seq_cls_model(), targets).get_nb_trainable_parameters()
+    counts = [build_on(lib, seq_cls_model(arch), targets).get_nb_trainable_parameters()
               for lib in (loratune, peft)]
     assert counts[0] == counts[1]
+
+
+def test_a_file_from_peft_up_to_0_21_saving_every_suffix_match_loads(tmp_path):
+    # PEFT up to 0.21 read modules_to_save=["norm"] as a plain suffix: its files also hold every
+    # layers.N.input_layernorm copy. Such a file loads, and the copies are listed by full path.
+    x = tiny_batch()
+    norms = ["model.norm"] + [f"model.layers.{i}.{n}" for i in range(2)
+                              for n in ("input_layernorm", "post_attention_layernorm")]
+    ours = loratune.get_peft_model(tiny_model("llama"), loratune.LoraConfig(
+        r=4, target_modules=["q_proj"], modules_to_save=norms, init_lora_weights=False))
+    perturb(ours)
+    expected = logits(ours, x)
+    ours.save_pretrained(str(tmp_path))
+    path = tmp_path / "adapter_config.json"
+    config = json.loads(path.read_text())
+    config["modules_to_save"] = ["norm"]
+    path.write_text(json.dumps(config))
+    loaded = loratune.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
+    assert_close(logits(loaded, x), expected)
+    assert sorted(loaded.peft_config["default"].modules_to_save) == sorted(["norm"] + norms[1:])
 
 
 def build_on(lib, model, targets):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import replace
 
 import torch
 from safetensors import SafetensorError
@@ -26,8 +27,8 @@ from .atomic import atomic_directory
 from .base_layers import is_quantized
 from .config import LoraConfig
 from .errors import AdapterError
-from .inject import pattern_value
-from .layers import LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
+from .inject import legacy_saved_modules, pattern_value
+from .layers import LoraLayer, LoraLinear, ModulesToSave, inside_wrapper, owned_by_adapter
 from .module_patterns import match_budget, shown
 
 logger = logging.getLogger(__name__)
@@ -241,6 +242,28 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, config: LoraConfig
         with torch.no_grad():
             for t, value in zip(factors, saved):
                 t.copy_(value)
+
+
+def with_legacy_saves(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor]) -> LoraConfig:
+    """`config` with the modules a file from PEFT up to 0.21 saved in full listed by their full path.
+
+    Those versions read a modules_to_save entry as a plain suffix ("norm" also took every
+    input_layernorm); the file then holds those copies, which today's rule would call unexpected.
+    """
+    entries = config.modules_to_save
+    if not entries:
+        return config
+    names = [n for n, _ in model.named_modules() if n and not inside_wrapper(n)]
+
+    def has_copy(name: str) -> bool:
+        return any(f"{PREFIX}{name}.{p}" in tensors for p, _ in model.get_submodule(name).named_parameters())
+
+    extra = legacy_saved_modules(names, entries, has_copy)
+    if not extra:
+        return config
+    logger.info("the adapter saves %d module(s) in full under PEFT's older suffix rule for modules_to_save "
+                "(%s); listing them by full path", len(extra), shown(extra))
+    return replace(config, modules_to_save=list(entries) + extra)
 
 
 def _saved_copy_aliases(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:

@@ -166,6 +166,7 @@ class LoraConfig:
         None, "training only some embedding rows", also_off=([], {}))
     eva_config: dict | None = _peft_only(None, "EVA initialisation")
     corda_config: dict | None = _peft_only(None, "CorDA initialisation")
+    astra_config: dict | None = _peft_only(None, "Astra initialisation")
     lora_ga_config: dict | None = _peft_only(None, "LoRA-GA initialisation")
     velora_config: dict | None = _peft_only(None, "VeLoRA")
     alora_invocation_tokens: list[int] | None = _peft_only(None, "activated LoRA (aLoRA)", also_off=([],))

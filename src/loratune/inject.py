@@ -52,7 +52,9 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     "roberta": ["query", "value"],
     "t5": ["q", "v"],
 }
-SEQ_CLS_HEADS = ("classifier", "score")
+# The head names PEFT (0.22 on) adds to modules_to_save for classification tasks; `pre_classifier`
+# is the randomly initialised first layer of DistilBERT-style heads.
+SEQ_CLS_HEADS = ("classifier", "score", "pre_classifier")
 
 
 def matches(patterns: list[str] | str | None, name: str) -> bool:
@@ -65,9 +67,31 @@ def matches(patterns: list[str] | str | None, name: str) -> bool:
 
 
 def saved_in_full(entries: list[str] | None, name: str) -> bool:
-    """PEFT's modules_to_save rule: the module path ends with an entry, as plain text ("norm"
-    selects model.norm and every layers.N.input_layernorm, exactly as PEFT wraps them)."""
-    return bool(entries) and any(name.endswith(e) for e in entries)
+    """PEFT's modules_to_save rule (0.22 on): the module path is an entry or ends with "." + entry.
+
+    PEFT up to 0.21 took any plain-text suffix ("norm" also selected every input_layernorm); the
+    files it wrote that way load through `legacy_saved_modules`.
+    """
+    return bool(entries) and matches(list(entries), name)
+
+
+def under_saved(entries: list[str] | None, name: str) -> bool:
+    """PEFT's rule for keeping LoRA off a module trained in full: the module, or one of the modules
+    that contain it, is selected by a modules_to_save entry."""
+    return bool(entries) and any(re.match(rf"(^|.*\.){re.escape(e)}($|\..*)", name) for e in entries)
+
+
+def legacy_saved_modules(names: list[str], entries: list[str] | None, has_copy) -> list[str]:
+    """The modules an adapter written by PEFT up to 0.21 saved in full beyond today's rule.
+
+    Those versions matched modules_to_save entries as plain suffixes. The modules selected only that
+    way, and whose copy the file holds (`has_copy(name)`), are returned as full paths: listed in
+    modules_to_save, they load the same under every PEFT version.
+    """
+    if not entries:
+        return []
+    return [n for n in names if any(n.endswith(e) for e in entries)
+            and not saved_in_full(entries, n) and has_copy(n)]
 
 
 def layer_index(name: str, layers_pattern: list[str] | str | None) -> int | None:
@@ -133,7 +157,7 @@ def resolve_config(model: nn.Module, config: LoraConfig) -> LoraConfig:
     """Return a validated copy of `config` with explicit target_modules (the user's is untouched)."""
     modules_to_save = list(config.modules_to_save or [])
     if config.task_type in (TaskType.SEQ_CLS, TaskType.TOKEN_CLS):
-        # PEFT saves every head name it knows (["classifier", "score"]) for these tasks; keep the
+        # PEFT saves every head name it knows (SEQ_CLS_HEADS) for these tasks; keep the
         # ones this model has, so its files load, and add them when the user did not list them.
         names = {n.split(".")[-1] for n, _ in model.named_modules()}
         modules_to_save = [m for m in modules_to_save if m not in SEQ_CLS_HEADS or m in names]
@@ -153,7 +177,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     target = config.target_modules
     # A module trained in full (modules_to_save) is not also given LoRA, as in PEFT.
     matched = [n for n in names if matches(target, n) and not matches(config.exclude_modules, n)
-               and not saved_in_full(config.modules_to_save, n)]
+               and not under_saved(config.modules_to_save, n)]
     if isinstance(target, str) and not any(matches(target, n) for n in names):
         raise TargetNotFoundError(_regex_not_found_message(target, names))
     for entry in [] if isinstance(target, str) else target:

@@ -357,6 +357,7 @@ class LoraModel(nn.Module):
         On a load error the user's model is left as it came (modules and trainable flags).
         """
         adapter_io.check_ranks(config, tensors, source=source)
+        config = adapter_io.with_legacy_saves(model, config, tensors)
         config = replace(config, inference_mode=not is_trainable)
         trainable = {param: param.requires_grad for param in model.parameters()}
         # Injected with the plain init: nothing of the user's model changes until the file has fit.
@@ -381,7 +382,8 @@ class LoraModel(nn.Module):
         check_peft_kwargs("load_adapter", kwargs)
         file_config, tensors = adapter_io.read_adapter(model_id, subfolder=subfolder, revision=revision)
         adapter_io.check_ranks(file_config, tensors, source=str(model_id))  # before anything is allocated
-        config = replace(file_config, inference_mode=not is_trainable)
+        config = replace(adapter_io.with_legacy_saves(self.model, file_config, tensors),
+                         inference_mode=not is_trainable)
         self.add_adapter(adapter_name, replace(config, init_lora_weights=True))
         try:
             self._fill_adapter(adapter_name, config, tensors, str(model_id))
