@@ -565,24 +565,26 @@ def render(rows: list[dict], peak: dict, loss: dict | None, command: str, starte
 
 
 def int8_line(check: dict) -> str:
-    """The int8 check's line; the verdict reads the int8 adapters as deployed (on the float base)."""
-    exact = statistics.mean(check["exact"])
+    """The int8 check's line. The verdict reads the int8 adapters as deployed (on the float base)
+    against the exact adapters scored the same way; the trainer's own figures (int8 through its int8
+    base) are set against the trainer's exact ones."""
+    exact, deployed_exact = statistics.mean(check["exact"]), statistics.mean(check["deployed_exact"])
     trainer, deployed = statistics.mean(check["int8"]), statistics.mean(check["deployed_int8"])
-    rel, rel_trainer = deployed / exact - 1, trainer / exact - 1
+    rel, rel_trainer = deployed / deployed_exact - 1, trainer / exact - 1
     verdict = "within" if abs(rel) <= INT8_LOSS_TOL else "NOT within"
     repeat = max(abs(d / e - 1) for d, e in zip(check["deployed_exact"], check["exact"]))
-    seeds = ", ".join(f"{e:.4f} / {d:.4f} / {i:.4f}"
-                      for e, d, i in zip(check["exact"], check["deployed_int8"], check["int8"]))
+    seeds = ", ".join(f"{e:.4f} / {i:.4f} / {de:.4f} / {d:.4f}" for e, i, de, d in
+                      zip(check["exact"], check["int8"], check["deployed_exact"], check["deployed_int8"]))
     seed_list = ", ".join(map(str, check["seeds"]))
     return (f"int8 check ({check['when']}: {check['steps']} steps of Scenario R's training settings on "
             f"{INT8_CHECK_DATA}/train.jsonl, {check['dtype']}, then the eval loss on the {check['rows']} "
             f"rows of {INT8_CHECK_DATA}/eval.jsonl, {len(check['seeds'])} seeds, weights rounded to "
-            f"{check['levels']} levels a side): mean exact {exact:.4f}; the `base_compute: int8` adapters "
-            f"on the float base, as PEFT or a server loads them, {deployed:.4f}, {rel:+.1%} ({verdict} "
-            f"{INT8_LOSS_TOL:.0%}); the same adapters scored by the trainer through its int8 base "
+            f"{check['levels']} levels a side): on the float base, as PEFT or a server loads the adapters, "
+            f"mean exact {deployed_exact:.4f} and `base_compute: int8` {deployed:.4f}, {rel:+.1%} ({verdict} "
+            f"{INT8_LOSS_TOL:.0%}); scored by the trainer, exact {exact:.4f} and int8 through its int8 base "
             f"{trainer:.4f}, {rel_trainer:+.1%} (the int8 forward's own rounding on top). Per seed "
-            f"({seed_list}), exact / int8 on the float base / int8 through the int8 base: {seeds}. The "
-            f"exact adapters on the float base repeat the trainer's eval loss to {repeat:.1e}."
+            f"({seed_list}), trainer exact / int8, then float base exact / int8: {seeds}. The exact "
+            f"adapters on the float base repeat the trainer's eval loss to {repeat:.1e}."
             + (" Relative error of the LoRA gradient against exact's (float32), on two batches of the same "
                f"rows: {check['gradient_error']:.1%}." if "gradient_error" in check else ""))
 
