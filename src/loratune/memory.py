@@ -3,8 +3,8 @@
 A config can ask for any rank: `r: 100000` on a 2048-wide model is gigabytes per layer. Allocating
 first and failing later takes the machine into swap or the OOM killer, so the size is estimated
 from the target layers' shapes and compared with what the device has free. CPU memory is read from
-/proc/meminfo (MemAvailable); where that cannot be read, nothing is refused. `peak_rss_bytes`
-reports what a process has used at most (training records it per rank).
+/proc/meminfo (MemAvailable); where that cannot be read, nothing is refused. `rss_bytes` reports
+what a process holds now, `peak_rss_bytes` what it has held at most (training records it per rank).
 """
 
 from __future__ import annotations
@@ -36,6 +36,17 @@ def available_bytes(device: torch.device | str = "cpu") -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def rss_bytes() -> int | None:
+    """The resident memory (RSS) this process holds now, in bytes, or None where /proc cannot tell."""
+    import os
+
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def peak_rss_bytes() -> int:

@@ -26,6 +26,7 @@ import yaml
 
 from loratune.atomic import atomic_file
 from loratune.errors import ConfigError, InsufficientMemoryError
+from loratune.memory import rss_bytes
 from loratune.train import checkpoint as ckpt
 from loratune.train.config import TrainConfig, build_config, read_yaml
 from loratune.train.distributed import DistEnv, barrier, init_distributed, shutdown_distributed
@@ -169,6 +170,7 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
     datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed,
                               eval_answers=cfg.loop.eval_metric == "exact_match")
     sharded = cfg.distributed.fsdp and env.joined
+    before_model = rss_bytes() or 0  # the libraries and the data: the memory estimate starts from them
     if sharded:
         model, root = build_sharded_model(cfg, env)
     else:
@@ -176,7 +178,7 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
                        if cfg.model.base_compute == "int8" else None)
         model, root = build_model(cfg, env, calibration), None
     check_vocab(datasets, model_vocab_size(model))
-    cfg = fit_memory(cfg, model, datasets)
+    cfg = fit_memory(cfg, model, datasets, before_model)
     if not sharded:
         keep_freed_memory()
     config_yaml = config_to_yaml(cfg)
@@ -231,8 +233,11 @@ def _save_final(model, root, tokenizer, datasets, cfg: TrainConfig, env: DistEnv
     return (out, sample) if env.is_main else (None, None)
 
 
-def fit_memory(cfg: TrainConfig, model, datasets) -> TrainConfig:
+def fit_memory(cfg: TrainConfig, model, datasets, before_model: int = 0) -> TrainConfig:
     """Resolve an automatic max_tokens_per_batch from the model; refuse a run that cannot fit in memory.
+
+    `before_model` is what the process held before the model was built (bytes): the estimated peak
+    starts from it plus the model, or from what is resident now where that is more.
 
     Raises:
         InsufficientMemoryError: the largest micro-batch, with the adapter's optimizer state, needs
@@ -258,8 +263,10 @@ def fit_memory(cfg: TrainConfig, model, datasets) -> TrainConfig:
     peak = memory.check_training_fits(model, longest_batch_tokens=biggest, per_token=per_token,
                                       what=f"training on micro-batches of up to {biggest} tokens",
                                       device=next(model.parameters()).device,
-                                      checkpointed=cfg.model.gradient_checkpointing)
-    logger.info("estimated peak memory of training: %.1f GiB", peak / 2**30)
+                                      checkpointed=cfg.model.gradient_checkpointing,
+                                      before_model=before_model)
+    logger.info("estimated peak memory of training: %.1f GiB (micro-batches of up to %d tokens)",
+                peak / 2**30, biggest)
     return cfg
 
 
