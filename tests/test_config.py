@@ -28,11 +28,21 @@ def test_scaling_plain_and_rslora():
     (dict(target_modules=5), "target_modules must be a list"),
     (dict(exclude_modules=["lm_head", 3]), "exclude_modules entries must be strings"),
     (dict(init_lora_weights="pissa_niter_x"), "pissa_niter_ suffix"),
+    (dict(modules_to_save=[None]), "modules_to_save entries must be module names, got [None]"),
+    (dict(modules_to_save=["lm_head", ""]), "modules_to_save entries must be module names, got ['']"),
+    (dict(modules_to_save=7), "modules_to_save must be a list of module names"),
+    (dict(layers_to_transform=1.5), "layers_to_transform must be a layer index or a list of them"),
+    (dict(layers_to_transform=[[1]]), "layers_to_transform must be a layer index or a list of them"),
+    (dict(layers_to_transform=[0], layers_pattern=5), "layers_pattern must be a layer-list name"),
 ])
 def test_bad_module_specs_are_config_errors_naming_the_field(kwargs, names):
     with pytest.raises(ConfigError) as err:
         LoraConfig(**kwargs)
     assert names in str(err.value)
+
+
+def test_one_module_to_save_given_as_a_string_is_a_list_of_one():
+    assert LoraConfig(modules_to_save="lm_head").modules_to_save == ["lm_head"]  # not its letters
 
 
 def test_valid_module_specs_pass():

@@ -109,6 +109,29 @@ def _module_spec_problems(name: str, spec: object) -> list[str]:
     return [f"{name} entries must be strings, got {bad!r}"] if bad else []
 
 
+def _modules_to_save_problems(spec: object) -> list[str]:
+    """modules_to_save: None or a list of module names (a single name was made a list of one)."""
+    if spec is None:
+        return []
+    if not isinstance(spec, (list, tuple, set)):
+        return [f"modules_to_save must be a list of module names, got {shown(spec)}"]
+    bad = [m for m in spec if not isinstance(m, str) or not m.strip(".")]
+    return [f"modules_to_save entries must be module names, got {shown(bad)}"] if bad else []
+
+
+def _layer_selection_problems(layers: object, pattern: object) -> list[str]:
+    """layers_to_transform: None, a layer index or a list of them; layers_pattern: None, a name or a
+    list of names."""
+    out = []
+    indices = layers if isinstance(layers, (list, tuple)) else [layers]
+    if layers is not None and not all(isinstance(v, int) and not isinstance(v, bool) for v in indices):
+        out.append(f"layers_to_transform must be a layer index or a list of them, got {shown(layers)}")
+    names = pattern if isinstance(pattern, (list, tuple)) else [pattern]
+    if pattern is not None and not all(isinstance(v, str) for v in names):
+        out.append(f"layers_pattern must be a layer-list name or a list of them, got {shown(pattern)}")
+    return out
+
+
 @dataclass
 class LoraConfig:
     """Configuration of one LoRA adapter; field names, meanings and defaults are PEFT's.
@@ -200,6 +223,8 @@ class LoraConfig:
         """Validate; raise UnsupportedFeatureError for PEFT-only features, ConfigError for the rest."""
         if hasattr(self.task_type, "value") and not isinstance(self.task_type, TaskType):
             self.task_type = self.task_type.value  # e.g. peft.TaskType.CAUSAL_LM
+        if isinstance(self.modules_to_save, str):  # one name ("lm_head"), not its letters
+            self.modules_to_save = [self.modules_to_save]
         refused = self.unsupported_features()
         if refused:
             raise UnsupportedFeatureError(
@@ -242,6 +267,7 @@ class LoraConfig:
             out.append(f"task_type must be one of {[t.value for t in TaskType]}, got {self.task_type!r}")
         if self.peft_type not in ("LORA", None):
             out.append(f"peft_type must be 'LORA', got {self.peft_type!r}")
+        out += _layer_selection_problems(self.layers_to_transform, self.layers_pattern)
         if isinstance(self.target_modules, str) and self.layers_to_transform is not None:
             out.append("layers_to_transform cannot be used when target_modules is a regex string")
         if self.layers_pattern and self.layers_to_transform is None:
@@ -251,9 +277,11 @@ class LoraConfig:
             out.append(f"init_lora_weights {init!r}: the pissa_niter_ suffix must be a number of iterations")
         for name in ("target_modules", "exclude_modules"):
             out += _module_spec_problems(name, getattr(self, name))
-        for pattern in [self.layers_pattern] if isinstance(self.layers_pattern, str) else \
-                self.layers_pattern or []:
-            out += _regex_problems("layers_pattern", pattern)
+        out += _modules_to_save_problems(self.modules_to_save)
+        layers_pattern = self.layers_pattern
+        for pattern in layers_pattern if isinstance(layers_pattern, (list, tuple)) else [layers_pattern]:
+            if isinstance(pattern, str):
+                out += _regex_problems("layers_pattern", pattern)
         for name, pattern in (("rank_pattern", self.rank_pattern), ("alpha_pattern", self.alpha_pattern)):
             if not isinstance(pattern, dict):
                 out.append(f"{name} must be a dict of module pattern -> value, got {pattern!r}")
