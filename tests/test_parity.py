@@ -36,11 +36,12 @@ CASES = [
     ("llama", dict(target_modules=r".*\.(q|v)_proj", use_dora=True, use_rslora=True)),
     ("qwen2", dict(target_modules=["embed_tokens"])),  # tied to lm_head
     ("llama", dict(target_modules=["q_proj"], modules_to_save=["norm"])),  # model.norm only (PEFT 0.22 on)
+    ("llama", dict(target_modules="all-linear", modules_to_save=["mlp"])),  # no LoRA inside a saved module
 ]
 IDS = ["llama", "rslora", "rank-alpha-pattern", "dora", "gpt2-conv1d", "gpt2-dora", "embedding",
        "gpt2-all-linear", "qwen2-bias-all", "modules-to-save", "layers-to-transform", "layers-pattern",
        "gpt2-mts-bias-all", "gpt2-lora-only-exclude", "regex-dora-rslora", "qwen2-tied-embedding",
-       "modules-to-save-suffix"]
+       "modules-to-save-suffix", "no-lora-inside-saved"]
 
 
 def perturb(model, seed: int = 3) -> None:
