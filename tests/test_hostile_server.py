@@ -303,6 +303,89 @@ def test_a_hostile_request_body_is_a_clean_4xx(name, served):
     check(served, r, status, needle)
 
 
+def post_json(served, path: str, raw: str) -> httpx.Response:
+    """POST JSON text as it is (json.dumps writes a lone surrogate as the escape \\ud800)."""
+    headers = {**AUTH, "Content-Type": "application/json"}
+    return served.client.post(path, content=raw.encode(), headers=headers)
+
+
+CHAT = {"model": "a1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_a_model_name_with_a_lone_surrogate_is_a_404_naming_the_model(path, stream, served):
+    body = {**GREEDY, "model": "a\ud800", "stream": stream, "messages": CHAT["messages"]}
+    r = post_json(served, path, json.dumps(body))
+    error = check(served, r, 404, r"The model `a\ud800` does not exist")
+    assert error["param"] == "model"
+
+
+HUGE_VALUES = {
+    "logit_bias": ("/v1/completions", {**GREEDY, "logit_bias": {str(i): 1 for i in range(4000)}}, 400),
+    "tools": ("/v1/chat/completions", {**CHAT, "tools": [{"type": "function",
+                                                          "function": {"name": "f" * 40_000}}]}, 400),
+    "n": ("/v1/completions", {**GREEDY, "n": 10**100}, 400),
+    "prompt": ("/v1/completions", {**GREEDY, "prompt": [10**4000]}, 400),
+    "messages": ("/v1/chat/completions", {**CHAT, "messages": [{"role": "r" * 40_000, "content": "x"}]}, 400),
+    "lora_int_id": ("/v1/unload_lora_adapter", {"lora_int_id": 10**4000}, 404),
+}
+
+
+@pytest.mark.parametrize("field", sorted(HUGE_VALUES))
+def test_a_huge_refused_value_is_named_but_not_echoed_in_full(field, served):
+    path, body, status = HUGE_VALUES[field]
+    r = post_json(served, path, json.dumps(body))
+    error = check(served, r, status, "characters)")  # check() also holds the reply under 5000 characters
+    assert field in error["message"]
+
+
+@pytest.mark.parametrize("stop, needle", [
+    ([f"stop{i}" for i in range(17)], "stop holds 17 strings; at most 16"),
+    ("x" * 257, "stop holds a string of 257 characters; at most 256"),
+    (["a", "y" * 10_000], "stop holds a string of 10000 characters"),
+])
+def test_too_many_or_too_long_stop_strings_are_400_naming_stop(stop, needle, served):
+    r = served.client.post("/v1/completions", json={**GREEDY, "stop": stop}, headers=AUTH)
+    assert check(served, r, 400, needle)["param"] == "stop"
+
+
+def test_the_most_stop_strings_allowed_are_honoured(served):
+    stops = [f"{i:0256d}" for i in range(15)] + [served.baseline[1:4]]
+    r = served.client.post("/v1/completions", json={**GREEDY, "stop": stops}, headers=AUTH)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    assert (choice["text"], choice["finish_reason"]) == (served.baseline[:1], "stop")
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions", "/v1/load_lora_adapter"])
+def test_a_json_body_without_a_content_type_says_to_send_one(path, served):
+    r = served.client.post(path, content=json.dumps(GREEDY).encode(), headers=AUTH)  # like requests' data=
+    error = check(served, r, 400, "Content-Type: application/json' (got no Content-Type)")
+    assert error["code"] == "invalid_content_type"
+
+
+TOOL_CALL = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+
+
+@pytest.mark.parametrize("field, value", [("tool_calls", TOOL_CALL),
+                                          ("function_call", {"name": "f", "arguments": "{}"})])
+def test_tool_calls_in_the_chat_history_are_400_naming_the_message(field, value, served):
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": None, field: value},
+                {"role": "user", "content": "and?"}]
+    r = served.client.post("/v1/chat/completions", json={**CHAT, "messages": messages}, headers=AUTH)
+    error = check(served, r, 400, f"messages[1].{field} is not supported")
+    assert error["param"] == "messages"
+
+
+def test_an_assistant_message_replayed_from_a_reply_is_accepted(served):
+    replayed = {"role": "assistant", "content": "hello", "tool_calls": None, "function_call": None,
+                "refusal": None, "audio": None, "annotations": []}  # openai's ChatCompletionMessage dump
+    messages = [{"role": "user", "content": "hi"}, replayed, {"role": "user", "content": "and?"}]
+    r = served.client.post("/v1/chat/completions", json={**CHAT, "messages": messages}, headers=AUTH)
+    assert r.status_code == 200, r.text
+
+
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
                     lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8),
                                                                                        children, max_size=4),

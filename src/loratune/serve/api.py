@@ -21,6 +21,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse, Res
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from loratune.errors import ConfigError
+from loratune.module_patterns import shown
 from loratune.tools.generation import chat_ids, prompt_ids
 
 from . import protocol as p
@@ -117,8 +118,8 @@ def _completion_prompt(state: ServerState, prompt) -> list[int]:
         vocab = len(state.tokenizer)
         bad = [t for t in prompt if not 0 <= t < vocab]
         if bad:
-            raise RequestError(400, f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})",
-                               param="prompt")
+            raise RequestError(400, f"prompt token ids {shown(bad[:5])} are outside the vocabulary "
+                               f"[0, {vocab})", param="prompt")
         return list(prompt)
     if isinstance(prompt, list):
         if len(prompt) != 1:
@@ -216,6 +217,9 @@ async def _stream(state: ServerState, gen: Generation, body, head: p.Head, endpo
 
 def _add_error_handlers(app: FastAPI) -> None:
     def reply(status: int, message: str, type: str, code=None, param=None) -> JSONResponse:
+        # A message may quote the client's text, whose JSON escapes can carry lone surrogates (\ud800)
+        # that UTF-8 cannot encode: write those back as escapes.
+        message = message.encode("utf-8", "backslashreplace").decode("utf-8")
         return JSONResponse(p.error_body(message, type, code, param), status_code=status)
 
     @app.exception_handler(RequestError)
@@ -231,9 +235,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         if any(e.get("type") == "json_invalid" for e in errors):
             return reply(400, "the request body is not valid JSON", "invalid_request_error", "invalid_json")
         kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if kind and kind != "application/json" and not kind.endswith("+json"):  # e.g. curl -d without -H
+        if kind != "application/json" and not kind.endswith("+json"):  # e.g. curl -d without -H
             return reply(400, "the request body must be JSON sent with 'Content-Type: application/json' "
-                         f"(got {kind})", "invalid_request_error", "invalid_content_type")
+                         f"(got {kind or 'no Content-Type'})", "invalid_request_error",
+                         "invalid_content_type")
         parts, param = [], None
         for e in errors[:5]:
             loc = [str(x) for x in e.get("loc", ()) if x != "body"]

@@ -13,6 +13,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
 
+from loratune.module_patterns import shown
+
 from .registry import RequestError
 
 # Fields we accept only at their neutral values (OpenAI's defaults, and vLLM's for its extra
@@ -26,6 +28,10 @@ UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "e
                "min_tokens": (0,), "stop_token_ids": ([],), "add_generation_prompt": (True,),
                "continue_final_message": (False,)}
 CHAT_ROLES = ("system", "developer", "user", "assistant")
+# Every stop string is checked against the end of the text after each token, on the event loop:
+# the cost grows with their number times their length, so both are bounded (OpenAI allows 4).
+MAX_STOPS = 16
+MAX_STOP_CHARS = 256
 
 
 class _Request(BaseModel):
@@ -45,8 +51,8 @@ class _Request(BaseModel):
     def check_supported(self) -> None:
         """Refuse, by name, request fields set to something the server cannot honour."""
         if self.n not in (None, 1):
-            raise RequestError(400, f"n={self.n} is not supported; the server returns one choice (n=1)",
-                               param="n")
+            raise RequestError(400, f"n={shown(self.n)} is not supported; the server returns one choice "
+                               "(n=1)", param="n")
         if self.stream_options is not None and not self.stream:
             raise RequestError(400, "stream_options is only allowed when stream is true",
                                param="stream_options")
@@ -54,7 +60,18 @@ class _Request(BaseModel):
         for name, neutral in UNSUPPORTED.items():
             value = extra.get(name)
             if value is not None and value not in neutral:
-                raise RequestError(400, f"{name}={value!r} is not supported by this server", param=name)
+                raise RequestError(400, f"{name}={shown(value)} is not supported by this server", param=name)
+        self._check_stop()
+
+    def _check_stop(self) -> None:
+        stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
+        if len(stops) > MAX_STOPS:
+            raise RequestError(400, f"stop holds {len(stops)} strings; at most {MAX_STOPS} are accepted",
+                               param="stop")
+        longest = max((len(s) for s in stops), default=0)
+        if longest > MAX_STOP_CHARS:
+            raise RequestError(400, f"stop holds a string of {longest} characters; at most {MAX_STOP_CHARS} "
+                               "are accepted", param="stop")
 
     def stops(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -77,8 +94,12 @@ class ChatMessage(BaseModel):
     def text(self, where: str) -> str:
         """The message's text; `where` names it in errors (messages[i])."""
         if self.role not in CHAT_ROLES:
-            raise RequestError(400, f"{where}.role {self.role!r} is not supported; use one of "
+            raise RequestError(400, f"{where}.role {shown(self.role)} is not supported; use one of "
                                f"{', '.join(CHAT_ROLES)}", param="messages")
+        for name in ("tool_calls", "function_call"):  # the template would drop them without a word
+            if (self.model_extra or {}).get(name):
+                raise RequestError(400, f"{where}.{name} is not supported: this server does not call tools",
+                                   param="messages")
         if self.content is None and self.role != "assistant":
             raise RequestError(400, f"{where}.content is missing", param="messages")
         if isinstance(self.content, list):
@@ -86,8 +107,8 @@ class ChatMessage(BaseModel):
             for i, part in enumerate(self.content):
                 if part.get("type") != "text":
                     raise RequestError(400,
-                                       f"{where}.content[{i}] has type {part.get('type')!r}, which is not "
-                                       "supported; send text parts", param="messages")
+                                       f"{where}.content[{i}] has type {shown(part.get('type'))}, which is "
+                                       "not supported; send text parts", param="messages")
                 if not isinstance(part.get("text"), str):
                     raise RequestError(400, f"{where}.content[{i}].text must be a string", param="messages")
                 parts.append(part["text"])

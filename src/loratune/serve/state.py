@@ -141,7 +141,7 @@ class ServerState:
         entry = self.adapters.get(name) if name else next(
             (e for e in self.adapters.values() if e.adapter_id == adapter_id), None)
         if entry is None:
-            which = shown(name) if name else f"with lora_int_id {adapter_id}"
+            which = shown(name) if name else f"with lora_int_id {shown(adapter_id)}"
             raise RequestError(404, f"The lora adapter {which} cannot be found.", type="NotFoundError",
                                code=404)
         del self.adapters[entry.name]  # new requests stop finding it at once
