@@ -5,6 +5,7 @@ what is wrong, before anything large is allocated, and leaves the user's model a
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import time
 
@@ -12,10 +13,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from factories import tiny_model
+from factories import tiny_config, tiny_model
 from loratune import LoraConfig, PeftModel, get_peft_model, module_patterns
 from loratune.adapter_io import read_adapter
-from loratune.errors import AdapterError, ConfigError, LoratuneError
+from loratune.errors import AdapterError, ConfigError, LoratuneError, TargetNotFoundError
 
 Q0A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
@@ -207,3 +208,183 @@ def test_load_adapter_checks_ranks_before_injecting(saved, tmp_path):
     with pytest.raises(AdapterError, match="gives this layer r=1000000000"):
         model.load_adapter(str(path), adapter_name="big")
     assert "big" not in model.peft_config
+
+
+WRONG_TYPES = {  # field: (value, what the message says); PEFT writes true/false and strings here
+    "use_rslora": ("false", "use_rslora must be true or false, got 'false'"),  # truthy: wrong scaling
+    "use_dora": (1, "use_dora must be true or false, got 1"),
+    "fan_in_fan_out": (None, "fan_in_fan_out must be true or false, got None"),
+    "inference_mode": ("yes", "inference_mode must be true or false, got 'yes'"),
+    "base_model_name_or_path": (5, "base_model_name_or_path must be a string or null, got 5"),
+    "revision": (["main"], "revision must be a string or null, got ['main']"),
+    "init_lora_weights": (1.0, "init_lora_weights must be one of"),  # 1.0 == True
+}
+
+
+@pytest.mark.parametrize("field", sorted(WRONG_TYPES))
+def test_a_config_field_of_the_wrong_type_is_refused_naming_file_and_field(field, saved, tmp_path):
+    value, needle = WRONG_TYPES[field]
+    path = copy_with(saved, tmp_path, config={field: value})
+    err = load_refused(path, needle, ConfigError)
+    assert str(path / "adapter_config.json") in str(err)
+
+
+def test_a_config_that_selects_no_module_names_the_adapter(saved, tmp_path):
+    path = copy_with(saved, tmp_path, config={"target_modules": []})
+    err = load_refused(path, "target_modules is an empty list", TargetNotFoundError)
+    assert f"{path} (adapter_config.json)" in str(err)
+    model = get_peft_model(tiny_model(), LoraConfig(target_modules=["v_proj"]))
+    with pytest.raises(TargetNotFoundError, match="adapter_config.json"):
+        model.load_adapter(str(path), adapter_name="other")
+    assert list(model.peft_config) == ["default"]
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool])
+def test_integer_or_bool_adapter_weights_are_refused_by_name(dtype, saved, tmp_path):
+    path = copy_with(saved, tmp_path)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    tensors[Q0A] = tensors[Q0A].to(dtype)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    err = load_refused(path, f"{Q0A} ({str(dtype).removeprefix('torch.')})", AdapterError)
+    assert str(path / "adapter_model.safetensors") in str(err)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_other_float_adapter_weights_load_cast_as_in_peft(dtype, saved, tmp_path):
+    path = copy_with(saved, tmp_path)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    tensors[Q0A] = tensors[Q0A].to(dtype)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    model = PeftModel.from_pretrained(tiny_model(), str(path))
+    loaded = model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
+    assert torch.equal(loaded, tensors[Q0A].float())
+
+
+def test_a_bin_file_with_non_string_keys_is_an_adapter_error(saved, tmp_path):
+    path = copy_with(saved, tmp_path)
+    (path / "adapter_model.safetensors").unlink()
+    torch.save({1: torch.zeros(1)}, path / "adapter_model.bin")
+    bin_file = path / "adapter_model.bin"
+    load_refused(path, f"{bin_file}: expected a dict of tensors keyed by name", AdapterError)
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"model_id": None}, "adapter path must be a string or path, got None"),
+    ({"model_id": 5}, "adapter path must be a string or path, got 5"),
+    ({"subfolder": 3}, "subfolder must be a string or path, got 3"),
+    ({"config": {"r": 4}}, "config must be a loratune LoraConfig, got dict"),
+    ({"model": "org/base"}, "expected the base model as a torch.nn.Module, got str"),
+])
+def test_wrong_argument_types_to_from_pretrained_are_config_errors(kwargs, needle, saved):
+    args = {"model": tiny_model(), "model_id": str(saved), **kwargs}
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        PeftModel.from_pretrained(**args)
+
+
+@pytest.mark.parametrize("names", [None, 3, [["default"]]])
+def test_set_adapter_with_a_non_name_is_a_config_error(names, saved):
+    model = PeftModel.from_pretrained(tiny_model(), str(saved))
+    with pytest.raises(ConfigError, match="adapter_name must be an adapter name or a list of them"):
+        model.set_adapter(names)
+    assert model.active_adapters == ["default"]
+
+
+def test_one_adapter_name_as_a_string_merges_as_in_peft(saved):
+    model = PeftModel.from_pretrained(tiny_model(), str(saved))
+    model.merge_adapter("default")  # PEFT takes a str; it is not a list of letters
+    assert model.model.model.layers[0].self_attn.q_proj.merged_adapters == ["default"]
+
+
+def test_saving_onto_a_file_is_refused_and_leaves_it_intact(saved, tmp_path):
+    model = PeftModel.from_pretrained(tiny_model(), str(saved))
+    target = tmp_path / "notes.txt"
+    target.write_text("precious")
+    with pytest.raises(ConfigError, match=re.escape(f"{target}: it is a file, not a directory")):
+        model.save_pretrained(str(target))
+    with pytest.raises(ConfigError, match="is under .*notes.txt, which is a file"):
+        model.save_pretrained(str(target / "sub"))
+    with pytest.raises(ConfigError, match="save_directory must be a string or path, got None"):
+        model.save_pretrained(None)
+    assert target.read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    ({"weights": [float("nan")]}, "weights must be a list of finite numbers, got [nan]"),
+    ({"weights": ["1"]}, "weights must be a list of finite numbers, got ['1']"),
+    ({"weights": [10**400]}, "weights must be a list of finite numbers"),
+    ({"adapters": "default"}, "adapters must be a list of adapter names, got 'default'"),
+    ({"svd_rank": -1}, "svd_rank must be a positive integer, got -1"),
+    ({"svd_clamp": "x"}, "svd_clamp must be in (0, 1], got 'x'"),
+    ({"svd_driver": "bogus"}, "svd_driver must be one of"),
+    ({"svd_driver": "gesvd"}, "svd_driver='gesvd' needs the model on CUDA"),
+])
+def test_add_weighted_adapter_names_the_bad_argument_before_changing_anything(kwargs, needle, saved):
+    model = PeftModel.from_pretrained(tiny_model(), str(saved))
+    args = {"adapters": ["default"], "weights": [1.0], "adapter_name": "w", **kwargs}
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        model.add_weighted_adapter(**args)
+    assert list(model.peft_config) == ["default"]
+    assert "w" not in model.model.model.layers[0].self_attn.q_proj.r
+
+
+# ----- GGUF export --------------------------------------------------------------------------------
+
+Q0B = Q0A.replace("lora_A", "lora_B")
+GGUF_DAMAGE = {
+    "lone_lora_A": (lambda t: t.pop(Q0B), "self_attn.q_proj: has no lora_B"),
+    "lone_lora_B": (lambda t: t.pop(Q0A), "self_attn.q_proj: has no lora_A"),
+    "stray_bias": (lambda t: t.__setitem__(Q0A.replace("lora_A.weight", "base_layer.bias"), torch.zeros(32)),
+                   "q_proj.base_layer.bias: not a lora_A/lora_B weight"),
+    "ranks_differ": (lambda t: t.__setitem__(Q0B, torch.zeros(32, 3)),
+                     "lora_A (4, 32) and lora_B (32, 3) are not (R, in) and (out, R)"),
+    "other_base": (lambda t: t.update({Q0A: torch.zeros(4, 48), Q0B: torch.zeros(48, 4)}),
+                   "the adapter is for a (48, 48) weight, the base model's is (32, 32)"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(GGUF_DAMAGE))
+def test_a_gguf_adapter_export_names_the_tensor_that_cannot_be_written(name, saved, tmp_path):
+    from loratune.tools.gguf import write_gguf_adapter
+
+    damage, needle = GGUF_DAMAGE[name]
+    path = copy_with(saved, tmp_path)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    damage(tensors)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    out = tmp_path / "out" / "adapter.gguf"
+    with pytest.raises(AdapterError, match=re.escape(needle)) as err:
+        write_gguf_adapter(str(path), tiny_config(), out)
+    assert str(path) in str(err.value)
+    assert not out.exists()
+
+
+def test_a_gguf_output_path_that_is_a_directory_or_under_a_file_is_named(saved, tmp_path):
+    from loratune.tools.gguf import write_gguf_adapter
+
+    (tmp_path / "keep.txt").write_text("precious")
+    under_a_file = tmp_path / "keep.txt" / "a.gguf"
+    for out, needle in ((tmp_path, "it is a directory"), (under_a_file, "cannot be made")):
+        with pytest.raises(ConfigError, match=needle) as err:
+            write_gguf_adapter(str(saved), tiny_config(), out)
+        assert str(out) in str(err.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
+    assert (tmp_path / "keep.txt").read_text() == "precious"
+
+
+@pytest.mark.parametrize("field, value", [("num_attention_heads", 0), ("num_hidden_layers", "2"),
+                                          ("hidden_size", 2**40), ("rms_norm_eps", float("nan"))])
+def test_a_base_config_with_bad_numbers_is_refused_by_field_for_gguf(field, value):
+    from loratune.tools.gguf import hparams_of
+
+    config = tiny_config().to_dict() | {field: value}
+    with pytest.raises(ConfigError, match=re.escape("base: fields that must be positive numbers")) as err:
+        hparams_of(config, source="base")
+    assert f"{field}=" in str(err.value)
+
+
+def test_a_gguf_outtype_that_is_not_a_string_is_a_config_error():
+    from loratune.tools.gguf import parse_outtype
+
+    with pytest.raises(ConfigError, match=re.escape("--outtype ['f16']: expected one of")):
+        parse_outtype(["f16"])

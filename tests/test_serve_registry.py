@@ -108,7 +108,7 @@ def test_prepare_reads_scaling_from_config_and_patterns(tmp_path, shapes):
     ("rank_not_config", "q_proj.lora_B.weight has shape (32, 4), expected (32, 2)", AdapterError),
     ("untargeted", "lm_head.lora_A.weight is unexpected: adapter_config.json does not target 'lm_head'",
      AdapterError),
-    ("int_tensor", "q_proj.lora_A.weight has dtype torch.int32", AdapterError),
+    ("int_tensor", "q_proj.lora_A.weight (int32)", AdapterError),
 ])
 def test_prepare_names_what_does_not_fit(case, needle, error, tmp_path, shapes):
     tensors, config = q_tensors(), {}

@@ -26,7 +26,7 @@ from .adapter_files import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, resolve_adap
 from .atomic import atomic_directory
 from .base_layers import is_quantized
 from .config import LoraConfig
-from .errors import AdapterError
+from .errors import AdapterError, ConfigError
 from .inject import legacy_saved_modules, pattern_value
 from .layers import LoraLayer, LoraLinear, ModulesToSave, inside_wrapper, owned_by_adapter
 from .module_patterns import match_budget, shown
@@ -75,13 +75,29 @@ def adapter_state_dict(model: nn.Module, adapter_name: str, bias: str = "none") 
 
 
 def save_adapter(directory: str, config: LoraConfig, tensors: dict[str, Tensor]) -> None:
-    """Write an adapter directory atomically: config, safetensors weights and a model card."""
+    """Write an adapter directory atomically: config, safetensors weights and a model card.
+
+    Raises:
+        ConfigError: `directory` (or a folder above it) is an existing file; nothing is written.
+    """
+    _check_directory_target(directory)
     size = sum(t.numel() * t.element_size() for t in tensors.values())
     with atomic_directory(directory, size_hint=size) as tmp:
         save_file(tensors, os.path.join(tmp, SAFETENSORS_NAME), metadata={"format": "pt"})
         config.save_json(os.path.join(tmp, CONFIG_NAME))
         with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
             fh.write(model_card(config, tensors))
+
+
+def _check_directory_target(directory: str) -> None:
+    """Refuse a save into a path that is a file, or under one, before anything is written."""
+    path = os.path.abspath(os.fspath(directory))
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)  # the deepest part that exists must be a directory
+    if not os.path.isdir(path):
+        where = "is" if path == os.path.abspath(os.fspath(directory)) else f"is under {path}, which is"
+        raise ConfigError(f"cannot save an adapter to {os.fspath(directory)}: it {where} a file, not a "
+                          "directory; choose another save_directory")
 
 
 def model_card(config: LoraConfig, tensors: dict[str, Tensor]) -> str:
@@ -138,9 +154,23 @@ def read_adapter(path: str, *, subfolder: str | None = None, revision: str | Non
         except Exception as err:
             raise AdapterError(f"{bin_file}: cannot be read safely with torch.load(weights_only=True): "
                                f"{err}") from None
-        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
-            raise AdapterError(f"{bin_file}: expected a dict of tensors")
-    return config, _normalise_keys(tensors, source=weights or path)
+        if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, Tensor)
+                                                    for k, v in tensors.items()):
+            raise AdapterError(f"{bin_file}: expected a dict of tensors keyed by name")
+    source = weights or bin_file
+    _check_dtypes(tensors, source=source)
+    return config, _normalise_keys(tensors, source=source)
+
+
+def _check_dtypes(tensors: dict[str, Tensor], *, source: str) -> None:
+    """Refuse integer, bool and complex tensors: LoRA weights are real floating point, and casting an
+    int8 or bool tensor into float32 would load numbers nobody trained (float64 and float8 are cast)."""
+    bad = [f"{k} ({str(t.dtype).removeprefix('torch.')})" for k, t in tensors.items()
+           if not t.is_floating_point()]
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise AdapterError(f"{source}: {len(bad)} tensor(s) are not floating point: " + ", ".join(bad[:3])
+                           + more + "; adapter weights are float32, float16 or bfloat16")
 
 
 # the tensors whose rank dimension is dim 0 (A) or dim 1 (B)

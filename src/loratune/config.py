@@ -28,6 +28,7 @@ logger = logging.getLogger(__name__)
 
 INIT_METHODS = (True, False, "gaussian", "pissa", "olora")
 BIAS_MODES = ("none", "all", "lora_only")
+_FLAGS = ("fan_in_fan_out", "use_rslora", "use_dora", "inference_mode")  # true/false in the JSON
 _FLOAT32_MAX = 3.4028234663852886e38  # LoRA weights are float32 (or narrower) when scaling applies
 
 
@@ -258,8 +259,15 @@ class LoraConfig:
             out.append(f"lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.bias not in BIAS_MODES:
             out.append(f"bias must be one of {BIAS_MODES}, got {self.bias!r}")
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                out.append(f"{name} must be true or false, got {shown(getattr(self, name))}")
+        for name in ("base_model_name_or_path", "revision"):
+            if not isinstance(getattr(self, name), (str, type(None))):
+                out.append(f"{name} must be a string or null, got {shown(getattr(self, name))}")
         init = self.init_lora_weights
-        if init not in INIT_METHODS and not (isinstance(init, str) and init.startswith("pissa_niter_")):
+        known = init in INIT_METHODS or (isinstance(init, str) and init.startswith("pissa_niter_"))
+        if not known or not isinstance(init, (bool, str)):  # 1 and 1.0 compare equal to True
             hint = " (loftq, eva and corda are not supported)" if isinstance(init, str) else ""
             out.append(f"init_lora_weights must be one of {INIT_METHODS} or 'pissa_niter_N', "
                        f"got {init!r}{hint}")
@@ -352,6 +360,11 @@ class LoraConfig:
     def from_pretrained(cls, path: str, *, subfolder: str | None = None,
                         revision: str | None = None) -> LoraConfig:
         """Read `adapter_config.json` from a local adapter directory or a hub repository."""
+        given = {"adapter path": path, "subfolder": subfolder, "revision": revision}
+        bad = [f"{k} must be a string or path, got {shown(v)}" for k, v in given.items()
+               if not isinstance(v, (str, os.PathLike)) and (v is not None or k == "adapter path")]
+        if bad:
+            raise ConfigError(bad, source="LoraConfig.from_pretrained")
         config_file = resolve_adapter_file(path, CONFIG_NAME, subfolder=subfolder, revision=revision)
         if config_file is None:
             raise AdapterError(f"{path}: no {CONFIG_NAME} found (is this a LoRA adapter directory?)")

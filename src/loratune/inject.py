@@ -178,6 +178,9 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     # A module trained in full (modules_to_save) is not also given LoRA, as in PEFT.
     matched = [n for n in names if matches(target, n) and not matches(config.exclude_modules, n)
                and not under_saved(config.modules_to_save, n)]
+    if not isinstance(target, str) and not target:
+        raise TargetNotFoundError("target_modules is an empty list: name the modules to adapt, or leave it "
+                                  "unset for the architecture's defaults")
     if isinstance(target, str) and not any(matches(target, n) for n in names):
         raise TargetNotFoundError(_regex_not_found_message(target, names))
     for entry in [] if isinstance(target, str) else target:

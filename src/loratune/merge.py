@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
+from numbers import Integral, Real
 
 import torch
 from torch import Tensor, nn
@@ -21,8 +22,10 @@ from torch import Tensor, nn
 from .base_layers import is_quantized
 from .errors import ConfigError, MergeError, UnsupportedFeatureError
 from .layers import LoraEmbedding, LoraLayer
+from .module_patterns import shown
 
 COMBINATIONS = ("svd", "cat", "linear")
+SVD_DRIVERS = (None, "gesvd", "gesvdj", "gesvda")  # torch.linalg.svd's (cuSOLVER) drivers
 # PEFT's pruning-based combinations, refused by name.
 PEFT_ONLY_COMBINATIONS = ("ties", "ties_svd", "dare_linear", "dare_ties", "dare_linear_svd", "dare_ties_svd",
                           "magnitude_prune", "magnitude_prune_svd")
@@ -76,16 +79,7 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     if refused:  # PEFT's pruning combinations and their options
         raise UnsupportedFeatureError(f"add_weighted_adapter: {', '.join(refused)} is not supported; "
                                       f"use one of {COMBINATIONS}")
-    problems = []
-    if svd_clamp is not None and not 0 < svd_clamp <= 1:
-        problems.append(f"svd_clamp must be in (0, 1], got {svd_clamp!r}")
-    if combination_type not in COMBINATIONS:
-        problems.append(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
-    missing = [a for a in adapters if a not in model.peft_config]
-    if missing:
-        problems.append(f"unknown adapter(s) {missing}; loaded: {sorted(model.peft_config)}")
-    if len(weights) != len(adapters) or not adapters:
-        problems.append(f"need one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+    problems = _argument_problems(model, adapters, weights, combination_type, svd_rank, svd_clamp, svd_driver)
     try:
         model._check_new_adapter_name(adapter_name)
     except ConfigError as err:
@@ -121,6 +115,45 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     model._apply_active()
 
 
+def _argument_problems(model, adapters, weights, combination_type: str, svd_rank, svd_clamp,
+                       svd_driver) -> list[str]:
+    """Everything wrong with add_weighted_adapter's arguments, checked before any layer changes."""
+    problems = []
+    if svd_clamp is not None and not (_is_number(svd_clamp) and 0 < svd_clamp <= 1):
+        problems.append(f"svd_clamp must be in (0, 1], got {shown(svd_clamp)}")
+    rank_ok = isinstance(svd_rank, Integral) and not isinstance(svd_rank, bool) and svd_rank > 0
+    if svd_rank is not None and not rank_ok:
+        problems.append(f"svd_rank must be a positive integer, got {shown(svd_rank)}")
+    if svd_driver not in SVD_DRIVERS:
+        problems.append(f"svd_driver must be one of {SVD_DRIVERS}, got {svd_driver!r}")
+    elif svd_driver is not None and any(p.device.type != "cuda" for p in model.model.parameters()):
+        problems.append(f"svd_driver={svd_driver!r} needs the model on CUDA (torch.linalg.svd takes a driver "
+                        "only there); leave it None")
+    if combination_type not in COMBINATIONS:
+        problems.append(f"combination_type must be one of {COMBINATIONS}, got {combination_type!r}")
+    if not isinstance(adapters, (list, tuple)) or not all(isinstance(a, str) for a in adapters):
+        return problems + [f"adapters must be a list of adapter names, got {shown(adapters)}"]
+    missing = [a for a in adapters if a not in model.peft_config]
+    if missing:
+        problems.append(f"unknown adapter(s) {missing}; loaded: {sorted(model.peft_config)}")
+    if not isinstance(weights, (list, tuple)) or not all(_is_finite(w) for w in weights):
+        problems.append(f"weights must be a list of finite numbers, got {shown(weights)}")
+    elif len(weights) != len(adapters) or not adapters:
+        problems.append(f"need one weight per adapter: {len(adapters)} adapters, {len(weights)} weights")
+    return problems
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)  # numpy scalars too
+
+
+def _is_finite(value: object) -> bool:
+    try:
+        return _is_number(value) and math.isfinite(value)
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 def _combined_rank(path: str, layer: LoraLayer, adapters: list[str], combination_type: str,
                    svd_rank: int | None) -> int:
     present = [layer.r[a] for a in adapters if a in layer.r]
@@ -131,7 +164,7 @@ def _combined_rank(path: str, layer: LoraLayer, adapters: list[str], combination
             raise ConfigError(f"combination_type='linear' needs every adapter on {path} with one rank; "
                               f"got {present}")
         return present[0]
-    return svd_rank or max(present)
+    return int(svd_rank) if svd_rank else max(present)  # int(): a numpy integer is not a LoraConfig r
 
 
 def _combine(layer: LoraLayer, adapters: list[str], weights: list[float], combination_type: str,

@@ -18,12 +18,14 @@ import torch
 from torch import Tensor, nn
 
 from . import adapter_io, merge
+from .adapter_files import CONFIG_NAME
 from .adapter_names import BASE_ADAPTER, adapter_name_problem
 from .base_layers import is_quantized
 from .config import LoraConfig
-from .errors import AdapterError, ConfigError, MergeError
+from .errors import AdapterError, ConfigError, MergeError, TargetNotFoundError
 from .inject import inject_adapter, resolve_config, set_submodule
 from .layers import LoraLayer, LoraLinear, ModulesToSave, module_key, owned_by_adapter
+from .module_patterns import shown
 from .peft_kwargs import check_peft_kwargs
 
 logger = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class LoraModel(nn.Module):
 
     def __init__(self, model: nn.Module, peft_config: LoraConfig, adapter_name: str = "default") -> None:
         super().__init__()
+        _check_model(model)
         self.model = model
         self.peft_config: dict[str, LoraConfig] = {}
         self._active: list[str] = []
@@ -117,7 +120,7 @@ class LoraModel(nn.Module):
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
         """Make these adapters active (a list sums them); only active adapters are trainable."""
-        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        names = adapter_list(adapter_name, "adapter_name")
         self._require_known(names)
         self._active = names
         self._apply_active()
@@ -219,7 +222,7 @@ class LoraModel(nn.Module):
     @contextlib.contextmanager
     def _mixed_batch(self, adapter_names: list[str], args, kwargs) -> Iterator[None]:
         """Route rows to adapters for one call: one group of row indices per distinct name."""
-        names = list(adapter_names)
+        names = adapter_list(adapter_names, "adapter_names")
         self._require_known([n for n in names if n != BASE_ADAPTER], argument="adapter_names")
         inputs = kwargs.get("input_ids", kwargs.get("inputs_embeds", args[0] if args else None))
         if isinstance(inputs, Tensor) and inputs.shape[0] != len(names):
@@ -271,7 +274,9 @@ class LoraModel(nn.Module):
         return self._unload(keep_saved_copies=False)
 
     def _merge_names(self, adapter_names: list[str] | None) -> list[str]:
-        names = list(adapter_names) if adapter_names is not None else list(self._active)
+        if adapter_names is None:
+            return list(self._active)
+        names = adapter_list(adapter_names, "adapter_names")
         self._require_known(names)
         return names
 
@@ -327,7 +332,10 @@ class LoraModel(nn.Module):
             return
         if not safe_serialization:
             logger.warning("loratune writes safetensors only; ignoring safe_serialization=False")
-        names = list(selected_adapters) if selected_adapters is not None else list(self.peft_config)
+        if not isinstance(save_directory, (str, os.PathLike)):
+            raise ConfigError(f"save_directory must be a string or path, got {shown(save_directory)}")
+        names = (adapter_list(selected_adapters, "selected_adapters") if selected_adapters is not None
+                 else list(self.peft_config))
         self._require_known(names, argument="selected_adapters")
         for name in names:
             config = replace(self.peft_config[name], inference_mode=True)
@@ -356,12 +364,16 @@ class LoraModel(nn.Module):
 
         On a load error the user's model is left as it came (modules and trainable flags).
         """
+        _check_model(model)
+        if not isinstance(config, LoraConfig):
+            raise ConfigError(f"config must be a loratune LoraConfig, got {type(config).__name__}")
         adapter_io.check_ranks(config, tensors, source=source)
         config = adapter_io.with_legacy_saves(model, config, tensors)
         config = replace(config, inference_mode=not is_trainable)
         trainable = {param: param.requires_grad for param in model.parameters()}
         # Injected with the plain init: nothing of the user's model changes until the file has fit.
-        self = cls(model, replace(config, init_lora_weights=True), adapter_name)
+        with _naming_adapter(source):
+            self = cls(model, replace(config, init_lora_weights=True), adapter_name)
         try:
             self._fill_adapter(adapter_name, config, tensors, source)
         except AdapterError:
@@ -384,7 +396,8 @@ class LoraModel(nn.Module):
         adapter_io.check_ranks(file_config, tensors, source=str(model_id))  # before anything is allocated
         config = replace(adapter_io.with_legacy_saves(self.model, file_config, tensors),
                          inference_mode=not is_trainable)
-        self.add_adapter(adapter_name, replace(config, init_lora_weights=True))
+        with _naming_adapter(str(model_id)):
+            self.add_adapter(adapter_name, replace(config, init_lora_weights=True))
         try:
             self._fill_adapter(adapter_name, config, tensors, str(model_id))
         except AdapterError:
@@ -400,6 +413,31 @@ class LoraModel(nn.Module):
         self.peft_config[adapter_name] = replace(self.peft_config[adapter_name],
                                                  init_lora_weights=config.init_lora_weights)
         self._apply_active()
+
+
+@contextlib.contextmanager
+def _naming_adapter(source: str) -> Iterator[None]:
+    """Name the adapter whose config selects no module of the model (the error names only the entry)."""
+    try:
+        yield
+    except TargetNotFoundError as err:
+        raise TargetNotFoundError(f"{source} ({CONFIG_NAME}): {err}") from None
+
+
+def _check_model(model: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"expected the base model as a torch.nn.Module, got {type(model).__name__}"
+                          + (" (load it first, e.g. AutoModelForCausalLM.from_pretrained)"
+                             if isinstance(model, (str, os.PathLike)) else ""))
+
+
+def adapter_list(value: object, argument: str) -> list[str]:
+    """One adapter name or a list of them (PEFT takes both) as a list; ConfigError for anything else."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{argument} must be an adapter name or a list of them, got {shown(value)}")
+    return list(names)
+
 
 PeftModel = LoraModel
 PeftModelForCausalLM = LoraModel

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import re
 import tempfile
@@ -32,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from loratune.errors import ConfigError
+from loratune.module_patterns import shown
 from loratune.tools.gguf_vocab import add_vocab
 
 logger = logging.getLogger(__name__)
@@ -59,6 +61,9 @@ _BLOCK_NAMES = {
 }
 _TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 _BLOCK_KEY = re.compile(r"^model\.layers\.(?P<bid>\d+)\.(?P<module>.+)$")
+_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<kind>lora_A|lora_B)\.weight$")
+_SIZES = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size", "vocab_size")
+_OPTIONAL_SIZES = ("num_key_value_heads", "head_dim", "max_position_embeddings")
 
 
 @dataclass(frozen=True)
@@ -97,10 +102,16 @@ def hparams_of(config, *, source: str = "config") -> Hparams:
     if model_type == "llama" and (get("attention_bias") or get("mlp_bias")):
         raise ConfigError("a Llama model with attention_bias/mlp_bias is not supported by GGUF export",
                           source=source)
-    missing = [k for k in ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size",
-                           "vocab_size") if get(k) is None]
+    missing = [k for k in _SIZES if get(k) is None]
     if missing:
         raise ConfigError(f"missing fields {missing}", source=source)
+    bad = [f"{k}={shown(get(k))}" for k in _SIZES + _OPTIONAL_SIZES
+           if get(k) is not None and not _is_size(get(k))]
+    bad += [f"{k}={shown(get(k))}" for k in ("rope_theta", "rms_norm_eps")
+            if get(k) is not None and not _is_positive_float(get(k))]
+    if bad:
+        raise ConfigError(f"fields that must be positive numbers (sizes: whole numbers below 2**31): "
+                          f"{', '.join(bad)}", source=source)
     arch, permute = ARCHITECTURES[model_type]
     n_heads = int(get("num_attention_heads"))
     rope = get("rope_parameters") or {}
@@ -120,14 +131,30 @@ def hparams_of(config, *, source: str = "config") -> Hparams:
     )
 
 
+def _is_size(value: object) -> bool:
+    """A positive whole number that fits GGUF's uint32 keys (JSON may spell 32 as 32.0)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return 0 < value < 2**31 and (isinstance(value, int) or value.is_integer())
+
+
+def _is_positive_float(value: object) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    try:
+        return 0 < float(value) < math.inf
+    except OverflowError:  # an int beyond any float
+        return False
+
+
 def parse_outtype(outtype: str) -> tuple[gguf.LlamaFileType, gguf.GGMLQuantizationType]:
     """Return (file type, 2-D tensor type) for an --outtype name.
 
     Raises:
         ConfigError: an unknown name (the message lists the valid ones).
     """
-    if outtype not in OUTTYPES:
-        raise ConfigError(f"--outtype {outtype!r}: expected one of {', '.join(OUTTYPES)}")
+    if not isinstance(outtype, str) or outtype not in OUTTYPES:
+        raise ConfigError(f"--outtype {shown(outtype)}: expected one of {', '.join(OUTTYPES)}")
     return OUTTYPES[outtype]
 
 
@@ -230,10 +257,21 @@ def model_tensors(state: dict[str, Tensor], hp: Hparams) -> Iterator[tuple[str, 
 
 @contextlib.contextmanager
 def atomic_gguf_path(path: str | os.PathLike) -> Iterator[str]:
-    """Yield a temp path beside `path`; it replaces `path` only if the block succeeds."""
+    """Yield a temp path beside `path`; it replaces `path` only if the block succeeds.
+
+    Raises:
+        ConfigError: `path` is a directory, or its folder cannot be made or written to.
+    """
     target = os.path.abspath(os.fspath(path))
-    os.makedirs(os.path.dirname(target), exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
+    if os.path.isdir(target):
+        raise ConfigError(f"cannot write {os.fspath(path)}: it is a directory; give a file path (e.g. "
+                          f"{os.path.join(os.fspath(path), 'model.gguf')})")
+    try:
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}.tmp-", dir=os.path.dirname(target))
+    except OSError as err:  # a file where a folder should be, no permission, read-only disk
+        raise ConfigError(f"cannot write {os.fspath(path)}: its folder {os.path.dirname(target)} cannot be "
+                          f"made or written to ({err.strerror or err})") from None
     os.close(fd)
     try:
         yield tmp
@@ -263,7 +301,7 @@ def write_gguf_model(model: nn.Module, tokenizer, path: str | os.PathLike, outty
         ConfigError: unsupported architecture or tokenizer, unknown outtype.
     """
     file_type, qtype = parse_outtype(outtype)
-    hp = hparams_of(model.config, source="model config")
+    hp = hparams_of(getattr(model, "config", None), source="model config")  # None: not a Transformers model
     path = os.fspath(path)
     writer = gguf.GGUFWriter(None, hp.arch)
     writer.add_type(gguf.GGUFType.MODEL)
@@ -308,7 +346,7 @@ def write_gguf_adapter(adapter_dir: str, base_config, path: str | os.PathLike, o
     config, tensors = read_adapter(adapter_dir)
     writer = gguf.GGUFWriter(None, hp.arch)
     ranks = set()
-    for name, lora_a, lora_b in adapter_pairs(tensors, hp):
+    for name, lora_a, lora_b in adapter_pairs(tensors, hp, source=os.fspath(adapter_dir)):
         ranks.add(lora_a.shape[0])
         for suffix, data in ((".lora_a", lora_a), (".lora_b", lora_b)):
             encoded, tensor_type = encode_tensor(name + suffix, data, qtype)
@@ -327,22 +365,70 @@ def write_gguf_adapter(adapter_dir: str, base_config, path: str | os.PathLike, o
     return path
 
 
-def adapter_pairs(tensors: dict[str, Tensor], hp: Hparams) -> Iterator[tuple[str, Tensor, Tensor]]:
+def adapter_pairs(tensors: dict[str, Tensor], hp: Hparams, *, source: str = "adapter"
+                  ) -> Iterator[tuple[str, Tensor, Tensor]]:
     """Yield (GGUF weight name, lora_A (R, in), lora_B (out, R)) per module, in file order, lora_B rows
-    permuted for q/k; a pair of mixed dtypes, or not float16/float32, goes through float32."""
+    permuted for q/k; a pair of mixed dtypes, or not float16/float32, goes through float32.
+
+    Raises:
+        AdapterError: a tensor that is not half of a lora_A/lora_B pair, a lone half, or a pair whose
+            shapes do not fit the base model (`hp`); all checked before the first pair is yielded.
+        ConfigError: LoRA on an output head tied to the embedding.
+    """
     from loratune.adapter_io import PREFIX
+    from loratune.errors import AdapterError
 
     pairs: dict[str, dict[str, Tensor]] = {}
+    problems = []
     for key, tensor in tensors.items():
-        module, kind = key.removeprefix(PREFIX).rsplit(".", 2)[:2]
-        pairs.setdefault(module, {})[kind] = tensor
+        m = _LORA_KEY.match(key.removeprefix(PREFIX))
+        if m is None:
+            problems.append(f"{key}: not a lora_A/lora_B weight")
+            continue
+        pairs.setdefault(m["module"], {})[m["kind"]] = tensor
     for module, pair in pairs.items():
         if module == "lm_head" and hp.tie_word_embeddings:
             raise ConfigError("LoRA on lm_head: the base model ties it to embed_tokens, and llama.cpp has no "
                               "separate output tensor to apply it to")
+        problems += _pair_problems(module, pair, hp)
+    if problems:
+        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
+        raise AdapterError(f"{source}: cannot be written as a llama.cpp adapter for this base: "
+                           + "; ".join(problems[:5]) + more)
+    for module, pair in pairs.items():
         name = gguf_tensor_name(module + ".weight")
         lora_a, lora_b = pair["lora_A"], pair["lora_B"]
         if lora_a.dtype != lora_b.dtype or lora_a.dtype not in (torch.float16, torch.float32):
             lora_a, lora_b = lora_a.float(), lora_b.float()
         heads = qk_heads(name, hp)
         yield name, lora_a, (rope_row_order(lora_b, heads) if heads else lora_b)
+
+
+def _pair_problems(module: str, pair: dict[str, Tensor], hp: Hparams) -> list[str]:
+    """Why one module's lora_A/lora_B cannot be written for the base `hp` (empty when they can)."""
+    lone = [k for k in ("lora_A", "lora_B") if k not in pair]
+    if lone:
+        return [f"{module}: has no {lone[0]} (each module needs both lora_A and lora_B)"]
+    a, b = tuple(pair["lora_A"].shape), tuple(pair["lora_B"].shape)
+    if len(a) != 2 or len(b) != 2 or a[0] != b[1]:
+        return [f"{module}: lora_A {a} and lora_B {b} are not (R, in) and (out, R)"]
+    name = gguf_tensor_name(module + ".weight")
+    want = _base_shape(name, hp) if name else None
+    if want is None:
+        return [f"{module}: no llama.cpp tensor for this module in a {hp.model_type} model"]
+    if (b[0], a[1]) != want:
+        return [f"{module}: the adapter is for a ({b[0]}, {a[1]}) weight, the base model's is {want} "
+                "(an adapter trained on another base?)"]
+    return []
+
+
+def _base_shape(gguf_name: str, hp: Hparams) -> tuple[int, int] | None:
+    """(out, in) of the base weight behind a GGUF weight name; None for a block past the model's last."""
+    parts = gguf_name.split(".")  # ["blk", "0", "attn_q", "weight"] or ["output", "weight"]
+    if parts[0] == "blk" and int(parts[1]) >= hp.n_layers:
+        return None
+    q, kv = hp.n_heads * hp.head_dim, hp.n_kv_heads * hp.head_dim
+    d, ffn, vocab = hp.hidden_size, hp.intermediate_size, hp.vocab_size
+    shapes = {"attn_q": (q, d), "attn_k": (kv, d), "attn_v": (kv, d), "attn_output": (d, q),
+              "ffn_gate": (ffn, d), "ffn_up": (ffn, d), "ffn_down": (d, ffn), "output": (vocab, d)}
+    return shapes.get(parts[-2])
