@@ -22,7 +22,8 @@ from factories import tiny_model
 from loratune import LoraConfig, get_peft_model
 from loratune.adapter_io import PREFIX
 from loratune.errors import ConfigError, UnsupportedFeatureError
-from loratune.tools.gguf import rope_row_order, write_gguf_adapter, write_gguf_model
+from loratune.tools.gguf import rope_row_order, write_gguf_model
+from loratune.tools.gguf_adapter import write_gguf_adapter
 from loratune.tools.loading import load_tokenizer
 from test_inspection import write_adapter
 

@@ -345,7 +345,7 @@ GGUF_DAMAGE = {
 
 @pytest.mark.parametrize("name", sorted(GGUF_DAMAGE))
 def test_a_gguf_adapter_export_names_the_tensor_that_cannot_be_written(name, saved, tmp_path):
-    from loratune.tools.gguf import write_gguf_adapter
+    from loratune.tools.gguf_adapter import write_gguf_adapter
 
     damage, needle = GGUF_DAMAGE[name]
     path = copy_with(saved, tmp_path)
@@ -360,7 +360,7 @@ def test_a_gguf_adapter_export_names_the_tensor_that_cannot_be_written(name, sav
 
 
 def test_a_gguf_output_path_that_is_a_directory_or_under_a_file_is_named(saved, tmp_path):
-    from loratune.tools.gguf import write_gguf_adapter
+    from loratune.tools.gguf_adapter import write_gguf_adapter
 
     (tmp_path / "keep.txt").write_text("precious")
     under_a_file = tmp_path / "keep.txt" / "a.gguf"

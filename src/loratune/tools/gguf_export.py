@@ -28,7 +28,8 @@ from loratune.tools.export import (
     probe_batch,
     tolerance_for,
 )
-from loratune.tools.gguf import parse_outtype, write_gguf_adapter, write_gguf_model
+from loratune.tools.gguf import parse_outtype, write_gguf_model
+from loratune.tools.gguf_adapter import write_gguf_adapter
 from loratune.tools.load_trained import resolve_base_name
 from loratune.tools.loading import gguf_file_of, load_tokenizer, model_dir
 from loratune.tools.ollama import OllamaTemplate, convert_chat_template, llama_cpp_commands, modelfile
