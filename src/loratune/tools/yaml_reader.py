@@ -32,8 +32,9 @@ def load_yaml(text: str, *, source: str) -> tuple[yaml.Node | None, Any]:
     if len(text) > MAX_YAML_BYTES:
         raise ConfigError(f"the YAML document has {len(text):,} characters; at most {MAX_YAML_BYTES:,} are "
                           "accepted", source=source)
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # refuses NUL and other control characters already
         node = loader.get_single_node()
         if node is None:
             return None, None
@@ -45,13 +46,18 @@ def load_yaml(text: str, *, source: str) -> tuple[yaml.Node | None, Any]:
         return node, loader.construct_document(node)
     except RecursionError:
         raise ConfigError(f"the YAML document nests deeper than {MAX_DEPTH} levels", source=source) from None
+    except yaml.reader.ReaderError as exc:  # a character YAML does not allow, found before parsing
+        line = text.count("\n", 0, exc.position) + 1
+        raise ConfigError(f"invalid YAML (line {line}): the character U+{exc.character:04X} is not allowed "
+                          "in YAML", source=source) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
         problem = getattr(exc, "problem", None) or exc
         raise ConfigError(f"invalid YAML{where}: {problem}", source=source) from None
     finally:
-        loader.dispose()
+        if loader is not None:
+            loader.dispose()
 
 
 def _expanded_size(node: yaml.Node, memo: dict[int, int], depth: int, source: str) -> int:
