@@ -1,5 +1,6 @@
-"""Hostile input and faults against the trainer: YAML shapes, killed and full-disk saves, corrupt
-checkpoints, ranks that cannot fit. Each case asserts the exit code (or error type) and the message.
+"""Hostile input and faults against the trainer: YAML shapes, data files, killed and full-disk saves,
+corrupt checkpoints, ranks that cannot fit. Each case asserts the exit code (or error type) and the
+message.
 
 YAML cases run `loratune train FILE` in-process: they fail before anything loads.
 """
@@ -7,6 +8,7 @@ YAML cases run `loratune train FILE` in-process: they fail before anything loads
 from __future__ import annotations
 
 import errno
+import json
 import os
 
 import pytest
@@ -17,9 +19,11 @@ from factories import tiny_model
 from loratune import LoraConfig
 from loratune.atomic import atomic_directory, atomic_file, is_leftover
 from loratune.cli.main import main
-from loratune.errors import ConfigError, DiskFullError, InsufficientMemoryError, LoratuneError
+from loratune.data import DataConfig, build_datasets
+from loratune.errors import ConfigError, DataError, DiskFullError, InsufficientMemoryError, LoratuneError
 from loratune.tools.yaml_reader import MAX_YAML_BYTES
 from loratune.train import checkpoint as ckpt
+from loratune.train import resume
 from loratune.train.api import check_adapter_memory, out_of_memory_explained
 from loratune.train.config import read_yaml
 
@@ -60,6 +64,7 @@ YAML_CASES = {
     "top_level_list": ("- r\n- 8\n", "expected a mapping"),
     "top_level_scalar": ("just text\n", "expected a mapping"),
     "duplicate_key": ("r: 8\nr: 16\n", "set twice"),
+    "nul_character": ("r: 8\nlora_alpha: 1\x006\n", "invalid YAML (line 2): the character U+0000"),
 }
 
 
@@ -109,10 +114,18 @@ def test_a_bounded_reader_reads_train_config_yaml_beside_an_adapter(tmp_path):
         read_train_config(str(tmp_path))
 
 
+def test_a_control_character_in_train_config_yaml_beside_an_adapter_names_its_line(tmp_path):
+    from loratune.tools.load_trained import read_train_config
+
+    (tmp_path / "train_config.yaml").write_text("r: 8\nload_in_4bit: tr\x07ue\n")
+    with pytest.raises(ConfigError, match=r"line 2\): the character U\+0007"):
+        read_train_config(str(tmp_path))
+
+
 # ----- saves killed mid-write ---------------------------------------------------------------------
 
 LEFTOVERS = [".checkpoint-2.tmp-abc123", "..checkpoint-2.tmp-abc123.tmp-def456",
-             "...checkpoint-10.tmp-a.tmp-b.tmp-c", ".train_config.yaml.tmp-x1y2z3",
+             "...checkpoint-10.tmp-a.tmp-b.tmp-c", ".train_config.yaml.tmp-x1y2z3", ".metrics.jsonl.tmp-r2d2",
              ".adapter_model.safetensors.tmp-q9", ".adapter_config.json.tmp-zz"]
 KEPT = ["checkpoint-2", "notes.txt", ".checkpoint-2", "checkpoint-2.tmp-abc", ".checkpoint-x.tmp-1",
         ".mydata.tmp-1"]
@@ -329,3 +342,205 @@ def test_safe_dump_of_a_config_is_what_the_bounded_reader_reads(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"r": 8, "target_modules": ["q_proj"] * 100}))
     assert read_yaml(path)["target_modules"] == ["q_proj"] * 100
+
+
+# ----- hostile data files ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tok():
+    from loratune.tools.loading import load_tokenizer
+
+    return load_tokenizer("preset:tiny-llama")
+
+
+def _build(tok, path, **kw):
+    return build_datasets(DataConfig(train_file=str(path), **kw), tok)
+
+
+GOOD_ROW = {"prompt": "Capital of Peru?", "completion": "Lima."}
+
+
+@pytest.mark.parametrize("name, text, where", [
+    ("deep.jsonl", json.dumps(GOOD_ROW) + "\n" + "[" * 100_000 + "]" * 100_000 + "\n", "deep.jsonl line 2"),
+    ("deep.json", "[" * 100_000 + "]" * 100_000, "deep.json"),
+])
+def test_json_nested_too_deeply_is_a_bad_row_not_a_crash(name, text, where, tok, tmp_path):
+    (tmp_path / name).write_text(text)
+    with pytest.raises(DataError, match=f"{where}: invalid JSON \\(nested too deeply"):
+        _build(tok, tmp_path / name)
+
+
+@pytest.mark.parametrize("separator", ["\u2028", "\u2029", "\x85"])
+def test_unicode_line_separators_inside_jsonl_strings_are_text(separator, tok, tmp_path):
+    rows = [{"prompt": f"one{separator}two", "completion": "three"}, GOOD_ROW]
+    path = tmp_path / "train.jsonl"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    assert _build(tok, path).stats.examples == 2
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_a_bad_jsonl_line_is_named_by_its_line_whatever_the_line_endings(newline, tok, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(newline.join([json.dumps(GOOD_ROW), "", "[1, 2]", json.dumps(GOOD_ROW)]).encode())
+    with pytest.raises(DataError, match="train.jsonl line 3: expected a JSON object, got list"):
+        _build(tok, path)
+
+
+@pytest.mark.parametrize("row, field", [
+    ({"text": "caf\ud800e"}, "field 'text'"),
+    ({"prompt": "hi", "completion": "\udfff"}, "field 'completion'"),
+    ({"instruction": "hi", "input": "x\ud83d", "output": "y"}, "field 'input'"),
+    ({"messages": [{"role": "user", "content": "\ud800"}, {"role": "assistant", "content": "y"}]},
+     "messages\\[0\\].content"),
+])
+def test_a_lone_surrogate_escape_is_a_bad_row_named_by_line_and_field(row, field, tok, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n" + json.dumps(row) + "\n")  # json.dumps writes the escape "\\ud800"
+    with pytest.raises(DataError, match=f"train.jsonl line 2: {field} holds a lone surrogate"):
+        _build(tok, path)
+
+
+def test_invalid_utf8_in_a_csv_names_its_line(tok, tmp_path):
+    path = tmp_path / "train.csv"
+    path.write_bytes(b"prompt,completion\nhi,there\nhi,caf\xe9\n")
+    with pytest.raises(DataError, match="train.csv line 3: not valid UTF-8"):
+        _build(tok, path)
+
+
+def test_skip_bad_rows_keeps_every_csv_row_after_an_unreadable_one(tok, tmp_path, caplog):
+    good = "".join(f"q{i},a{i}\n" for i in range(10))
+    path = tmp_path / "train.csv"
+    path.write_text('prompt,completion\n"two\nlines",a\n' + good + "q," + "x" * 200_000 + "\n" + good)
+    bundle = _build(tok, path, skip_bad_rows=True)
+    assert (bundle.stats.examples, bundle.stats.skipped) == (21, 1)
+    assert bundle.wheres[-1] == "train.csv line 24"
+    assert "train.csv line 14: unreadable CSV (field larger than field limit" in caplog.text
+
+
+@pytest.mark.parametrize("row", [{"input_ids": [5]}, {"input_ids": [5, 6, 7], "labels": [-100, -100, -100]}])
+def test_rows_with_nothing_to_train_are_not_blamed_on_max_seq_length(row, tok, tmp_path):
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(DataError) as err:
+        _build(tok, path)
+    assert "had no token to train on, e.g. train.jsonl line 1" in str(err.value)
+    assert "max_seq_length" not in str(err.value)
+
+
+# ----- hostile output_dir ------------------------------------------------------------------------
+
+
+def test_an_output_dir_that_cannot_be_written_exits_2_before_anything_loads(tmp_path, monkeypatch, capsys):
+    import tempfile
+
+    def read_only(*_args, **_kwargs):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(tempfile, "mkdtemp", read_only)
+    out = tmp_path / "new" / "out"
+    assert main(["train", "--model_name_or_path", "/nonexistent", "--train_file", "x.jsonl",
+                 "--output_dir", str(out)]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"output_dir '{out}' cannot be written: '{tmp_path}'" in err and "Read-only file system" in err
+
+
+# ----- training states that load but are not whole -----------------------------------------------
+
+
+def _state(**changes):
+    state = {"scheduler": {"last_epoch": 2}, "rng": [{}],
+             "position": {"step": 2, "epoch": 0, "batch_index": 2}, "world_size": 1,
+             "micro_batches_per_step": 1, "trainable": {}, "optimizer": {},
+             "log_window": {"losses": [], "tokens": 0, "elapsed_s": 0.0}}
+    state.update(changes)
+    return {k: v for k, v in state.items() if v is not None}
+
+
+STATES = {
+    "list": ([1, 2], "a list, not a dict"),
+    "no_scheduler": (_state(scheduler=None), "no 'scheduler'"),
+    "no_rng": (_state(rng=None), "no 'rng'"),
+    "no_position": (_state(position=None), "no 'position'"),
+    "no_world_size": (_state(world_size=None), "no 'world_size'"),
+    "no_optimizer": (_state(optimizer=None), "'trainable' weights without an 'optimizer' state"),
+    "no_trainable": (_state(trainable=None), "an 'optimizer' state without 'trainable' weights"),
+    "position_extra_key": (_state(position={"step": 1, "epoch": 0, "batch_index": 0, "x": 1}),
+                           "'position' is not a mapping of batch_index, epoch, step"),
+    "position_float": (_state(position={"step": 1.5, "epoch": 0, "batch_index": 0}),
+                       "'position' needs integer"),
+    "log_window_extra_key": (_state(log_window={"x": 1}), "'log_window' is not a mapping"),
+    "scheduler_list": (_state(scheduler=[1]), "'scheduler' is not a mapping"),
+    "rng_empty": (_state(rng=[]), "'rng' a non-empty list"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(STATES))
+def test_a_training_state_that_is_not_whole_names_the_file_and_the_previous_checkpoint(name, tmp_path):
+    state, needle = STATES[name]
+    path = _two_checkpoints(tmp_path, b'{"step": 2}')
+    torch.save(state, os.path.join(path, ckpt.STATE_FILE))
+    with pytest.raises(LoratuneError) as err:
+        ckpt.load_training_state(path, validate=resume.state_problems)
+    message = str(err.value)
+    assert os.path.join(path, ckpt.STATE_FILE) in message and needle in message
+    assert f"--resume_from_checkpoint {tmp_path / 'checkpoint-1'}" in message
+
+
+# ----- resuming a real run -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def two_checkpoints_run(tmp_path_factory):
+    """A 3-step run of the tiny model with checkpoint-1 and checkpoint-2, and the flags that made it."""
+    from test_cli_train import base_flags, make_model_dir, rows_for, write_rows
+
+    root = tmp_path_factory.mktemp("resume")
+    data = write_rows(root / "train.jsonl", rows_for("text", 8))
+    out = root / "run"
+    flags = [*base_flags(make_model_dir(root / "m"), data, out), "--max_steps", "3", "--save_steps", "1",
+             "--save_total_limit", "5", "--lr_scheduler_type", "constant", "--warmup_ratio", "0"]
+    assert main(["train", *flags]) == 0
+    return out, flags
+
+
+def _resume_copy(run, tmp_path):
+    import shutil
+
+    out, flags = run
+    copy = tmp_path / "run"
+    shutil.copytree(out, copy)
+    return copy, [f if f != str(out) else str(copy) for f in flags]
+
+
+def test_resuming_with_a_lower_learning_rate_uses_it(two_checkpoints_run, tmp_path, caplog):
+    out, flags = _resume_copy(two_checkpoints_run, tmp_path)
+    assert main(["train", *flags, "--learning_rate", "1e-4", "--weight_decay", "0.1",
+                 "--resume_from_checkpoint", str(out / "checkpoint-2")]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rates = [(r["step"], r["learning_rate"]) for r in records if "loss" in r]
+    assert rates == [(1, 1e-2), (2, 1e-2), (3, 1e-4)]
+    assert ("resuming with learning_rate 0.0001 and weight_decay 0.1 (the checkpoint was trained with 0.01 "
+            "and 0)") in caplog.text
+
+
+def test_an_optimizer_state_that_does_not_fit_exits_2_naming_the_checkpoint(two_checkpoints_run, tmp_path,
+                                                                             capsys):
+    out, flags = _resume_copy(two_checkpoints_run, tmp_path)
+    path = out / "checkpoint-2" / ckpt.STATE_FILE
+    state = torch.load(path, weights_only=True)
+    state["optimizer"]["param_groups"] *= 2
+    torch.save(state, path)
+    assert main(["train", *flags, "--resume_from_checkpoint", "true"]) == EXIT_USAGE
+    err = capsys.readouterr().err
+    assert f"checkpoint {out / 'checkpoint-2'}: its optimizer state does not fit" in err
+    assert "Traceback" not in err
+
+
+def test_lines_of_metrics_jsonl_that_are_not_records_do_not_stop_a_resume(two_checkpoints_run, tmp_path):
+    out, flags = _resume_copy(two_checkpoints_run, tmp_path)
+    with open(out / "metrics.jsonl", "ab") as fh:
+        fh.write(b'3\n{"step": "2"}\n\xff\xfe\n' + b"[" * 100_000 + b"\n")
+    assert main(["train", *flags, "--resume_from_checkpoint", "true"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]

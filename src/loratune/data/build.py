@@ -225,25 +225,38 @@ def tokenize_rows(raw: RawRows, cfg: DataConfig, tokenizer) -> tuple[list[Exampl
         encoded += _encode_chunk(chunk, cols, cfg, tokenizer, special, problems)
     n_rows = len(raw.rows) + len(raw.problems)
     _check_problems(raw.name, problems, n_rows, cfg.skip_bad_rows)
-    examples, wheres, lengths, truncated, dropped, trained = [], [], [], 0, 0, 0
+    examples, wheres, lengths, truncated, dropped, dropped_cut, trained = [], [], [], 0, 0, 0, 0
     for where, enc in encoded:
         n_trained = sum(lab != IGNORE_INDEX for lab in enc.labels)
         truncated += enc.truncated
         if n_trained == 0:
             dropped += 1
+            dropped_cut += enc.truncated
             continue
         examples.append({"input_ids": enc.input_ids, "labels": enc.labels})
         wheres.append(where)
         lengths.append(len(enc.input_ids))
         trained += n_trained
     if not examples:
+        reasons = []
+        if dropped_cut:
+            reasons.append(f"{dropped_cut} lost every trained token to max_seq_length={cfg.max_seq_length}")
+        if dropped > dropped_cut:  # e.g. one token (the first is never trained), or labels all IGNORE_INDEX
+            reasons.append(f"{dropped - dropped_cut} had no token to train on, "
+                           f"e.g. {_first_untrained(encoded)}")
         raise DataError(f"{raw.name}: no usable example out of {n_rows} rows"
-                        + (f" ({dropped} lost every trained token to max_seq_length={cfg.max_seq_length})"
-                           if dropped else ""))
+                        + (f" ({'; '.join(reasons)})" if reasons else ""))
     stats = DataStats(raw.name, cols.format, n_rows, len(examples), len(problems), truncated, dropped,
                       sum(lengths), trained, lengths)
     _log(stats)
     return examples, stats, wheres
+
+
+def _first_untrained(encoded: list[tuple[str, Encoded]]) -> str:
+    """Where the first example with no trained token that was not truncated came from, and its size."""
+    where, enc = next((w, e) for w, e in encoded if not e.truncated
+                      and all(lab == IGNORE_INDEX for lab in e.labels))
+    return f"{where} ({len(enc.input_ids)} token(s), none trained; an example's first token never is)"
 
 
 def _encode_chunk(rows: list[Row], cols: Columns, cfg: DataConfig, tokenizer, special,
@@ -296,6 +309,7 @@ def _listed(problems: list[str]) -> str:
 
 def _log(stats: DataStats) -> None:
     q = stats.length_quantiles()
-    logger.info("%s: %d examples (%s) from %d rows, %d skipped, %d truncated, %.0f%% of %d tokens trained, "
-                "length p50 %d max %d", stats.source, stats.examples, stats.format, stats.rows, stats.skipped,
-                stats.truncated, 100 * stats.trained_share, stats.tokens, q["p50"], q["max"])
+    logger.info("%s: %d examples (%s) from %d rows, %d skipped, %d truncated, %d dropped with no trained "
+                "token, %.0f%% of %d tokens trained, length p50 %d max %d", stats.source, stats.examples,
+                stats.format, stats.rows, stats.skipped, stats.truncated, stats.dropped_untrained,
+                100 * stats.trained_share, stats.tokens, q["p50"], q["max"])

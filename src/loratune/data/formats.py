@@ -110,6 +110,17 @@ def _string(record: dict[str, Any], column: str, *, allow_empty: bool = False) -
         raise RowError(f"field {column!r} must be a string, got {type(value).__name__}")
     if not allow_empty and not value.strip():
         raise RowError(f"field {column!r} is empty")
+    return _unicode(value, f"field {column!r}")
+
+
+def _unicode(value: str, name: str) -> str:
+    """Return `value`, or raise RowError if it holds a lone surrogate (a JSON escape such as "\\ud800"
+    without its pair), which is not text: tokenizers refuse it with a TypeError that names nothing."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise RowError(f"{name} holds a lone surrogate {value[exc.start]!r} at character {exc.start}, which "
+                       "is not valid Unicode (an unpaired \\ud800-\\udfff escape)") from None
     return value
 
 
@@ -133,6 +144,8 @@ def row_segments(record: dict[str, Any], cols: Columns, tokenizer, *,
         extra = record.get("input")
         if extra is not None and not isinstance(extra, str):
             raise RowError(f"field 'input' must be a string, got {type(extra).__name__}")
+        if extra:
+            _unicode(extra, "field 'input'")
         template = ALPACA_PROMPT_WITH_INPUT if extra and extra.strip() else ALPACA_PROMPT
         prompt = template.format(instruction=instruction, input=extra)
         return [Segment(prompt, False), Segment(_string(record, names["output"]), True)]
@@ -222,7 +235,8 @@ def _messages(record: dict[str, Any], column: str, *, sharegpt: bool,
             raise RowError(f"{column}[{i}].role is {role!r}; expected one of {', '.join(MESSAGE_ROLES)}")
         if role == "assistant" and not turn[content_key].strip():
             raise RowError(f"{column}[{i}] is an empty assistant message")
-        messages.append({"role": role, "content": turn[content_key]})
+        content = _unicode(turn[content_key], f"{column}[{i}].{content_key}")
+        messages.append({"role": role, "content": content})
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise RowError(f"{column} has no assistant turn, so there is nothing to train on")
     return messages

@@ -10,6 +10,7 @@ problems, not raised, so that `build_datasets` can report them together with bad
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,7 +64,7 @@ def read_file(path: str | Path, *, field_name: str = "train_file") -> RawRows:
 def _read_jsonl(p: Path, text: str | None = None) -> RawRows:
     rows, problems = [], []
     text = _read_text(p) if text is None else text
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    for lineno, line in enumerate(_lines(text), start=1):
         if not line.strip():
             continue
         where = f"{p.name} line {lineno}"
@@ -71,6 +72,9 @@ def _read_jsonl(p: Path, text: str | None = None) -> RawRows:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             problems.append(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})")
+            continue
+        except RecursionError:
+            problems.append(f"{where}: invalid JSON (nested too deeply to read)")
             continue
         if not isinstance(record, dict):
             problems.append(f"{where}: expected a JSON object, got {type(record).__name__}")
@@ -89,6 +93,8 @@ def _read_json(p: Path) -> RawRows:
             return _read_jsonl(p, text)
         return RawRows(p.name, [],
                        [f"{p.name} line {exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})"])
+    except RecursionError:
+        return RawRows(p.name, [], [f"{p.name}: invalid JSON (nested too deeply to read)"])
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if isinstance(data, dict) and data and all(isinstance(v, list) for v in data.values()):
@@ -109,21 +115,39 @@ def _read_json(p: Path) -> RawRows:
 
 
 def _read_csv(p: Path) -> RawRows:
+    """Rows by line; a line the csv module cannot parse is a problem, and reading goes on after it."""
     rows, problems = [], []
-    with p.open(newline="", encoding="utf-8-sig") as fh:  # -sig: Excel writes a BOM
-        reader = csv.DictReader(fh)
-        start = 2
+    consumed = 0  # physical lines handed to the reader so far; a quoted field can span several
+
+    def lines():
+        nonlocal consumed
+        for line in io.StringIO(_read_text(p), newline=""):  # newline="": csv sees quoted newlines
+            consumed += 1
+            yield line
+
+    reader = csv.DictReader(lines())
+    start = 2
+    while True:
         try:
-            for record in reader:
-                where = f"{p.name} line {start}"
-                start = reader.line_num + 1
-                if None in record:
-                    problems.append(f"{where}: more fields than the header has columns")
-                    continue
-                rows.append(Row(where, {k: v for k, v in record.items() if v is not None}))
-        except (csv.Error, UnicodeDecodeError) as exc:
-            problems.append(f"{p.name} line {reader.line_num}: unreadable CSV ({exc})")
+            record = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            problems.append(f"{p.name} line {start}: unreadable CSV ({exc})")
+            start = consumed + 1
+            continue
+        where, start = f"{p.name} line {start}", consumed + 1
+        if None in record:
+            problems.append(f"{where}: more fields than the header has columns")
+            continue
+        rows.append(Row(where, {k: v for k, v in record.items() if v is not None}))
     return RawRows(p.name, rows, problems)
+
+
+def _lines(text: str) -> list[str]:
+    """Split at \n, \r\n or \r only: str.splitlines also splits at U+2028, U+0085 and others, which
+    JSON allows inside strings."""
+    return io.StringIO(text, newline="").readlines()
 
 
 def _read_text(p: Path) -> str:

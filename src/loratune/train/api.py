@@ -16,6 +16,7 @@ import logging
 import os
 import random
 import re
+import tempfile
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -286,18 +287,23 @@ def target_modules_for_peft(value: str | list[str] | tuple[str, ...]) -> str | l
 
 
 def check_train_output_dir(path: str) -> None:
-    """Raise ConfigError if `path` cannot become a directory (it, or a parent, is a file).
+    """Raise ConfigError if `path` cannot become a directory this process writes to.
 
+    It cannot when it, or a parent, is a file, or when the nearest existing folder refuses writes.
     Called before the model and data load, so a bad output_dir fails in a second, not after.
     """
     probe = os.path.abspath(path)
     while not os.path.exists(probe):  # stops at the root at the latest
         probe = os.path.dirname(probe)
-    if os.path.isdir(probe):
-        return
-    where = ("is an existing file" if probe == os.path.abspath(path)
-             else f"is inside {probe!r}, which is a file")
-    raise ConfigError(f"output_dir {path!r} {where}; choose a directory (it is created if missing)")
+    if not os.path.isdir(probe):
+        where = ("is an existing file" if probe == os.path.abspath(path)
+                 else f"is inside {probe!r}, which is a file")
+        raise ConfigError(f"output_dir {path!r} {where}; choose a directory (it is created if missing)")
+    try:  # writing is the only reliable test: os.access says yes to root on a read-only file system
+        os.rmdir(tempfile.mkdtemp(prefix=".loratune-write-test-", dir=probe))
+    except OSError as exc:
+        raise ConfigError(f"output_dir {path!r} cannot be written: {probe!r} does not allow it "
+                          f"({exc.strerror or exc}); choose a directory you can write to") from None
 
 
 def base_source(cfg: TrainConfig) -> str:

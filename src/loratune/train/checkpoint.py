@@ -163,9 +163,10 @@ def rotate_checkpoints(output_dir: str, limit: int | None) -> None:
 
 
 # What a killed run can leave in output_dir: temp copies of checkpoints (nested ones too, from the
-# adapter save inside a checkpoint's temp folder) and of the files written at the end.
+# adapter save inside a checkpoint's temp folder), of the files written at the end, and of
+# metrics.jsonl (rewritten when a run resumes).
 _LEFTOVERS = (rf"{PREFIX}\d+|{re.escape(CONFIG_FILE)}|adapter_model\.safetensors|adapter_config\.json"
-              r"|README\.md")
+              r"|README\.md|metrics\.jsonl")
 
 
 def remove_incomplete(output_dir: str) -> None:
@@ -246,18 +247,28 @@ def resolve_resume(resume: bool | str, output_dir: str) -> str | None:
     return path
 
 
-def load_training_state(path: str) -> dict[str, Any]:
+def load_training_state(path: str, *,
+                        validate: Callable[[dict], list[str]] | None = None) -> dict[str, Any]:
     """Load `training_state.pt` from a checkpoint directory (tensors and plain containers only).
 
+    `validate(state)` returns what the loaded dict lacks; any problem it names is raised like corruption.
+
     Raises:
-        LoratuneError: the file is truncated or corrupt; names the next older checkpoint if any.
+        LoratuneError: the file is truncated, corrupt or not a training state; names the next older
+            checkpoint if any.
     """
     file = os.path.join(path, STATE_FILE)
     try:
-        return torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as exc:
         raise LoratuneError(f"cannot read {file}: it is truncated or corrupt ({_first_line(exc)}); "
                             f"{_older_hint(path)}") from None
+    problems = [f"a {type(state).__name__}, not a dict"] if not isinstance(state, dict) else (
+        validate(state) if validate else [])
+    if problems:
+        raise LoratuneError(f"cannot resume from {file}: it is not a training state loratune can read "
+                            f"({'; '.join(problems)}); {_older_hint(path)}")
+    return state
 
 
 def _older_hint(path: str) -> str:

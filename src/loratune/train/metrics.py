@@ -16,6 +16,7 @@ import math
 import os
 from typing import Any
 
+from loratune.atomic import atomic_file
 from loratune.errors import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,8 @@ class MetricsLog:
         if not enabled:
             return
         self.records = _read_records(self.path, up_to=resume_step) if resume_step is not None else []
-        with open(self.path, "w", encoding="utf-8") as fh:  # rewrite: drop records past the checkpoint
+        # rewrite, dropping records past the checkpoint; atomic, so a kill here keeps the old file
+        with atomic_file(self.path, encoding="utf-8") as fh:
             for rec in self.records:
                 fh.write(json.dumps(rec) + "\n")
         if tensorboard:
@@ -70,13 +72,14 @@ def _read_records(path: str, *, up_to: int) -> list[dict[str, Any]]:
     if not os.path.exists(path):
         return []
     out = []
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8", errors="replace") as fh:
         for line in fh:
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:  # a line cut short by a kill
+            except (json.JSONDecodeError, RecursionError):  # a line cut short by a kill, or not ours
                 continue
-            if rec.get("step", 0) <= up_to:
+            step = rec.get("step", 0) if isinstance(rec, dict) else None
+            if isinstance(step, int) and step <= up_to:
                 out.append(rec)
     return out
 

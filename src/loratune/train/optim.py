@@ -74,3 +74,24 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: i
 def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
     """Number of warmup steps for a ratio (rounded up, like transformers)."""
     return math.ceil(total_steps * warmup_ratio)
+
+
+def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, learning_rate: float,
+                          weight_decay: float) -> None:
+    """Give a restored optimizer and scheduler this run's peak learning rate and weight decay.
+
+    A checkpoint's optimizer and scheduler state hold the values they were saved with; loading them
+    would silently keep those, so a diverged run resumed with a lower learning_rate (as its error
+    suggests) would not get it. The schedule itself (lr_lambdas) is always this run's.
+    """
+    saved_lr, saved_wd = scheduler.base_lrs[0], optimizer.param_groups[0]["weight_decay"]
+    if (saved_lr, saved_wd) != (learning_rate, weight_decay):
+        logger.warning("resuming with learning_rate %g and weight_decay %g (the checkpoint was trained with "
+                       "%g and %g)", learning_rate, weight_decay, saved_lr, saved_wd)
+    scheduler.base_lrs = [learning_rate] * len(optimizer.param_groups)
+    for i, (group, factor) in enumerate(zip(optimizer.param_groups, scheduler.lr_lambdas)):
+        group["initial_lr"] = learning_rate
+        group["lr"] = learning_rate * factor(scheduler.last_epoch)  # as LambdaLR.get_lr computes it
+        if i == 0:  # build_optimizer: the first group decays, the second (1-D parameters) never does
+            group["weight_decay"] = weight_decay
+    scheduler._last_lr = [group["lr"] for group in optimizer.param_groups]  # what LRScheduler.step() sets

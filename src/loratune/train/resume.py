@@ -19,7 +19,7 @@ from __future__ import annotations
 import io
 import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -27,7 +27,7 @@ from loratune.errors import LoratuneError
 from loratune.train import checkpoint as ckpt
 from loratune.train.config import TrainConfig
 from loratune.train.distributed import DistEnv, gather_objects
-from loratune.train.optim import trainable_parameters
+from loratune.train.optim import apply_hyperparameters, trainable_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -108,19 +108,50 @@ def restore(path: str, model, optimizer, scheduler, cfg: TrainConfig,
 
     Checkpoints written before the logging window was stored resume with an empty window.
 
+    The learning rate and weight decay are this run's config's, not the checkpoint's.
+
     Raises:
-        LoratuneError: the checkpoint's trainable tensors are not this model's (names or shapes).
+        LoratuneError: training_state.pt is not a training state, or the checkpoint's trainable
+            tensors (or optimizer state) are not this model's.
     """
-    state = ckpt.load_training_state(path)
+    state = ckpt.load_training_state(path, validate=state_problems)
     if "trainable" in state:
         _restore_full(path, state, model, optimizer)
     else:
         _restore_sharded(os.path.join(path, state.get("sharded", ckpt.SHARDED_DIR)), model, optimizer)
     scheduler.load_state_dict(state["scheduler"])
+    apply_hyperparameters(optimizer, scheduler, cfg.optim.learning_rate, cfg.optim.weight_decay)
     rngs = state["rng"]
     ckpt.set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
     pos = convert_position(Position(**state["position"]), state, cfg, env)
     return pos, LogWindow(**state.get("log_window", {}))
+
+
+def state_problems(state: dict) -> list[str]:
+    """What a loaded training_state.pt lacks to be resumed from (empty when it is whole).
+
+    Checked before anything is restored, so a state from another program or version fails with the
+    file named instead of a KeyError halfway through.
+    """
+    problems = [f"no {key!r}" for key in ("scheduler", "rng", "position", "world_size") if key not in state]
+    if "trainable" in state and "optimizer" not in state:
+        problems.append("'trainable' weights without an 'optimizer' state")
+    if "trainable" not in state and "sharded" not in state and "optimizer" in state:
+        problems.append("an 'optimizer' state without 'trainable' weights")
+    for key, cls in (("position", Position), ("log_window", LogWindow)):
+        if key not in state:
+            continue
+        value, names = state[key], {f.name for f in fields(cls)}
+        if not isinstance(value, dict) or not set(value) <= names:
+            problems.append(f"{key!r} is not a mapping of {', '.join(sorted(names))}")
+        elif key == "position" and not all(isinstance(value.get(n), int) for n in names):
+            problems.append(f"'position' needs integer {', '.join(sorted(names))}, got {value}")
+    rngs = state.get("rng", [{}])
+    if not isinstance(state.get("world_size", 1), int) or not isinstance(rngs, list) or not rngs:
+        problems.append("'world_size' must be an integer and 'rng' a non-empty list")
+    if not isinstance(state.get("scheduler", {}), dict):
+        problems.append("'scheduler' is not a mapping")
+    return problems
 
 
 def convert_position(pos: Position, state: dict, cfg: TrainConfig, env: DistEnv) -> Position:
@@ -155,7 +186,11 @@ def _restore_full(path: str, state: dict, model, optimizer) -> None:
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(saved[name])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError, TypeError, IndexError) as exc:  # torch's checks on groups and sizes
+            raise LoratuneError(f"checkpoint {path}: its optimizer state does not fit this model/config "
+                                f"({exc}); resume with the config the checkpoint was written with") from None
         return
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
