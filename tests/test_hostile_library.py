@@ -47,6 +47,15 @@ def copy_with(saved, tmp_path, *, config: dict | None = None, raw: bytes | None 
     return out
 
 
+def copy_with_tensors(saved, tmp_path, damage):
+    """A copy of the saved adapter whose tensors `damage` (a dict -> None) has changed."""
+    path = copy_with(saved, tmp_path)
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    damage(tensors)
+    save_file(tensors, str(path / "adapter_model.safetensors"))
+    return path
+
+
 def load_refused(path, needle: str, kind=LoratuneError):
     model = tiny_model()
     before = {n for n, _ in model.named_modules()}
@@ -175,10 +184,7 @@ TENSORS = {
 @pytest.mark.parametrize("name", sorted(TENSORS))
 def test_hostile_tensors_are_named(name, saved, tmp_path):
     damage, needle = TENSORS[name]
-    path = copy_with(saved, tmp_path)
-    tensors = load_file(str(path / "adapter_model.safetensors"))
-    damage(tensors)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
+    path = copy_with_tensors(saved, tmp_path, damage)
     if needle is None:  # NaN weights load (PEFT does too); the serving path refuses them
         PeftModel.from_pretrained(tiny_model(), str(path))
         return
@@ -241,23 +247,17 @@ def test_a_config_that_selects_no_module_names_the_adapter(saved, tmp_path):
 
 @pytest.mark.parametrize("dtype", [torch.int8, torch.int64, torch.bool])
 def test_integer_or_bool_adapter_weights_are_refused_by_name(dtype, saved, tmp_path):
-    path = copy_with(saved, tmp_path)
-    tensors = load_file(str(path / "adapter_model.safetensors"))
-    tensors[Q0A] = tensors[Q0A].to(dtype)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
+    path = copy_with_tensors(saved, tmp_path, lambda t: t.update({Q0A: t[Q0A].to(dtype)}))
     err = load_refused(path, f"{Q0A} ({str(dtype).removeprefix('torch.')})", AdapterError)
     assert str(path / "adapter_model.safetensors") in str(err)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
 def test_other_float_adapter_weights_load_cast_as_in_peft(dtype, saved, tmp_path):
-    path = copy_with(saved, tmp_path)
-    tensors = load_file(str(path / "adapter_model.safetensors"))
-    tensors[Q0A] = tensors[Q0A].to(dtype)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
+    path = copy_with_tensors(saved, tmp_path, lambda t: t.update({Q0A: t[Q0A].to(dtype)}))
     model = PeftModel.from_pretrained(tiny_model(), str(path))
     loaded = model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
-    assert torch.equal(loaded, tensors[Q0A].float())
+    assert torch.equal(loaded, load_file(str(path / "adapter_model.safetensors"))[Q0A].float())
 
 
 def test_a_bin_file_with_non_string_keys_is_an_adapter_error(saved, tmp_path):
@@ -348,10 +348,7 @@ def test_a_gguf_adapter_export_names_the_tensor_that_cannot_be_written(name, sav
     from loratune.tools.gguf_adapter import write_gguf_adapter
 
     damage, needle = GGUF_DAMAGE[name]
-    path = copy_with(saved, tmp_path)
-    tensors = load_file(str(path / "adapter_model.safetensors"))
-    damage(tensors)
-    save_file(tensors, str(path / "adapter_model.safetensors"))
+    path = copy_with_tensors(saved, tmp_path, damage)
     out = tmp_path / "out" / "adapter.gguf"
     with pytest.raises(AdapterError, match=re.escape(needle)) as err:
         write_gguf_adapter(str(path), tiny_config(), out)
