@@ -95,3 +95,11 @@ def test_a_system_prompt_that_is_not_utf8_exits_2(dirs, monkeypatch, capsys):
     base, _ = dirs
     code, out, err = chat(monkeypatch, capsys, "hi\n", "--model_name_or_path", base, "--system", "caf\udce9")
     assert code == 2 and out == "" and "error: --system is not valid UTF-8" in err
+
+
+def test_a_closed_stdin_exits_2_before_loading_the_model(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", None)  # what Python sets for `loratune chat <&-`
+    code = main(["chat", "--model_name_or_path", "/no/such/model"])
+    captured = capsys.readouterr()
+    assert code == 2 and captured.out == "" and "Traceback" not in captured.err
+    assert "error: stdin is closed" in captured.err

@@ -49,3 +49,9 @@ def test_preview_needs_at_least_one_example(config, capsys, n):
     assert main(["data", "preview", config, "-n", n]) == 2
     captured = capsys.readouterr()
     assert f"error: -n must be >= 1 (examples to show), got {n}" in captured.err and captured.out == ""
+
+
+def test_preview_n_without_a_value_is_an_error_not_the_default(config, capsys):
+    assert main(["data", "preview", config, "-n"]) == 2
+    captured = capsys.readouterr()
+    assert "error: -n expects an integer, got ''" in captured.err and captured.out == ""

@@ -61,6 +61,15 @@ def test_bad_inputs_exit_2(setup, tmp_path, capsys):
     assert "--batch_size must be >= 1" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("metric", ["loss", "exact_match"])
+def test_an_empty_eval_file_argument_is_named_not_taken_for_the_current_directory(setup, capsys, metric):
+    _, adapter, _ = setup
+    assert main(["eval", "--adapter", adapter, "--eval_file", "", "--metric", metric]) == 2
+    captured = capsys.readouterr()
+    assert "error: --eval_file is empty" in captured.err and "directory" not in captured.err
+    assert captured.out == ""
+
+
 def test_token_ids_outside_the_vocabulary_name_the_file_and_line(setup, tmp_path, capsys):
     base, adapter, _ = setup
     oov = tmp_path / "oov.jsonl"

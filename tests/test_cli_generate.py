@@ -75,6 +75,9 @@ def test_preset_model(capsys):
      "--temperature must be >= 0 and finite"),
     (["--model_name_or_path", "M", "--prompt", "x", "--top_p", "nan"], "--top_p must be in (0, 1]"),
     (["--model_name_or_path", "M", "--prompt", "caf\udce9"], "--prompt is not valid UTF-8 (byte(s) 0xe9"),
+    # torch parses these, but the loaders cannot run on them (meta has no data, mps is not built in)
+    (["--model_name_or_path", "M", "--prompt", "x", "--device", "meta"], "--device 'meta' is not supported"),
+    (["--model_name_or_path", "M", "--prompt", "x", "--device", "mps"], "--device 'mps' is not supported"),
 ])
 def test_bad_input_exits_2_without_traceback(capsys, args, message):
     code, out, err = generate(capsys, *args)
@@ -118,3 +121,14 @@ def test_qlora_adapter_generates_on_a_quantized_base(dirs, tmp_path, capsys):
     code, _, err = generate(capsys, "--adapter", qlora, "--no-load_in_8bit", "--prompt", "Hello",
                             "--max_new_tokens", "4")
     assert code == 0 and "int8" not in err
+
+
+def test_ctrl_c_while_generating_exits_130_without_a_traceback(dirs, capsys, monkeypatch):
+    from loratune.tools import generation
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(generation, "generate_text", interrupt)
+    code, out, err = generate(capsys, "--model_name_or_path", dirs[0], "--prompt", "Hello")
+    assert code == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err

@@ -69,3 +69,37 @@ def test_python_dash_m_runs_the_same_command(monkeypatch, capsys):
     with pytest.raises(SystemExit) as bad:
         runpy.run_module("loratune", run_name="__main__", alter_sys=True)
     assert bad.value.code == 2
+
+
+def test_a_reader_that_leaves_early_ends_the_command_quietly(tmp_path, capsys, monkeypatch):
+    """`loratune inspect out/ | head -1`: printing into the closed pipe raises BrokenPipeError."""
+    from loratune.config import LoraConfig
+    from test_inspection import write_adapter
+
+    class ClosedPipe:
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+        def flush(self):
+            pass
+
+    path = write_adapter(tmp_path / "a", LoraConfig(r=4, target_modules=["q_proj"]),
+                         {"model.layers.0.self_attn.q_proj": 4})
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert main(["inspect", path]) == 141  # 128 + SIGPIPE, as the shell reports a process it ended
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_text_an_ascii_terminal_cannot_show_is_escaped_not_a_crash(tmp_path, monkeypatch):
+    import io
+
+    from loratune.config import LoraConfig
+    from test_inspection import write_adapter
+
+    path = write_adapter(tmp_path / "adaptér", LoraConfig(r=4, target_modules=["q_proj"]),
+                         {"model.layers.0.self_attn.q_proj": 4})
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="ascii")  # PYTHONIOENCODING=ascii, or a C locale
+    monkeypatch.setattr("sys.stdout", stdout)
+    assert main(["inspect", path]) == 0
+    stdout.flush()
+    assert b"Adapter:     " + str(tmp_path).encode() + b"/adapt\\xe9r" in stdout.buffer.getvalue()

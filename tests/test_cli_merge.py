@@ -99,6 +99,36 @@ def test_bad_inputs_exit_2(dirs, tmp_path, capsys):
     assert "--adapter" in capsys.readouterr().err
 
 
+def test_an_empty_output_dir_exits_2_and_leaves_the_current_directory_alone(dirs, tmp_path, capsys,
+                                                                             monkeypatch):
+    _, adapter, _ = dirs
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.json").write_text("mine")
+    assert main(["merge", "--adapter", adapter, "--output_dir", ""]) == 2
+    captured = capsys.readouterr()
+    assert "error: --output_dir is empty" in captured.err and captured.out == ""
+    assert os.listdir(tmp_path) == ["config.json"] and (tmp_path / "config.json").read_text() == "mine"
+
+
+@pytest.mark.parametrize("fmt", ["hf", "gguf"])
+def test_an_output_dir_below_a_file_exits_2_naming_the_file(dirs, tmp_path, capsys, fmt):
+    _, adapter, _ = dirs
+    (tmp_path / "notes.txt").write_text("mine")
+    out = tmp_path / "notes.txt" / "merged"
+    assert main(["merge", "--adapter", adapter, "--output_dir", str(out), "--format", fmt]) == 2
+    captured = capsys.readouterr()
+    assert f"'{tmp_path / 'notes.txt'}' is a file, not a directory" in captured.err
+    assert "Traceback" not in captured.err and captured.out == ""
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_a_device_torch_knows_but_cannot_load_on_exits_2(dirs, tmp_path, capsys):
+    _, adapter, _ = dirs
+    assert main(["merge", "--adapter", adapter, "--output_dir", str(tmp_path / "o"), "--device", "meta"]) == 2
+    assert "error: --device 'meta' is not supported" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 @pytest.mark.slow
 def test_trained_adapter_end_to_end(dirs, tmp_path, capsys):
     """`loratune train` output -> eval (adapter beats base on its training data) -> merge PASS -> generate."""

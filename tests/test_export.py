@@ -99,6 +99,10 @@ def test_output_dir_rules(dirs, tmp_path):
         export.check_merge_output_dir(adapter, adapter)
     (tmp_path / "empty").mkdir()
     export.check_merge_output_dir(str(tmp_path / "empty"), adapter)
+    with pytest.raises(ConfigError, match="--output_dir is empty"):  # "" would be the current directory
+        export.check_merge_output_dir("", adapter)
+    with pytest.raises(ConfigError, match="'.*full/x' is a file, not a directory"):
+        export.check_merge_output_dir(str(tmp_path / "full" / "x" / "out"), adapter)
     loaded = load_model(dirs[0], dtype="float32")
     with pytest.raises(ConfigError, match="needs an adapter"):
         merge_to_directory(loaded, str(tmp_path / "o"))

@@ -39,6 +39,7 @@ def run(args) -> int:
         settings = settings_from_args(args)
         if args.system is not None:
             check_utf8(args.system, "--system")
+        check_stdin()  # before the (slow) model load
         loaded = load_from_args(args)
         # no template: fail before the loop
         chat_ids(loaded.tokenizer, [{"role": "user", "content": "probe"}])
@@ -56,6 +57,19 @@ def run(args) -> int:
     except KeyboardInterrupt:  # Ctrl-C leaves quietly, like /exit
         print()
     return 0
+
+
+def check_stdin() -> None:
+    """Refuse a closed stdin (`loratune chat <&-` leaves sys.stdin None): there is nothing to read.
+
+    Raises:
+        ConfigError: saying how to give the messages.
+    """
+    from loratune.errors import ConfigError
+
+    if sys.stdin is None or sys.stdin.closed:
+        raise ConfigError("stdin is closed; chat reads one message per line from stdin: run it in a "
+                          "terminal or pipe the messages in")
 
 
 def converse(session, interactive: bool) -> None:

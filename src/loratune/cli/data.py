@@ -47,7 +47,7 @@ def run(args) -> int:
         return EXIT_USAGE
     extra = getattr(args, "extra", {})
     try:
-        n = int(extra.get("num_examples") or 3)
+        n = int(extra.get("num_examples", 3))  # "-n" last, with no value, is ""
     except ValueError:
         print(f"error: -n expects an integer, got {extra.get('num_examples')!r}", file=sys.stderr)
         return EXIT_USAGE

@@ -53,14 +53,13 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from loratune.cli.generate import load_from_args
     from loratune.data import DataConfig
-    from loratune.errors import ConfigError, LoratuneError
+    from loratune.errors import LoratuneError
     from loratune.tools.evaluation import evaluate_base_and_adapter, load_eval_examples, model_vocab_size
 
     if args.metric == "exact_match":
         return run_exact_match(args)
     try:
-        if args.batch_size < 1:
-            raise ConfigError(f"--batch_size must be >= 1, got {args.batch_size}")
+        check_arguments(args)
         data_config = DataConfig(max_seq_length=args.max_seq_length, packing=False,
                                  completion_only_loss=args.completion_only_loss,
                                  skip_bad_rows=args.skip_bad_rows)
@@ -89,6 +88,23 @@ def run(args) -> int:
     return 0
 
 
+def check_arguments(args) -> None:
+    """Refuse --batch_size or --max_new_tokens below 1 and an empty --eval_file, all at once.
+
+    Raises:
+        ConfigError: naming each flag and its value.
+    """
+    from loratune.errors import ConfigError
+
+    problems = [f"--batch_size must be >= 1, got {args.batch_size}"] if args.batch_size < 1 else []
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        problems.append(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
+    if not args.eval_file:
+        problems.append("--eval_file is empty; name a .jsonl, .json, .csv or .parquet file")
+    if problems:
+        raise ConfigError(problems)
+
+
 def format_table(results: dict) -> str:
     """A fixed-width table: one row per model, loss and perplexity; a delta row when both exist."""
     lines = [f"{'model':<10}{'loss':>10}{'perplexity':>14}", "-" * 34]
@@ -105,7 +121,7 @@ def run_exact_match(args) -> int:
     """Score greedy answers, base and adapter, and print accuracy and a few rows (or --json)."""
     from loratune.cli.generate import load_from_args
     from loratune.data import DataConfig
-    from loratune.errors import ConfigError, LoratuneError
+    from loratune.errors import LoratuneError
     from loratune.tools.evaluation import (
         default_max_new_tokens,
         exact_match_base_and_adapter,
@@ -113,11 +129,7 @@ def run_exact_match(args) -> int:
     )
 
     try:
-        problems = [f"--batch_size must be >= 1, got {args.batch_size}"] if args.batch_size < 1 else []
-        if args.max_new_tokens is not None and args.max_new_tokens < 1:
-            problems.append(f"--max_new_tokens must be >= 1, got {args.max_new_tokens}")
-        if problems:
-            raise ConfigError(problems)
+        check_arguments(args)
         loaded = load_from_args(args)
         data_config = DataConfig(skip_bad_rows=args.skip_bad_rows)
         rows = load_answer_rows(args.eval_file, loaded.tokenizer, data_config)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from loratune.cli.generate import EXIT_USAGE
@@ -40,7 +41,7 @@ def run(args) -> int:
     from loratune.tools.gguf_export import export_adapter_gguf
 
     quiet_gguf_writer()
-    output_dir = args.output_dir or args.adapter.rstrip("/") + "-gguf"
+    output_dir = args.output_dir if args.output_dir is not None else default_output_dir(args.adapter)
     try:
         result = export_adapter_gguf(args.adapter, output_dir, outtype=args.outtype, base=args.base)
     except LoratuneError as exc:
@@ -48,6 +49,11 @@ def run(args) -> int:
         return EXIT_USAGE
     print_result(result)
     return 0
+
+
+def default_output_dir(adapter: str) -> str:
+    """ADAPTER-gguf beside the adapter, also for `.` or `out/` (not `.-gguf` inside it)."""
+    return os.path.abspath(adapter) + "-gguf"
 
 
 def quiet_gguf_writer() -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import io
 import logging
+import os
 import sys
 
 VERBS = {
@@ -23,6 +25,9 @@ VERBS = {
     "inspect": "Show an adapter's ranks, targets and size, and whether vLLM/LoRAX/llama.cpp accept it.",
     "serve": "Serve one base model and many adapters behind an OpenAI-compatible API.",
 }
+# The shell's codes for a process ended by a signal, 128 + its number: Ctrl-C, and a reader that left.
+EXIT_INTERRUPTED = 128 + 2  # SIGINT
+EXIT_BROKEN_PIPE = 128 + 13  # SIGPIPE
 
 
 def _load_verb(name: str):
@@ -83,7 +88,32 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         parser.print_help()
         return 2
-    return int(_load_verb(args.verb).run(args) or 0)
+    if isinstance(sys.stdout, io.TextIOWrapper):
+        # Generated text, paths and prompts may hold characters an ASCII or Latin-1 terminal cannot
+        # show: escape them (as Python does on stderr) instead of failing with UnicodeEncodeError.
+        sys.stdout.reconfigure(errors="backslashreplace")
+    try:
+        return int(_load_verb(args.verb).run(args) or 0)
+    except KeyboardInterrupt:  # Ctrl-C while loading or generating: stop without a traceback
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early, as by `loratune generate ... | head -c 20`
+        _silence_stdout()
+        return EXIT_BROKEN_PIPE
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so that the flush at interpreter exit does not fail once more.
+
+    https://docs.python.org/3/library/signal.html#note-on-sigpipe
+    """
+    try:
+        fd = sys.stdout.fileno()
+    except (AttributeError, OSError, ValueError):  # not a real file (tests), or already closed
+        return
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, fd)
+    os.close(devnull)
 
 
 if __name__ == "__main__":

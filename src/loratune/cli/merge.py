@@ -45,12 +45,13 @@ def run(args) -> int:
 
     from loratune.errors import LoratuneError
     from loratune.tools.export import check_merge_output_dir, check_tolerance, merge_to_directory
-    from loratune.tools.load_trained import load_model, resolve_quant
+    from loratune.tools.load_trained import load_model, resolve_device, resolve_quant
 
     hf_logging.disable_progress_bar()  # the save/reload bars would bury the check's result
     try:
         check_tolerance(args.tolerance)
         check_merge_output_dir(args.output_dir, args.adapter)
+        resolve_device(args.device)  # before the model loads
         quant = resolve_quant(args.adapter if _is_dir(args.adapter) else None, quant_overrides(args))
         quantized = quant["load_in_4bit"] or quant["load_in_8bit"]
         dtype = args.dtype

@@ -15,9 +15,10 @@ import re
 import sys
 import typing
 
+from loratune.cli.main import EXIT_INTERRUPTED
+
 EXIT_USAGE = 2
 EXIT_DIVERGED = 1
-EXIT_INTERRUPTED = 130  # the shell's convention for Ctrl-C
 ALIASES = {"resume": "resume_from_checkpoint"}  # `--resume` = `--resume_from_checkpoint true`
 
 

@@ -107,16 +107,32 @@ def tolerance_for(reference: Tensor) -> float:
 
 
 def check_merge_output_dir(output_dir: str, adapter_dir: str | None) -> None:
-    """Refuse to write into a non-empty directory or into the adapter itself.
+    """Refuse to write into a non-empty directory, into the adapter itself, or below a file.
+
+    An empty path is refused too: it means the current directory, which is rarely empty.
 
     Raises:
         ConfigError: naming the directory.
     """
+    if not output_dir:
+        raise ConfigError("--output_dir is empty; name a new directory for the output")
     if adapter_dir is not None and os.path.abspath(output_dir) == os.path.abspath(adapter_dir):
         raise ConfigError(f"--output_dir {output_dir!r} is the adapter directory; choose a new directory")
-    if os.path.exists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
+    if os.path.lexists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ConfigError(f"--output_dir {output_dir!r} already exists and is not empty; remove it or choose "
                           "another directory (a merged model is never written over other files)")
+    parent = _existing_parent(output_dir)
+    if not os.path.isdir(parent):
+        raise ConfigError(f"--output_dir {output_dir!r} cannot be created: {parent!r} is a file, not a "
+                          "directory")
+
+
+def _existing_parent(path: str) -> str:
+    """The nearest ancestor of `path` that exists (a file, when the path runs through one)."""
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    return parent
 
 
 def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",

@@ -110,7 +110,8 @@ def resolve_device(device: str) -> str:
     """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else is checked and returned.
 
     Raises:
-        ConfigError: an unknown device string, or CUDA asked for but not available.
+        ConfigError: an unknown device string, a device type other than cpu and cuda, or CUDA asked
+            for but not available.
     """
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
@@ -119,6 +120,8 @@ def resolve_device(device: str) -> str:
     except (RuntimeError, ValueError):
         raise ConfigError(f"--device {device!r} is not a device; expected auto, cpu, cuda or "
                           "cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):  # torch knows meta, mps, xpu...: the loaders run on neither
+        raise ConfigError(f"--device {device!r} is not supported; expected auto, cpu, cuda or cuda:N")
     if parsed.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {device!r}: no CUDA device is available; use --device cpu")
     return device
