@@ -148,3 +148,92 @@ def test_smollm2_loads_dense_with_weights_equal_to_the_files_tensors_dequantized
     assert checked == 18
     tok = loading.load_tokenizer(SMOLLM2)
     assert "<|im_start|>" in tok.chat_template and tok.eos_token == "<|im_end|>"
+
+
+# Hostile GGUF files: each is refused naming the file and the tensor or metadata key, before Transformers
+# builds a model from it, and nothing is cached.
+
+def _rewrite(good, out, *, drop_keys=(), set_keys=None, drop_tensors=(), tensor_fn=None):
+    """Copy a GGUF file with metadata keys dropped or changed and tensors dropped or changed."""
+    from gguf import GGUFReader, GGUFValueType, GGUFWriter
+
+    reader = GGUFReader(str(good))
+    writer = GGUFWriter(str(out), reader.fields["general.architecture"].contents())
+    for name, field in reader.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in drop_keys:
+            continue
+        kind = field.types[0]
+        value = (set_keys or {}).get(name, field.contents())
+        writer.add_key_value(name, value, kind, field.types[-1] if kind == GGUFValueType.ARRAY else None)
+    for tensor in reader.tensors:
+        if tensor.name not in drop_tensors:
+            data = np.array(tensor.data)
+            writer.add_tensor(tensor.name, tensor_fn(tensor.name, data) if tensor_fn else data,
+                              raw_dtype=tensor.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return out
+
+
+def _refused(path, needle, kind=ConfigError):
+    with pytest.raises(kind, match=needle) as info:
+        loading.load_base_model(str(path), dtype="float32")
+    assert str(path) in str(info.value)
+    with pytest.raises(kind, match=needle):
+        loading.load_tokenizer(str(path))
+    cache = gguf_base.cache_root() / "gguf"
+    assert not cache.exists() or not any(cache.iterdir())
+
+
+@pytest.mark.parametrize("keep, needle", [
+    (0.5, "tensor 'blk.0.ffn_up.weight' ends at byte .* past the end of the file .* truncated"),
+    (0.999, "tensor 'output.weight' ends at byte .* past the end of the file .* truncated"),
+    (10, r"as a GGUF model: its header is truncated or corrupt \(error: unpack_from"),
+])
+def test_a_truncated_gguf_is_refused_naming_the_tensor_past_its_end(tmp_path, keep, needle):
+    path, _, _ = _gguf(tmp_path)
+    size = path.stat().st_size
+    with open(path, "r+b") as fh:
+        fh.truncate(int(size * keep) if keep < 1 else keep)
+    _refused(path, needle)
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"drop_keys": ("llama.block_count",)}, "metadata key 'llama.block_count' is missing"),
+    ({"drop_keys": ("llama.embedding_length",)}, "metadata key 'llama.embedding_length' is missing"),
+    ({"set_keys": {"llama.block_count": 10**9}},
+     "llama.block_count is 1000000000, but the file holds tensors for blocks blk.0 to blk.1"),
+    ({"set_keys": {"llama.block_count": 0}}, "metadata key 'llama.block_count' is 0; expected a positive"),
+    ({"drop_tensors": ("blk.1.attn_q.weight", "blk.1.attn_k.weight", "blk.1.attn_v.weight",
+                       "blk.1.attn_output.weight", "blk.1.attn_norm.weight", "blk.1.ffn_norm.weight",
+                       "blk.1.ffn_gate.weight", "blk.1.ffn_up.weight", "blk.1.ffn_down.weight")},
+     "llama.block_count is 2, but the file holds tensors for blocks blk.0$"),
+    ({"drop_keys": ("tokenizer.ggml.tokens",)}, "metadata key 'tokenizer.ggml.tokens' is missing"),
+    ({"drop_keys": ("tokenizer.ggml.merges",)}, "metadata key 'tokenizer.ggml.merges' is missing"),
+    ({"drop_tensors": ("blk.0.attn_q.weight",)},
+     "1 tensor the model has but the checkpoint lacks .*: model.layers.0.self_attn.q_proj.weight"),
+    ({"tensor_fn": lambda name, data: data[:-1] if name == "blk.0.ffn_up.weight" else data},
+     r"model.layers.0.mlp.up_proj.weight is \(63, 32\) in the checkpoint, \(64, 32\) in the model"),
+])
+def test_gguf_metadata_or_tensors_that_cannot_build_the_model_are_named(tmp_path, change, needle):
+    good, _, _ = _gguf(tmp_path)
+    _refused(_rewrite(good, tmp_path / "bad.gguf", **change), needle)
+
+
+def test_gguf_sizes_too_large_for_memory_are_refused_before_building_the_model(tmp_path, monkeypatch):
+    from loratune.errors import InsufficientMemoryError
+
+    good, _, _ = _gguf(tmp_path)
+    bad = _rewrite(good, tmp_path / "bad.gguf", set_keys={"llama.embedding_length": 4_000_000_000})
+    monkeypatch.setattr(gguf_base.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was built"))
+    _refused(bad, "converting .*bad.gguf to a dense float32 model .* available", InsufficientMemoryError)
+
+
+def test_an_unsupported_gguf_architecture_is_named(tmp_path):
+    good, _, _ = _gguf(tmp_path)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(good.read_bytes().replace(b"llama", b"nosuc"))  # architecture and its key prefixes
+    _refused(bad, "cannot read .*bad.gguf as a GGUF model: .*architecture nosuc is not supported")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -252,3 +253,224 @@ def test_preset_init_lets_lora_move_the_loss():
     first, last = sum(preset[:5]) / 5, sum(preset[-5:]) / 5
     assert last < 0.5 * first
     assert last < sum(usual[-5:]) / 5
+
+
+# Hostile model directories: every case is a ConfigError (or InsufficientMemoryError) naming the file
+# and the field or tensor at fault, raised before a model of the claimed size is built.
+
+Q0 = "model.layers.0.self_attn.q_proj.weight"
+
+
+@pytest.fixture(scope="module")
+def saved_dirs(tmp_path_factory):
+    """A tiny model of each architecture plus the preset tokenizer, saved once; each case copies one."""
+    root = tmp_path_factory.mktemp("bases")
+    tok = load_tokenizer(DEFAULT_MODEL)
+    for arch in ("llama", "gpt2", "qwen2"):
+        tiny_model(arch, seed=1).save_pretrained(root / arch)
+        tok.save_pretrained(root / arch)
+    return root
+
+
+def _copy(saved_dirs, tmp_path, arch="llama"):
+    import shutil
+
+    return Path(shutil.copytree(saved_dirs / arch, tmp_path / arch))
+
+
+def _edit_config(path, **fields):
+    config = json.loads((path / "config.json").read_text())
+    config.update(fields)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _edit_tensors(path, damage):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    damage(tensors)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize("arch, raw, fields, needle", [
+    ("llama", "{not json", None, "config.json is not a readable JSON file"),
+    ("llama", "[1, 2]", None, r"config.json holds a JSON list; expected an object"),
+    ("llama", None, {"model_type": None}, "config.json: model_type None is not a model type"),
+    ("llama", None, {"model_type": "nosuch"}, "config.json: model_type 'nosuch' is not a model type"),
+    ("llama", None, {"hidden_size": 0}, "config.json: hidden_size: 0 is not a positive integer"),
+    ("llama", None, {"hidden_size": -32}, "config.json: hidden_size: -32 is not a positive integer"),
+    ("llama", None, {"hidden_size": "32"}, "config.json: hidden_size: '32' is not a positive integer"),
+    ("llama", None, {"num_attention_heads": 0}, "config.json: num_attention_heads: 0 is not a positive"),
+    ("llama", None, {"num_hidden_layers": 0}, "config.json: num_hidden_layers: 0 is not a positive"),
+    ("llama", None, {"num_attention_heads": 5}, "config.json: .*validate_architecture"),
+    ("gpt2", None, {"n_layer": -2}, "config.json: n_layer: -2 is not a positive integer"),
+])
+def test_a_hostile_config_json_is_refused_naming_file_and_field(saved_dirs, tmp_path, arch, raw, fields,
+                                                                needle):
+    path = _copy(saved_dirs, tmp_path, arch)
+    if raw is not None:
+        (path / "config.json").write_text(raw)
+    else:
+        _edit_config(path, **fields)
+    with pytest.raises(ConfigError, match=f"{path}/{needle}"):
+        load_base_model(path, dtype="float32")
+
+
+@pytest.mark.parametrize("arch, fields", [
+    ("llama", {"hidden_size": 10**12}), ("llama", {"vocab_size": 10**12}),
+    ("llama", {"num_hidden_layers": 10**9}), ("gpt2", {"n_embd": 10**12}), ("qwen2", {"hidden_size": 10**12}),
+])
+def test_a_config_too_large_for_memory_is_refused_before_building_the_model(saved_dirs, tmp_path, monkeypatch,
+                                                                            arch, fields):
+    from loratune.errors import InsufficientMemoryError
+
+    path = _copy(saved_dirs, tmp_path, arch)
+    _edit_config(path, **fields)
+    monkeypatch.setattr(loading.AutoModelForCausalLM, "from_pretrained",
+                        lambda *a, **k: pytest.fail("the model was built"))
+    with pytest.raises(InsufficientMemoryError, match=f"the model {path}/config.json describes .* available"):
+        load_base_model(path, dtype="float32")
+
+
+@pytest.mark.parametrize("arch, damage, fields, needle", [
+    ("llama", lambda t: t.pop(Q0), None, f"1 tensor the model has but the checkpoint lacks .*: {Q0}"),
+    ("gpt2", lambda t: t.pop("transformer.h.0.attn.c_attn.weight"), None,
+     "the checkpoint lacks .*: transformer.h.0.attn.c_attn.weight"),
+    ("qwen2", lambda t: t.pop("model.norm.weight"), None, "the checkpoint lacks .*: model.norm.weight"),
+    ("llama", lambda t: t.update({Q0: torch.zeros(7, 3)}), None,
+     rf"{Q0} is \(7, 3\) in the checkpoint, \(32, 32\) in the model"),
+    ("llama", lambda t: t.update({"model.layers.9.bogus.weight": torch.zeros(2)}), None,
+     "the checkpoint has but the model lacks .*: model.layers.9.bogus.weight"),
+    ("llama", None, {"num_hidden_layers": 1}, "9 tensors the checkpoint has but the model lacks"),
+    ("llama", None, {"vocab_size": 16},
+     r"model.embed_tokens.weight is \(128, 32\) in the checkpoint, \(16, 32\)"),
+    ("llama", lambda t: t.update({Q0: t[Q0].to(torch.int32)}), None, f"'{Q0}' is I32; expected a float"),
+    ("llama", lambda t: t.update({Q0: t[Q0] > 0}), None, f"tensor '{Q0}' is BOOL; expected a float"),
+])
+def test_checkpoint_tensors_that_do_not_fit_the_model_are_named(saved_dirs, tmp_path, arch, damage, fields,
+                                                                needle):
+    path = _copy(saved_dirs, tmp_path, arch)
+    if damage is not None:
+        _edit_tensors(path, damage)
+    if fields is not None:
+        _edit_config(path, **fields)
+    with pytest.raises(ConfigError, match=needle) as info:
+        load_base_model(path, dtype="float32")
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("extra", ["v_head.weight", "model.layers.0.self_attn.rotary_emb.inv_freq"])
+def test_an_unused_tensor_outside_the_blocks_loads_with_a_warning(saved_dirs, tmp_path, caplog, extra):
+    path = _copy(saved_dirs, tmp_path)
+    _edit_tensors(path, lambda t: t.update({extra: torch.zeros(4)}))
+    with caplog.at_level("WARNING"):
+        load_base_model(path, dtype="float32")
+    assert ("left out" in caplog.text) == (extra == "v_head.weight"), caplog.text
+
+
+def test_half_precision_weights_still_load_cast_to_the_asked_dtype(saved_dirs, tmp_path):
+    path = _copy(saved_dirs, tmp_path)
+    _edit_tensors(path, lambda t: t.update({Q0: t[Q0].half()}))
+    loaded = load_base_model(path, dtype="float32")
+    assert loaded.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+
+
+def _shard(path, index_of):
+    """Split model.safetensors into two shards and write the index `index_of(weight_map)` returns."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path / "model.safetensors"))
+    (path / "model.safetensors").unlink()
+    keys = sorted(tensors)
+    weight_map = {}
+    for i, part in enumerate((keys[: len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"model-0000{i + 1}-of-00002.safetensors"
+        save_file({k: tensors[k] for k in part}, str(path / name), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, name))
+    index = index_of(weight_map)
+    (path / "model.safetensors.index.json").write_text(index if isinstance(index, str) else json.dumps(index))
+
+
+@pytest.mark.parametrize("index_of, needle", [
+    (lambda wm: {"metadata": {}, "weight_map": {**wm, Q0: "ghost.safetensors"}},
+     "'weight_map' names shard files that are not files in .*: ghost.safetensors"),
+    (lambda wm: "{oops", "is not a readable JSON file"),
+    (lambda wm: [1], "holds a JSON list"),
+    (lambda wm: {"metadata": {}}, "'weight_map' must map each tensor name"),
+    (lambda wm: {"metadata": {}, "weight_map": {**wm, Q0: 3}}, "'weight_map' must map each tensor name"),
+    (lambda wm: {"weight_map": wm}, "'metadata' is None; expected an object"),
+])
+def test_a_checkpoint_index_that_cannot_be_followed_is_named(saved_dirs, tmp_path, index_of, needle):
+    path = _copy(saved_dirs, tmp_path)
+    _shard(path, index_of)
+    with pytest.raises(ConfigError, match=f"{path}/model.safetensors.index.json.*{needle}"):
+        load_base_model(path, dtype="float32")
+
+
+def test_a_sharded_checkpoint_loads_and_a_missing_shard_is_named(saved_dirs, tmp_path):
+    path = _copy(saved_dirs, tmp_path)
+    _shard(path, lambda wm: {"metadata": {}, "weight_map": wm})
+    assert _same_weights(load_base_model(path, dtype="float32"), load_base_model(saved_dirs / "llama",
+                                                                                  dtype="float32"))
+    (path / "model-00002-of-00002.safetensors").unlink()
+    with pytest.raises(ConfigError, match="not files in .*: model-00002-of-00002.safetensors"):
+        load_base_model(path, dtype="float32")
+
+
+@pytest.mark.parametrize("name", ["config.json", "model.safetensors"])
+def test_a_directory_where_a_file_belongs_is_named(saved_dirs, tmp_path, name):
+    path = _copy(saved_dirs, tmp_path)
+    (path / name).unlink()
+    (path / name).mkdir()
+    with pytest.raises(ConfigError, match=f"{path / name} is a directory"):
+        load_base_model(path, dtype="float32")
+
+
+TOKENIZER_SAVED = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+                   "chat_template.jinja")
+
+
+@pytest.mark.parametrize("file, text, needle", [
+    (None, None, "has no tokenizer files"),
+    ("tokenizer.json", "{broken", "tokenizer.json is not a readable JSON file"),
+    ("tokenizer.json", "[]", "tokenizer.json holds a JSON list"),
+    ("tokenizer_config.json", "[]", "tokenizer_config.json holds a JSON list"),
+    ("tokenizer.json", "{}", r"cannot load a tokenizer from .* \(files tokenizer.json.*KeyError: 'added_"),
+    ("tokenizer_config.json", json.dumps({"eos_token": 5}), r"\(files tokenizer.json.*eos_token has to be"),
+])
+def test_hostile_tokenizer_files_are_named(saved_dirs, tmp_path, file, text, needle):
+    path = _copy(saved_dirs, tmp_path)
+    if file is None:
+        for name in TOKENIZER_SAVED:
+            (path / name).unlink(missing_ok=True)
+        load_base_model(path, dtype="float32")  # the model itself needs no tokenizer
+    else:
+        (path / file).write_text(text)
+    with pytest.raises(ConfigError, match=needle) as info:
+        load_tokenizer(path)
+    assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("name, needle", [("", "the model name is empty"), ("  ", "the model name is empty"),
+                                          ("~no-such-user-x/model", "no such user's home directory")])
+def test_odd_model_names_are_config_errors(name, needle):
+    with pytest.raises(ConfigError, match=needle):
+        load_base_model(name)
+    with pytest.raises(ConfigError, match=needle):
+        load_tokenizer(name)
+
+
+def test_the_trainer_names_a_checkpoint_tensor_that_is_missing(saved_dirs, tmp_path):
+    from loratune.train import run
+
+    path = _copy(saved_dirs, tmp_path)
+    _edit_tensors(path, lambda t: t.pop(Q0))
+    rows = [{"messages": [{"role": "user", "content": f"say {i}"}, {"role": "assistant", "content": f"{i}"}]}
+            for i in range(4)]
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    needle = f"{path}/model.safetensors: 1 tensor the model has but the checkpoint lacks .*{Q0}"
+    with pytest.raises(ConfigError, match=needle):
+        run(model_name_or_path=str(path), train_file=str(data), output_dir=str(tmp_path / "out"), max_steps=1,
+            save_steps=0, disable_tqdm=True, num_threads=1)
+    assert not (tmp_path / "out").exists()

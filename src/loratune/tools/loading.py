@@ -11,6 +11,9 @@
   3. an existing local directory in Hugging Face format (config.json, weights, tokenizer files).
   4. anything else that is a valid hub id ("org/name"); this needs network access.
 Everything that fails because of the user's input raises `ConfigError` naming the value and a hint.
+A local directory's files are checked before anything is allocated and again after loading
+(`loratune.tools.base_files`): a tensor missing, unused, of another shape or of an integer type is
+refused by name, never drawn at random or cast in silence.
 
 The base model is returned frozen (requires_grad False everywhere) and in eval mode. Quantization
 is delegated to `loratune.quant.quantize_model`; the dtype to `loratune.dtypes.resolve_dtype`.
@@ -33,6 +36,13 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from loratune.dtypes import resolve_dtype
 from loratune.errors import ConfigError
 from loratune.quant import quantize_model
+from loratune.tools.base_files import (
+    TOKENIZER_FILES,
+    check_load_report,
+    check_model_dir,
+    check_tokenizer_dir,
+    check_weight_dtypes,
+)
 from loratune.tools.gguf_base import dense_model_dir, is_gguf_file, packaged_gguf
 
 logger = logging.getLogger(__name__)
@@ -69,10 +79,10 @@ def model_source(name_or_path: str | os.PathLike, gguf_file: str | None = None) 
     name = os.fspath(name_or_path)
     if not gguf_file:
         return name
-    if not Path(name).expanduser().is_dir():
+    if not _local_path(name).is_dir():
         raise ConfigError(f"gguf_file {gguf_file!r} is given, so model_name_or_path must be the directory "
                           f"holding it; {name!r} is not a directory")
-    path = Path(name).expanduser() / gguf_file
+    path = _local_path(name) / gguf_file
     if not path.is_file():
         raise ConfigError(f"gguf_file {gguf_file!r} is not a file in {name!r}")
     return str(path)
@@ -98,12 +108,15 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
     GGUF files and packaged-model presets resolve to ("local", their converted dense folder).
     """
     name = str(name_or_path)
+    if not name.strip():
+        raise ConfigError("the model name is empty; expected a local directory, a .gguf file, a hub id like "
+                          "'org/name', or a preset like 'preset:tiny-llama'")
+    path = _local_path(name)
     gguf = gguf_file_of(name)
     if gguf is not None:
         return "local", str(dense_model_dir(gguf))
     if name.startswith(PRESET_PREFIX):
         return "preset", str(preset_dir(name))
-    path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file() and not (path / "tokenizer_config.json").is_file():
             raise ConfigError(f"model directory {name!r} has no config.json or tokenizer files; "
@@ -116,6 +129,15 @@ def _resolve(name_or_path: str | os.PathLike) -> tuple[str, str]:
         return "hub", name
     raise ConfigError(f"model {name!r} is not a local directory, a hub id ('org/name') or a preset; "
                       f"available presets: {', '.join(list_presets())}")
+
+
+def _local_path(name: str) -> Path:
+    """`name` as a local path with `~` expanded; a '~user' that does not exist is a ConfigError."""
+    try:
+        return Path(name).expanduser()
+    except RuntimeError as exc:  # pathlib: "Could not determine home directory."
+        raise ConfigError(f"model path {name!r} starts with '~', but there is no such user's home "
+                          f"directory ({exc})") from None
 
 
 def _looks_like_hub_id(name: str) -> bool:
@@ -145,13 +167,19 @@ def load_tokenizer(
     the attention, so reusing EOS is safe and keeps the vocabulary unchanged).
     """
     kind, where = _resolve(name_or_path)
+    if kind == "local":
+        check_tokenizer_dir(Path(where))
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, revision=revision,
                                                   trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+        if kind != "local" and not isinstance(exc, (OSError, ValueError)):
+            raise  # a shipped preset or a downloaded tokenizer: not a file the user wrote
         if kind == "hub":
             raise _hub_error(where, exc) from exc
-        raise ConfigError(f"cannot load a tokenizer from {str(name_or_path)!r}: {exc}") from exc
+        read = ", ".join(f for f in TOKENIZER_FILES if (Path(where) / f).is_file())
+        raise ConfigError(f"cannot load a tokenizer from {str(name_or_path)!r} (files {read}): "
+                          f"{type(exc).__name__}: {exc}") from exc
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:
@@ -222,13 +250,18 @@ def load_base_model(
 
 
 def _from_pretrained(name: str, kind: str, where: str, kwargs: dict) -> PreTrainedModel:
-    """`AutoModelForCausalLM.from_pretrained`, with user-caused failures turned into ConfigError.
+    """`AutoModelForCausalLM.from_pretrained`, strict, with user-caused failures turned into ConfigError.
 
     Raises:
-        ConfigError: naming the weight file that cannot be read, or the model and the reason.
+        ConfigError: naming the file at fault and the field or tensor (`base_files`), or the model
+            and the reason.
+        InsufficientMemoryError: a local config.json asks for more memory than there is.
     """
-    try:
-        return AutoModelForCausalLM.from_pretrained(where, **kwargs)
+    if kind == "local":
+        check_model_dir(Path(where), kwargs["dtype"], kwargs["trust_remote_code"])
+    try:  # a tensor of another shape is reported, by name, with the others (check_load_report)
+        model, info = AutoModelForCausalLM.from_pretrained(where, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
     except (OSError, ValueError, *_WEIGHT_READ_ERRORS) as exc:
         bad = _unreadable_weight_files(where) if kind == "local" else []
         if bad:
@@ -243,6 +276,11 @@ def _from_pretrained(name: str, kind: str, where: str, kwargs: dict) -> PreTrain
         if kind == "hub":
             raise _hub_error(where, exc) from exc
         raise ConfigError(f"cannot load a model from {name!r}: {exc}") from exc
+    single = Path(where) / "model.safetensors"  # name the file where there is one the user wrote
+    check_load_report(info, str(single) if single.is_file() and not is_gguf_file(name) else name)
+    if kind == "local":
+        check_weight_dtypes(Path(where), model, name)
+    return model
 
 
 def _unreadable_weight_files(directory: str) -> list[str]:
