@@ -46,3 +46,21 @@ def test_an_output_dir_below_a_file_exits_2_naming_the_file(dirs, tmp_path, caps
     captured = capsys.readouterr()
     assert f"'{tmp_path / 'notes.txt'}' is a file, not a directory" in captured.err
     assert "Traceback" not in captured.err and (tmp_path / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("kind", ["empty", "adapter"])
+def test_a_base_gguf_that_is_not_a_model_exits_2_naming_it(dirs, tmp_path, capsys, kind):
+    """An empty .gguf, or a GGUF adapter given as the base, is named instead of a reader's traceback."""
+    _, adapter = dirs
+    base = tmp_path / "base.gguf"
+    if kind == "empty":
+        base.write_bytes(b"")
+    else:
+        assert main(["export", adapter, "--format", "gguf", "-o", str(tmp_path / "first")]) == 0
+        os.replace(tmp_path / "first" / "adapter.gguf", base)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main(["export", adapter, "--format", "gguf", "--base", str(base), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(base) in err and "Traceback" not in err, err
+    assert not out.exists()

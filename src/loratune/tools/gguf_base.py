@@ -12,7 +12,7 @@ so an edited or replaced file is converted again. The folder is written atomical
 mid-conversion leaves no half folder behind. Its location is `$LORATUNE_CACHE_DIR`, else
 `$XDG_CACHE_HOME/loratune`, else `~/.cache/loratune`.
 
-Before converting, the file's header is checked (`_check_gguf_file`): a truncated file, missing or
+Before converting, the file's header is checked (`check_gguf_file`): a truncated file, missing or
 absurd size keys and weights too large for memory are refused naming the tensor or key, and after
 it no tensor may be missing or of another shape (`base_files.check_load_report`).
 
@@ -104,14 +104,14 @@ def dense_model_dir(gguf_path: str | os.PathLike) -> Path:
 
     Raises:
         ConfigError: naming the file, when it cannot be read as a GGUF model, and the tensor or
-            metadata key at fault where there is one (`_check_gguf_file`, `check_load_report`).
+            metadata key at fault where there is one (`check_gguf_file`, `check_load_report`).
         InsufficientMemoryError: its tensors, dense in float32, would not fit in memory.
     """
     path = Path(gguf_path).expanduser().resolve()
     target = cache_root() / "gguf" / f"{path.stem}-{_fingerprint(path)}"
     if (target / SOURCE_RECORD).is_file():
         return target
-    _check_gguf_file(path)
+    check_gguf_file(path)
     logger.info("converting %s to a dense model in %s (once; later loads read the folder)", path, target)
     try:
         dense = {"quantization_config": GgufConfig(dequantize=True)} if GgufConfig is not None else {}
@@ -135,7 +135,7 @@ def dense_model_dir(gguf_path: str | os.PathLike) -> Path:
     return target
 
 
-def _check_gguf_file(path: Path) -> None:
+def check_gguf_file(path: Path) -> None:
     """Refuse a GGUF file Transformers would misread, from its header alone (no tensor data is read).
 
     Caught here: a header cut short; tensor data running past the end of the file (a truncated

@@ -30,6 +30,7 @@ from loratune.tools.export import (
 )
 from loratune.tools.gguf import parse_outtype, write_gguf_model
 from loratune.tools.gguf_adapter import write_gguf_adapter
+from loratune.tools.gguf_base import check_gguf_file
 from loratune.tools.load_trained import resolve_base_name
 from loratune.tools.loading import gguf_file_of, load_tokenizer, model_dir
 from loratune.tools.ollama import OllamaTemplate, convert_chat_template, llama_cpp_commands, modelfile
@@ -57,11 +58,16 @@ class GgufExport:
 def base_config_and_tokenizer(name: str):
     """(Transformers config, tokenizer, GGUF file or None) of a base model, without loading weights."""
     gguf_file = gguf_file_of(name)
-    if gguf_file is not None:
-        kwargs = {"gguf_file": gguf_file.name}
+    if gguf_file is None:
+        return AutoConfig.from_pretrained(model_dir(name)), load_tokenizer(name), None
+    check_gguf_file(gguf_file)  # a file cut short, an adapter, missing keys: named, not a traceback
+    kwargs = {"gguf_file": gguf_file.name}
+    try:
         return (AutoConfig.from_pretrained(gguf_file.parent, **kwargs),
                 AutoTokenizer.from_pretrained(gguf_file.parent, **kwargs), gguf_file)
-    return AutoConfig.from_pretrained(model_dir(name)), load_tokenizer(name), None
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        raise ConfigError(f"cannot read {gguf_file} as a GGUF base model: "
+                          f"{type(exc).__name__}: {exc}") from exc
 
 
 def export_adapter_gguf(adapter_dir: str, output_dir: str, *, outtype: str = "f32",
