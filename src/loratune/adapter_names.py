@@ -1,5 +1,5 @@
 """What a valid adapter name is: one rule for the library (`add_adapter`, `load_adapter`, ...) and
-the server (`lora_name`).
+the server (`lora_name`); and how an argument naming one adapter or several is read (`adapter_list`).
 
 A name is 1-128 characters from [A-Za-z0-9._-], not "." or "..", so it is always safe as a folder
 name (`save_pretrained` writes a non-default adapter into a sub-folder of that name) and takes
@@ -11,6 +11,9 @@ stored under `layers.module_key(name)`.
 from __future__ import annotations
 
 import re
+
+from .errors import ConfigError
+from .module_patterns import shown
 
 BASE_ADAPTER = "__base__"  # the name a mixed batch uses for "no adapter" rows
 ADAPTER_NAME = re.compile(r"[A-Za-z0-9._-]{1,128}")
@@ -27,3 +30,11 @@ def adapter_name_problem(name: object) -> str | None:
     if name == BASE_ADAPTER:
         return f"adapter name {name!r} is reserved for the base model (mixed batches use it for no adapter)"
     return None
+
+
+def adapter_list(value: object, argument: str) -> list[str]:
+    """One adapter name or a list of them (PEFT takes both) as a list; ConfigError for anything else."""
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+        raise ConfigError(f"{argument} must be an adapter name or a list of them, got {shown(value)}")
+    return list(names)

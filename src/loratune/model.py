@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import adapter_io, merge
 from .adapter_files import CONFIG_NAME
-from .adapter_names import BASE_ADAPTER, adapter_name_problem
+from .adapter_names import BASE_ADAPTER, adapter_list, adapter_name_problem
 from .base_layers import is_quantized
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError, MergeError, TargetNotFoundError
@@ -429,14 +429,6 @@ def _check_model(model: object) -> None:
         raise ConfigError(f"expected the base model as a torch.nn.Module, got {type(model).__name__}"
                           + (" (load it first, e.g. AutoModelForCausalLM.from_pretrained)"
                              if isinstance(model, (str, os.PathLike)) else ""))
-
-
-def adapter_list(value: object, argument: str) -> list[str]:
-    """One adapter name or a list of them (PEFT takes both) as a list; ConfigError for anything else."""
-    names = [value] if isinstance(value, str) else value
-    if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
-        raise ConfigError(f"{argument} must be an adapter name or a list of them, got {shown(value)}")
-    return list(names)
 
 
 PeftModel = LoraModel
