@@ -158,17 +158,17 @@ async def _respond(state: ServerState, gen: Generation, body, request: Request, 
     try:
         await asyncio.wait({text_task, gone}, return_when=asyncio.FIRST_COMPLETED)
         if not text_task.done():  # the client left: `finally` stops generating for it
-            state.metrics.requests.labels(body.model, endpoint, "499").inc()
+            state.metrics.requests.labels(state.metrics.model(body.model), endpoint, "499").inc()
             return Response(status_code=499)
         text = text_task.result()
     except RequestError:
-        state.metrics.requests.labels(body.model, endpoint, "500").inc()
+        state.metrics.requests.labels(state.metrics.model(body.model), endpoint, "500").inc()
         raise
     finally:
         gone.cancel()
         text_task.cancel()
         gen.cancel()  # no-op when finished; frees the slot if the client left or this handler was cancelled
-    state.metrics.requests.labels(body.model, endpoint, "200").inc()
+    state.metrics.requests.labels(state.metrics.model(body.model), endpoint, "200").inc()
     use = p.usage(gen.prompt_tokens, len(gen.tokens))
     if chat:
         return p.chat_body(head, text, gen.finish_reason, use)
@@ -212,7 +212,7 @@ async def _stream(state: ServerState, gen: Generation, body, head: p.Head, endpo
         raise
     finally:
         gen.cancel()
-        state.metrics.requests.labels(body.model, endpoint, status).inc()
+        state.metrics.requests.labels(state.metrics.model(body.model), endpoint, status).inc()
 
 
 def _add_error_handlers(app: FastAPI) -> None:

@@ -179,6 +179,8 @@ class Engine:
                 commands = list(self._commands)
                 self._commands.clear()
             for fn, future in commands:
+                if not future.set_running_or_notify_cancel():
+                    continue  # its caller stopped waiting; set_result would raise on this thread
                 try:
                     future.set_result(fn())
                 except Exception as exc:  # reported to the caller, never fatal to the loop

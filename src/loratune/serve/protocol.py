@@ -135,7 +135,7 @@ class UnloadLoraRequest(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     lora_name: str | None = None
-    lora_int_id: int | None = None
+    lora_int_id: StrictInt | None = None  # strict: lax, `true` would unload id 1
 
 
 def error_body(message: str, type: str, code: str | int | None = None, param: str | None = None) -> dict:

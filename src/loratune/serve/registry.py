@@ -31,6 +31,7 @@ from loratune.module_patterns import match_budget, shown
 from .lora_rows import RowAdapterWeights
 
 _KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
+SERVABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class RequestError(Exception):
@@ -228,6 +229,11 @@ def _read(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
                        "`loratune merge` and serve the result)")
     if refused:
         raise UnsupportedFeatureError(f"{path / CONFIG_NAME}: the server cannot serve " + "; ".join(refused))
+    odd = sorted(k for k, t in tensors.items() if t.is_floating_point() and t.dtype not in SERVABLE_DTYPES)
+    if odd:  # e.g. float8, which torch cannot even check for NaN
+        raise UnsupportedFeatureError(f"{path / SAFETENSORS_NAME}: tensor {odd[0]} has dtype "
+                                      f"{tensors[odd[0]].dtype}; the server reads float16, bfloat16, "
+                                      "float32 or float64 weights")
     check_finite(tensors, source=str(path / SAFETENSORS_NAME))
     return config, tensors
 

@@ -9,6 +9,7 @@ from the engine thread onto this event loop) into text deltas, applying stop str
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -72,7 +73,8 @@ class ServerState:
         self._ids = itertools.count(1)
         self.created = int(time.time())
         self.metrics = ServerMetrics(queue_depth=lambda: engine.queue_depth, running=lambda: engine.running,
-                                     loaded_adapters=lambda: len(self.adapters))
+                                     loaded_adapters=lambda: len(self.adapters),
+                                     served=lambda name: name == settings.base_name or name in self.adapters)
 
     # ----- adapters ----------------------------------------------------------------------------
 
@@ -127,8 +129,14 @@ class ServerState:
                                    f"({exc.strerror or type(exc).__name__})", type="BadRequestError",
                                    code=400) from None
             adapter_id = next(self._ids)
-            await asyncio.wrap_future(
-                self._engine_call(lambda: self.engine.install_adapter(adapter_id, prepared)))
+            install = self._engine_call(lambda: self.engine.install_adapter(adapter_id, prepared))
+            try:
+                await asyncio.wrap_future(install)
+            except asyncio.CancelledError:
+                if not install.cancelled():  # installed all the same: nothing will name it, free it
+                    with contextlib.suppress(EngineStoppedError):
+                        self.engine.remove_adapter(adapter_id)
+                raise
             self.adapters[name] = AdapterEntry(name, prepared.path, adapter_id)
         finally:
             self._loading.discard(name)
@@ -146,10 +154,13 @@ class ServerState:
                                code=404)
         del self.adapters[entry.name]  # new requests stop finding it at once
         try:
-            await asyncio.wrap_future(self._engine_call(lambda: self.engine.remove_adapter(entry.adapter_id)))
+            # shielded: the name is gone already, so the weights must go too if this caller stops waiting
+            await asyncio.shield(asyncio.wrap_future(
+                self._engine_call(lambda: self.engine.remove_adapter(entry.adapter_id))))
         except RequestError:  # the engine did not take the removal: the adapter is still loaded
             self.adapters[entry.name] = entry
             raise
+        self.metrics.forget(entry.name)
         return entry.name
 
     def _engine_call(self, start):
@@ -226,7 +237,7 @@ class Generation:
                 raise RequestError(500, str(value), type="server_error", code="generation_failed")
             if kind == "token":
                 if not self.tokens:
-                    metrics.ttft.labels(self.model).observe(time.monotonic() - self._start)
+                    metrics.ttft.labels(metrics.model(self.model)).observe(time.monotonic() - self._start)
                 self.tokens.append(value)
             text = self.state.tokenizer.decode(self.tokens, skip_special_tokens=True)
             cut = self._find_stop(text)
@@ -243,9 +254,9 @@ class Generation:
             if delta:
                 yield delta
             if self.finish_reason is not None:
-                metrics.latency.labels(self.model).observe(time.monotonic() - self._start)
-                metrics.tokens.labels(self.model).inc(len(self.tokens))
-                metrics.prompt_tokens.labels(self.model).inc(self.prompt_tokens)
+                metrics.latency.labels(metrics.model(self.model)).observe(time.monotonic() - self._start)
+                metrics.tokens.labels(metrics.model(self.model)).inc(len(self.tokens))
+                metrics.prompt_tokens.labels(metrics.model(self.model)).inc(self.prompt_tokens)
                 return
 
     async def text(self) -> str:
