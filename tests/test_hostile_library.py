@@ -252,12 +252,23 @@ def test_integer_or_bool_adapter_weights_are_refused_by_name(dtype, saved, tmp_p
     assert str(path / "adapter_model.safetensors") in str(err)
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float8_e4m3fn])
 def test_other_float_adapter_weights_load_cast_as_in_peft(dtype, saved, tmp_path):
     path = copy_with_tensors(saved, tmp_path, lambda t: t.update({Q0A: t[Q0A].to(dtype)}))
     model = PeftModel.from_pretrained(tiny_model(), str(path))
     loaded = model.model.model.layers[0].self_attn.q_proj.lora_A["default"].weight
     assert torch.equal(loaded, load_file(str(path / "adapter_model.safetensors"))[Q0A].float())
+
+
+def test_a_float8_adapter_with_a_nan_is_named_not_a_crash(saved, tmp_path):
+    """torch has no isfinite for float8: the NaN check reads such tensors through float32."""
+    from loratune.adapter_io import check_finite
+
+    nan = torch.full((4, 32), float("nan"))
+    path = copy_with_tensors(saved, tmp_path, lambda t: t.update({Q0A: nan.to(torch.float8_e4m3fn)}))
+    tensors = load_file(str(path / "adapter_model.safetensors"))
+    with pytest.raises(AdapterError, match=re.escape(Q0A)):
+        check_finite(tensors, source=str(path))
 
 
 def test_a_bin_file_with_non_string_keys_is_an_adapter_error(saved, tmp_path):

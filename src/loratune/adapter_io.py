@@ -315,8 +315,12 @@ def _embedding_base_weights(model: nn.Module) -> dict[str, nn.Parameter]:
 
 def nonfinite_keys(tensors: dict[str, Tensor]) -> list[str]:
     """The keys of the floating-point tensors that hold a NaN or an Inf, sorted."""
-    return sorted(k for k, t in tensors.items()
-                  if t.is_floating_point() and not bool(torch.isfinite(t).all()))
+    def finite(t: Tensor) -> bool:
+        if t.dtype.itemsize == 1:  # float8: torch has no isfinite for it
+            t = t.float()
+        return bool(torch.isfinite(t).all())
+
+    return sorted(k for k, t in tensors.items() if t.is_floating_point() and not finite(t))
 
 
 def check_finite(tensors: dict[str, Tensor], *, source: str) -> None:
