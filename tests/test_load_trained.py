@@ -89,6 +89,29 @@ def test_quantization_comes_from_train_config_and_flags_win(tmp_path, model_dir)
     assert any(getattr(m, "is_quantized", False) for m in loaded.model.modules())
 
 
+def test_a_bit_width_flag_replaces_the_one_the_adapter_was_trained_with(tmp_path):
+    (tmp_path / "train_config.yaml").write_text("load_in_4bit: true\nbnb_4bit_use_double_quant: true\n")
+    quant = resolve_quant(str(tmp_path), {"load_in_8bit": True, "load_in_4bit": None})
+    assert (quant["load_in_4bit"], quant["load_in_8bit"]) == (False, True)
+    with pytest.raises(ConfigError, match="pick one"):
+        resolve_quant(str(tmp_path), {"load_in_8bit": True, "load_in_4bit": True})
+
+
+@pytest.mark.parametrize("text, field", [
+    ("load_in_4bit: 'no'\n", None),   # the word for False, not a truthy string
+    ("load_in_4bit: [true]\n", "load_in_4bit"),
+    ("load_in_4bit: true\nbnb_4bit_quant_type: nf5\n", "bnb_4bit_quant_type"),
+    ("load_in_4bit: true\nbnb_4bit_compute_dtype: int8\n", "bnb_4bit_compute_dtype"),
+])
+def test_quantization_values_in_train_config_are_typed_or_named_with_the_file(text, field, tmp_path):
+    (tmp_path / "train_config.yaml").write_text(text)
+    if field is None:
+        assert resolve_quant(str(tmp_path))["load_in_4bit"] is False
+        return
+    with pytest.raises(ConfigError, match=rf"train_config\.yaml: {field}"):
+        resolve_quant(str(tmp_path))
+
+
 def test_bad_inputs_raise_named_errors(tmp_path):
     with pytest.raises(ConfigError, match="--model_name_or_path"):
         resolve_base_name(None, None, None)

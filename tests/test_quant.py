@@ -248,6 +248,25 @@ def test_quantize_model_skip_modules_and_errors():
             quantize_model(tiny_model(), bits=4, backend="bitsandbytes")
 
 
+@pytest.mark.parametrize("kwargs, field", [
+    ({"bits": 4, "double_quant": "false"}, "double_quant"),   # a truthy string, not False
+    ({"bits": 8, "int8_compute": "no"}, "int8_compute"),
+    ({"bits": 4, "int8_compute": True}, "int8_compute"),     # int8 matmuls need an int8 base
+    ({"bits": 4, "skip_modules": None}, "skip_modules"),
+    ({"bits": 4, "skip_modules": [1]}, "skip_modules"),
+])
+def test_quantize_model_names_arguments_of_the_wrong_type(kwargs, field):
+    with pytest.raises(ConfigError) as exc:
+        quantize_model(tiny_model(), **kwargs)
+    assert [p.split(":")[0] for p in exc.value.problems] == [field]
+
+
+def test_a_single_skip_module_string_is_one_name_not_its_letters():
+    names = [n for n, _ in quantized_layers(quantize_model(tiny_model(), bits=4, skip_modules="lm_head"))]
+    assert names == [n for n, _ in quantized_layers(quantize_model(tiny_model(), bits=4))]
+    assert names and "lm_head" not in names
+
+
 def test_dequantize_model_puts_plain_layers_back():
     from transformers.pytorch_utils import Conv1D
 

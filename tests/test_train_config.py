@@ -202,3 +202,57 @@ def test_fsdp_settings_and_what_fsdp_cannot_do_are_refused_by_name():
         build_config({**DATA, "fsdp": True, "use_dora": True, "modules_to_save": ["lm_head"]})
     assert [p.split(":")[0] for p in err.value.problems] == ["use_dora", "modules_to_save"]
     assert all("fsdp" in p for p in err.value.problems)
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"load_in_4bit": True, "bnb_4bit_quant_type": "nf5"},
+     "bnb_4bit_quant_type: expected one of 'nf4', 'fp4', got 'nf5'"),
+    ({"load_in_4bit": True, "bnb_4bit_compute_dtype": "int8"}, "bnb_4bit_compute_dtype 'int8' is not one of"),
+])
+def test_quantization_values_that_cannot_work_are_refused_by_name_before_loading(settings, message, tmp_path):
+    with pytest.raises(ConfigError) as err:
+        build_config({**DATA, **settings})
+    assert len(err.value.problems) == 1 and err.value.problems[0].startswith(message)
+    from loratune.train import run  # the model path does not exist: the config is refused first
+
+    missing = {"model_name_or_path": str(tmp_path / "missing"), "output_dir": str(tmp_path)}
+    with pytest.raises(ConfigError, match=message.split(" ")[0]):
+        run({**DATA, **settings, **missing})
+
+
+ONLY_WITH = "only applies with load_in_4bit"
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"load_in_8bit": True, "bnb_4bit_quant_type": "fp4"}, f"bnb_4bit_quant_type {ONLY_WITH}"),
+    ({"load_in_8bit": True, "bnb_4bit_use_double_quant": True}, f"bnb_4bit_use_double_quant {ONLY_WITH}"),
+    ({"bnb_4bit_use_double_quant": True}, f"bnb_4bit_use_double_quant {ONLY_WITH}"),
+    ({"bnb_4bit_compute_dtype": "float16"}, f"bnb_4bit_compute_dtype {ONLY_WITH} or load_in_8bit"),
+    ({"base_compute": "int8", "bnb_4bit_compute_dtype": "bfloat16"},
+     "bnb_4bit_compute_dtype is not used: base_compute: int8 multiplies in int8"),
+])
+def test_quantization_settings_nothing_reads_are_named_in_a_warning(settings, message, caplog):
+    """A QLoRA config with load_in_4bit switched off for a quick run still builds: its leftovers warn."""
+    with caplog.at_level("WARNING", logger="loratune.train.config"):
+        cfg = build_config({**DATA, **settings}, source="run.yaml")
+    assert f"run.yaml: {message}" in caplog.text, caplog.text
+    assert all(getattr(cfg.model, k) == v for k, v in settings.items())
+
+
+def test_quantization_settings_that_apply_are_kept():
+    cfg = build_config({**DATA, "load_in_4bit": True, "bnb_4bit_quant_type": "fp4",
+                        "bnb_4bit_compute_dtype": "torch.float16", "bnb_4bit_use_double_quant": True})
+    assert (cfg.model.bnb_4bit_quant_type, cfg.model.bnb_4bit_compute_dtype) == ("fp4", "torch.float16")
+    cfg = build_config({**DATA, "load_in_8bit": True, "bnb_4bit_compute_dtype": "float32"})
+    assert cfg.model.bnb_4bit_compute_dtype == "float32"
+
+
+def test_numpy_numbers_are_the_numbers_they_hold():
+    np = pytest.importorskip("numpy")
+    cfg = build_config({**DATA, "r": np.int64(8), "max_steps": np.float32(20.0),
+                        "learning_rate": np.float32(0.5), "load_in_4bit": np.bool_(True)})
+    flat = cfg.to_flat_dict()
+    assert (flat["r"], flat["max_steps"], flat["learning_rate"], flat["load_in_4bit"]) == (8, 20, 0.5, True)
+    assert type(flat["r"]) is int and type(flat["load_in_4bit"]) is bool
+    with pytest.raises(ConfigError, match=r"r: expected an integer, got 4\.5"):
+        build_config({**DATA, "r": np.float64(4.5)})

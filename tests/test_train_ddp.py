@@ -51,3 +51,48 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 def exact_matches(out) -> list[float]:
     lines = (out / "metrics.jsonl").read_text().splitlines()
     return [r["eval_exact_match"] for r in map(json.loads, lines) if "eval_exact_match" in r]
+
+
+LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+@pytest.mark.parametrize("variables, named", [
+    ({"WORLD_SIZE": "two"}, "WORLD_SIZE='two' is not an integer"),
+    ({"WORLD_SIZE": "0"}, "WORLD_SIZE=0 must be >= 1"),
+    ({"WORLD_SIZE": "2", "RANK": "-1"}, "RANK=-1 must be in [0, WORLD_SIZE=2)"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "RANK=2 must be in [0, WORLD_SIZE=2)"),
+    ({"RANK": "3"}, "RANK=3 must be in [0, WORLD_SIZE=1)"),   # left over: rank 3 would never save
+    ({"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "x"}, "LOCAL_RANK='x' is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "1"}, "MASTER_ADDR is not set"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "http"},
+     "MASTER_PORT='http' is not an integer"),
+    ({"WORLD_SIZE": "2", "RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "70000"},
+     "MASTER_PORT=70000 must be a TCP port"),
+])
+def test_bad_launcher_variables_are_named_before_anything_loads(variables, named, tmp_path, monkeypatch):
+    from loratune.errors import ConfigError
+
+    for name in LAUNCH_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in variables.items():
+        monkeypatch.setenv(name, value)
+    config = {"model_name_or_path": str(tmp_path / "missing"), "train_file": str(tmp_path / "missing.jsonl"),
+              "output_dir": str(tmp_path / "out")}
+    with pytest.raises(ConfigError, match="launcher environment") as err:
+        run(config)
+    assert any(p.startswith(named) for p in err.value.problems), err.value.problems
+
+
+@pytest.mark.parametrize("name, value, needle", [("WORLD_SIZE", "-2", "WORLD_SIZE=-2 must be >= 1"),
+                                                 ("RANK", "x", "RANK")])
+def test_train_exits_2_naming_a_bad_launcher_variable(tmp_path, monkeypatch, capsys, name, value, needle):
+    from loratune.cli.main import main
+
+    for variable in LAUNCH_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv(name, value)
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump({"train_file": str(tmp_path / "t.jsonl"), "output_dir": str(tmp_path)}))
+    assert main(["train", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "launcher environment" in err and "Traceback" not in err, err

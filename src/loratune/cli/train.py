@@ -205,11 +205,13 @@ def run(args) -> int:
 
     from loratune.errors import LoratuneError, TrainingDivergedError
     from loratune.train.api import run as train_run
+    from loratune.train.distributed import launch_ranks
 
-    rank = int(os.environ.get("RANK", "0"))
-    if rank != 0:
-        logging.getLogger().setLevel(logging.WARNING)
+    rank = 0
     try:
+        rank = launch_ranks()[0]  # RANK=x or a RANK left from another job: named, not a traceback
+        if rank != 0:
+            logging.getLogger().setLevel(logging.WARNING)
         cfg = load_config_from_args(args)
         with logging_redirect_tqdm():
             result = train_run(cfg)

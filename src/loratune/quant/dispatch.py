@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -63,7 +64,8 @@ def _as_linear(module: nn.Module) -> nn.Module | SimpleNamespace:
                            out_features=weight.shape[1])
 
 
-def _validate(bits, quant_type, backend) -> None:
+def _validate(bits, quant_type, backend, *, double_quant=False, int8_compute=False, skip_modules=()) -> tuple:
+    """Collect every bad argument into one ConfigError; return skip_modules as a tuple of names."""
     problems = []
     if bits not in (4, 8):
         problems.append(f"bits: {bits!r} is not supported; expected 4 (NF4/FP4) or 8 (int8)")
@@ -71,8 +73,19 @@ def _validate(bits, quant_type, backend) -> None:
         problems.append(f"quant_type: {quant_type!r} is not a 4-bit type; expected one of {QUANT_TYPES_4BIT}")
     if backend not in BACKENDS:
         problems.append(f"backend: {backend!r} is not one of {BACKENDS}")
+    for name, value in (("double_quant", double_quant), ("int8_compute", int8_compute)):
+        if not isinstance(value, (bool, np.bool_)):  # a string such as "false" would be truthy
+            problems.append(f"{name}: expected True or False, got {value!r}")
+    if isinstance(int8_compute, (bool, np.bool_)) and int8_compute and bits == 4:
+        problems.append("int8_compute: multiplies an 8-bit base in int8; it needs bits=8, got bits=4")
+    if isinstance(skip_modules, str):  # one name, as in PEFT, not its characters
+        skip_modules = (skip_modules,)
+    if not isinstance(skip_modules, (list, tuple, set, frozenset)) or \
+            not all(isinstance(s, str) for s in skip_modules):
+        problems.append(f"skip_modules: expected a list of module names, got {skip_modules!r}")
     if problems:
         raise ConfigError(problems)
+    return tuple(skip_modules)
 
 
 def _quantize_layer(linear, *, bits, quant_type, compute_dtype, double_quant, backend, name,
@@ -100,7 +113,8 @@ def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", comp
 
     bits=4 stores NF4 or FP4 codes (`quant_type`, `double_quant` as bitsandbytes' `bnb_4bit_*`);
     bits=8 stores int8 with per-row scales (quant_type and double_quant are ignored). A
-    skip_modules entry matches a module name exactly, as a dotted suffix, or as one name component.
+    skip_modules entry matches a module name exactly, as a dotted suffix, or as one name component
+    (a single string is one name).
     int8_compute (bits=8, CPU): the layers also round their inputs to int8 and multiply in int8
     (`base_compute: int8`; quant/int8.py); `smooth` maps module names to their activation smoothing
     factors (quant/smoothing.py), `codes` to their weights' rounding where it was done already
@@ -109,14 +123,16 @@ def quantize_model(model: nn.Module, *, bits: int, quant_type: str = "nf4", comp
     already-wrapped LoraModel quantizes its base layers. Returns the model.
 
     Raises:
-        ConfigError: bad bits / quant_type / compute_dtype / backend, or NaN/Inf in a weight.
+        ConfigError: bad bits / quant_type / compute_dtype / backend / skip_modules, a double_quant or
+            int8_compute that is not a bool, int8_compute with bits=4, or NaN/Inf in a weight.
         UnsupportedFeatureError: backend='bitsandbytes' without bitsandbytes and CUDA.
     """
-    _validate(bits, quant_type, backend)
+    skip_modules = _validate(bits, quant_type, backend, double_quant=double_quant, int8_compute=int8_compute,
+                             skip_modules=skip_modules)
     compute_dtype = parse_compute_dtype(compute_dtype)
     done: dict[int, nn.Module] = {}   # a module shared by two parents is quantized once
     nbytes_before = nbytes_after = 0
-    targets = _targets(model, tuple(skip_modules))
+    targets = _targets(model, skip_modules)
     targets.reverse()
     while targets:   # pop as we go so each full-precision weight is freed once replaced
         parent, child_name, name, child = targets.pop()

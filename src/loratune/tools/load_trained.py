@@ -78,15 +78,48 @@ def read_train_config(adapter_dir: str) -> dict[str, Any]:
 
 
 def resolve_quant(adapter_dir: str | None, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Quantization settings: defaults, then the adapter's train_config.yaml, then non-None overrides."""
+    """Quantization settings: defaults, then the adapter's train_config.yaml, then non-None overrides.
+
+    An override that turns on one bit width (`--load_in_8bit`) replaces the one the adapter was
+    trained with, rather than clashing with it.
+
+    Raises:
+        ConfigError: a value in train_config.yaml of the wrong type (named with the file), or both
+            bit widths asked for.
+    """
     quant = dict(QUANT_DEFAULTS)
     if adapter_dir is not None:
         trained = read_train_config(adapter_dir)
-        quant.update({k: trained[k] for k in QUANT_DEFAULTS if trained.get(k) is not None})
-    quant.update({k: v for k, v in (overrides or {}).items() if k in QUANT_DEFAULTS and v is not None})
+        quant.update(_typed_quant({k: trained[k] for k in QUANT_DEFAULTS if trained.get(k) is not None},
+                                  source=os.path.join(adapter_dir, TRAIN_CONFIG_FILE)))
+    given = {k: v for k, v in (overrides or {}).items() if k in QUANT_DEFAULTS and v is not None}
+    if given.get("load_in_4bit") or given.get("load_in_8bit"):
+        quant.update(load_in_4bit=False, load_in_8bit=False)
+    quant.update(given)
     if quant["load_in_4bit"] and quant["load_in_8bit"]:
         raise ConfigError("load_in_4bit and load_in_8bit are both set; pick one")
     return quant
+
+
+def _typed_quant(values: dict[str, Any], *, source: str) -> dict[str, Any]:
+    """Coerce quantization keys by the trainer's field types ("false" is False, not a truthy string).
+
+    Raises:
+        ConfigError: naming `source` and every key whose value cannot be one.
+    """
+    from loratune.train.coerce import coerce
+    from loratune.train.config import ModelArgs, compute_dtype_problems, field_types, key_owners
+
+    hints, owners, out, problems = field_types(ModelArgs), key_owners(), {}, []
+    for key, value in values.items():
+        try:
+            out[key] = coerce(value, hints[key], owners[key][1].metadata.get("choices"))
+        except ValueError as exc:
+            problems.append(f"{key}: {exc}")
+    problems += compute_dtype_problems(out.get("bnb_4bit_compute_dtype", "auto"))
+    if problems:
+        raise ConfigError(problems, source=source)
+    return out
 
 
 def resolve_base_name(model_name_or_path: str | None, adapter_config: LoraConfig | None,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import math
 import os
 import types
@@ -18,11 +19,16 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import yaml
 
 from loratune.data import DataConfig
+from loratune.dtypes import parse_dtype
 from loratune.errors import ConfigError
+from loratune.quant.dispatch import QUANT_TYPES_4BIT
 from loratune.train.coerce import coerce
+
+logger = logging.getLogger(__name__)
 
 MAX_SEED = 2**32 - 1  # np.random.seed rejects anything outside [0, 2**32 - 1]
 SCHEDULERS = ("cosine", "linear", "constant", "constant_with_warmup")
@@ -55,7 +61,8 @@ class ModelArgs:
     )
     load_in_4bit: bool = field(default=False, metadata=_help("quantize the frozen base to 4 bits (QLoRA)"))
     load_in_8bit: bool = field(default=False, metadata=_help("quantize the frozen base to 8 bits"))
-    bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("4-bit data type: nf4 or fp4"))
+    bnb_4bit_quant_type: str = field(default="nf4", metadata=_help("4-bit data type: nf4 or fp4",
+                                                                     choices=QUANT_TYPES_4BIT))
     bnb_4bit_compute_dtype: str = field(
         default="auto",
         metadata=_help("dtype of the 4-bit matmuls: auto (bf16 where the device computes it natively, "
@@ -277,6 +284,8 @@ def build_config(raw: dict[str, Any], *, source: str | None = None) -> TrainConf
             problems.append(unknown_key_message(str(key), owners))
             continue
         section, f = owners[key]
+        if isinstance(value, np.generic):  # np.int64(8) from a sweep is the integer 8
+            value = value.item()
         try:
             per_section[section][key] = coerce(value, hints[section][key], f.metadata.get("choices"))
         except ValueError as exc:
@@ -292,6 +301,8 @@ def build_config(raw: dict[str, Any], *, source: str | None = None) -> TrainConf
     problems.extend(range_problems(sections))
     if problems:
         raise ConfigError(problems, source=source)
+    for message in unused_quant_settings(sections["model"]):
+        logger.warning("%s%s", f"{source}: " if source else "", message)
     return TrainConfig(**sections)
 
 
@@ -355,6 +366,8 @@ def range_problems(s: dict[str, Any]) -> list[str]:
         ],
     }
     problems = [msg for name, check in checks.items() if name in s for ok, msg in check(s[name]) if not ok]
+    if "model" in s:
+        problems.extend(compute_dtype_problems(s["model"].bnb_4bit_compute_dtype))
     problems.extend(_fsdp_problems(s))
     if "loop" in s and "data" in s and s["loop"].eval_metric == "exact_match":
         d = s["data"]
@@ -362,6 +375,34 @@ def range_problems(s: dict[str, Any]) -> list[str]:
             problems.append("eval_metric: exact_match scores answers to eval rows; set eval_file, eval_split "
                             "or eval_samples")
     return problems
+
+
+def compute_dtype_problems(value: str) -> list[str]:
+    """Say what is wrong with a bnb_4bit_compute_dtype name: [] for "auto" or a float dtype's name."""
+    try:
+        if value != "auto":
+            parse_dtype(value, "bnb_4bit_compute_dtype", allowed="auto, bfloat16, float32, float16")
+    except ConfigError as exc:
+        return exc.problems
+    return []
+
+
+def unused_quant_settings(m: ModelArgs) -> list[str]:
+    """Quantization settings that nothing will read in this config (logged as warnings by build_config:
+    a QLoRA config with load_in_4bit switched off for a quick run is common and harmless)."""
+    own_dtype = m.bnb_4bit_compute_dtype != "auto" and not compute_dtype_problems(m.bnb_4bit_compute_dtype)
+    unused = [
+        (m.bnb_4bit_quant_type != "nf4" and not m.load_in_4bit,
+         "bnb_4bit_quant_type only applies with load_in_4bit: true; it is not used"),
+        (m.bnb_4bit_use_double_quant and not m.load_in_4bit,
+         "bnb_4bit_use_double_quant only applies with load_in_4bit: true; it is not used"),
+        # Linear8bit with int8_compute multiplies in int8 whatever its compute_dtype says
+        (own_dtype and m.base_compute == "int8",
+         "bnb_4bit_compute_dtype is not used: base_compute: int8 multiplies in int8"),
+        (own_dtype and m.base_compute != "int8" and not (m.load_in_4bit or m.load_in_8bit),
+         "bnb_4bit_compute_dtype only applies with load_in_4bit or load_in_8bit: true; it is not used"),
+    ]
+    return [msg for on, msg in unused if on]
 
 
 def _fsdp_problems(s: dict[str, Any]) -> list[str]:

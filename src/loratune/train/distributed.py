@@ -18,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from loratune.errors import ConfigError
+
 logger = logging.getLogger(__name__)
 
 
@@ -44,22 +46,80 @@ def init_distributed(*, alone: bool = False) -> DistEnv:
     """Join the process group torchrun described in the environment, or return a 1-process env.
 
     `alone`: join even a group of one process (torchrun --nproc_per_node 1).
+
+    Raises:
+        ConfigError: naming each launcher variable (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,
+            MASTER_PORT) that is not a number, out of range or missing, before any process group.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank = launch_ranks()
     cuda = torch.cuda.is_available()
+    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
+    joining = (world_size > 1 or (alone and launched)) and not dist.is_initialized()
+    problems = rendezvous_problems() if joining else []
+    if cuda and local_rank >= torch.cuda.device_count():
+        problems.append(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                        "device(s); start at most that many processes per node")
+    if problems:
+        raise ConfigError(problems, source="launcher environment")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
-    launched = "RANK" in os.environ and "MASTER_ADDR" in os.environ
     joined = False
-    if (world_size > 1 or (alone and launched)) and not dist.is_initialized():
+    if joining:
         backend = "nccl" if cuda else "gloo"
         dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
         logger.info("joined %s process group: rank %d of %d", backend, rank, world_size)
         joined = True
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, joined=joined)
+
+
+def launch_ranks() -> tuple[int, int, int]:
+    """(RANK, WORLD_SIZE, LOCAL_RANK) as torchrun set them; (0, 1, 0) for a plain process.
+
+    Raises:
+        ConfigError: a variable that is not an integer, WORLD_SIZE < 1, or a rank outside
+            [0, WORLD_SIZE) (a RANK left over from another job would make this process skip saving).
+    """
+    problems: list[str] = []
+    values = {name: _int_variable(name, default, problems)
+              for name, default in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0))}
+    rank, world_size, local_rank = values["RANK"], values["WORLD_SIZE"], values["LOCAL_RANK"]
+    if not problems:
+        if world_size < 1:
+            problems.append(f"WORLD_SIZE={world_size} must be >= 1 (the number of processes)")
+        for name, value in (("RANK", rank), ("LOCAL_RANK", local_rank)):
+            if world_size >= 1 and not 0 <= value < world_size:
+                problems.append(f"{name}={value} must be in [0, WORLD_SIZE={world_size}); unset RANK, "
+                                "WORLD_SIZE and LOCAL_RANK to train in one process, or start with torchrun")
+    if problems:
+        raise ConfigError(problems, source="launcher environment")
+    return rank, world_size, local_rank
+
+
+def rendezvous_problems() -> list[str]:
+    """What keeps the env:// rendezvous from working: MASTER_ADDR / MASTER_PORT missing or bad."""
+    problems = []
+    if not os.environ.get("MASTER_ADDR", "").strip():
+        problems.append("MASTER_ADDR is not set: several processes need the address of rank 0 "
+                        "(torchrun sets it; or run without WORLD_SIZE for one process)")
+    port = _int_variable("MASTER_PORT", None, problems)
+    if "MASTER_PORT" not in os.environ:
+        problems.append("MASTER_PORT is not set: several processes need the port of rank 0 "
+                        "(torchrun sets it)")
+    elif port is not None and not 1 <= port <= 65535:
+        problems.append(f"MASTER_PORT={port} must be a TCP port in [1, 65535]")
+    return problems
+
+
+def _int_variable(name: str, default: int | None, problems: list[str]) -> int | None:
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(raw.strip())
+    except ValueError:
+        problems.append(f"{name}={raw!r} is not an integer")
+        return default
 
 
 def shutdown_distributed(env: DistEnv) -> None:
