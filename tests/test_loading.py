@@ -195,6 +195,24 @@ def test_bf16_by_name_on_a_cpu_without_native_bf16_warns_once(monkeypatch, caplo
     assert [r.message for r in caplog.records if "emulates" in r.message] == [caplog.records[0].message]
 
 
+def test_fp16_on_a_cpu_without_native_fp16_warns_once(monkeypatch, caplog):
+    from loratune import dtypes
+
+    monkeypatch.setattr(dtypes, "_cpu_has_fp16", lambda: False)
+    dtypes._warn_emulated_fp16.cache_clear()
+    with caplog.at_level("WARNING", logger="loratune.dtypes"):
+        assert dtypes.resolve_dtype("float16") == torch.float16
+        dtypes.resolve_dtype(torch.float16)
+        assert dtypes.resolve_dtype("float16", "cuda") == torch.float16  # CUDA: no CPU warning
+    assert [r.message for r in caplog.records if "no native fp16" in r.message] == [caplog.records[0].message]
+    monkeypatch.setattr(dtypes, "_cpu_has_fp16", lambda: True)
+    dtypes._warn_emulated_fp16.cache_clear()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="loratune.dtypes"):
+        dtypes.resolve_dtype("float16")
+    assert "no native fp16" not in caplog.text
+
+
 @pytest.mark.parametrize(("cap", "native"), [("AVX2", False), ("avx512_core", False),
                                              ("AVX512_CORE_BF16", None), (None, None)])
 def test_an_instruction_set_cap_below_avx512_bf16_makes_bf16_emulated(monkeypatch, cap, native):

@@ -55,6 +55,16 @@ def _cpu_has_bf16() -> bool:
     return onednn_isa_cap() not in _ISA_CAPS_WITHOUT_BF16 and cpu_has_flag("avx512_bf16", "amx_bf16")
 
 
+# Caps below AVX512-FP16 (the first oneDNN ISA whose fp16 matmuls are native).
+_ISA_CAPS_WITHOUT_FP16 = _ISA_CAPS_WITHOUT_BF16 | {"AVX512_CORE_BF16"}
+
+
+@functools.lru_cache(maxsize=1)
+def _cpu_has_fp16() -> bool:
+    """True when torch computes fp16 natively on this CPU: AVX512-FP16 or AMX-FP16, and no lower cap."""
+    return onednn_isa_cap() not in _ISA_CAPS_WITHOUT_FP16 and cpu_has_flag("avx512_fp16", "amx_fp16")
+
+
 def bf16_supported(device: str | torch.device) -> bool:
     """Return whether `device` computes in bf16 natively (CUDA with bf16, or a CPU with AVX512-BF16/AMX)."""
     device = torch.device(device)
@@ -71,6 +81,7 @@ def resolve_dtype(spec: str | torch.dtype, device: str | torch.device = "cpu") -
     "auto" is bf16 where `bf16_supported(device)`, else fp32. bf16 asked for by name on a CPU
     without native bf16 is honoured with a warning: torch emulates it there (measured on an AVX2-only
     EPYC: a 256x576 @ 576x1536 product 7.6x slower than fp32 on a loaded core, ~100x on a quiet one).
+    fp16 on a CPU without AVX512-FP16 or AMX-FP16 warns the same way (80x slower than fp32 on a Zen 5).
     """
     if isinstance(spec, torch.dtype):
         dtype = spec
@@ -78,8 +89,11 @@ def resolve_dtype(spec: str | torch.dtype, device: str | torch.device = "cpu") -
         return torch.bfloat16 if bf16_supported(device) else torch.float32
     else:
         dtype = parse_dtype(spec, "dtype", allowed="auto, bfloat16, float32, float16")
-    if dtype == torch.bfloat16 and torch.device(device).type == "cpu" and not bf16_supported(device):
+    on_cpu = torch.device(device).type == "cpu"
+    if dtype == torch.bfloat16 and on_cpu and not bf16_supported(device):
         _warn_emulated_bf16()
+    if dtype == torch.float16 and on_cpu and not _cpu_has_fp16():
+        _warn_emulated_fp16()
     return dtype
 
 
@@ -88,6 +102,14 @@ def _warn_emulated_bf16() -> None:
     logger.warning("bfloat16 was asked for, but this CPU has no native bf16 (AVX512-BF16 or AMX): torch "
                    "emulates it, and bf16 matmuls run several to ~100 times slower than float32; use "
                    "'auto' or float32")
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_emulated_fp16() -> None:
+    # Measured on a Zen 5 EPYC (AVX512-BF16, no AVX512-FP16), 512^3, 2 threads: fp16 2.7 GFLOP/s,
+    # float32 216, bf16 948.
+    logger.warning("float16 was asked for, but this CPU has no native fp16 (AVX512-FP16 or AMX-FP16): torch "
+                   "emulates it, and fp16 matmuls run up to ~80 times slower than float32; use 'auto'")
 
 
 def parse_dtype(value: str | torch.dtype, field: str = "dtype", *,
