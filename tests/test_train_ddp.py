@@ -96,3 +96,19 @@ def test_train_exits_2_naming_a_bad_launcher_variable(tmp_path, monkeypatch, cap
     assert main(["train", str(config)]) == 2
     err = capsys.readouterr().err
     assert needle in err and "launcher environment" in err and "Traceback" not in err, err
+
+
+def test_more_processes_than_micro_batches_is_named(tmp_path):
+    """One micro-batch for two processes: the error says the process count is why, on every rank."""
+    model_dir = make_model_dir(tmp_path / "model")
+    data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 2))
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(settings(model_dir, data, tmp_path / "out", max_steps=2,
+                                              per_device_train_batch_size=2)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "loratune.cli.main", "train", str(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert done.stderr.count("yields no batch for each of the 2 processes") == 2, done.stderr[-3000:]
+    assert "or run fewer processes" in done.stderr  # (the traceback there is torchrun's own, on exit 2)

@@ -102,7 +102,10 @@ def fit(
     first_epoch = plan(0)
     steps_per_epoch = math.ceil(len(first_epoch) / op.gradient_accumulation_steps)
     if steps_per_epoch == 0:
-        raise LoratuneError("the training set yields no batch; add data or lower per_device_train_batch_size")
+        ranks = (f" for each of the {env.world_size} processes (micro-batches are dealt out round-robin, "
+                 "and every process runs the same number)" if env.world_size > 1 else "")
+        raise LoratuneError(f"the training set yields no batch{ranks}; add data, lower "
+                            "per_device_train_batch_size" + (" or run fewer processes" if ranks else ""))
     total_steps = lp.max_steps if lp.max_steps > 0 else math.ceil(lp.num_train_epochs * steps_per_epoch)
 
     optimizer = build_optimizer(model, op.learning_rate, op.weight_decay)
