@@ -284,10 +284,13 @@ def _give_up_while_queued(served, coro) -> None:
     """Run a load/unload until its engine command is queued behind a held engine, then cancel it."""
     engine, started, gate = served.state.engine, threading.Event(), threading.Event()
     engine.call(lambda: (started.set(), gate.wait(30)))
+    # The engine takes every queued command at once: only once it is inside the held one does a new
+    # command stay queued (waiting here, not in the coroutine, keeps the two from being taken together).
+    assert started.wait(30)
 
     async def give_up():
         task = asyncio.ensure_future(coro)
-        while not (started.is_set() and engine._commands) and not task.done():
+        while not engine._commands and not task.done():
             await asyncio.sleep(0.005)
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
