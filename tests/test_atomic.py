@@ -102,3 +102,14 @@ def test_saved_paths_get_ordinary_permissions(tmp_path):
         os.umask(old)
     assert stat.S_IMODE(os.stat(tmp_path / "out").st_mode) == 0o755
     assert stat.S_IMODE(os.stat(tmp_path / "b.txt").st_mode) == 0o644
+
+
+def test_nearest_existing_stops_at_the_deepest_part_that_exists(tmp_path):
+    from loratune.atomic import nearest_existing
+
+    (tmp_path / "file.txt").write_text("x")
+    assert nearest_existing(tmp_path / "a" / "b") == str(tmp_path)
+    assert nearest_existing(tmp_path / "file.txt" / "a" / "b") == str(tmp_path / "file.txt")
+    assert nearest_existing(tmp_path) == str(tmp_path)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # a broken link still blocks the path
+    assert nearest_existing(tmp_path / "dangling" / "x") == str(tmp_path / "dangling")

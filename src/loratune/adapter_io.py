@@ -23,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from .adapter_files import BIN_NAME, CONFIG_NAME, SAFETENSORS_NAME, resolve_adapter_file
-from .atomic import atomic_directory
+from .atomic import atomic_directory, nearest_existing
 from .base_layers import is_quantized
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
@@ -91,9 +91,7 @@ def save_adapter(directory: str, config: LoraConfig, tensors: dict[str, Tensor])
 
 def _check_directory_target(directory: str) -> None:
     """Refuse a save into a path that is a file, or under one, before anything is written."""
-    path = os.path.abspath(os.fspath(directory))
-    while not os.path.exists(path) and os.path.dirname(path) != path:
-        path = os.path.dirname(path)  # the deepest part that exists must be a directory
+    path = nearest_existing(directory)
     if not os.path.isdir(path):
         where = "is" if path == os.path.abspath(os.fspath(directory)) else f"is under {path}, which is"
         raise ConfigError(f"cannot save an adapter to {os.fspath(directory)}: it {where} a file, not a "

@@ -54,6 +54,16 @@ def atomic_directory(target: str | os.PathLike, *, size_hint: int | None = None)
         raise
 
 
+def nearest_existing(path: str | os.PathLike) -> str:
+    """The deepest part of `path` (absolute) that exists: itself, or the ancestor a save would create
+    folders under. Checking that it is a directory refuses a target that is, or runs through, a file
+    before anything is written."""
+    probe = os.path.abspath(os.fspath(path))
+    while not os.path.lexists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    return probe
+
+
 def _check_space(parent: str, needed: int | None, target: str) -> None:
     if not needed:
         return

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM
 
-from loratune.atomic import atomic_directory
+from loratune.atomic import atomic_directory, nearest_existing
 from loratune.dtypes import bf16_supported, parse_dtype
 from loratune.errors import ConfigError
 from loratune.quant import dequantize_model
@@ -121,18 +121,10 @@ def check_merge_output_dir(output_dir: str, adapter_dir: str | None) -> None:
     if os.path.lexists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ConfigError(f"--output_dir {output_dir!r} already exists and is not empty; remove it or choose "
                           "another directory (a merged model is never written over other files)")
-    parent = _existing_parent(output_dir)
+    parent = nearest_existing(output_dir)
     if not os.path.isdir(parent):
         raise ConfigError(f"--output_dir {output_dir!r} cannot be created: {parent!r} is a file, not a "
                           "directory")
-
-
-def _existing_parent(path: str) -> str:
-    """The nearest ancestor of `path` that exists (a file, when the path runs through one)."""
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):
-        parent = os.path.dirname(parent)
-    return parent
 
 
 def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",

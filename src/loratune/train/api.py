@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import yaml
 
-from loratune.atomic import atomic_file
+from loratune.atomic import atomic_file, nearest_existing
 from loratune.dtypes import bf16_supported
 from loratune.errors import ConfigError, InsufficientMemoryError
 from loratune.memory import rss_bytes
@@ -292,9 +292,7 @@ def check_train_output_dir(path: str) -> None:
     It cannot when it, or a parent, is a file, or when the nearest existing folder refuses writes.
     Called before the model and data load, so a bad output_dir fails in a second, not after.
     """
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):  # stops at the root at the latest
-        probe = os.path.dirname(probe)
+    probe = nearest_existing(path)
     if not os.path.isdir(probe):
         where = ("is an existing file" if probe == os.path.abspath(path)
                  else f"is inside {probe!r}, which is a file")
