@@ -31,7 +31,6 @@ from loratune.module_patterns import match_budget, shown
 from .lora_rows import RowAdapterWeights
 
 _KEY = re.compile(r"(?P<module>.+)\.lora_(?P<part>[AB])\.weight")
-SERVABLE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 class RequestError(Exception):
@@ -175,10 +174,7 @@ def _prepare(name: str, path: Path, shapes: dict[str, tuple[int, int]],
         in_f, out_f = shapes[module]
         r = pattern_value(config.rank_pattern, module, config.r)  # the rank the config gives this layer
         for part, t, want in (("A", parts["A"], (r, in_f)), ("B", parts["B"], (out_f, r))):
-            if not t.is_floating_point():
-                problems.append(f"tensor {key}.lora_{part}.weight has dtype {t.dtype}; "
-                                "expected a floating-point dtype")
-            elif tuple(t.shape) != want:
+            if tuple(t.shape) != want:  # (read_adapter refused non-float dtypes already)
                 problems.append(f"tensor {key}.lora_{part}.weight has shape {tuple(t.shape)}, "
                                 f"expected {want} "
                                 f"(adapter_config.json gives this layer r={r})")
@@ -229,11 +225,6 @@ def _read(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
                        "`loratune merge` and serve the result)")
     if refused:
         raise UnsupportedFeatureError(f"{path / CONFIG_NAME}: the server cannot serve " + "; ".join(refused))
-    odd = sorted(k for k, t in tensors.items() if t.is_floating_point() and t.dtype not in SERVABLE_DTYPES)
-    if odd:  # e.g. float8, which torch cannot even check for NaN
-        raise UnsupportedFeatureError(f"{path / SAFETENSORS_NAME}: tensor {odd[0]} has dtype "
-                                      f"{tensors[odd[0]].dtype}; the server reads float16, bfloat16, "
-                                      "float32 or float64 weights")
     check_finite(tensors, source=str(path / SAFETENSORS_NAME))
     return config, tensors
 
