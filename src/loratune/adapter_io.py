@@ -29,7 +29,7 @@ from .config import LoraConfig
 from .errors import AdapterError, ConfigError
 from .inject import legacy_saved_modules, pattern_value
 from .layers import LoraLayer, LoraLinear, ModulesToSave, inside_wrapper, owned_by_adapter
-from .module_patterns import match_budget, shown
+from .module_patterns import first_few, match_budget, shown
 
 logger = logging.getLogger(__name__)
 
@@ -166,9 +166,8 @@ def _check_dtypes(tensors: dict[str, Tensor], *, source: str) -> None:
     bad = [f"{k} ({str(t.dtype).removeprefix('torch.')})" for k, t in tensors.items()
            if not t.is_floating_point()]
     if bad:
-        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
-        raise AdapterError(f"{source}: {len(bad)} tensor(s) are not floating point: " + ", ".join(bad[:3])
-                           + more + "; adapter weights are float32, float16 or bfloat16")
+        raise AdapterError(f"{source}: {len(bad)} tensor(s) are not floating point: {first_few(bad, 3)}; "
+                           "adapter weights are float32, float16 or bfloat16")
 
 
 # the tensors whose rank dimension is dim 0 (A) or dim 1 (B)

@@ -52,6 +52,12 @@ def shown(value: object, limit: int = 80) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
+def first_few(items: list[str], n: int = 5, sep: str = ", ") -> str:
+    """The first `n` items joined, and how many more there are (error messages over long lists)."""
+    more = f" (and {len(items) - n} more)" if len(items) > n else ""
+    return sep.join(items[:n]) + more
+
+
 def pattern_problem(what: str, pattern: object) -> str | None:
     """Return why `pattern` cannot be used as a module-name regex, or None when it can."""
     if not isinstance(pattern, str):

@@ -23,6 +23,7 @@ from transformers import CONFIG_MAPPING, AutoConfig, PreTrainedModel
 
 from loratune.errors import ConfigError
 from loratune.memory import check_fits
+from loratune.module_patterns import first_few
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +64,7 @@ def check_load_report(info: dict, source: str) -> None:
     missing = sorted(info.get("missing_keys") or ())
     if missing:
         problems.append(f"{_tensors(len(missing))} the model has but the checkpoint lacks (they would be "
-                        f"random): {_first_few(missing)}")
+                        f"random): {first_few(missing)}")
     # Unused tensors inside the repeated blocks mean the config describes another model (fewer layers,
     # no biases); others (a value head, an old rotary buffer) are left out with a warning, as
     # Transformers does.
@@ -71,13 +72,13 @@ def check_load_report(info: dict, source: str) -> None:
     in_blocks = [k for k in unused if _BLOCK_INDEX.search(k)]
     if in_blocks:
         problems.append(f"{_tensors(len(in_blocks))} the checkpoint has but the model lacks (the config "
-                        f"describes another model): {_first_few(in_blocks)}")
+                        f"describes another model): {first_few(in_blocks)}")
     elif unused:
         logger.warning("%s: %s in the checkpoint are not part of the model and are left out: %s", source,
-                       _tensors(len(unused)), _first_few(unused))
+                       _tensors(len(unused)), first_few(unused))
     mismatched = sorted(info.get("mismatched_keys") or ())
     if mismatched:
-        problems.append(f"{_tensors(len(mismatched))} of another shape than the config gives: " + _first_few(
+        problems.append(f"{_tensors(len(mismatched))} of another shape than the config gives: " + first_few(
             [f"{k} is {tuple(found)} in the checkpoint, {tuple(expected)} in the model"
              for k, found, expected in mismatched]))
     if problems:
@@ -86,11 +87,6 @@ def check_load_report(info: dict, source: str) -> None:
 
 def _tensors(n: int) -> str:
     return f"{n} tensor" if n == 1 else f"{n} tensors"
-
-
-def _first_few(items: list[str], n: int = 5) -> str:
-    more = f" and {len(items) - n} more" if len(items) > n else ""
-    return ", ".join(items[:n]) + more
 
 
 def _read_json_object(path: Path) -> dict:
@@ -155,7 +151,7 @@ def _check_index(path: Path) -> None:
         missing = sorted({f for f in weight_map.values() if not (path.parent / f).is_file()})
         if missing:
             problems.append(f"'weight_map' names shard files that are not files in {path.parent}: "
-                            f"{_first_few(missing)}")
+                            f"{first_few(missing)}")
     if problems:
         raise ConfigError(problems, source=str(path))
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from loratune.errors import ConfigError
+from loratune.module_patterns import first_few
 from loratune.tools.gguf import (
     Hparams,
     atomic_gguf_path,
@@ -106,9 +107,8 @@ def adapter_pairs(tensors: dict[str, Tensor], hp: Hparams, *, source: str = "ada
                               "separate output tensor to apply it to")
         problems += _pair_problems(module, pair, hp)
     if problems:
-        more = f" (and {len(problems) - 5} more)" if len(problems) > 5 else ""
         raise AdapterError(f"{source}: cannot be written as a llama.cpp adapter for this base: "
-                           + "; ".join(problems[:5]) + more)
+                           + first_few(problems, sep="; "))
     for module, pair in pairs.items():
         name = gguf_tensor_name(module + ".weight")
         lora_a, lora_b = pair["lora_A"], pair["lora_B"]
