@@ -497,6 +497,27 @@ def test_unload_refused_by_a_stopped_engine_keeps_the_adapter_listed(live, monke
     assert "a1" in {m.id for m in live.client().models.list().data}
 
 
+@pytest.mark.parametrize("path", ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"])
+def test_an_adapter_command_the_engine_stops_before_running_is_a_503(live, monkeypatch, path):
+    """Taken by the engine, then failed by its stop (not refused up front): a 503, the list as before."""
+    import concurrent.futures
+
+    from loratune.serve.engine import EngineStoppedError
+
+    def stopped_before_running(*args):
+        future = concurrent.futures.Future()
+        future.set_exception(EngineStoppedError("the engine stopped before it ran this"))
+        return future
+
+    monkeypatch.setattr(live.state.engine, "call", stopped_before_running)
+    payload = ({"lora_name": "late", "lora_path": "a3"} if path.startswith("/v1/load")
+               else {"lora_name": "a1"})
+    r = live.post(path, payload)
+    assert r.status_code == 503 and "stopped before it ran" in r.json()["error"]["message"]
+    names = {m.id for m in live.client().models.list().data}
+    assert "a1" in names and "late" not in names
+
+
 # ----- requests that used to be accepted, ignored or able to hurt other requests -------------------
 
 def run_together(*fns) -> None:
@@ -672,3 +693,27 @@ def test_a_body_sent_without_a_json_content_type_says_so(live):
                             "Content-Type": "application/x-www-form-urlencoded"})
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_content_type"
     assert "Content-Type: application/json" in r.json()["error"]["message"]
+
+
+def test_a_prompt_being_tokenized_does_not_hold_up_other_requests(live, monkeypatch):
+    """Tokenizing runs beside the event loop: a request still answers while a long prompt is tokenized."""
+    import loratune.serve.api as api
+
+    tokenizing, answered, seen = threading.Event(), threading.Event(), {}
+    real = api._completion_prompt
+
+    def held_until_answered(state, prompt):
+        tokenizing.set()
+        seen["answered meanwhile"] = answered.wait(120)  # False: it gave up waiting for the health check
+        return real(state, prompt)
+
+    monkeypatch.setattr(api, "_completion_prompt", held_until_answered)
+    result = {}
+    thread = threading.Thread(target=lambda: result.update(r=complete(live.client(), BASE, max_tokens=2)))
+    thread.start()
+    assert tokenizing.wait(120)
+    assert httpx.get(f"{live.url}/health", timeout=None).status_code == 200
+    answered.set()
+    thread.join()
+    assert seen["answered meanwhile"], "the health check waited for the prompt's tokenization"
+    assert result["r"].choices[0].finish_reason in ("length", "stop")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import threading
+import time
 
 import pytest
 import torch
@@ -224,3 +225,23 @@ def test_a_failed_prefill_releases_each_request_once_and_spares_finished_ones(tm
         assert engine._users.get(ids["a1"], 0) == 0  # released exactly once each, not three times
     finally:
         engine.stop()
+
+
+def test_a_command_queued_behind_a_stop_fails_instead_of_hanging():
+    from loratune.serve.engine import EngineStoppedError
+
+    engine = Engine(tiny_model("llama", seed=0), eos_token_ids={EOS}, context_length=128, num_threads=1)
+    engine.start()
+    running, release = threading.Event(), threading.Event()
+    first = engine.call(lambda: (running.set(), release.wait(60)))
+    assert running.wait(60)
+    second = engine.call(lambda: "ran")  # queued while the engine thread is busy with the first
+    stopper = threading.Thread(target=engine.stop)
+    stopper.start()
+    while not engine._stop:  # the stop is asked for before the first command ends
+        time.sleep(0.001)
+    release.set()
+    stopper.join()
+    assert first.result(60)[1] is True
+    with pytest.raises(EngineStoppedError, match="stopped before it ran"):
+        second.result(60)

@@ -63,7 +63,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def completions(body: p.CompletionRequest, request: Request):
         body.check_supported()
         adapter_id = state.adapter_id(body.model)
-        prompt_ids = _completion_prompt(state, body.prompt)
+        prompt_ids = await state.tokenize(_completion_prompt, state, body.prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default here
         params = state.sampling(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.seed)
         gen = Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())
@@ -73,7 +73,7 @@ def build_app(state: ServerState) -> FastAPI:
     async def chat(body: p.ChatRequest, request: Request):
         body.check_supported()
         adapter_id = state.adapter_id(body.model)
-        prompt_ids = _chat_prompt(state, body.messages)
+        prompt_ids = await state.tokenize(_chat_prompt, state, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
         params = state.sampling(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.seed)
         gen = Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())

@@ -197,6 +197,11 @@ class Engine:
             self._emit(row.request, "error", "the server is shutting down")
         for request in self._waiting:
             self._emit(request, "error", "the server is shutting down")
+        with self._lock:  # commands that came in behind the stop: their callers must not wait forever
+            left, self._commands = list(self._commands), collections.deque()
+        for _, future in left:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineStoppedError("the engine stopped before it ran this"))
 
     def _install(self, adapter_id: int, adapter: PreparedAdapter) -> None:
         for module_name, w in adapter.layers.items():

@@ -9,6 +9,7 @@ from the engine thread onto this event loop) into text deltas, applying stop str
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import itertools
 import time
@@ -75,6 +76,18 @@ class ServerState:
         self.metrics = ServerMetrics(queue_depth=lambda: engine.queue_depth, running=lambda: engine.running,
                                      loaded_adapters=lambda: len(self.adapters),
                                      served=lambda name: name == settings.base_name or name in self.adapters)
+        # Prompts are tokenized on one worker thread, so the event loop keeps streaming meanwhile (a
+        # 900 KB prompt takes about 0.35 s to tokenize, and the Rust tokenizer lets go of the GIL).
+        # One thread keeps those calls in order; decoding on the loop only reads the tokenizer. The
+        # first call clears any truncation or padding a tokenizer.json sets, so it is made here,
+        # before anything else can use the tokenizer at the same time.
+        self._tokenizing = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="tokenize")
+        with contextlib.suppress(Exception):
+            tokenizer("a", add_special_tokens=True)
+
+    async def tokenize(self, fn, *args):
+        """`fn(*args)` (a prompt's tokenization) on the tokenizing thread; its errors are raised here."""
+        return await asyncio.get_running_loop().run_in_executor(self._tokenizing, fn, *args)
 
     # ----- adapters ----------------------------------------------------------------------------
 
@@ -132,6 +145,8 @@ class ServerState:
             install = self._engine_call(lambda: self.engine.install_adapter(adapter_id, prepared))
             try:
                 await asyncio.wrap_future(install)
+            except EngineStoppedError as exc:  # the server stopped before the engine ran the install
+                raise _unavailable(exc) from None
             except asyncio.CancelledError:
                 if not install.cancelled():  # installed all the same: nothing will name it, free it
                     with contextlib.suppress(EngineStoppedError):
@@ -160,6 +175,9 @@ class ServerState:
         except RequestError:  # the engine did not take the removal: the adapter is still loaded
             self.adapters[entry.name] = entry
             raise
+        except EngineStoppedError as exc:  # taken, but the server stopped before it ran
+            self.adapters[entry.name] = entry
+            raise _unavailable(exc) from None
         self.metrics.forget(entry.name)
         return entry.name
 
@@ -167,7 +185,7 @@ class ServerState:
         try:
             return start()
         except EngineStoppedError as exc:
-            raise RequestError(503, str(exc), type="server_error", code="engine_unavailable") from None
+            raise _unavailable(exc) from None
 
     # ----- requests ----------------------------------------------------------------------------
 
@@ -223,7 +241,7 @@ class Generation:
         except QueueFullError as exc:
             raise RequestError(429, str(exc), type="rate_limit_error", code="queue_full") from None
         except EngineStoppedError as exc:
-            raise RequestError(503, str(exc), type="server_error", code="engine_unavailable") from None
+            raise _unavailable(exc) from None
 
     def cancel(self) -> None:
         self.request.cancelled = True
@@ -275,3 +293,7 @@ class Generation:
         start = max(0, len(self._sent) - max(len(s) for s in self.stops))
         hits = [i for i in (text.find(s, start) for s in self.stops) if i >= 0]
         return min(hits) if hits else None
+
+
+def _unavailable(exc: EngineStoppedError) -> RequestError:
+    return RequestError(503, str(exc), type="server_error", code="engine_unavailable")
