@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from loratune import LoraConfig, get_peft_model
-from loratune.serve.engine import Engine, GenerationRequest, SamplingParams
+from loratune.serve.engine import Engine, GenerationRequest
 from loratune.serve.lora_rows import linear_shapes
 from loratune.serve.registry import prepare_adapter
+from loratune.serve.sampling import SamplingParams
 from loratune.tools.loading import load_base_model
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -206,7 +206,7 @@ def test_streamed_pieces_join_to_the_final_text(model_and_tokenizer):
 
 
 def test_a_tiny_temperature_is_greedy_as_in_the_server():
-    from loratune.serve.engine import SamplingParams
+    from loratune.serve.sampling import SamplingParams
     from loratune.tools.generation import GREEDY_BELOW, GenerationSettings
 
     for t in (0.0, 1e-30, GREEDY_BELOW / 2):

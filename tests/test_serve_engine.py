@@ -11,9 +11,10 @@ import torch
 
 from factories import tiny_batch, tiny_model
 from loratune import LoraConfig, LoraModel, get_peft_model
-from loratune.serve.engine import Engine, GenerationRequest, SamplingParams, wait_until_idle
+from loratune.serve.engine import Engine, GenerationRequest, wait_until_idle
 from loratune.serve.lora_rows import RowLoraLinear, linear_shapes
 from loratune.serve.registry import prepare_adapter
+from loratune.serve.sampling import SamplingParams
 
 EOS = 2
 TARGETS = {"llama": {"a1": (["q_proj", "v_proj"], 4), "a2": (["q_proj", "o_proj", "down_proj"], 8)},

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from loratune.serve.batch_cache import BatchCache, check_cache
 from loratune.serve.lora_rows import RowAdapterWeights, RowLoraLinear, ensure_row_lora, set_rows
 from loratune.serve.registry import PreparedAdapter
-from loratune.tools.generation import GREEDY_BELOW
+from loratune.serve.sampling import SamplingParams, finite_rows, sample
 
 log = logging.getLogger(__name__)
 
@@ -41,20 +41,6 @@ class QueueFullError(Exception):
 
 class EngineStoppedError(Exception):
     """The engine thread is not running (HTTP 503)."""
-
-
-@dataclass
-class SamplingParams:
-    """How one request samples: temperature 0 is greedy; seed makes sampling repeatable."""
-
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int | None = None
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature < GREEDY_BELOW
 
 
 @dataclass
@@ -335,7 +321,7 @@ class Engine:
         # (N, V)
         logits = torch.stack([out.logits[i, column[n]] for i, n in enumerate(lengths)]).float().cpu()
         check_cache(out.cache)
-        finite = _finite_rows(logits)
+        finite = finite_rows(logits)
         accepted = []
         for i, request in enumerate(requests):
             generator = None
@@ -366,7 +352,7 @@ class Engine:
                                   attention_mask=self._batch.step_mask(), cache=self._batch.cache)
         self.decode_steps += 1
         self.decoded_tokens += len(rows)
-        finite = _finite_rows(logits)
+        finite = finite_rows(logits)
         for i in unplanned:
             self._fail_row(rows[i].request, _UNUSABLE_ADAPTER)
         finished = [i for i, row in enumerate(rows)
@@ -399,24 +385,6 @@ class Engine:
 
 _UNUSABLE_ADAPTER = ("generation failed: its adapter's weights or scaling are out of range for the "
                      "served dtype")
-
-
-def _finite_rows(logits: Tensor) -> list[bool]:
-    """Per row of (N, V) logits: no NaN and no +inf (one pass for the whole step, one host sync)."""
-    return (~(logits.isnan() | logits.isposinf()).any(dim=1)).tolist()
-
-
-def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | None) -> int:
-    """Pick the next token from (V,) logits: argmax when greedy, else temperature + top-p."""
-    if params.greedy or generator is None:
-        return int(logits.argmax())
-    # <= 0 before scaling: no overflow
-    probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
-    if params.top_p < 1.0:
-        sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-    return int(torch.multinomial(probs, 1, generator=generator))
 
 
 def wait_until_idle(engine: Engine, timeout: float = 10.0) -> bool:

@@ -17,8 +17,9 @@ from loratune.tools.generation import stop_token_ids
 from loratune.tools.loading import load_base_model, load_tokenizer
 
 from .api import build_app
-from .engine import Engine, GenerationRequest, SamplingParams
+from .engine import Engine, GenerationRequest
 from .lora_rows import linear_shapes
+from .sampling import SamplingParams
 from .state import ServerState, ServeSettings
 
 log = logging.getLogger(__name__)

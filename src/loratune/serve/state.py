@@ -21,9 +21,10 @@ import torch
 from loratune.errors import ConfigError, LoratuneError
 from loratune.module_patterns import shown
 
-from .engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError, SamplingParams
+from .engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError
 from .metrics import ServerMetrics
 from .registry import RequestError, check_adapter_name, prepare_adapter, resolve_adapter_path
+from .sampling import SamplingParams
 
 
 @dataclass
