@@ -108,7 +108,8 @@ def _typed_quant(values: dict[str, Any], *, source: str) -> dict[str, Any]:
         ConfigError: naming `source` and every key whose value cannot be one.
     """
     from loratune.train.coerce import coerce
-    from loratune.train.config import ModelArgs, compute_dtype_problems, field_types, key_owners
+    from loratune.train.config import ModelArgs, field_types, key_owners
+    from loratune.train.config_checks import compute_dtype_problems
 
     hints, owners, out, problems = field_types(ModelArgs), key_owners(), {}, []
     for key, value in values.items():
