@@ -283,7 +283,7 @@ def run_loss_check(data: str, model_dir: str, steps: int) -> dict:
         base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         enable_varlen_attention(base)
         enable_fast_rms_norm(base)
-        if dtype == torch.float32:  # as the trainer switches it on (train.api.adapt_base)
+        if dtype == torch.float32:  # as the trainer switches it on (train.build.adapt_base)
             enable_fused_mlp(base)
         model = get_peft_model(base, LoraConfig(**LORA, target_modules=PROJECTIONS))
         model.train()

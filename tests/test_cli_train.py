@@ -252,7 +252,7 @@ def test_tensorboard_list_flags_bf16_and_checkpointing(model_dir, messages_file,
 
 
 def test_a_single_module_name_is_a_list_of_one(model_dir, messages_file, tmp_path):
-    from loratune.train.api import target_modules_for_peft
+    from loratune.train.build import target_modules_for_peft
 
     assert target_modules_for_peft("q_proj") == ["q_proj"]
     assert target_modules_for_peft("all-linear") == "all-linear"

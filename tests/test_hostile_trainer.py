@@ -24,7 +24,8 @@ from loratune.errors import ConfigError, DataError, DiskFullError, InsufficientM
 from loratune.tools.yaml_reader import MAX_YAML_BYTES
 from loratune.train import checkpoint as ckpt
 from loratune.train import resume
-from loratune.train.api import check_adapter_memory, out_of_memory_explained
+from loratune.train.api import out_of_memory_explained
+from loratune.train.build import check_adapter_memory
 from loratune.train.config import read_yaml
 
 EXIT_USAGE = 2

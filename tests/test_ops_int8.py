@@ -148,11 +148,11 @@ def test_trainer_with_base_compute_int8_tracks_the_exact_run(tmp_path, monkeypat
 
 @pytest.mark.parametrize("native_bf16", [True, False])
 def test_int8_on_a_native_bf16_cpu_warns_that_it_does_not_pay(tmp_path, monkeypatch, caplog, native_bf16):
-    from loratune.train import api
+    from loratune.train import build
 
     model_dir = make_model_dir(tmp_path / "model")
     data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 8))
-    monkeypatch.setattr(api, "bf16_supported", lambda device: native_bf16)
+    monkeypatch.setattr(build, "bf16_supported", lambda device: native_bf16)
     with caplog.at_level("WARNING", logger="loratune"):
         run(settings(model_dir, data, tmp_path / "out", base_compute="int8", bf16=True, max_steps=1))
     warned = [r.getMessage() for r in caplog.records if "computes bf16 natively" in r.getMessage()]

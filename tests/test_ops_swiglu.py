@@ -374,8 +374,8 @@ def test_a_kernel_cached_without_an_isa_cap_is_not_reused_under_one(tmp_path):
 
 @pytest.mark.parametrize(("dtype", "switched"), [(torch.float32, True), (torch.bfloat16, False)])
 def test_the_trainer_fuses_mlps_of_a_float32_base_only(dtype, switched):
-    """Measured on SmolLM2: worth it in float32, a net loss in bf16 (train.api.adapt_base)."""
-    from loratune.train.api import adapt_base
+    """Measured on SmolLM2: worth it in float32, a net loss in bf16 (train.build.adapt_base)."""
+    from loratune.train.build import adapt_base
     from loratune.train.config import build_config
 
     cfg = build_config({"train_file": "x.jsonl"})

@@ -40,7 +40,7 @@ def run(args) -> int:
     from loratune.data import preview
     from loratune.errors import LoratuneError
     from loratune.tools.loading import load_tokenizer
-    from loratune.train.api import base_source
+    from loratune.train.build import base_source
 
     if getattr(args, "data_command", None) != "preview":
         print("usage: loratune data preview CONFIG.yaml [--key value ...] [-n N]", file=sys.stderr)
