@@ -409,7 +409,22 @@ def test_invalid_utf8_in_a_csv_names_its_line(tok, tmp_path):
         _build(tok, path)
 
 
-def test_skip_bad_rows_keeps_every_csv_row_after_an_unreadable_one(tok, tmp_path, caplog):
+def test_a_csv_field_longer_than_the_csv_modules_default_limit_is_read(tok, tmp_path):
+    import csv
+
+    limit = csv.field_size_limit()
+    good = "".join(f"q{i},a{i}\n" for i in range(10))
+    path = tmp_path / "train.csv"
+    path.write_text("prompt,completion\n" + good + "q," + "x y " * 50_000 + "\n" + good)
+    bundle = _build(tok, path)
+    assert "train.csv line 12" in bundle.wheres and bundle.wheres[-1] == "train.csv line 22"
+    assert csv.field_size_limit() == limit  # the process-wide setting is put back
+
+
+def test_skip_bad_rows_keeps_every_csv_row_after_an_unreadable_one(tok, tmp_path, caplog, monkeypatch):
+    import csv
+
+    monkeypatch.setattr(csv, "field_size_limit", lambda *new: 131_072)  # keep the module's default limit
     good = "".join(f"q{i},a{i}\n" for i in range(10))
     path = tmp_path / "train.csv"
     path.write_text('prompt,completion\n"two\nlines",a\n' + good + "q," + "x" * 200_000 + "\n" + good)

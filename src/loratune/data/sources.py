@@ -116,12 +116,25 @@ def _read_json(p: Path) -> RawRows:
 
 def _read_csv(p: Path) -> RawRows:
     """Rows by line; a line the csv module cannot parse is a problem, and reading goes on after it."""
+    text = _read_text(p)
+    # csv refuses fields over 128 KiB by default (a process-wide setting, put back below); a long
+    # document in one cell is a real row, as pandas and `datasets` read it, and no field can be
+    # longer than the file that is already in memory.
+    limit = csv.field_size_limit()
+    csv.field_size_limit(max(limit, len(text)))
+    try:
+        return _csv_rows(p, text)
+    finally:
+        csv.field_size_limit(limit)
+
+
+def _csv_rows(p: Path, text: str) -> RawRows:
     rows, problems = [], []
     consumed = 0  # physical lines handed to the reader so far; a quoted field can span several
 
     def lines():
         nonlocal consumed
-        for line in io.StringIO(_read_text(p), newline=""):  # newline="": csv sees quoted newlines
+        for line in io.StringIO(text, newline=""):  # newline="": csv sees quoted newlines
             consumed += 1
             yield line
 
