@@ -717,3 +717,45 @@ def test_a_prompt_being_tokenized_does_not_hold_up_other_requests(live, monkeypa
     thread.join()
     assert seen["answered meanwhile"], "the health check waited for the prompt's tokenization"
     assert result["r"].choices[0].finish_reason in ("length", "stop")
+
+
+@pytest.mark.parametrize("reload", [False, True])
+def test_an_adapter_unloaded_while_its_prompt_is_tokenized_is_never_served_as_the_base(live, monkeypatch,
+                                                                                     reload):
+    """The adapter is looked up again once the prompt is tokenized: unloaded meanwhile, the request is
+    a 404; reloaded under the same name, it runs the new adapter."""
+    import loratune.serve.api as api
+
+    assert live.post("/v1/load_lora_adapter", {"lora_name": "racer", "lora_path": "a3"}).status_code == 200
+    client = live.client()
+    expected = complete(client, "a2").choices[0].text if reload else None
+    tokenizing, go_on = threading.Event(), threading.Event()
+    real = api._completion_prompt
+
+    def held(state, prompt):
+        tokenizing.set()
+        go_on.wait(120)
+        return real(state, prompt)
+
+    monkeypatch.setattr(api, "_completion_prompt", held)
+    result = {}
+
+    def racer():
+        try:
+            result["text"] = complete(client, "racer").choices[0].text
+        except openai.APIStatusError as exc:
+            result["status"] = exc.status_code
+
+    thread = threading.Thread(target=racer)
+    thread.start()
+    try:
+        assert tokenizing.wait(120)
+        assert live.post("/v1/unload_lora_adapter", {"lora_name": "racer"}).status_code == 200
+        if reload:
+            r = live.post("/v1/load_lora_adapter", {"lora_name": "racer", "lora_path": "a2"})
+            assert r.status_code == 200
+    finally:
+        go_on.set()
+        thread.join()
+        live.post("/v1/unload_lora_adapter", {"lora_name": "racer"})
+    assert result == ({"text": expected} if reload else {"status": 404})

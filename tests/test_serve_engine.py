@@ -246,3 +246,23 @@ def test_a_command_queued_behind_a_stop_fails_instead_of_hanging():
     assert first.result(60)[1] is True
     with pytest.raises(EngineStoppedError, match="stopped before it ran"):
         second.result(60)
+
+
+def test_a_request_for_an_adapter_the_engine_does_not_hold_is_refused(tmp_path):
+    """Not run as the base model: an id never installed, or one removed, is an AdapterGoneError."""
+    from loratune.serve.engine import AdapterGoneError
+
+    base = tiny_model("llama", seed=0)
+    engine, ids = start_engine(base, save_adapters(base, "llama", tmp_path))
+    prompt = tiny_batch(1, 5, seed=3)[0].tolist()
+    try:
+        with pytest.raises(AdapterGoneError):
+            engine.submit(request(prompt, 99, 2)[0])
+        engine.remove_adapter(ids["a1"]).result(60)
+        with pytest.raises(AdapterGoneError):
+            engine.submit(request(prompt, ids["a1"], 2)[0])
+        req, sink = request(prompt, ids["a2"], 2)
+        engine.submit(req)
+        assert sink.done.wait(60) and sink.finish == "length"
+    finally:
+        engine.stop()

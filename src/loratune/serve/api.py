@@ -62,21 +62,15 @@ def build_app(state: ServerState) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request):
         body.check_supported()
-        adapter_id = state.adapter_id(body.model)
-        prompt_ids = await state.tokenize(_completion_prompt, state, body.prompt)
         max_tokens = 16 if body.max_tokens is None else body.max_tokens  # OpenAI's default here
-        params = state.sampling(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.seed)
-        gen = Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())
+        gen = await _generation(state, body, _completion_prompt, body.prompt, max_tokens)
         return await _respond(state, gen, body, request, "completions", chat=False)
 
     @app.post("/v1/chat/completions")
     async def chat(body: p.ChatRequest, request: Request):
         body.check_supported()
-        adapter_id = state.adapter_id(body.model)
-        prompt_ids = await state.tokenize(_chat_prompt, state, body.messages)
         max_tokens = body.max_completion_tokens or body.max_tokens
-        params = state.sampling(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.seed)
-        gen = Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())
+        gen = await _generation(state, body, _chat_prompt, body.messages, max_tokens)
         return await _respond(state, gen, body, request, "chat", chat=True)
 
     @app.post("/v1/load_lora_adapter")
@@ -111,6 +105,17 @@ def _model_cards(state: ServerState) -> list[dict]:
     cards = [card(base, state.settings.base_root or base, None, state.created, state.engine.context_length)]
     cards += [card(e.name, e.path, base, e.created, None) for e in state.adapters.values()]
     return cards
+
+
+async def _generation(state: ServerState, body, tokenize, prompt, max_tokens: int | None) -> Generation:
+    """The request's generation: its model checked, its prompt tokenized beside the event loop."""
+    state.adapter_id(body.model)  # an unknown model is a 404 before any tokenizing
+    prompt_ids = await state.tokenize(tokenize, state, prompt)
+    # Looked up again after the wait, and `_respond` submits before its first await: an adapter
+    # unloaded meanwhile is a 404 (one reloaded under the name, the new one), never the base model.
+    adapter_id = state.adapter_id(body.model)
+    params = state.sampling(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.seed)
+    return Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())
 
 
 def _completion_prompt(state: ServerState, prompt) -> list[int]:

@@ -43,6 +43,10 @@ class EngineStoppedError(Exception):
     """The engine thread is not running (HTTP 503)."""
 
 
+class AdapterGoneError(Exception):
+    """The request names an adapter the engine does not hold, or one being removed (HTTP 404)."""
+
+
 @dataclass
 class GenerationRequest:
     """One generation: prompt token ids, the adapter (None = base) and where events go."""
@@ -82,6 +86,7 @@ class Engine:
         self._waiting: collections.deque[GenerationRequest] = collections.deque()
         self._commands: collections.deque = collections.deque()
         self._users: collections.Counter[int] = collections.Counter()
+        self._installed: set[int] = set()   # adapter ids whose weights are in the model
         self._doomed: set[int] = set()      # adapters unloaded but still used by requests
         self._rows: list[_Row] = []
         self._batch = BatchCache()
@@ -119,10 +124,14 @@ class Engine:
         return len(self._rows)
 
     def submit(self, request: GenerationRequest) -> None:
-        """Queue a request. Raises QueueFullError or EngineStoppedError."""
+        """Queue a request. Raises QueueFullError, EngineStoppedError or AdapterGoneError."""
         with self._lock:
             if not self.alive:
                 raise EngineStoppedError("the engine is not running")
+            gone = request.adapter_id is not None and (request.adapter_id not in self._installed
+                                                       or request.adapter_id in self._doomed)
+            if gone:  # it would silently run as the base model
+                raise AdapterGoneError(f"adapter id {request.adapter_id} is not loaded")
             if len(self._waiting) >= self.max_queue:
                 raise QueueFullError(f"the request queue is full ({self.max_queue} waiting); retry later")
             if request.adapter_id is not None:
@@ -193,14 +202,17 @@ class Engine:
         for module_name, w in adapter.layers.items():
             on_device = RowAdapterWeights(w.lora_A.to(self.device), w.lora_B.to(self.device), w.scaling)
             ensure_row_lora(self.model, module_name).add_adapter(adapter_id, on_device)
+        with self._lock:
+            self._installed.add(adapter_id)
         self._planned = None
 
     def _remove(self, adapter_id: int) -> None:
         with self._lock:
-            in_use = self._users[adapter_id] > 0
-        if in_use:
-            self._doomed.add(adapter_id)
-            return
+            if self._users[adapter_id] > 0:
+                self._doomed.add(adapter_id)
+                return
+            self._installed.discard(adapter_id)
+            self._doomed.discard(adapter_id)
         for module in self.model.modules():
             if isinstance(module, RowLoraLinear):
                 module.remove_adapter(adapter_id)
@@ -218,8 +230,8 @@ class Engine:
             unused = self._users[adapter_id] <= 0
             if unused:
                 del self._users[adapter_id]
-        if unused and adapter_id in self._doomed:
-            self._doomed.discard(adapter_id)
+            doomed = unused and adapter_id in self._doomed
+        if doomed:
             self._remove(adapter_id)
 
     def _emit(self, request: GenerationRequest, kind: str, value: object) -> None:

@@ -21,7 +21,7 @@ import torch
 from loratune.errors import ConfigError, LoratuneError
 from loratune.module_patterns import shown
 
-from .engine import Engine, EngineStoppedError, GenerationRequest, QueueFullError
+from .engine import AdapterGoneError, Engine, EngineStoppedError, GenerationRequest, QueueFullError
 from .metrics import ServerMetrics
 from .registry import RequestError, check_adapter_name, prepare_adapter, resolve_adapter_path
 from .sampling import SamplingParams
@@ -98,9 +98,7 @@ class ServerState:
             return None
         entry = self.adapters.get(model)
         if entry is None:
-            shown_model = model if len(model) <= 200 else f"{model[:200]}... ({len(model)} characters)"
-            raise RequestError(404, f"The model `{shown_model}` does not exist.", type="NotFoundError",
-                               code="model_not_found", param="model")
+            raise _no_such_model(model)
         return entry.adapter_id
 
     def load_startup_adapter(self, name: str, path: str) -> None:
@@ -243,6 +241,8 @@ class Generation:
             raise RequestError(429, str(exc), type="rate_limit_error", code="queue_full") from None
         except EngineStoppedError as exc:
             raise _unavailable(exc) from None
+        except AdapterGoneError:  # unloaded after the handler looked it up
+            raise _no_such_model(self.model) from None
 
     def cancel(self) -> None:
         self.request.cancelled = True
@@ -298,3 +298,9 @@ class Generation:
 
 def _unavailable(exc: EngineStoppedError) -> RequestError:
     return RequestError(503, str(exc), type="server_error", code="engine_unavailable")
+
+
+def _no_such_model(model: str) -> RequestError:
+    shown_model = model if len(model) <= 200 else f"{model[:200]}... ({len(model)} characters)"
+    return RequestError(404, f"The model `{shown_model}` does not exist.", type="NotFoundError",
+                        code="model_not_found", param="model")
