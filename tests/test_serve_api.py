@@ -589,7 +589,13 @@ def test_one_created_time_per_response(live, monkeypatch):
 @pytest.mark.parametrize("field, value", [
     ("top_k", 5), ("min_p", 0.1), ("repetition_penalty", 1.2), ("ignore_eos", True), ("min_tokens", 3),
     ("stop_token_ids", [2]), ("tool_choice", "required"), ("functions", [{"name": "f"}]),
-    ("audio", {"voice": "x"}),
+    ("audio", {"voice": "x"}), ("logprobs", 0), ("logprobs", 2),
+    # vLLM's own fields: before, accepted and ignored (guided_json gave free text)
+    ("guided_json", {"type": "object"}), ("guided_regex", "a+"), ("structured_outputs", {"json": {}}),
+    ("allowed_token_ids", [1, 2]), ("bad_words", ["x"]), ("use_beam_search", True),
+    ("truncate_prompt_tokens", 4), ("prompt_logprobs", 1), ("return_tokens_as_token_ids", True),
+    ("include_stop_str_in_output", True), ("skip_special_tokens", False), ("chat_template", "{{ x }}"),
+    ("chat_template_kwargs", {"enable_thinking": False}),
 ])
 def test_sampling_fields_we_cannot_honour_are_400s_naming_them(live, field, value):
     body = expect_error(400, live.client().completions.create, model=BASE, prompt="x", max_tokens=1,
@@ -604,9 +610,38 @@ def test_neutral_values_and_strict_types(live):
     for payload, param in [({"stream": "yes"}, "stream"), ({"max_tokens": "5"}, "max_tokens"),
                            ({"max_tokens": 2.5}, "max_tokens"), ({"temperature": "0.5"}, "temperature"),
                            ({"stream_options": {"include_usage": True}},
-                                                                  "stream_options")]:
+                                                                  "stream_options"),
+                           ({"stream": True, "stream_options": {"include_usage": "no"}}, "stream_options"),
+                           ({"stream": True, "stream_options": {"continuous_usage_stats": True}},
+                            "stream_options"),
+                           ({"stream": True, "stream_options": {"usage": True}}, "stream_options"),
+                           ({"prompt": [True, False]}, "prompt"), ({"prompt": [1.0, 2.0]}, "prompt")]:
         r = live.post("/v1/completions", {"model": BASE, "prompt": "x", "max_tokens": 1, **payload})
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    # neutral: an empty stream_options without streaming, chat's logprobs false, vLLM's defaults
+    assert client.completions.create(model=BASE, prompt="x", max_tokens=1, stream_options={},
+                                     extra_body={"skip_special_tokens": True, "use_beam_search": False})
+    assert client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": "x"}],
+                                          max_tokens=1, logprobs=False)
+
+
+def test_a_chat_prompt_too_long_for_any_completion_names_the_messages(live):
+    """No max_tokens sent: the prompt is what does not fit, and the error says so."""
+    long = [{"role": "user", "content": "word " * 2000}]
+    body = expect_error(413, live.client().chat.completions.create, model=BASE, messages=long)
+    assert body["param"] == "messages" and "leaves no room for a completion" in body["message"]
+    assert "max_tokens" not in body["message"].replace("--max-request-tokens", "")
+
+
+def test_text_parts_of_a_message_are_joined_by_newlines_as_vllm_does(live):
+    client = live.client()
+
+    def prompt_tokens(content):
+        return client.chat.completions.create(model=BASE, messages=[{"role": "user", "content": content}],
+                                              max_tokens=1, temperature=0).usage.prompt_tokens
+
+    parts = [{"type": "text", "text": "alpha"}, {"type": "text", "text": "beta"}]
+    assert prompt_tokens(parts) == prompt_tokens("alpha\nbeta")
 
 
 @pytest.mark.parametrize("message, needle", [

@@ -1,7 +1,8 @@
 """OpenAI request schemas and response bodies the server speaks (completions, chat, vLLM's adapter routes).
 
 Requests accept unknown fields (clients send many); the fields we honour are validated here and
-anything we cannot honour (n > 1, logprobs) is refused with a 400 that names the field.
+anything we cannot honour (n > 1, logprobs, vLLM's guided decoding, ...) is refused with a 400 that
+names the field.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, StrictStr
 
 from loratune.module_patterns import shown
 
@@ -26,7 +27,17 @@ UNSUPPORTED = {"logprobs": (False, 0), "top_logprobs": (0,), "best_of": (1,), "e
                "response_format": ({"type": "text"},), "modalities": (["text"],), "audio": (),
                "top_k": (-1, 0), "min_p": (0, 0.0), "repetition_penalty": (1, 1.0), "ignore_eos": (False,),
                "min_tokens": (0,), "stop_token_ids": ([],), "add_generation_prompt": (True,),
-               "continue_final_message": (False,)}
+               "continue_final_message": (False,),
+               # vLLM's own fields that would change what is generated or returned (no neutral value:
+               # any value at all is refused)
+               "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (),
+               "structured_outputs": (), "allowed_token_ids": (), "bad_words": ([],),
+               "use_beam_search": (False,), "length_penalty": (1, 1.0), "truncate_prompt_tokens": (),
+               "prompt_logprobs": (), "return_tokens_as_token_ids": (False,),
+               "include_stop_str_in_output": (False,), "skip_special_tokens": (True,),
+               "spaces_between_special_tokens": (True,), "chat_template": (), "chat_template_kwargs": ({},),
+               "documents": ([],)}
+STREAM_OPTIONS = ("include_usage", "continuous_usage_stats")
 CHAT_ROLES = ("system", "developer", "user", "assistant")
 # Every stop string is checked against the end of the text after each token, on the event loop:
 # the cost grows with their number times their length, so both are bounded (OpenAI allows 4).
@@ -53,15 +64,31 @@ class _Request(BaseModel):
         if self.n not in (None, 1):
             raise RequestError(400, f"n={shown(self.n)} is not supported; the server returns one choice "
                                "(n=1)", param="n")
-        if self.stream_options is not None and not self.stream:
+        if self.stream_options and not self.stream:
             raise RequestError(400, "stream_options is only allowed when stream is true",
                                param="stream_options")
-        extra = {**(self.model_extra or {}), "logprobs": self.logprobs}
+        self._check_stream_options()
+        if self.logprobs is not None and self.logprobs is not False:  # completions' 0 asks for them too
+            raise RequestError(400, f"logprobs={shown(self.logprobs)} is not supported by this server",
+                               param="logprobs")
+        extra = self.model_extra or {}
         for name, neutral in UNSUPPORTED.items():
             value = extra.get(name)
             if value is not None and value not in neutral:
                 raise RequestError(400, f"{name}={shown(value)} is not supported by this server", param=name)
         self._check_stop()
+
+    def _check_stream_options(self) -> None:
+        for key, value in (self.stream_options or {}).items():
+            if key not in STREAM_OPTIONS:
+                raise RequestError(400, f"stream_options.{shown(key)} is not a stream option; known: "
+                                   f"{', '.join(STREAM_OPTIONS)}", param="stream_options")
+            if value is not None and not isinstance(value, bool):
+                raise RequestError(400, f"stream_options.{key} must be true or false, got {shown(value)}",
+                                   param="stream_options")
+        if (self.stream_options or {}).get("continuous_usage_stats"):
+            raise RequestError(400, "stream_options.continuous_usage_stats is not supported by this server; "
+                               "include_usage reports usage in the last chunk", param="stream_options")
 
     def _check_stop(self) -> None:
         stops = [self.stop] if isinstance(self.stop, str) else self.stop or []
@@ -82,7 +109,7 @@ class _Request(BaseModel):
 
 
 class CompletionRequest(_Request):
-    prompt: str | list[str] | list[int]
+    prompt: StrictStr | list[StrictStr] | list[StrictInt]  # strict: lax, [true] would be token id 1
 
 
 class ChatMessage(BaseModel):
@@ -112,7 +139,7 @@ class ChatMessage(BaseModel):
                 if not isinstance(part.get("text"), str):
                     raise RequestError(400, f"{where}.content[{i}].text must be a string", param="messages")
                 parts.append(part["text"])
-            return "".join(parts)
+            return "\n".join(parts)  # as vLLM joins them
         return self.content or ""
 
     def template_role(self) -> str:

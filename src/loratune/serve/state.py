@@ -189,14 +189,26 @@ class ServerState:
     # ----- requests ----------------------------------------------------------------------------
 
     def sampling(self, prompt_len: int, max_tokens: int | None, temperature: float | None,
-                 top_p: float | None, seed: int | None) -> SamplingParams:
-        """Check the request's token budget and build its sampling parameters."""
+                 top_p: float | None, seed: int | None, *, prompt_field: str = "prompt") -> SamplingParams:
+        """Check the request's token budget and build its sampling parameters.
+
+        prompt_field: the request field that holds the prompt ("prompt" or "messages"), named when the
+        prompt alone leaves no room.
+        """
         if prompt_len == 0:
-            raise RequestError(400, "the prompt is empty", param="prompt")
+            raise RequestError(400, "the prompt is empty", param=prompt_field)
         context = self.engine.context_length
         limit = self.settings.max_request_tokens
         if max_tokens is None:  # as much as fits, like vLLM
-            max_tokens = max(1, min(context, limit or context) - prompt_len)
+            room = min(context, limit or context)
+            if prompt_len >= room:  # the client set no max_tokens: the prompt is what does not fit
+                within = (f"this model's maximum context length of {context} tokens" if room == context
+                          else f"this server's limit of {limit} tokens a request (--max-request-tokens)")
+                raise RequestError(400 if room == context else 413,
+                                   f"the prompt is {prompt_len} tokens, which leaves no room for a completion "
+                                   f"within {within}; shorten the {prompt_field}", param=prompt_field,
+                                   code="context_length_exceeded" if room == context else "request_too_large")
+            max_tokens = room - prompt_len
         total = prompt_len + max_tokens
         if total > context:
             raise RequestError(400, f"This model's maximum context length is {context} tokens. However, you "
