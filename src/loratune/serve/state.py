@@ -204,10 +204,11 @@ class ServerState:
             if prompt_len >= room:  # the client set no max_tokens: the prompt is what does not fit
                 within = (f"this model's maximum context length of {context} tokens" if room == context
                           else f"this server's limit of {limit} tokens a request (--max-request-tokens)")
-                raise RequestError(400 if room == context else 413,
-                                   f"the prompt is {prompt_len} tokens, which leaves no room for a completion "
-                                   f"within {within}; shorten the {prompt_field}", param=prompt_field,
-                                   code="context_length_exceeded" if room == context else "request_too_large")
+                raise RequestError(
+                    400 if room == context else 413,
+                    f"the prompt is {prompt_len} tokens, which leaves no room for a completion within "
+                    f"{within}; shorten the {prompt_field}", param=prompt_field,
+                    code="context_length_exceeded" if room == context else "request_too_large")
             max_tokens = room - prompt_len
         total = prompt_len + max_tokens
         if total > context:
@@ -240,6 +241,7 @@ class Generation:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         self._sent = ""
+        self._text, self._prefix, self._read = "", 0, 0  # what `_decode` has settled, and from which tokens
         self._start = time.monotonic()
         self.request = GenerationRequest(prompt_ids, adapter_id, params, self._sink)
 
@@ -270,7 +272,7 @@ class Generation:
                 if not self.tokens:
                     metrics.ttft.labels(metrics.model(self.model)).observe(time.monotonic() - self._start)
                 self.tokens.append(value)
-            text = self.state.tokenizer.decode(self.tokens, skip_special_tokens=True)
+            text = self._decode()
             cut = self._find_stop(text)
             if cut is not None:
                 text, self.finish_reason = text[:cut], "stop"
@@ -289,6 +291,24 @@ class Generation:
                 metrics.tokens.labels(metrics.model(self.model)).inc(len(self.tokens))
                 metrics.prompt_tokens.labels(metrics.model(self.model)).inc(self.prompt_tokens)
                 return
+
+    def _decode(self) -> str:
+        """The text of all tokens so far, decoding only the tokens since the last settled point.
+
+        Decoding everything again at every token costs O(n) per token (2.5 ms at 16k tokens, on the
+        event loop). Instead the tokens after `_prefix` are decoded with and without the newest ones,
+        and the difference is the new text; it settles (and `_prefix` moves on) once it does not end
+        in an incomplete UTF-8 sequence, so a character split over tokens is never cut. The window
+        starts one step back, so tokenizers that drop a leading space on a first token (SentencePiece)
+        drop it from both decodes alike.
+        """
+        decode = self.state.tokenizer.decode
+        window = decode(self.tokens[self._prefix:self._read], skip_special_tokens=True)
+        new = decode(self.tokens[self._prefix:], skip_special_tokens=True)
+        text = self._text + new[len(window):]
+        if len(new) > len(window) and not new.endswith("\ufffd"):
+            self._text, self._prefix, self._read = text, self._read, len(self.tokens)
+        return text
 
     async def text(self) -> str:
         return "".join([d async for d in self.deltas()])
