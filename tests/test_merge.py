@@ -291,6 +291,45 @@ def test_weighted_adapter_saves_and_reloads(tmp_path):
     assert_close(logits(again, x), expected)
 
 
+@pytest.mark.parametrize("kw", [
+    dict(target_modules=["q_proj"], layers_to_transform=[1]),
+    dict(target_modules=["q_proj"], exclude_modules=["model.layers.0.self_attn.q_proj"]),
+    dict(target_modules=r"model\.layers\.1\.self_attn\.q_proj"),
+], ids=["layers_to_transform", "exclude_modules", "regex"])
+def test_a_combination_of_adapters_on_some_layers_names_those_layers_and_reloads(tmp_path, kw):
+    """Before: the combined config said target_modules ["q_proj"], claiming layer 0 too, so its own file
+    failed to load (2 missing tensors)."""
+    from loratune import PeftModel
+
+    x = tiny_batch()
+    model = two_adapters("llama", kw)
+    model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "ab", combination_type="svd")
+    assert model.peft_config["ab"].target_modules == ["model.layers.1.self_attn.q_proj"]
+    expected = as_logits(model, "ab", x)
+    model.save_pretrained(str(tmp_path), selected_adapters=["ab"])
+    assert_close(logits(PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "ab")), x), expected)
+
+
+@pytest.mark.parametrize("how", ["add_adapter", "add_weighted_adapter"])
+def test_an_adapter_added_to_a_model_in_eval_mode_is_in_eval_mode(how):
+    """Its dropout would otherwise make every eval forward random (PEFT's model is deterministic)."""
+    x = tiny_batch()
+    model = get_peft_model(tiny_model("llama"), LoraConfig(target_modules=["q_proj"], lora_dropout=0.5), "a")
+    model.eval()
+    model.add_adapter("b", LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.5,
+                                      init_lora_weights=False))
+    if how == "add_weighted_adapter":
+        model.add_weighted_adapter(["a", "b"], [1.0, 1.0], "new", combination_type="svd")
+    name = "b" if how == "add_adapter" else "new"
+    model.set_adapter(name)
+    assert not any(m.training for m in model.modules())
+    assert torch.equal(logits(model, x), logits(model, x))
+    model.train()
+    model.add_adapter("c", LoraConfig(r=2, target_modules=["q_proj"], lora_dropout=0.5))
+    layer = model.model.model.layers[0].self_attn.q_proj
+    assert layer.lora_dropout["c"].training  # and in training mode, training mode
+
+
 def test_layer_safe_merge_of_several_adapters_writes_nothing_when_one_is_bad():
     config = LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)
     model = get_peft_model(tiny_model(), config, "good")

@@ -96,7 +96,9 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
     r = max(ranks.values())
     config = replace(
         first, r=r, lora_alpha=r, use_rslora=False, use_dora=False, init_lora_weights=True,
-        target_modules=sorted({path.split(".")[-1] for path, _ in layers}),
+        # The layers it covers by full path: the sources' layer selections (layers_to_transform,
+        # exclude_modules, a regex) are not carried over, and a bare name would claim every such layer.
+        target_modules=sorted(path for path, _ in layers),
         rank_pattern={p: k for p, k in ranks.items() if k != r},
         alpha_pattern={p: k for p, k in ranks.items() if k != r},
         modules_to_save=None, layers_to_transform=None, layers_pattern=None, exclude_modules=None,
@@ -113,6 +115,7 @@ def add_weighted_adapter(model, adapters: list[str], weights: list[float], adapt
             new_B.copy_(B.reshape(new_B.shape))
     model.peft_config[adapter_name] = config
     model._apply_active()
+    model._follow_mode()
 
 
 def _argument_problems(model, adapters, weights, combination_type: str, svd_rank, svd_clamp,

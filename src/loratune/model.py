@@ -103,6 +103,13 @@ class LoraModel(nn.Module):
             config = replace(config, base_model_name_or_path=name_or_path)
         self.peft_config[adapter_name] = config
         self._apply_active()
+        self._follow_mode()
+
+    def _follow_mode(self) -> None:
+        """New adapter modules start in training mode (torch's default); added to a model switched to
+        eval (`.eval()`), they follow it, or their dropout would make every eval forward random."""
+        if not self.training:
+            self.eval()
 
     def _check_new_adapter_name(self, adapter_name: str) -> None:
         """Raise ConfigError unless `adapter_name` can name a new adapter (see adapter_names)."""
