@@ -63,6 +63,42 @@ def test_incomplete_checkpoints_are_never_resumed_from(tmp_path):
     assert ckpt.resolve_resume(False, str(tmp_path)) is None
 
 
+def test_resuming_from_an_older_checkpoint_removes_the_later_ones(tmp_path, caplog):
+    """They belong to the run it went back from: a later `resume_from_checkpoint: true` must not pick them."""
+    for step in (2, 4, 6, 8):
+        _save(tmp_path, step)
+    with caplog.at_level("WARNING", logger="loratune"):
+        ckpt.remove_newer(str(tmp_path), str(tmp_path / "checkpoint-4"))
+    assert [s for s, _ in ckpt.list_checkpoints(str(tmp_path))] == [2, 4]
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-2", "checkpoint-4"]
+    assert "removing 2 later checkpoint(s)" in caplog.text and "checkpoint-6, checkpoint-8" in caplog.text
+    assert ckpt.resolve_resume(True, str(tmp_path)) == str(tmp_path / "checkpoint-4")
+
+
+def test_a_checkpoint_is_deleted_under_a_temp_name_so_a_kill_leaves_no_half_checkpoint(tmp_path, monkeypatch):
+    """Rotation renames before it deletes: a run killed mid-delete leaves a temp folder the next run
+    clears, not a `checkpoint-<step>` missing files that nothing would ever remove."""
+    import shutil
+
+    for step in (2, 4):
+        _save(tmp_path, step)
+    real_rmtree = shutil.rmtree
+
+    def killed(path, *args, **kwargs):  # the first file goes, then the process dies
+        if not os.path.exists(path):
+            return
+        os.remove(os.path.join(path, ckpt.STATE_FILE))
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.rotate_checkpoints(str(tmp_path), 1)
+    monkeypatch.setattr(shutil, "rmtree", real_rmtree)
+    assert sorted(os.listdir(tmp_path)) == [".checkpoint-2.tmp-deleted", "checkpoint-4"]
+    ckpt.remove_incomplete(str(tmp_path))
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint-4"]
+
+
 def test_resume_true_without_checkpoints_starts_fresh(tmp_path):
     assert ckpt.resolve_resume(True, str(tmp_path / "nothing")) is None
 

@@ -167,6 +167,8 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         ckpt.remove_incomplete(out)
         if resume_path is None:
             ckpt.remove_stale(out)
+        else:
+            ckpt.remove_newer(out, resume_path)
     barrier(env)
     metrics = MetricsLog(out, enabled=env.is_main, tensorboard=cfg.loop.report_to == "tensorboard",
                          resume_step=_checkpoint_step(resume_path))

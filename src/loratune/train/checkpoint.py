@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from loratune.atomic import atomic_directory, remove_leftovers
+from loratune.atomic import TEMP_MARK, atomic_directory, remove_leftovers
 from loratune.errors import ConfigError, LoratuneError
 
 logger = logging.getLogger(__name__)
@@ -158,8 +158,21 @@ def rotate_checkpoints(output_dir: str, limit: int | None) -> None:
     if limit is None:
         return
     for _, path in list_checkpoints(output_dir)[:-limit]:
-        shutil.rmtree(path, ignore_errors=True)
+        delete_checkpoint(path)
         logger.debug("deleted old checkpoint %s", path)
+
+
+def delete_checkpoint(path: str) -> None:
+    """Delete a checkpoint so that no half-deleted `checkpoint-<step>` can remain: it is renamed to a
+    temp name first (which `remove_incomplete` clears if the process dies mid-delete)."""
+    parent, name = os.path.split(os.path.abspath(path))
+    doomed = os.path.join(parent, f".{name}{TEMP_MARK}deleted")
+    shutil.rmtree(doomed, ignore_errors=True)  # what an earlier delete that died left
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        doomed = path  # e.g. a file system that refuses the rename: delete it where it is
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 # What a killed run can leave in output_dir: temp copies of checkpoints (nested ones too, from the
@@ -219,7 +232,25 @@ def remove_stale(output_dir: str) -> None:
                        "that run instead, pass --resume_from_checkpoint true", output_dir, len(old),
                        ", ".join(os.path.basename(p) for _, p in old))
     for _, path in old:
-        shutil.rmtree(path, ignore_errors=True)
+        delete_checkpoint(path)
+
+
+def remove_newer(output_dir: str, resume_path: str) -> None:
+    """Delete the checkpoints in `output_dir` of later steps than the one a run resumes from.
+
+    They belong to the run it went back from (e.g. one that diverged): left in place, a later
+    `resume_from_checkpoint: true` would pick the newest of them, and rotation would keep them over
+    the resumed run's own. The resumed run writes its own at those steps.
+    """
+    step = read_info(resume_path)["step"]
+    newer = [(s, path) for s, path in list_checkpoints(output_dir)
+             if s > step and os.path.abspath(path) != os.path.abspath(resume_path)]
+    if newer:
+        names = ", ".join(os.path.basename(p) for _, p in newer)
+        logger.warning("resuming from step %d in %s: removing %d later checkpoint(s) of the run it goes back "
+                       "from (%s)", step, output_dir, len(newer), names)
+    for _, path in newer:
+        delete_checkpoint(path)
 
 
 def resolve_resume(resume: bool | str, output_dir: str) -> str | None:
