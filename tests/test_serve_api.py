@@ -794,3 +794,30 @@ def test_an_adapter_unloaded_while_its_prompt_is_tokenized_is_never_served_as_th
         thread.join()
         live.post("/v1/unload_lora_adapter", {"lora_name": "racer"})
     assert result == ({"text": expected} if reload else {"status": 404})
+
+
+def test_models_retrieve_returns_one_card_or_a_404(live):
+    client = live.client()
+    card = client.models.retrieve("a1")
+    assert card.id == "a1" and card.owned_by == "loratune"
+    assert client.models.retrieve(BASE).id == BASE
+    body = expect_error(404, client.models.retrieve, "nope")
+    assert body["code"] == "model_not_found"
+
+
+def test_a_message_name_reaches_the_chat_template(live, monkeypatch):
+    seen = []
+    real = live.state.tokenizer.apply_chat_template
+
+    def spy(messages, *args, **kwargs):
+        seen.append(messages)
+        return real(messages, *args, **kwargs)
+
+    monkeypatch.setattr(live.state.tokenizer, "apply_chat_template", spy)
+    live.client().chat.completions.create(model=BASE, max_tokens=1, messages=[
+        {"role": "user", "content": "hi", "name": "ana"}, {"role": "assistant", "content": "yo"},
+        {"role": "user", "content": "again"}])
+    assert seen[-1][0] == {"role": "user", "content": "hi", "name": "ana"} and "name" not in seen[-1][1]
+    r = live.post("/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": "x",
+                                                                        "name": 5}]})
+    assert r.status_code == 400 and "name" in r.text

@@ -59,6 +59,11 @@ def build_app(state: ServerState) -> FastAPI:
     async def models():
         return {"object": "list", "data": _model_cards(state)}
 
+    @app.get("/v1/models/{model_id:path}")
+    async def model(model_id: str):  # the openai client's models.retrieve
+        state.adapter_id(model_id)  # a 404 naming it when it is not served
+        return next(card for card in _model_cards(state) if card["id"] == model_id)
+
     @app.post("/v1/completions")
     async def completions(body: p.CompletionRequest, request: Request):
         body.check_supported()
@@ -143,7 +148,8 @@ def _chat_prompt(state: ServerState, messages: list[p.ChatMessage]) -> list[int]
     if not getattr(state.tokenizer, "chat_template", None):
         raise RequestError(400, "the base model's tokenizer has no chat template; use /v1/completions",
                            param="messages")
-    conversation = [{"role": m.template_role(), "content": m.text(f"messages[{i}]")}
+    conversation = [{"role": m.template_role(), "content": m.text(f"messages[{i}]"),
+                     **({"name": m.name} if m.name else {})}  # for templates that show it, as vLLM passes it
                     for i, m in enumerate(messages)]
     try:
         return chat_ids(state.tokenizer, conversation)

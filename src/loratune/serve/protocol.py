@@ -117,6 +117,7 @@ class ChatMessage(BaseModel):
 
     role: str
     content: str | list[dict[str, Any]] | None = None
+    name: StrictStr | None = None
 
     def text(self, where: str) -> str:
         """The message's text; `where` names it in errors (messages[i])."""
