@@ -821,3 +821,26 @@ def test_a_message_name_reaches_the_chat_template(live, monkeypatch):
     r = live.post("/v1/chat/completions", {"model": BASE, "messages": [{"role": "user", "content": "x",
                                                                         "name": 5}]})
     assert r.status_code == 400 and "name" in r.text
+
+
+def test_requests_without_sampling_fields_take_the_models_generation_config_as_vllm_does(tmp_path, caplog):
+    from loratune.serve.server import sampling_defaults
+
+    model = load_base_model("preset:tiny-llama", dtype="float32")
+    assert sampling_defaults(model) == {}  # nothing set: 1.0 and 1.0
+    model.generation_config.temperature, model.generation_config.top_p = 0.6, 0.9
+    model.generation_config.top_k = 20
+    with caplog.at_level("INFO", logger="loratune"):
+        assert sampling_defaults(model) == {"temperature": 0.6, "top_p": 0.9}
+    assert "not applied: {'top_k': 20}" in caplog.text
+    model.generation_config.temperature = 7.0
+    assert sampling_defaults(model) == {"top_p": 0.9}  # out of range: not used, with a warning
+    model.generation_config.temperature = 0.6
+    app, state = build_server(model, load_tokenizer("preset:tiny-llama"), ServeSettings(base_name=BASE),
+                              num_threads=1)
+    try:
+        assert state.sampling(3, 4, None, None, None).temperature == 0.6
+        assert state.sampling(3, 4, None, None, None).top_p == 0.9
+        assert state.sampling(3, 4, 0.0, 1.0, None).temperature == 0.0  # a request's own values win
+    finally:
+        state.engine.stop()

@@ -40,6 +40,7 @@ def build_server(model, tokenizer, settings: ServeSettings, *, adapters: dict[st
     if not dtype.is_floating_point:
         dtype = torch.float32
     state = ServerState(engine, tokenizer, settings, linear_shapes(model), dtype)
+    state.sampling_defaults = sampling_defaults(model)
     engine.start()
     try:
         warm_up(engine, tokenizer.bos_token_id or 0)
@@ -50,6 +51,35 @@ def build_server(model, tokenizer, settings: ServeSettings, *, adapters: dict[st
         engine.stop()
         raise
     return build_app(state), state
+
+
+# What vLLM takes from a model's generation_config.json as the defaults of requests that omit them;
+# the first two are applied here, the others cannot be (the server refuses them in requests too).
+_APPLIED = {"temperature": (0.0, 2.0), "top_p": (1e-9, 1.0)}
+_NOT_APPLIED = ("top_k", "min_p", "repetition_penalty")
+
+
+def sampling_defaults(model) -> dict[str, float]:
+    """The temperature and top_p a request gets when it sets none: the model's generation_config's, as
+    vLLM does (Llama-3-Instruct's, for one, say 0.6 and 0.9), else 1.0."""
+    config = getattr(model, "generation_config", None)
+    try:
+        given = config.to_diff_dict() if config is not None else {}
+    except Exception:  # a generation_config of another kind: nothing to take
+        given = {}
+    defaults = {}
+    for key, (low, high) in _APPLIED.items():
+        value = given.get(key)
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high:
+            defaults[key] = float(value)
+        elif value is not None:
+            log.warning("the model's generation_config sets %s=%r, outside [%g, %g]; not used", key, value,
+                        low, high)
+    ignored = {k: given[k] for k in _NOT_APPLIED if given.get(k) is not None}
+    if defaults or ignored:
+        log.info("request defaults from the model's generation_config: %s%s", defaults or "none",
+                 f" (not applied: {ignored})" if ignored else "")
+    return defaults
 
 
 def warm_up(engine: Engine, token_id: int) -> None:

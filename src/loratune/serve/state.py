@@ -74,6 +74,7 @@ class ServerState:
         self._loading: set[str] = set()
         self._ids = itertools.count(1)
         self.created = int(time.time())
+        self.sampling_defaults: dict[str, float] = {}  # temperature / top_p of requests that omit them
         self.metrics = ServerMetrics(queue_depth=lambda: engine.queue_depth, running=lambda: engine.running,
                                      loaded_adapters=lambda: len(self.adapters),
                                      served=lambda name: name == settings.base_name or name in self.adapters)
@@ -220,8 +221,11 @@ class ServerState:
             raise RequestError(413, f"the request needs {total} tokens ({prompt_len} prompt + {max_tokens} "
                                f"max_tokens), over this server's limit of {limit} (--max-request-tokens)",
                                param="max_tokens", code="request_too_large")
-        return SamplingParams(max_tokens=max_tokens, temperature=1.0 if temperature is None else temperature,
-                              top_p=1.0 if top_p is None else top_p, seed=seed)
+        if temperature is None:
+            temperature = self.sampling_defaults.get("temperature", 1.0)
+        if top_p is None:
+            top_p = self.sampling_defaults.get("top_p", 1.0)
+        return SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
 
 
 def _cut(message: str, limit: int = 2000) -> str:
