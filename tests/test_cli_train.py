@@ -283,3 +283,11 @@ def test_token_ids_past_the_vocabulary_stop_before_training(model_dir, tmp_path,
     err = capsys.readouterr().err
     assert rc == 2 and "ids.jsonl line 2: token id 1000000 is outside the model's vocabulary" in err
     assert "Traceback" not in err and not (tmp_path / "o").exists()
+
+
+def test_trls_flag_names_map_to_ours():
+    from loratune.cli.train import split_args
+
+    args = ["c.yaml", "--max_length", "256", "--dataset-text-field", "b"]
+    config, overrides, problems, _ = split_args(args, {})
+    assert (config, overrides, problems) == ("c.yaml", {"max_seq_length": "256", "text_column": "b"}, [])

@@ -215,3 +215,26 @@ def test_byte_order_marks_and_bad_utf8(tok, tmp_path):
     (tmp_path / "latin1.jsonl").write_bytes(json.dumps(GOOD).encode() + b'\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match=r"^latin1.jsonl line 2: not valid UTF-8"):
         build(tok, tmp_path / "latin1.jsonl")
+
+
+def test_dataset_name_reads_a_folder_written_by_save_to_disk(tok, tmp_path):
+    """load_dataset refuses such a folder ("use load_from_disk instead"); both kinds are read."""
+    import datasets
+
+    datasets.Dataset.from_list([GOOD] * 3).save_to_disk(str(tmp_path / "one"))
+    assert len(build_datasets(DataConfig(dataset_name=str(tmp_path / "one")), tok).train) == 3
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([GOOD] * 2),
+                          "test": datasets.Dataset.from_list([GOOD])}).save_to_disk(str(tmp_path / "two"))
+    bundle = build_datasets(DataConfig(dataset_name=str(tmp_path / "two"), eval_split="test"), tok)
+    assert (len(bundle.train), len(bundle.eval)) == (2, 1)
+    with pytest.raises(ConfigError, match="no split 'nope'; its splits: train, test"):
+        build_datasets(DataConfig(dataset_name=str(tmp_path / "two"), dataset_split="nope"), tok)
+
+
+def test_conversations_of_role_and_content_turns_are_messages(tok, tmp_path):
+    """The hub's other convention: `conversations` holding role/content turns, not from/value."""
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
+    write_jsonl(tmp_path / "c.jsonl", [{"conversations": turns}] * 2)
+    write_jsonl(tmp_path / "m.jsonl", [{"messages": turns}] * 2)
+    a, b = build(tok, tmp_path / "c.jsonl"), build(tok, tmp_path / "m.jsonl")
+    assert a.stats.format == "messages" and a.train[0] == b.train[0]

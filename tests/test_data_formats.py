@@ -14,6 +14,7 @@ from loratune.data import ALPACA_PROMPT_WITH_INPUT, IGNORE_INDEX, DataConfig, de
 from loratune.data.formats import DETECT_ORDER, Columns, RowError, Segment, render_chat, row_segments
 from loratune.data.tokenize import SpecialTokens, encode_pretokenized, encode_segments
 from loratune.errors import ConfigError
+from loratune.tools.generation import chat_ids
 from loratune.tools.loading import DEFAULT_MODEL, load_tokenizer
 
 PLAIN_TEMPLATE = (  # writes no BOS and no EOS: the pipeline adds both
@@ -109,12 +110,16 @@ def test_conversational_prompt_completion_trains_only_the_completion(tok):
         encode(tok, {"prompt": prompt, "completion": [{"role": "user", "content": "x"}]}, "prompt_completion")
 
 
-def test_template_without_bos_or_eos_gets_both_once(plain_tok):
+def test_template_without_bos_or_eos_gets_eos_once_and_no_bos(plain_tok):
+    """No BOS in front of a template's text, though this tokenizer adds one to plain text: the template
+    decides, as with apply_chat_template(tokenize=True), TRL, and the server's chat prompts."""
     msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]
     enc = encode(plain_tok, {"messages": msgs}, "messages")
     # "assistant: " ends with a space that BPE merges into the first answer token: that token
     # overlaps the answer, so it is trained (the model must produce it)
-    assert marked(plain_tok, enc) == "<s> user : Ġh i Ċ assistant : [Ġhe] [l] [lo] [Ċ] [<|im_end|>]"
+    assert marked(plain_tok, enc) == "user : Ġh i Ċ assistant : [Ġhe] [l] [lo] [Ċ] [<|im_end|>]"
+    served = chat_ids(plain_tok, msgs[:1])  # what the server feeds the model for the same turn
+    assert served[0] == enc.input_ids[0] != plain_tok.bos_token_id
 
 
 def test_conversation_ending_with_user_turn_gets_no_eos(plain_tok):
@@ -275,3 +280,46 @@ def test_chat_masks_property(tok, turns, system):
             runs, current = runs + [current], []
     runs += [current] if current else []
     assert [tok.decode(r) for r in runs] == [a + "<|im_end|>\n" for _, a in turns]
+
+
+TOOLS_TEMPLATE = (
+    "{% if tools %}<tools>{{ tools | tojson }}</tools>\n{% endif %}{% for m in messages %}<|{{ m.role }}|>"
+    "{% if m.reasoning_content %}<think>{{ m.reasoning_content }}</think>{% endif %}{{ m.content or '' }}"
+    "{% if m.tool_calls %}<call>{{ m.tool_calls | tojson }}</call>{% endif %}<|end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+WEATHER = {"type": "function", "function": {"name": "weather", "parameters": {"type": "object"}}}
+CALL = [{"type": "function", "function": {"name": "weather", "arguments": {"city": "Paris"}}}]
+
+
+@pytest.mark.parametrize("tools", [[WEATHER], '[{"type": "function", "function": {"name": "weather", '
+                                              '"parameters": {"type": "object"}}}]'])
+def test_tools_and_tool_turns_reach_the_template_as_trl_passes_them(tools):
+    """A `tools` column (list or JSON string), tool calls, tool results and reasoning are rendered and
+    the assistant's calls are trained; before, all of them were dropped without a word."""
+    tok = load_tokenizer(DEFAULT_MODEL)
+    tok.chat_template = TOOLS_TEMPLATE
+    messages = [{"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": None, "tool_calls": CALL, "reasoning_content": "look it up"},
+                {"role": "tool", "content": "sunny", "name": "weather"},
+                {"role": "assistant", "content": "It is sunny."}]
+    cols = Columns("messages", {"messages": "messages"})
+    segs = row_segments({"messages": messages, "tools": tools}, cols, tok)
+    text = "".join(s.text for s in segs)
+    assert text.startswith('<tools>[{"type": "function"') and "<|tool|>sunny" in text
+    trained = "".join(s.text for s in segs if s.is_completion)
+    assert "<think>look it up</think>" in trained and '<call>[{"type": "function"' in trained
+    assert "It is sunny." in trained and "<|tool|>" not in trained  # the tool's result is input
+    with pytest.raises(RowError, match="'tools' is a string but not JSON"):
+        row_segments({"messages": messages, "tools": "[{"}, cols, tok)
+
+
+def test_pretokenized_rows_with_trls_masks_train_the_masked_tokens():
+    for name in ("assistant_masks", "completion_mask"):
+        enc = encode_pretokenized({"input_ids": [5, 6, 7, 8], name: [0, 0, 1, 1]}, max_seq_length=8)
+        assert enc.labels == [IGNORE_INDEX, IGNORE_INDEX, 7, 8]
+        with pytest.raises(RowError, match=f"'{name}' must hold one 0 or 1 per input id"):
+            encode_pretokenized({"input_ids": [5, 6, 7], name: [0, 1]}, max_seq_length=8)
+    given = encode_pretokenized({"input_ids": [5, 6, 7], "labels": [5, 6, 7], "assistant_masks": [0, 0, 1]},
+                                max_seq_length=8)
+    assert given.labels == [IGNORE_INDEX, 6, 7]  # labels, when given, win

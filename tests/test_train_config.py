@@ -256,3 +256,24 @@ def test_numpy_numbers_are_the_numbers_they_hold():
     assert type(flat["r"]) is int and type(flat["load_in_4bit"]) is bool
     with pytest.raises(ConfigError, match=r"r: expected an integer, got 4\.5"):
         build_config({**DATA, "r": np.float64(4.5)})
+
+
+def test_trls_names_for_our_keys_are_accepted(tmp_path):
+    from loratune.train.api import build_train_config
+
+    base = {"train_file": "t.jsonl"}
+    assert build_config({**base, "max_length": 256}).data.max_seq_length == 256
+    assert build_config({**base, "dataset_text_field": "body"}).data.text_column == "body"
+    with pytest.raises(ConfigError, match="max_length and max_seq_length are the same setting"):
+        build_config({**base, "max_length": 256, "max_seq_length": 512})
+    path = tmp_path / "c.yaml"
+    path.write_text("train_file: t.jsonl\nmax_length: 256\n")
+    assert build_train_config(path, {"max_seq_length": 128}).data.max_seq_length == 128  # the flag wins
+    assert build_train_config(path, {}).replace(max_length=64).data.max_seq_length == 64
+
+
+@pytest.mark.parametrize("key", ["assistant_only_loss", "packing_strategy", "padding_free", "truncation_mode",
+                                 "eos_token"])
+def test_trls_keys_without_a_counterpart_say_what_happens_instead(key):
+    with pytest.raises(ConfigError, match=f"'{key}' is TRL's and has no counterpart here: "):
+        build_config({"train_file": "t.jsonl", key: True})

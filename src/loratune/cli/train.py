@@ -79,7 +79,7 @@ def split_args(args: list[str],
     matches.
     `extra_flags` maps verb-specific flags to (name, takes a value).
     """
-    from loratune.train.config import key_owners, unknown_key_message
+    from loratune.train.config import KEY_ALIASES, key_owners, unknown_key_message
 
     owners = key_owners()
     config, overrides, problems, extra = None, {}, [], {}
@@ -97,6 +97,7 @@ def split_args(args: list[str],
         if flag.startswith("--") and flag not in extra_flags:
             flag = "--" + flag[2:].replace("-", "_")  # --learning-rate is --learning_rate
         key = ALIASES.get(flag.lstrip("-"), flag.lstrip("-"))
+        key = KEY_ALIASES.get(key, key)  # TRL's names: --max_length is --max_seq_length
         if flag in extra_flags:
             name, takes_value = extra_flags[flag]
             if takes_value and not inline and i < len(args):

@@ -19,6 +19,8 @@ from loratune.data.formats import (
     Columns,
     RowError,
     detect_format,
+    first_turn_keys,
+    is_templated,
     prompt_and_answer,
     row_segments,
 )
@@ -124,7 +126,8 @@ def answer_rows(raw: RawRows, cfg: DataConfig, tokenizer) -> list[PromptAnswer]:
     """
     columns = set().union(*(r.record.keys() for r in raw.rows)) if raw.rows else set()
     try:
-        cols = detect_format(columns, cfg) if raw.rows else Columns("prompt_completion", {})
+        cols = (detect_format(columns, cfg, first_turn_keys(r.record for r in raw.rows)) if raw.rows
+                else Columns("prompt_completion", {}))
     except ConfigError as exc:
         raise ConfigError(f"{raw.name}: {exc}") from None
     if cols.format not in ANSWER_FORMATS:
@@ -136,7 +139,7 @@ def answer_rows(raw: RawRows, cfg: DataConfig, tokenizer) -> list[PromptAnswer]:
     for row in raw.rows:
         try:
             prompt, answer, question = prompt_and_answer(row.record, cols, tokenizer)
-            ids = encode_prompt(prompt, tokenizer, special)
+            ids = encode_prompt(prompt, tokenizer, special, templated=is_templated(row.record, cols))
             if not ids:
                 raise RowError("the prompt is empty (and this tokenizer adds no BOS), so there is nothing "
                                "to generate from")
@@ -214,7 +217,8 @@ def tokenize_rows(raw: RawRows, cfg: DataConfig, tokenizer) -> tuple[list[Exampl
     """
     columns = set().union(*(r.record.keys() for r in raw.rows)) if raw.rows else set()
     try:
-        cols = detect_format(columns, cfg) if raw.rows else Columns(cfg.dataset_format, {})
+        cols = (detect_format(columns, cfg, first_turn_keys(r.record for r in raw.rows)) if raw.rows
+                else Columns(cfg.dataset_format, {}))
     except ConfigError as exc:
         raise ConfigError(f"{raw.name}: {exc}") from None
     problems = list(raw.problems)

@@ -8,7 +8,9 @@ text the model sees, and the `is_completion` ones are what it learns to produce:
                      form), the conversation rendered like messages with only the completion's
                      assistant turns trained
   alpaca             [Alpaca prompt with instruction (+ input), output*]
-  messages           the tokenizer's chat template, split at each assistant turn (see `render_chat`)
+  messages           the tokenizer's chat template, split at each assistant turn (see `render_chat`);
+                     a `tools` column goes to the template too, and a message's other keys
+                     (`tool_calls`, `reasoning_content`, `name`, ...) reach it as they are
   sharegpt           `conversations` from/value turns mapped to roles, then as messages
   tokenized          `input_ids` (+ optional `labels`) used as they are, no segments
 
@@ -19,6 +21,7 @@ messages[:i+1] ends. This needs no knowledge of the template, so any chat templa
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,9 +37,8 @@ ALPACA_PROMPT_WITH_INPUT = (
     "Write a response that appropriately completes the request.\n\n"
     "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n"
 )
-# Only role and content reach the chat template (no tool_calls / tool_call_id), so tool turns
-# cannot be expressed faithfully and "tool" is not accepted.
-MESSAGE_ROLES = ("system", "user", "assistant")
+MESSAGE_ROLES = ("system", "user", "assistant", "tool")
+TOOLS_COLUMN = "tools"  # TRL's name: tool schemas for the chat template, a list or a JSON string
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
                   "chatgpt": "assistant", "bard": "assistant", "bing": "assistant", "system": "system"}
 # Auto-detection order: the first format whose columns are all present wins.
@@ -62,6 +64,7 @@ class RowError(ValueError):
 class Segment:
     text: str
     is_completion: bool
+    templated: bool = False  # rendered by a chat template, which decides about BOS itself
 
 
 @dataclass(frozen=True)
@@ -72,8 +75,11 @@ class Columns:
     names: dict[str, str]
 
 
-def detect_format(columns: set[str], cfg) -> Columns:
+def detect_format(columns: set[str], cfg, first_turn_keys: set[str] | None = None) -> Columns:
     """Pick the row format from the column names and the config's column mapping.
+
+    first_turn_keys: the keys of the first turn of a `conversations` column, if any: role/content
+    turns there are messages, from/value turns ShareGPT.
 
     Raises:
         ConfigError: no known format fits; the message lists the columns and the mapping fields.
@@ -90,12 +96,24 @@ def detect_format(columns: set[str], cfg) -> Columns:
         return Columns(cfg.dataset_format, _default_names(cfg.dataset_format))
     for fmt, names in DETECT_ORDER:
         if set(names.values()) <= columns:
+            if fmt == "sharegpt" and first_turn_keys and {"role", "content"} <= first_turn_keys:
+                return Columns("messages", dict(names))  # the hub's role/content turns under that name
             return Columns(fmt, dict(names))
     raise ConfigError(
         f"cannot tell the data format from the columns {sorted(columns)}; expected one of: text; "
         "prompt + completion; messages; conversations; instruction + output (alpaca); input_ids. "
         "Map your columns with text_column, prompt_column/completion_column or messages_column"
     )
+
+
+def first_turn_keys(records) -> set[str] | None:
+    """The keys of the first turn of the first `conversations` list among `records`, for
+    `detect_format`; None when there is none."""
+    for record in records:
+        turns = record.get("conversations")
+        if isinstance(turns, list) and turns and isinstance(turns[0], dict):
+            return set(turns[0])
+    return None
 
 
 def _default_names(fmt: str) -> dict[str, str]:
@@ -151,8 +169,33 @@ def row_segments(record: dict[str, Any], cols: Columns, tokenizer, *,
         return [Segment(prompt, False), Segment(_string(record, names["output"]), True)]
     if fmt in ("messages", "sharegpt"):
         messages = _messages(record, names["messages"], sharegpt=fmt == "sharegpt")
-        return _chat_segments(messages, tokenizer, completion_only)
+        return _chat_segments(messages, tokenizer, completion_only, tools=_tools(record))
     raise AssertionError(f"row_segments called for format {fmt!r}")
+
+
+def is_templated(record: dict[str, Any], cols: Columns) -> bool:
+    """True when the row's text comes from the chat template (conversations, TRL's conversational
+    prompt/completion)."""
+    return cols.format in ("messages", "sharegpt") or (
+        cols.format == "prompt_completion" and isinstance(record.get(cols.names["prompt"]), list))
+
+
+def _tools(record: dict[str, Any]) -> list | None:
+    """The row's tool schemas for the chat template, as TRL passes them (a list, or a JSON string)."""
+    tools = record.get(TOOLS_COLUMN)
+    if tools is None:
+        return None
+    if isinstance(tools, str):
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise RowError(f"field {TOOLS_COLUMN!r} is a string but not JSON ({exc.msg} at character "
+                           f"{exc.pos})") from None
+    if hasattr(tools, "tolist"):  # numpy arrays from parquet
+        tools = tools.tolist()
+    if not isinstance(tools, list) or not all(isinstance(t, dict) for t in tools):
+        raise RowError(f"field {TOOLS_COLUMN!r} must be a list of tool schemas (objects)")
+    return tools or None
 
 
 def prompt_and_answer(record: dict[str, Any], cols: Columns, tokenizer) -> tuple[str, str, str]:
@@ -189,22 +232,24 @@ def prompt_and_answer(record: dict[str, Any], cols: Columns, tokenizer) -> tuple
         raise RowError("the conversation starts with its answer (the last assistant turn); "
                        "exact match needs a turn before it to use as the prompt")
     _require_template(tokenizer)
-    prompt = _apply(tokenizer, messages[:last], add_generation_prompt=True)
-    return prompt, messages[last]["content"], messages[last - 1]["content"]
+    prompt = _apply(tokenizer, messages[:last], add_generation_prompt=True, tools=_tools(record))
+    return prompt, messages[last]["content"] or "", messages[last - 1]["content"] or ""
 
 
 def _conversational_prompt_completion(record, names, tokenizer, completion_only) -> list[Segment]:
     """TRL's conversational prompt/completion: both are message lists; only the completion trains."""
     prompt = _messages(record, names["prompt"], sharegpt=False, need_assistant=False)
     completion = _messages(record, names["completion"], sharegpt=False)
-    return _chat_segments(prompt + completion, tokenizer, completion_only, first_trained=len(prompt))
+    return _chat_segments(prompt + completion, tokenizer, completion_only, first_trained=len(prompt),
+                          tools=_tools(record))
 
 
-def _chat_segments(messages, tokenizer, completion_only: bool, first_trained: int = 0) -> list[Segment]:
+def _chat_segments(messages, tokenizer, completion_only: bool, first_trained: int = 0,
+                   tools: list | None = None) -> list[Segment]:
     if completion_only:
-        return render_chat(messages, tokenizer, first_trained=first_trained)
+        return render_chat(messages, tokenizer, first_trained=first_trained, tools=tools)
     _require_template(tokenizer)
-    return [Segment(_apply(tokenizer, messages, add_generation_prompt=False), True)]
+    return [Segment(_apply(tokenizer, messages, add_generation_prompt=False, tools=tools), True, True)]
 
 
 def _messages(record: dict[str, Any], column: str, *, sharegpt: bool,
@@ -221,7 +266,11 @@ def _messages(record: dict[str, Any], column: str, *, sharegpt: bool,
     for i, turn in enumerate(turns):
         if not isinstance(turn, dict):
             raise RowError(f"{column}[{i}] must be an object with {role_key!r} and {content_key!r}")
+        # an assistant turn that only calls tools may have no content (OpenAI's form)
+        calls = not sharegpt and bool(_present(turn.get("tool_calls")))
         for key in (role_key, content_key):
+            if key == content_key and calls and turn.get(key) is None:
+                continue
             if key not in turn or turn[key] is None:
                 raise RowError(f"{column}[{i}] has no {key!r}")
             if not isinstance(turn[key], str):
@@ -233,16 +282,30 @@ def _messages(record: dict[str, Any], column: str, *, sharegpt: bool,
             role = SHAREGPT_ROLES[role]
         elif role not in MESSAGE_ROLES:
             raise RowError(f"{column}[{i}].role is {role!r}; expected one of {', '.join(MESSAGE_ROLES)}")
-        if role == "assistant" and not turn[content_key].strip():
+        content = turn.get(content_key)
+        if role == "assistant" and not calls and not content.strip():
             raise RowError(f"{column}[{i}] is an empty assistant message")
-        content = _unicode(turn[content_key], f"{column}[{i}].{content_key}")
-        messages.append({"role": role, "content": content})
+        if content is not None:
+            content = _unicode(content, f"{column}[{i}].{content_key}")
+        # the other keys (tool_calls, tool_call_id, name, reasoning_content, ...) reach the template
+        extra = {} if sharegpt else {k: _present(v) for k, v in turn.items()
+                                     if k not in (role_key, content_key) and _present(v) is not None}
+        messages.append({"role": role, "content": content, **extra})
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise RowError(f"{column} has no assistant turn, so there is nothing to train on")
     return messages
 
 
-def render_chat(messages: list[dict[str, str]], tokenizer, *, first_trained: int = 0) -> list[Segment]:
+def _present(value: Any) -> Any:
+    """A message field as the template should see it: numpy arrays (parquet) as lists; None, and the
+    empty values a columnar file fills in for keys other rows have, as absent."""
+    if hasattr(value, "tolist"):
+        value = value.tolist()
+    return None if value is None or (isinstance(value, (list, dict, str)) and not value) else value
+
+
+def render_chat(messages: list[dict[str, Any]], tokenizer, *, first_trained: int = 0,
+                tools: list | None = None) -> list[Segment]:
     """Render with the tokenizer's chat template; assistant turns become completion segments.
 
     Only assistant turns at index >= `first_trained` are completions (all of them by default).
@@ -253,21 +316,21 @@ def render_chat(messages: list[dict[str, str]], tokenizer, *, first_trained: int
             does not give a prefix of the full text), so turns cannot be located.
     """
     _require_template(tokenizer)
-    full = _apply(tokenizer, messages, add_generation_prompt=False)
+    full = _apply(tokenizer, messages, add_generation_prompt=False, tools=tools)
     segments, cursor = [], 0
     for i, message in enumerate(messages):
         if message["role"] != "assistant" or i < first_trained:
             continue
         start = len(_apply(tokenizer, messages[:i], add_generation_prompt=True, expect_prefix_of=full,
-                           turn=i))
+                           turn=i, tools=tools))
         end = len(_apply(tokenizer, messages[: i + 1], add_generation_prompt=False, expect_prefix_of=full,
-                         turn=i))
+                         turn=i, tools=tools))
         if start < cursor or end < start:
             raise RowError(f"chat template is not prefix-stable at message {i}; "
                            "cannot locate the assistant turn")
-        segments += [Segment(full[cursor:start], False), Segment(full[start:end], True)]
+        segments += [Segment(full[cursor:start], False, True), Segment(full[start:end], True, True)]
         cursor = end
-    segments.append(Segment(full[cursor:], False))
+    segments.append(Segment(full[cursor:], False, True))
     return [s for s in segments if s.text]
 
 
@@ -278,9 +341,9 @@ def _require_template(tokenizer) -> None:
 
 
 def _apply(tokenizer, messages, *, add_generation_prompt: bool, expect_prefix_of: str | None = None,
-           turn: int = 0) -> str:
+           turn: int = 0, tools: list | None = None) -> str:
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False,
+        text = tokenizer.apply_chat_template(messages, tokenize=False, tools=tools,
                                              add_generation_prompt=add_generation_prompt)
     except Exception as exc:  # jinja's TemplateError, and anything a template's raise_exception() throws
         raise RowError(f"chat template failed: {exc}") from exc

@@ -190,9 +190,22 @@ def read_dataset(name: str, config_name: str | None, split: str) -> RawRows:
     import datasets
 
     try:
-        ds = datasets.load_dataset(name, config_name, split=split)
+        if _saved_to_disk(name):  # a folder written by save_to_disk, which load_dataset refuses
+            ds = datasets.load_from_disk(name)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise ValueError(f"it has no split {split!r}; its splits: {', '.join(ds)}")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(name, config_name, split=split)
     except Exception as exc:  # network, missing split, bad config name: all are the user's to fix
         raise ConfigError(f"cannot load dataset {name!r} (config {config_name!r}, split {split!r}): "
                           f"{exc}") from exc
     label = f"{name}[{split}]"
     return RawRows(label, [Row(f"{label} row {i}", r) for i, r in enumerate(ds, start=1)], [])
+
+
+def _saved_to_disk(name: str) -> bool:
+    """True for a directory `Dataset.save_to_disk` or `DatasetDict.save_to_disk` wrote."""
+    p = Path(name)
+    return p.is_dir() and ((p / "state.json").is_file() or (p / "dataset_dict.json").is_file())

@@ -4,8 +4,10 @@ Rules, in order, for one example:
   1. The segments are joined into one text and tokenized once without special tokens; a token is
      trained when its characters overlap a trained segment (a completion, or every segment when
      `completion_only` is off). Slow tokenizers (no offsets) tokenize segment by segment instead.
-  2. BOS is put in front only when the tokenizer normally adds one and the text does not already
-     start with it (chat templates often write BOS themselves): never two BOS.
+  2. BOS is put in front only when the tokenizer normally adds one, the text does not already
+     start with it, and the text is not a chat template's: a template writes BOS itself when the
+     model wants one (as `apply_chat_template(tokenize=True)`, TRL and inference servers have it).
+     Never two BOS.
   3. EOS is appended and trained when the example ends with a completion whose text does not
      already end with the EOS token (e.g. ChatML templates end every turn with it).
   4. Examples longer than `max_seq_length` keep their first `max_seq_length` tokens (counted).
@@ -21,6 +23,8 @@ from typing import Any
 from loratune.data.formats import RowError, Segment
 
 IGNORE_INDEX = -100
+# What TRL reads from pre-tokenized rows to choose the trained tokens, when there are no labels.
+MASK_COLUMNS = ("assistant_masks", "completion_mask")
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,11 @@ def encode_segments(
     return out
 
 
-def encode_prompt(text: str, tokenizer, special: SpecialTokens) -> list[int]:
+def encode_prompt(text: str, tokenizer, special: SpecialTokens, *, templated: bool = False) -> list[int]:
     """Token ids of a prompt on its own, with training's BOS rule (rule 2) and no EOS: what the model
-    is given when it has to produce the completion itself."""
+    is given when it has to produce the completion itself. `templated`: a chat template's text."""
     ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    ids, _ = _add_bos_eos(ids, [False] * len(ids), [Segment(text, False)], special, True)
+    ids, _ = _add_bos_eos(ids, [False] * len(ids), [Segment(text, False, templated)], special, True)
     return ids
 
 
@@ -104,7 +108,8 @@ def _add_bos_eos(ids, trained, segs, special: SpecialTokens, completion_only):
     if special.bos_id is not None:
         while ids[:2] == [special.bos_id, special.bos_id]:  # the text itself had BOS twice
             ids, trained = ids[1:], trained[1:]
-        if special.adds_bos and ids[:1] != [special.bos_id]:
+        templated = any(s.templated for s in segs)
+        if special.adds_bos and ids[:1] != [special.bos_id] and not templated:
             ids, trained = [special.bos_id] + ids, [False] + trained
     last = next((s for s in reversed(segs) if s.text.strip()), None)
     ends_with_completion = last is not None and last.is_completion
@@ -123,7 +128,8 @@ def _finish(ids: list[int], labels: list[int], max_seq_length: int) -> Encoded:
 
 
 def encode_pretokenized(record: dict[str, Any], *, max_seq_length: int) -> Encoded:
-    """Validate a row that already has `input_ids` (and maybe `labels`); use them as given.
+    """Validate a row that already has `input_ids` (and maybe `labels`, or TRL's `assistant_masks` /
+    `completion_mask`: 1 for a trained token); use them as given.
 
     Raises:
         RowError: missing/empty input_ids, non-integer or negative ids, labels of another length or
@@ -139,6 +145,13 @@ def encode_pretokenized(record: dict[str, Any], *, max_seq_length: int) -> Encod
     if any(i < 0 for i in ids):
         raise RowError("field 'input_ids' has negative token ids")
     labels = record.get("labels")
+    mask_name = next((k for k in MASK_COLUMNS if record.get(k) is not None), None)
+    if labels is None and mask_name is not None:  # TRL's masks: 1 = trained
+        mask = _int_list(record[mask_name], mask_name)
+        if len(mask) != len(ids) or any(m not in (0, 1) for m in mask):
+            raise RowError(f"{mask_name!r} must hold one 0 or 1 per input id ({len(ids)}), got {len(mask)} "
+                           "values" + ("" if len(mask) != len(ids) else " that are not all 0 or 1"))
+        labels = [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
     labels = list(ids) if labels is None else _int_list(labels, "labels")
     if any(t < 0 and t != IGNORE_INDEX for t in labels):
         raise RowError(f"field 'labels' has negative values other than {IGNORE_INDEX} (the ignore index)")

@@ -28,7 +28,7 @@ from loratune.errors import ConfigError, InsufficientMemoryError
 from loratune.memory import rss_bytes
 from loratune.train import checkpoint as ckpt
 from loratune.train.build import base_source, build_model, build_sharded_model
-from loratune.train.config import TrainConfig, build_config, read_yaml
+from loratune.train.config import TrainConfig, build_config, canonical_keys, read_yaml
 from loratune.train.distributed import DistEnv, barrier, init_distributed, shutdown_distributed
 from loratune.train.metrics import PLOT_FILE, MetricsLog, plot_losses
 
@@ -67,14 +67,15 @@ class TrainResult:
 def build_train_config(config: TrainConfig | dict | str | os.PathLike | None,
                        overrides: dict[str, Any]) -> TrainConfig:
     """Build a TrainConfig from a TrainConfig, a dict of flat keys, or a YAML path, plus overrides."""
+    overrides = canonical_keys(overrides)  # a flag wins over the config under either name
     if isinstance(config, TrainConfig):
         return config.replace(**overrides) if overrides else config
     if config is None:
         return build_config(dict(overrides))
     if isinstance(config, dict):
-        return build_config({**config, **overrides})
+        return build_config({**canonical_keys(config), **overrides})
     path = os.fspath(config)
-    return build_config({**read_yaml(path), **overrides}, source=path)
+    return build_config({**canonical_keys(read_yaml(path)), **overrides}, source=path)
 
 
 def config_to_yaml(cfg: TrainConfig) -> str:

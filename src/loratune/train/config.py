@@ -208,7 +208,31 @@ class TrainConfig:
 
     def replace(self, **flat: Any) -> TrainConfig:
         """Return a copy with some flat keys changed (validated like any config)."""
-        return build_config({**self.to_flat_dict(), **flat})
+        return build_config({**self.to_flat_dict(), **canonical_keys(flat)})
+
+
+# TRL's SFTConfig names for keys that mean exactly what ours mean.
+KEY_ALIASES = {"max_length": "max_seq_length", "dataset_text_field": "text_column"}
+# TRL keys with no counterpart, and what loratune does instead (said when one is used).
+TRL_ONLY = {
+    "assistant_only_loss": "conversations train only their assistant turns by default (completion_only_loss: "
+                           "true, which also covers prompt/completion rows); completion_only_loss: false "
+                           "trains every token",
+    "packing_strategy": "packing: true packs whole examples, each attending only to itself",
+    "padding_free": "packed batches are already padding-free (packing: true)",
+    "truncation_mode": "examples longer than max_seq_length keep their first tokens",
+    "eos_token": "the tokenizer's own EOS token is used",
+}
+
+
+def canonical_keys(raw: dict[str, Any]) -> dict[str, Any]:
+    """`raw` with TRL's names for our keys (`max_length`, ...) renamed to ours. When both names are
+    given, both stay, and `build_config` reports it."""
+    out = {}
+    for key, value in raw.items():
+        canonical = KEY_ALIASES.get(key, key)
+        out[key if canonical in raw and canonical != key else canonical] = value
+    return out
 
 
 def key_owners() -> dict[str, tuple[str, dataclasses.Field]]:
@@ -274,10 +298,14 @@ def build_config(raw: dict[str, Any], *, source: str | None = None) -> TrainConf
             type, and every out-of-range value, all at once.
     """
     owners = key_owners()
-    problems: list[str] = []
+    problems: list[str] = [f"{alias} and {key} are the same setting (TRL's name and ours); keep one"
+                           for alias, key in KEY_ALIASES.items() if alias in raw and key in raw]
+    raw = canonical_keys(raw)
     per_section: dict[str, dict[str, Any]] = {name: {} for name in SECTIONS}
     hints = {name: field_types(cls) for name, cls in SECTIONS.items()}
     for key, value in raw.items():
+        if key in KEY_ALIASES:
+            continue  # given under both names: reported above
         if key not in owners:
             problems.append(unknown_key_message(str(key), owners))
             continue
@@ -307,6 +335,8 @@ def build_config(raw: dict[str, Any], *, source: str | None = None) -> TrainConf
 def unknown_key_message(key: str, owners: dict, *, as_flag: bool = False) -> str:
     """Say that a key (or --flag) is unknown, suggest close ones, and list all valid keys."""
     show = (lambda k: f"--{k}") if as_flag else repr
+    if key in TRL_ONLY:
+        return f"{show(key)} is TRL's and has no counterpart here: {TRL_ONLY[key]}"
     close = difflib.get_close_matches(key, list(owners), n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(show(c) for c in close)}?" if close else "."
     return f"unknown {'flag' if as_flag else 'key'} {show(key)}{hint} Valid keys: {', '.join(sorted(owners))}"
