@@ -345,3 +345,23 @@ def test_a_pissa_adapter_on_a_quantized_base_is_refused_and_the_model_left_as_it
         loratune.PeftModel.from_pretrained(base, str(tmp_path))
     assert not any("lora_" in n for n, _ in base.named_modules())
     assert all(torch.equal(before[n], p) for n, p in base.state_dict().items())
+
+
+def test_a_peft_file_listing_targets_this_model_lacks_loads_as_in_peft(tmp_path, caplog):
+    """A target list written for several architectures ("c_attn" beside "q_proj"): PEFT adapts what
+    matches; loading it warns and does the same. Creating an adapter with such a list stays an error."""
+    x = tiny_batch()
+    kw = dict(target_modules=["q_proj", "v_proj", "c_attn"])
+    theirs = build(peft, "llama", kw)
+    perturb(theirs)
+    theirs.save_pretrained(str(tmp_path))
+    with caplog.at_level("WARNING", logger="loratune"):
+        ours = loratune.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path))
+    assert "target_modules ['c_attn'] match no module of this model" in caplog.text
+    assert_close(logits(ours, x), logits(theirs, x))
+    other = build(loratune, "llama", dict(target_modules=["q_proj"]), name="a")
+    other.load_adapter(str(tmp_path), adapter_name="b")
+    other.set_adapter("b")
+    assert_close(logits(other, x), logits(theirs, x))
+    with pytest.raises(loratune.errors.TargetNotFoundError, match="c_attn"):
+        build(loratune, "llama", kw)

@@ -27,7 +27,7 @@ from .atomic import atomic_directory, nearest_existing
 from .base_layers import is_quantized
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
-from .inject import legacy_saved_modules, pattern_value
+from .inject import legacy_saved_modules, matches, pattern_value
 from .layers import LoraLayer, LoraLinear, ModulesToSave, inside_wrapper, owned_by_adapter
 from .module_patterns import first_few, match_budget, shown
 
@@ -291,6 +291,26 @@ def with_legacy_saves(model: nn.Module, config: LoraConfig, tensors: dict[str, T
     logger.info("the adapter saves %d module(s) in full under PEFT's older suffix rule for modules_to_save "
                 "(%s); listing them by full path", len(extra), shown(extra))
     return replace(config, modules_to_save=list(entries) + extra)
+
+
+def without_unmatched_targets(model: nn.Module, config: LoraConfig, source: str) -> LoraConfig:
+    """`config` without the target_modules entries that name no module of `model`, with a warning.
+
+    PEFT loads such a file (a list written for several architectures, say, with "c_attn" beside
+    "q_proj"): it adapts what matches, and the file's tensors are what was trained. The strict rule
+    for a config one writes (every entry must match) stays for `get_peft_model` and `add_adapter`.
+    """
+    target = config.target_modules
+    if isinstance(target, str) or not target:
+        return config
+    names = [n for n, _ in model.named_modules() if n and not inside_wrapper(n)]
+    kept = [entry for entry in target if any(matches([entry], n) for n in names)]
+    if not kept or len(kept) == len(target):
+        return config  # nothing matches: the strict check names the entries and close names
+    missing = [entry for entry in target if entry not in kept]
+    logger.warning("%s: target_modules %s match no module of this model; the adapter is loaded on %s",
+                   source, shown(missing), shown(kept))
+    return replace(config, target_modules=kept)
 
 
 def _saved_copy_aliases(model: nn.Module, adapter_name: str) -> dict[str, nn.Parameter]:

@@ -376,6 +376,7 @@ class LoraModel(nn.Module):
             raise ConfigError(f"config must be a loratune LoraConfig, got {type(config).__name__}")
         adapter_io.check_ranks(config, tensors, source=source)
         config = adapter_io.with_legacy_saves(model, config, tensors)
+        config = adapter_io.without_unmatched_targets(model, config, source)
         config = replace(config, inference_mode=not is_trainable)
         trainable = {param: param.requires_grad for param in model.parameters()}
         # Injected with the plain init: nothing of the user's model changes until the file has fit.
@@ -401,7 +402,8 @@ class LoraModel(nn.Module):
         check_peft_kwargs("load_adapter", kwargs)
         file_config, tensors = adapter_io.read_adapter(model_id, subfolder=subfolder, revision=revision)
         adapter_io.check_ranks(file_config, tensors, source=str(model_id))  # before anything is allocated
-        config = replace(adapter_io.with_legacy_saves(self.model, file_config, tensors),
+        config = adapter_io.with_legacy_saves(self.model, file_config, tensors)
+        config = replace(adapter_io.without_unmatched_targets(self.model, config, str(model_id)),
                          inference_mode=not is_trainable)
         with _naming_adapter(str(model_id)):
             self.add_adapter(adapter_name, replace(config, init_lora_weights=True))
