@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import gguf
 import pytest
@@ -121,3 +122,56 @@ def test_other_templates_are_not_converted_and_the_reason_is_given():
     tok.chat_template = None
     assert convert_chat_template(tok).reason == "the tokenizer has no chat template"
 
+
+
+def test_a_trained_head_of_a_tied_base_is_written_in_the_gguf(tmp_path, capsys):
+    """A tied Qwen2 with lm_head in modules_to_save: before, the merged GGUF dropped the trained head
+    (llama.cpp then read it from token_embd) and the read-back diff was printed as f32 rounding."""
+    from loratune import LoraConfig, get_peft_model
+    from loratune.tools.loading import load_base_model
+    from test_export import save_tiny_qwen2_tied_dir
+
+    base = save_tiny_qwen2_tied_dir(tmp_path / "base")
+    model = get_peft_model(load_base_model(base, dtype="float32"),
+                           LoraConfig(r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        next(p for n, p in model.named_parameters() if "modules_to_save" in n).mul_(-2.0)
+    model.save_pretrained(str(tmp_path / "adapter"))
+    out = tmp_path / "merged"
+    args = ["--adapter", str(tmp_path / "adapter"), f"--output_dir={out}", "--format=gguf", "--outtype=f32"]
+    assert main(["merge", *args]) == 0, capsys.readouterr().err
+    names = {t.name for t in gguf.GGUFReader(str(out / "model.gguf")).tensors}
+    assert "output.weight" in names
+    loaded = load_model(adapter=str(tmp_path / "adapter"), dtype="float32")
+    probe = probe_batch(loaded.tokenizer, 1024)
+    merged = AutoModelForCausalLM.from_pretrained(out, gguf_file="model.gguf")
+    torch.testing.assert_close(logits_of(merged, probe), logits_of(loaded.model, probe), atol=1e-3, rtol=0)
+
+
+def test_a_merged_weight_beyond_the_outtype_is_refused_and_nothing_written(dirs, tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    _, adapter = dirs
+    big = tmp_path / "big"
+    shutil.copytree(adapter, big)
+    tensors = load_file(str(big / "adapter_model.safetensors"))
+    save_file({k: v.fill_(300.0) for k, v in tensors.items()}, str(big / "adapter_model.safetensors"))
+    assert main(["merge", "--adapter", str(big), "--output_dir", str(tmp_path / "g"), "--format=gguf"]) == 2
+    assert "does not fit it; use --outtype bf16 or f32" in capsys.readouterr().err
+    assert main(["merge", "--adapter", str(big), "--output_dir", str(tmp_path / "h"), "--dtype=float16"]) == 2
+    assert "does not fit float16" in capsys.readouterr().err
+    assert not (tmp_path / "g").exists() and not (tmp_path / "h").exists()
+
+
+def test_a_base_config_that_cannot_be_read_is_a_one_line_error(dirs, tmp_path, capsys):
+    import json
+
+    base, adapter = dirs
+    broken = tmp_path / "broken"
+    shutil.copytree(base, broken, ignore=shutil.ignore_patterns("*.safetensors"))
+    config = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps({**config, "num_attention_heads": 5}))
+    assert main(["export", adapter, "--base", str(broken), "--format=gguf", "-o", str(tmp_path / "o")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: cannot read the base model config") and err.count("\n") == 1
+    assert "not a multiple of the number of attention heads" in err

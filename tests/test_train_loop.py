@@ -313,3 +313,11 @@ def test_each_process_answers_its_share_of_the_eval_rows_and_the_counts_are_summ
                   for rank in (0, 1)]
     assert sent == [[2, 2], [0, 1]]  # (right, rows) per process: rows 0, 2 and row 1
     assert shares == [4 / 6, 4 / 6]  # what the reduced counts say, on every process
+
+
+def test_a_relative_base_path_is_recorded_absolute(model_dir, data_file, tmp_path, monkeypatch):
+    """So that merge, export and serve find the base from any working directory."""
+    monkeypatch.chdir(os.path.dirname(str(model_dir)))
+    run(settings(os.path.basename(str(model_dir)), data_file, tmp_path / "out", max_steps=1))
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["base_model_name_or_path"] == os.path.abspath(str(model_dir))

@@ -55,3 +55,9 @@ class InsufficientMemoryError(LoratuneError, MemoryError):
 
 class DiskFullError(LoratuneError, OSError):
     """A save ran out of disk space; the message names the folder and the bytes it needed."""
+
+
+def one_line(exc: BaseException, limit: int = 500) -> str:
+    """An exception's message on one line (a library's multi-line message joined), cut to `limit`."""
+    text = " ".join(line.strip() for line in str(exc).splitlines() if line.strip()) or type(exc).__name__
+    return text if len(text) <= limit else f"{text[:limit]}..."

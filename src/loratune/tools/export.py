@@ -30,7 +30,7 @@ from transformers import AutoModelForCausalLM
 
 from loratune.atomic import atomic_directory, nearest_existing
 from loratune.dtypes import bf16_supported, parse_dtype
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, MergeError
 from loratune.quant import dequantize_model
 from loratune.tools.evaluation import model_vocab_size
 
@@ -152,6 +152,7 @@ def merge_to_directory(loaded, output_dir: str, *, dtype: str = "bfloat16",
     tol = tolerance if tolerance is not None else tolerance_for(reference)
     merged = merged.to(torch_dtype)
     merged.config.dtype = torch_dtype
+    check_finite_weights(merged, dtype)
     published = False
     try:
         with atomic_directory(output_dir) as tmp:
@@ -179,7 +180,30 @@ def merge_into_base(loaded) -> nn.Module:
     model = loaded.model
     if loaded.quantized:
         dequantize_model(model.get_base_model(), dtype=torch.float32)
-    return model.merge_and_unload(safe_merge=True).eval()
+    merged = model.merge_and_unload(safe_merge=True).eval()
+    untie_a_trained_head(merged)
+    return merged
+
+
+def untie_a_trained_head(model: nn.Module) -> None:
+    """A tied base whose output head was trained in full (modules_to_save lm_head) has, once merged,
+    a head of its own: say so in its config. Left tied, save_pretrained, GGUF export (which writes
+    no output head for a tied model) and loaders that honour the flag would use the embedding."""
+    config, head, embed = model.config, model.get_output_embeddings(), model.get_input_embeddings()
+    if not getattr(config, "tie_word_embeddings", False) or head is None or embed is None:
+        return
+    if head.weight is not embed.weight:
+        logger.info("the output head was trained apart from the tied embedding: writing it untied")
+        config.tie_word_embeddings = False
+
+
+def check_finite_weights(model: nn.Module, dtype: str) -> None:
+    """Raise MergeError naming the first weight that the cast to `dtype` made Inf or NaN (a merged
+    weight beyond float16's 65504, say), before anything is written."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise MergeError(f"merged weight {name} does not fit {dtype} (it becomes Inf or NaN); merge to "
+                             "a wider dtype (--dtype bfloat16 or float32)")
 
 
 def _reload(directory: str, torch_dtype: torch.dtype) -> nn.Module:

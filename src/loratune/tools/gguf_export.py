@@ -11,6 +11,7 @@ The output directory appears complete or not at all (`atomic_directory`).
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from loratune.atomic import atomic_directory
 from loratune.config import LoraConfig
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, MergeError, one_line
 from loratune.tools.export import (
     check_merge_output_dir,
     logits_of,
@@ -59,7 +60,12 @@ def base_config_and_tokenizer(name: str):
     """(Transformers config, tokenizer, GGUF file or None) of a base model, without loading weights."""
     gguf_file = gguf_file_of(name)
     if gguf_file is None:
-        return AutoConfig.from_pretrained(model_dir(name)), load_tokenizer(name), None
+        directory = model_dir(name)  # a ConfigError for a name that is none of the accepted kinds
+        try:
+            config = AutoConfig.from_pretrained(directory)
+        except Exception as exc:  # offline hub id, broken config.json, an impossible architecture
+            raise ConfigError(f"cannot read the base model config of {name!r}: {one_line(exc)}") from None
+        return config, load_tokenizer(name), None
     check_gguf_file(gguf_file)  # a file cut short, an adapter, missing keys: named, not a traceback
     kwargs = {"gguf_file": gguf_file.name}
     try:
@@ -102,6 +108,19 @@ def _model_outtype(outtype: str) -> str:
     return "f16" if outtype == "f32" else outtype
 
 
+def _judge_written(written_diff: float, diff: float, tol: float, outtype: str) -> None:
+    """Refuse to publish a GGUF whose read-back logits are not finite (a weight beyond the type's
+    range), or, written in f32, differ from the checked merge by more than the tolerance (nothing
+    rounds there, so the file itself is wrong)."""
+    if not math.isfinite(written_diff):
+        raise MergeError(f"the written {outtype} GGUF, read back, gives non-finite logits: a merged weight "
+                         "does not fit it; use --outtype bf16 or f32")
+    if outtype == "f32" and written_diff > diff + tol:
+        raise MergeError(f"the written f32 GGUF, read back, differs from the adapter model by "
+                         f"{written_diff:.3e} (tolerance {tol:.3e}): the GGUF conversion lost something; "
+                         "nothing was written")
+
+
 def merge_to_gguf(loaded, output_dir: str, *, outtype: str = "f16", tolerance: float | None = None
                   ) -> GgufExport:
     """Merge `loaded.model` (a float32 LoraModel) into its base and write OUT/model.gguf + Modelfile.
@@ -133,6 +152,7 @@ def merge_to_gguf(loaded, output_dir: str, *, outtype: str = "f16", tolerance: f
                          vocab_from=gguf_file_of(loaded.base_name))
         written = AutoModelForCausalLM.from_pretrained(tmp, gguf_file="model.gguf", dtype=torch.float32)
         written_diff = float((logits_of(written.eval(), probe) - reference).abs().max())
+        _judge_written(written_diff, diff, tol, outtype)
         (Path(tmp) / "Modelfile").write_text(modelfile("./model.gguf", template))
         files = sorted(os.listdir(tmp))
     return GgufExport(str(out), files, written_diff=written_diff, **result)

@@ -34,7 +34,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from loratune.dtypes import resolve_dtype
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, one_line
 from loratune.quant import quantize_model
 from loratune.tools.base_files import (
     TOKENIZER_FILES,
@@ -172,14 +172,14 @@ def load_tokenizer(
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, revision=revision,
                                                   trust_remote_code=trust_remote_code)
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
+    except Exception as exc:  # the user's files: a broken config.json, an impossible architecture, ...
         if kind != "local" and not isinstance(exc, (OSError, ValueError)):
             raise  # a shipped preset or a downloaded tokenizer: not a file the user wrote
         if kind == "hub":
             raise _hub_error(where, exc) from exc
         read = ", ".join(f for f in TOKENIZER_FILES if (Path(where) / f).is_file())
         raise ConfigError(f"cannot load a tokenizer from {str(name_or_path)!r} (files {read}): "
-                          f"{type(exc).__name__}: {exc}") from exc
+                          f"{type(exc).__name__}: {one_line(exc)}") from exc
     if tokenizer.pad_token is None:
         fallback = tokenizer.eos_token or tokenizer.unk_token
         if fallback is None:

@@ -20,10 +20,13 @@ logger = logging.getLogger(__name__)
 
 
 def base_source(cfg: TrainConfig) -> str:
-    """The base as one string (a GGUF file inside a directory becomes its path), as the adapter records it."""
+    """The base as one string (a GGUF file inside a directory becomes its path), as the adapter records
+    it: a local path made absolute, so the adapter finds its base from any working directory."""
     from loratune.tools.loading import model_source
 
-    return model_source(cfg.model.model_name_or_path, cfg.model.gguf_file)
+    source = model_source(cfg.model.model_name_or_path, cfg.model.gguf_file)
+    local = os.path.expanduser(source)
+    return os.path.abspath(local) if os.path.exists(local) else source
 
 
 def build_model(cfg: TrainConfig, env: DistEnv, calibration_rows: list[list[int]] | None = None):
