@@ -135,3 +135,10 @@ def test_llama_cpp_refuses_what_it_cannot_express(tmp_path):
                                    {"transformer.h.0.attn.c_attn": 8}))
     assert gpt2.reasons == ["modules ['transformer.h.0.attn.c_attn'] have no llama.cpp tensor (GGUF export "
                             "covers Llama, Mistral and Qwen2 attention and MLP projections)"]
+
+
+def test_llama_cpp_refuses_an_adapter_with_lora_alpha_zero(tmp_path):
+    """PEFT scales it by 0 (it does nothing); llama.cpp reads alpha 0 as unset and applies it at scale 1."""
+    s = summary(tmp_path, LoraConfig(r=4, lora_alpha=0, target_modules=["q_proj", "v_proj"]))
+    verdict = check_llama_cpp(s)
+    assert not verdict.accepted and any("lora_alpha 0" in r for r in verdict.reasons)

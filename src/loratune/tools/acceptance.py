@@ -147,6 +147,9 @@ def check_llama_cpp(s: AdapterSummary) -> Verdict:
     if alphas:
         reasons.append(f"alpha_pattern {dict(c.alpha_pattern)}: a llama.cpp adapter has one "
                        "adapter.lora.alpha for every module")
+    if float(c.lora_alpha) == 0:
+        reasons.append("lora_alpha 0: the adapter changes nothing (scaling 0), but llama.cpp reads an "
+                       "adapter.lora.alpha of 0 as 'no alpha' and applies the adapter at full strength")
     ranks = sorted({m.r for m in s.modules}) or [c.r]
     if c.use_rslora and len(ranks) > 1:
         reasons.append(f"rsLoRA with ranks {ranks} (rank_pattern): llama.cpp scales by alpha / r, so one "

@@ -117,7 +117,8 @@ def hparams_of(config, *, source: str = "config") -> Hparams:
     rope_theta = get("rope_theta") or (rope.get("rope_theta") if isinstance(rope, dict) else None) or 10000.0
     if isinstance(rope, dict) and rope.get("rope_type", "default") not in ("default", None):
         raise ConfigError(f"rope_type {rope.get('rope_type')!r} (rope scaling) is not supported by GGUF "
-                          "export", source=source)
+                          "export; to export an adapter, convert the base with llama.cpp's "
+                          "convert_hf_to_gguf.py and pass it as --base FILE.gguf", source=source)
     return Hparams(
         model_type=model_type, arch=arch, permute_qk=permute, n_layers=int(get("num_hidden_layers")),
         n_heads=n_heads, n_kv_heads=int(get("num_key_value_heads") or n_heads),
