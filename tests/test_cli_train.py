@@ -291,3 +291,15 @@ def test_trls_flag_names_map_to_ours():
     args = ["c.yaml", "--max_length", "256", "--dataset-text-field", "b"]
     config, overrides, problems, _ = split_args(args, {})
     assert (config, overrides, problems) == ("c.yaml", {"max_seq_length": "256", "text_column": "b"}, [])
+
+
+def test_a_flag_overrides_the_yaml_under_either_name(tmp_path):
+    """YAML `max_length` (TRL's name) and `--max_seq_length` are one setting: the flag wins."""
+    import argparse
+
+    from loratune.cli.train import load_config_from_args
+
+    config = tmp_path / "c.yaml"
+    config.write_text("max_length: 64\ntrain_file: t.jsonl\n")
+    args = argparse.Namespace(config=str(config), overrides={"max_seq_length": "32"}, flag_problems=[])
+    assert load_config_from_args(args).data.max_seq_length == 32

@@ -277,3 +277,11 @@ def test_trls_names_for_our_keys_are_accepted(tmp_path):
 def test_trls_keys_without_a_counterpart_say_what_happens_instead(key):
     with pytest.raises(ConfigError, match=f"'{key}' is TRL's and has no counterpart here: "):
         build_config({"train_file": "t.jsonl", key: True})
+
+
+def test_an_unused_setting_is_warned_about_once(caplog):
+    """The trainer replaces a key of the built config (the token budget); that must not warn again."""
+    with caplog.at_level("WARNING", logger="loratune"):
+        cfg = build_config({"train_file": "t.jsonl", "bnb_4bit_quant_type": "fp4"})
+        cfg.replace(max_tokens_per_batch=512)
+    assert caplog.text.count("bnb_4bit_quant_type only applies with load_in_4bit") == 1

@@ -172,7 +172,7 @@ def load_config_from_args(args):
     Each problem names where the bad value came from: `--key` for a flag, the file for a YAML key.
     """
     from loratune.errors import ConfigError
-    from loratune.train.config import build_config, read_yaml
+    from loratune.train.config import build_config, canonical_keys, read_yaml
 
     problems = list(args.flag_problems)
     raw: dict = {}
@@ -182,7 +182,7 @@ def load_config_from_args(args):
         except ConfigError as exc:
             problems.append(str(exc))  # names the file already
     try:
-        cfg = build_config({**raw, **args.overrides})
+        cfg = build_config({**canonical_keys(raw), **args.overrides})
     except ConfigError as exc:
         problems.extend(_blame(p, args.overrides, args.config) for p in exc.problems)
         cfg = None

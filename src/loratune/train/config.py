@@ -208,7 +208,8 @@ class TrainConfig:
 
     def replace(self, **flat: Any) -> TrainConfig:
         """Return a copy with some flat keys changed (validated like any config)."""
-        return build_config({**self.to_flat_dict(), **canonical_keys(flat)})
+        # its settings were warned about when it was built: not again
+        return build_config({**self.to_flat_dict(), **canonical_keys(flat)}, warn_unused=False)
 
 
 # TRL's SFTConfig names for keys that mean exactly what ours mean.
@@ -290,7 +291,7 @@ def _refuse_duplicate_keys(node, path: str) -> None:
         seen[name] = line
 
 
-def build_config(raw: dict[str, Any], *, source: str | None = None) -> TrainConfig:
+def build_config(raw: dict[str, Any], *, source: str | None = None, warn_unused: bool = True) -> TrainConfig:
     """Validate flat keys, coerce values by field type, and build the frozen TrainConfig.
 
     Raises:
@@ -327,7 +328,7 @@ def build_config(raw: dict[str, Any], *, source: str | None = None) -> TrainConf
     problems.extend(range_problems(sections))
     if problems:
         raise ConfigError(problems, source=source)
-    for message in unused_quant_settings(sections["model"]):
+    for message in unused_quant_settings(sections["model"]) if warn_unused else []:
         logger.warning("%s%s", f"{source}: " if source else "", message)
     return TrainConfig(**sections)
 
