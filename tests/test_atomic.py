@@ -113,3 +113,18 @@ def test_nearest_existing_stops_at_the_deepest_part_that_exists(tmp_path):
     assert nearest_existing(tmp_path) == str(tmp_path)
     (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")  # a broken link still blocks the path
     assert nearest_existing(tmp_path / "dangling" / "x") == str(tmp_path / "dangling")
+
+
+def test_a_failed_save_into_new_folders_leaves_none_of_them(tmp_path):
+    target = tmp_path / "a" / "b" / "c"
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target) as tmp:
+            open(os.path.join(tmp, "f"), "w").close()
+            raise RuntimeError("refused")
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "keep").write_text("x")
+    with pytest.raises(RuntimeError):
+        with atomic_directory(target):
+            raise RuntimeError("refused")
+    assert sorted(os.listdir(tmp_path / "a")) == ["keep"]  # a folder that was there stays

@@ -33,9 +33,14 @@ def atomic_directory(target: str | os.PathLike, *, size_hint: int | None = None)
     """
     target = os.path.abspath(os.fspath(target))
     parent, base = os.path.split(target)
+    existing = nearest_existing(parent)
     os.makedirs(parent, exist_ok=True)
-    _check_space(parent, size_hint, target)
-    tmp = tempfile.mkdtemp(prefix=f".{base}{TEMP_MARK}", dir=parent)
+    try:
+        _check_space(parent, size_hint, target)
+        tmp = tempfile.mkdtemp(prefix=f".{base}{TEMP_MARK}", dir=parent)
+    except BaseException:
+        _remove_made_folders(parent, existing)
+        raise
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like mkdir's
     try:
         yield tmp
@@ -49,9 +54,21 @@ def atomic_directory(target: str | os.PathLike, *, size_hint: int | None = None)
     except BaseException as exc:
         written = _tree_bytes(tmp)
         shutil.rmtree(tmp, ignore_errors=True)
+        _remove_made_folders(parent, existing)  # nothing was saved: no empty folders either
         if isinstance(exc, OSError) and exc.errno in _NO_SPACE and not isinstance(exc, DiskFullError):
             raise _disk_full(parent, target, max(size_hint or 0, written), written) from None
         raise
+
+
+def _remove_made_folders(folder: str, existing: str) -> None:
+    """Remove `folder` and its parents up to (not including) `existing`, the part that was there
+    before, as long as they are empty."""
+    while folder != existing and len(folder) > len(existing):
+        try:
+            os.rmdir(folder)
+        except OSError:
+            return
+        folder = os.path.dirname(folder)
 
 
 def nearest_existing(path: str | os.PathLike) -> str:
