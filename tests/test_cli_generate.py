@@ -132,3 +132,15 @@ def test_ctrl_c_while_generating_exits_130_without_a_traceback(dirs, capsys, mon
     monkeypatch.setattr(generation, "generate_text", interrupt)
     code, out, err = generate(capsys, "--model_name_or_path", dirs[0], "--prompt", "Hello")
     assert code == 130 and "Traceback" not in err and "KeyboardInterrupt" not in err
+
+
+def test_ctrl_c_while_the_verb_is_imported_exits_130(capsys, monkeypatch):
+    """The verb's module (and torch, transformers) is imported while the parser is built."""
+    import loratune.cli.main as cli_main
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_main, "build_parser", interrupted)
+    assert cli_main.main(["generate", "--prompt", "x"]) == 130
+    assert "Traceback" not in capsys.readouterr().err

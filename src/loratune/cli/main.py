@@ -78,6 +78,14 @@ def _spellings(body: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one verb and return its exit code (2 for usage and input errors)."""
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C while the verb's libraries import, loading or generating
+        print(file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
     args = parser.parse_args(either_spelling(parser, argv))
@@ -94,9 +102,6 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.reconfigure(errors="backslashreplace")
     try:
         return int(_load_verb(args.verb).run(args) or 0)
-    except KeyboardInterrupt:  # Ctrl-C while loading or generating: stop without a traceback
-        print(file=sys.stderr)
-        return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed early, as by `loratune generate ... | head -c 20`
         _silence_stdout()
         return EXIT_BROKEN_PIPE
