@@ -258,3 +258,14 @@ def test_read_adapter_returns_config_and_tensors(tmp_path):
     cfg, tensors = read_adapter(str(out))
     assert isinstance(cfg, LoraConfig) and cfg.r == 4 and cfg.target_modules == ["q_proj"]
     assert Q0A in tensors and tensors[Q0A].shape == (4, 32)
+
+
+def test_an_adapter_of_another_base_says_which_base_it_was_trained_on(tmp_path):
+    import json
+
+    _, out = saved(tmp_path, target_modules=["q_proj"])
+    config = json.loads((out / "adapter_config.json").read_text())
+    (out / "adapter_config.json").write_text(json.dumps({**config, "base_model_name_or_path": "org/bigger"}))
+    rewrite_tensors(out, lambda tensors: tensors.__setitem__(Q0A, torch.zeros(4, 48)))
+    with pytest.raises(AdapterError, match=r"\(trained on 'org/bigger', loaded on .*: load it on its own"):
+        PeftModel.from_pretrained(tiny_model(), str(out))

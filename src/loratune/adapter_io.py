@@ -215,7 +215,7 @@ def _normalise_keys(tensors: dict[str, Tensor], *, source: str) -> dict[str, Ten
 
 
 def load_adapter_tensors(model: nn.Module, adapter_name: str, bias: str, tensors: dict[str, Tensor],
-                         *, source: str) -> None:
+                         *, source: str, trained_on: str | None = None) -> None:
     """Copy file tensors into the injected adapter, checking key sets both ways and every shape.
 
     Raises:
@@ -237,6 +237,12 @@ def load_adapter_tensors(model: nn.Module, adapter_name: str, bias: str, tensors
             shown = "\n    ".join(items[:8]) + more
             problems.append(f"{len(items)} {label} tensor(s):\n    {shown}")
     if problems:
+        if misshapen:  # the usual cause: another base than the one it was trained on
+            here = getattr(getattr(model, "config", None), "name_or_path", None) or "this model"
+            if trained_on and trained_on != here:
+                problems.append(f"(trained on {trained_on!r}, loaded on {here!r}: load it on its own base)")
+            else:
+                problems.append("(was the adapter trained on another base model?)")
         raise AdapterError(f"{source}: adapter does not fit the model:\n  " + "\n  ".join(problems))
     with torch.no_grad():
         for key, param in expected.items():
@@ -255,7 +261,8 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, config: LoraConfig
         AdapterError: the tensors do not fit (see `load_adapter_tensors`), or a base-rewriting init
             meets a quantized base.
     """
-    load_adapter_tensors(model, adapter_name, config.bias, tensors, source=source)
+    load_adapter_tensors(model, adapter_name, config.bias, tensors, source=source,
+                         trained_on=config.base_model_name_or_path)
     if not config.rewrites_base:
         return
     layers = [m for m in model.modules() if isinstance(m, LoraLinear) and adapter_name in m.r]
