@@ -27,8 +27,8 @@ from .atomic import atomic_directory, nearest_existing
 from .base_layers import is_quantized
 from .config import LoraConfig
 from .errors import AdapterError, ConfigError
-from .inject import legacy_saved_modules, matches, pattern_value
-from .layers import LoraLayer, LoraLinear, ModulesToSave, inside_wrapper, owned_by_adapter
+from .inject import legacy_saved_modules, matches, module_names, pattern_value
+from .layers import LoraLayer, LoraLinear, ModulesToSave, owned_by_adapter
 from .module_patterns import first_few, match_budget, shown
 
 logger = logging.getLogger(__name__)
@@ -287,7 +287,7 @@ def with_legacy_saves(model: nn.Module, config: LoraConfig, tensors: dict[str, T
     entries = config.modules_to_save
     if not entries:
         return config
-    names = [n for n, _ in model.named_modules() if n and not inside_wrapper(n)]
+    names = module_names(model)
 
     def has_copy(name: str) -> bool:
         return any(f"{PREFIX}{name}.{p}" in tensors for p, _ in model.get_submodule(name).named_parameters())
@@ -310,7 +310,7 @@ def without_unmatched_targets(model: nn.Module, config: LoraConfig, source: str)
     target = config.target_modules
     if isinstance(target, str) or not target:
         return config
-    names = [n for n, _ in model.named_modules() if n and not inside_wrapper(n)]
+    names = module_names(model)
     kept = [entry for entry in target if any(matches([entry], n) for n in names)]
     if not kept or len(kept) == len(target):
         return config  # nothing matches: the strict check names the entries and close names

@@ -57,6 +57,12 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
 SEQ_CLS_HEADS = ("classifier", "score", "pre_classifier")
 
 
+def module_names(model: nn.Module) -> list[str]:
+    """The model's own module paths, as target_modules and modules_to_save entries are matched
+    against: the root and the insides of LoRA / modules_to_save wrappers left out."""
+    return [n for n, _ in model.named_modules() if n and not inside_wrapper(n)]
+
+
 def matches(patterns: list[str] | str | None, name: str) -> bool:
     """PEFT's matching rule for target_modules / exclude_modules / modules_to_save entries."""
     if patterns is None:
@@ -173,7 +179,7 @@ def find_targets(model: nn.Module, config: LoraConfig) -> list[str]:
     Raises:
         TargetNotFoundError: an entry (or the regex) matches no module; close names are listed.
     """
-    names = [n for n, m in model.named_modules() if n and not inside_wrapper(n)]
+    names = module_names(model)
     target = config.target_modules
     # A module trained in full (modules_to_save) is not also given LoRA, as in PEFT.
     matched = [n for n in names if matches(target, n) and not matches(config.exclude_modules, n)
@@ -291,7 +297,7 @@ def find_modules_to_save(model: nn.Module, config: LoraConfig) -> list[str]:
     """Names of the modules trained in full for this adapter."""
     if not config.modules_to_save:
         return []
-    names = [n for n, _ in model.named_modules() if n and not inside_wrapper(n)]
+    names = module_names(model)
     found = [n for n in names if saved_in_full(config.modules_to_save, n)]
     missing = [e for e in config.modules_to_save if not any(saved_in_full([e], n) for n in found)]
     if missing:

@@ -288,8 +288,8 @@ def _messages(record: dict[str, Any], column: str, *, sharegpt: bool,
         if content is not None:
             content = _unicode(content, f"{column}[{i}].{content_key}")
         # the other keys (tool_calls, tool_call_id, name, reasoning_content, ...) reach the template
-        extra = {} if sharegpt else {k: _present(v) for k, v in turn.items()
-                                     if k not in (role_key, content_key) and _present(v) is not None}
+        extra = {} if sharegpt else {k: v for k, v in ((k, _present(v)) for k, v in turn.items()
+                                                      if k not in (role_key, content_key)) if v is not None}
         messages.append({"role": role, "content": content, **extra})
     if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise RowError(f"{column} has no assistant turn, so there is nothing to train on")
