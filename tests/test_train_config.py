@@ -275,8 +275,33 @@ def test_trls_names_for_our_keys_are_accepted(tmp_path):
 @pytest.mark.parametrize("key", ["assistant_only_loss", "packing_strategy", "padding_free", "truncation_mode",
                                  "eos_token"])
 def test_trls_keys_without_a_counterpart_say_what_happens_instead(key):
-    with pytest.raises(ConfigError, match=f"'{key}' is TRL's and has no counterpart here: "):
+    with pytest.raises(ConfigError, match=f"'{key}' is a TRL / PEFT setting with no counterpart here: "):
         build_config({"train_file": "t.jsonl", key: True})
+
+
+@pytest.mark.parametrize(("key", "value", "instead"), [
+    ("save_strategy", "no", "save_steps: 0"), ("eval_strategy", "steps", "eval_steps: N"),
+    ("logging_strategy", "steps", "logging_steps"), ("optim", "adamw_torch", "always AdamW"),
+    ("lr_scheduler_kwargs", {"min_lr": 0}, "lr_scheduler_type"), ("neftune_noise_alpha", 5, "not supported"),
+    ("fp16", True, "bf16: true"), ("per_device_eval_batch_size", 4, "per_device_train_batch_size"),
+    ("gradient_checkpointing_kwargs", {"use_reentrant": False}, "gradient_checkpointing: true"),
+    ("use_cpu", True, "CUDA_VISIBLE_DEVICES"), ("init_lora_weights", "gaussian", "init_lora_weights: true"),
+])
+def test_common_trainer_keys_are_refused_with_what_to_use(key, value, instead):
+    """SFTConfig / TrainingArguments / LoraConfig keys a TRL script sets: refused by name, with the way here."""
+    with pytest.raises(ConfigError) as err:
+        build_config({"train_file": "t.jsonl", key: value})
+    assert f"'{key}' is a TRL / PEFT setting" in str(err.value) and instead in str(err.value)
+
+
+def test_warmup_steps_reads_as_in_transformers_5():
+    """Transformers 5 dropped warmup_ratio: warmup_steps >= 1 is steps, below 1 a fraction of all steps."""
+    assert build_config({**DATA, "warmup_steps": 10}).optim.warmup_steps == 10
+    assert build_config({**DATA, "warmup_steps": "0.1"}).optim.warmup_steps == 0.1
+    assert build_config(DATA).optim.warmup_steps == 0  # warmup_ratio applies
+    for bad in (-1, 2.5):
+        with pytest.raises(ConfigError, match=f"warmup_steps must be a whole number .* got {float(bad)}"):
+            build_config({**DATA, "warmup_steps": bad})
 
 
 def test_an_unused_setting_is_warned_about_once(caplog):

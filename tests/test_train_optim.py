@@ -48,6 +48,15 @@ def test_warmup_rounds_up():
     assert warmup_steps_for(10, 0.0) == 0
 
 
+def test_warmup_steps_wins_over_the_ratio_as_transformers_counts_it():
+    from transformers import TrainingArguments
+
+    for value in (7, 0.1, 0.25):
+        args = TrainingArguments(output_dir="unused", warmup_steps=value, use_cpu=True)
+        assert warmup_steps_for(33, 0.03, value) == args.get_warmup_steps(33)
+    assert warmup_steps_for(33, 0.03, 0) == 1  # 0: the ratio
+
+
 def test_optimizer_sees_only_trainable_parameters_and_skips_decay_on_vectors():
     model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
     model[0].requires_grad_(False)

@@ -105,6 +105,11 @@ class OptimArgs:
                                          choices=SCHEDULERS)
     )
     warmup_ratio: float = field(default=0.03, metadata=_help("fraction of steps with linear warmup"))
+    warmup_steps: float = field(
+        default=0,
+        metadata=_help("warmup as in Transformers 5: N >= 1 steps, or a fraction < 1 of all steps; "
+                       "when > 0 it replaces warmup_ratio (0: use warmup_ratio)"),
+    )
     weight_decay: float = field(default=0.0, metadata=_help("AdamW decoupled weight decay"))
     max_grad_norm: float = field(default=1.0, metadata=_help("clip the gradient norm to this (0: off)"))
     per_device_train_batch_size: int = field(
@@ -214,7 +219,8 @@ class TrainConfig:
 
 # TRL's SFTConfig names for keys that mean exactly what ours mean.
 KEY_ALIASES = {"max_length": "max_seq_length", "dataset_text_field": "text_column"}
-# TRL keys with no counterpart, and what loratune does instead (said when one is used).
+# TRL / TrainingArguments / PEFT keys with no counterpart, and what loratune does instead (said when
+# one is used).
 TRL_ONLY = {
     "assistant_only_loss": "conversations train only their assistant turns by default (completion_only_loss: "
                            "true, which also covers prompt/completion rows); completion_only_loss: false "
@@ -223,6 +229,20 @@ TRL_ONLY = {
     "padding_free": "packed batches are already padding-free (packing: true)",
     "truncation_mode": "examples longer than max_seq_length keep their first tokens",
     "eos_token": "the tokenizer's own EOS token is used",
+    "save_strategy": "checkpoints are written every save_steps steps; save_steps: 0 writes none",
+    "eval_strategy": "with eval data, eval_steps: N evaluates every N steps (0: only at the end)",
+    "logging_strategy": "logging_steps: N logs every N steps",
+    "optim": "the optimizer is always AdamW (fused where the device has a kernel) with weight_decay",
+    "lr_scheduler_kwargs": f"lr_scheduler_type is one of {', '.join(SCHEDULERS)}, which take no arguments",
+    "neftune_noise_alpha": "NEFTune embedding noise is not supported; leave it out",
+    "fp16": "bf16: true keeps the frozen base in bf16 where the device computes it; fp16 is not offered",
+    "per_device_eval_batch_size": "evaluation uses per_device_train_batch_size",
+    "gradient_checkpointing_kwargs": "gradient_checkpointing: true recomputes each decoder layer, "
+                                     "non-reentrant; it takes no arguments",
+    "use_cpu": "the device is chosen automatically (a CUDA GPU when present); hide GPUs with "
+               "CUDA_VISIBLE_DEVICES= to train on the CPU",
+    "init_lora_weights": "the adapter starts as PEFT's default (init_lora_weights: true: A kaiming-uniform, "
+                         "B zero); other initialisations are in the library (loratune.LoraConfig)",
 }
 
 
@@ -337,7 +357,7 @@ def unknown_key_message(key: str, owners: dict, *, as_flag: bool = False) -> str
     """Say that a key (or --flag) is unknown, suggest close ones, and list all valid keys."""
     show = (lambda k: f"--{k}") if as_flag else repr
     if key in TRL_ONLY:
-        return f"{show(key)} is TRL's and has no counterpart here: {TRL_ONLY[key]}"
+        return f"{show(key)} is a TRL / PEFT setting with no counterpart here: {TRL_ONLY[key]}"
     close = difflib.get_close_matches(key, list(owners), n=3, cutoff=0.6)
     hint = f"; did you mean {' or '.join(show(c) for c in close)}?" if close else "."
     return f"unknown {'flag' if as_flag else 'key'} {show(key)}{hint} Valid keys: {', '.join(sorted(owners))}"

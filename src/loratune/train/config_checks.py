@@ -43,6 +43,10 @@ def range_problems(s: dict[str, Any]) -> list[str]:
             (math.isfinite(op.learning_rate) and op.learning_rate > 0,
              f"learning_rate must be a finite number > 0, got {op.learning_rate}"),
             (0 <= op.warmup_ratio <= 1, f"warmup_ratio must be in [0, 1], got {op.warmup_ratio}"),
+            (math.isfinite(op.warmup_steps) and op.warmup_steps >= 0
+             and (op.warmup_steps < 1 or op.warmup_steps.is_integer()),
+             "warmup_steps must be a whole number of steps (>= 1), a fraction of all steps in [0, 1), "
+             f"or 0 to use warmup_ratio, got {op.warmup_steps}"),
             (math.isfinite(op.weight_decay) and op.weight_decay >= 0,
              f"weight_decay must be a finite number >= 0, got {op.weight_decay}"),
             (math.isfinite(op.max_grad_norm) and op.max_grad_norm >= 0,

@@ -110,7 +110,7 @@ def fit(
 
     optimizer = build_optimizer(model, op.learning_rate, op.weight_decay)
     scheduler = build_scheduler(optimizer, op.lr_scheduler_type,
-                                warmup_steps_for(total_steps, op.warmup_ratio),
+                                warmup_steps_for(total_steps, op.warmup_ratio, op.warmup_steps),
                                 total_steps)
     pos, window = Position(), LogWindow()
     if resume_path is not None:

@@ -71,9 +71,12 @@ def build_scheduler(optimizer: torch.optim.Optimizer, kind: str, warmup_steps: i
                     lambda s: lr_lambda(s, kind=kind, warmup_steps=warmup_steps, total_steps=total_steps))
 
 
-def warmup_steps_for(total_steps: int, warmup_ratio: float) -> int:
-    """Number of warmup steps for a ratio (rounded up, like transformers)."""
-    return math.ceil(total_steps * warmup_ratio)
+def warmup_steps_for(total_steps: int, warmup_ratio: float, warmup_steps: float = 0) -> int:
+    """Number of warmup steps: `warmup_steps` when > 0, read as Transformers 5 reads it (N >= 1 is N
+    steps, a value below 1 a fraction of `total_steps`), else `warmup_ratio`; fractions round up."""
+    if warmup_steps >= 1:
+        return int(warmup_steps)
+    return math.ceil(total_steps * (warmup_steps or warmup_ratio))
 
 
 def apply_hyperparameters(optimizer: torch.optim.Optimizer, scheduler: LambdaLR, learning_rate: float,
