@@ -45,7 +45,7 @@ def train_full(job: dict, clock) -> dict:
 
     def plan(epoch: int) -> list[list[list[int]]]:
         """The epoch's optimizer steps, each a list of micro-batches (lists of example indices)."""
-        micro = plan_batches(lengths, bs, hp["max_seq_length"], False, hp["seed"], epoch)
+        micro = plan_batches(lengths, bs, hp["seed"], epoch)
         return [micro[i:i + gas] for i in range(0, len(micro), gas)]
 
     total = math.ceil(hp["num_train_epochs"] * len(plan(0)))

@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from factories import VOCAB, tiny_model
-from loratune.data import IGNORE_INDEX, collate, plan_batches
+from loratune.data import IGNORE_INDEX, collate, plan_batches, split_by_tokens
 
 FP32_ATOL = 1e-5  # per-token loss tolerance, fp32 tiny model: packed vs separate runs
 
@@ -101,50 +101,39 @@ def test_packed_gradients_equal_separate_runs():
 
 def test_plan_is_deterministic_and_covers_every_example():
     lengths = [5, 40, 12, 7, 33, 2, 18, 9, 26, 11]
-    a = plan_batches(lengths, 3, 16, False, 7, 0)
-    assert a == plan_batches(lengths, batch_size=3, max_seq_length=16, packing=False, seed=7, epoch=0)
-    assert a != plan_batches(lengths, 3, 16, False, 7, 1) and a != plan_batches(lengths, 3, 16, False, 8, 0)
+    a = plan_batches(lengths, 3, 7, 0)
+    assert a == plan_batches(lengths, batch_size=3, seed=7, epoch=0)
+    assert a != plan_batches(lengths, 3, 7, 1) and a != plan_batches(lengths, 3, 8, 0)
     assert sorted(i for b in a for i in b) == list(range(10)) and [len(b) for b in a] == [3, 3, 3, 1]
 
 
-def test_packed_plan_respects_the_token_budget():
+def test_a_packed_micro_batch_is_cut_to_the_token_budget():
     lengths = [5, 40, 12, 7, 33, 2, 18, 9, 26, 11, 40, 40]
-    plan = plan_batches(lengths, 2, 40, True, 0, 0)
-    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
-    assert all(sum(lengths[i] for i in b) <= 80 for b in plan)
-    assert len(plan) < len(lengths)  # short examples share rows
+    pieces = split_by_tokens(list(range(12)), lengths, 40, 80)
+    assert [i for p in pieces for i in p] == list(range(12))  # the same examples, in order
+    assert all(sum(lengths[i] for i in p) <= 80 for p in pieces) and len(pieces) > 1
+    assert split_by_tokens([3, 1], lengths, 40, 0) == [[3, 1]]  # 0: no budget, one pass
 
 
-def test_packed_plan_makes_the_same_steps_as_padding_when_the_budget_allows():
-    lengths = [30] * 20
-    padded = plan_batches(lengths, 8, 1024, False, 5, 0)
-    assert plan_batches(lengths, 8, 1024, True, 5, 0) == padded  # 8 x 30 tokens fit: same batches
-    assert plan_batches(lengths, 8, 1024, True, 5, 0, token_budget=100) != padded
-
-
-def test_packed_plan_caps_tokens_and_examples_and_sends_a_long_example_alone():
+def test_a_long_example_goes_alone_and_lengths_are_cut_to_max_seq_length():
     lengths = [100, 10, 10, 10, 500, 10, 10, 10, 10, 10]
-    plan = plan_batches(lengths, 4, 1024, True, 1, 0, token_budget=120)
-    assert sorted(i for b in plan for i in b) == list(range(len(lengths)))
-    assert all(len(b) <= 4 for b in plan)
-    assert [4] in plan  # longer than the budget: alone
-    assert all(sum(lengths[i] for i in b) <= 120 for b in plan if b != [4])
+    pieces = split_by_tokens(list(range(10)), lengths, 1024, 120)
+    assert [4] in pieces  # longer than the budget: alone
+    assert all(sum(lengths[i] for i in p) <= 120 for p in pieces if p != [4])
     # examples longer than max_seq_length count as truncated: two 300-token rows cut to 100 share 200
-    assert [sorted(b) for b in plan_batches([300, 300], 2, 100, True, 0, 0, token_budget=200)] == [[0, 1]]
+    assert split_by_tokens([0, 1], [300, 300], 100, 200) == [[0, 1]]
 
 
 @settings(max_examples=40, deadline=None)
 @given(
     lengths=st.lists(st.integers(1, 64), min_size=0, max_size=60),
     batch_size=st.integers(1, 5),
-    packing=st.booleans(),
     world_size=st.integers(1, 4),
     seed=st.integers(0, 3),
 )
-def test_ddp_shards_are_disjoint_equal_and_match_the_global_plan(lengths, batch_size, packing, world_size,
-                                                                 seed):
-    full = plan_batches(lengths, batch_size, 64, packing, seed, 0)
-    shards = [plan_batches(lengths, batch_size, 64, packing, seed, 0, world_size, r)
+def test_ddp_shards_are_disjoint_equal_and_match_the_global_plan(lengths, batch_size, world_size, seed):
+    full = plan_batches(lengths, batch_size, seed, 0)
+    shards = [plan_batches(lengths, batch_size, seed, 0, world_size, r)
               for r in range(world_size)]
     assert len({len(s) for s in shards}) == 1
     assert len(full) - len(shards[0]) * world_size < world_size  # at most world_size-1 batches dropped
@@ -156,9 +145,9 @@ def test_ddp_shards_are_disjoint_equal_and_match_the_global_plan(lengths, batch_
     assert len(seen) == len(set(seen))
 
 
-def test_unpacked_ddp_global_batch_equals_single_process_batch():
+def test_ddp_global_batch_equals_single_process_batch():
     lengths = list(range(1, 33))
-    single = plan_batches(lengths, 4, 64, False, 3, 2)  # one process, batch 4
-    ranks = [plan_batches(lengths, 2, 64, False, 3, 2, 2, r) for r in range(2)]  # two processes, batch 2
+    single = plan_batches(lengths, 4, 3, 2)  # one process, batch 4
+    ranks = [plan_batches(lengths, 2, 3, 2, 2, r) for r in range(2)]  # two processes, batch 2
     for step, batch in enumerate(single):
         assert sorted(batch) == sorted(ranks[0][step] + ranks[1][step])

@@ -250,7 +250,7 @@ def _lora_losses(base, steps: int) -> list[float]:
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-3)
     model.train()
     losses = []
-    for indices in plan_batches([len(ex["input_ids"]) for ex in data], 8, 128, False, 0, 0)[:steps]:
+    for indices in plan_batches([len(ex["input_ids"]) for ex in data], 8, 0, 0)[:steps]:
         batch = collate([data[i] for i in indices], packing=False, pad_token_id=tok.pad_token_id)
         loss = model(**batch, use_cache=False).loss
         loss.backward()

@@ -20,11 +20,13 @@ from test_cli_train import make_model_dir, rows_for, write_rows
 from test_train_loop import adapter, assert_same_adapter, losses, settings
 
 
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path):
+@pytest.mark.parametrize("budget", [0, 40], ids=["auto-budget", "tight-budget"])
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path, budget):
+    """tight-budget: micro-batches cut into unequal numbers of passes per rank, still one step each."""
     model_dir = make_model_dir(tmp_path / "model")
     data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 32))
     kw = {"max_steps": 4, "lora_dropout": 0.0, "per_device_train_batch_size": 2, "eval_steps": 2,
-          "eval_metric": "exact_match", "eval_max_new_tokens": 4}
+          "eval_metric": "exact_match", "eval_max_new_tokens": 4, "max_tokens_per_batch": budget}
     single = tmp_path / "single"
     run(settings(model_dir, data, single, gradient_accumulation_steps=2, eval_file=data, **kw))
 

@@ -89,6 +89,18 @@ def _resume_copy(runs, name: str, source, step: int = 2):
     return out
 
 
+def test_sharded_processes_cut_into_unequal_passes_stay_in_step(tmp_path):
+    """A token budget cuts each rank's micro-batch into a different number of passes; every rank still
+    runs as many forwards (FSDP gathers in each) and the run follows one process's."""
+    model_dir = make_model_dir(tmp_path / "model")
+    data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 32))
+    tight = {**RUN, "lora_dropout": 0.0, "max_tokens_per_batch": 40}
+    run(settings(model_dir, data, tmp_path / "single", gradient_accumulation_steps=2, **tight))
+    torchrun(settings(model_dir, data, tmp_path / "sharded", fsdp=True, **tight), tmp_path / "sharded.yaml")
+    assert losses(tmp_path / "sharded") == pytest.approx(losses(tmp_path / "single"), rel=1e-4)
+    assert_same_adapter(adapter(tmp_path / "single"), adapter(tmp_path / "sharded"), atol=1e-5)
+
+
 def test_a_checkpoint_of_two_sharded_processes_resumes_in_one_unsharded_process(runs):
     out = _resume_copy(runs, "two_to_one", runs["sharded"])
     result = run(settings(runs["model_dir"], runs["data"], out, gradient_accumulation_steps=2,

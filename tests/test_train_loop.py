@@ -64,6 +64,19 @@ def test_accumulation_is_normalised_by_trained_tokens(model_dir, data_file, tmp_
     assert any(k.endswith("lora_B.weight") and b[k].abs().max() > 0 for k in b)  # it trained at all
 
 
+def test_the_token_budget_changes_memory_not_the_steps_or_the_update(model_dir, data_file, tmp_path):
+    """A packed micro-batch over max_tokens_per_batch runs as several passes inside its own step, so the
+    steps are those of an unpacked run (TRL's count: ceil(rows / batch)) and so is the update."""
+    common = {"lora_dropout": 0.0, "num_train_epochs": 1}
+    tight = run(settings(model_dir, data_file, tmp_path / "tight", max_tokens_per_batch=40, **common))
+    whole = run(settings(model_dir, data_file, tmp_path / "whole", max_tokens_per_batch=4096, **common))
+    padded = run(settings(model_dir, data_file, tmp_path / "padded", packing=False, **common))
+    assert tight.step == whole.step == padded.step == 24 // 4
+    assert losses(tmp_path / "tight") == pytest.approx(losses(tmp_path / "whole"), rel=1e-4)
+    assert_same_adapter(adapter(tmp_path / "tight"), adapter(tmp_path / "whole"), atol=1e-5)
+    assert losses(tmp_path / "tight") == pytest.approx(losses(tmp_path / "padded"), rel=1e-3)
+
+
 def test_only_lora_parameters_change_and_the_loss_falls(model_dir, data_file, tmp_path, monkeypatch):
     models = []
     real_fit = loop.fit

@@ -28,51 +28,49 @@ from loratune.data.tokenize import IGNORE_INDEX
 def plan_batches(
     lengths: Sequence[int],
     batch_size: int,
-    max_seq_length: int,
-    packing: bool,
     seed: int = 0,
     epoch: int = 0,
     world_size: int = 1,
     rank: int = 0,
-    token_budget: int | None = None,
 ) -> list[list[int]]:
     """Return this rank's micro-batches as lists of example indices, shuffled by (seed, epoch).
 
-    Unpacked: `batch_size` examples per micro-batch (the last one may be smaller). Packed: the same
-    shuffled order cut into micro-batches of at most `batch_size` examples and at most
-    `token_budget` tokens (default `batch_size * max_seq_length`), so packing never makes fewer,
-    larger optimizer steps than padding would; it only removes the padding. An example longer than
-    the budget goes alone. With
-    several ranks, micro-batch k of the global plan goes to rank k % world_size, and the trailing
-    micro-batches that cannot give every rank one more are dropped, so all ranks get the same count
-    of disjoint micro-batches. Micro-batches (r*W .. r*W+W-1) together are the global batch a
-    single process with W times the batch size would see (unpacked).
+    `batch_size` examples per micro-batch (the last one may be smaller), packed or not: packing only
+    removes padding, and a packed micro-batch too large for memory is cut by `split_by_tokens` into
+    passes that accumulate into the same optimizer step, so the examples of each step, and the number
+    of steps, never depend on packing or on the token budget. With several ranks, micro-batch k of the
+    global plan goes to rank k % world_size, and the trailing micro-batches that cannot give every
+    rank one more are dropped, so all ranks get the same count of disjoint micro-batches.
+    Micro-batches (r*W .. r*W+W-1) together are the global batch a single process with W times the
+    batch size would see.
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad plan: batch_size={batch_size}, rank={rank}, world_size={world_size}")
     order = list(range(len(lengths)))
     random.Random(f"loratune-batches:{seed}:{epoch}").shuffle(order)
-    if packing:
-        budget = token_budget or batch_size * max_seq_length
-        batches = _pack(order, [min(n, max_seq_length) for n in lengths], budget, batch_size)
-    else:
-        batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     usable = len(batches) - len(batches) % world_size
     return batches[rank:usable:world_size]
 
 
-def _pack(order: list[int], lengths: Sequence[int], budget: int, max_examples: int) -> list[list[int]]:
-    batches, current, used = [], [], 0
-    for i in order:
-        n = lengths[i]
-        if current and (used + n > budget or len(current) == max_examples):
-            batches.append(current)
+def split_by_tokens(indices: list[int], lengths: Sequence[int], max_seq_length: int,
+                    token_budget: int) -> list[list[int]]:
+    """Cut one packed micro-batch into consecutive pieces of at most `token_budget` tokens (lengths
+    capped at `max_seq_length`, as `collate` cuts them); an example longer than the budget goes alone.
+    0 means no budget: one piece."""
+    if not token_budget:
+        return [list(indices)]
+    pieces, current, used = [], [], 0
+    for i in indices:
+        n = min(lengths[i], max_seq_length)
+        if current and used + n > token_budget:
+            pieces.append(current)
             current, used = [], 0
         current.append(i)
         used += n
     if current:
-        batches.append(current)
-    return batches
+        pieces.append(current)
+    return pieces
 
 
 def collate(

@@ -34,7 +34,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from loratune.data import collate, plan_batches
+from loratune.data import collate, plan_batches, split_by_tokens
 from loratune.errors import LoratuneError, TrainingDivergedError
 from loratune.memory import peak_rss_bytes
 from loratune.tools.evaluation import default_max_new_tokens, exact_match, loss_sum_over, perplexity
@@ -95,8 +95,7 @@ def fit(
     lengths = [len(ex["input_ids"]) for ex in train_set]
 
     def plan(epoch: int) -> list[list[int]]:
-        batches = plan_batches(lengths, op.per_device_train_batch_size, dc.max_seq_length, dc.packing,
-                               lp.seed, epoch, env.world_size, env.rank, dc.max_tokens_per_batch)
+        batches = plan_batches(lengths, op.per_device_train_batch_size, lp.seed, epoch, env.world_size, env.rank)
         return batches[: all_reduce_min(len(batches), env)]  # every rank runs the same number of steps
 
     first_epoch = plan(0)
@@ -144,7 +143,8 @@ def fit(
                 continue
             group = batches[pos.batch_index: pos.batch_index + op.gradient_accumulation_steps]
             first = (lp.seed, pos.epoch, pos.batch_index * env.world_size + env.rank)  # global index
-            loss_sum, n_trained, n_input = _accumulate(runner, train_set, group, dc, tokenizer, env, first)
+            loss_sum, n_trained, n_input = _accumulate(runner, train_set, lengths, group, dc, tokenizer, env,
+                                                       first)
             loss_sum, n_trained, n_input = all_reduce_sum([loss_sum, n_trained, n_input], env)
             loss = loss_sum / max(n_trained, 1)
             grad_norm = _normalise_and_clip(params, n_trained, op.max_grad_norm, env)
@@ -205,23 +205,33 @@ def fit(
                       start_step=start_step, resumed_from=resume_path, peak_rss_mib=peaks)
 
 
-def _accumulate(runner: nn.Module, train_set, group: list[list[int]], dc, tokenizer, env: DistEnv,
-                first: tuple[int, int, int]):
+def _accumulate(runner: nn.Module, train_set, lengths: list[int], group: list[list[int]], dc, tokenizer,
+                env: DistEnv, first: tuple[int, int, int]):
     """Forward/backward each micro-batch of one step; return (loss sum, trained tokens, input tokens).
 
-    Gradients hold the un-normalised sum; DDP and FSDP sync only on the last micro-batch. `first` is
-    (seed, epoch, global index of the group's first micro-batch): it keys each micro-batch's dropout.
+    Gradients hold the un-normalised sum; DDP and FSDP sync only on the last pass. A packed
+    micro-batch over `max_tokens_per_batch` runs as several passes (`split_by_tokens`), all in this
+    step. Every rank makes as many passes as the busiest one (FSDP gathers weights in each forward):
+    a rank with fewer repeats its first pass with the loss times zero. `first` is (seed, epoch,
+    global index of the group's first micro-batch): it keys each pass's dropout.
     """
     seed, epoch, index = first
+    passes = [(index + i * env.world_size, piece, j) for i, indices in enumerate(group)
+              for j, piece in enumerate(split_by_tokens(indices, lengths, dc.max_seq_length,
+                                                        dc.max_tokens_per_batch) if dc.packing else [indices])]
+    n_passes = -all_reduce_min(-len(passes), env)
+    passes += [passes[0][:2] + (-1,)] * (n_passes - len(passes))  # -1: a spare pass, weighed zero
     loss_sum, n_trained, n_input = 0.0, 0, 0
-    for i, indices in enumerate(group):
+    for n, (micro_index, indices, piece) in enumerate(passes):
         batch = collate([train_set[j] for j in indices], packing=dc.packing,
                         pad_token_id=tokenizer.pad_token_id, max_seq_length=dc.max_seq_length)
         batch = {k: v.to(env.device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-        with _gradient_sync(runner, i == len(group) - 1, env), \
-                _micro_batch_rng(seed, epoch, index + i * env.world_size, env.device):
+        with _gradient_sync(runner, n == n_passes - 1, env), \
+                _micro_batch_rng(seed, epoch, micro_index, max(piece, 0), env.device):
             micro_loss, micro_tokens = runner(batch)
-            micro_loss.backward()
+            (micro_loss * (piece >= 0)).backward()
+        if piece < 0:
+            continue
         loss_sum += float(micro_loss.detach())
         n_trained += int(micro_tokens)
         mask = batch.get("attention_mask")
@@ -238,10 +248,11 @@ def _gradient_sync(runner: nn.Module, last: bool, env: DistEnv):
 
 
 @contextlib.contextmanager
-def _micro_batch_rng(seed: int, epoch: int, index: int, device: torch.device):
-    """Draw this micro-batch's random numbers (dropout) from a generator keyed by its place in the global
-    plan, and leave the process's generators as they were."""
-    key = hashlib.blake2b(f"loratune-dropout:{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+def _micro_batch_rng(seed: int, epoch: int, index: int, piece: int, device: torch.device):
+    """Draw this pass's random numbers (dropout) from a generator keyed by its micro-batch's place in the
+    global plan and its piece of that micro-batch, and leave the process's generators as they were."""
+    name = f"loratune-dropout:{seed}:{epoch}:{index}" + (f":{piece}" if piece else "")
+    key = hashlib.blake2b(name.encode(), digest_size=8).digest()
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(int.from_bytes(key, "little") >> 1)
         yield
@@ -289,8 +300,9 @@ def evaluate(model: nn.Module, tokenizer, eval_set, cfg: TrainConfig, env: DistE
     lengths = [len(ex["input_ids"]) for ex in eval_set]
     # Plan for one process and deal the batches out, so every eval example counts exactly once
     # (the training plan drops a ragged tail to keep ranks in step; eval must not).
-    planned = plan_batches(lengths, op.per_device_train_batch_size, dc.max_seq_length, dc.packing,
-                           cfg.loop.seed, 0, 1, 0, dc.max_tokens_per_batch)
+    planned = [piece for indices in plan_batches(lengths, op.per_device_train_batch_size, cfg.loop.seed)
+               for piece in (split_by_tokens(indices, lengths, dc.max_seq_length, dc.max_tokens_per_batch)
+                             if dc.packing else [indices])]
     batches = planned[env.rank::env.world_size]
     spare = math.ceil(len(planned) / env.world_size) - len(batches) if sharded else 0
     score = partial(loss_sum_over, model, pad_token_id=tokenizer.pad_token_id, packing=dc.packing,
