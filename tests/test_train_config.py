@@ -288,7 +288,7 @@ def test_trls_keys_without_a_counterpart_say_what_happens_instead(key):
     ("use_cpu", True, "CUDA_VISIBLE_DEVICES"), ("init_lora_weights", "gaussian", "init_lora_weights: true"),
 ])
 def test_common_trainer_keys_are_refused_with_what_to_use(key, value, instead):
-    """SFTConfig / TrainingArguments / LoraConfig keys a TRL script sets: refused by name, with the way here."""
+    """SFTConfig / TrainingArguments / LoraConfig keys a TRL script sets: refused, saying what to use."""
     with pytest.raises(ConfigError) as err:
         build_config({"train_file": "t.jsonl", key: value})
     assert f"'{key}' is a TRL / PEFT setting" in str(err.value) and instead in str(err.value)

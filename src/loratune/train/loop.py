@@ -95,7 +95,8 @@ def fit(
     lengths = [len(ex["input_ids"]) for ex in train_set]
 
     def plan(epoch: int) -> list[list[int]]:
-        batches = plan_batches(lengths, op.per_device_train_batch_size, lp.seed, epoch, env.world_size, env.rank)
+        batches = plan_batches(lengths, op.per_device_train_batch_size, lp.seed, epoch, env.world_size,
+                               env.rank)
         return batches[: all_reduce_min(len(batches), env)]  # every rank runs the same number of steps
 
     first_epoch = plan(0)
@@ -217,8 +218,7 @@ def _accumulate(runner: nn.Module, train_set, lengths: list[int], group: list[li
     """
     seed, epoch, index = first
     passes = [(index + i * env.world_size, piece, j) for i, indices in enumerate(group)
-              for j, piece in enumerate(split_by_tokens(indices, lengths, dc.max_seq_length,
-                                                        dc.max_tokens_per_batch) if dc.packing else [indices])]
+              for j, piece in enumerate(_pieces(indices, lengths, dc))]
     n_passes = -all_reduce_min(-len(passes), env)
     passes += [passes[0][:2] + (-1,)] * (n_passes - len(passes))  # -1: a spare pass, weighed zero
     loss_sum, n_trained, n_input = 0.0, 0, 0
@@ -237,6 +237,13 @@ def _accumulate(runner: nn.Module, train_set, lengths: list[int], group: list[li
         mask = batch.get("attention_mask")
         n_input += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
     return loss_sum, n_trained, n_input
+
+
+def _pieces(indices: list[int], lengths: list[int], dc) -> list[list[int]]:
+    """A micro-batch as the passes it runs in: packed ones cut to max_tokens_per_batch, padded ones whole."""
+    if not dc.packing:
+        return [indices]
+    return split_by_tokens(indices, lengths, dc.max_seq_length, dc.max_tokens_per_batch)
 
 
 def _gradient_sync(runner: nn.Module, last: bool, env: DistEnv):
@@ -301,8 +308,7 @@ def evaluate(model: nn.Module, tokenizer, eval_set, cfg: TrainConfig, env: DistE
     # Plan for one process and deal the batches out, so every eval example counts exactly once
     # (the training plan drops a ragged tail to keep ranks in step; eval must not).
     planned = [piece for indices in plan_batches(lengths, op.per_device_train_batch_size, cfg.loop.seed)
-               for piece in (split_by_tokens(indices, lengths, dc.max_seq_length, dc.max_tokens_per_batch)
-                             if dc.packing else [indices])]
+               for piece in _pieces(indices, lengths, dc)]
     batches = planned[env.rank::env.world_size]
     spare = math.ceil(len(planned) / env.world_size) - len(batches) if sharded else 0
     score = partial(loss_sum_over, model, pad_token_id=tokenizer.pad_token_id, packing=dc.packing,
