@@ -112,3 +112,38 @@ def test_more_processes_than_micro_batches_is_named(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("yields no batch for each of the 2 processes") == 2, done.stderr[-3000:]
     assert "or run fewer processes" in done.stderr  # (the traceback there is torchrun's own, on exit 2)
+
+
+FAIL_ON_RANK_1 = '''
+import os
+if os.environ.get("RANK") == "1":  # this process alone cannot read the data (a file missing on its node)
+    import loratune.data
+    from loratune.errors import DataError
+
+    def unreadable(*args, **kwargs):
+        raise DataError("train.jsonl: cannot be read on this node")
+
+    loratune.data.build_datasets = unreadable
+'''
+
+
+def test_a_process_that_cannot_load_the_data_stops_every_process_with_one_line(tmp_path):
+    """Rank 1 fails before training; rank 0 must not wait for it in a collective and die there with a
+    transport traceback, but name rank 1 and its error in one line."""
+    model_dir = make_model_dir(tmp_path / "model")
+    data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 8))
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(settings(model_dir, data, tmp_path / "out", max_steps=2)))
+    path = os.pathsep.join([str(tmp_path / "hook"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "loratune.cli.main", "train", str(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "error: train.jsonl: cannot be read on this node" in done.stderr, done.stderr[-3000:]
+    assert ("error: process 1 of 2 failed loading the data and the model, so every process stops: "
+            "train.jsonl: cannot be read on this node") in done.stderr, done.stderr[-3000:]
+    assert "[rank0]: Traceback" not in done.stderr  # (the traceback there is torchrun's own, on exit 2)
+    assert not (tmp_path / "out").exists()  # nothing was written

@@ -9,16 +9,18 @@ code path runs on one GPU too).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, LoratuneError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +164,32 @@ def broadcast_flag(flag: bool, env: DistEnv) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int64, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+@contextlib.contextmanager
+def together(env: DistEnv, what: str) -> Iterator[None]:
+    """Run a block without collectives on every rank; when it fails on one rank, fail on all of them.
+
+    The rank that failed raises its own error; every other rank raises a LoratuneError naming that
+    rank and its message, instead of meeting a peer that has left in its next collective (a deep
+    transport traceback from gloo, or a wait until the 30-minute timeout elsewhere). `what` says
+    what the block was doing ("loading the data and the model").
+
+    Raises:
+        LoratuneError: another rank failed in the block (on the ranks where it did not fail).
+    """
+    try:
+        yield
+    except Exception as exc:
+        text = one_line(exc) if isinstance(exc, LoratuneError) else f"{type(exc).__name__}: {one_line(exc)}"
+        gather_objects(text, env)  # the peers learn why this rank stops
+        raise
+    failed = [(rank, text) for rank, text in enumerate(gather_objects(None, env)) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise LoratuneError(f"process {rank} of {env.world_size} failed {what}{others}, so every process "
+                            f"stops: {text}")
 
 
 def barrier(env: DistEnv) -> None:
