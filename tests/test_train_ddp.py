@@ -83,6 +83,27 @@ def test_bad_launcher_variables_are_named_before_anything_loads(variables, named
     assert any(p.startswith(named) for p in err.value.problems), err.value.problems
 
 
+def test_a_master_port_in_use_is_named_in_one_line(tmp_path, monkeypatch):
+    """Rank 0 opens the rendezvous on MASTER_PORT; a port another program holds fails there at once,
+    and the error names the port instead of a DistNetworkError traceback."""
+    import socket
+
+    from loratune.errors import ConfigError
+    from loratune.train.distributed import init_distributed
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match="launcher environment") as err:
+            init_distributed()
+    assert err.value.problems[0].startswith(f"MASTER_PORT={port} is already in use on this machine")
+    assert "torchrun --master_port" in str(err.value)
+
+
 @pytest.mark.parametrize("name, value, needle", [("WORLD_SIZE", "-2", "WORLD_SIZE=-2 must be >= 1"),
                                                  ("RANK", "x", "RANK")])
 def test_train_exits_2_naming_a_bad_launcher_variable(tmp_path, monkeypatch, capsys, name, value, needle):

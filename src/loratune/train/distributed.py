@@ -69,7 +69,10 @@ def init_distributed(*, alone: bool = False) -> DistEnv:
     joined = False
     if joining:
         backend = "nccl" if cuda else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        except dist.DistNetworkError as exc:
+            raise ConfigError([rendezvous_failure(exc)], source="launcher environment") from None
         logger.info("joined %s process group: rank %d of %d", backend, rank, world_size)
         joined = True
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, joined=joined)
@@ -111,6 +114,16 @@ def rendezvous_problems() -> list[str]:
     elif port is not None and not 1 <= port <= 65535:
         problems.append(f"MASTER_PORT={port} must be a TCP port in [1, 65535]")
     return problems
+
+
+def rendezvous_failure(exc: Exception) -> str:
+    """Say why joining the process group at MASTER_ADDR:MASTER_PORT failed, and what to change."""
+    where = f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}"
+    if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
+        return (f"MASTER_PORT={os.environ.get('MASTER_PORT')} is already in use on this machine (another job "
+                "or program listens there); choose a free port (torchrun --master_port PORT) or let "
+                "torchrun --standalone pick one")
+    return f"cannot join the process group at {where}: {one_line(exc, 300)}"
 
 
 def _int_variable(name: str, default: int | None, problems: list[str]) -> int | None:
