@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from loratune.train import run
@@ -168,3 +169,63 @@ def test_a_process_that_cannot_load_the_data_stops_every_process_with_one_line(t
             "train.jsonl: cannot be read on this node") in done.stderr, done.stderr[-3000:]
     assert "[rank0]: Traceback" not in done.stderr  # (the traceback there is torchrun's own, on exit 2)
     assert not (tmp_path / "out").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("error, lost", [
+    (RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                  "[127.0.0.1]:28060. This is typically caused by a remote worker crashing."), True),
+    (torch.distributed.DistBackendError("NCCL communicator was aborted"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),  # a bug stays a traceback
+])
+def test_a_collective_that_lost_its_peer_is_one_line(error, lost):
+    from loratune.errors import LoratuneError
+    from loratune.train.distributed import DistEnv, peer_loss_explained
+
+    with pytest.raises(LoratuneError if lost else RuntimeError) as err:
+        with peer_loss_explained(DistEnv(rank=1, world_size=2)):
+            raise error
+    if lost:
+        assert str(err.value).startswith("process 1 of 2 lost contact with the other processes (")
+        assert "pair.cc" not in str(err.value) and "\n" not in str(err.value)
+    else:
+        assert err.value is error
+    with pytest.raises(RuntimeError):  # one process has no peers to lose
+        with peer_loss_explained(DistEnv()):
+            raise RuntimeError("Connection closed by peer (gloo)")
+
+
+def test_a_killed_peer_stops_the_others_with_one_line(tmp_path):
+    """Without torchrun to stop them (a launcher that only sets RANK and WORLD_SIZE), the processes left
+    fail in their next collective: one line naming the lost contact, not gloo's traceback."""
+    import signal
+    import socket
+    import time
+
+    model_dir = make_model_dir(tmp_path / "model")
+    data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 64))
+    out = tmp_path / "out"
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(settings(model_dir, data, out, max_steps=500, save_steps=2,
+                                              per_device_train_batch_size=2)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "loratune.cli.main", "train", str(config)], env=env,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    try:
+        while not (out / "checkpoint-2").is_dir():
+            assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        err = procs[0].communicate(timeout=300)[1]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 2, err[-3000:]
+    assert "error: process 0 of 2 lost contact with the other processes (" in err, err[-3000:]
+    assert "Traceback" not in err

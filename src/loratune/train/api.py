@@ -29,7 +29,8 @@ from loratune.memory import rss_bytes
 from loratune.train import checkpoint as ckpt
 from loratune.train.build import base_source, build_model, build_sharded_model
 from loratune.train.config import TrainConfig, build_config, canonical_keys, read_yaml
-from loratune.train.distributed import DistEnv, barrier, init_distributed, shutdown_distributed, together
+from loratune.train.distributed import (DistEnv, barrier, init_distributed, peer_loss_explained,
+                                         shutdown_distributed, together)
 from loratune.train.metrics import PLOT_FILE, MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -107,7 +108,7 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
         # Loading hands freed blocks back (a base quantized as it loads frees its float weights);
         # _run keeps them from the first step on, unless sharded (ops.runtime says why).
         with tuned_cpu_runtime(threads=cfg.loop.num_threads or None, allocator="return"), \
-                out_of_memory_explained(cfg):
+                out_of_memory_explained(cfg), peer_loss_explained(env):
             return _run(cfg, env)
     finally:
         shutdown_distributed(env)

@@ -13,6 +13,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -203,6 +204,35 @@ def together(env: DistEnv, what: str) -> Iterator[None]:
         others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
         raise LoratuneError(f"process {rank} of {env.world_size} failed {what}{others}, so every process "
                             f"stops: {text}")
+
+
+@contextlib.contextmanager
+def peer_loss_explained(env: DistEnv) -> Iterator[None]:
+    """Turn a collective that failed because another process is gone into one LoratuneError.
+
+    When a process stops (its own error, SIGKILL, the out-of-memory killer), the others fail in
+    their next collective with a transport error (gloo: "Connection closed by peer") whose
+    traceback says nothing about the cause; the cause is in the stopped process's output.
+
+    Raises:
+        LoratuneError: naming this process and the transport's first line.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (env.enabled and _lost_peer(exc)):
+            raise
+        first = re.sub(r"^\[[^\]]*\]\s*", "", one_line(exc)).split(". ")[0]
+        raise LoratuneError(f"process {env.rank} of {env.world_size} lost contact with the other processes "
+                            f"({first}); one of them stopped: its own error is above") from None
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """True for a collective's failure that a vanished peer causes (gloo, NCCL, the TCP store)."""
+    if isinstance(exc, dist.DistError):  # DistBackendError (NCCL), DistNetworkError, DistStoreError
+        return True
+    text = str(exc)
+    return "gloo" in text and any(t in text for t in ("closed by peer", "reset by peer", "Timed out"))
 
 
 def barrier(env: DistEnv) -> None:
