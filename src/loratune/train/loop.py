@@ -25,6 +25,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -124,10 +125,7 @@ def fit(
     if runner is None:
         runner = LossModule(model, token_loss_sum)
         if env.enabled:
-            runner = nn.parallel.DistributedDataParallel(
-                runner, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                broadcast_buffers=False
-            )
+            runner = _data_parallel(runner, env)
     model.train()
 
     stop = _InterruptFlag()
@@ -203,6 +201,21 @@ def fit(
                       eval_exact_match=evals.get("eval_exact_match"),
                       history=list(metrics.records),
                       start_step=start_step, resumed_from=resume_path, peak_rss_mib=peaks)
+
+
+def _data_parallel(runner: nn.Module, env: DistEnv) -> nn.Module:
+    """Wrap `runner` in DDP, which averages the adapter's gradients over the ranks.
+
+    The frozen base's buffers (rotary tables, quantized codes) are the same on every rank: never
+    broadcast them. torch 2.13 deprecates `broadcast_buffers` for `forward_sync_buffers`, which would
+    still broadcast them once at start; its own warning says to keep `broadcast_buffers=False` until
+    there is a replacement, so the warning (one per rank, pointing here) is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`broadcast_buffers` is deprecated", category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(
+            runner, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            broadcast_buffers=False)
 
 
 def _accumulate(runner: nn.Module, train_set, group: list[list[int]], dc, tokenizer, env: DistEnv,
