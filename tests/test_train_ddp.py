@@ -215,8 +215,9 @@ def test_a_killed_peer_stops_the_others_with_one_line(tmp_path):
     for rank in (0, 1):
         env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
-        procs.append(subprocess.Popen([sys.executable, "-m", "loratune.cli.main", "train", str(config)], env=env,
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+        cmd = [sys.executable, "-m", "loratune.cli.main", "train", str(config)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
     try:
         while not (out / "checkpoint-2").is_dir():
             assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]

@@ -29,8 +29,14 @@ from loratune.memory import rss_bytes
 from loratune.train import checkpoint as ckpt
 from loratune.train.build import base_source, build_model, build_sharded_model
 from loratune.train.config import TrainConfig, build_config, canonical_keys, read_yaml
-from loratune.train.distributed import (DistEnv, barrier, init_distributed, peer_loss_explained,
-                                         shutdown_distributed, together)
+from loratune.train.distributed import (
+    DistEnv,
+    barrier,
+    init_distributed,
+    peer_loss_explained,
+    shutdown_distributed,
+    together,
+)
 from loratune.train.metrics import PLOT_FILE, MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)

@@ -212,7 +212,8 @@ def _data_parallel(runner: nn.Module, env: DistEnv) -> nn.Module:
     there is a replacement, so the warning (one per rank, pointing here) is silenced.
     """
     with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*`broadcast_buffers` is deprecated", category=FutureWarning)
+        warnings.filterwarnings("ignore", message=".*`broadcast_buffers` is deprecated",
+                                category=FutureWarning)
         return nn.parallel.DistributedDataParallel(
             runner, device_ids=[env.device.index] if env.device.type == "cuda" else None,
             broadcast_buffers=False)
