@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 
 from loratune.train import run
@@ -43,6 +44,7 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
     assert losses(out) == pytest.approx(losses(single), rel=1e-4)
     assert_same_adapter(adapter(single), adapter(out), atol=1e-5)
     assert done.stdout.count("Adapter:") == 1  # only rank 0 reports
+    assert "broadcast_buffers" not in done.stderr  # torch's deprecation, once per rank, is not the user's
     assert sorted(d for d in os.listdir(out) if d.startswith("checkpoint-")) == ["checkpoint-2"]
     lines = (out / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == len(set(lines)) == 4 + 2  # 4 train + 2 eval records, written once
@@ -85,6 +87,27 @@ def test_bad_launcher_variables_are_named_before_anything_loads(variables, named
     assert any(p.startswith(named) for p in err.value.problems), err.value.problems
 
 
+def test_a_master_port_in_use_is_named_in_one_line(tmp_path, monkeypatch):
+    """Rank 0 opens the rendezvous on MASTER_PORT; a port another program holds fails there at once,
+    and the error names the port instead of a DistNetworkError traceback."""
+    import socket
+
+    from loratune.errors import ConfigError
+    from loratune.train.distributed import init_distributed
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                            "MASTER_PORT": str(port)}.items():
+            monkeypatch.setenv(name, value)
+        with pytest.raises(ConfigError, match="launcher environment") as err:
+            init_distributed()
+    assert err.value.problems[0].startswith(f"MASTER_PORT={port} is already in use on this machine")
+    assert "torchrun --master_port" in str(err.value)
+
+
 @pytest.mark.parametrize("name, value, needle", [("WORLD_SIZE", "-2", "WORLD_SIZE=-2 must be >= 1"),
                                                  ("RANK", "x", "RANK")])
 def test_train_exits_2_naming_a_bad_launcher_variable(tmp_path, monkeypatch, capsys, name, value, needle):
@@ -114,3 +137,99 @@ def test_more_processes_than_micro_batches_is_named(tmp_path):
     assert done.returncode != 0
     assert done.stderr.count("yields no batch for each of the 2 processes") == 2, done.stderr[-3000:]
     assert "or run fewer processes" in done.stderr  # (the traceback there is torchrun's own, on exit 2)
+
+
+FAIL_ON_RANK_1 = '''
+import os
+if os.environ.get("RANK") == "1":  # this process alone cannot read the data (a file missing on its node)
+    import loratune.data
+    from loratune.errors import DataError
+
+    def unreadable(*args, **kwargs):
+        raise DataError("train.jsonl: cannot be read on this node")
+
+    loratune.data.build_datasets = unreadable
+'''
+
+
+def test_a_process_that_cannot_load_the_data_stops_every_process_with_one_line(tmp_path):
+    """Rank 1 fails before training; rank 0 must not wait for it in a collective and die there with a
+    transport traceback, but name rank 1 and its error in one line."""
+    model_dir = make_model_dir(tmp_path / "model")
+    data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 8))
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(FAIL_ON_RANK_1)
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(settings(model_dir, data, tmp_path / "out", max_steps=2)))
+    path = os.pathsep.join([str(tmp_path / "hook"), *filter(None, [os.environ.get("PYTHONPATH")])])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "loratune.cli.main", "train", str(config)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "error: train.jsonl: cannot be read on this node" in done.stderr, done.stderr[-3000:]
+    assert ("error: process 1 of 2 failed loading the data and the model, so every process stops: "
+            "train.jsonl: cannot be read on this node") in done.stderr, done.stderr[-3000:]
+    assert "[rank0]: Traceback" not in done.stderr  # (the traceback there is torchrun's own, on exit 2)
+    assert not (tmp_path / "out").exists()  # nothing was written
+
+
+@pytest.mark.parametrize("error, lost", [
+    (RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:553] Connection closed by peer "
+                  "[127.0.0.1]:28060. This is typically caused by a remote worker crashing."), True),
+    (torch.distributed.DistBackendError("NCCL communicator was aborted"), True),
+    (RuntimeError("mat1 and mat2 shapes cannot be multiplied"), False),  # a bug stays a traceback
+])
+def test_a_collective_that_lost_its_peer_is_one_line(error, lost):
+    from loratune.errors import LoratuneError
+    from loratune.train.distributed import DistEnv, peer_loss_explained
+
+    with pytest.raises(LoratuneError if lost else RuntimeError) as err:
+        with peer_loss_explained(DistEnv(rank=1, world_size=2)):
+            raise error
+    if lost:
+        assert str(err.value).startswith("process 1 of 2 lost contact with the other processes (")
+        assert "pair.cc" not in str(err.value) and "\n" not in str(err.value)
+    else:
+        assert err.value is error
+    with pytest.raises(RuntimeError):  # one process has no peers to lose
+        with peer_loss_explained(DistEnv()):
+            raise RuntimeError("Connection closed by peer (gloo)")
+
+
+def test_a_killed_peer_stops_the_others_with_one_line(tmp_path):
+    """Without torchrun to stop them (a launcher that only sets RANK and WORLD_SIZE), the processes left
+    fail in their next collective: one line naming the lost contact, not gloo's traceback."""
+    import signal
+    import socket
+    import time
+
+    model_dir = make_model_dir(tmp_path / "model")
+    data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 64))
+    out = tmp_path / "out"
+    config = tmp_path / "ddp.yaml"
+    config.write_text(yaml.safe_dump(settings(model_dir, data, out, max_steps=500, save_steps=2,
+                                              per_device_train_batch_size=2)))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "RANK": str(rank), "LOCAL_RANK": str(rank),
+               "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        cmd = [sys.executable, "-m", "loratune.cli.main", "train", str(config)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                                      text=True))
+    try:
+        while not (out / "checkpoint-2").is_dir():
+            assert all(p.poll() is None for p in procs), procs[0].stderr.read()[-3000:]
+            time.sleep(0.05)
+        procs[1].send_signal(signal.SIGKILL)
+        err = procs[0].communicate(timeout=300)[1]
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert procs[0].returncode == 2, err[-3000:]
+    assert "error: process 0 of 2 lost contact with the other processes (" in err, err[-3000:]
+    assert "Traceback" not in err

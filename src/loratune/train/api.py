@@ -29,7 +29,14 @@ from loratune.memory import rss_bytes
 from loratune.train import checkpoint as ckpt
 from loratune.train.build import base_source, build_model, build_sharded_model
 from loratune.train.config import TrainConfig, build_config, canonical_keys, read_yaml
-from loratune.train.distributed import DistEnv, barrier, init_distributed, shutdown_distributed
+from loratune.train.distributed import (
+    DistEnv,
+    barrier,
+    init_distributed,
+    peer_loss_explained,
+    shutdown_distributed,
+    together,
+)
 from loratune.train.metrics import PLOT_FILE, MetricsLog, plot_losses
 
 logger = logging.getLogger(__name__)
@@ -107,7 +114,7 @@ def run(config: TrainConfig | dict | str | os.PathLike | None = None, **override
         # Loading hands freed blocks back (a base quantized as it loads frees its float weights);
         # _run keeps them from the first step on, unless sharded (ops.runtime says why).
         with tuned_cpu_runtime(threads=cfg.loop.num_threads or None, allocator="return"), \
-                out_of_memory_explained(cfg):
+                out_of_memory_explained(cfg), peer_loss_explained(env):
             return _run(cfg, env)
     finally:
         shutdown_distributed(env)
@@ -135,42 +142,11 @@ def out_of_memory_explained(cfg: TrainConfig):
 
 
 def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
-    from loratune.data import build_datasets, check_vocab
-    from loratune.ops.runtime import keep_freed_memory
-    from loratune.quant.smoothing import calibration_rows
-    from loratune.tools.evaluation import model_vocab_size
-    from loratune.tools.loading import load_tokenizer
     from loratune.train.loop import fit
 
     out = cfg.loop.output_dir
-    check_train_output_dir(out)
-    resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
-    seed_everything(cfg.loop.seed)
-    tokenizer = load_tokenizer(base_source(cfg))
-    datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed,
-                              eval_answers=cfg.loop.eval_metric == "exact_match")
-    sharded = cfg.distributed.fsdp and env.joined
-    before_model = rss_bytes() or 0  # the libraries and the data: the memory estimate starts from them
-    if sharded:
-        model, root = build_sharded_model(cfg, env)
-    else:
-        calibration = (calibration_rows(datasets.train, cfg.data.max_seq_length)
-                       if cfg.model.base_compute == "int8" else None)
-        model, root = build_model(cfg, env, calibration), None
-    check_vocab(datasets, model_vocab_size(model))
-    cfg = fit_memory(cfg, model, datasets, before_model)
-    if not sharded:
-        keep_freed_memory()
+    cfg, tokenizer, datasets, model, root, resume_path = _prepare(cfg, env)
     config_yaml = config_to_yaml(cfg)
-    # Only now that model and data are known good does output_dir change.
-    if env.is_main:
-        os.makedirs(out, exist_ok=True)
-        ckpt.remove_incomplete(out)
-        if resume_path is None:
-            ckpt.remove_stale(out)
-        else:
-            ckpt.remove_newer(out, resume_path)
-    barrier(env)
     metrics = MetricsLog(out, enabled=env.is_main, tensorboard=cfg.loop.report_to == "tensorboard",
                          resume_step=_checkpoint_step(resume_path))
     try:
@@ -196,6 +172,53 @@ def _run(cfg: TrainConfig, env: DistEnv) -> TrainResult:
         plot_path=plot if os.path.exists(plot) else None, config_path=os.path.join(out, ckpt.CONFIG_FILE),
         first_loss=losses[0] if losses else None, final_loss=losses[-1] if losses else None, sample=sample,
     )
+
+
+def _prepare(cfg: TrainConfig, env: DistEnv):
+    """Load the data and the model and make output_dir ready, on every rank:
+    (cfg, tokenizer, datasets, model, FSDP root or None, resume_path).
+
+    Each rank loads on its own; when that fails on one rank (a data file it cannot read, too little
+    memory), every rank stops with a message naming it (distributed.together).
+    """
+    from loratune.data import build_datasets, check_vocab
+    from loratune.ops.runtime import keep_freed_memory
+    from loratune.quant.smoothing import calibration_rows
+    from loratune.tools.evaluation import model_vocab_size
+    from loratune.tools.loading import load_tokenizer
+
+    out = cfg.loop.output_dir
+    sharded = cfg.distributed.fsdp and env.joined
+    root = None
+    with together(env, "loading the data and the model"):
+        check_train_output_dir(out)
+        resume_path = ckpt.resolve_resume(cfg.loop.resume_from_checkpoint, out)
+        seed_everything(cfg.loop.seed)
+        tokenizer = load_tokenizer(base_source(cfg))
+        datasets = build_datasets(cfg.data, tokenizer, cfg.loop.seed,
+                                  eval_answers=cfg.loop.eval_metric == "exact_match")
+        before_model = rss_bytes() or 0  # the libraries and the data: the memory estimate starts from them
+        if not sharded:
+            calibration = (calibration_rows(datasets.train, cfg.data.max_seq_length)
+                           if cfg.model.base_compute == "int8" else None)
+            model = build_model(cfg, env, calibration)
+    if sharded:  # collective: outside `together`, whose ranks must not meet in other collectives
+        model, root = build_sharded_model(cfg, env)
+    # Only once model and data are known good on every rank does output_dir change; the main rank
+    # clears it before any rank goes on (`together` ends in a collective).
+    with together(env, "checking the model against the data"):
+        check_vocab(datasets, model_vocab_size(model))
+        cfg = fit_memory(cfg, model, datasets, before_model)
+        if not sharded:
+            keep_freed_memory()
+        if env.is_main:
+            os.makedirs(out, exist_ok=True)
+            ckpt.remove_incomplete(out)
+            if resume_path is None:
+                ckpt.remove_stale(out)
+            else:
+                ckpt.remove_newer(out, resume_path)
+    return cfg, tokenizer, datasets, model, root, resume_path
 
 
 def _save_final(model, root, tokenizer, datasets, cfg: TrainConfig, env: DistEnv):

@@ -9,16 +9,19 @@ code path runs on one GPU too).
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import logging
 import os
+import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from loratune.errors import ConfigError
+from loratune.errors import ConfigError, LoratuneError, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -67,7 +70,10 @@ def init_distributed(*, alone: bool = False) -> DistEnv:
     joined = False
     if joining:
         backend = "nccl" if cuda else "gloo"
-        dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        try:
+            dist.init_process_group(backend=backend, timeout=datetime.timedelta(minutes=30))
+        except dist.DistNetworkError as exc:
+            raise ConfigError([rendezvous_failure(exc)], source="launcher environment") from None
         logger.info("joined %s process group: rank %d of %d", backend, rank, world_size)
         joined = True
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=device, joined=joined)
@@ -109,6 +115,16 @@ def rendezvous_problems() -> list[str]:
     elif port is not None and not 1 <= port <= 65535:
         problems.append(f"MASTER_PORT={port} must be a TCP port in [1, 65535]")
     return problems
+
+
+def rendezvous_failure(exc: Exception) -> str:
+    """Say why joining the process group at MASTER_ADDR:MASTER_PORT failed, and what to change."""
+    where = f"MASTER_ADDR={os.environ.get('MASTER_ADDR')} MASTER_PORT={os.environ.get('MASTER_PORT')}"
+    if "EADDRINUSE" in str(exc) or "address already in use" in str(exc).lower():
+        return (f"MASTER_PORT={os.environ.get('MASTER_PORT')} is already in use on this machine (another job "
+                "or program listens there); choose a free port (torchrun --master_port PORT) or let "
+                "torchrun --standalone pick one")
+    return f"cannot join the process group at {where}: {one_line(exc, 300)}"
 
 
 def _int_variable(name: str, default: int | None, problems: list[str]) -> int | None:
@@ -162,6 +178,61 @@ def broadcast_flag(flag: bool, env: DistEnv) -> bool:
     t = torch.tensor([int(flag)], dtype=torch.int64, device=env.device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return bool(t.item())
+
+
+@contextlib.contextmanager
+def together(env: DistEnv, what: str) -> Iterator[None]:
+    """Run a block without collectives on every rank; when it fails on one rank, fail on all of them.
+
+    The rank that failed raises its own error; every other rank raises a LoratuneError naming that
+    rank and its message, instead of meeting a peer that has left in its next collective (a deep
+    transport traceback from gloo, or a wait until the 30-minute timeout elsewhere). `what` says
+    what the block was doing ("loading the data and the model").
+
+    Raises:
+        LoratuneError: another rank failed in the block (on the ranks where it did not fail).
+    """
+    try:
+        yield
+    except Exception as exc:
+        text = one_line(exc) if isinstance(exc, LoratuneError) else f"{type(exc).__name__}: {one_line(exc)}"
+        gather_objects(text, env)  # the peers learn why this rank stops
+        raise
+    failed = [(rank, text) for rank, text in enumerate(gather_objects(None, env)) if text is not None]
+    if failed:
+        rank, text = failed[0]
+        others = f" (and {len(failed) - 1} more)" if len(failed) > 1 else ""
+        raise LoratuneError(f"process {rank} of {env.world_size} failed {what}{others}, so every process "
+                            f"stops: {text}")
+
+
+@contextlib.contextmanager
+def peer_loss_explained(env: DistEnv) -> Iterator[None]:
+    """Turn a collective that failed because another process is gone into one LoratuneError.
+
+    When a process stops (its own error, SIGKILL, the out-of-memory killer), the others fail in
+    their next collective with a transport error (gloo: "Connection closed by peer") whose
+    traceback says nothing about the cause; the cause is in the stopped process's output.
+
+    Raises:
+        LoratuneError: naming this process and the transport's first line.
+    """
+    try:
+        yield
+    except RuntimeError as exc:
+        if not (env.enabled and _lost_peer(exc)):
+            raise
+        first = re.sub(r"^\[[^\]]*\]\s*", "", one_line(exc)).split(". ")[0]
+        raise LoratuneError(f"process {env.rank} of {env.world_size} lost contact with the other processes "
+                            f"({first}); one of them stopped: its own error is above") from None
+
+
+def _lost_peer(exc: RuntimeError) -> bool:
+    """True for a collective's failure that a vanished peer causes (gloo, NCCL, the TCP store)."""
+    if isinstance(exc, dist.DistError):  # DistBackendError (NCCL), DistNetworkError, DistStoreError
+        return True
+    text = str(exc)
+    return "gloo" in text and any(t in text for t in ("closed by peer", "reset by peer", "Timed out"))
 
 
 def barrier(env: DistEnv) -> None:

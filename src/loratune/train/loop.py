@@ -25,6 +25,7 @@ import math
 import signal
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -124,10 +125,7 @@ def fit(
     if runner is None:
         runner = LossModule(model, token_loss_sum)
         if env.enabled:
-            runner = nn.parallel.DistributedDataParallel(
-                runner, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-                broadcast_buffers=False
-            )
+            runner = _data_parallel(runner, env)
     model.train()
 
     stop = _InterruptFlag()
@@ -206,20 +204,37 @@ def fit(
                       start_step=start_step, resumed_from=resume_path, peak_rss_mib=peaks)
 
 
+def _data_parallel(runner: nn.Module, env: DistEnv) -> nn.Module:
+    """Wrap `runner` in DDP, which averages the adapter's gradients over the ranks.
+
+    The frozen base's buffers (rotary tables, quantized codes) are the same on every rank: never
+    broadcast them. torch 2.13 deprecates `broadcast_buffers` for `forward_sync_buffers`, which would
+    still broadcast them once at start; its own warning says to keep `broadcast_buffers=False` until
+    there is a replacement, so the warning (one per rank, pointing here) is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`broadcast_buffers` is deprecated",
+                                category=FutureWarning)
+        return nn.parallel.DistributedDataParallel(
+            runner, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            broadcast_buffers=False)
+
+
 def _accumulate(runner: nn.Module, train_set, lengths: list[int], group: list[list[int]], dc, tokenizer,
                 env: DistEnv, first: tuple[int, int, int]):
     """Forward/backward each micro-batch of one step; return (loss sum, trained tokens, input tokens).
 
     Gradients hold the un-normalised sum; DDP and FSDP sync only on the last pass. A packed
     micro-batch over `max_tokens_per_batch` runs as several passes (`split_by_tokens`), all in this
-    step. Every rank makes as many passes as the busiest one (FSDP gathers weights in each forward):
-    a rank with fewer repeats its first pass with the loss times zero. `first` is (seed, epoch,
-    global index of the group's first micro-batch): it keys each pass's dropout.
+    step. Under FSDP, whose every forward gathers weights from all ranks, each rank makes as many
+    passes as the busiest one: a rank with fewer repeats its first pass with the loss times zero (DDP
+    ranks only meet in the last pass's backward, so they make their own count). `first` is (seed,
+    epoch, global index of the group's first micro-batch): it keys each pass's dropout.
     """
     seed, epoch, index = first
     passes = [(index + i * env.world_size, piece, j) for i, indices in enumerate(group)
               for j, piece in enumerate(_pieces(indices, lengths, dc))]
-    n_passes = -all_reduce_min(-len(passes), env)
+    n_passes = -all_reduce_min(-len(passes), env) if fsdp.is_sharded(runner) else len(passes)
     passes += [passes[0][:2] + (-1,)] * (n_passes - len(passes))  # -1: a spare pass, weighed zero
     loss_sum, n_trained, n_input = 0.0, 0, 0
     for n, (micro_index, indices, piece) in enumerate(passes):
