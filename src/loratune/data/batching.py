@@ -39,18 +39,18 @@ def plan_batches(
     removes padding, and a packed micro-batch too large for memory is cut by `split_by_tokens` into
     passes that accumulate into the same optimizer step, so the examples of each step, and the number
     of steps, never depend on packing or on the token budget. With several ranks, micro-batch k of the
-    global plan goes to rank k % world_size, and the trailing micro-batches that cannot give every
-    rank one more are dropped, so all ranks get the same count of disjoint micro-batches.
-    Micro-batches (r*W .. r*W+W-1) together are the global batch a single process with W times the
-    batch size would see.
+    global plan goes to rank k % world_size; a rank left without one in the last round gets an empty
+    micro-batch (the trainer runs it as a pass weighed zero), so all ranks get the same count, no
+    example is dropped, and micro-batches (r*W .. r*W+W-1) together are the global batch a single
+    process with W times the batch size would see, the last one included.
     """
     if batch_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"bad plan: batch_size={batch_size}, rank={rank}, world_size={world_size}")
     order = list(range(len(lengths)))
     random.Random(f"loratune-batches:{seed}:{epoch}").shuffle(order)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    usable = len(batches) - len(batches) % world_size
-    return batches[rank:usable:world_size]
+    mine = batches[rank::world_size]
+    return mine + [[]] * (-(-len(batches) // world_size) - len(mine))
 
 
 def split_by_tokens(indices: list[int], lengths: Sequence[int], max_seq_length: int,

@@ -103,10 +103,7 @@ def fit(
     first_epoch = plan(0)
     steps_per_epoch = math.ceil(len(first_epoch) / op.gradient_accumulation_steps)
     if steps_per_epoch == 0:
-        ranks = (f" for each of the {env.world_size} processes (micro-batches are dealt out round-robin, "
-                 "and every process runs the same number)" if env.world_size > 1 else "")
-        raise LoratuneError(f"the training set yields no batch{ranks}; add data, lower "
-                            "per_device_train_batch_size" + (" or run fewer processes" if ranks else ""))
+        raise LoratuneError("the training set yields no batch; add data")
     total_steps = lp.max_steps if lp.max_steps > 0 else math.ceil(lp.num_train_epochs * steps_per_epoch)
 
     optimizer = build_optimizer(model, op.learning_rate, op.weight_decay)
@@ -228,14 +225,18 @@ def _accumulate(runner: nn.Module, train_set, lengths: list[int], group: list[li
     micro-batch over `max_tokens_per_batch` runs as several passes (`split_by_tokens`), all in this
     step. Under FSDP, whose every forward gathers weights from all ranks, each rank makes as many
     passes as the busiest one: a rank with fewer repeats its first pass with the loss times zero (DDP
-    ranks only meet in the last pass's backward, so they make their own count). `first` is (seed,
-    epoch, global index of the group's first micro-batch): it keys each pass's dropout.
+    ranks only meet in the last pass's backward, so they make their own count, at least one: a rank
+    whose micro-batches are all empty runs one such spare pass). `first` is (seed, epoch, global index
+    of the group's first micro-batch): it keys each pass's dropout.
     """
     seed, epoch, index = first
     passes = [(index + i * env.world_size, piece, j) for i, indices in enumerate(group)
               for j, piece in enumerate(_pieces(indices, lengths, dc))]
-    n_passes = -all_reduce_min(-len(passes), env) if fsdp.is_sharded(runner) else len(passes)
-    passes += [passes[0][:2] + (-1,)] * (n_passes - len(passes))  # -1: a spare pass, weighed zero
+    # At least one pass, so that a rank with only an empty micro-batch still meets the others in the
+    # gradient sync.
+    n_passes = -all_reduce_min(-len(passes), env) if fsdp.is_sharded(runner) else max(len(passes), 1)
+    spare = passes[0][:2] if passes else (index, [0])  # -1 below: a spare pass, weighed zero
+    passes += [spare + (-1,)] * (n_passes - len(passes))
     loss_sum, n_trained, n_input = 0.0, 0, 0
     for n, (micro_index, indices, piece) in enumerate(passes):
         batch = collate([train_set[j] for j in indices], packing=dc.packing,
@@ -256,6 +257,8 @@ def _accumulate(runner: nn.Module, train_set, lengths: list[int], group: list[li
 
 def _pieces(indices: list[int], lengths: list[int], dc) -> list[list[int]]:
     """A micro-batch as the passes it runs in: packed ones cut to max_tokens_per_batch, padded ones whole."""
+    if not indices:  # a rank's empty micro-batch at the end of an epoch (data.plan_batches)
+        return []
     if not dc.packing:
         return [indices]
     return split_by_tokens(indices, lengths, dc.max_seq_length, dc.max_tokens_per_batch)
