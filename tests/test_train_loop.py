@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -189,6 +190,17 @@ def test_ctrl_c_saves_a_checkpoint_and_resume_matches_an_uninterrupted_run(model
     assert train_cli([*flags, "--resume"]) == 0
     assert_same_adapter(adapter(straight), adapter(out))
     assert losses(out) == pytest.approx(losses(straight), rel=1e-6)
+
+
+def test_only_the_announcing_process_logs_a_ctrl_c(caplog):
+    """Under torchrun every process gets the signal; only the main one says so."""
+    for announce in (True, False):
+        caplog.clear()
+        flag = loop._InterruptFlag(announce=announce)
+        with caplog.at_level(logging.WARNING, logger="loratune.train.loop"), flag.installed():
+            signal.raise_signal(signal.SIGINT)
+        assert flag.requested
+        assert ("Ctrl-C: finishing this step" in caplog.text) is announce
 
 
 def test_checkpoint_rotation_during_a_run(model_dir, data_file, tmp_path):

@@ -125,7 +125,7 @@ def fit(
             runner = _data_parallel(runner, env)
     model.train()
 
-    stop = _InterruptFlag()
+    stop = _InterruptFlag(announce=env.is_main)
     bar = tqdm(total=total_steps, initial=pos.step, disable=not env.is_main or lp.disable_tqdm,
                desc="training", unit="step", dynamic_ncols=True)
     start_step, window_start = pos.step, time.perf_counter() - window.elapsed_s
@@ -190,7 +190,9 @@ def fit(
                 window.elapsed_s = time.perf_counter() - window_start
                 last_ckpt = resume.save(model, optimizer, scheduler, pos, window, cfg, env, config_yaml)
             if interrupted:
-                logger.warning("interrupted: saved %s; resume with --resume_from_checkpoint true", last_ckpt)
+                if env.is_main:
+                    logger.warning("interrupted: saved %s; resume with --resume_from_checkpoint true",
+                                   last_ckpt)
                 break
     bar.close()
     return FitOutcome(step=pos.step, total_steps=total_steps, interrupted=pos.step < total_steps,
@@ -386,15 +388,17 @@ class _InterruptFlag:
     """Turns the first Ctrl-C into a request to stop at the end of the current step.
 
     A second Ctrl-C interrupts immediately (the default behaviour is restored after the first).
+    `announce`: say so in the log (under torchrun every process gets the signal; one says it).
     """
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, announce: bool = True):
+        self.requested, self.announce = False, announce
 
     def _handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, self._previous)
-        logger.warning("Ctrl-C: finishing this step and saving a checkpoint (press again to abort)")
+        if self.announce:
+            logger.warning("Ctrl-C: finishing this step and saving a checkpoint (press again to abort)")
 
     @contextlib.contextmanager
     def installed(self):
