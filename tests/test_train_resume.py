@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -66,3 +67,18 @@ def test_sigkill_then_resume_gives_the_uninterrupted_adapter(tmp_path):
     assert_same_adapter(adapter(straight), adapter(out))
     assert losses(out) == pytest.approx(losses(straight), rel=1e-6)
     assert not [d for d in os.listdir(out) if ".tmp-" in d]  # a half-written checkpoint was cleaned up
+
+
+def test_resuming_on_other_data_says_the_position_points_into_another_plan(tmp_path, caplog):
+    model_dir = make_model_dir(tmp_path / "model")
+    data = write_rows(tmp_path / "train.jsonl", rows_for("messages", 12))
+    out = tmp_path / "out"
+    run(settings(model_dir, data, out, max_steps=3, save_steps=2))
+    for rows, warned in ((12, False), (13, True)):  # the same rows, then one row more
+        more = write_rows(tmp_path / f"train{rows}.jsonl", rows_for("messages", rows))
+        again = shutil.copytree(out, tmp_path / f"again{rows}")
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="loratune.train.resume"):
+            run(settings(model_dir, more, again, max_steps=3, save_steps=0,
+                         resume_from_checkpoint=str(again / "checkpoint-2")))
+        assert ("another batch plan" in caplog.text) is warned, caplog.text

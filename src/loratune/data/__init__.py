@@ -8,13 +8,14 @@ Public API (the trainer and CLI use only these names):
   check_vocab(bundle, vocab_size) DataError naming rows with token ids the model does not have
   plan_batches(lengths, batch_size, seed, epoch, world_size, rank) -> micro-batches of examples
   split_by_tokens(indices, lengths, max_seq_length, budget) -> a packed micro-batch cut to a token budget
+  plan_id(lengths, batch_size, seed) -> a digest that changes when the plan would (kept in checkpoints)
   collate(examples, packing=, pad_token_id=, max_seq_length=) -> dict of tensors
   preview(cfg, tok, n) -> PreviewReport (.to_text())
 Examples are {"input_ids": list[int], "labels": list[int]} with UNSHIFTED labels: label[t] is
 token t, the model's loss shifts; the first token of every example has label IGNORE_INDEX.
 """
 
-from loratune.data.batching import collate, plan_batches, split_by_tokens
+from loratune.data.batching import collate, plan_batches, plan_id, split_by_tokens
 from loratune.data.build import (
     DatasetBundle,
     DataStats,
@@ -34,7 +35,7 @@ __all__ = [
     "ALPACA_PROMPT", "ALPACA_PROMPT_WITH_INPUT", "FORMATS", "IGNORE_INDEX", "DataConfig", "DataStats",
     "DatasetBundle", "PreviewExample", "PreviewReport", "PromptAnswer", "Segment", "answer_rows",
     "build_datasets", "check_vocab", "collate",
-    "detect_format", "plan_batches", "preview", "read_sources", "render_chat", "render_example",
+    "detect_format", "plan_batches", "plan_id", "preview", "read_sources", "render_chat", "render_example",
     "split_by_tokens",
     "tokenize_rows",
 ]

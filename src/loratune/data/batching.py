@@ -16,6 +16,7 @@ resumed run, or another rank, computes the same plan without any saved state but
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Sequence
 
@@ -23,6 +24,10 @@ import torch
 from torch import Tensor
 
 from loratune.data.tokenize import IGNORE_INDEX
+
+# Changes whenever the same inputs would give another plan, so that `plan_id` changes with it
+# (2: packed micro-batches hold batch_size examples whatever their tokens; ranks are padded, not cut).
+PLAN_VERSION = 2
 
 
 def plan_batches(
@@ -51,6 +56,16 @@ def plan_batches(
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     mine = batches[rank::world_size]
     return mine + [[]] * (-(-len(batches) // world_size) - len(mine))
+
+
+def plan_id(lengths: Sequence[int], batch_size: int, seed: int) -> str:
+    """A short digest of everything `plan_batches` depends on: the same id, the same plan every epoch.
+
+    Stored in checkpoints, so a resumed run can tell that its data position now points into another
+    plan (other data, another batch size or seed, or a version that plans differently).
+    """
+    text = f"{PLAN_VERSION}:{batch_size}:{seed}:{','.join(map(str, lengths))}"
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
 
 
 def split_by_tokens(indices: list[int], lengths: Sequence[int], max_seq_length: int,

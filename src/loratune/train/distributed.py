@@ -14,6 +14,7 @@ import datetime
 import logging
 import os
 import re
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -239,3 +240,19 @@ def barrier(env: DistEnv) -> None:
     """Wait for every rank."""
     if env.enabled:
         dist.barrier()
+
+
+def data_parallel(runner: torch.nn.Module, env: DistEnv) -> torch.nn.Module:
+    """Wrap `runner` in DDP, which averages the adapter's gradients over the ranks.
+
+    The frozen base's buffers (rotary tables, quantized codes) are the same on every rank: never
+    broadcast them. torch 2.13 deprecates `broadcast_buffers` for `forward_sync_buffers`, which would
+    still broadcast them once at start; its own warning says to keep `broadcast_buffers=False` until
+    there is a replacement, so the warning (one per rank, pointing here) is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*`broadcast_buffers` is deprecated",
+                                category=FutureWarning)
+        return torch.nn.parallel.DistributedDataParallel(
+            runner, device_ids=[env.device.index] if env.device.type == "cuda" else None,
+            broadcast_buffers=False)

@@ -25,7 +25,6 @@ import math
 import signal
 import threading
 import time
-import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -35,13 +34,20 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
-from loratune.data import collate, plan_batches, split_by_tokens
+from loratune.data import collate, plan_batches, plan_id, split_by_tokens
 from loratune.errors import LoratuneError, TrainingDivergedError
 from loratune.memory import peak_rss_bytes
 from loratune.tools.evaluation import default_max_new_tokens, exact_match, loss_sum_over, perplexity
 from loratune.train import fsdp, resume
 from loratune.train.config import TrainConfig
-from loratune.train.distributed import DistEnv, all_reduce_min, all_reduce_sum, broadcast_flag, gather_objects
+from loratune.train.distributed import (
+    DistEnv,
+    all_reduce_min,
+    all_reduce_sum,
+    broadcast_flag,
+    data_parallel,
+    gather_objects,
+)
 from loratune.train.loss import LossModule, token_loss_sum
 from loratune.train.metrics import MetricsLog
 from loratune.train.optim import build_optimizer, build_scheduler, trainable_parameters, warmup_steps_for
@@ -94,6 +100,7 @@ def fit(
     op, lp, dc = cfg.optim, cfg.loop, cfg.data
     train_set, eval_set = datasets.train, datasets.eval
     lengths = [len(ex["input_ids"]) for ex in train_set]
+    plan_digest = plan_id(lengths, op.per_device_train_batch_size, lp.seed)  # kept in checkpoints
 
     def plan(epoch: int) -> list[list[int]]:
         batches = plan_batches(lengths, op.per_device_train_batch_size, lp.seed, epoch, env.world_size,
@@ -112,7 +119,7 @@ def fit(
                                 total_steps)
     pos, window = Position(), LogWindow()
     if resume_path is not None:
-        pos, window = resume.restore(resume_path, model, optimizer, scheduler, cfg, env)
+        pos, window = resume.restore(resume_path, model, optimizer, scheduler, cfg, env, plan_digest)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", resume_path, pos.step, pos.epoch,
                     pos.batch_index)
     params = [p for _, p in trainable_parameters(model)]
@@ -122,7 +129,7 @@ def fit(
     if runner is None:
         runner = LossModule(model, token_loss_sum)
         if env.enabled:
-            runner = _data_parallel(runner, env)
+            runner = data_parallel(runner, env)
     model.train()
 
     stop = _InterruptFlag(announce=env.is_main)
@@ -188,7 +195,8 @@ def fit(
                 raise _diverged("the LoRA weights", "NaN or inf", pos.step, last_ckpt, applied=True)
             if saving:
                 window.elapsed_s = time.perf_counter() - window_start
-                last_ckpt = resume.save(model, optimizer, scheduler, pos, window, cfg, env, config_yaml)
+                last_ckpt = resume.save(model, optimizer, scheduler, pos, window, cfg, env, config_yaml,
+                                        plan_digest)
             if interrupted:
                 if env.is_main:
                     logger.warning("interrupted: saved %s; resume with --resume_from_checkpoint true",
@@ -201,22 +209,6 @@ def fit(
                       eval_exact_match=evals.get("eval_exact_match"),
                       history=list(metrics.records),
                       start_step=start_step, resumed_from=resume_path, peak_rss_mib=peaks)
-
-
-def _data_parallel(runner: nn.Module, env: DistEnv) -> nn.Module:
-    """Wrap `runner` in DDP, which averages the adapter's gradients over the ranks.
-
-    The frozen base's buffers (rotary tables, quantized codes) are the same on every rank: never
-    broadcast them. torch 2.13 deprecates `broadcast_buffers` for `forward_sync_buffers`, which would
-    still broadcast them once at start; its own warning says to keep `broadcast_buffers=False` until
-    there is a replacement, so the warning (one per rank, pointing here) is silenced.
-    """
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*`broadcast_buffers` is deprecated",
-                                category=FutureWarning)
-        return nn.parallel.DistributedDataParallel(
-            runner, device_ids=[env.device.index] if env.device.type == "cuda" else None,
-            broadcast_buffers=False)
 
 
 def _accumulate(runner: nn.Module, train_set, lengths: list[int], group: list[list[int]], dc, tokenizer,

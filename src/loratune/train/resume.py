@@ -57,8 +57,11 @@ def micro_batches_per_step(cfg: TrainConfig, env: DistEnv) -> int:
 
 
 def save(model, optimizer, scheduler, pos: Position, window: LogWindow, cfg: TrainConfig, env: DistEnv,
-         config_yaml: str) -> str:
-    """Write checkpoint-<step>; every rank calls this (RNG states are gathered, shards written by all)."""
+         config_yaml: str, plan: str) -> str:
+    """Write checkpoint-<step>; every rank calls this (RNG states are gathered, shards written by all).
+
+    `plan`: the batch plan's id (data.plan_id), which `restore` compares with the resuming run's.
+    """
     # Gathered as torch.save bytes: all_gather_object cannot pickle tensors on every torch version.
     buf = io.BytesIO()
     torch.save(ckpt.rng_state(), buf)
@@ -70,6 +73,7 @@ def save(model, optimizer, scheduler, pos: Position, window: LogWindow, cfg: Tra
         "world_size": env.world_size,
         "micro_batches_per_step": micro_batches_per_step(cfg, env),
         "log_window": asdict(window),
+        "plan": plan,
     }
     info = {**state["position"], "world_size": env.world_size, "learning_rate": scheduler.get_last_lr()[0]}
     files = {"state": state, "info": info, "config_yaml": config_yaml}
@@ -102,11 +106,13 @@ def _save_sharded(model, optimizer, cfg: TrainConfig, env: DistEnv, step: int, f
         write_adapter=lambda d: adapter_io.save_adapter(d, config, tensors), **files)
 
 
-def restore(path: str, model, optimizer, scheduler, cfg: TrainConfig,
-            env: DistEnv) -> tuple[Position, LogWindow]:
+def restore(path: str, model, optimizer, scheduler, cfg: TrainConfig, env: DistEnv,
+            plan: str) -> tuple[Position, LogWindow]:
     """Load weights, optimizer, scheduler, RNG, data position and logging window from a checkpoint.
 
-    Checkpoints written before the logging window was stored resume with an empty window.
+    Checkpoints written before the logging window was stored resume with an empty window. A
+    checkpoint whose batch plan is not `plan` (other data, batch size or seed) is resumed with a
+    warning: its position then points into another plan.
 
     The learning rate and weight decay are this run's config's, not the checkpoint's.
 
@@ -124,6 +130,12 @@ def restore(path: str, model, optimizer, scheduler, cfg: TrainConfig,
     rngs = state["rng"]
     ckpt.set_rng_state(rngs[env.rank] if env.rank < len(rngs) else rngs[0])
     pos = convert_position(Position(**state["position"]), state, cfg, env)
+    if state.get("plan", plan) != plan and env.is_main:
+        logger.warning("checkpoint %s was written with another batch plan (the training data, "
+                       "per_device_train_batch_size or seed differ, or an older loratune planned "
+                       "differently): training continues at step %d, micro-batch %d of epoch %d of this "
+                       "run's plan, which is not where the checkpoint's run stood", path, pos.step,
+                       pos.batch_index * env.world_size, pos.epoch)
     return pos, LogWindow(**state.get("log_window", {}))
 
 
