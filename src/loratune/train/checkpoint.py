@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from loratune.adapter_files import CONFIG_NAME
 from loratune.atomic import TEMP_MARK, atomic_directory, remove_leftovers
 from loratune.errors import ConfigError, LoratuneError
 
@@ -233,6 +234,10 @@ def remove_stale(output_dir: str) -> None:
                        ", ".join(os.path.basename(p) for _, p in old))
     for _, path in old:
         delete_checkpoint(path)
+    if os.path.exists(os.path.join(output_dir, CONFIG_NAME)):
+        logger.warning("fresh run in %s: the adapter there is an earlier run's, and stays until this run "
+                       "writes its own at the end (an interrupted run leaves it beside this run's "
+                       "train_config.yaml and metrics.jsonl)", output_dir)
 
 
 def remove_newer(output_dir: str, resume_path: str) -> None:
