@@ -199,6 +199,8 @@ STRUCTURES = {
     "long_number": (b'{"model": 1' + b"0" * 5000 + b"}", "application/json", "not valid JSON"),
     "form": (b"model=a1", "application/x-www-form-urlencoded", "Content-Type: application/json"),
     "multipart": (b"--x--", "multipart/form-data; boundary=x", "Content-Type: application/json"),
+    "surrogate_field_name": (b'{"model": "a1", "\\ud800": 1}', "application/json",
+                             "the field name '\\ud800' is not valid Unicode"),
 }
 
 
@@ -211,6 +213,17 @@ def test_a_structurally_broken_body_is_a_400_on_every_route(served, route, name)
     assert needle in r.json()["error"]["message"], r.text[:300]
     assert not problems(r, False, served.tmp)
     assert served.greedy(served.client) == served.baseline
+
+
+def test_a_field_name_that_is_a_lone_surrogate_is_named_where_it_is(served):
+    # pydantic's own words were "body: Input should be a valid string, unable to parse raw data as a
+    # unicode string": no field, and no hint that a field name was the trouble.
+    raw = b'{"model": "a1", "max_tokens": 2, "messages": [{"role": "user", "content": "x", "\\udc00": 1}]}'
+    r = served.client.post("/v1/chat/completions", content=raw, headers=JSON_HEADERS)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["param"] == "messages", r.text
+    assert error["message"] == ("invalid request: messages.0: the field name '\\udc00' is not valid Unicode "
+                                "(a lone surrogate)")
 
 
 # ----- the GET routes, unknown routes and methods ------------------------------------------------

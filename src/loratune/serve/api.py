@@ -256,7 +256,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         for e in errors[:5]:
             loc = [str(x) for x in e.get("loc", ()) if x != "body"]
             param = param or (loc[0] if loc else None)
-            parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+            parts.append(f"{'.'.join(loc) or 'body'}: {_schema_message(e)}")
         return reply(400, "invalid request: " + "; ".join(parts), "invalid_request_error", "invalid_request",
                      param)
 
@@ -274,3 +274,10 @@ def _add_error_handlers(app: FastAPI) -> None:
         request_id = p.new_id("req")
         log.error("internal error (request id %s)", request_id, exc_info=exc)
         return reply(500, f"internal error (request id {request_id})", "server_error", "internal_error")
+
+
+def _schema_message(error: dict) -> str:
+    """Pydantic's message for one schema error, except where it does not say what is wrong."""
+    if error.get("type") == "string_unicode":  # an unknown field whose name is a lone surrogate escape
+        return f"the field name {shown(error.get('input'))} is not valid Unicode (a lone surrogate)"
+    return str(error.get("msg"))
