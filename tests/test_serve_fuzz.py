@@ -238,6 +238,26 @@ def test_models_retrieve_of_an_odd_id_is_a_404_naming_the_model(served, model_id
     assert len(r.text) < 1000 and not problems(r, False, served.tmp)
 
 
+@pytest.mark.parametrize("method, path", [("POST", "/v1/embeddings"), ("GET", "/v1/nothing"),
+                                          ("POST", "/v1/responses"), ("GET", "/v1/" + "x" * 5000)])
+def test_an_unknown_route_is_a_404_naming_it_and_the_routes_served(served, method, path):
+    r = served.client.request(method, path, headers=JSON_HEADERS, content=b"{}")
+    assert r.status_code == 404, r.text[:300]
+    message = r.json()["error"]["message"]  # was Starlette's bare "Not Found"
+    assert message.startswith(f"{method} '{path[:50]}") and "no such route" in message
+    assert "/v1/chat/completions" in message and len(message) < 700
+
+
+@pytest.mark.parametrize("method, path, allowed", [("GET", "/v1/completions", "POST"),
+                                                   ("PUT", "/v1/chat/completions", "POST"),
+                                                   ("DELETE", "/v1/models/a1", "GET"),
+                                                   ("POST", "/v1/models", "GET"), ("PATCH", "/health", "GET")])
+def test_a_wrong_method_is_a_405_naming_the_method_and_the_allowed_one(served, method, path, allowed):
+    r = served.client.request(method, path, headers=AUTH)
+    assert r.status_code == 405 and r.headers["allow"] == allowed  # HTTP requires Allow on a 405
+    assert r.json()["error"]["message"] == f"{method} '{path}': method not allowed; use {allowed}"
+
+
 @pytest.mark.parametrize("path", ["/health", "/metrics", "/v1/models", "/v1/models/a1", f"/v1/models/{BASE}"])
 def test_the_get_routes_ignore_query_strings_and_bodies(served, path):
     r = served.client.request("GET", path + "?x=%ff&y", headers=JSON_HEADERS, content=b"\xff not json")

@@ -261,13 +261,15 @@ def _add_error_handlers(app: FastAPI) -> None:
                      param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException):
         kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's words for a body that is not UTF-8 or nests too deeply to parse
             return reply(400, "the request body is not valid JSON (not UTF-8, or nested too deeply)",
                          kind, "invalid_json")
-        return reply(exc.status_code, str(exc.detail), kind, exc.status_code)
+        response = reply(exc.status_code, _route_message(request, exc), kind, exc.status_code)
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def internal_error(_, exc: Exception):  # only reached when GuardMiddleware is bypassed
@@ -281,3 +283,14 @@ def _schema_message(error: dict) -> str:
     if error.get("type") == "string_unicode":  # an unknown field whose name is a lone surrogate escape
         return f"the field name {shown(error.get('input'))} is not valid Unicode (a lone surrogate)"
     return str(error.get("msg"))
+
+
+def _route_message(request: Request, exc: StarletteHTTPException) -> str:
+    """Name the method and path a 404 or 405 is about (Starlette says only "Not Found")."""
+    route = f"{request.method} {shown(request.url.path)}"
+    if exc.status_code == 404:
+        served = ", ".join(r.path.replace(":path", "") for r in request.app.routes)
+        return f"{route}: no such route; this server serves {served}"
+    if exc.status_code == 405:
+        return f"{route}: method not allowed; use {(exc.headers or {}).get('Allow', 'another method')}"
+    return str(exc.detail)
