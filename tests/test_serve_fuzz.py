@@ -251,7 +251,8 @@ def test_an_unknown_route_is_a_404_naming_it_and_the_routes_served(served, metho
 @pytest.mark.parametrize("method, path, allowed", [("GET", "/v1/completions", "POST"),
                                                    ("PUT", "/v1/chat/completions", "POST"),
                                                    ("DELETE", "/v1/models/a1", "GET"),
-                                                   ("POST", "/v1/models", "GET"), ("PATCH", "/health", "GET")])
+                                                   ("POST", "/v1/models", "GET"),
+                                                   ("PATCH", "/health", "GET")])
 def test_a_wrong_method_is_a_405_naming_the_method_and_the_allowed_one(served, method, path, allowed):
     r = served.client.request(method, path, headers=AUTH)
     assert r.status_code == 405 and r.headers["allow"] == allowed  # HTTP requires Allow on a 405
@@ -280,3 +281,20 @@ def test_a_top_p_too_small_for_float32_samples_the_top_token(served, top_p, stre
     assert text == served.baseline  # only the top token is left to sample: greedy's text
 
 
+@pytest.mark.parametrize("body, field", [
+    ({"max_completion_tokens": 5000}, "max_completion_tokens"),
+    ({"max_completion_tokens": 5000, "max_tokens": 2}, "max_completion_tokens"),
+    ({"max_tokens": 5000}, "max_tokens"),
+])
+def test_a_completion_budget_over_the_context_names_the_field_that_set_it(served, body, field):
+    r = served.client.post("/v1/chat/completions", json={**CHAT, "max_tokens": None, **body}, headers=AUTH)
+    error = r.json()["error"]
+    assert r.status_code == 400 and error["code"] == "context_length_exceeded", r.text
+    assert error["param"] == field and error["message"].endswith(f"prompt or {field}.")
+
+
+def test_a_completion_budget_over_the_servers_limit_names_the_field_that_set_it(served):
+    r = served.client.post("/v1/chat/completions", json={**CHAT, "max_completion_tokens": 500}, headers=AUTH)
+    error = r.json()["error"]
+    assert r.status_code == 413 and error["param"] == "max_completion_tokens", r.text
+    assert "500 max_completion_tokens), over this server's limit of 256" in error["message"]

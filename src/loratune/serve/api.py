@@ -120,8 +120,11 @@ async def _generation(state: ServerState, body, tokenize, prompt, max_tokens: in
     # Looked up again after the wait, and `_respond` submits before its first await: an adapter
     # unloaded meanwhile is a 404 (one reloaded under the name, the new one), never the base model.
     adapter_id = state.adapter_id(body.model)
+    chat = isinstance(body, p.ChatRequest)
     params = state.sampling(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.seed,
-                            prompt_field="messages" if isinstance(body, p.ChatRequest) else "prompt")
+                            prompt_field="messages" if chat else "prompt",
+                            max_tokens_field="max_completion_tokens" if chat and body.max_completion_tokens
+                            else "max_tokens")
     return Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())
 
 
