@@ -14,11 +14,12 @@ import copy
 import json
 import random
 
+import openai
 import pytest
 
 from loratune.serve.protocol import UNSUPPORTED
 from test_hostile_server import AUTH, GREEDY, Served
-from test_serve_api import BASE
+from test_serve_api import BASE, KEY, LiveServer
 
 JSON_HEADERS = {**AUTH, "Content-Type": "application/json"}
 CHAT = {"model": "a1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2, "temperature": 0}
@@ -298,3 +299,85 @@ def test_a_completion_budget_over_the_servers_limit_names_the_field_that_set_it(
     error = r.json()["error"]
     assert r.status_code == 413 and error["param"] == "max_completion_tokens", r.text
     assert "500 max_completion_tokens), over this server's limit of 256" in error["message"]
+
+
+# ----- the official openai client: realistic calls that are wrong -------------------------------
+
+@pytest.fixture(scope="module")
+def client(served):
+    live = LiveServer(served.app, served.state)
+    yield openai.OpenAI(base_url=f"{live.url}/v1", api_key=KEY, max_retries=0)
+    live.server.should_exit = True
+    live.thread.join(10)
+
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+CHAT_CALLS = {
+    "max_tokens_0": ({"max_tokens": 0}, openai.BadRequestError, "max_tokens"),
+    "temperature_negative": ({"temperature": -1}, openai.BadRequestError, "temperature"),
+    "top_p_0": ({"top_p": 0}, openai.BadRequestError, "top_p"),
+    "seed_2_64": ({"seed": 2**64}, openai.BadRequestError, "seed"),
+    "n_2": ({"n": 2}, openai.BadRequestError, "n"),
+    "logprobs": ({"logprobs": True, "top_logprobs": 2}, openai.BadRequestError, "logprobs"),
+    "tools": ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {}}}]},
+              openai.BadRequestError, "tools"),
+    "json_mode": ({"response_format": {"type": "json_object"}}, openai.BadRequestError, "response_format"),
+    "no_such_model": ({"model": "nope"}, openai.NotFoundError, "model"),
+    "stream_no_such_model": ({"model": "nope", "stream": True}, openai.NotFoundError, "model"),
+    "stream_n_2": ({"n": 2, "stream": True}, openai.BadRequestError, "n"),
+    "tool_role": ({"messages": [{"role": "tool", "content": "x", "tool_call_id": "1"}]},
+                  openai.BadRequestError, "messages"),
+    "image_part": ({"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                               "image_url": {"url": "http://x"}}]}]},
+                   openai.BadRequestError, "messages"),
+    "odd_role": ({"messages": [{"role": "banana", "content": "x"}]}, openai.BadRequestError, "messages"),
+    "budget": ({"max_completion_tokens": 100_000}, openai.BadRequestError, "max_completion_tokens"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CHAT_CALLS))
+def test_a_wrong_chat_call_raises_the_openai_exception_for_its_status(client, name):
+    kwargs, exception, param = CHAT_CALLS[name]
+    kwargs = {"model": "a1", "messages": MESSAGES, "max_tokens": 2, **kwargs}
+    with pytest.raises(exception) as info:
+        result = client.chat.completions.create(**kwargs)
+        list(result) if kwargs.get("stream") else None
+    assert info.value.body["param"] == param, info.value.body
+
+
+@pytest.mark.parametrize("kwargs", [
+    {"stop": [""]}, {"seed": 2**64 - 1, "temperature": 1}, {"seed": -(2**63), "temperature": 1},
+    {"messages": [{"role": "user", "content": ""}]}, {"user": "u", "metadata": {"k": "v"}, "store": False},
+    {"temperature": 1, "top_p": 1e-300, "seed": 1},
+])
+def test_odd_but_valid_chat_calls_succeed(client, kwargs):
+    kwargs = {"model": "a1", "messages": MESSAGES, "max_tokens": 2, **kwargs}
+    assert client.chat.completions.create(**kwargs).choices[0].finish_reason in ("length", "stop")
+    stream = client.chat.completions.create(**kwargs, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[-1].usage.completion_tokens <= 2
+
+
+@pytest.mark.parametrize("kwargs, exception", [
+    ({"prompt": ["a", "b"]}, openai.BadRequestError), ({"prompt": [[1, 2], [3]]}, openai.BadRequestError),
+    ({"prompt": ""}, openai.BadRequestError), ({"echo": True}, openai.BadRequestError),
+    ({"best_of": 3}, openai.BadRequestError), ({"stop": ["s"] * 20}, openai.BadRequestError),
+    ({"max_tokens": 500}, openai.APIStatusError),  # 413: over --max-request-tokens
+])
+def test_a_wrong_completion_call_raises_the_openai_exception_for_its_status(client, kwargs, exception):
+    with pytest.raises(exception) as info:
+        client.completions.create(**{"model": "a1", "prompt": "hi", "max_tokens": 2, **kwargs})
+    assert info.value.status_code in (400, 413)
+    assert set(info.value.body) == {"message", "type", "param", "code"}
+
+
+def test_models_calls_through_the_client(client):
+    assert {m.id for m in client.models.list().data} == {BASE, "a1"}
+    assert client.models.retrieve("a1").parent == BASE
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("a/b")
+    with pytest.raises(openai.APIStatusError) as info:  # the client has models.delete; the server does not
+        client.models.delete("a1")
+    assert info.value.status_code == 405 and "DELETE '/v1/models/a1'" in info.value.message
+    with pytest.raises(openai.NotFoundError, match="no such route"):
+        client.embeddings.create(model="a1", input="x")
