@@ -14,7 +14,7 @@ from loratune import LoraConfig, LoraModel, get_peft_model
 from loratune.serve.engine import Engine, GenerationRequest, wait_until_idle
 from loratune.serve.lora_rows import RowLoraLinear, linear_shapes
 from loratune.serve.registry import prepare_adapter
-from loratune.serve.sampling import SamplingParams
+from loratune.serve.sampling import SamplingParams, sample
 
 EOS = 2
 TARGETS = {"llama": {"a1": (["q_proj", "v_proj"], 4), "a2": (["q_proj", "o_proj", "down_proj"], 8)},
@@ -266,3 +266,12 @@ def test_a_request_for_an_adapter_the_engine_does_not_hold_is_refused(tmp_path):
         assert sink.done.wait(60) and sink.finish == "length"
     finally:
         engine.stop()
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-46])
+def test_a_top_p_below_float32s_range_samples_the_top_token(top_p):
+    # Compared with float32 probabilities such a top_p is 0: no token was kept, multinomial raised,
+    # and the engine failed every request of the batch.
+    logits = torch.randn(50, generator=torch.Generator().manual_seed(0))
+    params = SamplingParams(temperature=1.0, top_p=top_p, seed=1)
+    assert sample(logits, params, torch.Generator().manual_seed(1)) == int(logits.argmax())

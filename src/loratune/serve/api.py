@@ -4,13 +4,13 @@ Routes: /v1/models, /v1/completions, /v1/chat/completions (SSE streaming ending 
 vLLM's /v1/load_lora_adapter and /v1/unload_lora_adapter, /health (no auth), /metrics (Prometheus),
 and the playground at /. Every error is OpenAI's envelope {"error": {message, type, param, code}}:
 400 bad JSON/schema/names/paths/context, 401 key, 404 model, 413 body or token limit, 429 full queue,
-503 engine down. Auth and the body size limit are an ASGI middleware so they apply before parsing.
+503 engine down. Auth and the body size limit are an ASGI middleware (guard.py) so they apply
+before parsing.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 from importlib import resources
@@ -25,6 +25,7 @@ from loratune.module_patterns import shown
 from loratune.tools.generation import chat_ids, prompt_ids
 
 from . import protocol as p
+from .guard import GuardMiddleware
 from .registry import RequestError
 from .state import Generation, ServerState
 
@@ -119,8 +120,11 @@ async def _generation(state: ServerState, body, tokenize, prompt, max_tokens: in
     # Looked up again after the wait, and `_respond` submits before its first await: an adapter
     # unloaded meanwhile is a 404 (one reloaded under the name, the new one), never the base model.
     adapter_id = state.adapter_id(body.model)
+    chat = isinstance(body, p.ChatRequest)
     params = state.sampling(len(prompt_ids), max_tokens, body.temperature, body.top_p, body.seed,
-                            prompt_field="messages" if isinstance(body, p.ChatRequest) else "prompt")
+                            prompt_field="messages" if chat else "prompt",
+                            max_tokens_field="max_completion_tokens" if chat and body.max_completion_tokens
+                            else "max_tokens")
     return Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())
 
 
@@ -255,18 +259,20 @@ def _add_error_handlers(app: FastAPI) -> None:
         for e in errors[:5]:
             loc = [str(x) for x in e.get("loc", ()) if x != "body"]
             param = param or (loc[0] if loc else None)
-            parts.append(f"{'.'.join(loc) or 'body'}: {e.get('msg')}")
+            parts.append(f"{'.'.join(loc) or 'body'}: {_schema_message(e)}")
         return reply(400, "invalid request: " + "; ".join(parts), "invalid_request_error", "invalid_request",
                      param)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_, exc: StarletteHTTPException):
+    async def http_error(request: Request, exc: StarletteHTTPException):
         kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
             # FastAPI's words for a body that is not UTF-8 or nests too deeply to parse
             return reply(400, "the request body is not valid JSON (not UTF-8, or nested too deeply)",
                          kind, "invalid_json")
-        return reply(exc.status_code, str(exc.detail), kind, exc.status_code)
+        response = reply(exc.status_code, _route_message(request, exc), kind, exc.status_code)
+        response.headers.update(exc.headers or {})  # 405's Allow
+        return response
 
     @app.exception_handler(Exception)
     async def internal_error(_, exc: Exception):  # only reached when GuardMiddleware is bypassed
@@ -275,132 +281,19 @@ def _add_error_handlers(app: FastAPI) -> None:
         return reply(500, f"internal error (request id {request_id})", "server_error", "internal_error")
 
 
-class GuardMiddleware:
-    """Check the bearer key on /v1/* and the body size before any route parses the request."""
-
-    def __init__(self, app, *, api_keys: list[str], max_body_bytes: int, body_timeout_s: float = 30.0):
-        self.app, self.max_body_bytes, self.body_timeout_s = app, max_body_bytes, body_timeout_s
-        self.api_keys = [k.encode("utf-8") for k in api_keys]
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        if self.api_keys and scope["path"].startswith("/v1/"):
-            if not self._authorized(headers.get(b"authorization", b"")):
-                return await _send_error(send, 401,
-                                         "Invalid or missing API key: send 'Authorization: Bearer KEY'",
-                                         "authentication_error", "invalid_api_key")
-        length = headers.get(b"content-length")
-        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            return await _send_error(send, 413,
-                                     f"the request body has {int(length)} bytes, over the limit of "
-                                     f"{self.max_body_bytes}", "invalid_request_error", "request_too_large")
-        if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            try:
-                receive = await self._read_bounded(receive)  # chunked: no length to check up front
-            except BodyTimeoutError:
-                return await _send_error(send, 408, f"the request body did not arrive within "
-                                         f"{self.body_timeout_s:g}s", "invalid_request_error",
-                                         "request_timeout")
-            if receive is None:
-                return await _send_error(send, 413,
-                                         f"the request body is over the limit of {self.max_body_bytes} "
-                                         "bytes", "invalid_request_error", "request_too_large")
-        return await self._call_guarded(scope, TimedReceive(receive, self.body_timeout_s), send)
-
-    def _authorized(self, header: bytes) -> bool:
-        """Compare the bearer token as bytes, in constant time, against every key (any bytes: no 500)."""
-        scheme, _, token = header.partition(b" ")
-        token = token.strip()
-        ok = False
-        for key in self.api_keys:
-            ok |= hmac.compare_digest(token, key)
-        return scheme.lower() == b"bearer" and ok
-
-    async def _call_guarded(self, scope, receive: TimedReceive, send):
-        """Run the app; an unhandled error is logged once with a request id and answered 500 with it.
-
-        A body that timed out is answered 408, whatever the route made of the failed read.
-        """
-        started = False
-
-        async def tracked_send(message):
-            nonlocal started
-            if receive.timed_out:
-                if not started:
-                    started = True
-                    await _send_error(send, 408, "the request body did not arrive within "
-                                      f"{self.body_timeout_s:g}s", "invalid_request_error", "request_timeout")
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, receive, tracked_send)
-        except BodyTimeoutError:
-            await tracked_send({"type": "http.response.start"})
-        except Exception:
-            request_id = p.new_id("req")
-            log.exception("internal error in %s %s (request id %s)", scope.get("method"), scope.get("path"),
-                          request_id)
-            if not started:
-                await _send_error(send, 500, f"internal error (request id {request_id})", "server_error",
-                                  "internal_error")
-
-    async def _read_bounded(self, receive):
-        """Read the whole body (at most max_body_bytes); return a receive that replays it, or None."""
-        chunks, size = [], 0
-        receive = TimedReceive(receive, self.body_timeout_s)
-        while True:
-            message = await receive()
-            if message["type"] != "http.request":
-                chunks = None
-                break
-            chunks.append(message.get("body", b""))
-            size += len(chunks[-1])
-            if size > self.max_body_bytes:
-                return None
-            if not message.get("more_body", False):
-                break
-        replay = [{"type": "http.request", "body": b"".join(chunks or []), "more_body": False}]
-
-        async def replayed():
-            return replay.pop() if replay else await receive()
-        return replayed
+def _schema_message(error: dict) -> str:
+    """Pydantic's message for one schema error, except where it does not say what is wrong."""
+    if error.get("type") == "string_unicode":  # an unknown field whose name is a lone surrogate escape
+        return f"the field name {shown(error.get('input'))} is not valid Unicode (a lone surrogate)"
+    return str(error.get("msg"))
 
 
-class BodyTimeoutError(Exception):
-    """The client sent the request body too slowly (HTTP 408)."""
-
-
-class TimedReceive:
-    """An ASGI receive where waiting over `seconds` for the next body chunk raises BodyTimeoutError.
-
-    Only while the body is still arriving: once it has ended, receive waits for a disconnect, which
-    may take as long as a streamed reply. `timed_out` stays set once it fired.
-    """
-
-    def __init__(self, receive, seconds: float):
-        self.receive, self.seconds = receive, seconds
-        self.timed_out = self.done = False
-
-    async def __call__(self):
-        if self.done:
-            return await self.receive()
-        try:
-            message = await asyncio.wait_for(self.receive(), self.seconds)
-        except asyncio.TimeoutError:
-            self.timed_out = True
-            raise BodyTimeoutError from None
-        self.done = message["type"] != "http.request" or not message.get("more_body", False)
-        return message
-
-
-async def _send_error(send, status: int, message: str, type: str, code: str) -> None:
-    body = json.dumps(p.error_body(message, type, code)).encode()
-    await send({"type": "http.response.start", "status": status,
-                "headers": [(b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode())]})
-    await send({"type": "http.response.body", "body": body})
-
+def _route_message(request: Request, exc: StarletteHTTPException) -> str:
+    """Name the method and path a 404 or 405 is about (Starlette says only "Not Found")."""
+    route = f"{request.method} {shown(request.url.path)}"
+    if exc.status_code == 404:
+        served = ", ".join(r.path.replace(":path", "") for r in request.app.routes)
+        return f"{route}: no such route; this server serves {served}"
+    if exc.status_code == 405:
+        return f"{route}: method not allowed; use {(exc.headers or {}).get('Allow', 'another method')}"
+    return str(exc.detail)

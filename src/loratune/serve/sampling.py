@@ -41,6 +41,8 @@ def sample(logits: Tensor, params: SamplingParams, generator: torch.Generator | 
     probs = torch.softmax((logits - logits.max()) / params.temperature, dim=-1)
     if params.top_p < 1.0:
         sorted_probs, order = probs.sort(descending=True)
-        keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p  # always keeps the top token
+        keep = sorted_probs.cumsum(0) - sorted_probs < params.top_p
+        # The top token always stays: a top_p below float32's smallest number (1e-300) compares as 0.
+        keep[0] = True
         probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
     return int(torch.multinomial(probs, 1, generator=generator))

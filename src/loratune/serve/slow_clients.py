@@ -4,7 +4,7 @@ uvicorn times out idle keep-alive connections, but a connection that opens and t
 request line and headers a byte at a time is never timed out: each byte resets nothing, and the
 connection holds a file descriptor and a slot of `limit_concurrency` forever. The protocol below
 starts a timer whenever a request's headers are awaited and closes the connection when they have
-not all arrived in time. The request body has its own timeout (GuardMiddleware in api.py).
+not all arrived in time. The request body has its own timeout (GuardMiddleware in guard.py).
 """
 
 from __future__ import annotations

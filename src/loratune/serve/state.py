@@ -191,11 +191,13 @@ class ServerState:
     # ----- requests ----------------------------------------------------------------------------
 
     def sampling(self, prompt_len: int, max_tokens: int | None, temperature: float | None,
-                 top_p: float | None, seed: int | None, *, prompt_field: str = "prompt") -> SamplingParams:
+                 top_p: float | None, seed: int | None, *, prompt_field: str = "prompt",
+                 max_tokens_field: str = "max_tokens") -> SamplingParams:
         """Check the request's token budget and build its sampling parameters.
 
         prompt_field: the request field that holds the prompt ("prompt" or "messages"), named when the
-        prompt alone leaves no room.
+        prompt alone leaves no room; max_tokens_field: the field that set max_tokens (chat's
+        "max_completion_tokens" or "max_tokens"), named when it asks for too much.
         """
         if prompt_len == 0:
             raise RequestError(400, "the prompt is empty", param=prompt_field)
@@ -216,12 +218,13 @@ class ServerState:
         if total > context:
             raise RequestError(400, f"This model's maximum context length is {context} tokens. However, you "
                                f"requested {total} tokens ({prompt_len} in the prompt, {max_tokens} in the "
-                               "completion). Please reduce the length of the prompt or max_tokens.",
-                               param="max_tokens", code="context_length_exceeded")
+                               f"completion). Please reduce the length of the prompt or {max_tokens_field}.",
+                               param=max_tokens_field, code="context_length_exceeded")
         if limit is not None and total > limit:
             raise RequestError(413, f"the request needs {total} tokens ({prompt_len} prompt + {max_tokens} "
-                               f"max_tokens), over this server's limit of {limit} (--max-request-tokens)",
-                               param="max_tokens", code="request_too_large")
+                               f"{max_tokens_field}), over this server's limit of {limit} "
+                               "(--max-request-tokens)",
+                               param=max_tokens_field, code="request_too_large")
         if temperature is None:
             temperature = self.sampling_defaults.get("temperature", 1.0)
         if top_p is None:
