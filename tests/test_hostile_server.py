@@ -366,7 +366,7 @@ BODIES = {
                         "temperature"),
     "inf_top_p": (b'{"model": "a1", "prompt": "x", "top_p": Infinity}', "application/json", 400, "top_p"),
     "token_ids_out_of_vocab": (json.dumps({**GREEDY, "prompt": [10**9]}).encode(), "application/json", 400,
-                               "outside the vocabulary"),
+                               "outside the model's vocabulary"),
     "two_prompts": (json.dumps({**GREEDY, "prompt": ["a", "b"]}).encode(), "application/json", 400,
                     "holds 2 prompts"),
     "prompt_object": (json.dumps({**GREEDY, "prompt": {"a": 1}}).encode(), "application/json", 400,
@@ -663,3 +663,24 @@ def test_connections_over_the_limit_get_503_and_the_server_recovers(live):
         if httpx.get(f"{server.url}/health").status_code == 200:
             break
     assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_prompt_ids_past_the_models_embedding_rows_are_refused_not_run(served, monkeypatch):
+    """A tokenizer with more tokens than the embedding has rows: such an id would fail the whole
+    batched step it is prefilled in, so it is a 400 naming the field, for text and token prompts."""
+    from loratune.serve.state import token_rows
+
+    rows = served.model.get_input_embeddings().num_embeddings
+    assert token_rows(served.model, served.state.tokenizer) == min(len(served.state.tokenizer), rows)
+    assert token_rows(object(), served.state.tokenizer) == len(served.state.tokenizer)
+    monkeypatch.setattr(served.state, "vocab", 5)
+    chat = {"model": "a1", "messages": [{"role": "user", "content": "hello world"}], "max_tokens": 2}
+    for route, body, field in (("/v1/completions", {**GREEDY, "prompt": "hello world"}, "prompt"),
+                               ("/v1/completions", {**GREEDY, "prompt": [1, 7]}, "prompt"),
+                               ("/v1/chat/completions", chat, "messages")):
+        r = served.client.post(route, json=body, headers=AUTH)
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == field and "outside the model's vocabulary [0, 5)" in error["message"]
+    monkeypatch.undo()
+    assert served.greedy(served.client) == served.baseline

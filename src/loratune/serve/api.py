@@ -117,6 +117,7 @@ async def _generation(state: ServerState, body, tokenize, prompt, max_tokens: in
     """The request's generation: its model checked, its prompt tokenized beside the event loop."""
     state.adapter_id(body.model)  # an unknown model is a 404 before any tokenizing
     prompt_ids = await state.tokenize(tokenize, state, prompt)
+    _check_token_ids(state, prompt_ids, "messages" if isinstance(body, p.ChatRequest) else "prompt")
     # Looked up again after the wait, and `_respond` submits before its first await: an adapter
     # unloaded meanwhile is a 404 (one reloaded under the name, the new one), never the base model.
     adapter_id = state.adapter_id(body.model)
@@ -128,13 +129,16 @@ async def _generation(state: ServerState, body, tokenize, prompt, max_tokens: in
     return Generation(state, body.model, adapter_id, prompt_ids, params, body.stops())
 
 
+def _check_token_ids(state: ServerState, ids: list[int], field: str) -> None:
+    """Refuse prompt ids the model has no embedding row for (sent as ids, or made by the tokenizer)."""
+    bad = [t for t in ids if not 0 <= t < state.vocab]
+    if bad:
+        raise RequestError(400, f"{field} holds token ids {shown(bad[:5])} outside the model's vocabulary "
+                           f"[0, {state.vocab})", param=field)
+
+
 def _completion_prompt(state: ServerState, prompt) -> list[int]:
     if isinstance(prompt, list) and prompt and all(isinstance(t, int) for t in prompt):
-        vocab = len(state.tokenizer)
-        bad = [t for t in prompt if not 0 <= t < vocab]
-        if bad:
-            raise RequestError(400, f"prompt token ids {shown(bad[:5])} are outside the vocabulary "
-                               f"[0, {vocab})", param="prompt")
         return list(prompt)
     if isinstance(prompt, list):
         if len(prompt) != 1:

@@ -63,6 +63,17 @@ class AdapterEntry:
     created: int = field(default_factory=lambda: int(time.time()))
 
 
+def token_rows(model, tokenizer) -> int:
+    """How many token ids a prompt may use: the tokenizer's and the model's embedding rows, the fewer.
+
+    A tokenizer can hold more tokens than the embedding has rows (tokens added without resizing the
+    model); an id in that gap would fail the whole batched step it is prefilled in.
+    """
+    embedding = getattr(model, "get_input_embeddings", lambda: None)()
+    rows = getattr(embedding, "num_embeddings", None)
+    return min(len(tokenizer), rows) if isinstance(rows, int) else len(tokenizer)
+
+
 class ServerState:
     """Adapters by name, the tokenizer, the engine and metrics of one server."""
 
@@ -75,6 +86,7 @@ class ServerState:
         self._ids = itertools.count(1)
         self.created = int(time.time())
         self.sampling_defaults: dict[str, float] = {}  # temperature / top_p of requests that omit them
+        self.vocab = token_rows(engine.model, tokenizer)  # prompt ids must be below this
         self.metrics = ServerMetrics(queue_depth=lambda: engine.queue_depth, running=lambda: engine.running,
                                      loaded_adapters=lambda: len(self.adapters),
                                      served=lambda name: name == settings.base_name or name in self.adapters)
