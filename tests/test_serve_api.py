@@ -267,6 +267,7 @@ def test_auth_errors_and_open_health(live):
     assert body["type"] == "authentication_error"
     assert httpx.get(f"{live.url}/v1/models").status_code == 401
     assert httpx.get(f"{live.url}/health").status_code == 200
+    assert httpx.head(f"{live.url}/health").status_code == 200  # uptime monitors probe with HEAD
 
 
 def test_unknown_model_404(live):

@@ -41,7 +41,7 @@ def build_app(state: ServerState) -> FastAPI:
                        body_timeout_s=state.settings.body_timeout_s)
     _add_error_handlers(app)
 
-    @app.get("/health")
+    @app.api_route("/health", methods=["GET", "HEAD"])  # uptime monitors often probe with HEAD
     async def health():
         if not state.engine.alive:
             raise RequestError(503, "the engine is not running", type="server_error",
