@@ -271,9 +271,10 @@ def _add_error_handlers(app: FastAPI) -> None:
     async def http_error(request: Request, exc: StarletteHTTPException):
         kind = "NotFoundError" if exc.status_code == 404 else "invalid_request_error"
         if exc.status_code == 400 and exc.detail == "There was an error parsing the body":
-            # FastAPI's words for a body that is not UTF-8 or nests too deeply to parse
-            return reply(400, "the request body is not valid JSON (not UTF-8, or nested too deeply)",
-                         kind, "invalid_json")
+            # FastAPI's words for a body that is not UTF-8, nests too deeply or holds a number Python
+            # will not convert (over 4300 digits)
+            return reply(400, "the request body is not valid JSON, or not JSON this server reads (not UTF-8, "
+                         "nested too deeply, or a number of over 4300 digits)", kind, "invalid_json")
         response = reply(exc.status_code, _route_message(request, exc), kind, exc.status_code)
         response.headers.update(exc.headers or {})  # 405's Allow
         return response
