@@ -684,3 +684,27 @@ def test_prompt_ids_past_the_models_embedding_rows_are_refused_not_run(served, m
         assert error["param"] == field and "outside the model's vocabulary [0, 5)" in error["message"]
     monkeypatch.undo()
     assert served.greedy(served.client) == served.baseline
+
+
+def test_load_inplace_replaces_a_loaded_adapter_and_without_it_the_name_is_taken(served):
+    """vLLM's load_inplace: the name then serves the new weights; the old ones are freed."""
+    def answer(model):
+        r = served.client.post("/v1/completions", json={**GREEDY, "model": model}, headers=AUTH)
+        assert r.status_code == 200, r.text
+        return r.json()["choices"][0]["text"]
+
+    assert load(served, "inplace-x", "a2").status_code == 200
+    want_a2 = answer("inplace-x")
+    r = served.client.post("/v1/unload_lora_adapter", json={"lora_name": "inplace-x"}, headers=AUTH)
+    assert r.status_code == 200
+    installed = len(served.state.adapters), set(served.state.engine._installed)
+    assert want_a2 != served.baseline  # the two adapters answer differently: the test can tell them apart
+    r = load(served, "a1", "a2")
+    assert r.status_code == 400 and "has already been loaded" in r.json()["error"]["message"]
+    body = {"lora_name": "a1", "lora_path": "a2", "load_inplace": True}
+    assert served.client.post("/v1/load_lora_adapter", json=body, headers=AUTH).status_code == 200
+    assert answer("a1") == want_a2 and len(served.state.adapters) == installed[0]
+    assert len(served.state.engine._installed) == len(installed[1])  # the old weights are gone
+    body["lora_path"] = "a1"  # and back, for the tests that follow
+    assert served.client.post("/v1/load_lora_adapter", json=body, headers=AUTH).status_code == 200
+    assert served.greedy(served.client) == served.baseline

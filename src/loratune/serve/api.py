@@ -84,7 +84,7 @@ def build_app(state: ServerState) -> FastAPI:
         if not body.lora_name or not body.lora_path:
             raise RequestError(400, "Both 'lora_name' and 'lora_path' must be provided.",
                                type="InvalidUserInput", code=400)
-        await state.load_adapter(body.lora_name, body.lora_path)
+        await state.load_adapter(body.lora_name, body.lora_path, inplace=body.load_inplace)
         log.info("loaded adapter %r from %r", body.lora_name, body.lora_path)
         return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 

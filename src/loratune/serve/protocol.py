@@ -157,6 +157,7 @@ class LoadLoraRequest(BaseModel):
 
     lora_name: str | None = None
     lora_path: str | None = None
+    load_inplace: StrictBool = False  # vLLM's: replace the adapter already loaded under lora_name
 
 
 class UnloadLoraRequest(BaseModel):

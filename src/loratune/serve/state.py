@@ -128,17 +128,22 @@ class ServerState:
         self.engine.install_adapter(adapter_id, prepared).result()
         self.adapters[name] = AdapterEntry(name, prepared.path, adapter_id)
 
-    async def load_adapter(self, name: str, lora_path: str) -> None:
-        """Validate, read and install an adapter requested over HTTP; raises RequestError."""
+    async def load_adapter(self, name: str, lora_path: str, *, inplace: bool = False) -> None:
+        """Validate, read and install an adapter requested over HTTP; raises RequestError.
+
+        `inplace` (vLLM's load_inplace): an adapter already loaded under `name` is replaced once the new
+        one is installed; requests already running on the old one finish on it.
+        """
         check_adapter_name(name, base_name=self.settings.base_name)
-        if name in self.adapters or name in self._loading:
-            raise RequestError(400, f"The lora adapter '{name}' has already been loaded.",
+        replacing = inplace and name in self.adapters
+        if (name in self.adapters and not replacing) or name in self._loading:
+            raise RequestError(400, f"The lora adapter '{name}' has already been loaded.",  # vLLM's words
                                type="InvalidUserInput", code=400)
         path = resolve_adapter_path(lora_path, self.settings.adapter_roots)
         if not path.is_dir():
             raise RequestError(404, f"Loading lora {name} failed: No adapter found for {shown(lora_path)}",
                                type="NotFoundError", code=404)
-        if len(self.adapters) + len(self._loading) >= self.settings.max_loaded:
+        if len(self.adapters) + len(self._loading) - replacing >= self.settings.max_loaded:
             raise RequestError(400, f"cannot load {name!r}: {self.settings.max_loaded} adapters are loaded "
                                "(--max-loaded); unload one first", type="BadRequestError", code=400)
         self._loading.add(name)
@@ -165,9 +170,13 @@ class ServerState:
                     with contextlib.suppress(EngineStoppedError):
                         self.engine.remove_adapter(adapter_id)
                 raise
+            old = self.adapters.get(name)
             self.adapters[name] = AdapterEntry(name, prepared.path, adapter_id)
         finally:
             self._loading.discard(name)
+        if old is not None:  # replaced in place: new requests find the new one, the old one goes when unused
+            with contextlib.suppress(EngineStoppedError, RequestError):
+                await asyncio.shield(asyncio.wrap_future(self.engine.remove_adapter(old.adapter_id)))
 
     async def unload_adapter(self, name: str | None, adapter_id: int | None) -> str:
         """Hide an adapter now and free its weights once unused; returns its name."""
