@@ -70,8 +70,9 @@ def token_rows(model, tokenizer) -> int:
     model); an id in that gap would fail the whole batched step it is prefilled in.
     """
     embedding = getattr(model, "get_input_embeddings", lambda: None)()
-    rows = getattr(embedding, "num_embeddings", None)
-    return min(len(tokenizer), rows) if isinstance(rows, int) else len(tokenizer)
+    tokens = len(tokenizer) if hasattr(type(tokenizer), "__len__") else None
+    sizes = [n for n in (tokens, getattr(embedding, "num_embeddings", None)) if isinstance(n, int)]
+    return min(sizes, default=2**63)
 
 
 class ServerState:
