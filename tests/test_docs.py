@@ -9,6 +9,7 @@ point at files and headings that exist.
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import re
 import shlex
 from pathlib import Path
@@ -164,3 +165,39 @@ def test_readme_library_example_runs(tmp_path, monkeypatch):
     exec(compile(block.replace("path/or/hub-id", str(tmp_path / "base")), "README.md", "exec"), {})
     assert {p.name for p in (tmp_path / "my-adapter").iterdir()} == {
         "adapter_config.json", "adapter_model.safetensors", "README.md"}
+
+
+def _resolve(dotted: str):
+    parts = dotted.split(".")
+    for i in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:i]))
+        except ImportError:
+            continue
+        for attribute in parts[i:]:
+            obj = getattr(obj, attribute)
+        return obj
+    raise ImportError(dotted)
+
+
+def test_every_loratune_name_the_docs_cite_exists():
+    cited = set()
+    for path in DOCS:
+        cited |= set(re.findall(r"`(loratune(?:\.[A-Za-z_]\w*)+)", path.read_text()))
+    assert len(cited) > 20
+    missing = []
+    for name in sorted(cited):
+        try:
+            _resolve(name)
+        except (ImportError, AttributeError):
+            missing.append(name)
+    assert not missing
+
+
+def test_every_repository_file_the_docs_cite_exists():
+    pattern = r"`([\w./-]+/[\w.-]+\.(?:py|yaml|jsonl|md))`"
+    cited = {(p.name, f) for p in DOCS for f in re.findall(pattern, p.read_text())}
+    assert len(cited) > 10
+    missing = [(doc, f) for doc, f in cited
+               if not (ROOT / f).exists() and not (ROOT / "src" / "loratune" / f).exists()]
+    assert not missing
