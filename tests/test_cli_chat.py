@@ -103,3 +103,15 @@ def test_a_closed_stdin_exits_2_before_loading_the_model(monkeypatch, capsys):
     captured = capsys.readouterr()
     assert code == 2 and captured.out == "" and "Traceback" not in captured.err
     assert "error: stdin is closed" in captured.err
+
+
+@pytest.mark.parametrize("verb, default", [("chat", 256), ("generate", 64)])
+def test_help_states_the_max_new_tokens_default_in_use(verb, default, capsys):
+    from loratune.cli.main import build_parser
+
+    parser = build_parser([verb])
+    args = parser.parse_args([verb, "--prompt", "p"] if verb == "generate" else [verb])
+    assert args.max_new_tokens == default
+    with pytest.raises(SystemExit):
+        main([verb, "--help"])
+    assert f"(default: {default})" in " ".join(capsys.readouterr().out.split())

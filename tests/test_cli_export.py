@@ -64,3 +64,13 @@ def test_a_base_gguf_that_is_not_a_model_exits_2_naming_it(dirs, tmp_path, capsy
     err = capsys.readouterr().err
     assert err.startswith("error: ") and str(base) in err and "Traceback" not in err, err
     assert not out.exists()
+
+
+def test_a_non_empty_output_dir_exits_2_and_says_what_it_protects(dirs, tmp_path, capsys):
+    _, adapter = dirs
+    (tmp_path / "notes.txt").write_text("mine")
+    assert main(["export", adapter, "--format", "gguf", "-o", f"{tmp_path}/"]) == 2
+    err = capsys.readouterr().err
+    assert f"--output_dir '{tmp_path}/' already exists and is not empty" in err
+    assert "merged model" not in err  # export writes an adapter, not a merged model
+    assert os.listdir(tmp_path) == ["notes.txt"]

@@ -76,9 +76,10 @@ def save_tiny_gguf_base(directory):
 def test_merge_to_gguf_passes_and_reads_back_close(dirs, tmp_path, capsys):
     _, adapter = dirs
     out = tmp_path / "merged"
-    assert main(["merge", "--adapter", adapter, "--output_dir", str(out), "--format", "gguf",
+    assert main(["merge", "--adapter", adapter, "--output_dir", f"{out}/", "--format", "gguf",
                  "--outtype", "f32"]) == 0
     lines = capsys.readouterr().out.splitlines()
+    assert lines[0].endswith(f" -> {out}/model.gguf (f32)")  # one slash, however the path was typed
     assert lines[1].endswith(": PASS") and lines[2].startswith("Written f32 GGUF, read back by Transformers")
     assert sorted(os.listdir(out)) == ["Modelfile", "model.gguf"]
     assert (out / "Modelfile").read_text().startswith("FROM ./model.gguf\nTEMPLATE")

@@ -88,6 +88,14 @@ def test_local_dir_written_from_preset_loads_back(tmp_path, preset_fp32):
     assert tok.chat_template == load_tokenizer(DEFAULT_MODEL).chat_template
 
 
+def test_preset_dir_takes_the_bare_preset_name_and_refuses_unknown_ones(tmp_path, preset_fp32):
+    out = save_preset_as_hf_dir(DEFAULT_MODEL.removeprefix("preset:"), tmp_path / "tiny")
+    assert _same_weights(load_base_model(out, dtype="float32"), preset_fp32)
+    with pytest.raises(ConfigError, match="unknown preset .preset:tiny-lama.; available presets: "):
+        save_preset_as_hf_dir("tiny-lama", tmp_path / "typo")
+    assert not (tmp_path / "typo").exists()
+
+
 def test_local_dir_from_factory_model_and_missing_pad_token(tmp_path):
     model = tiny_model("llama", seed=3)
     model.save_pretrained(tmp_path)

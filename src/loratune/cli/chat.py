@@ -25,8 +25,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     )
     add_model_arguments(parser)
     parser.add_argument("--system", default=None, help="system prompt put before the conversation")
-    add_sampling_arguments(parser)
-    parser.set_defaults(max_new_tokens=256)
+    add_sampling_arguments(parser, max_new_tokens=256)  # answers run longer than one completion
     return parser
 
 

@@ -46,9 +46,9 @@ def quant_overrides(args) -> dict:
     return {k: getattr(args, k, None) for k in keys}
 
 
-def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max_new_tokens", type=int, default=64,
-                        help="tokens to generate at most (default: 64)")
+def add_sampling_arguments(parser: argparse.ArgumentParser, *, max_new_tokens: int = 64) -> None:
+    parser.add_argument("--max_new_tokens", type=int, default=max_new_tokens,
+                        help=f"tokens to generate at most (default: {max_new_tokens})")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 = greedy (default); > 0 samples")
     parser.add_argument("--top_p", type=float, default=1.0, help="nucleus sampling threshold (default: 1.0)")

@@ -10,6 +10,7 @@ A QLoRA adapter (quantized base) is merged into the dequantized base and written
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from loratune.cli.generate import EXIT_USAGE, add_model_arguments, describe, quant_overrides
@@ -94,7 +95,7 @@ def _run_gguf(args, loaded) -> int:
     from loratune.tools.gguf_export import merge_to_gguf
 
     quiet_gguf_writer()
-    print(f"Merging {describe(loaded)} -> {args.output_dir}/model.gguf ({args.outtype})")
+    print(f"Merging {describe(loaded)} -> {os.path.join(args.output_dir, 'model.gguf')} ({args.outtype})")
     result = merge_to_gguf(loaded, args.output_dir, outtype=args.outtype, tolerance=args.tolerance)
     verdict = "PASS" if result.passed else "FAIL"
     print(f"Logit check, merged vs the adapter model (float32): max abs diff {result.max_abs_diff:.3e} "

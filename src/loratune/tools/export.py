@@ -120,7 +120,7 @@ def check_merge_output_dir(output_dir: str, adapter_dir: str | None) -> None:
         raise ConfigError(f"--output_dir {output_dir!r} is the adapter directory; choose a new directory")
     if os.path.lexists(output_dir) and (not os.path.isdir(output_dir) or os.listdir(output_dir)):
         raise ConfigError(f"--output_dir {output_dir!r} already exists and is not empty; remove it or choose "
-                          "another directory (a merged model is never written over other files)")
+                          "another directory (output is never written over other files)")
     parent = nearest_existing(output_dir)
     if not os.path.isdir(parent):
         raise ConfigError(f"--output_dir {output_dir!r} cannot be created: {parent!r} is a file, not a "

@@ -316,8 +316,13 @@ def save_preset_as_hf_dir(name: str, out_dir: str | os.PathLike, *,
     """Write a preset as an ordinary Hugging Face directory (weights + tokenizer); return its path.
 
     The result loads with `AutoModelForCausalLM.from_pretrained`, so tests and users can exercise
-    the local-directory path without a download.
+    the local-directory path without a download. `name` is `preset:<name>` or the bare `<name>`.
+
+    Raises:
+        ConfigError: no preset of that name (the message lists the ones that do exist).
     """
+    name = name if name.startswith(PRESET_PREFIX) else PRESET_PREFIX + name
+    preset_dir(name)  # an unknown name fails here, not as a hub download
     out = Path(out_dir)
     load_base_model(name, dtype=dtype).save_pretrained(out)
     load_tokenizer(name).save_pretrained(out)
