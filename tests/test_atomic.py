@@ -128,3 +128,26 @@ def test_a_failed_save_into_new_folders_leaves_none_of_them(tmp_path):
         with atomic_directory(target):
             raise RuntimeError("refused")
     assert sorted(os.listdir(tmp_path / "a")) == ["keep"]  # a folder that was there stays
+
+
+def test_weights_files_are_readable_like_every_other_file(tmp_path):
+    """safetensors writes its files 0600: an adapter, a merged model or a GGUF saved by one user
+    must be readable by a server running as another, like the JSON beside them."""
+    import stat
+
+    from factories import tiny_model
+    from loratune import LoraConfig, get_peft_model
+    from loratune.tools.gguf import atomic_gguf_path
+
+    old = os.umask(0o022)
+    try:
+        model = get_peft_model(tiny_model("llama"), LoraConfig(r=2, target_modules=["q_proj"]))
+        model.save_pretrained(str(tmp_path / "adapter"))
+        with atomic_gguf_path(tmp_path / "m.gguf") as path:
+            with open(path, "wb") as fh:
+                fh.write(b"GGUF")
+    finally:
+        os.umask(old)
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert stat.S_IMODE(os.stat(tmp_path / "adapter" / name).st_mode) == 0o644, name
+    assert stat.S_IMODE(os.stat(tmp_path / "m.gguf").st_mode) == 0o644

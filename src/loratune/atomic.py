@@ -44,6 +44,7 @@ def atomic_directory(target: str | os.PathLike, *, size_hint: int | None = None)
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700; the result should look like mkdir's
     try:
         yield tmp
+        _usual_permissions(tmp)
         _fsync_tree(tmp)
         if not os.path.exists(target):
             os.rename(tmp, target)
@@ -148,7 +149,7 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", **open_kwargs) -> It
     os.makedirs(os.path.dirname(target), exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(target)}{TEMP_MARK}", dir=os.path.dirname(target))
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; the result should look like open()'s
+    os.chmod(tmp, file_mode())  # mkstemp makes 0600; the result should look like open()'s
     try:
         with open(tmp, mode, **open_kwargs) as fh:
             yield fh
@@ -162,6 +163,25 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", **open_kwargs) -> It
             parent = os.path.dirname(target)
             raise _disk_full(parent, target, 0, None) from None
         raise
+
+
+def _usual_permissions(root: str) -> None:
+    """Give every file under `root` the mode open() gives under the umask (`file_mode`).
+
+    safetensors writes its files 0600, so an adapter or merged model saved by one user could not be
+    read by a server or llama.cpp running as another, unlike every other file we write.
+    """
+    mode = file_mode()
+    for folder, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(folder, name)
+            if not os.path.islink(path) and os.stat(path).st_mode & 0o777 != mode:
+                os.chmod(path, mode)
+
+
+def file_mode() -> int:
+    """The permissions open() gives a new file under the process's umask (0644 under 022)."""
+    return 0o666 & ~_umask()
 
 
 def _umask() -> int:

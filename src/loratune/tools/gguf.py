@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from loratune.atomic import file_mode
 from loratune.errors import ConfigError
 from loratune.module_patterns import shown
 from loratune.tools.gguf_vocab import add_vocab
@@ -273,6 +274,7 @@ def atomic_gguf_path(path: str | os.PathLike) -> Iterator[str]:
         raise ConfigError(f"cannot write {os.fspath(path)}: its folder {os.path.dirname(target)} cannot be "
                           f"made or written to ({err.strerror or err})") from None
     os.close(fd)
+    os.chmod(tmp, file_mode())  # mkstemp makes 0600; the file should look like open()'s
     try:
         yield tmp
         os.replace(tmp, target)
