@@ -110,6 +110,7 @@ def test_train_writes_exactly_the_documented_outputs(model_dir, messages_file, t
     assert saved["max_steps"] == 4 and saved["r"] == 4 and saved["train_file"] == messages_file
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["peft_type"] == "LORA" and adapter_config["r"] == 4
+    assert type(adapter_config["lora_alpha"]) is int  # 8, not 8.0: as PEFT writes a whole alpha
     printed = capsys.readouterr().out
     for where in (str(out), "metrics.jsonl", "loss.png", "Before:", "After:"):
         assert where in printed

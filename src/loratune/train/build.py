@@ -114,7 +114,9 @@ def adapt_base(base, cfg: TrainConfig, device: torch.device):
         else:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     lora_config = LoraConfig(
-        r=lo.r, lora_alpha=lo.lora_alpha, lora_dropout=lo.lora_dropout,
+        # a whole alpha stays an int in adapter_config.json, as PEFT writes it (the YAML key is a float)
+        r=lo.r, lora_alpha=int(lo.lora_alpha) if float(lo.lora_alpha).is_integer() else lo.lora_alpha,
+        lora_dropout=lo.lora_dropout,
         target_modules=target_modules_for_peft(lo.target_modules),
         use_rslora=lo.use_rslora, use_dora=lo.use_dora,
         modules_to_save=list(lo.modules_to_save) if lo.modules_to_save else None,
