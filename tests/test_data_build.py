@@ -56,7 +56,7 @@ def test_several_bad_rows_are_listed_together(tok, tmp_path):
     with pytest.raises(DataError) as err:
         build(tok, write_jsonl(tmp_path / "train.jsonl", rows))
     assert str(err.value).splitlines() == [
-        "train.jsonl: 4 bad rows (fix them or set skip_bad_rows: true to skip them):",
+        "train.jsonl: 4 bad rows (fix them, or skip them with skip_bad_rows: true or --skip_bad_rows):",
         "  - train.jsonl line 5: expected a JSON object, got list",
         "  - train.jsonl line 2: missing field 'completion'",
         "  - train.jsonl line 3: field 'completion' must be a string, got int",
