@@ -303,13 +303,16 @@ def test_rank_pattern_takes_the_first_matching_key_in_order_as_peft():
     assert ranks[0] == ranks[1] == [2, 2]
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_pissa_and_olora_adapters_reload_as_trained_in_both(tmp_path, init):
+@pytest.mark.parametrize("creator", [loratune, peft], ids=["ours", "peft"])
+@pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_4"])
+def test_pissa_and_olora_adapters_reload_as_trained_in_both(tmp_path, init, creator):
     """Their factors belong to the residual base their init made: loading runs that init again (as
-    PEFT does) and puts the saved factors back, so the reloaded model is the trained one."""
+    PEFT does) and puts the saved factors back, so the reloaded model is the trained one.
+    pissa_niter_N's sketch is random: both libraries draw it as at creation, so a load from the
+    same generator state (here: the factory's seed) rebuilds the same residual."""
     x = tiny_batch()
-    trained = loratune.get_peft_model(tiny_model("llama"), loratune.LoraConfig(r=4, target_modules=["q_proj"],
-                                                                               init_lora_weights=init))
+    config = creator.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    trained = creator.get_peft_model(tiny_model("llama"), config)
     perturb(trained)
     trained.eval()
     expected = logits(trained, x)
