@@ -404,3 +404,32 @@ def test_a_peft_file_listing_targets_this_model_lacks_loads_as_in_peft(tmp_path,
     assert_close(logits(other, x), logits(theirs, x))
     with pytest.raises(loratune.errors.TargetNotFoundError, match="c_attn"):
         build(loratune, "llama", kw)
+
+
+@pytest.mark.parametrize("src,dst", [(loratune, peft), (peft, loratune)],
+                         ids=["ours-to-peft", "peft-to-ours"])
+def test_several_adapters_in_sub_folders_both_ways(tmp_path, src, dst):
+    """add_adapter + save_pretrained (non-default names in sub-folders, selected_adapters,
+    safe_serialization=False) on one side; from_pretrained / load_adapter(subfolder=) on the other."""
+    x = tiny_batch()
+    model = build(src, "llama", dict(target_modules=["q_proj"]))
+    for name, kw in (("b", dict(lora_alpha=4, target_modules=["v_proj"])),
+                     ("c", dict(target_modules=["k_proj"], use_dora=True))):
+        model.add_adapter(name, src.LoraConfig(r=2, init_lora_weights=False, **kw))
+    perturb(model)
+    model.eval()
+    expected = {}
+    for name in ("default", "b", "c"):
+        model.set_adapter(name)
+        expected[name] = logits(model, x)
+    model.save_pretrained(str(tmp_path / "all"))
+    model.save_pretrained(str(tmp_path / "only-b"), selected_adapters=["b"], safe_serialization=False)
+    loaded = dst.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "all"))
+    loaded.load_adapter(str(tmp_path / "all" / "b"), adapter_name="b")
+    loaded.load_adapter(str(tmp_path / "all"), adapter_name="c", subfolder="c")
+    for name in ("default", "b", "c"):
+        loaded.set_adapter(name)
+        assert_close(logits(loaded, x), expected[name])
+    only_b = dst.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "only-b" / "b"),
+                                           adapter_name="b")
+    assert_close(logits(only_b, x), expected["b"])
