@@ -37,11 +37,15 @@ CASES = [
     ("qwen2", dict(target_modules=["embed_tokens"])),  # tied to lm_head
     ("llama", dict(target_modules=["q_proj"], modules_to_save=["norm"])),  # model.norm only (PEFT 0.22 on)
     ("llama", dict(target_modules="all-linear", modules_to_save=["mlp"])),  # no LoRA inside a saved module
+    ("mistral", dict(target_modules="all-linear", use_dora=True, rank_pattern={r".*\.1\.mlp\..*": 2},
+                     alpha_pattern={"o_proj": 3}, exclude_modules=["model.layers.0.mlp.up_proj"])),
+    ("mistral", dict(target_modules=["embed_tokens", "v_proj"], modules_to_save=["lm_head"], bias="all")),
 ]
 IDS = ["llama", "rslora", "rank-alpha-pattern", "dora", "gpt2-conv1d", "gpt2-dora", "embedding",
        "gpt2-all-linear", "qwen2-bias-all", "modules-to-save", "layers-to-transform", "layers-pattern",
        "gpt2-mts-bias-all", "gpt2-lora-only-exclude", "regex-dora-rslora", "qwen2-tied-embedding",
-       "modules-to-save-suffix", "no-lora-inside-saved"]
+       "modules-to-save-suffix", "no-lora-inside-saved", "mistral-dora-patterns-exclude",
+       "mistral-embedding-mts-bias-all"]
 
 
 def perturb(model, seed: int = 3) -> None:
