@@ -12,6 +12,7 @@ from transformers import (
     AutoModelForCausalLM,
     GPT2Config,
     LlamaConfig,
+    MistralConfig,
     PretrainedConfig,
     Qwen2Config,
 )
@@ -23,7 +24,7 @@ TASKS = Path(__file__).resolve().parents[1] / "examples" / "tasks"
 
 
 def tiny_config(arch: str = "llama", **overrides) -> PretrainedConfig:
-    """Return a config for a 2-layer model of the given architecture (llama, gpt2, qwen2)."""
+    """Return a config for a 2-layer model of the given architecture (llama, gpt2, qwen2, mistral)."""
     if arch == "llama":
         cfg = LlamaConfig(
             vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -40,6 +41,12 @@ def tiny_config(arch: str = "llama", **overrides) -> PretrainedConfig:
             vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
             tie_word_embeddings=True,
+        )
+    elif arch == "mistral":  # a sliding window shorter than tiny_batch's sequences
+        cfg = MistralConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+            sliding_window=4, tie_word_embeddings=False,
         )
     else:
         raise ValueError(f"unknown tiny architecture {arch!r}")

@@ -37,11 +37,15 @@ CASES = [
     ("qwen2", dict(target_modules=["embed_tokens"])),  # tied to lm_head
     ("llama", dict(target_modules=["q_proj"], modules_to_save=["norm"])),  # model.norm only (PEFT 0.22 on)
     ("llama", dict(target_modules="all-linear", modules_to_save=["mlp"])),  # no LoRA inside a saved module
+    ("mistral", dict(target_modules="all-linear", use_dora=True, rank_pattern={r".*\.1\.mlp\..*": 2},
+                     alpha_pattern={"o_proj": 3}, exclude_modules=["model.layers.0.mlp.up_proj"])),
+    ("mistral", dict(target_modules=["embed_tokens", "v_proj"], modules_to_save=["lm_head"], bias="all")),
 ]
 IDS = ["llama", "rslora", "rank-alpha-pattern", "dora", "gpt2-conv1d", "gpt2-dora", "embedding",
        "gpt2-all-linear", "qwen2-bias-all", "modules-to-save", "layers-to-transform", "layers-pattern",
        "gpt2-mts-bias-all", "gpt2-lora-only-exclude", "regex-dora-rslora", "qwen2-tied-embedding",
-       "modules-to-save-suffix", "no-lora-inside-saved"]
+       "modules-to-save-suffix", "no-lora-inside-saved", "mistral-dora-patterns-exclude",
+       "mistral-embedding-mts-bias-all"]
 
 
 def perturb(model, seed: int = 3) -> None:
@@ -75,6 +79,12 @@ def test_ours_to_peft(tmp_path, arch, kw):
     ours.save_pretrained(str(tmp_path))
     theirs = peft.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path))
     assert_close(logits(theirs, x), expected)
+    if arch == "qwen2" and "embed_tokens" in kw["target_modules"]:  # tied to lm_head: PEFT merges into both
+        with pytest.raises(loratune.errors.MergeError, match="tied"):
+            ours.merge_and_unload()
+        return
+    assert_close(logits(ours.merge_and_unload(), x), logits(theirs.merge_and_unload(), x))
+    assert_close(logits(ours, x), expected)
 
 
 @pytest.mark.parametrize("arch,kw", CASES, ids=IDS)
@@ -87,10 +97,40 @@ def test_peft_to_ours_and_counts(tmp_path, arch, kw):
     theirs.save_pretrained(str(tmp_path))
     ours = loratune.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path))
     assert_close(logits(ours, x), expected)
+    ours.save_pretrained(str(tmp_path / "again"))
+    assert_same_files(tmp_path / "again", tmp_path)
     assert build(loratune, arch, kw).get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     trainable_ours = loratune.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path), is_trainable=True)
     trainable_theirs = peft.PeftModel.from_pretrained(tiny_model(arch), str(tmp_path), is_trainable=True)
     assert trainable_ours.get_nb_trainable_parameters() == trainable_theirs.get_nb_trainable_parameters()
+
+
+def assert_same_files(ours, theirs) -> None:
+    """Our re-save of a PEFT adapter holds PEFT's tensors (names, shapes, dtypes, values) and config
+    values (types and list order too). Left out, by design: the base weight of an adapted embedding
+    (PEFT's save_embedding_layers="auto"), the second copy of a saved module's bias PEFT writes with
+    bias="all" (`<module>.modules_to_save.bias`, equal to `<module>.bias`), and PEFT's fields for
+    features we refuse, at their defaults."""
+    from safetensors.torch import load_file
+
+    mine, peft_tensors = (load_file(str(d / "adapter_model.safetensors")) for d in (ours, theirs))
+    embedding_bases = {k for k in peft_tensors
+                       if k.endswith((".embed_tokens.base_layer.weight", ".lm_head.base_layer.weight"))}
+    bias_copies = {k for k in peft_tensors if k.endswith(".modules_to_save.bias")}
+    for key in bias_copies:
+        assert torch.equal(peft_tensors[key], peft_tensors[key.replace(".modules_to_save.bias", ".bias")])
+    assert set(mine) == set(peft_tensors) - embedding_bases - bias_copies
+    for key, tensor in mine.items():
+        assert tensor.dtype == peft_tensors[key].dtype and torch.equal(tensor, peft_tensors[key]), key
+    mine, peft_config = (json.loads((d / "adapter_config.json").read_text()) for d in (ours, theirs))
+    assert set(mine) <= set(peft_config)
+    for key, value in mine.items():
+        if key not in ("peft_version", "auto_mapping"):
+            assert (type(value), value) == (type(peft_config[key]), peft_config[key]), key
+    for key in set(peft_config) - set(mine) - {"peft_version", "auto_mapping"}:
+        field = loratune.LoraConfig.__dataclass_fields__[key]
+        inert = field.metadata["peft_only"] == "ignored"
+        assert inert or any(peft_config[key] == off for off in field.metadata["off"]), key
 
 
 def test_fresh_default_init_is_base_in_both():
@@ -303,13 +343,16 @@ def test_rank_pattern_takes_the_first_matching_key_in_order_as_peft():
     assert ranks[0] == ranks[1] == [2, 2]
 
 
-@pytest.mark.parametrize("init", ["pissa", "olora"])
-def test_pissa_and_olora_adapters_reload_as_trained_in_both(tmp_path, init):
+@pytest.mark.parametrize("creator", [loratune, peft], ids=["ours", "peft"])
+@pytest.mark.parametrize("init", ["pissa", "olora", "pissa_niter_4"])
+def test_pissa_and_olora_adapters_reload_as_trained_in_both(tmp_path, init, creator):
     """Their factors belong to the residual base their init made: loading runs that init again (as
-    PEFT does) and puts the saved factors back, so the reloaded model is the trained one."""
+    PEFT does) and puts the saved factors back, so the reloaded model is the trained one.
+    pissa_niter_N's sketch is random: both libraries draw it as at creation, so a load from the
+    same generator state (here: the factory's seed) rebuilds the same residual."""
     x = tiny_batch()
-    trained = loratune.get_peft_model(tiny_model("llama"), loratune.LoraConfig(r=4, target_modules=["q_proj"],
-                                                                               init_lora_weights=init))
+    config = creator.LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=init)
+    trained = creator.get_peft_model(tiny_model("llama"), config)
     perturb(trained)
     trained.eval()
     expected = logits(trained, x)
@@ -365,3 +408,32 @@ def test_a_peft_file_listing_targets_this_model_lacks_loads_as_in_peft(tmp_path,
     assert_close(logits(other, x), logits(theirs, x))
     with pytest.raises(loratune.errors.TargetNotFoundError, match="c_attn"):
         build(loratune, "llama", kw)
+
+
+@pytest.mark.parametrize("src,dst", [(loratune, peft), (peft, loratune)],
+                         ids=["ours-to-peft", "peft-to-ours"])
+def test_several_adapters_in_sub_folders_both_ways(tmp_path, src, dst):
+    """add_adapter + save_pretrained (non-default names in sub-folders, selected_adapters,
+    safe_serialization=False) on one side; from_pretrained / load_adapter(subfolder=) on the other."""
+    x = tiny_batch()
+    model = build(src, "llama", dict(target_modules=["q_proj"]))
+    for name, kw in (("b", dict(lora_alpha=4, target_modules=["v_proj"])),
+                     ("c", dict(target_modules=["k_proj"], use_dora=True))):
+        model.add_adapter(name, src.LoraConfig(r=2, init_lora_weights=False, **kw))
+    perturb(model)
+    model.eval()
+    expected = {}
+    for name in ("default", "b", "c"):
+        model.set_adapter(name)
+        expected[name] = logits(model, x)
+    model.save_pretrained(str(tmp_path / "all"))
+    model.save_pretrained(str(tmp_path / "only-b"), selected_adapters=["b"], safe_serialization=False)
+    loaded = dst.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "all"))
+    loaded.load_adapter(str(tmp_path / "all" / "b"), adapter_name="b")
+    loaded.load_adapter(str(tmp_path / "all"), adapter_name="c", subfolder="c")
+    for name in ("default", "b", "c"):
+        loaded.set_adapter(name)
+        assert_close(logits(loaded, x), expected[name])
+    only_b = dst.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "only-b" / "b"),
+                                           adapter_name="b")
+    assert_close(logits(only_b, x), expected["b"])

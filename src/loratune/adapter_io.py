@@ -13,8 +13,11 @@ ways, with matching shapes; every discrepancy is named. `adapter_model.bin` is r
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 import os
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
@@ -272,10 +275,36 @@ def load_adapter_weights(model: nn.Module, adapter_name: str, config: LoraConfig
     for layer in layers:
         factors = (layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight)
         saved = [t.detach().clone() for t in factors]
+        if _draws_at_init(config):
+            _redraw_creation(factors)
         layer.reset_lora_parameters(adapter_name, config.init_lora_weights)  # rewrites W into the residual
         with torch.no_grad():
             for t, value in zip(factors, saved):
                 t.copy_(value)
+
+
+def _draws_at_init(config: LoraConfig) -> bool:
+    """pissa_niter_N: the init's low-rank SVD starts from a random sketch (torch.svd_lowrank)."""
+    return str(config.init_lora_weights).startswith("pissa_niter_")
+
+
+@contextlib.contextmanager
+def generator_kept(config: LoraConfig) -> Iterator[None]:
+    """Inject an adapter being loaded without moving torch's random generators, when its init draws.
+
+    Creating a pissa_niter_N adapter draws A and B (nn.Linear's init), then the SVD sketch, layer
+    by layer, as PEFT does. `load_adapter_weights` draws the same, in the same order, from the
+    generator state the load started from: loaded from the state the adapter was created in (a
+    seeded run), the sketch and so the residual base are the trained ones, as in PEFT.
+    """
+    with torch.random.fork_rng() if _draws_at_init(config) else contextlib.nullcontext():
+        yield
+
+
+def _redraw_creation(factors: tuple[Tensor, Tensor]) -> None:
+    """Draw what creating A and B draws (nn.Linear's kaiming init), leaving them unchanged."""
+    for weight in factors:
+        nn.init.kaiming_uniform_(torch.empty_like(weight), a=math.sqrt(5))
 
 
 def with_legacy_saves(model: nn.Module, config: LoraConfig, tensors: dict[str, Tensor]) -> LoraConfig:

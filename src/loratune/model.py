@@ -380,7 +380,7 @@ class LoraModel(nn.Module):
         config = replace(config, inference_mode=not is_trainable)
         trainable = {param: param.requires_grad for param in model.parameters()}
         # Injected with the plain init: nothing of the user's model changes until the file has fit.
-        with _naming_adapter(source):
+        with _naming_adapter(source), adapter_io.generator_kept(config):
             self = cls(model, replace(config, init_lora_weights=True), adapter_name)
         try:
             self._fill_adapter(adapter_name, config, tensors, source)
@@ -405,7 +405,7 @@ class LoraModel(nn.Module):
         config = adapter_io.with_legacy_saves(self.model, file_config, tensors)
         config = replace(adapter_io.without_unmatched_targets(self.model, config, str(model_id)),
                          inference_mode=not is_trainable)
-        with _naming_adapter(str(model_id)):
+        with _naming_adapter(str(model_id)), adapter_io.generator_kept(config):
             self.add_adapter(adapter_name, replace(config, init_lora_weights=True))
         try:
             self._fill_adapter(adapter_name, config, tensors, str(model_id))
