@@ -73,3 +73,33 @@ def test_ensure_row_lora_wraps_linear_and_conv1d_in_place():
             set_rows(model, (None, 1))
             after = model(ids).logits
         assert torch.equal(after[0], before[0]) and not torch.allclose(after[1], before[1])
+
+
+def test_bf16_rows_give_peft_logits_bitwise(tmp_path):
+    """A bf16 base serves an adapter with PEFT's arithmetic (fp32 update, one rounding of the sum)."""
+    from pathlib import Path
+
+    from peft import LoraConfig, PeftModel, get_peft_model
+
+    from loratune.serve.registry import prepare_adapter
+
+    targets = ["q_proj", "v_proj", "down_proj"]
+    torch.manual_seed(3)
+    trained = get_peft_model(tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                      init_lora_weights=False))
+    trained.save_pretrained(tmp_path / "a")
+    peft = PeftModel.from_pretrained(tiny_model(dtype=torch.bfloat16), str(tmp_path / "a")).eval()
+    served = tiny_model(dtype=torch.bfloat16)
+    prepared = prepare_adapter("a", Path(tmp_path / "a"), linear_shapes(served), torch.bfloat16)
+    for name, weights in prepared.layers.items():
+        ensure_row_lora(served, name).add_adapter(1, weights)
+    ids = torch.randint(0, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = peft(ids).logits
+        set_rows(served, (1, 1))
+        assert torch.equal(served(ids).logits, want)
+        with peft.disable_adapter():
+            base = peft(ids).logits
+        set_rows(served, (None, 1))  # a base row beside an adapter row
+        mixed = served(ids).logits
+    assert torch.equal(mixed[0], base[0]) and torch.equal(mixed[1], want[1])

@@ -9,7 +9,10 @@ one base matmul plus two batched matmuls, however many distinct adapters share t
 
     y[n] = base(x[n]) + scaling[n] * (x[n] @ A[n].T) @ B[n].T      A[n]: (R, in), B[n]: (out, R)
 
-Rows whose adapter does not target a layer, and base rows, get zero weights. Ranks differ between
+Adapter weights stay in float32 under a bf16/fp16 base and the sum `base + update` is rounded
+to the base's dtype once, which is PEFT's arithmetic (its adapters are upcast to float32), so
+greedy tokens match PEFT's in bf16 too. Rows whose adapter does not target a layer, and base rows,
+get zero weights. Ranks differ between
 adapters, so a plan pads every row to the largest rank in the batch with zeros, which adds exact zeros.
 `reference_row_lora` computes the same thing row by row, the obvious way; a test compares them.
 
@@ -94,7 +97,8 @@ class RowLoraLinear(nn.Module):
         if x.dim() != 3 or x.shape[0] != a.shape[0]:
             raise RuntimeError(f"RowLoraLinear planned for {a.shape[0]} rows, got input {tuple(x.shape)}")
         h = torch.bmm(x.to(a.dtype), a)            # (N, T, R)
-        return y + (torch.bmm(h, b) * s).to(y.dtype)
+        # Summed in the adapter's dtype, then rounded once, as PEFT does (base rows: y exactly).
+        return (y.to(a.dtype) + torch.bmm(h, b) * s).to(y.dtype)
 
 
 def reference_row_lora(layer: RowLoraLinear, x: Tensor, adapter_ids: list[int | None]) -> Tensor:
@@ -105,7 +109,7 @@ def reference_row_lora(layer: RowLoraLinear, x: Tensor, adapter_ids: list[int | 
         y = layer.base_layer(row)
         w = layer.adapters.get(adapter_id) if adapter_id is not None else None
         if w is not None:
-            y = y + (row.to(w.lora_A.dtype) @ w.lora_A.T @ w.lora_B.T * w.scaling).to(y.dtype)
+            y = (y.to(w.lora_A.dtype) + row.to(w.lora_A.dtype) @ w.lora_A.T @ w.lora_B.T * w.scaling).to(y.dtype)
         out.append(y)
     return torch.cat(out)
 

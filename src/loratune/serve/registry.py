@@ -194,17 +194,22 @@ def _prepare(name: str, path: Path, shapes: dict[str, tuple[int, int]],
 
 def _row_weights(name: str, module: str, parts: dict[str, torch.Tensor], scaling: float,
                  dtype: torch.dtype) -> RowAdapterWeights:
-    """Cast one layer's weights to the serving dtype; refuse what that dtype cannot hold."""
+    """One layer's weights in `update_dtype(dtype)`; refuse what the serving dtype cannot hold."""
     limit = torch.finfo(dtype).max
     if not math.isfinite(scaling) or abs(scaling) > limit:
         raise AdapterError(f"adapter {name!r}: layer {module!r} has scaling {scaling:.3g} (lora_alpha / r), "
                            f"beyond what {dtype} holds (largest {limit:.3g}); lower lora_alpha")
-    a, b = parts["A"].to(dtype), parts["B"].to(dtype)
+    a, b = parts["A"].to(update_dtype(dtype)), parts["B"].to(update_dtype(dtype))
     for part, t in (("A", a), ("B", b)):
-        if not bool(torch.isfinite(t).all()):
+        if not bool(torch.isfinite(t.to(dtype)).all()):
             raise AdapterError(f"adapter {name!r}: tensor {PREFIX}{module}.lora_{part}.weight overflows "
                                f"{dtype} (values beyond its range); serve it in a wider dtype")
     return RowAdapterWeights(a, b, scaling)
+
+
+def update_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype adapter weights are served in: float32 under a narrower float base (as PEFT keeps them)."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _read(path: Path) -> tuple[LoraConfig, dict[str, torch.Tensor]]:
