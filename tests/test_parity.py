@@ -437,3 +437,25 @@ def test_several_adapters_in_sub_folders_both_ways(tmp_path, src, dst):
     only_b = dst.PeftModel.from_pretrained(tiny_model("llama"), str(tmp_path / "only-b" / "b"),
                                            adapter_name="b")
     assert_close(logits(only_b, x), expected["b"])
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_bf16_inference_logits_are_peft_s_bit_for_bit(arch, tmp_path):
+    """On a bf16 base PEFT keeps the adapter in fp32, adds its branch in fp32 and rounds once; eval and
+    generation (no grad) take the same arithmetic, with one adapter (the fused op) and with two."""
+    torch.manual_seed(0)
+    kw = dict(target_modules=["q_proj", "v_proj", "down_proj"] if arch == "llama" else ["c_attn", "c_fc"])
+    theirs = peft.get_peft_model(tiny_model(arch), peft.LoraConfig(r=4, init_lora_weights=False, **kw))
+    theirs.add_adapter("b", peft.LoraConfig(r=2, init_lora_weights=False, **kw))
+    theirs.save_pretrained(str(tmp_path))
+    ids = tiny_batch()
+    for active in (["default"], ["default", "b"]):
+        loaded = [peft.PeftModel.from_pretrained(tiny_model(arch).to(torch.bfloat16), str(tmp_path)),
+                  loratune.PeftModel.from_pretrained(tiny_model(arch).to(torch.bfloat16), str(tmp_path))]
+        logits = []
+        for model in loaded:
+            model.load_adapter(str(tmp_path / "b"), "b")
+            model.base_model.set_adapter(active)
+            with torch.no_grad():
+                logits.append(model.eval()(input_ids=ids).logits)
+        assert torch.equal(logits[0], logits[1]), (active, (logits[0] - logits[1]).abs().max())

@@ -91,7 +91,8 @@ def test_prepare_reads_scaling_from_config_and_patterns(tmp_path, shapes):
     layer0, layer1 = (prepared.layers[f"model.layers.{i}.self_attn.q_proj"] for i in (0, 1))
     assert layer0.scaling == pytest.approx(8 / math.sqrt(2))
     assert layer1.scaling == pytest.approx(2 / math.sqrt(4))
-    assert layer0.lora_A.dtype == torch.float32 and layer1.lora_B.shape == (32, 4)  # kept in fp32, as PEFT does
+    assert layer0.lora_A.dtype == torch.float32  # kept in fp32, as PEFT does
+    assert layer1.lora_B.shape == (32, 4)
 
 
 @pytest.mark.parametrize("case, needle, error", [

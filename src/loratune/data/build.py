@@ -298,9 +298,11 @@ def _check_problems(name: str, problems: list[str], n_rows: int, skip: bool) -> 
                        listed, " ..." if len(problems) > 3 else "")
         return
     if len(problems) == 1:
-        hint = "the only row is bad" if skip else "fix the row, or skip bad rows with skip_bad_rows: true or --skip_bad_rows"
+        hint = ("the only row is bad" if skip
+                else "fix the row, or skip bad rows with skip_bad_rows: true or --skip_bad_rows")
         raise DataError(f"{problems[0]} ({hint})")
-    hint = "every row is bad" if skip else "fix them, or skip them with skip_bad_rows: true or --skip_bad_rows"
+    hint = ("every row is bad" if skip
+            else "fix them, or skip them with skip_bad_rows: true or --skip_bad_rows")
     raise DataError(f"{name}: {len(problems)} bad rows ({hint}):\n" + _listed(problems))
 
 

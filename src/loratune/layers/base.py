@@ -183,11 +183,12 @@ class LoraLayer(nn.Module):
         """
         if self.disable_adapters:
             return y
-        if self.batch_groups is None:
+        if self.batch_groups is None:  # as PEFT: summed in the deltas' dtype, rounded once
+            out = y
             for name in self.active_adapters:
                 if name not in self.merged_adapters:
-                    y = y + delta_fn(x, name).to(y.dtype)
-            return y
+                    out = out + delta_fn(x, name)
+            return out.to(y.dtype)
         y = y.clone()
         for name, rows in self.batch_groups:
             if name == BASE_ADAPTER or name not in self.r:

@@ -21,6 +21,9 @@ What the fused node does differently:
 Conditions (`lora_linear` checks them and falls back to the reference otherwise, so calling it is
 always correct): the base weight and bias do not require grad, x has the base weight's dtype (or
 is a float tensor, for an int8 base), and we are not inside `loratune.ops.reference_paths()`.
+Inference (no grad) with factors in another dtype than x (an fp32 adapter on a bf16 base) also takes
+the reference, which is PEFT's arithmetic: eval and generation then give PEFT's logits bit for bit
+(tests/test_parity.py), while training keeps its bf16 products.
 An int8 base (`base_compute: int8`) passes its codes as `weight` with `weight_scale` (out,),
 optional `weight_smooth` (in,) and `weight_outliers` (its float outlier channels): both frozen
 products then run in `ops.int8_matmul`.
@@ -52,13 +55,14 @@ def lora_linear_reference(
     fan_in_fan_out: bool = False, x_lora: Tensor | None = None, weight_scale: Tensor | None = None,
     weight_smooth: Tensor | None = None, weight_outliers: Outliers | None = None,
 ) -> Tensor:
-    """Return base(x) + scaling * B(A(x_lora)) computed the plain way (low-rank branch in A's dtype)."""
+    """Return base(x) + scaling * B(A(x_lora)) computed the plain way, PEFT's: the low-rank branch in
+    A's dtype, added to the base output in that dtype and rounded to the output's dtype once."""
     if weight_scale is not None:  # an int8 base computed in int8, through its own autograd node
         y = int8_linear(x, weight, weight_scale, bias, weight_smooth, weight_outliers)
     else:
         y = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)  # (..., out)
     h = (x if x_lora is None else x_lora).to(lora_A.dtype)
-    return y + (F.linear(F.linear(h, lora_A), lora_B) * scaling).to(y.dtype)
+    return (y + F.linear(F.linear(h, lora_A), lora_B) * scaling).to(y.dtype)
 
 
 def lora_linear(
@@ -69,7 +73,10 @@ def lora_linear(
     """Return the same y as `lora_linear_reference` through one fused autograd node (see module doc)."""
     frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
     same_dtype = x.dtype == weight.dtype if weight_scale is None else x.is_floating_point()
-    if (not frozen or not fast_paths_enabled() or not same_dtype
+    # Inference on a half-precision base takes PEFT's arithmetic (fp32 branch, one rounding), so that
+    # eval and generation give what PEFT gives; training keeps the all-bf16 products.
+    peft_inference = not torch.is_grad_enabled() and weight_scale is None and x.dtype != lora_A.dtype
+    if (not frozen or not fast_paths_enabled() or not same_dtype or peft_inference
             or (x_lora is not None and x_lora.dtype != x.dtype)):
         return lora_linear_reference(x, weight, bias, lora_A, lora_B, scaling, fan_in_fan_out, x_lora,
                                      weight_scale, weight_smooth, weight_outliers)

@@ -109,7 +109,8 @@ def reference_row_lora(layer: RowLoraLinear, x: Tensor, adapter_ids: list[int | 
         y = layer.base_layer(row)
         w = layer.adapters.get(adapter_id) if adapter_id is not None else None
         if w is not None:
-            y = (y.to(w.lora_A.dtype) + row.to(w.lora_A.dtype) @ w.lora_A.T @ w.lora_B.T * w.scaling).to(y.dtype)
+            update = row.to(w.lora_A.dtype) @ w.lora_A.T @ w.lora_B.T * w.scaling
+            y = (y.to(w.lora_A.dtype) + update).to(y.dtype)
         out.append(y)
     return torch.cat(out)
 
