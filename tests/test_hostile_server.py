@@ -50,14 +50,19 @@ class Served:
         return r.json()["choices"][0]["text"]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    s = Served(tmp_path_factory.mktemp("hostile"))
+def serving(tmp):
+    """A started `Served` with its client and greedy baseline (for module fixtures); stops its engine."""
+    s = Served(tmp)
     with TestClient(s.app, raise_server_exceptions=False) as client:
         s.client = client
         s.baseline = s.greedy(client)
         yield s
     s.state.engine.stop()
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    yield from serving(tmp_path_factory.mktemp("hostile"))
 
 
 def check(served, r: httpx.Response, status: int, needle: str) -> dict:

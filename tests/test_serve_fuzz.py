@@ -18,7 +18,7 @@ import openai
 import pytest
 
 from loratune.serve.protocol import UNSUPPORTED
-from test_hostile_server import AUTH, GREEDY, Served
+from test_hostile_server import AUTH, GREEDY, serving
 from test_serve_api import BASE, KEY, LiveServer
 
 JSON_HEADERS = {**AUTH, "Content-Type": "application/json"}
@@ -139,14 +139,7 @@ def sse_problems(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    from fastapi.testclient import TestClient
-
-    s = Served(tmp_path_factory.mktemp("fuzz"))
-    with TestClient(s.app, raise_server_exceptions=False) as client:
-        s.client = client
-        s.baseline = s.greedy(client)
-        yield s
-    s.state.engine.stop()
+    yield from serving(tmp_path_factory.mktemp("fuzz"))
 
 
 def fuzz(served, route: str, seed: int, cases: int) -> None:
