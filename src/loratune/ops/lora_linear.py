@@ -62,7 +62,8 @@ def lora_linear_reference(
     else:
         y = F.linear(x, weight.t() if fan_in_fan_out else weight, bias)  # (..., out)
     h = (x if x_lora is None else x_lora).to(lora_A.dtype)
-    return (y + F.linear(F.linear(h, lora_A), lora_B) * scaling).to(y.dtype)
+    # y + B(A(h)) * scaling, summed in place in the branch's own tensor: the same bits, one buffer fewer
+    return F.linear(F.linear(h, lora_A), lora_B).mul_(scaling).add_(y).to(y.dtype)
 
 
 def lora_linear(
